@@ -1,0 +1,31 @@
+"""pskernels: fused kernels + Hugging Face integration for Parallel-Synthesis.
+
+Public API
+----------
+Ops (``backend="auto"|"triton"|"cuda"|"cpu"|"torch"``):
+    multi_branch_attention, merge_states, rotate_keys, map_kv_caches, available_backends
+RoPE:
+    RopeSpec
+Hugging Face:
+    patch_model, unpatch_model, ParallelCache
+"""
+from .ops import available_backends, map_kv_caches, merge_states, multi_branch_attention, rotate_keys
+from .rope import RopeSpec
+
+__version__ = "0.1.0"
+
+_HF = {"patch_model", "unpatch_model", "ParallelCache"}
+
+__all__ = [
+    "multi_branch_attention", "merge_states", "rotate_keys", "map_kv_caches", "available_backends",
+    "RopeSpec", "patch_model", "unpatch_model", "ParallelCache", "__version__",
+]
+
+
+def __getattr__(name):
+    # transformers is imported only when the HF integration is used.
+    if name in _HF:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'pskernels' has no attribute {name!r}")

@@ -1,0 +1,252 @@
+"""Argument validation and normalisation for ``multi_branch_attention``.
+
+Every backend receives the same :class:`SegmentParams`; all checks happen here, before any
+compute, with messages that name the argument and the expected vs actual value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .rope import RopeSpec
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_INT_DTYPES = (torch.int32, torch.int64)
+
+
+@dataclass
+class SegmentParams:
+    """Normalised per-segment metadata (all int tensors int64 on q's device)."""
+
+    seq_lens: torch.Tensor  # [S, B] valid end of each segment row
+    left_pad: torch.Tensor  # [S, B] leading masked slots
+    shifts: torch.Tensor  # [S, B] position shift (query rotated by -shift)
+    has_shift: bool
+    rope: RopeSpec | None
+    causal_last: bool
+    scale: float
+    softcap: float | None
+    sliding_window: int | None
+    segment_positions: torch.Tensor | None  # [S, B] virtual position of slot 0
+    query_positions: torch.Tensor | None  # [B, Lq]
+    groups: list  # segment -> group id
+    num_groups: int
+    temperature: torch.Tensor | None  # [G, Hq] float32
+    lse_scale: torch.Tensor | None  # [G, Hq]
+    log_weight: torch.Tensor | None  # [G, Hq]
+
+    @property
+    def has_knobs(self) -> bool:
+        return self.temperature is not None or self.lse_scale is not None or self.log_weight is not None
+
+
+def _desc(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"tensor(shape={tuple(t.shape)}, dtype={t.dtype}, device={t.device})"
+    return f"{type(t).__name__}"
+
+
+def _check_tensor(name, t, ndim, device=None, dtype=None, last_contiguous=True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name}: expected device {device} (same as q), got {t.device}")
+    if dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (same as q), got {t.dtype}")
+    if last_contiguous and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name}: expected a contiguous last dimension (stride(-1) == 1), got strides {t.stride()}")
+
+
+def _int_table(name, t, S, B, device, allow_1d=True):
+    """Accept an ``[S, B]`` (or ``[S]``, broadcast over rows) integer tensor / nested list."""
+    if not isinstance(t, torch.Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=torch.int64)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{name}: expected an integer tensor of shape [S, B] = [{S}, {B}], got {_desc(t)}") from e
+    if t.dtype not in _INT_DTYPES:
+        raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
+    if t.ndim == 1 and allow_1d:
+        if t.shape[0] != S:
+            raise ValueError(f"{name}: expected shape [S] = [{S}] or [S, B] = [{S}, {B}], got {tuple(t.shape)}")
+        t = t[:, None].expand(S, B)
+    elif t.ndim != 2 or tuple(t.shape) != (S, B):
+        raise ValueError(f"{name}: expected shape [S, B] = [{S}, {B}], got {tuple(t.shape)}")
+    if t.device.type != "cpu" and t.device != device:
+        raise ValueError(f"{name}: expected device {device} (same as q) or cpu, got {t.device}")
+    return t.to(device=device, dtype=torch.int64)
+
+
+def _knob(name, x, G, Hq, device, positive):
+    if x is None:
+        return None
+    t = torch.as_tensor(x, dtype=torch.float32) if not isinstance(x, torch.Tensor) else x
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating tensor, got dtype {t.dtype}")
+    if t.ndim == 0:
+        t = t.expand(G, Hq)
+    elif t.ndim == 1:
+        if t.shape[0] != G:
+            raise ValueError(f"{name}: expected shape [G] = [{G}] or [G, Hq] = [{G}, {Hq}], got {tuple(t.shape)}")
+        t = t[:, None].expand(G, Hq)
+    elif t.ndim != 2 or tuple(t.shape) != (G, Hq):
+        raise ValueError(f"{name}: expected shape [G] = [{G}] or [G, Hq] = [{G}, {Hq}], got {tuple(t.shape)}")
+    if t.device.type != "cpu" and t.device != device:
+        raise ValueError(f"{name}: expected device {device} (same as q) or cpu, got {t.device}")
+    if not torch.isfinite(t.detach()).all():
+        raise ValueError(f"{name}: expected finite values")
+    if positive and not (t.detach() > 0).all():
+        raise ValueError(f"{name}: expected values > 0, got min {t.detach().min().item():g}")
+    return t.to(device=device, dtype=torch.float32)
+
+
+def normalize_segments(
+    q: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    *,
+    seq_lens=None,
+    position_shifts=None,
+    rope: RopeSpec | None = None,
+    causal_last: bool = True,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    segment_positions=None,
+    query_positions=None,
+    left_pad=None,
+    temperature=None,
+    lse_scale=None,
+    log_weight=None,
+    segment_groups=None,
+) -> SegmentParams:
+    _check_tensor("q", q, 4)
+    if q.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"q: expected dtype float16, bfloat16, float32 or float64, got {q.dtype}")
+    B, Hq, Lq, D = q.shape
+    if isinstance(keys, torch.Tensor) or isinstance(values, torch.Tensor):
+        raise TypeError("keys/values: expected sequences (list/tuple) of per-segment tensors, got a single tensor")
+    keys, values = list(keys), list(values)
+    if len(keys) == 0:
+        raise ValueError("keys: expected at least one segment, got an empty sequence")
+    if len(keys) != len(values):
+        raise ValueError(f"values: expected {len(keys)} segments (same as keys), got {len(values)}")
+    S = len(keys)
+    dev = q.device
+    Hkv = Dv = None
+    for s, (k, v) in enumerate(zip(keys, values)):
+        _check_tensor(f"keys[{s}]", k, 4, dev, q.dtype)
+        _check_tensor(f"values[{s}]", v, 4, dev, q.dtype)
+        if k.shape[0] != B:
+            raise ValueError(f"keys[{s}]: expected batch {B} (q's), got shape {tuple(k.shape)}")
+        if v.shape[0] != B:
+            raise ValueError(f"values[{s}]: expected batch {B} (q's), got shape {tuple(v.shape)}")
+        if k.shape[3] != D:
+            raise ValueError(f"keys[{s}]: expected head_dim {D} (q's), got shape {tuple(k.shape)}")
+        if Hkv is None:
+            Hkv, Dv = k.shape[1], v.shape[3]
+            if Hkv == 0 or Hq % Hkv != 0:
+                raise ValueError(
+                    f"keys[0]: number of kv heads must divide q's {Hq} heads (GQA), got {Hkv} (shape {tuple(k.shape)})"
+                )
+        if k.shape[1] != Hkv:
+            raise ValueError(f"keys[{s}]: expected {Hkv} kv heads (keys[0]'s), got shape {tuple(k.shape)}")
+        if v.shape[1] != Hkv or v.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"values[{s}]: expected shape [{B}, {Hkv}, {k.shape[2]}, Dv] (matching keys[{s}]), got {tuple(v.shape)}"
+            )
+        if v.shape[3] != Dv:
+            raise ValueError(f"values[{s}]: expected value head_dim {Dv} (values[0]'s), got shape {tuple(v.shape)}")
+
+    Ls = torch.tensor([k.shape[2] for k in keys], dtype=torch.int64)
+    if seq_lens is None:
+        lens = Ls[:, None].expand(S, B).to(dev)
+    else:
+        lens = _int_table("seq_lens", seq_lens, S, B, dev, allow_1d=False)
+        lc = lens.cpu()
+        if (lc < 0).any():
+            raise ValueError(f"seq_lens: expected values >= 0, got min {lc.min().item()}")
+        over = lc > Ls[:, None]
+        if over.any():
+            s, b = (int(i) for i in over.nonzero()[0])
+            raise ValueError(f"seq_lens[{s}, {b}] = {lc[s, b].item()} exceeds the segment's length L_{s} = {Ls[s].item()}")
+    if left_pad is None:
+        pad = torch.zeros(S, B, dtype=torch.int64, device=dev)
+    else:
+        pad = _int_table("left_pad", left_pad, S, B, dev)
+        pc, lc = pad.cpu(), lens.cpu()
+        if (pc < 0).any() or (pc > lc).any():
+            raise ValueError(f"left_pad: expected 0 <= left_pad <= seq_lens elementwise, got {pc.tolist()} vs {lc.tolist()}")
+
+    if position_shifts is None:
+        shifts = torch.zeros(S, B, dtype=torch.int64, device=dev)
+        has_shift = False
+    else:
+        shifts = _int_table("position_shifts", position_shifts, S, B, dev)
+        has_shift = bool((shifts != 0).any())
+    if rope is not None:
+        if not isinstance(rope, RopeSpec):
+            raise TypeError(f"rope: expected a pskernels.RopeSpec, got {type(rope).__name__}")
+        if rope.rotary_dim > D:
+            raise ValueError(f"rope.rotary_dim: expected <= head_dim {D}, got {rope.rotary_dim}")
+        rope = rope.to(dev) if rope.inv_freq.device != dev else rope
+    if has_shift:
+        if rope is None:
+            raise ValueError("rope: position_shifts has non-zero entries, so a RopeSpec is required to re-index keys")
+        if not rope.supports_reindexing:
+            raise ValueError(
+                f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; segments cannot be re-indexed "
+                "(use position_shifts of 0, e.g. the 'parallel' scheme with natively positioned branches)"
+            )
+
+    if scale is None:
+        scale = D ** -0.5
+    scale = float(scale)
+    if not scale > 0 or scale != scale:
+        raise ValueError(f"scale: expected a positive float, got {scale}")
+    if softcap is not None:
+        softcap = float(softcap)
+        if not softcap > 0:
+            raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
+
+    seg_pos = qpos = None
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or int(sliding_window) != sliding_window or sliding_window <= 0:
+            raise ValueError(f"sliding_window: expected None or a positive int, got {sliding_window!r}")
+        sliding_window = int(sliding_window)
+        if segment_positions is None:
+            raise ValueError("segment_positions: required with sliding_window (virtual position of each segment's slot 0)")
+        seg_pos = _int_table("segment_positions", segment_positions, S, B, dev)
+        if query_positions is None:
+            if not causal_last:
+                raise ValueError("query_positions: required with sliding_window when causal_last=False")
+            qpos = seg_pos[-1, :, None] + lens[-1, :, None] - Lq + torch.arange(Lq, device=dev)
+        else:
+            qp = torch.as_tensor(query_positions)
+            if qp.dtype not in _INT_DTYPES or qp.ndim != 2 or tuple(qp.shape) != (B, Lq):
+                raise ValueError(f"query_positions: expected an integer tensor [B, Lq] = [{B}, {Lq}], got {_desc(qp)}")
+            qpos = qp.to(device=dev, dtype=torch.int64)
+
+    if segment_groups is None:
+        groups = list(range(S))
+    else:
+        groups = [int(g) for g in (segment_groups.tolist() if isinstance(segment_groups, torch.Tensor) else segment_groups)]
+        if len(groups) != S or min(groups) < 0:
+            raise ValueError(f"segment_groups: expected {S} non-negative group ids (one per segment), got {groups}")
+        missing = sorted(set(range(max(groups) + 1)) - set(groups))
+        if missing:
+            raise ValueError(f"segment_groups: group ids must be 0..G-1 with none unused, missing {missing}")
+    G = max(groups) + 1
+    temp = _knob("temperature", temperature, G, Hq, dev, positive=True)
+    lsc = _knob("lse_scale", lse_scale, G, Hq, dev, positive=True)
+    lw = _knob("log_weight", log_weight, G, Hq, dev, positive=False)
+
+    return SegmentParams(
+        seq_lens=lens, left_pad=pad, shifts=shifts, has_shift=has_shift, rope=rope, causal_last=bool(causal_last),
+        scale=scale, softcap=softcap, sliding_window=sliding_window, segment_positions=seg_pos, query_positions=qpos,
+        groups=groups, num_groups=G, temperature=temp, lse_scale=lsc, log_weight=lw,
+    )

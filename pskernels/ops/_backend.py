@@ -1,0 +1,61 @@
+"""Backend registry and resolution shared by every op.
+
+Each op registers one implementation per backend name. ``backend="auto"`` (or the
+``PSKERNELS_BACKEND`` environment variable) resolves to the CUDA extension on NVIDIA GPUs (else
+Triton), the C++ extension on CPU (else the PyTorch reference).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+_IMPLS: dict[str, dict[str, Callable]] = {}
+_AVAILABLE: dict[str, Callable[[], bool]] = {"torch": lambda: True}
+
+
+def register(op: str, backend: str, available: Callable[[], bool] | None = None):
+    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``."""
+    if backend not in BACKENDS or backend == "auto":
+        raise ValueError(f"unknown backend {backend!r}")
+    if available is not None:
+        _AVAILABLE[backend] = available
+
+    def deco(fn):
+        _IMPLS.setdefault(op, {})[backend] = fn
+        return fn
+
+    return deco
+
+
+def backend_available(backend: str) -> bool:
+    probe = _AVAILABLE.get(backend)
+    return bool(probe and probe())
+
+
+def available_backends(op: str | None = None) -> list[str]:
+    """Backends that can run on this machine (for ``op``, or for any op)."""
+    names = {b for impls in _IMPLS.values() for b in impls} if op is None else set(_IMPLS.get(op, {}))
+    return [b for b in BACKENDS[1:] if b in names and backend_available(b)]
+
+
+def resolve(op: str, backend: str, device) -> Callable:
+    """Pick ``op``'s implementation for tensors on ``device``."""
+    impls = _IMPLS.get(op, {})
+    if backend == "auto":
+        backend = os.environ.get("PSKERNELS_BACKEND", "auto") or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
+        for b in order:
+            if b in impls and backend_available(b):
+                return impls[b]
+        raise RuntimeError(f"{op}: no backend available for device {device}")
+    if backend not in impls:
+        raise NotImplementedError(
+            f"backend: {op} has no {backend!r} implementation (implemented: {sorted(impls)})"
+        )
+    if not backend_available(backend):
+        raise RuntimeError(f"backend: {backend!r} is not available on this machine (available: {available_backends(op)})")
+    return impls[backend]
