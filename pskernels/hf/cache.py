@@ -1,0 +1,309 @@
+"""``ParallelCache``: a shared prefix + N branch caches, read in place by a patched model.
+
+To Hugging Face it is an ordinary cache of the synthesizer's *own* tokens (``get_seq_length()`` is
+0 at the start), so ``generate()`` slices inputs and builds masks as usual. The prefix and branch
+tensors are read-only segments handed to :func:`pskernels.multi_branch_attention`; branches are
+re-indexed by rotating queries (``position_shifts``), never by rewriting cached keys.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+SCHEMES = ("parallel", "sequential", "right_aligned", "custom")
+
+
+@dataclass
+class _Branch:
+    cache: Cache
+    zero_copy: bool  # True: a worker's ParallelCache whose own tokens are the branch
+    tokens: int  # branch slots stored per row (after the prefix)
+    pad: torch.Tensor  # [B] leading masked slots
+    length: torch.Tensor  # [B] real tokens
+
+
+def _layer_kv(cache: Cache, layer_idx: int):
+    layer = cache.layers[layer_idx]
+    if layer.keys is None or layer.keys.ndim < 4:
+        return None, None
+    return layer.keys, layer.values
+
+
+def _cum_len(cache: Cache) -> int:
+    """Tokens the cache has seen (sliding layers may store fewer)."""
+    return max((layer.get_seq_length() for layer in cache.layers), default=0)
+
+
+def _batch(cache: Cache) -> int | None:
+    for layer in cache.layers:
+        if layer.keys is not None and layer.keys.ndim == 4:
+            return layer.keys.shape[0]
+    return None
+
+
+def _rows(name, x, N, B):
+    """Per-branch per-row ints: None, [N] ints, [N][B] nested or an [N, B] / [N] tensor -> int64 [N, B] (cpu)."""
+    t = torch.as_tensor(x, dtype=torch.int64) if not isinstance(x, torch.Tensor) else x.to("cpu", torch.int64)
+    if t.ndim == 1 and t.shape[0] == N:
+        t = t[:, None].expand(N, B)
+    if t.ndim != 2 or tuple(t.shape) != (N, B):
+        raise ValueError(f"{name}: expected [N] = [{N}] or [N, B] = [{N}, {B}] integers, got shape {tuple(t.shape)}")
+    return t.clone()
+
+
+class ParallelCache(Cache):
+    """Cache for a synthesizer that reads a shared prefix and N branch caches directly.
+
+    Parameters
+    ----------
+    prefix : transformers Cache, optional
+        Cache of the shared prefix (``P`` tokens, identical for all rows; batch 1 broadcasts).
+    branches : sequence of Cache
+        Each either a ``DynamicCache`` holding ``[prefix | branch]`` (e.g. ``copy.deepcopy(prefix)``
+        extended by the worker), or a zero-copy worker cache: a ``ParallelCache(prefix, [])`` the worker
+        ran on, whose own tokens are the branch (the prefix is then stored once).
+    scheme : {"parallel", "sequential", "right_aligned", "custom"}
+        Virtual position of each branch's first token: ``parallel`` right after the prefix (the
+        branches' native positions, exact); ``sequential`` as if concatenated in order;
+        ``right_aligned`` all ending at the same position; ``custom`` from ``branch_starts``.
+    branch_starts : ``[N]`` or ``[N, B]`` ints, optional
+        Virtual first positions (``scheme="custom"`` only).
+    query_start : int or ``[B]`` ints, optional
+        Virtual position of the synthesizer's first own token; default: the end of the furthest branch.
+    branch_lengths : ``[N]`` or ``[N, B]`` ints, optional
+        Real tokens of branch ``i`` in row ``b`` (right padding beyond; 0 = row ``b`` has no branch ``i``).
+    backend : str
+        Kernel backend for the attention (see :func:`pskernels.multi_branch_attention`).
+
+    Examples
+    --------
+    >>> import copy, pskernels
+    >>> # prefix = model(prefix_ids, use_cache=True).past_key_values
+    >>> # branches = [copy.deepcopy(prefix) ...] each extended by model(branch_ids, past_key_values=b)
+    >>> # pskernels.patch_model(model)
+    >>> # out = model.generate(query_ids, past_key_values=pskernels.ParallelCache(prefix, branches))
+    """
+
+    def __init__(self, prefix: Cache | None = None, branches=(), scheme: str = "parallel", branch_starts=None,
+                 query_start=None, branch_lengths=None, backend: str = "auto"):
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+        if (branch_starts is not None) != (scheme == "custom"):
+            raise ValueError("branch_starts: required with scheme='custom' and only allowed there")
+        if prefix is not None and not isinstance(prefix, Cache):
+            raise TypeError(f"prefix: expected a transformers Cache or None, got {type(prefix).__name__}")
+        if isinstance(prefix, ParallelCache):
+            raise TypeError("prefix: expected an ordinary cache (e.g. DynamicCache), got a ParallelCache")
+        branches = list(branches)
+        for i, c in enumerate(branches):
+            if not isinstance(c, Cache):
+                raise TypeError(f"branches[{i}]: expected a transformers Cache, got {type(c).__name__}")
+            if isinstance(c, ParallelCache) and c.branches:
+                raise ValueError(f"branches[{i}]: a ParallelCache used as a branch must have no branches of its own")
+        sources = ([prefix] if prefix is not None else []) + branches
+        n_layers = {len(c.layers) for c in sources if not isinstance(c, ParallelCache) or c.layers}
+        if len(n_layers) > 1:
+            raise ValueError(f"branches: caches come from models with different layer counts {sorted(n_layers)}")
+        NL = n_layers.pop() if n_layers else 0
+        batches = {b for b in (_batch(c) for c in sources) if b is not None}
+        if len(batches - {1}) > 1:
+            raise ValueError(f"branches: batch sizes {sorted(batches)} differ (each cache must have B or 1 rows)")
+        B = max(batches) if batches else 1
+        self.batch = B
+        self.backend = backend
+        self.prefix = prefix
+        self.prefix_len = P = _cum_len(prefix) if prefix is not None else 0
+        self.scheme = scheme
+
+        self.branches: list[_Branch] = []
+        for i, c in enumerate(branches):
+            if isinstance(c, ParallelCache):
+                if c.prefix_len != P:
+                    raise ValueError(f"branches[{i}]: worker cache was run on a prefix of {c.prefix_len} tokens, expected {P}")
+                tokens = c.get_seq_length()
+                pad = c._own_pad.clone() if c._own_pad is not None else torch.zeros(B, dtype=torch.int64)
+                self.branches.append(_Branch(c, True, tokens, pad.expand(B).clone(), (tokens - pad).expand(B).clone()))
+            else:
+                tokens = _cum_len(c) - P
+                if tokens < 0:
+                    raise ValueError(f"branches[{i}]: holds {_cum_len(c)} tokens, fewer than the prefix's {P}; "
+                                     "expected [prefix | branch]")
+                z = torch.zeros(B, dtype=torch.int64)
+                self.branches.append(_Branch(c, False, tokens, z, z + tokens))
+        N = len(self.branches)
+        if branch_lengths is not None:
+            lens = _rows("branch_lengths", branch_lengths, N, B)
+            for i, br in enumerate(self.branches):
+                if (lens[i] < 0).any() or (lens[i] > br.tokens - br.pad).any():
+                    raise ValueError(f"branch_lengths[{i}]: expected values in [0, {br.tokens}] (tokens stored after the "
+                                     f"prefix), got {lens[i].tolist()}")
+                br.length = lens[i]
+        lens = torch.stack([br.length for br in self.branches]) if N else torch.zeros(0, B, dtype=torch.int64)
+
+        if scheme == "parallel":
+            first = torch.full((N, B), P, dtype=torch.int64)
+        elif scheme == "sequential":
+            first = P + torch.cumsum(lens, 0) - lens
+        elif scheme == "right_aligned":
+            first = P + lens.amax(0, keepdim=True) - lens if N else lens
+        else:
+            first = _rows("branch_starts", branch_starts, N, B)
+            if (first < 0).any():
+                raise ValueError(f"branch_starts: expected non-negative positions, got {first.tolist()}")
+        self.branch_first = first  # [N, B] virtual position of each branch's first real token
+        self.deltas = first - P  # [N, B] re-indexing shift of each branch
+        if query_start is None:
+            ends = torch.where(lens > 0, first + lens, torch.full_like(first, P))
+            qs = ends.amax(0) if N else torch.full((B,), P, dtype=torch.int64)
+        else:
+            qs = torch.as_tensor(query_start, dtype=torch.int64).expand(B).clone()
+            if (qs < 0).any():
+                raise ValueError(f"query_start: expected non-negative positions, got {qs.tolist()}")
+        self.query_start = qs  # [B]
+
+        self._own_pad: torch.Tensor | None = None
+        self._active = None  # per-forward state set by the patched model's pre-hook
+        if NL:
+            super().__init__(layers=[DynamicLayer() for _ in range(NL)])
+        else:
+            super().__init__(layer_class_to_replicate=DynamicLayer)
+
+    # ---- what HF sees: a cache of the synthesizer's own tokens --------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self._active is None:
+            raise RuntimeError(
+                "ParallelCache was given to a model that is not patched (its branches would be silently ignored): "
+                "call pskernels.patch_model(model) first"
+            )
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def batch_repeat_interleave(self, repeats: int):
+        raise NotImplementedError("ParallelCache does not support beam search / num_return_sequences > 1 yet")
+
+    def batch_select_indices(self, indices):
+        raise NotImplementedError("ParallelCache does not support beam search yet")
+
+    def reorder_cache(self, beam_idx):
+        raise NotImplementedError("ParallelCache does not support beam search yet")
+
+    @property
+    def num_branches(self) -> int:
+        return len(self.branches)
+
+    # ---- per-forward state (called by the pre-hook of a patched model) --------------------------------
+    def begin_forward(self, q_len: int, attention_mask, position_ids, device) -> torch.Tensor:
+        """Record own-stream padding and return virtual ``position_ids [B, q_len]``."""
+        B = self.batch
+        own = self.get_seq_length()
+        if attention_mask is not None and attention_mask.ndim == 2:
+            m = attention_mask.to("cpu").bool()
+            if tuple(m.shape) != (B, own + q_len):
+                raise ValueError(f"attention_mask: expected a 2-D mask [B, own tokens + new] = [{B}, {own + q_len}] "
+                                 f"(the ParallelCache holds {own} own tokens), got {tuple(m.shape)}")
+            pad = (~m).int().cumprod(1).sum(1).to(torch.int64)  # leading zeros per row
+            if not bool((m == (torch.arange(m.shape[1])[None] >= pad[:, None])).all()):
+                raise ValueError("attention_mask: with a ParallelCache only left padding is supported "
+                                 "(each row must be 0...0 1...1)")
+            if self._own_pad is not None and own > 0 and not torch.equal(pad, self._own_pad):
+                raise ValueError(f"attention_mask: left padding changed between calls ({self._own_pad.tolist()} -> "
+                                 f"{pad.tolist()})")
+            self._own_pad = pad
+        elif attention_mask is not None:
+            raise ValueError("attention_mask: a ParallelCache builds its own masks; pass a 2-D padding mask or None, "
+                             f"got shape {tuple(attention_mask.shape)}")
+        elif self._own_pad is None:
+            self._own_pad = torch.zeros(B, dtype=torch.int64)
+        pad = self._own_pad
+        if position_ids is None:
+            rel = (torch.arange(own, own + q_len)[None, :] - pad[:, None]).clamp_min(0)
+        else:
+            rel = position_ids.to("cpu", torch.int64).expand(B, q_len)
+        vpos = rel + self.query_start[:, None]
+        self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device}
+        return vpos.to(device)
+
+    def end_forward(self):
+        self._active = None
+
+    # ---- segments of one layer (called by the attention function) -------------------------------------
+    def _views(self, layer_idx: int):
+        """[(k, v, off, pad[B], length[B], slot0_orig[B], delta[B])] for prefix + branches at ``layer_idx``."""
+        B, P = self.batch, self.prefix_len
+        out = []
+        zeros = torch.zeros(B, dtype=torch.int64)
+        if self.prefix is not None and P > 0:
+            k, v = _layer_kv(self.prefix, layer_idx)
+            stored = k.shape[2]
+            out.append((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), P - stored, zeros, zeros + P, zeros, zeros))
+        for i, br in enumerate(self.branches):
+            k, v = _layer_kv(br.cache, layer_idx)
+            if k is None:
+                k = v = None
+            elif br.zero_copy:
+                off = 0
+            else:
+                first_stored = P + br.tokens - k.shape[2]
+                if first_stored <= P:
+                    k, v = k[:, :, P - first_stored:], v[:, :, P - first_stored:]
+                    off = 0
+                else:
+                    off = first_stored - P
+            if k is None:
+                raise ValueError(f"branches[{i}]: layer {layer_idx} holds no keys")
+            out.append((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), off, br.pad, br.length, P - br.pad,
+                        self.deltas[i]))
+        return out
+
+    def segments(self, layer_idx: int, own_k: torch.Tensor, own_v: torch.Tensor, sliding_window: int | None):
+        """Keyword arguments of :func:`multi_branch_attention` for this layer's [prefix, branches, own]."""
+        st = self._active
+        views = self._views(layer_idx)
+        keys = [x[0] for x in views] + [own_k]
+        values = [x[1] for x in views] + [own_v]
+        sig = (tuple((k.shape[2], off) for k, _, off, *_ in views), own_k.shape[2], sliding_window)
+        meta = st["meta"].get(sig)
+        if meta is None:
+            meta = self._segment_meta(views, own_k.shape[2], sliding_window, layer_idx)
+            st["meta"][sig] = meta
+        return keys, values, meta
+
+    def _segment_meta(self, views, own_len, window, layer_idx):
+        B = self.batch
+        lens, pads, pos0, shifts = [], [], [], []
+        vpos = self._active["vpos"].cpu()
+        qmin = vpos.amin(1)  # [B]
+        for s, (k, _, off, pad, length, slot0, delta) in enumerate(views):
+            L = k.shape[2]
+            end = (pad + length - off).clamp(0, L)
+            lens.append(end)
+            pads.append((pad - off).clamp(min=0).minimum(end))
+            p0 = slot0 + off + delta
+            pos0.append(p0)
+            shifts.append(delta)
+            if window is not None and off > 0:
+                dropped = (off > pad) & (length > 0) & (p0 - 1 > qmin - window)
+                if bool(dropped.any()):
+                    raise ValueError(
+                        f"ParallelCache: layer {layer_idx} is a sliding-window layer whose cache already dropped tokens "
+                        f"that the re-indexed queries would need (window {window}); use scheme='parallel' or caches "
+                        "that keep the full window"
+                    )
+        pad_own = self._own_pad
+        lens.append(torch.full((B,), own_len, dtype=torch.int64))
+        pads.append(pad_own)
+        pos0.append(self.query_start - pad_own)
+        shifts.append(torch.zeros(B, dtype=torch.int64))
+        dev = self._active["device"]
+        shifts_t = torch.stack(shifts)
+        meta = {
+            "seq_lens": torch.stack(lens).to(dev),
+            "left_pad": torch.stack(pads).to(dev),
+            "position_shifts": shifts_t.to(dev) if bool((shifts_t != 0).any()) else None,
+        }
+        if window is not None:
+            meta["sliding_window"] = window
+            meta["segment_positions"] = torch.stack(pos0).to(dev)
+            meta["query_positions"] = self._active["vpos"]
+        return meta

@@ -1,0 +1,170 @@
+"""ParallelCache through patched HF models vs a full-sequence oracle, for every claimed architecture."""
+import copy
+
+import pytest
+import torch
+
+import pskernels
+from pskernels.ref import rotate
+from tiny_models import ARCHS, VOCAB, make_model
+from hf_oracle import branch_caches, make_case, oracle_greedy, oracle_logits
+
+pytestmark = pytest.mark.hf
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def patched(request):
+    model = make_model(request.param)
+    model.generation_config.eos_token_id = None
+    handle = pskernels.patch_model(model)
+    yield request.param, model
+    handle.remove()
+
+
+def _real_rows(logits, case, b):
+    return logits[b][case.query_mask[b].bool()]
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["deepcopy", "zero_copy"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_forward_matches_oracle(patched, batch, zero_copy):
+    arch, model = patched
+    if batch == 1:
+        case = make_case(1, 5, [[4], [7], [3]], [3], VOCAB, seed=1)
+    else:  # ragged: row 1 lacks branch 1, branch lengths differ, query left padded
+        case = make_case(2, 5, [[4, 2], [7, 0], [3, 5]], [4, 2], VOCAB, seed=2)
+    prefix, branches = branch_caches(model, case, zero_copy=zero_copy)
+    cache = pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths)
+    with torch.no_grad():
+        logits = model(case.query, attention_mask=case.query_mask, past_key_values=cache).logits
+    for b in range(batch):
+        ref = oracle_logits(model, case, b)
+        err = (_real_rows(logits, case, b) - ref).abs().max().item()
+        assert err < TOL, f"{arch} row {b}: max logit error {err:.2e}"
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_generate_matches_oracle_greedy(patched, batch):
+    arch, model = patched
+    if batch == 1:
+        case = make_case(1, 4, [[5], [3]], [3], VOCAB, seed=3)
+    else:
+        case = make_case(2, 4, [[5, 2], [0, 6]], [3, 1], VOCAB, seed=4)
+    prefix, branches = branch_caches(model, case)
+    cache = pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths)
+    steps = 4
+    with torch.no_grad():
+        out = model.generate(case.query, attention_mask=case.query_mask, past_key_values=cache,
+                             max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    for b in range(batch):
+        assert out[b, case.query.shape[1]:].tolist() == oracle_greedy(model, case, b, steps), arch
+
+
+def test_cache_kwarg_name(patched):
+    arch, model = patched
+    case = make_case(1, 3, [[4]], [2], VOCAB, seed=5)
+    prefix, branches = branch_caches(model, case)
+    with torch.no_grad():
+        a = model(case.query, past_key_values=pskernels.ParallelCache(prefix, branches)).logits
+        b = model(case.query, cache=pskernels.ParallelCache(prefix, branches)).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _concat_rotated_reference(model, prefix, branches, deltas, query, query_start):
+    """Independent reference: a DynamicCache of [prefix | R(delta_i) branch_i ...] + stock attention."""
+    from transformers import DynamicCache
+
+    P = prefix.get_seq_length()
+    ref_cache = DynamicCache()
+    for l in range(len(prefix.layers)):
+        spec = pskernels.RopeSpec.from_model(model, l)
+        ks, vs = [prefix.layers[l].keys], [prefix.layers[l].values]
+        for c, d in zip(branches, deltas):
+            k = c.layers[l].keys[:, :, P:]
+            ks.append(rotate(k, torch.full(k.shape[:1] + (1, k.shape[2]), d), spec).to(k.dtype))
+            vs.append(c.layers[l].values[:, :, P:])
+        ref_cache.update(torch.cat(ks, 2), torch.cat(vs, 2), l)
+    pos = torch.arange(query.shape[1])[None] + query_start
+    return model(query, past_key_values=ref_cache, position_ids=pos).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3_rope", "llama_yarn", "qwen3", "phi3_partial", "gemma"])
+@pytest.mark.parametrize("scheme", ["sequential", "right_aligned", "custom"])
+def test_reindexing_schemes_match_concat_rotate_reference(arch, scheme):
+    model = make_model(arch)
+    case = make_case(1, 4, [[6], [3], [5]], [3], VOCAB, seed=6)
+    with torch.no_grad():
+        prefix, branches = branch_caches(model, case)
+        lens = [6, 3, 5]
+        if scheme == "sequential":
+            firsts = [4, 10, 13]
+        elif scheme == "right_aligned":
+            firsts = [4, 7, 5]
+        else:
+            firsts = [20, 9, 40]
+        qs = max(f + n for f, n in zip(firsts, lens)) + (2 if scheme == "custom" else 0)
+        ref = _concat_rotated_reference(model, prefix, branches, [f - 4 for f in firsts], case.query, qs)
+        handle = pskernels.patch_model(model)
+        try:
+            kw = {"branch_starts": firsts, "query_start": qs} if scheme == "custom" else {}
+            cache = pskernels.ParallelCache(prefix, branches, scheme=scheme, **kw)
+            assert cache.query_start.tolist() == [qs]
+            out = model(case.query, past_key_values=cache).logits
+        finally:
+            handle.remove()
+    err = (out - ref).abs().max().item()
+    assert err < TOL, f"{arch}/{scheme}: max logit error {err:.2e}"
+
+
+def test_single_branch_any_scheme_equals_plain_prefill():
+    """One natively positioned branch: every scheme is plain sequential prefill of [prefix | branch | query]."""
+    model = make_model("llama")
+    case = make_case(1, 4, [[6]], [3], VOCAB, seed=7)
+    with torch.no_grad():
+        full = model(torch.cat([case.prefix, case.branches[0], case.query], 1)).logits[:, -3:]
+        prefix, branches = branch_caches(model, case)
+        with_patch = pskernels.patch_model(model)
+        try:
+            for scheme in ("parallel", "sequential", "right_aligned"):
+                out = model(case.query, past_key_values=pskernels.ParallelCache(prefix, branches, scheme=scheme)).logits
+                assert (out - full).abs().max().item() < TOL, scheme
+        finally:
+            with_patch.remove()
+
+
+def test_dynamic_rope_refuses_reindexing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    model = LlamaForCausalLM(cfg).eval()
+    case = make_case(1, 3, [[4], [2]], [2], VOCAB, seed=8)
+    prefix, branches = branch_caches(model, case)
+    handle = pskernels.patch_model(model)
+    try:
+        with torch.no_grad():
+            model(case.query, past_key_values=pskernels.ParallelCache(prefix, branches))  # parallel: no re-indexing
+            with pytest.raises(ValueError, match="dynamic"):
+                model(case.query, past_key_values=pskernels.ParallelCache(prefix, branches, scheme="sequential"))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral_sliding", "gemma2"])
+def test_oracle_is_sensitive_to_branches_and_windows_are_exercised(arch):
+    """Guards the oracle tests against passing vacuously: dropping the branches changes the logits, and the
+    sliding-window layers of the branch caches really did drop tokens."""
+    model = make_model(arch)
+    case = make_case(1, 5, [[7], [6]], [3], VOCAB, seed=9)
+    prefix, branches = branch_caches(model, case)
+    handle = pskernels.patch_model(model)
+    try:
+        with torch.no_grad():
+            no_branches = model(case.query, past_key_values=pskernels.ParallelCache(prefix, [], query_start=12)).logits
+    finally:
+        handle.remove()
+    assert (no_branches[0] - oracle_logits(model, case, 0)).abs().max().item() > 0.1
+    if arch != "llama":
+        stored = [layer.keys.shape[2] for layer in branches[0].layers]
+        assert min(stored) < 12 == max(layer.get_seq_length() for layer in branches[0].layers)
