@@ -1,0 +1,64 @@
+"""Command line: ``pskernels info | demo``."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import platform
+import sys
+
+
+def info() -> dict:
+    import torch
+
+    from . import __version__
+    from .ops import available_backends
+
+    def version(mod):
+        try:
+            return importlib.import_module(mod).__version__
+        except Exception:  # noqa: BLE001 - report any import failure as "not installed"
+            return None
+
+    try:
+        importlib.import_module("pskernels._C")
+        ext = "built"
+    except ImportError:
+        ext = "not built (ops use the Triton / PyTorch backends)"
+    return {
+        "pskernels": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "triton": version("triton"),
+        "transformers": version("transformers"),
+        "flash_attn": version("flash_attn"),
+        "available_backends": available_backends(),
+        "extension": ext,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="pskernels", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, available backends, extension status")
+    d = sub.add_parser("demo", help="parallel-cache synthesis vs text concatenation (TTFT, exactness)")
+    d.add_argument("--branches", type=int, default=4)
+    d.add_argument("--branch-len", type=int, default=256)
+    d.add_argument("--prefix-len", type=int, default=64)
+    d.add_argument("--query-len", type=int, default=16)
+    d.add_argument("--repeats", type=int, default=5)
+    d.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = p.parse_args(argv)
+    if args.cmd == "info":
+        for k, v in info().items():
+            print(f"{k:>20}: {v}")
+        return 0
+    from .demo import main as demo_main
+
+    return demo_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
