@@ -6,12 +6,26 @@ Triton), the C++ extension on CPU (else the PyTorch reference).
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable
 
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _AVAILABLE: dict[str, Callable[[], bool]] = {"torch": lambda: True}
+# Backends whose modules register themselves when imported; imported on first need so that
+# `import pskernels` stays light (triton's import alone takes about a second).
+_LAZY = {"triton": "pskernels.triton"}
+_LOAD_ERRORS: dict[str, str] = {}
+
+
+def _load(backend: str) -> None:
+    mod = _LAZY.pop(backend, None)
+    if mod is not None:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            _LOAD_ERRORS[backend] = f"{type(e).__name__}: {e}"
 
 
 def register(op: str, backend: str, available: Callable[[], bool] | None = None):
@@ -35,13 +49,14 @@ def backend_available(backend: str) -> bool:
 
 def available_backends(op: str | None = None) -> list[str]:
     """Backends that can run on this machine (for ``op``, or for any op)."""
+    for b in list(_LAZY):
+        _load(b)
     names = {b for impls in _IMPLS.values() for b in impls} if op is None else set(_IMPLS.get(op, {}))
     return [b for b in BACKENDS[1:] if b in names and backend_available(b)]
 
 
 def resolve(op: str, backend: str, device) -> Callable:
     """Pick ``op``'s implementation for tensors on ``device``."""
-    impls = _IMPLS.get(op, {})
     if backend == "auto":
         backend = os.environ.get("PSKERNELS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
@@ -49,10 +64,16 @@ def resolve(op: str, backend: str, device) -> Callable:
     if backend == "auto":
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for b in order:
-            if b in impls and backend_available(b):
-                return impls[b]
+            _load(b)
+            impl = _IMPLS.get(op, {}).get(b)
+            if impl is not None and backend_available(b):
+                return impl
         raise RuntimeError(f"{op}: no backend available for device {device}")
+    _load(backend)
+    impls = _IMPLS.get(op, {})
     if backend not in impls:
+        if backend in _LOAD_ERRORS:
+            raise RuntimeError(f"backend: {backend!r} failed to load ({_LOAD_ERRORS[backend]})")
         raise NotImplementedError(
             f"backend: {op} has no {backend!r} implementation (implemented: {sorted(impls)})"
         )
