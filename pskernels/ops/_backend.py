@@ -15,7 +15,7 @@ _IMPLS: dict[str, dict[str, Callable]] = {}
 _AVAILABLE: dict[str, Callable[[], bool]] = {"torch": lambda: True}
 # Backends whose modules register themselves when imported; imported on first need so that
 # `import pskernels` stays light (triton's import alone takes about a second).
-_LAZY = {"triton": "pskernels.triton"}
+_LAZY = {"triton": "pskernels.triton", "cpu": "pskernels._ext", "cuda": "pskernels._ext"}
 _LOAD_ERRORS: dict[str, str] = {}
 
 

@@ -1,0 +1,271 @@
+// CPU multi-branch attention: one pass over every segment's keys where they are stored (no
+// concatenation), query-side RoPE re-indexing, GQA without repeating K/V, split-KV across threads,
+// and a log-sum-exp merge of (split, calibration group) partial states.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common.h"
+#include "pskernels/math.h"
+
+namespace pskernels {
+namespace cpu {
+namespace {
+
+constexpr int kRowTile = 16;  // query rows (all heads of one kv head) sharing each converted K/V block
+constexpr int kKeyBlock = 64;
+
+struct Segment {
+  const void* k;
+  const void* v;
+  int64_t L, skb, skh, skl, svb, svh, svl;
+};
+
+struct Meta {
+  const int64_t* seq_lens;   // [S, B]
+  const int64_t* left_pad;   // [S, B]
+  const int64_t* shifts;     // [S, B] or null
+  const int64_t* seg_pos;    // [S, B] or null
+  const int64_t* q_pos;      // [B, Lq] or null
+  const int64_t* groups;     // [S]
+  const float* inv_freq;     // [rotary_dim / 2] or null
+  const float* temperature;  // [G, Hq] or null
+  const float* lse_scale;    // [G, Hq] or null
+  const float* log_weight;   // [G, Hq] or null
+  int64_t rotary_dim;
+  bool neox, causal_last, knobs;
+  float scale, softcap;
+  int64_t window;
+};
+
+template <typename T>
+inline float ld(const void* p, int64_t i) {
+  return static_cast<float>(static_cast<const T*>(p)[i]);
+}
+
+template <typename T>
+void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, int64_t Hkv, int64_t Dv,
+         at::Tensor& out, at::Tensor& lse) {
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
+  const int64_t S = static_cast<int64_t>(segs.size());
+  const int64_t G = Hq / Hkv, R = G * Lq;
+  const int64_t n_tiles = (R + kRowTile - 1) / kRowTile;
+  int64_t n_groups = 1;
+  if (mt.knobs)
+    for (int64_t s = 0; s < S; ++s) n_groups = std::max(n_groups, mt.groups[s] + 1);
+  const int64_t Gc = n_groups;
+
+  // Keys visible to row b, flattened over segments, decide the split-KV partition.
+  std::vector<int64_t> total(B, 0);
+  int64_t max_total = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t s = 0; s < S; ++s)
+      total[b] += std::max<int64_t>(0, mt.seq_lens[s * B + b] - mt.left_pad[s * B + b]);
+    max_total = std::max(max_total, total[b]);
+  }
+  const int64_t items0 = B * Hkv * n_tiles;
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t n_split = std::max<int64_t>(1, (want + items0 - 1) / items0);
+  n_split = std::max<int64_t>(1, std::min(n_split, max_total / 256));
+
+  const int64_t state = Dv + 2;  // m, l, acc[Dv]
+  std::vector<float> part(static_cast<size_t>(items0 * n_split * kRowTile * Gc * state));
+  const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
+  const T* qp = q.data_ptr<T>();
+
+  at::parallel_for(0, items0 * n_split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(kRowTile * D), qr(kRowTile * D), kf(kKeyBlock * D), vf(kKeyBlock * Dv);
+    std::vector<float> sc(kKeyBlock);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t split = item % n_split;
+      const int64_t tile = (item / n_split) % n_tiles;
+      const int64_t hkv = (item / n_split / n_tiles) % Hkv;
+      const int64_t b = item / n_split / n_tiles / Hkv;
+      float* st = part.data() + item * kRowTile * Gc * state;
+      for (int64_t x = 0; x < kRowTile * Gc; ++x) {
+        st[x * state] = kNegInf;
+        std::fill(st + x * state + 1, st + (x + 1) * state, 0.f);
+      }
+      const int64_t r0 = tile * kRowTile, nr = std::min<int64_t>(kRowTile, R - r0);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t hq = hkv * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qp[b * sqb + hq * sqh + i * sql + d]);
+      }
+      const int64_t per = (total[b] + n_split - 1) / n_split;
+      const int64_t lo = split * per, hi = std::min(total[b], lo + per);
+      int64_t flat = 0;  // flattened index of the current segment's first valid key
+      for (int64_t s = 0; s < S; ++s) {
+        const Segment& sg = segs[s];
+        const int64_t pad = mt.left_pad[s * B + b], len = mt.seq_lens[s * B + b];
+        const int64_t nvalid = std::max<int64_t>(0, len - pad);
+        const int64_t a = std::max(lo, flat), e = std::min(hi, flat + nvalid);
+        const int64_t j0 = pad + (a - flat), j1 = pad + (e - flat);
+        flat += nvalid;
+        if (j0 >= j1) continue;
+        const int64_t shift = mt.shifts ? mt.shifts[s * B + b] : 0;
+        const float* qrow = qf.data();
+        if (shift != 0) {
+          std::copy(qf.begin(), qf.begin() + nr * D, qr.begin());
+          for (int64_t r = 0; r < nr; ++r)
+            rope_rotate(qr.data() + r * D, static_cast<int>(mt.rotary_dim), mt.neox, mt.inv_freq,
+                        -static_cast<float>(shift));
+          qrow = qr.data();
+        }
+        const int64_t g = mt.knobs ? mt.groups[s] : 0;
+        const bool causal = mt.causal_last && s == S - 1;
+        const int64_t kb = b * sg.skb + hkv * sg.skh, vb = b * sg.svb + hkv * sg.svh;
+        for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
+          const int64_t nb = std::min<int64_t>(kKeyBlock, j1 - jb);
+          for (int64_t jj = 0; jj < nb; ++jj) {
+            for (int64_t d = 0; d < D; ++d) kf[jj * D + d] = ld<T>(sg.k, kb + (jb + jj) * sg.skl + d);
+            for (int64_t d = 0; d < Dv; ++d) vf[jj * Dv + d] = ld<T>(sg.v, vb + (jb + jj) * sg.svl + d);
+          }
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t hq = hkv * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
+            const float inv_t = mt.temperature ? 1.f / mt.temperature[g * Hq + hq] : 1.f;
+            const float* qv = qrow + r * D;
+            float mb = kNegInf;
+            for (int64_t jj = 0; jj < nb; ++jj) {
+              const int64_t j = jb + jj;
+              float dot = 0.f;
+              const float* kv = kf.data() + jj * D;
+#pragma omp simd reduction(+ : dot)
+              for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
+              float x = soft_cap(dot * mt.scale, mt.softcap) * inv_t;
+              if (causal && j > len - Lq + i) x = kNegInf;
+              if (mt.window > 0 && mt.q_pos[b * Lq + i] - (mt.seg_pos[s * B + b] + j) >= mt.window) x = kNegInf;
+              sc[jj] = x;
+              mb = std::max(mb, x);
+            }
+            if (mb == kNegInf) continue;
+            float* so = st + (r * Gc + g) * state;
+            const float m = std::max(so[0], mb);
+            const float f = rescale(so[0], m);
+            float l = so[1] * f;
+            float* acc = so + 2;
+            for (int64_t d = 0; d < Dv; ++d) acc[d] *= f;
+            for (int64_t jj = 0; jj < nb; ++jj) {
+              const float p = sc[jj] == kNegInf ? 0.f : expf(sc[jj] - m);
+              if (p == 0.f) continue;
+              l += p;
+              const float* vv = vf.data() + jj * Dv;
+#pragma omp simd
+              for (int64_t d = 0; d < Dv; ++d) acc[d] += p * vv[d];
+            }
+            so[0] = m;
+            so[1] = l;
+          }
+        }
+      }
+    }
+  });
+
+  // Merge splits within each group, calibrate groups, merge groups.
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
+  at::parallel_for(0, B * Hkv * R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(Gc * Dv), logit(Gc), inv_l(Gc);
+    std::vector<SoftmaxState> gs(Gc);
+    for (int64_t x = begin; x < end; ++x) {
+      const int64_t row = x % R, hkv = (x / R) % Hkv, b = x / R / Hkv;
+      const int64_t hq = hkv * G + row / Lq, i = row % Lq;
+      const int64_t tile = row / kRowTile, r = row % kRowTile;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t g = 0; g < Gc; ++g) {
+        gs[g] = empty_state();
+        for (int64_t split = 0; split < n_split; ++split) {
+          const int64_t item = ((b * Hkv + hkv) * n_tiles + tile) * n_split + split;
+          const float* so = part.data() + ((item * kRowTile + r) * Gc + g) * state;
+          float fa, fb;
+          merge_factors(gs[g], SoftmaxState{so[0], so[1]}, fa, fb);
+          for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] = acc[g * Dv + d] * fa + so[2 + d] * fb;
+        }
+        float lg = state_lse(gs[g]);
+        if (mt.knobs && lg != kNegInf) {
+          const int64_t k = g * Hq + hq;
+          if (mt.temperature) lg *= mt.temperature[k];
+          if (mt.lse_scale) lg *= mt.lse_scale[k];
+          if (mt.log_weight) lg += mt.log_weight[k];
+        }
+        logit[g] = lg;
+        inv_l[g] = gs[g].l > 0.f ? 1.f / gs[g].l : 0.f;
+      }
+      float M = kNegInf;
+      for (int64_t g = 0; g < Gc; ++g) M = std::max(M, logit[g]);
+      T* o = op + ((b * Hq + hq) * Lq + i) * Dv;
+      if (M == kNegInf) {
+        for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(0.f);
+        lp[(b * Hq + hq) * Lq + i] = kNegInf;
+        continue;
+      }
+      float wsum = 0.f;
+      std::vector<float>& w = logit;
+      for (int64_t g = 0; g < Gc; ++g) {
+        w[g] = logit[g] == kNegInf ? 0.f : expf(logit[g] - M);
+        wsum += w[g];
+      }
+      for (int64_t d = 0; d < Dv; ++d) {
+        float y = 0.f;
+        for (int64_t g = 0; g < Gc; ++g) y += w[g] * acc[g * Dv + d] * inv_l[g];
+        o[d] = static_cast<T>(y / wsum);
+      }
+      lp[(b * Hq + hq) * Lq + i] = M + logf(wsum);
+    }
+  });
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
+    const at::Tensor& q, at::TensorList keys, at::TensorList values, const at::Tensor& seq_lens,
+    const at::Tensor& left_pad, const c10::optional<at::Tensor>& shifts,
+    const c10::optional<at::Tensor>& segment_positions, const c10::optional<at::Tensor>& query_positions,
+    const c10::optional<at::Tensor>& inv_freq, bool rope_neox, bool causal_last, double scale, double softcap,
+    int64_t window, const at::Tensor& groups, const c10::optional<at::Tensor>& temperature,
+    const c10::optional<at::Tensor>& lse_scale, const c10::optional<at::Tensor>& log_weight) {
+  const auto S = static_cast<int64_t>(keys.size());
+  check_segments(q, keys, values, seq_lens, left_pad, shifts, segment_positions, query_positions, inv_freq, window,
+                 groups, temperature, lse_scale, log_weight);
+  TORCH_CHECK(q.device().is_cpu(), "multi_branch_attention (cpu): q must be a CPU tensor, got ", q.device());
+  const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Hkv = keys[0].size(1), Dv = values[0].size(3);
+  std::vector<Segment> segs;
+  for (int64_t s = 0; s < S; ++s) {
+    const auto &k = keys[s], &v = values[s];
+    segs.push_back({k.data_ptr(), v.data_ptr(), k.size(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
+                    v.stride(1), v.stride(2)});
+  }
+  auto i64 = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  auto f32 = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
+  at::Tensor lens = seq_lens.contiguous(), pads = left_pad.contiguous(), grp = groups.contiguous();
+  at::Tensor sh = i64(shifts), sp = i64(segment_positions), qpos = i64(query_positions);
+  at::Tensor inv = f32(inv_freq), tmp = f32(temperature), lsc = f32(lse_scale), lw = f32(log_weight);
+  Meta mt;
+  mt.seq_lens = lens.data_ptr<int64_t>();
+  mt.left_pad = pads.data_ptr<int64_t>();
+  mt.shifts = sh.defined() ? sh.data_ptr<int64_t>() : nullptr;
+  mt.seg_pos = sp.defined() ? sp.data_ptr<int64_t>() : nullptr;
+  mt.q_pos = qpos.defined() ? qpos.data_ptr<int64_t>() : nullptr;
+  mt.groups = grp.data_ptr<int64_t>();
+  mt.inv_freq = inv.defined() ? inv.data_ptr<float>() : nullptr;
+  mt.rotary_dim = inv.defined() ? 2 * inv.size(0) : 0;
+  mt.temperature = tmp.defined() ? tmp.data_ptr<float>() : nullptr;
+  mt.lse_scale = lsc.defined() ? lsc.data_ptr<float>() : nullptr;
+  mt.log_weight = lw.defined() ? lw.data_ptr<float>() : nullptr;
+  mt.knobs = mt.temperature || mt.lse_scale || mt.log_weight;
+  mt.neox = rope_neox;
+  mt.causal_last = causal_last;
+  mt.scale = static_cast<float>(scale);
+  mt.softcap = static_cast<float>(softcap);
+  mt.window = window;
+  auto out = at::empty({B, Hq, Lq, Dv}, q.options());
+  auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "multi_branch_attention_cpu", [&] {
+    run<scalar_t>(q, segs, mt, Hkv, Dv, out, lse);
+  });
+  return {out, lse};
+}
+
+}  // namespace cpu
+}  // namespace pskernels
