@@ -55,8 +55,8 @@ def available_backends(op: str | None = None) -> list[str]:
     return [b for b in BACKENDS[1:] if b in names and backend_available(b)]
 
 
-def resolve(op: str, backend: str, device) -> Callable:
-    """Pick ``op``'s implementation for tensors on ``device``."""
+def resolve_name(op: str, backend: str, device) -> str:
+    """Name of the backend ``backend`` (possibly "auto" / ``PSKERNELS_BACKEND``) selects for ``op`` on ``device``."""
     if backend == "auto":
         backend = os.environ.get("PSKERNELS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
@@ -65,9 +65,8 @@ def resolve(op: str, backend: str, device) -> Callable:
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for b in order:
             _load(b)
-            impl = _IMPLS.get(op, {}).get(b)
-            if impl is not None and backend_available(b):
-                return impl
+            if b in _IMPLS.get(op, {}) and backend_available(b):
+                return b
         raise RuntimeError(f"{op}: no backend available for device {device}")
     _load(backend)
     impls = _IMPLS.get(op, {})
@@ -79,4 +78,9 @@ def resolve(op: str, backend: str, device) -> Callable:
         )
     if not backend_available(backend):
         raise RuntimeError(f"backend: {backend!r} is not available on this machine (available: {available_backends(op)})")
-    return impls[backend]
+    return backend
+
+
+def resolve(op: str, backend: str, device) -> Callable:
+    """Pick ``op``'s implementation for tensors on ``device``."""
+    return _IMPLS[op][resolve_name(op, backend, device)]

