@@ -7,18 +7,18 @@ Ops (``backend="auto"|"triton"|"cuda"|"cpu"|"torch"``):
 RoPE:
     RopeSpec
 Hugging Face:
-    patch_model, unpatch_model, ParallelCache
+    patch_model, unpatch_model, ParallelCache, CacheRow
 """
 from .ops import available_backends, map_kv_caches, merge_states, multi_branch_attention, rotate_keys
 from .rope import RopeSpec
 
 __version__ = "0.1.0"
 
-_HF = {"patch_model", "unpatch_model", "ParallelCache"}
+_HF = {"patch_model", "unpatch_model", "ParallelCache", "CacheRow"}
 
 __all__ = [
     "multi_branch_attention", "merge_states", "rotate_keys", "map_kv_caches", "available_backends",
-    "RopeSpec", "patch_model", "unpatch_model", "ParallelCache", "__version__",
+    "RopeSpec", "patch_model", "unpatch_model", "ParallelCache", "CacheRow", "__version__",
 ]
 
 

@@ -168,3 +168,32 @@ def test_oracle_is_sensitive_to_branches_and_windows_are_exercised(arch):
     if arch != "llama":
         stored = [layer.keys.shape[2] for layer in branches[0].layers]
         assert min(stored) < 12 == max(layer.get_seq_length() for layer in branches[0].layers)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3_partial"])
+def test_batched_workers_as_cache_rows_match_oracle(arch):
+    """N workers run as one left-padded batch on a batch-1 prefix (zero-copy); each row becomes a branch."""
+    model = make_model(arch)
+    model.generation_config.eos_token_id = None
+    case = make_case(1, 5, [[6], [3], [5]], [3], VOCAB, seed=10)
+    lens = [6, 3, 5]
+    with torch.no_grad():
+        prefix = model(case.prefix, use_cache=True).past_key_values
+        handle = pskernels.patch_model(model)
+        try:
+            L = max(lens)
+            ids = torch.zeros(3, L, dtype=torch.long)
+            mask = torch.zeros(3, L, dtype=torch.long)
+            for i, n in enumerate(lens):  # left-pad each worker's tokens
+                ids[i, L - n:] = case.branches[i][0, :n]
+                mask[i, L - n:] = 1
+            workers = pskernels.ParallelCache(prefix, [])
+            model(ids, attention_mask=mask, past_key_values=workers)
+            branches = [pskernels.CacheRow(workers, i) for i in range(3)]
+            cache = pskernels.ParallelCache(prefix, branches)
+            assert cache.query_start.tolist() == [5 + L]
+            logits = model(case.query, past_key_values=cache).logits
+        finally:
+            handle.remove()
+    err = (logits[0] - oracle_logits(model, case, 0)).abs().max().item()
+    assert err < TOL, f"{arch}: max logit error {err:.2e}"

@@ -15,6 +15,15 @@ from transformers.cache_utils import Cache, DynamicLayer
 SCHEMES = ("parallel", "sequential", "right_aligned", "custom")
 
 
+@dataclass(frozen=True)
+class CacheRow:
+    """One batch row of a cache, used as a batch-1 branch: e.g. worker ``i`` of a batched worker
+    ``generate`` (``ParallelCache(prefix, [])`` run on N rows) becomes ``CacheRow(workers, i)``."""
+
+    cache: Cache
+    row: int
+
+
 @dataclass
 class _Branch:
     cache: Cache
@@ -22,7 +31,7 @@ class _Branch:
     tokens: int  # branch slots stored per row (after the prefix)
     pad: torch.Tensor  # [B] leading masked slots
     length: torch.Tensor  # [B] real tokens
-
+    row: int | None = None  # take only this batch row of the cache
 
 def _layer_kv(cache: Cache, layer_idx: int):
     layer = cache.layers[layer_idx]
@@ -60,10 +69,12 @@ class ParallelCache(Cache):
     ----------
     prefix : transformers Cache, optional
         Cache of the shared prefix (``P`` tokens, identical for all rows; batch 1 broadcasts).
-    branches : sequence of Cache
+    branches : sequence of Cache or CacheRow
         Each either a ``DynamicCache`` holding ``[prefix | branch]`` (e.g. ``copy.deepcopy(prefix)``
         extended by the worker), or a zero-copy worker cache: a ``ParallelCache(prefix, [])`` the worker
-        ran on, whose own tokens are the branch (the prefix is then stored once).
+        ran on, whose own tokens are the branch (the prefix is then stored once). ``CacheRow(cache, i)``
+        takes row ``i`` of a batched worker cache as a batch-1 branch (left padding of the worker's
+        prompt is honoured).
     scheme : {"parallel", "sequential", "right_aligned", "custom"}
         Virtual position of each branch's first token: ``parallel`` right after the prefix (the
         branches' native positions, exact); ``sequential`` as if concatenated in order;
@@ -97,7 +108,14 @@ class ParallelCache(Cache):
         if isinstance(prefix, ParallelCache):
             raise TypeError("prefix: expected an ordinary cache (e.g. DynamicCache), got a ParallelCache")
         branches = list(branches)
+        rows = [None] * len(branches)
         for i, c in enumerate(branches):
+            if isinstance(c, CacheRow):
+                rows[i], c = c.row, c.cache
+                branches[i] = c
+                B_c = _batch(c)
+                if B_c is not None and not 0 <= rows[i] < B_c:
+                    raise ValueError(f"branches[{i}]: row {rows[i]} is outside the cache's batch of {B_c}")
             if not isinstance(c, Cache):
                 raise TypeError(f"branches[{i}]: expected a transformers Cache, got {type(c).__name__}")
             if isinstance(c, ParallelCache) and c.branches:
@@ -107,7 +125,8 @@ class ParallelCache(Cache):
         if len(n_layers) > 1:
             raise ValueError(f"branches: caches come from models with different layer counts {sorted(n_layers)}")
         NL = n_layers.pop() if n_layers else 0
-        batches = {b for b in (_batch(c) for c in sources) if b is not None}
+        batches = {b for b in (_batch(c) for c in sources[:len(sources) - len(branches)]) if b is not None}
+        batches |= {1 if r is not None else b for r, b in zip(rows, (_batch(c) for c in branches)) if b is not None}
         if len(batches - {1}) > 1:
             raise ValueError(f"branches: batch sizes {sorted(batches)} differ (each cache must have B or 1 rows)")
         B = max(batches) if batches else 1
@@ -123,15 +142,18 @@ class ParallelCache(Cache):
                 if c.prefix_len != P:
                     raise ValueError(f"branches[{i}]: worker cache was run on a prefix of {c.prefix_len} tokens, expected {P}")
                 tokens = c.get_seq_length()
-                pad = c._own_pad.clone() if c._own_pad is not None else torch.zeros(B, dtype=torch.int64)
-                self.branches.append(_Branch(c, True, tokens, pad.expand(B).clone(), (tokens - pad).expand(B).clone()))
+                pad = c._own_pad if c._own_pad is not None else torch.zeros(1, dtype=torch.int64)
+                if rows[i] is not None and pad.numel() > 1:
+                    pad = pad[rows[i]]
+                pad = pad.expand(B).clone()
+                self.branches.append(_Branch(c, True, tokens, pad, tokens - pad, rows[i]))
             else:
                 tokens = _cum_len(c) - P
                 if tokens < 0:
                     raise ValueError(f"branches[{i}]: holds {_cum_len(c)} tokens, fewer than the prefix's {P}; "
                                      "expected [prefix | branch]")
                 z = torch.zeros(B, dtype=torch.int64)
-                self.branches.append(_Branch(c, False, tokens, z, z + tokens))
+                self.branches.append(_Branch(c, False, tokens, z, z + tokens, rows[i]))
         N = len(self.branches)
         if branch_lengths is not None:
             lens = _rows("branch_lengths", branch_lengths, N, B)
@@ -193,10 +215,22 @@ class ParallelCache(Cache):
         return len(self.branches)
 
     # ---- per-forward state (called by the pre-hook of a patched model) --------------------------------
-    def begin_forward(self, q_len: int, attention_mask, position_ids, device) -> torch.Tensor:
+    def _broadcast(self, B: int) -> None:
+        self.batch = B
+        self.query_start = self.query_start.expand(B).clone()
+        self.branch_first = self.branch_first.expand(-1, B).clone()
+        self.deltas = self.deltas.expand(-1, B).clone()
+        for br in self.branches:
+            br.pad, br.length = br.pad.expand(B).clone(), br.length.expand(B).clone()
+
+    def begin_forward(self, batch: int, q_len: int, attention_mask, position_ids, device) -> torch.Tensor:
         """Record own-stream padding and return virtual ``position_ids [B, q_len]``."""
-        B = self.batch
         own = self.get_seq_length()
+        if batch != self.batch:
+            if self.batch != 1 or own > 0:
+                raise ValueError(f"input_ids: batch {batch} does not match the ParallelCache's batch {self.batch}")
+            self._broadcast(batch)  # every source has one row: share it across the batch (zero-copy)
+        B = self.batch
         if attention_mask is not None and attention_mask.ndim == 2:
             m = attention_mask.to("cpu").bool()
             if tuple(m.shape) != (B, own + q_len):
@@ -252,6 +286,8 @@ class ParallelCache(Cache):
                     off = first_stored - P
             if k is None:
                 raise ValueError(f"branches[{i}]: layer {layer_idx} holds no keys")
+            if br.row is not None:
+                k, v = k[br.row : br.row + 1], v[br.row : br.row + 1]
             out.append((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), off, br.pad, br.length, P - br.pad,
                         self.deltas[i]))
         return out

@@ -63,14 +63,12 @@ class PatchHandle:
             x = args[0]
         if x is None:
             raise ValueError("input_ids/inputs_embeds: one is required with a ParallelCache")
-        if x.shape[0] != cache.batch:
-            raise ValueError(f"input_ids: batch {x.shape[0]} does not match the ParallelCache's batch {cache.batch}")
         if bool((cache.deltas != 0).any()):
             spec = self.rope(0)
             if not spec.supports_reindexing:
                 raise ValueError(f"ParallelCache: scheme {cache.scheme!r} re-indexes branches, but the model's rope_type "
                                  f"{spec.rope_type!r} has length-dependent frequencies; use scheme='parallel'")
-        vpos = cache.begin_forward(x.shape[1], kwargs.get("attention_mask"), kwargs.get("position_ids"), x.device)
+        vpos = cache.begin_forward(x.shape[0], x.shape[1], kwargs.get("attention_mask"), kwargs.get("position_ids"), x.device)
         kwargs["position_ids"] = vpos
         kwargs[attention.STATE_KWARG] = (cache, self)
         return args, kwargs

@@ -1,0 +1,272 @@
+"""Fused multi-branch attention: one kernel over a table of separately stored KV segments.
+
+Each program owns a tile of ``BLOCK_M`` rows of one (batch row, kv head): the rows are the flattened
+(query i, head g) pairs of the ``G = Hq / Hkv`` query heads sharing that kv head, so K/V are read once
+per kv head and never repeated. Segments are walked through a pointer table (no concatenation, any
+strides with unit last stride); per segment the query tile is rotated by ``-shift`` in registers
+(RoPE is relative, so this re-indexes the segment's keys without rewriting them).
+
+Decode (few query rows) splits every segment's key range across ``NSPLIT`` programs that write
+partial states; ``merge_states``' combine kernel merges them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._segments import SegmentParams
+from ..ops._backend import register
+from . import _check_inputs, _empty, _on_gpu, _triton_available
+from .merge_states import LOG2E, combine, merge_final, merge_step
+from .rotate_keys import rope_apply, rope_layout, rope_partner
+
+# segment table rows (int64): k_ptr, v_ptr, k strides (b, h, l), v strides (b, h, l), causal;
+# per-(segment, batch row) table: seq_len, left_pad, shift, segment_position
+_SEG_COLS = 9
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_BLOCK_M, _BLOCK_N = 16, 16  # interpreter / fallback tile
+_DECODE_ROWS = 8  # Lq up to this is treated as decode (split-KV)
+
+
+@triton.jit
+def _tanh(x):
+    # saturates to +-1 without overflow: exp2 -> inf gives 1, exp2 -> 0 gives -1
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * LOG2E)) + 1.0)
+
+
+@triton.jit
+def _mba_fwd_kernel(
+    q, o, lse, ws_o, ws_lse, seg, seg_row, grp, qpos, knobs, inv_freq,
+    sqb, sqh, sqm, sob, soh, som,
+    B, HKV, Lq, NGR, NSPLIT, scale, softcap, window,
+    G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr, GPTJ: tl.constexpr,
+    HAS_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HAS_KNOBS: tl.constexpr,
+    SPLIT: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr, ALIGNED: tl.constexpr, ES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # axis 0 flattens (batch row, kv head, query tile): only it may exceed 65535 programs
+    NM = tl.cdiv(G * Lq, BLOCK_M)
+    i_m, i_bh, i_s = tl.program_id(0) % NM, tl.program_id(0) // NM, tl.program_id(1)
+    i_b, i_hk = (i_bh // HKV).to(tl.int64), i_bh % HKV
+    HQ = HKV * G
+    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    o_i, o_g = o_r // G, o_r % G  # [BM] query index, head within the kv head's group
+    o_hq = i_hk * G + o_g
+    m_r = o_i < Lq
+    o_d, o_v = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    m_d, m_v = o_d < D, o_v < DV
+    o_nl = tl.arange(0, BLOCK_N)
+
+    # 64-bit tile bases (first head and query of the tile), 32-bit offsets inside the tile
+    i0 = i_m * BLOCK_M // G
+    h0, i0_64 = (i_hk * G).to(tl.int64), i0.to(tl.int64)
+    p_q = (q + i_b * sqb + h0 * sqh + i0_64 * sqm) + (o_g * sqh + (o_i - i0) * sqm)  # [BM]
+    m_q = m_r[:, None] & m_d[None, :]
+    if HAS_SHIFT:
+        sign, b_inv = rope_layout(o_d, inv_freq, ROT, GPTJ)
+    else:
+        b_qs = tl.load(p_q[:, None] + o_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+    if WINDOW:
+        b_qpos = tl.load(qpos + i_b * Lq + o_i, mask=m_r, other=0)  # [BM]
+    # row pointers only: [BM, BDV] address tensors live across the loops would exhaust registers
+    p_o = (o + i_b * sob + h0 * soh + i0_64 * som) + (o_g * soh + (o_i - i0) * som)  # [BM]
+    p_lse = lse + (i_b * HQ + o_hq) * Lq + o_i
+
+    if HAS_KNOBS and not SPLIT:
+        # calibrated groups need a second level of merging, across groups
+        b_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        b_DEN = tl.zeros([BLOCK_M], tl.float32)
+        b_ACC = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    for i_g in range(NGR):
+        if HAS_KNOBS:
+            b_t = tl.load(knobs + i_g * HQ + o_hq, mask=m_r, other=1.0)  # [BM] temperature
+            b_xs = LOG2E / b_t[:, None]
+        else:
+            b_xs = LOG2E
+        b_m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        b_l = tl.zeros([BLOCK_M], tl.float32)
+        b_acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+        for i_seg in range(tl.load(grp + i_g), tl.load(grp + i_g + 1)):
+            p_seg = seg + i_seg * 9
+            p_k = tl.load(p_seg).to(tl.pointer_type(q.dtype.element_ty))
+            p_v = tl.load(p_seg + 1).to(tl.pointer_type(q.dtype.element_ty))
+            p_k += i_b * tl.load(p_seg + 2) + i_hk * tl.load(p_seg + 3)
+            p_v += i_b * tl.load(p_seg + 5) + i_hk * tl.load(p_seg + 6)
+            # tile offsets stay int32 (launcher: BLOCK_N * stride < 2**31); the 64-bit part lives in the pointers
+            skl, svl = tl.load(p_seg + 4).to(tl.int32), tl.load(p_seg + 7).to(tl.int32)
+            causal = tl.load(p_seg + 8)
+            if ALIGNED:  # 16-byte aligned rows let loads vectorise (cp.async) through table pointers
+                skl, svl = tl.multiple_of(skl, 16 // ES), tl.multiple_of(svl, 16 // ES)
+            p_row = seg_row + (i_seg * B + i_b) * 4
+            seq_len, pad = tl.load(p_row).to(tl.int32), tl.load(p_row + 1).to(tl.int32)
+            shift, spos = tl.load(p_row + 2), tl.load(p_row + 3)
+            # visible slots of each row: [b_lo, b_hi] (padding, causal, window); the tile scans their union
+            b_hi = tl.zeros([BLOCK_M], tl.int32) + (seq_len - 1)
+            if causal != 0:
+                b_hi = tl.minimum(b_hi, seq_len - Lq + o_i)
+            if WINDOW:
+                b_lo = tl.minimum(tl.maximum(b_qpos - spos - window + 1, pad), seq_len).to(tl.int32)
+            else:
+                b_lo = tl.zeros([BLOCK_M], tl.int32) + pad
+            lo = tl.min(tl.where(m_r, b_lo, seq_len), 0)
+            hi = tl.max(tl.where(m_r, b_hi, -1), 0) + 1
+            if SPLIT:
+                chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), NSPLIT), BLOCK_N) * BLOCK_N
+                lo += i_s * chunk
+                hi = tl.minimum(hi, lo + chunk)
+                b_lo, b_hi = tl.maximum(b_lo, lo), tl.minimum(b_hi, hi - 1)
+            if HAS_SHIFT:
+                # q is re-read per segment (cache-resident) rather than held rotated and unrotated in registers
+                b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+                b_qp = rope_partner(p_q[:, None], o_d, m_r[:, None], b_q, ROT, GPTJ)
+                b_ang = -shift.to(tl.float32) * b_inv[None, :]
+                b_qs = rope_apply(b_q.to(tl.float32), b_qp.to(tl.float32), b_ang, sign[None, :]).to(b_q.dtype)
+            p_kj, p_vj = p_k + lo.to(tl.int64) * skl, p_v + lo.to(tl.int64) * svl
+            if ALIGNED:
+                p_kj, p_vj = tl.multiple_of(p_kj, 16), tl.multiple_of(p_vj, 16)
+            for j0 in range(lo, hi, BLOCK_N):
+                o_n = j0 + o_nl
+                m_n = o_n < hi
+                b_k = tl.load(p_kj + (o_nl[None, :] * skl + o_d[:, None]), mask=m_n[None, :] & m_d[:, None], other=0.0)
+                b_x = tl.dot(b_qs.to(DOT_DT), b_k.to(DOT_DT), input_precision=PREC) * scale  # [BM, BN]
+                if SOFTCAP:
+                    b_x = softcap * _tanh(b_x / softcap)
+                b_x = b_x * b_xs  # log2 units of scores / T
+                b_x = tl.where((o_n[None, :] >= b_lo[:, None]) & (o_n[None, :] <= b_hi[:, None]), b_x, float("-inf"))
+                # online softmax; a row that has seen nothing keeps m = -inf and is shifted by 0 instead
+                b_mn = tl.maximum(b_m, tl.max(b_x, 1))
+                b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+                b_p = tl.exp2(b_x - b_ms[:, None])
+                b_a = tl.exp2(b_m - b_ms)
+                b_v = tl.load(p_vj + (o_nl[:, None] * svl + o_v[None, :]), mask=m_n[:, None] & m_v[None, :], other=0.0)
+                b_pv = tl.dot(b_p.to(b_v.dtype).to(DOT_DT), b_v.to(DOT_DT), input_precision=PREC)  # [BM, BDV]
+                b_acc = b_acc * b_a[:, None] + b_pv
+                b_l = b_l * b_a + tl.sum(b_p, 1)
+                b_m = b_mn
+                p_kj += BLOCK_N * skl
+                p_vj += BLOCK_N * svl
+        # group state: output and LSE in units of scores / T
+        b_og, b_lg = merge_final(b_m, b_l, b_acc)
+        if SPLIT:
+            o_w = (((i_s * NGR + i_g) * B + i_b) * HQ + o_hq) * Lq + o_i  # [BM]
+            tl.store(ws_o + o_w[:, None] * DV + o_v[None, :], b_og, mask=m_r[:, None] & m_v[None, :])
+            tl.store(ws_lse + o_w, b_lg, mask=m_r)
+        elif HAS_KNOBS:
+            b_sc = tl.load(knobs + (NGR + i_g) * HQ + o_hq, mask=m_r, other=1.0)
+            b_lw = tl.load(knobs + (2 * NGR + i_g) * HQ + o_hq, mask=m_r, other=0.0)
+            b_lg = tl.where(b_lg == float("-inf"), b_lg, b_lg * b_t * b_sc + b_lw)
+            b_M, b_DEN, b_ACC = merge_step(b_M, b_DEN, b_ACC, b_lg * LOG2E, b_og)
+        else:  # a single group (NGR == 1) is the final result
+            tl.store(p_o[:, None] + o_v[None, :], b_og.to(o.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
+            tl.store(p_lse, b_lg, mask=m_r)
+    if HAS_KNOBS and not SPLIT:
+        b_out, b_lse = merge_final(b_M, b_DEN, b_ACC)
+        tl.store(p_o[:, None] + o_v[None, :], b_out.to(o.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
+        tl.store(p_lse, b_lse, mask=m_r)
+
+
+def _smem_ok(configs, named_args, **kwargs):
+    # q tile + pipelined K/V tiles must fit shared memory (H100/H200: 227 KB)
+    bd, bdv, es = kwargs["BLOCK_D"], kwargs["BLOCK_DV"], named_args["q"].element_size()
+    fits = [c for c in configs
+            if (c.kwargs["BLOCK_M"] * bd + c.num_stages * c.kwargs["BLOCK_N"] * (bd + bdv)) * es <= 200 * 1024]
+    return fits or configs[:1]
+
+
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+    # decode-sized (16, 32 rows) and prefill tiles; 8 warps keep the rotated-q path from spilling at 64 rows
+    for bm, bn, w, st in ((16, 64, 4, 3), (32, 64, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2),
+                          (128, 32, 8, 3))
+]
+_mba_fwd_tuned = triton.autotune(
+    _GPU_CONFIGS, key=["G", "D", "DV", "HAS_SHIFT", "SOFTCAP", "WINDOW", "HAS_KNOBS", "SPLIT"],
+    prune_configs_by={"early_config_prune": _smem_ok},
+)(_mba_fwd_kernel)
+
+
+def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device) -> int:
+    """Split-KV factor: enough programs to fill the machine when the query side alone cannot."""
+    if max_len == 0:
+        return 1
+    if _on_gpu(device):
+        target, min_chunk = 2 * torch.cuda.get_device_properties(device).multi_processor_count, 256
+    else:
+        target, min_chunk = 8, 2 * _BLOCK_N
+    n_prog = triton.cdiv(rows, _BLOCK_M) * B * Hkv
+    return max(1, min(target // n_prog, triton.cdiv(max_len, min_chunk), 64))
+
+
+@register("multi_branch_attention", "triton", available=_triton_available)
+def multi_branch_attention(q, keys, values, p: SegmentParams):
+    _check_inputs("multi_branch_attention", [q, *keys, *values])
+    B, Hq, Lq, D = q.shape
+    Hkv, DV = keys[0].shape[1], values[0].shape[3]
+    G, dev = Hq // Hkv, q.device
+    if DV == 0:
+        raise NotImplementedError("multi_branch_attention: the triton backend needs a value head dim > 0")
+    out = _empty((B, Hq, Lq, DV), q.dtype, dev)
+    lse = _empty((B, Hq, Lq), torch.float32, dev)
+    if lse.numel() == 0:
+        return out, lse
+
+    # Without calibration knobs, groups are exact attention either way: pool all segments in one softmax.
+    S = len(keys)
+    groups = p.groups if p.has_knobs else [0] * S
+    NGR = p.num_groups if p.has_knobs else 1
+    order = [s for s in sorted(range(S), key=lambda s: groups[s]) if keys[s].shape[2] > 0]
+    grp = torch.zeros(NGR + 1, dtype=torch.int64)
+    for s in order:
+        grp[groups[s] + 1] += 1
+    seg = torch.tensor(
+        [[keys[s].data_ptr(), values[s].data_ptr(), *keys[s].stride()[:3], *values[s].stride()[:3],
+          int(p.causal_last and s == S - 1)] for s in order] or [[0] * _SEG_COLS], dtype=torch.int64,
+    )
+    live = [t for s in order for t in (keys[s], values[s])]
+    if any(t.stride(2) >= 2**31 // 256 for t in live):
+        raise NotImplementedError("multi_branch_attention: the triton backend needs sequence strides < 2**23 elements")
+    es = q.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 and all(st % (16 // es) == 0 for st in t.stride()[:3]) for t in live)
+    spos = p.segment_positions if p.segment_positions is not None else torch.zeros_like(p.seq_lens)
+    seg_row = torch.stack([p.seq_lens, p.left_pad, p.shifts, spos], -1)[order].contiguous()  # [S', B, 4]
+    knobs = None
+    if p.has_knobs:
+        ones = torch.ones(NGR, Hq, dtype=torch.float32, device=dev)
+        knobs = torch.stack([
+            p.temperature if p.temperature is not None else ones,
+            p.lse_scale if p.lse_scale is not None else ones,
+            p.log_weight if p.log_weight is not None else torch.zeros_like(ones),
+        ]).contiguous()
+    qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
+    rope = p.rope if p.has_shift else None
+
+    nsplit = _num_splits(G * Lq, B, Hkv, max(k.shape[2] for k in keys), dev) if Lq <= _DECODE_ROWS else 1
+    if nsplit > 1:
+        ws_o = torch.empty((nsplit, NGR, B, Hq, Lq, DV), dtype=torch.float32, device=dev)
+        ws_lse = torch.empty((nsplit, NGR, B, Hq, Lq), dtype=torch.float32, device=dev)
+    else:
+        ws_o, ws_lse = out, lse
+    args = (
+        q, out, lse, ws_o, ws_lse, seg.to(dev), seg_row, grp.cumsum(0).to(dev), qpos,
+        knobs if knobs is not None else lse, rope.inv_freq if rope is not None else lse,
+        *q.stride()[:3], *out.stride()[:3],
+        B, Hkv, Lq, NGR, nsplit, p.scale, p.softcap or 1.0, p.sliding_window or 0,
+    )
+    meta = dict(
+        G=G, D=D, DV=DV, ROT=rope.rotary_dim if rope is not None else 0, GPTJ=rope is not None and rope.style == "gptj",
+        HAS_SHIFT=rope is not None, SOFTCAP=p.softcap is not None, WINDOW=p.sliding_window is not None,
+        HAS_KNOBS=knobs is not None, SPLIT=nsplit > 1, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        # the Triton 3.8 interpreter multiplies bf16 dot operands as raw integer bits: feed it fp32
+        DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not _on_gpu(dev) else _TL_DTYPES[q.dtype],
+        ALIGNED=aligned, ES=es,
+        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+    )
+    if _on_gpu(dev):
+        _mba_fwd_tuned[lambda m: (triton.cdiv(G * Lq, m["BLOCK_M"]) * B * Hkv, nsplit)](*args, **meta)
+    else:
+        _mba_fwd_kernel[(triton.cdiv(G * Lq, _BLOCK_M) * B * Hkv, nsplit)](
+            *args, **meta, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+    if nsplit > 1:
+        combine(ws_o, ws_lse, out, lse, knobs)
+    return out, lse
