@@ -32,17 +32,12 @@ import torch
 
 from . import ParallelCache, patch_model
 from .ops._backend import resolve_name
-from .demo import _cache_kw
+from .synthesis.workflow import cache_kwarg, output_cache
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _out_cache(out):
-    c = out.get("cache") if hasattr(out, "get") else None
-    return c if c is not None else out.past_key_values
 
 
 def _truncate(cache, length: int) -> None:
@@ -97,12 +92,12 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
     branch_ids = [ids(branch_len) for _ in range(branches)]
     query_ids = ids(query_len)
     context = prefix_len + branches * branch_len
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
 
     handle = patch_model(model, backend=backend)
     try:
         # ---- untimed setup: the workers' caches, a prefix cache, a contiguous cache of the whole context ----
-        prefix = _out_cache(model(prefix_ids, use_cache=True))
+        prefix = output_cache(model(prefix_ids, use_cache=True))
         workers = []
         for b in branch_ids:  # zero-copy: each worker stores only its own branch tokens
             w = ParallelCache(prefix, [], backend=backend)

@@ -59,7 +59,8 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 @needs_smollm2
 def test_smollm2_parallel_synthesis_matches_block_mask_oracle(smollm2):
     from pskernels import ParallelCache, patch_model
-    from pskernels.demo import _block_mask, _cache_kw
+    from pskernels.demo import _block_mask
+    from pskernels.synthesis.workflow import cache_kwarg
 
     model, tok = smollm2
     enc = lambda s: tok(s, return_tensors="pt", add_special_tokens=False).input_ids  # noqa: E731
@@ -68,7 +69,7 @@ def test_smollm2_parallel_synthesis_matches_block_mask_oracle(smollm2):
                   enc(" Worker 2: Berlin has more bridges than Venice, people say.")]
     query_ids = enc("\nSynthesis: combining both answers,")
     P, lens, Q = prefix_ids.shape[1], [b.shape[1] for b in branch_ids], query_ids.shape[1]
-    kw = _cache_kw(model)
+    kw = cache_kwarg(model)
     handle = patch_model(model)
     try:
         with torch.no_grad():
@@ -90,3 +91,18 @@ def test_smollm2_parallel_synthesis_matches_block_mask_oracle(smollm2):
     err = (oracle - logits).abs().max().item()
     assert err < 1e-3, err
     assert torch.equal(oracle.argmax(-1), logits.argmax(-1))
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+@needs_smollm2
+def test_agent_demo_runs_on_smollm2(smollm2):
+    from pskernels.demo import run_agent_demo
+
+    model, tok = smollm2
+    r = run_agent_demo(model, tok, subtasks=["Name one museum.", "Name one park."], worker_tokens=6,
+                       answer_tokens=6, repeats=1)
+    assert len(r["workers"]) == 2 and all(w["answer"] for w in r["workers"])
+    assert r["text_concat_answer"] and r["parallel_answer"]
+    assert r["text_concat_ttft_ms"] > 0 and r["parallel_ttft_ms"] > 0
+    assert all(n > 0 for n in r["branch_tokens"])
