@@ -206,12 +206,12 @@ def normalize_segments(
     if scale is None:
         scale = D ** -0.5
     scale = float(scale)
-    if not scale > 0 or scale != scale:
-        raise ValueError(f"scale: expected a positive float, got {scale}")
+    if not (0 < scale < float("inf")):
+        raise ValueError(f"scale: expected a finite positive float, got {scale}")
     if softcap is not None:
         softcap = float(softcap)
-        if not softcap > 0:
-            raise ValueError(f"softcap: expected None or a positive float, got {softcap}")
+        if not (0 < softcap < float("inf")):
+            raise ValueError(f"softcap: expected None or a finite positive float, got {softcap}")
 
     seg_pos = qpos = None
     if sliding_window is not None:

@@ -2,7 +2,8 @@
 
 Kernels run on NVIDIA GPUs, and on CPU tensors through the Triton interpreter (``TRITON_INTERPRET=1``,
 set before triton is first imported). The backend is forward-only: launchers refuse inputs that need
-gradients (use ``backend="torch"`` for training).
+gradients (use ``backend="torch"`` for training) and float64 (use ``backend="torch"``).
+``PSKERNELS_DEBUG_NAN=1`` fills every output the launchers allocate with NaN, so tests see missed writes.
 """
 from __future__ import annotations
 

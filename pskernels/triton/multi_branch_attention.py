@@ -62,11 +62,10 @@ def _mba_fwd_kernel(
     i0 = i_m * BLOCK_M // G
     h0, i0_64 = (i_hk * G).to(tl.int64), i0.to(tl.int64)
     p_q = (q + i_b * sqb + h0 * sqh + i0_64 * sqm) + (o_g * sqh + (o_i - i0) * sqm)  # [BM]
-    m_q = m_r[:, None] & m_d[None, :]
     if HAS_SHIFT:
         sign, b_inv = rope_layout(o_d, inv_freq, ROT, GPTJ)
     else:
-        b_qs = tl.load(p_q[:, None] + o_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+        b_qs = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
     if WINDOW:
         b_qpos = tl.load(qpos + i_b * Lq + o_i, mask=m_r, other=0)  # [BM]
     # row pointers only: [BM, BDV] address tensors live across the loops would exhaust registers
@@ -118,7 +117,7 @@ def _mba_fwd_kernel(
                 b_lo, b_hi = tl.maximum(b_lo, lo), tl.minimum(b_hi, hi - 1)
             if HAS_SHIFT:
                 # q is re-read per segment (cache-resident) rather than held rotated and unrotated in registers
-                b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_q, other=0.0)  # [BM, BD]
+                b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
                 b_qp = rope_partner(p_q[:, None], o_d, m_r[:, None], b_q, ROT, GPTJ)
                 b_ang = -shift.to(tl.float32) * b_inv[None, :]
                 b_qs = rope_apply(b_q.to(tl.float32), b_qp.to(tl.float32), b_ang, sign[None, :]).to(b_q.dtype)

@@ -1,7 +1,6 @@
 """RoPE helpers shared by the Triton kernels, and the ``rotate_keys`` kernel."""
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
