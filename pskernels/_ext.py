@@ -114,9 +114,6 @@ def _rotate(k, d, rope):
 
 
 def _map(keys, values, orig, new, rope, params):
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params.values()):
-        raise NotImplementedError("map_kv_caches: the compiled kernels are forward-only; use backend='torch' to "
-                                  "differentiate through the mapping parameters")
     NL, N = len(keys), len(keys[0])
     flat = _ops.map_kv_caches([k for layer in keys for k in layer], [v for layer in values for v in layer], NL,
                               orig.contiguous(), new.contiguous(), rope.inv_freq, rope.style == "neox",

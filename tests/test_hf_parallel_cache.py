@@ -197,3 +197,19 @@ def test_batched_workers_as_cache_rows_match_oracle(arch):
             handle.remove()
     err = (logits[0] - oracle_logits(model, case, 0)).abs().max().item()
     assert err < TOL, f"{arch}: max logit error {err:.2e}"
+
+
+def test_sliding_window_tokens_dropped_by_right_padding_raise():
+    """Row 0's short branch was right-padded in a batched worker run: the sliding layers pushed its real tokens
+    out of the window, and its query would need them. That must raise, not silently attend to less."""
+    model = make_model("gemma3")
+    case = make_case(2, 4, [[5, 3], [2, 6]], [3, 2], VOCAB, seed=11)
+    prefix, branches = branch_caches(model, case)
+    handle = pskernels.patch_model(model)
+    try:
+        with pytest.raises(ValueError, match="dropped tokens"):
+            with torch.no_grad():
+                model(case.query, attention_mask=case.query_mask,
+                      past_key_values=pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths))
+    finally:
+        handle.remove()

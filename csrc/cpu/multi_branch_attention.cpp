@@ -261,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
   mt.window = window;
   auto out = at::empty({B, Hq, Lq, Dv}, q.options());
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
+  if (q.numel() == 0) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "multi_branch_attention_cpu", [&] {
     run<scalar_t>(q, segs, mt, Hkv, Dv, out, lse);
   });

@@ -56,7 +56,7 @@ def pskernels_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if dropout and module.training:
         raise NotImplementedError("attention dropout is not supported with a ParallelCache (set model.eval() or dropout=0)")
     layer = module.layer_idx
-    keys, values, meta = cache.segments(layer, key, value, sliding_window)
+    keys, values, meta = cache.segments(layer, key, value, sliding_window, handle.rope)
     backend = cache.backend if cache.backend != "auto" else handle.backend
     out, _ = multi_branch_attention(query, keys, values, rope=handle.rope(layer), scale=scaling, softcap=softcap,
                                     backend=backend, **meta)

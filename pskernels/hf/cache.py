@@ -87,6 +87,10 @@ class ParallelCache(Cache):
         Real tokens of branch ``i`` in row ``b`` (right padding beyond; 0 = row ``b`` has no branch ``i``).
     backend : str
         Kernel backend for the attention (see :func:`pskernels.multi_branch_attention`).
+    mapper : pskernels.synthesis.CacheMapper, optional
+        Learned calibration of the branch caches: on the first forward every (layer, branch) cache is
+        mapped in one :func:`pskernels.map_kv_caches` call (keys re-rotated at their virtual positions),
+        and the mapper's per-layer knobs calibrate the branches against the prefix and own tokens.
 
     Examples
     --------
@@ -98,7 +102,7 @@ class ParallelCache(Cache):
     """
 
     def __init__(self, prefix: Cache | None = None, branches=(), scheme: str = "parallel", branch_starts=None,
-                 query_start=None, branch_lengths=None, backend: str = "auto"):
+                 query_start=None, branch_lengths=None, backend: str = "auto", mapper=None):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
         if (branch_starts is not None) != (scheme == "custom"):
@@ -132,6 +136,8 @@ class ParallelCache(Cache):
         B = max(batches) if batches else 1
         self.batch = B
         self.backend = backend
+        self.mapper = mapper
+        self._mapped = None  # [layer][branch] -> (k, v) once the mapper ran
         self.prefix = prefix
         self.prefix_len = P = _cum_len(prefix) if prefix is not None else 0
         self.scheme = scheme
@@ -263,7 +269,10 @@ class ParallelCache(Cache):
 
     # ---- segments of one layer (called by the attention function) -------------------------------------
     def _views(self, layer_idx: int):
-        """[(k, v, off, pad[B], length[B], slot0_orig[B], delta[B])] for prefix + branches at ``layer_idx``."""
+        """[(k, v, off, pad[B], length[B], slot0_orig[B], delta[B])] for prefix + branches at ``layer_idx``.
+
+        ``delta`` re-indexes a segment; mapped branches were already re-rotated (see :meth:`_map_branches`).
+        """
         B, P = self.batch, self.prefix_len
         out = []
         zeros = torch.zeros(B, dtype=torch.int64)
@@ -292,10 +301,36 @@ class ParallelCache(Cache):
                         self.deltas[i]))
         return out
 
-    def segments(self, layer_idx: int, own_k: torch.Tensor, own_v: torch.Tensor, sliding_window: int | None):
+    def _map_branches(self, rope_of) -> None:
+        """Run the mapper once over all (layer, branch) caches; one map_kv_caches call per distinct RoPE."""
+        NL = len(self.layers)
+        P = self.prefix_len
+        views = [self._views(l)[1 if (self.prefix is not None and P > 0) else 0:] for l in range(NL)]
+        by_rope = {}
+        for l in range(NL):
+            spec = rope_of(l)
+            key = (spec.style, spec.rotary_dim, tuple(spec.inv_freq.tolist()))
+            by_rope.setdefault(key, (spec, []))[1].append(l)
+        self._mapped = [None] * NL
+        for spec, layers in by_rope.values():
+            keys = [[x[0] for x in views[l]] for l in layers]
+            values = [[x[1] for x in views[l]] for l in layers]
+            orig = torch.stack([torch.stack([x[5] + x[2] for x in views[l]]) for l in layers])  # [nl, N, B]
+            new = orig + torch.stack([torch.stack([x[6] for x in views[l]]) for l in layers])
+            ko, vo = self.mapper.map(keys, values, orig, new, spec, layers=layers)
+            for j, l in enumerate(layers):
+                self._mapped[l] = list(zip(ko[j], vo[j]))
+    def segments(self, layer_idx: int, own_k: torch.Tensor, own_v: torch.Tensor, sliding_window: int | None,
+                 rope_of=None):
         """Keyword arguments of :func:`multi_branch_attention` for this layer's [prefix, branches, own]."""
         st = self._active
         views = self._views(layer_idx)
+        if self.mapper is not None and self.branches:
+            if self._mapped is None:
+                self._map_branches(rope_of)
+            first = len(views) - len(self.branches)
+            for i, (k, v) in enumerate(self._mapped[layer_idx]):
+                views[first + i] = (k, v) + views[first + i][2:]
         keys = [x[0] for x in views] + [own_k]
         values = [x[1] for x in views] + [own_v]
         sig = (tuple((k.shape[2], off) for k, _, off, *_ in views), own_k.shape[2], sliding_window)
@@ -303,6 +338,12 @@ class ParallelCache(Cache):
         if meta is None:
             meta = self._segment_meta(views, own_k.shape[2], sliding_window, layer_idx)
             st["meta"][sig] = meta
+        if self.mapper is not None:
+            knobs = self.mapper.knobs(layer_idx, own_k.device)
+            if knobs and self.branches:
+                first = len(views) - len(self.branches)
+                groups = [0] * first + [1] * len(self.branches) + [0]
+                meta = dict(meta, segment_groups=groups, **knobs)
         return keys, values, meta
 
     def _segment_meta(self, views, own_len, window, layer_idx):
@@ -317,7 +358,8 @@ class ParallelCache(Cache):
             pads.append((pad - off).clamp(min=0).minimum(end))
             p0 = slot0 + off + delta
             pos0.append(p0)
-            shifts.append(delta)
+            mapped = self._mapped is not None and s >= len(views) - len(self.branches)
+            shifts.append(torch.zeros_like(delta) if mapped else delta)
             if window is not None and off > 0:
                 dropped = (off > pad) & (length > 0) & (p0 - 1 > qmin - window)
                 if bool(dropped.any()):

@@ -10,6 +10,8 @@ import importlib
 import os
 from typing import Callable
 
+import torch
+
 BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
 _IMPLS: dict[str, dict[str, Callable]] = {}
 _AVAILABLE: dict[str, Callable[[], bool]] = {"torch": lambda: True}
@@ -81,6 +83,22 @@ def resolve_name(op: str, backend: str, device) -> str:
     return backend
 
 
-def resolve(op: str, backend: str, device) -> Callable:
-    """Pick ``op``'s implementation for tensors on ``device``."""
+def resolve(op: str, backend: str, device, needs_grad: bool = False) -> Callable:
+    """Pick ``op``'s implementation for tensors on ``device``.
+
+    The compiled kernels are forward-only: when autograd must flow (``needs_grad``), "auto" picks the
+    differentiable PyTorch reference and an explicit other backend is refused.
+    """
+    if needs_grad:
+        if backend == "auto":
+            backend = os.environ.get("PSKERNELS_BACKEND", "auto") or "auto"
+        if backend not in ("auto", "torch"):
+            raise NotImplementedError(f"backend: {op} on {backend!r} is forward-only; inputs require grad, "
+                                      "use backend='torch' (or 'auto') to differentiate")
+        backend = "torch"
     return _IMPLS[op][resolve_name(op, backend, device)]
+
+
+def needs_grad(*tensors) -> bool:
+    """True when autograd is on and any of ``tensors`` (None allowed) requires grad."""
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)

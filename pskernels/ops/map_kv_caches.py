@@ -5,7 +5,7 @@ import torch
 
 from .. import ref
 from ..rope import RopeSpec
-from ._backend import register, resolve
+from ._backend import needs_grad, register, resolve
 
 
 def _positions(name, t, NL, N, B, device):
@@ -147,7 +147,8 @@ def map_kv_caches(
     params["v_down"], params["v_up"], params["v_gate"] = _transform("v", v_down, v_up, v_gate, NL, H, Dv, dev)
     if not rope.supports_reindexing and (params["k_down"] is not None or bool((orig != new).any())):
         raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
-    return resolve("map_kv_caches", backend, dev)(keys, values, orig, new, rope.to(dev), params)
+    grad = needs_grad(*(t for layer in keys + values for t in layer), *params.values())
+    return resolve("map_kv_caches", backend, dev, grad)(keys, values, orig, new, rope.to(dev), params)
 
 
 @register("map_kv_caches", "torch")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from ._backend import register, resolve
+from ._backend import needs_grad, register, resolve
 
 
 def _stack(name, x, ndim):
@@ -60,7 +60,7 @@ def merge_states(outs, lses, *, backend: str = "auto"):
         raise TypeError(f"outs: expected a floating dtype, got {o.dtype}")
     if o.device != s.device:
         raise ValueError(f"lses: expected device {o.device} (same as outs), got {s.device}")
-    return resolve("merge_states", backend, o.device)(o, s)
+    return resolve("merge_states", backend, o.device, needs_grad(o, s))(o, s)
 
 
 @register("merge_states", "torch")

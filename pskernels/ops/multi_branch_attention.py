@@ -8,7 +8,7 @@ import torch
 from .. import ref
 from .._segments import SegmentParams, normalize_segments
 from ..rope import RopeSpec
-from ._backend import register, resolve
+from ._backend import needs_grad, register, resolve
 
 
 def multi_branch_attention(
@@ -98,7 +98,11 @@ def multi_branch_attention(
         query_positions=query_positions, left_pad=left_pad, temperature=temperature, lse_scale=lse_scale,
         log_weight=log_weight, segment_groups=segment_groups,
     )
-    impl = resolve("multi_branch_attention", backend, q.device)
+    if q.numel() == 0:  # no query rows: nothing to attend (no backend has to handle empty grids)
+        B, Hq, Lq, _ = q.shape
+        return q.new_zeros(B, Hq, Lq, values[0].shape[-1]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
+    grad = needs_grad(q, *keys, *values, params.temperature, params.lse_scale, params.log_weight)
+    impl = resolve("multi_branch_attention", backend, q.device, grad)
     return impl(q, list(keys), list(values), params)
 
 

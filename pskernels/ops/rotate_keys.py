@@ -5,7 +5,7 @@ import torch
 
 from .. import ref
 from ..rope import RopeSpec
-from ._backend import register, resolve
+from ._backend import needs_grad, register, resolve
 
 
 def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto") -> torch.Tensor:
@@ -55,7 +55,7 @@ def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto"
         raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
     d = d.to(device=k.device, dtype=torch.int64)
     rope = rope.to(k.device)
-    return resolve("rotate_keys", backend, k.device)(k, d, rope)
+    return resolve("rotate_keys", backend, k.device, needs_grad(k))(k, d, rope)
 
 
 @register("rotate_keys", "torch")

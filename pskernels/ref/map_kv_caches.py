@@ -49,7 +49,7 @@ def map_kv_caches(keys, values, orig_positions, new_positions, rope, params):
                 kf = rotate(raw, npos, rope)
             else:
                 kf = rotate(kf, npos - o, rope)
-            vf = v.to(cdt)
+            vf = v.to(cdt, copy=True)  # a new tensor even without a value transform
             if params.get("v_down") is not None:
                 vf = low_rank_residual(vf, params["v_down"][l], params["v_up"][l], _get(params, "v_gate", l))
             kr.append(kf.to(k.dtype))

@@ -62,6 +62,8 @@ def multi_branch_attention(q: torch.Tensor, keys, values, p: SegmentParams):
         sc = sc * p.scale
         if p.softcap is not None:
             sc = p.softcap * torch.tanh(sc / p.softcap)
+        if p.temperature is not None:  # before masking: (-inf) / T would give NaN gradients
+            sc = sc / p.temperature[p.groups[s]].to(cdt)[None, :, None, None]
         sc = sc.masked_fill(~segment_mask(p, s, B, Lq, L, q.device), float("-inf"))
         per_group[p.groups[s]].append((sc, v.to(cdt)))
 
@@ -69,8 +71,6 @@ def multi_branch_attention(q: torch.Tensor, keys, values, p: SegmentParams):
     for g, members in enumerate(per_group):
         sc = torch.cat([m[0] for m in members], dim=-1)  # [B, Hq, Lq, sum L]
         vv = torch.cat([m[1] for m in members], dim=2)  # [B, Hkv, sum L, Dv]
-        if p.temperature is not None:
-            sc = sc / p.temperature[g].to(cdt)[None, :, None, None]
         prob, lse = _safe_softmax_lse(sc)
         o = torch.einsum("bhgqk,bhkd->bhgqd", prob.reshape(B, Hkv, G, Lq, -1), vv).reshape(B, Hq, Lq, -1)
         if p.has_knobs:

@@ -1,2 +1,4 @@
-"""Parallel-Synthesis pipeline around the kernels: real models (``models``), and later the cache mapper,
-synthesizer adapter and training recipe."""
+"""The Parallel-Synthesis pipeline: cache mapper, offline model loading, workflow helpers."""
+from .mapper import CacheMapper, CacheMapperConfig
+
+__all__ = ["CacheMapper", "CacheMapperConfig"]

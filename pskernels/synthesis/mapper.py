@@ -1,0 +1,141 @@
+"""``CacheMapper``: a small learned per-layer transform that calibrates branch caches for the synthesizer.
+
+Per layer and kv head, keys get a low-rank residual in un-rotated space (then re-rotated at their new
+positions) and values a low-rank residual, optionally gated; per layer and query head, APE-style
+calibration knobs (temperature ``T``, LSE scale ``S``, log-weight ``b``) rescale how much the branches
+weigh against the prefix and the synthesizer's own tokens. Identity at init: ``up`` projections are
+zero and the knobs are ``T = S = 1, b = 0``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..ops import map_kv_caches
+
+CONFIG_NAME = "mapper_config.json"
+WEIGHTS_NAME = "mapper.safetensors"
+
+
+@dataclass
+class CacheMapperConfig:
+    num_layers: int
+    num_kv_heads: int
+    num_heads: int
+    head_dim: int
+    value_dim: int | None = None
+    rank: int = 8
+    gated: bool = True
+    calibrate: bool = True
+    init_temperature: float = 1.0
+    init_lse_scale: float = 1.0
+
+
+class CacheMapper(nn.Module):
+    """Learned branch-cache calibration, applied by ``ParallelCache(..., mapper=mapper)``.
+
+    Parameters are stacked over layers so one :func:`pskernels.map_kv_caches` call maps every
+    (layer, branch) pair. ``CacheMapper.for_model(model)`` sizes it from an HF model's config.
+
+    Examples
+    --------
+    >>> from pskernels.synthesis import CacheMapper
+    >>> m = CacheMapper(CacheMapperConfig(num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16))
+    >>> m.is_identity()
+    True
+    """
+
+    def __init__(self, config: CacheMapperConfig):
+        super().__init__()
+        self.config = c = config
+        NL, H, D, r = c.num_layers, c.num_kv_heads, c.head_dim, c.rank
+        Dv = c.value_dim or D
+        if c.num_heads % H:
+            raise ValueError(f"num_heads ({c.num_heads}) must be a multiple of num_kv_heads ({H})")
+        self.k_down = nn.Parameter(torch.randn(NL, H, D, r) / math.sqrt(D))
+        self.k_up = nn.Parameter(torch.zeros(NL, H, r, D))
+        self.v_down = nn.Parameter(torch.randn(NL, H, Dv, r) / math.sqrt(Dv))
+        self.v_up = nn.Parameter(torch.zeros(NL, H, r, Dv))
+        if c.gated:
+            self.k_gate = nn.Parameter(torch.zeros(NL, H))
+            self.v_gate = nn.Parameter(torch.zeros(NL, H))
+        else:
+            self.register_parameter("k_gate", None)
+            self.register_parameter("v_gate", None)
+        if c.calibrate:
+            Hq = c.num_heads
+            self.log_temperature = nn.Parameter(torch.full((NL, Hq), math.log(c.init_temperature)))
+            self.log_lse_scale = nn.Parameter(torch.full((NL, Hq), math.log(c.init_lse_scale)))
+            self.log_weight = nn.Parameter(torch.zeros(NL, Hq))
+        else:
+            for n in ("log_temperature", "log_lse_scale", "log_weight"):
+                self.register_parameter(n, None)
+
+    @classmethod
+    def for_model(cls, model, **kwargs) -> "CacheMapper":
+        """Size a mapper from an HF causal LM (``rank``, ``gated``, ``calibrate``, ``init_*`` as kwargs)."""
+        cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(CacheMapperConfig(num_layers=cfg.num_hidden_layers,
+                                     num_kv_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+                                     num_heads=cfg.num_attention_heads, head_dim=head_dim, **kwargs))
+
+    def is_identity(self) -> bool:
+        c = self.config
+        ident = bool((self.k_up == 0).all() and (self.v_up == 0).all())
+        if c.calibrate:
+            ident &= bool((self.log_temperature == 0).all() and (self.log_lse_scale == 0).all()
+                          and (self.log_weight == 0).all())
+        return ident
+
+    def map(self, keys, values, orig_positions, new_positions, rope, layers=None):
+        """Map ``[layers][branches]`` caches (see :func:`pskernels.map_kv_caches`); differentiable when the
+        mapper's parameters require grad (the op then runs its PyTorch backend). ``layers``: the model
+        layer index of each entry of ``keys`` (default: all layers in order)."""
+        dev = keys[0][0].device
+        idx = None if layers is None or list(layers) == list(range(self.config.num_layers)) else list(layers)
+        p = {n: (None if t is None else (t if idx is None else t[idx]).to(dev)) for n, t in
+             (("k_down", self.k_down), ("k_up", self.k_up), ("k_gate", self.k_gate),
+              ("v_down", self.v_down), ("v_up", self.v_up), ("v_gate", self.v_gate))}
+        return map_kv_caches(keys, values, rope=rope, orig_positions=orig_positions, new_positions=new_positions,
+                             **p)
+
+    def knobs(self, layer_idx: int, device) -> dict:
+        """Calibration of ``layer_idx`` as ``multi_branch_attention`` kwargs for two groups:
+        group 0 = prefix + own tokens (exact attention), group 1 = the branches (calibrated)."""
+        if not self.config.calibrate:
+            return {}
+        Hq = self.config.num_heads
+        one, zero = torch.ones(1, Hq, device=device), torch.zeros(1, Hq, device=device)
+        return {
+            "temperature": torch.cat([one, self.log_temperature[layer_idx : layer_idx + 1].exp().to(device)]),
+            "lse_scale": torch.cat([one, self.log_lse_scale[layer_idx : layer_idx + 1].exp().to(device)]),
+            "log_weight": torch.cat([zero, self.log_weight[layer_idx : layer_idx + 1].to(device)]),
+        }
+
+    # ---- persistence ----------------------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, CONFIG_NAME), "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  os.path.join(path, WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, device=None) -> "CacheMapper":
+        from safetensors.torch import load_file
+
+        cfg_path = os.path.join(path, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a folder written by CacheMapper.save_pretrained")
+        with open(cfg_path) as f:
+            mapper = cls(CacheMapperConfig(**json.load(f)))
+        mapper.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
+        return mapper.to(device) if device is not None else mapper
