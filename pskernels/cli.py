@@ -52,11 +52,27 @@ def main(argv=None) -> int:
     d.add_argument("--query-len", type=int, default=16, help="(tiny) synthesis prompt tokens")
     d.add_argument("--repeats", type=int, default=3)
     d.add_argument("--json", action="store_true", help="print the results as JSON")
+    b = sub.add_parser("bench", help="benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    t = bsub.add_parser("ttft", help="time to first token: text concatenation vs Parallel-Synthesis vs floor")
+    t.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny' or an HF model folder")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--branches", type=int, default=4)
+    t.add_argument("--branch-len", type=int, default=256)
+    t.add_argument("--prefix-len", type=int, default=64)
+    t.add_argument("--query-len", type=int, default=32)
+    t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    t.add_argument("--plot", metavar="PNG", help="also sweep branches 1,2,4,8 and draw TTFT curves")
     args = p.parse_args(argv)
     if args.cmd == "info":
         for k, v in info().items():
             print(f"{k:>20}: {v}")
         return 0
+    if args.cmd == "bench":
+        from .ttft import main as ttft_main
+
+        return ttft_main(args)
     from .demo import main as demo_main
 
     return demo_main(args)

