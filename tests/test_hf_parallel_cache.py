@@ -213,3 +213,24 @@ def test_sliding_window_tokens_dropped_by_right_padding_raise():
                       past_key_values=pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths))
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "cpu"])
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_forced_kernel_backends_through_hf(arch, backend):
+    """The HF path with a forced kernel backend (Triton runs in its interpreter here) matches the oracle."""
+    if backend not in pskernels.available_backends("multi_branch_attention"):
+        pytest.skip(f"{backend} backend not available on this machine")
+    model = make_model(arch)
+    case = make_case(2, 5, [[4, 2], [7, 0], [3, 5]], [4, 2], VOCAB, seed=2)
+    prefix, branches = branch_caches(model, case)
+    handle = pskernels.patch_model(model, backend=backend)
+    try:
+        with torch.no_grad():
+            logits = model(case.query, attention_mask=case.query_mask,
+                           past_key_values=pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths)).logits
+    finally:
+        handle.remove()
+    for b in range(2):
+        err = (_real_rows(logits, case, b) - oracle_logits(model, case, b)).abs().max().item()
+        assert err < TOL, f"{arch}/{backend} row {b}: max logit error {err:.2e}"
