@@ -1,0 +1,70 @@
+// Device helpers shared by the two CUDA translation units (header only, included by the .cu files).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "pskernels/math.h"
+
+namespace pskernels {
+namespace cuda {
+
+constexpr int kMaxRotaryHalf = 128;  // rotary_dim <= head_dim <= 256
+
+template <typename T>
+__device__ __forceinline__ float to_f(T x) {
+  return static_cast<float>(x);
+}
+
+// cos/sin of the float angle `pos * inv_freq[i]` exactly as the CPU's rope_rotate forms it, evaluated in
+// double: setup.py compiles with --use_fast_math, which would turn cosf/sinf into the approximate MUFU
+// instructions whose error grows with |angle| (positions reach 1e4..1e6).
+__device__ __forceinline__ float2 rope_cs(float pos, float inv_freq) {
+  const float ang = pos * inv_freq;
+  double s, c;
+  sincos(static_cast<double>(ang), &s, &c);
+  return make_float2(static_cast<float>(c), static_cast<float>(s));
+}
+
+// Element d of rope_rotate(x, rd, neox, ., pos) given the per-pair table cs[i] = (cos, sin) of pos*inv_freq[i]:
+// the same formulas as pskernels::rope_rotate (x[a] = x1 c - x2 s, x[b] = x2 c + x1 s).
+template <typename P>
+__device__ __forceinline__ float rope_elem(const P* x, int d, int rd, bool neox, const float2* cs) {
+  if (d >= rd) return to_f(x[d]);
+  const int half = rd >> 1;
+  int i, a, b;
+  if (neox) {
+    i = d < half ? d : d - half;
+    a = i;
+    b = i + half;
+  } else {
+    i = d >> 1;
+    a = 2 * i;
+    b = a + 1;
+  }
+  const float x1 = to_f(x[a]), x2 = to_f(x[b]);
+  const float2 t = cs[i];
+  return d == a ? x1 * t.x - x2 * t.y : x2 * t.x + x1 * t.y;
+}
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+}  // namespace cuda
+}  // namespace pskernels
