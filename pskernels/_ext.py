@@ -91,6 +91,11 @@ def _(k, delta, inv_freq, neox):
     return k.new_empty(k.shape)
 
 
+@torch.library.register_fake("pskernels::map_kv_caches")
+def _(keys, values, num_layers, orig_pos, new_pos, inv_freq, neox, k_down, k_up, k_gate, v_down, v_up, v_gate):
+    return [t.new_empty(t.shape) for k, v in zip(keys, values) for t in (k, v)]
+
+
 def _attention(q, keys, values, p):
     rope = p.rope
     shifts = p.shifts if p.has_shift else None

@@ -42,7 +42,9 @@ def info() -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="pskernels", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, available backends, extension status")
+    i = sub.add_parser("info", help="versions, available backends, extension status")
+    i.add_argument("--kernels", action="store_true",
+                   help="also AOT-compile the Triton kernels for sm_80/sm_90: registers, spills, shared memory")
     d = sub.add_parser("demo", help="Parallel-Synthesis vs text concatenation (answers, TTFT)")
     d.add_argument("--model", default="smollm2",
                    help="'smollm2' (default, real model), 'tiny' (random Llama + oracle check) or an HF model folder")
@@ -68,6 +70,10 @@ def main(argv=None) -> int:
     if args.cmd == "info":
         for k, v in info().items():
             print(f"{k:>20}: {v}")
+        if args.kernels:
+            from .kernel_report import main as kernel_report_main
+
+            return kernel_report_main(["--level", "ci"])
         return 0
     if args.cmd == "bench":
         from .ttft import main as ttft_main

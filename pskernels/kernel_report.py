@@ -1,0 +1,411 @@
+"""Ahead-of-time compilation report of the Triton kernels for real GPUs, without a GPU.
+
+Every ``@triton.jit`` kernel of ``pskernels.triton`` is compiled with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for each autotune config the module
+ships (``multi_branch_attention._GPU_CONFIGS``; the other kernels have one launcher-fixed tile), each dtype
+(fp16, bf16, fp32) and head dim (64, 128, and 80, which runs masked in a 128-wide tile). Triton's bundled
+``ptxas`` (``ptxas -v``, the same binary and flags Triton uses to build the cubin) gives registers and
+spill bytes; ``metadata.shared`` gives shared memory; the PTX shows whether Hopper ``wgmma`` is used.
+
+The compilation must not run under ``TRITON_INTERPRET=1`` (the interpreter replaces ``@triton.jit`` when
+kernels are defined), so :func:`triton_kernel_report` compiles in a subprocess with a clean environment
+when needed, and in parallel worker processes there. Results are cached in a JSON file keyed by the
+kernels' source hash, the job and the Triton version (``PSKERNELS_KERNEL_REPORT_CACHE``; ``""`` disables).
+
+``python -m pskernels.kernel_report [--level full|ci] [--archs 80,90] [--markdown|--json|--out FILE]`` prints
+the table (``pskernels info --kernels`` can call :func:`main`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Iterable
+
+# Shared memory a block may use (opt-in maximum): A100 163 KB, H100/H200 227 KB.
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+DTYPES = ("fp16", "bf16", "fp32")
+HEAD_DIMS = (64, 128, 80)
+_ES = {"fp16": 2, "bf16": 2, "fp32": 4}
+_ROW_KEYS = ("kernel", "variant", "config", "dtype", "D", "arch", "registers", "spill_stores", "spill_loads",
+             "shared", "smem_limit", "wgmma", "mma_sync", "default", "compile_s", "error")
+
+
+def _p2(n: int) -> int:
+    return 1 << (max(1, n) - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------------ jobs
+
+
+def _mba_configs():
+    from pskernels.triton.multi_branch_attention import _GPU_CONFIGS
+
+    return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in _GPU_CONFIGS]
+
+
+# multi_branch_attention constexpr specialisations: the HF ParallelCache path (shifted branches), every
+# feature at once (worst register pressure), and split-KV decode (Lq = 1, one group: Triton turns runtime
+# ints equal to 1 into constants, as the launcher's specialisation does)
+MBA_VARIANTS = {
+    "shift": dict(GPTJ=False, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False),
+    "all": dict(GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_KNOBS=True, SPLIT=False),
+    "decode": dict(GPTJ=True, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=True,
+                   Lq=1, NGR=1),
+}
+
+
+def jobs(level: str = "full", archs: Iterable[int] = (80, 90)) -> list[dict]:
+    """Compile jobs.
+
+    ``level="full"``: multi_branch_attention for every autotune config x dtype x head dim in the "all" and
+    "decode" specialisations (and "shift" at D=128), and the fixed-tile kernels for every dtype x head dim.
+    ``level="ci"`` (the default test; a few minutes on 2 cores): every config in the worst case ("all",
+    D=128) as bf16 on sm_90 and as fp32 on sm_80 (tightest shared memory), every dtype x head dim at the
+    launcher's first config (decode) on sm_90, the ParallelCache prefill ("shift") at the first config on
+    both archs, and the fixed-tile kernels at D=128 and D=80 (bf16, fp32) on sm_90 and bf16 D=128 on sm_80.
+    """
+    out = []
+    cfgs = _mba_configs()
+
+    def mba(var, ci, dt, D, arch):
+        kw, w, st = cfgs[ci]
+        out.append(dict(kernel="_mba_fwd_kernel", variant=var, config=dict(kw), num_warps=w, num_stages=st,
+                        dtype=dt, D=D, arch=arch, default=ci == 0))
+
+    def small(dt, D, arch):
+        # fixed launcher tiles (num_warps 4, num_stages 3: Triton's defaults)
+        for kernel, variants in (("_combine_kernel", ("knobs", "plain")), ("_rotate_keys_kernel", ("neox", "gptj")),
+                                 ("_map_kv_kernel", ("rotate", "transform"))):
+            for var in variants:
+                out.append(dict(kernel=kernel, variant=var, config=dict(BLOCK_L=16), num_warps=4, num_stages=3,
+                                dtype=dt, D=D, arch=arch, default=True))
+
+    archs = tuple(archs)
+    if level == "full":
+        for arch in archs:
+            for dt in DTYPES:
+                for D in HEAD_DIMS:
+                    for ci in range(len(cfgs)):
+                        for var in ("all", "decode") + (("shift",) if D == 128 else ()):
+                            mba(var, ci, dt, D, arch)
+                    small(dt, D, arch)
+    elif level == "ci":
+        for arch in archs:
+            worst = "bf16" if arch >= 90 else "fp32"
+            for ci in range(len(cfgs)):
+                mba("all", ci, worst, 128, arch)
+            mba("shift", 0, "bf16", 128, arch)
+            if arch >= 90:
+                for dt in DTYPES:
+                    for D in HEAD_DIMS:
+                        mba("decode", 0, dt, D, arch)
+                for dt in ("bf16", "fp32"):
+                    for D in (128, 80):
+                        small(dt, D, arch)
+            else:
+                small("bf16", 128, arch)
+    else:
+        raise ValueError(f"level: expected 'full' or 'ci', got {level!r}")
+    return out
+
+
+def _spec(job):
+    """(fn, signature, constexprs, attrs) of a job, mirroring the launcher's arguments."""
+    import triton.language as tl
+
+    from pskernels.triton.map_kv_caches import _map_kv_kernel
+    from pskernels.triton.merge_states import _combine_kernel
+    from pskernels.triton.multi_branch_attention import _mba_fwd_kernel
+    from pskernels.triton.rotate_keys import _rotate_keys_kernel
+
+    dt, D, var = job["dtype"], job["D"], job["variant"]
+    es, BD = _ES[dt], max(16, _p2(D))
+    tl_dt = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dt]
+    div16 = set()  # ints the launcher sees as multiples of 16 (Triton specialises them: tt.divisibility)
+    if job["kernel"] == "_mba_fwd_kernel":
+        fn = _mba_fwd_kernel
+        ptrs = dict(q="*" + dt, o="*" + dt, lse="*fp32", ws_o="*fp32", ws_lse="*fp32", seg="*i64", seg_row="*i64",
+                    grp="*i64", qpos="*i64", knobs="*fp32", inv_freq="*fp32")
+        consts = dict(G=4, D=D, DV=D, ROT=D, PREC="ieee" if dt == "fp32" else "tf32", DOT_DT=tl_dt, ALIGNED=True,
+                      ES=es, BLOCK_D=BD, BLOCK_DV=BD, **MBA_VARIANTS[var], **job["config"])
+        floats = ("scale", "softcap")
+        div16 = {"sqb", "sqh", "sqm", "sob", "soh", "som"}  # D, H*D, L*H*D: multiples of 16 for D in 64/80/128
+    elif job["kernel"] == "_combine_kernel":
+        fn = _combine_kernel
+        ptrs = dict(o="*" + dt, lse="*fp32", out="*" + dt, out_lse="*fp32", knobs="*fp32")
+        consts = dict(DV=D, HAS_KNOBS=var == "knobs", BLOCK_DV=_p2(D), **job["config"])
+        floats = ()
+        div16 = {"sob", "soh", "sol", "sxb", "sxh", "sxl"}
+    elif job["kernel"] == "_rotate_keys_kernel":
+        fn = _rotate_keys_kernel
+        ptrs = dict(k="*" + dt, o="*" + dt, delta="*i64", inv_freq="*fp32")
+        consts = dict(D=D, ROT=D, GPTJ=var == "gptj", BLOCK_D=_p2(D), **job["config"])
+        floats = ()
+        div16 = {"skb", "skh", "skl"}
+    elif job["kernel"] == "_map_kv_kernel":
+        fn = _map_kv_kernel
+        ptrs = dict(tab="*i64", k0="*" + dt, orig="*i64", new="*i64", kd="*fp32", ku="*fp32", kg="*fp32",
+                    vd="*fp32", vu="*fp32", vg="*fp32", inv_freq="*fp32")
+        tf = var == "transform"
+        consts = dict(D=D, DV=D, ROT=D, GPTJ=False, K_TF=tf, K_GATE=tf, V_TF=tf, V_GATE=tf, ALIGNED=True,
+                      VEC=16 // es, BLOCK_D=BD, BLOCK_DV=BD, BLOCK_RK=16, BLOCK_RV=16, **job["config"])
+        floats = ()
+    else:
+        raise KeyError(job["kernel"])
+    sig, attrs = {}, {}
+    for i, n in enumerate(fn.arg_names):
+        if n in consts:
+            sig[n] = "constexpr"
+        elif n in ptrs:
+            sig[n] = ptrs[n]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        else:
+            sig[n] = "fp32" if n in floats else "i32"
+            if n in div16:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return fn, sig, consts, attrs
+
+
+# ------------------------------------------------------------------------------------------- compiling
+
+_REG = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_ptxas(log: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from a ``ptxas -v`` log."""
+    regs = [int(x) for x in _REG.findall(log)]
+    spills = [(int(a), int(b)) for a, b in _SPILL.findall(log)]
+    if not regs:
+        raise ValueError(f"no register count in ptxas output:\n{log[-2000:]}")
+    return max(regs), max((s for s, _ in spills), default=0), max((l for _, l in spills), default=0)
+
+
+def ptxas_path(arch: int) -> str:
+    """Triton's bundled ptxas for ``arch`` (``ptxas-blackwell`` from sm_100 on, as Triton picks)."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    return get_ptxas(arch).path
+
+
+def _run_ptxas(ptx: str, arch: int) -> str:
+    import tempfile
+
+    name = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        r = subprocess.run([ptxas_path(arch), "-v", "-lineinfo", "--regAllocOptLevel=2", f"-arch={name}", src, "-o",
+                            os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True)
+        return r.stdout + r.stderr
+
+
+def compile_job(job: dict) -> dict:
+    """Compile one job for its GPU target (call only where TRITON_INTERPRET is unset) and measure it."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    row = {k: job.get(k) for k in ("kernel", "variant", "dtype", "D", "arch", "default")}
+    row["config"] = dict(job["config"], num_warps=job["num_warps"], num_stages=job["num_stages"])
+    row["smem_limit"] = SMEM_LIMIT[job["arch"]]
+    t0 = time.perf_counter()
+    try:
+        fn, sig, consts, attrs = _spec(job)
+        knobs.nvidia.dump_ptxas_log = True  # Triton prints its own `ptxas -v` output when it builds the cubin
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                               target=GPUTarget("cuda", job["arch"], 32),
+                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+        log = buf.getvalue()
+        if "registers" not in log:  # cubin came from Triton's cache: run the bundled ptxas ourselves
+            log = _run_ptxas(k.asm["ptx"], job["arch"])
+        row["registers"], row["spill_stores"], row["spill_loads"] = parse_ptxas(log)
+        ptx = k.asm["ptx"]
+        row["shared"] = int(k.metadata.shared)
+        row["wgmma"] = "wgmma.mma_async" in ptx
+        row["mma_sync"] = "mma.sync" in ptx
+        row["error"] = None
+    except Exception as e:  # noqa: BLE001 - a failed compile is a result (the test asserts on it)
+        row.update(registers=None, spill_stores=None, spill_loads=None, shared=None, wgmma=None, mma_sync=None,
+                   error=f"{type(e).__name__}: {str(e)[-1500:]}")
+    row["compile_s"] = round(time.perf_counter() - t0, 2)
+    return {k: row.get(k) for k in _ROW_KEYS}
+
+
+def _job_key(job: dict, src_hash: str) -> str:
+    import triton
+
+    blob = json.dumps(job, sort_keys=True) + src_hash + triton.__version__
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _source_hash() -> str:
+    from pskernels.triton.map_kv_caches import _map_kv_kernel
+    from pskernels.triton.merge_states import _combine_kernel
+    from pskernels.triton.multi_branch_attention import _mba_fwd_kernel
+    from pskernels.triton.rotate_keys import _rotate_keys_kernel
+
+    # cache_key covers each kernel's source and the @triton.jit functions it calls
+    keys = [f.cache_key for f in (_mba_fwd_kernel, _combine_kernel, _rotate_keys_kernel, _map_kv_kernel)]
+    return hashlib.sha256("".join(keys).encode()).hexdigest()
+
+
+def _default_cache() -> str:
+    return os.environ.get("PSKERNELS_KERNEL_REPORT_CACHE",
+                          os.path.join(os.path.expanduser("~"), ".cache", "pskernels", "kernel_report.json"))
+
+
+def _compile_all(job_list: list[dict], workers: int, cache_path: str | None, progress: bool) -> list[dict]:
+    cache = {}
+    if cache_path and os.path.exists(cache_path):
+        try:
+            with open(cache_path) as f:
+                cache = json.load(f)
+        except (OSError, ValueError):
+            cache = {}
+    src = _source_hash()
+    keys = [_job_key(j, src) for j in job_list]
+    todo = [i for i, k in enumerate(keys) if k not in cache or cache[k].get("error")]
+    if todo:
+        if workers > 1 and len(todo) > 1:
+            import multiprocessing as mp
+
+            # mba jobs first (the long ones) so the pool's tail is short
+            todo.sort(key=lambda i: job_list[i]["kernel"] != "_mba_fwd_kernel")
+            with mp.get_context("fork").Pool(workers) as pool:
+                for n, (i, row) in enumerate(zip(todo, pool.imap(compile_job, [job_list[i] for i in todo]))):
+                    cache[keys[i]] = row
+                    if cache_path and n % 8 == 7:
+                        _save(cache, cache_path)
+                    if progress:
+                        print(f"[{n + 1}/{len(todo)}] {row['kernel']} {row['variant']} {row['dtype']} D={row['D']} "
+                              f"sm_{row['arch']}: {row['compile_s']} s", file=sys.stderr, flush=True)
+        else:
+            for i in todo:
+                cache[keys[i]] = compile_job(job_list[i])
+        if cache_path:
+            _save(cache, cache_path)
+    return [cache[k] for k in keys]
+
+
+def _save(cache: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + f".{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(cache, f)
+    os.replace(tmp, path)
+
+
+def _interpreted() -> bool:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    try:
+        from pskernels.triton import _INTERPRET
+    except ImportError:
+        return False
+    return bool(_INTERPRET)
+
+
+def triton_kernel_report(archs=(80, 90), level: str = "full", workers: int | None = None,
+                         cache_path: str | None = "default", progress: bool = False) -> list[dict]:
+    """Rows ``{kernel, variant, config, dtype, D, arch, registers, spill_stores, spill_loads, shared,
+    smem_limit, wgmma, mma_sync, default, compile_s, error}`` for every compile job (see :func:`jobs`).
+
+    ``default`` marks the tile the launcher uses first (``_GPU_CONFIGS[0]``, the decode-sized tile, for
+    multi_branch_attention; the only tile of the other kernels). Runs in a clean subprocess when this
+    process uses the Triton interpreter."""
+    archs = tuple(int(a) for a in archs)
+    if cache_path == "default":
+        cache_path = _default_cache()
+    workers = workers or max(1, min(2, os.cpu_count() or 1))
+    if _interpreted():
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env["PSKERNELS_KERNEL_REPORT_CACHE"] = cache_path or ""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            out = os.path.join(d, "rows.json")
+            cmd = [sys.executable, "-m", "pskernels.kernel_report", "--out", out, "--level", level, "--workers",
+                   str(workers), "--archs", ",".join(map(str, archs))]
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+            if run.returncode != 0 or not os.path.exists(out):
+                raise RuntimeError(f"kernel report subprocess failed ({run.returncode}):\n{run.stderr[-4000:]}")
+            with open(out) as f:
+                return json.load(f)
+    return _compile_all(jobs(level, archs), workers, cache_path or None, progress)
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _cfg_str(c: dict) -> str:
+    tile = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N") if k in c) or f"L{c.get('BLOCK_L', '?')}"
+    return f"{tile} w{c['num_warps']} s{c['num_stages']}"
+
+
+def format_table(rows: list[dict], markdown: bool = False) -> str:
+    head = ["kernel", "variant", "config", "dtype", "D", "arch", "regs", "spill st/ld B", "smem KB", "limit KB",
+            "wgmma", "default"]
+    lines = []
+    for r in rows:
+        if r.get("error"):
+            cells = [r["kernel"], r["variant"], _cfg_str(r["config"]), r["dtype"], str(r["D"]), f"sm_{r['arch']}",
+                     "ERROR", r["error"].splitlines()[0][:60], "", "", "", ""]
+        else:
+            cells = [r["kernel"], r["variant"], _cfg_str(r["config"]), r["dtype"], str(r["D"]), f"sm_{r['arch']}",
+                     str(r["registers"]), f"{r['spill_stores']}/{r['spill_loads']}", f"{r['shared'] / 1024:.1f}",
+                     str(r["smem_limit"] // 1024), "yes" if r["wgmma"] else ("mma" if r["mma_sync"] else "no"),
+                     "*" if r["default"] else ""]
+        lines.append(cells)
+    if markdown:
+        out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+        return "\n".join(out)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths))] + [fmt.format(*c) for c in lines])
+
+
+def main(argv=None) -> int:
+    """Print the report table. ``argv`` defaults to no arguments (full level, sm_80 and sm_90), so a CLI can
+    call ``main()`` directly; ``python -m pskernels.kernel_report`` passes its command line."""
+    ap = argparse.ArgumentParser(prog="python -m pskernels.kernel_report", description=__doc__.splitlines()[0])
+    ap.add_argument("--archs", default="80,90", help="comma-separated compute capabilities (default 80,90)")
+    ap.add_argument("--level", choices=("full", "ci"), default="full")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print the rows as JSON")
+    ap.add_argument("--out", help="write the rows as JSON to this file (nothing printed)")
+    ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--no-cache", action="store_true")
+    a = ap.parse_args([] if argv is None else argv)
+    rows = triton_kernel_report(archs=[int(x) for x in a.archs.split(",") if x], level=a.level,
+                                workers=a.workers or None, cache_path=None if a.no_cache else "default",
+                                progress=not (a.json or a.out))
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(rows, f)
+    elif a.json:
+        print(json.dumps(rows))
+    else:
+        print(format_table(rows, markdown=a.markdown))
+        bad = [r for r in rows if r.get("error")]
+        spills = [r for r in rows if not r.get("error") and r["spill_stores"]]
+        print(f"\n{len(rows)} kernels compiled, {len(bad)} errors, {len(spills)} with spills")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
