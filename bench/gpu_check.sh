@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One prepared GPU check for a lent device (one H200, < 8 min): build the extension for sm_90, run the GPU
+# tests, compute-sanitizer on one small case of every CUDA kernel, and a short benchmark sweep.
+# Results (logs + JSON) go to $OUT when set. Usage (device tool): bash bench/gpu_check.sh
+set -uo pipefail
+OUT=${OUT:-$(mktemp -d)}
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+# The device image lacks some packages: carried wheels (.whl/, see the device README) are installed first.
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1
+$PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
+  | tee "$OUT/versions.txt"
+
+echo "== build (sm_90 only) =="
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build rc=$?"
+
+echo "== GPU tests =="
+timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
+  --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+
+echo "== compute-sanitizer =="
+cat > /tmp/psk_sanitize.py <<'PYEOF'
+import torch, pskernels
+spec = pskernels.RopeSpec(1.0 / 10000 ** (torch.arange(0, 64, 2) / 64))
+q = torch.randn(1, 8, 3, 64, device="cuda", dtype=torch.bfloat16)
+ks = [torch.randn(1, 2, n, 64, device="cuda", dtype=torch.bfloat16) for n in (17, 0, 40)]
+pskernels.multi_branch_attention(q, ks, ks, position_shifts=torch.tensor([0, 3, 9]), rope=spec, backend="cuda")
+pskernels.merge_states(torch.randn(2, 1, 2, 3, 8, device="cuda"), torch.randn(2, 1, 2, 3, device="cuda"), backend="cuda")
+pskernels.rotate_keys(ks[0], 5, spec, backend="cuda")
+pskernels.map_kv_caches([[ks[0], ks[2]]], [[ks[0], ks[2]]], rope=spec, orig_positions=[4, 4], new_positions=[4, 30],
+                        backend="cuda")
+torch.cuda.synchronize()
+print("sanitizer case ok")
+PYEOF
+for tool in memcheck racecheck; do
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 7 $PY /tmp/psk_sanitize.py > "$OUT/sanitizer_$tool.txt" 2>&1
+  echo "$tool rc=$?" | tee -a "$OUT/sanitizer_summary.txt"
+done
+
+echo "== benchmark sweep =="
+PSKERNELS_BENCH_FULL=1 PSKERNELS_BENCH_FLEX=0 timeout 200 $PY -m pytest -q -p no:cacheprovider \
+  bench/bench_multi_branch_attention.py bench/bench_map_kv_caches.py --benchmark-only \
+  --benchmark-json="$OUT/bench.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
+echo "results in $OUT"

@@ -1,0 +1,116 @@
+"""The CUDA and Triton backends on a real GPU against the PyTorch reference (skipped without CUDA)."""
+import pytest
+import torch
+
+import pskernels
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+GPU_BACKENDS = ["cuda", "triton"]
+TOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def _backend(name):
+    if name not in pskernels.available_backends("multi_branch_attention"):
+        pytest.skip(f"{name} backend not available")
+    return name
+
+
+def _case(dtype, B=2, G=4, Hkv=2, D=128, Dv=128, Lq=5, lens=(64, 0, 300, 37, 9)):
+    dev = "cuda"
+    q = torch.randn(B, Hkv * G, Lq, D, device=dev, dtype=dtype)
+    ks = [torch.randn(B, Hkv, n, D, device=dev, dtype=dtype) for n in lens]
+    vs = [torch.randn(B, Hkv, n, Dv, device=dev, dtype=dtype) for n in lens]
+    return q, ks, vs
+
+
+def _close(a, b, dtype):
+    (oa, la), (ob, lb) = a, b
+    assert not torch.isnan(oa).any()
+    assert (oa.float() - ob.float()).abs().max().item() < TOL[dtype] * max(1.0, ob.float().abs().max().item())
+    assert torch.equal(torch.isinf(la), torch.isinf(lb))
+    fin = torch.isfinite(lb)
+    assert (la[fin] - lb[fin]).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("Lq", [1, 5, 130])
+@pytest.mark.parametrize("features", ["plain", "shift", "all"])
+def test_multi_branch_attention(backend, dtype, Lq, features):
+    backend = _backend(backend)
+    torch.manual_seed(0)
+    q, ks, vs = _case(dtype, Lq=Lq)
+    S, B = len(ks), q.shape[0]
+    kw = dict(seq_lens=torch.tensor([[64, 10], [0, 0], [300, 0], [37, 37], [9, 9]], device="cuda"),
+              left_pad=torch.tensor([[0, 3], [0, 0], [0, 0], [0, 0], [2, 0]], device="cuda"))
+    if features in ("shift", "all"):
+        kw.update(position_shifts=torch.tensor([0, 5, -40, 1000, 0], device="cuda"),
+                  rope=pskernels.RopeSpec(1.0 / 10000 ** (torch.arange(0, 64, 2) / 64), style="neox", rotary_dim=64))
+    if features == "all":
+        kw.update(softcap=20.0, sliding_window=200, segment_positions=torch.tensor([0, 64, 64, 64, 400], device="cuda"),
+                  temperature=torch.tensor([1.0, 0.9], device="cuda"), lse_scale=torch.tensor([1.0, 0.9], device="cuda"),
+                  log_weight=torch.tensor([0.0, 0.2], device="cuda"), segment_groups=[0, 1, 1, 1, 0])
+    ref = pskernels.multi_branch_attention(q.float(), [k.float() for k in ks], [v.float() for v in vs],
+                                           backend="torch", **kw)
+    out = pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw)
+    _close(out, ref, dtype)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_strided_views_and_gqa(backend):
+    backend = _backend(backend)
+    torch.manual_seed(1)
+    base = torch.randn(1, 200, 8, 64, device="cuda", dtype=torch.bfloat16)  # HF [B, L, H, D] -> transposed view
+    k = base.transpose(1, 2)[:, :, 7:150]
+    q = torch.randn(1, 32, 3, 64, device="cuda", dtype=torch.bfloat16)
+    ref = pskernels.multi_branch_attention(q.float(), [k.float(), k.float()], [k.float(), k.float()], backend="torch")
+    _close(pskernels.multi_branch_attention(q, [k, k], [k, k], backend=backend), ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_small_ops(backend):
+    backend = _backend(backend)
+    torch.manual_seed(2)
+    spec = pskernels.RopeSpec(1.0 / 10000 ** (torch.arange(0, 64, 2) / 64))
+    k = torch.randn(2, 4, 33, 64, device="cuda")
+    torch.testing.assert_close(pskernels.rotate_keys(k, torch.tensor([3, -900], device="cuda"), spec, backend=backend),
+                               pskernels.rotate_keys(k, torch.tensor([3, -900], device="cuda"), spec, backend="torch"),
+                               atol=2e-4, rtol=1e-4)
+    o, s = torch.randn(3, 2, 4, 7, 64, device="cuda"), torch.randn(3, 2, 4, 7, device="cuda")
+    s[0, 0] = float("-inf")
+    for a, b in zip(pskernels.merge_states(o, s, backend=backend), pskernels.merge_states(o, s, backend="torch")):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    keys = [[torch.randn(2, 4, n, 64, device="cuda") for n in (5, 0, 17)] for _ in range(3)]
+    params = dict(k_down=torch.randn(3, 4, 64, 8, device="cuda") * 0.1, k_up=torch.randn(3, 4, 8, 64, device="cuda") * 0.1,
+                  k_gate=torch.zeros(3, 4, device="cuda"), v_down=torch.randn(3, 4, 64, 8, device="cuda") * 0.1,
+                  v_up=torch.randn(3, 4, 8, 64, device="cuda") * 0.1)
+    kw = dict(rope=spec, orig_positions=[10, 10, 10], new_positions=[10, 15, 22], **params)
+    got = pskernels.map_kv_caches(keys, keys, backend=backend, **kw)
+    ref = pskernels.map_kv_caches(keys, keys, backend="torch", **kw)
+    for ga, ra in zip(got, ref):
+        for gl, rl in zip(ga, ra):
+            for g, r in zip(gl, rl):
+                torch.testing.assert_close(g, r, atol=2e-4, rtol=1e-4)
+
+
+def test_hf_parallel_cache_on_gpu():
+    """A patched tiny Llama on CUDA (auto backend) matches the same model's CPU run."""
+    from pskernels.demo import tiny_llama
+
+    torch.manual_seed(0)
+    model = tiny_llama(hidden=128, layers=2).cuda()
+    ids = torch.randint(0, 512, (1, 40), device="cuda")
+    with torch.no_grad():
+        prefix = model(ids[:, :8], use_cache=True).past_key_values
+        handle = pskernels.patch_model(model)
+        try:
+            workers = []
+            for i in range(2):
+                w = pskernels.ParallelCache(prefix, [])
+                model(ids[:, 8 + 12 * i: 20 + 12 * i], past_key_values=w)
+                workers.append(w)
+            gpu = model(ids[:, 32:], past_key_values=pskernels.ParallelCache(prefix, workers)).logits
+            ref = model(ids[:, 32:], past_key_values=pskernels.ParallelCache(prefix, workers, backend="torch")).logits
+        finally:
+            handle.remove()
+    assert (gpu - ref).abs().max().item() < 1e-3
