@@ -29,6 +29,10 @@ def cpu_flags():
 def extensions():
     if os.environ.get("PSKERNELS_NO_EXT") == "1":
         return [], {}
+    # torch locates the toolkit from `which nvcc`; a wrapper in /usr/local/bin would make that /usr/local,
+    # which has no lib64/libcudart. Prefer the standard toolkit folder when it is there.
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
