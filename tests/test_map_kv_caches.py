@@ -5,35 +5,16 @@ import pytest
 import torch
 
 import pskernels
-from pskernels import RopeSpec
 from pskernels.ref import rotate
+
+from op_helpers import backend_params, device_for, make_rope
 
 OP = "map_kv_caches"
 
 
-def _backend_params(op):
-    params = []
-    for b in pskernels.available_backends(op):
-        marks = [pytest.mark.interpreter] if b == "triton" and not torch.cuda.is_available() else []
-        params.append(pytest.param(b, marks=marks, id=b))
-    return params
-
-
-@pytest.fixture(params=_backend_params(OP))
+@pytest.fixture(params=backend_params(OP))
 def backend(request):
     return request.param
-
-
-def _dev(backend):
-    if backend in ("triton", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def make_rope(D, rotary_dim=None, style="neox", base=10000.0, rope_type="default"):
-    rd = D if rotary_dim is None else rotary_dim
-    inv = 1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
-    return RopeSpec(inv.float(), style=style, rope_type=rope_type)
 
 
 def rnd(*shape, device="cpu", dtype=torch.float32):
@@ -130,7 +111,7 @@ def rot_rtol(rope, *pos, extra=0):
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 @pytest.mark.parametrize("D,rotary_dim", [(64, None), (128, 64), (80, 32)])
 def test_identity_is_delta_rotation(backend, style, D, rotary_dim):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(D, rotary_dim, style)
     NL, lens, B, H = 3, (1, 7, 113), 2, 2
     keys, values = make_caches(NL, lens, B, H, D, 48, device=dev)
@@ -149,7 +130,7 @@ def test_identity_is_delta_rotation(backend, style, D, rotary_dim):
 @pytest.mark.parametrize("gated", [True, False], ids=["gated", "ungated"])
 @pytest.mark.parametrize("which", ["kv", "k", "v"])
 def test_transform_against_oracle(backend, gated, which):
-    dev = _dev(backend)
+    dev = device_for(backend)
     D, Dv, r = 64, 32, 8
     rope = make_rope(D)
     NL, lens, B, H = 3, (7, 1, 33), 2, 2
@@ -176,7 +157,7 @@ def test_transform_against_oracle(backend, gated, which):
 
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 def test_transform_partial_rotary_dv_eq_d(backend, style):
-    dev = _dev(backend)
+    dev = device_for(backend)
     D, r = 80, 4
     rope = make_rope(D, 32, style)
     keys, values = make_caches(2, (5, 9), 1, 3, D, D, device=dev)
@@ -191,7 +172,7 @@ def test_transform_partial_rotary_dv_eq_d(backend, style):
 
 def test_position_forms_agree(backend):
     """[N], [N, B] and [layers, N, B] forms give the same result; per-layer positions differ per layer."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     NL, lens, B, H = 2, (4, 6, 3), 3, 1
     keys, values = make_caches(NL, lens, B, H, 64, 64, device=dev)
@@ -225,7 +206,7 @@ def test_position_forms_agree(backend):
 
 
 def test_zero_init_up_equals_delta_rotation(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     NL, lens, B, H = 2, (7, 12), 2, 2
     keys, values = make_caches(NL, lens, B, H, 64, 64, device=dev)
@@ -241,7 +222,7 @@ def test_zero_init_up_equals_delta_rotation(backend):
 
 
 def test_empty_branch(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     keys, values = make_caches(2, (0, 5), 1, 2, 64, 64, device=dev)
     params = make_params(2, 2, 64, 64, 4, device=dev)
@@ -254,7 +235,7 @@ def test_empty_branch(backend):
 
 
 def test_strided_inputs(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     keys = [[rnd(2, 9, 2, 64, device=dev).transpose(1, 2), rnd(2, 2, 20, 64, device=dev)[:, :, 3:14]]]
     values = [[rnd(2, 9, 2, 64, device=dev).transpose(1, 2), rnd(2, 2, 11, 128, device=dev)[..., 64:]]]
@@ -268,7 +249,7 @@ def test_strided_inputs(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision(backend, dtype):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(128)
     keys, values = make_caches(2, (9, 17), 2, 2, 128, 128, device=dev, dtype=dtype)
     params = make_params(2, 2, 128, 128, 8, device=dev)
@@ -287,7 +268,7 @@ def test_low_precision(backend, dtype):
 def test_outputs_are_new_tensors(backend, with_transform):
     """Documented: "nested lists of new contiguous Tensors" -- outputs must never alias the input caches
     (callers write into the mapped caches), including values when there is no value transform."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     keys, values = make_caches(2, (5, 3), 1, 2, 64, 64, device=dev)
     params = make_params(2, 2, 64, 64, 4, device=dev, which="k") if with_transform else {}
@@ -300,7 +281,7 @@ def test_outputs_are_new_tensors(backend, with_transform):
 
 
 def test_inputs_not_modified(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     keys, values = make_caches(2, (5, 3), 1, 2, 64, 64, device=dev)
     before = [t.clone() for l in keys + values for t in l]
@@ -333,7 +314,7 @@ def _grad_call(backend, fn):
 
 
 def test_gradients_reach_params(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     NL, H = 2, 2
     keys, values = make_caches(NL, (6, 4), 2, H, 64, 32, device=dev)
@@ -352,7 +333,7 @@ def test_gradients_reach_params(backend):
 
 def test_gradients_zero_init_up(backend):
     """With up = 0 (init), gradients reach up (and the gate/down get exactly zero), so training can start."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     keys, values = make_caches(1, (6,), 1, 2, 64, 64, device=dev)
     params = {k: v.requires_grad_() for k, v in make_params(1, 2, 64, 64, 4, device=dev, zero_up=True).items()}
@@ -364,7 +345,7 @@ def test_gradients_zero_init_up(backend):
 
 
 def test_gradcheck_fp64(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     if backend != "torch":
         pytest.skip("gradcheck in float64 on the reference backend only")
     rope = make_rope(8)

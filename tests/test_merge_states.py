@@ -8,26 +8,14 @@ import torch
 
 import pskernels
 
+from op_helpers import backend_params, device_for
+
 OP = "merge_states"
 
 
-def _backend_params(op):
-    params = []
-    for b in pskernels.available_backends(op):
-        marks = [pytest.mark.interpreter] if b == "triton" and not torch.cuda.is_available() else []
-        params.append(pytest.param(b, marks=marks, id=b))
-    return params
-
-
-@pytest.fixture(params=_backend_params(OP))
+@pytest.fixture(params=backend_params(OP))
 def backend(request):
     return request.param
-
-
-def _dev(backend):
-    if backend in ("triton", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def oracle_merge(outs, lses):
@@ -71,7 +59,7 @@ def rnd(*shape, device="cpu", dtype=torch.float32):
 @pytest.mark.parametrize("N", [1, 2, 3, 8])
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (2, 4, 7, 64), (1, 3, 113, 80), (2, 2, 5, 128)], ids=str)
 def test_against_oracle(backend, N, shape):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [rnd(*shape, device=dev) for _ in range(N)]
     lses = [rnd(*shape[:-1], device=dev) * 5 for _ in range(N)]
     out, lse = pskernels.merge_states(outs, lses, backend=backend)
@@ -80,7 +68,7 @@ def test_against_oracle(backend, N, shape):
 
 
 def test_stacked_equals_list(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = rnd(3, 2, 4, 5, 64, device=dev)
     lses = rnd(3, 2, 4, 5, device=dev)
     o1, l1 = pskernels.merge_states(outs, lses, backend=backend)
@@ -92,7 +80,7 @@ def test_stacked_equals_list(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_self_merge(backend, dtype):
-    dev = _dev(backend)
+    dev = device_for(backend)
     o = rnd(2, 4, 7, 64, device=dev, dtype=dtype)
     s = rnd(2, 4, 7, device=dev) * 3
     out, lse = pskernels.merge_states([o, o], [s, s], backend=backend)
@@ -107,7 +95,7 @@ def test_self_merge(backend, dtype):
 
 
 def test_self_merge_with_empty_states(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     o = rnd(1, 2, 3, 16, device=dev)
     s = rnd(1, 2, 3, device=dev)
     s[0, 1] = float("-inf")
@@ -118,7 +106,7 @@ def test_self_merge_with_empty_states(backend):
 
 
 def test_empty_states_contribute_nothing(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     a, b = rnd(2, 3, 4, 32, device=dev), rnd(2, 3, 4, 32, device=dev)
     la, lb = rnd(2, 3, 4, device=dev), torch.full((2, 3, 4), float("-inf"), device=dev)
     b_garbage = torch.full_like(b, 1e30)  # values of an empty state must be ignored (weight exactly 0)
@@ -129,7 +117,7 @@ def test_empty_states_contribute_nothing(backend):
 
 
 def test_all_empty(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [torch.zeros(2, 3, 4, 32, device=dev) for _ in range(3)]
     lses = [torch.full((2, 3, 4), float("-inf"), device=dev) for _ in range(3)]
     out, lse = pskernels.merge_states(outs, lses, backend=backend)
@@ -138,7 +126,7 @@ def test_all_empty(backend):
 
 
 def test_mixed_empty_rows(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [rnd(2, 2, 5, 16, device=dev) for _ in range(3)]
     lses = [rnd(2, 2, 5, device=dev) for _ in range(3)]
     for n in range(3):
@@ -156,7 +144,7 @@ def test_mixed_empty_rows(backend):
 def test_large_lse_values(backend, base):
     """Large LSE magnitudes must not overflow (max-subtraction). Realistic magnitudes (|lse| ~ 100) keep
     fp32 accuracy; at |lse| ~ 1e4 the fp32 LSE inputs have ulp ~1e-3, so only ~1e-3 is asked there."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [rnd(1, 2, 3, 8, device=dev) for _ in range(3)]
     lses = [torch.full((1, 2, 3), base, device=dev) + torch.tensor([0.0, -1.0, 3.5])[i] for i in range(3)]
     out, lse = pskernels.merge_states(outs, lses, backend=backend)
@@ -165,7 +153,7 @@ def test_large_lse_values(backend, base):
 
 
 def test_merge_of_partial_attention_equals_full_attention(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 4, 3, 64)
     k, v = rnd(2, 4, 50, 64), rnd(2, 4, 50, 32)
     cuts = [0, 7, 7, 31, 50]  # includes an empty part
@@ -177,7 +165,7 @@ def test_merge_of_partial_attention_equals_full_attention(backend):
 
 
 def test_permutation_invariance_and_associativity(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [rnd(1, 2, 4, 16, device=dev) for _ in range(4)]
     lses = [rnd(1, 2, 4, device=dev) * 4 for _ in range(4)]
     o, l = pskernels.merge_states(outs, lses, backend=backend)
@@ -193,7 +181,7 @@ def test_permutation_invariance_and_associativity(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_outs(backend, dtype):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [rnd(2, 4, 7, 64, device=dev, dtype=dtype) for _ in range(3)]
     lses = [rnd(2, 4, 7, device=dev) for _ in range(3)]
     out, lse = pskernels.merge_states(outs, lses, backend=backend)
@@ -210,7 +198,7 @@ def test_low_precision_outs(backend, dtype):
 
 
 def test_strided_inputs(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [rnd(2, 7, 4, 64, device=dev).transpose(1, 2) for _ in range(2)]  # [B, L, H, D] -> [B, H, L, D]
     lses = [rnd(2, 7, 4, device=dev).transpose(1, 2) for _ in range(2)]
     out, lse = pskernels.merge_states(outs, lses, backend=backend)
@@ -236,7 +224,7 @@ def _grad_call(backend, fn):
 
 
 def test_gradients(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     outs = [rnd(1, 2, 3, 8, device=dev).requires_grad_() for _ in range(3)]
     lses = [rnd(1, 2, 3, device=dev) for _ in range(3)]
     lses[1][0, 0] = float("-inf")

@@ -16,37 +16,16 @@ import torch
 import torch.nn.functional as F
 
 import pskernels
-from pskernels import RopeSpec
 from pskernels.ref import rotate
+
+from op_helpers import backend_params, device_for, make_rope
 
 OP = "multi_branch_attention"
 
 
-def _backend_params(op):
-    params = []
-    for b in pskernels.available_backends(op):
-        marks = []
-        if b == "triton" and not torch.cuda.is_available():
-            marks.append(pytest.mark.interpreter)
-        params.append(pytest.param(b, marks=marks, id=b))
-    return params
-
-
-@pytest.fixture(params=_backend_params(OP))
+@pytest.fixture(params=backend_params(OP))
 def backend(request):
     return request.param
-
-
-def _dev(backend):
-    if backend in ("triton", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def make_rope(D, rotary_dim=None, style="neox", base=10000.0, rope_type="default"):
-    rd = D if rotary_dim is None else rotary_dim
-    inv = 1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
-    return RopeSpec(inv.float(), style=style, rope_type=rope_type)
 
 
 def rnd(*shape, dtype=torch.float32, device="cpu"):
@@ -220,7 +199,7 @@ def test_oracle_matches_sdpa():
 @pytest.mark.parametrize("Lq", [1, 7])
 @pytest.mark.parametrize("causal_last", [True, False])
 def test_odd_lengths(backend, lens, Lq, causal_last):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 4, Lq, 64, device=dev)
     ks, vs = make_segments(2, 2, lens, 64, device=dev)
     run_and_check(backend, q, ks, vs, causal_last=causal_last)
@@ -229,7 +208,7 @@ def test_odd_lengths(backend, lens, Lq, causal_last):
 @pytest.mark.parametrize("Lq", [1, 7])
 def test_long_odd_segments(backend, Lq):
     """Segment lengths around block / split-KV boundaries (1023, 1025)."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(1, 4, Lq, 64, device=dev)
     ks, vs = make_segments(1, 1, (1023, 1025, Lq), 64, device=dev)
     run_and_check(backend, q, ks, vs, seq_lens=torch.tensor([[1023], [1024], [Lq]]))
@@ -237,7 +216,7 @@ def test_long_odd_segments(backend, Lq):
 
 def test_many_segments(backend):
     """Decode over 40 segments of random length (incl. empty ones), per-row lengths and shifts."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     g = torch.Generator().manual_seed(1)
     lens = torch.randint(0, 40, (40,), generator=g).tolist() + [1]
     B = 2
@@ -253,7 +232,7 @@ def test_many_segments(backend):
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2), (8, 2), (16, 2), (8, 1), (1, 1)],
                          ids=["mha", "gqa3", "gqa4", "gqa8", "mqa8", "single"])
 def test_gqa_ratios(backend, Hq, Hkv):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, Hq, 5, 64, device=dev)
     ks, vs = make_segments(2, Hkv, (17, 33, 5), 64, device=dev)
     run_and_check(backend, q, ks, vs)
@@ -261,7 +240,7 @@ def test_gqa_ratios(backend, Hq, Hkv):
 
 @pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (128, 128), (64, 32), (80, 128), (128, 96)])
 def test_head_dims(backend, D, Dv):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(1, 6, 3, D, device=dev)
     ks, vs = make_segments(1, 3, (9, 40, 3), D, Dv, device=dev)
     run_and_check(backend, q, ks, vs)
@@ -269,7 +248,7 @@ def test_head_dims(backend, D, Dv):
 
 @pytest.mark.parametrize("lens", [(0, 16, 4), (16, 0, 4), (8, 0, 0, 4), (8, 16, 0), (0,), (0, 0)], ids=str)
 def test_empty_segments(backend, lens):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 4, 4, 64, device=dev)
     ks, vs = make_segments(2, 2, lens, 64, device=dev)
     out, lse = run_and_check(backend, q, ks, vs)
@@ -278,7 +257,7 @@ def test_empty_segments(backend, lens):
 
 
 def test_ragged_seq_lens_with_zero_rows(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B, Lq = 4, 3
     q = rnd(B, 8, Lq, 64, device=dev)
     ks, vs = make_segments(B, 2, (13, 29, 6), 64, device=dev)
@@ -293,7 +272,7 @@ def test_ragged_seq_lens_with_zero_rows(backend):
 
 
 def test_seq_lens_int32_and_list(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 4, 2, 64, device=dev)
     ks, vs = make_segments(2, 2, (10, 4), 64, device=dev)
     sl = [[10, 3], [4, 2]]
@@ -306,7 +285,7 @@ def test_seq_lens_int32_and_list(backend):
 
 
 def test_all_rows_empty_no_nan(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 4, 3, 64, device=dev)
     ks, vs = make_segments(2, 2, (5, 7, 3), 64, device=dev)
     out, lse = pskernels.multi_branch_attention(q, ks, vs, seq_lens=torch.zeros(3, 2, dtype=torch.int64),
@@ -316,7 +295,7 @@ def test_all_rows_empty_no_nan(backend):
 
 
 def test_left_pad(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B, Lq = 3, 4
     q = rnd(B, 4, Lq, 64, device=dev)
     ks, vs = make_segments(B, 2, (11, 9), 64, device=dev)
@@ -330,7 +309,7 @@ def test_left_pad(backend):
 @pytest.mark.parametrize("causal_last", [True, False])
 def test_causal_last_alignment(backend, own, causal_last):
     """Bottom-right aligned causal own segment, including Lq > own length (early queries see no own key)."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     Lq = 6
     q = rnd(2, 4, Lq, 64, device=dev)
     ks, vs = make_segments(2, 1, (7, own), 64, device=dev)
@@ -348,7 +327,7 @@ def test_causal_last_alignment(backend, own, causal_last):
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 @pytest.mark.parametrize("D,rotary_dim", [(64, None), (128, None), (80, 32), (64, 16)])
 def test_position_shifts(backend, style, D, rotary_dim):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B = 2
     rope = make_rope(D, rotary_dim, style)
     q = rnd(B, 4, 3, D, device=dev)
@@ -362,14 +341,14 @@ def test_position_shifts(backend, style, D, rotary_dim):
 
 
 def test_position_shifts_zero_without_rope(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(1, 4, 2, 64, device=dev)
     ks, vs = make_segments(1, 2, (5, 2), 64, device=dev)
     run_and_check(backend, q, ks, vs, position_shifts=torch.zeros(2, 1, dtype=torch.int64))
 
 
 def test_rope_type_dynamic_zero_shifts_ok(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64, rope_type="dynamic")
     q = rnd(1, 4, 2, 64, device=dev)
     ks, vs = make_segments(1, 2, (5, 2), 64, device=dev)
@@ -381,7 +360,7 @@ def test_rope_type_dynamic_zero_shifts_ok(backend):
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("softcap", [50.0, 2.0, 0.5])
 def test_softcap(backend, softcap):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 4, 3, 64, device=dev) * 3
     ks, vs = make_segments(2, 2, (21, 0, 3), 64, device=dev)
     run_and_check(backend, q, ks, vs, softcap=softcap)
@@ -389,7 +368,7 @@ def test_softcap(backend, softcap):
 
 @pytest.mark.parametrize("scale", [0.3, 1.0])
 def test_explicit_scale(backend, scale):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(1, 4, 3, 64, device=dev)
     ks, vs = make_segments(1, 2, (21, 3), 64, device=dev)
     run_and_check(backend, q, ks, vs, scale=scale)
@@ -397,7 +376,7 @@ def test_explicit_scale(backend, scale):
 
 @pytest.mark.parametrize("window", [1, 4, 16, 1000])
 def test_sliding_window_default_query_positions(backend, window):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B, Lq = 2, 3
     q = rnd(B, 4, Lq, 64, device=dev)
     ks, vs = make_segments(B, 2, (12, 10, 10, 5), 64, device=dev)
@@ -409,7 +388,7 @@ def test_sliding_window_default_query_positions(backend, window):
 
 @pytest.mark.parametrize("causal_last", [True, False])
 def test_sliding_window_explicit_query_positions(backend, causal_last):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B, Lq = 2, 4
     q = rnd(B, 4, Lq, 64, device=dev)
     ks, vs = make_segments(B, 1, (30, 7, 4), 64, device=dev)
@@ -421,7 +400,7 @@ def test_sliding_window_explicit_query_positions(backend, causal_last):
 
 def test_sliding_window_with_shifts_and_softcap(backend):
     """Gemma2-like layer: softcap + sliding window + re-indexed branches."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     B, Lq = 2, 2
     q = rnd(B, 4, Lq, 64, device=dev)
@@ -438,7 +417,7 @@ def test_sliding_window_with_shifts_and_softcap(backend):
 @pytest.mark.parametrize("form", ["scalar", "per_group", "per_head"])
 @pytest.mark.parametrize("groups", [None, [0, 1, 1, 2], [0, 0, 0, 1], [0, 0, 0, 0]], ids=str)
 def test_calibration_knobs(backend, form, groups):
-    dev = _dev(backend)
+    dev = device_for(backend)
     Hq, S = 4, 4
     G = S if groups is None else max(groups) + 1
     q = rnd(2, Hq, 3, 64, device=dev)
@@ -463,7 +442,7 @@ def test_calibration_knobs(backend, form, groups):
 
 
 def test_knobs_at_defaults_are_exact(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 4, 3, 64, device=dev)
     ks, vs = make_segments(2, 2, (9, 14, 3), 64, device=dev)
     o0, l0 = pskernels.multi_branch_attention(q, ks, vs, backend=backend)
@@ -479,7 +458,7 @@ def test_knobs_at_defaults_are_exact(backend):
 
 def test_ape_setting(backend):
     """APE: contexts share one start position (via shifts), T = S = 0.9, all non-own segments in one group."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     B, Lq = 2, 4
     q = rnd(B, 6, Lq, 64, device=dev)
@@ -498,7 +477,7 @@ def test_ape_setting(backend):
 # Strided views, low precision
 # ----------------------------------------------------------------------------------------------
 def test_strided_views(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B, Hq, Hkv, Lq, D = 2, 6, 3, 5, 64
     q = rnd(B, Lq, Hq, D, device=dev).transpose(1, 2)  # HF [B, L, H, D] -> [B, H, L, D]
     k0 = rnd(B, 19, Hkv, D, device=dev).transpose(1, 2)
@@ -534,7 +513,7 @@ def _sdpa_same_dtype(q, ks, vs):
 @pytest.mark.parametrize("shape", [(4, 4, 1, 64, (64, 128, 1)), (8, 2, 7, 128, (33, 113, 7)),
                                    (6, 2, 3, 80, (5, 64, 64, 3))], ids=["decode", "prefill", "d80"])
 def test_low_precision(backend, dtype, shape):
-    dev = _dev(backend)
+    dev = device_for(backend)
     Hq, Hkv, Lq, D, lens = shape
     q = rnd(2, Hq, Lq, D, dtype=dtype, device=dev)
     ks, vs = make_segments(2, Hkv, lens, D, dtype=dtype, device=dev)
@@ -552,7 +531,7 @@ def test_low_precision(backend, dtype, shape):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision_shifted(backend, dtype):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     q = rnd(2, 4, 3, 64, dtype=dtype, device=dev)
     ks, vs = make_segments(2, 2, (16, 40, 3), 64, dtype=dtype, device=dev)
@@ -574,7 +553,7 @@ def test_low_precision_shifted(backend, dtype):
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 def test_single_branch_shift_equals_sequential_prefill(backend, style):
     """A branch encoded at positions 0.. and shifted by P equals plain sequential prefill (cat + SDPA)."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     D, Hq, Hkv, P, Lb, Lo = 64, 4, 2, 11, 23, 5
     rope = make_rope(D, style=style)
     raw_p, raw_b, raw_o = (rnd(1, Hkv, n, D) for n in (P, Lb, Lo))
@@ -600,7 +579,7 @@ def test_single_branch_shift_equals_sequential_prefill(backend, style):
 
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 def test_shift_equals_rotated_keys(backend, style):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(128, 64, style)
     q = rnd(2, 8, 4, 128, device=dev)
     ks, vs = make_segments(2, 4, (16, 24, 24, 4), 128, device=dev)
@@ -614,7 +593,7 @@ def test_shift_equals_rotated_keys(backend, style):
 
 @pytest.mark.parametrize("cut", [0, 1, 20, 41])
 def test_split_segment_equals_unsplit(backend, cut):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     q = rnd(2, 4, 3, 64, device=dev)
     ks, vs = make_segments(2, 2, (41, 3), 64, device=dev)
@@ -631,7 +610,7 @@ def test_split_segment_equals_unsplit(backend, cut):
 
 def test_split_segment_via_merge_states(backend):
     """Two partial calls (causal_last=False) merged by merge_states equal one call over both segments."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(2, 6, 4, 64, device=dev)
     ks, vs = make_segments(2, 3, (30, 0, 17), 64, device=dev)
     seq_lens = torch.tensor([[30, 12], [0, 0], [17, 0]])
@@ -653,7 +632,7 @@ def test_split_segment_via_merge_states(backend):
 
 
 def test_rows_are_independent(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B = 3
     q = rnd(B, 4, 2, 64, device=dev)
     ks, vs = make_segments(B, 2, (9, 13, 2), 64, device=dev)
@@ -667,7 +646,7 @@ def test_rows_are_independent(backend):
 
 
 def test_segment_order_invariance_without_causal(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(1, 4, 3, 64, device=dev)
     ks, vs = make_segments(1, 2, (9, 13, 4), 64, device=dev)
     o1, l1 = pskernels.multi_branch_attention(q, ks, vs, causal_last=False, backend=backend)
@@ -705,7 +684,7 @@ def _loss(out, lse):
 
 @pytest.mark.parametrize("with_temperature", [False, True], ids=["S_b", "T_S_b"])
 def test_gradients_finite_with_empty_row_and_segment(backend, with_temperature):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B, Hq, G = 3, 4, 2
     q = rnd(B, Hq, 3, 64, device=dev).requires_grad_()
     ks, vs = make_segments(B, 2, (9, 0, 13, 3), 64, device=dev)
@@ -731,7 +710,7 @@ def test_gradients_finite_with_empty_row_and_segment(backend, with_temperature):
 
 
 def test_gradients_match_oracle(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     B, Hq, G = 2, 4, 2
     rope = make_rope(64, style="gptj")
     q0 = rnd(B, Hq, 3, 64, device=dev)
@@ -771,7 +750,7 @@ def test_gradients_match_oracle(backend):
 @pytest.mark.parametrize("masking", ["causal_last", "seq_lens", "left_pad", "sliding_window", "none"])
 def test_temperature_gradient_with_masked_keys(backend, masking):
     """d out / d temperature must be finite whenever some keys are masked (not only for empty rows)."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(1, 4, 3, 64, device=dev)
     ks, vs = make_segments(1, 2, (9, 3), 64, device=dev)
     kw = {"causal_last": masking == "causal_last"}
@@ -822,7 +801,7 @@ def test_empty_queries(backend):
 
 def test_output_is_fresh_tensor(backend):
     """The op must not alias or modify its inputs."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     q = rnd(1, 4, 2, 64, device=dev)
     ks, vs = make_segments(1, 2, (5, 2), 64, device=dev)
     before = [t.clone() for t in [q, *ks, *vs]]

@@ -5,34 +5,15 @@ import pytest
 import torch
 
 import pskernels
-from pskernels import RopeSpec
+
+from op_helpers import backend_params, device_for, make_rope
 
 OP = "rotate_keys"
 
 
-def _backend_params(op):
-    params = []
-    for b in pskernels.available_backends(op):
-        marks = [pytest.mark.interpreter] if b == "triton" and not torch.cuda.is_available() else []
-        params.append(pytest.param(b, marks=marks, id=b))
-    return params
-
-
-@pytest.fixture(params=_backend_params(OP))
+@pytest.fixture(params=backend_params(OP))
 def backend(request):
     return request.param
-
-
-def _dev(backend):
-    if backend in ("triton", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def make_rope(D, rotary_dim=None, style="neox", base=10000.0, rope_type="default"):
-    rd = D if rotary_dim is None else rotary_dim
-    inv = 1.0 / base ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd)
-    return RopeSpec(inv.float(), style=style, rope_type=rope_type)
 
 
 def oracle_rotate(k, delta, rope):
@@ -74,7 +55,7 @@ def rnd(*shape, device="cpu", dtype=torch.float32):
 @pytest.mark.parametrize("D,rotary_dim", [(64, None), (80, None), (128, None), (128, 64), (80, 32), (64, 2)])
 @pytest.mark.parametrize("delta_kind", ["int", "row", "token"])
 def test_against_oracle(backend, style, D, rotary_dim, delta_kind):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(D, rotary_dim, style)
     B, L = 3, 7
     k = rnd(B, 2, L, D, device=dev)
@@ -91,7 +72,7 @@ def test_against_oracle(backend, style, D, rotary_dim, delta_kind):
 
 @pytest.mark.parametrize("L", [1, 7, 113])
 def test_odd_lengths_and_heads(backend, L):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     k = rnd(2, 3, L, 64, device=dev)
     out = pskernels.rotate_keys(k, torch.tensor([3, -11]), rope, backend=backend)
@@ -102,7 +83,7 @@ def test_odd_lengths_and_heads(backend, L):
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_rotate_then_unrotate(backend, style, dtype):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(128, 96, style)
     k = rnd(2, 4, 9, 128, device=dev, dtype=dtype)
     for delta in (5, torch.tensor([1000, -77]), torch.randint(-500, 500, (2, 9))):
@@ -114,7 +95,7 @@ def test_rotate_then_unrotate(backend, style, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 def test_zero_delta_is_exact(backend, dtype):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64, style="gptj")
     k = rnd(2, 2, 5, 64, device=dev, dtype=dtype)
     out = pskernels.rotate_keys(k, 0, rope, backend=backend)
@@ -123,7 +104,7 @@ def test_zero_delta_is_exact(backend, dtype):
 
 
 def test_composition(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     k = rnd(2, 2, 6, 64, device=dev)
     a, b = torch.tensor([7, -30]), torch.tensor([100, 3])
@@ -134,7 +115,7 @@ def test_composition(backend):
 
 def test_relative_property(backend):
     """<R(a) q, R(b) k> depends only on a - b."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     q, k = rnd(1, 1, 1, 64, device=dev), rnd(1, 1, 1, 64, device=dev)
     dots = []
@@ -147,7 +128,7 @@ def test_relative_property(backend):
 
 def test_matches_hf_style_rotation(backend):
     """Rotating by Δ keys that were rotated at positions p gives keys rotated at p + Δ (HF rotate_half form)."""
-    dev = _dev(backend)
+    dev = device_for(backend)
     D = 64
     rope = make_rope(D)
     x = rnd(1, 2, 10, D).double()
@@ -166,7 +147,7 @@ def test_matches_hf_style_rotation(backend):
 
 
 def test_strided_input(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     k = rnd(2, 7, 3, 64, device=dev).transpose(1, 2)  # HF [B, L, H, D] -> [B, H, L, D]
     out = pskernels.rotate_keys(k, torch.tensor([4, 9]), rope, backend=backend)
@@ -181,7 +162,7 @@ def test_strided_input(backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_low_precision(backend, dtype):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(128)
     k = rnd(2, 2, 9, 128, device=dev, dtype=dtype)
     out = pskernels.rotate_keys(k, torch.tensor([100, -2000]), rope, backend=backend)
@@ -193,7 +174,7 @@ def test_low_precision(backend, dtype):
 
 
 def test_int32_delta_and_dynamic_rope_zero_delta(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     k = rnd(2, 2, 4, 64, device=dev)
     a = pskernels.rotate_keys(k, torch.tensor([3, 4], dtype=torch.int32), rope, backend=backend)
@@ -222,7 +203,7 @@ def _grad_call(backend, fn):
 
 
 def test_gradients(backend):
-    dev = _dev(backend)
+    dev = device_for(backend)
     rope = make_rope(64)
     k = rnd(1, 2, 3, 64, device=dev).requires_grad_()
     out = _grad_call(backend, lambda: pskernels.rotate_keys(k, 17, rope, backend=backend))
