@@ -7,7 +7,7 @@ import torch
 import pskernels
 from pskernels.ref import rotate
 
-from op_helpers import backend_params, device_for, make_rope
+from op_helpers import backend_params, device_for, grad_call, make_rope
 
 OP = "map_kv_caches"
 
@@ -295,22 +295,6 @@ def test_inputs_not_modified(backend):
 # ----------------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------------
-def _grad_call(backend, fn):
-    """Run ``fn`` with inputs that require grad; forward-only backends may refuse (NotImplementedError) or
-    return non-differentiable outputs: skip then. The torch backend must be differentiable."""
-    try:
-        res = fn()
-    except NotImplementedError as e:
-        if backend == "torch":
-            raise
-        pytest.skip(f"{backend} backend is forward-only: {e}")
-    first = res[0] if isinstance(res, (tuple, list)) else res
-    while isinstance(first, (tuple, list)):
-        first = first[0]
-    if not first.requires_grad:
-        assert backend != "torch", "the torch backend must be differentiable"
-        pytest.skip(f"{backend} backend is not differentiable")
-    return res
 
 
 def test_gradients_reach_params(backend):
@@ -319,7 +303,7 @@ def test_gradients_reach_params(backend):
     NL, H = 2, 2
     keys, values = make_caches(NL, (6, 4), 2, H, 64, 32, device=dev)
     params = {k: v.requires_grad_() for k, v in make_params(NL, H, 64, 32, 4, device=dev).items()}
-    ko, vo = _grad_call(backend, lambda: pskernels.map_kv_caches(
+    ko, vo = grad_call(backend, lambda: pskernels.map_kv_caches(
         keys, values, rope=rope, orig_positions=[6, 12], new_positions=[6, 6], backend=backend, **params))
     loss = sum((t * torch.linspace(-1, 1, t.shape[-1], device=dev)).sum() for l in ko + vo for t in l)
     loss.backward()
@@ -337,7 +321,7 @@ def test_gradients_zero_init_up(backend):
     rope = make_rope(64)
     keys, values = make_caches(1, (6,), 1, 2, 64, 64, device=dev)
     params = {k: v.requires_grad_() for k, v in make_params(1, 2, 64, 64, 4, device=dev, zero_up=True).items()}
-    ko, vo = _grad_call(backend, lambda: pskernels.map_kv_caches(
+    ko, vo = grad_call(backend, lambda: pskernels.map_kv_caches(
         keys, values, rope=rope, orig_positions=[4], new_positions=[0], backend=backend, **params))
     (ko[0][0].pow(2).sum() + vo[0][0].pow(3).sum()).backward()
     assert params["k_up"].grad.abs().sum() > 0 and params["v_up"].grad.abs().sum() > 0

@@ -8,7 +8,7 @@ import torch
 
 import pskernels
 
-from op_helpers import backend_params, device_for
+from op_helpers import backend_params, device_for, grad_call
 
 OP = "merge_states"
 
@@ -205,31 +205,13 @@ def test_strided_inputs(backend):
     check(out, lse, *oracle_merge(outs, lses))
 
 
-def _grad_call(backend, fn):
-    """Run ``fn`` with inputs that require grad; forward-only backends may refuse (NotImplementedError) or
-    return non-differentiable outputs: skip then. The torch backend must be differentiable."""
-    try:
-        res = fn()
-    except NotImplementedError as e:
-        if backend == "torch":
-            raise
-        pytest.skip(f"{backend} backend is forward-only: {e}")
-    first = res[0] if isinstance(res, (tuple, list)) else res
-    while isinstance(first, (tuple, list)):
-        first = first[0]
-    if not first.requires_grad:
-        assert backend != "torch", "the torch backend must be differentiable"
-        pytest.skip(f"{backend} backend is not differentiable")
-    return res
-
-
 def test_gradients(backend):
     dev = device_for(backend)
     outs = [rnd(1, 2, 3, 8, device=dev).requires_grad_() for _ in range(3)]
     lses = [rnd(1, 2, 3, device=dev) for _ in range(3)]
     lses[1][0, 0] = float("-inf")
     lses = [s.requires_grad_() for s in lses]
-    out, lse = _grad_call(backend, lambda: pskernels.merge_states(outs, lses, backend=backend))
+    out, lse = grad_call(backend, lambda: pskernels.merge_states(outs, lses, backend=backend))
     (out.sum() + torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).sum()).backward()
     for t in outs + lses:
         assert t.grad is not None and torch.isfinite(t.grad).all()

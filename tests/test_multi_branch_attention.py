@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import pskernels
 from pskernels.ref import rotate
 
-from op_helpers import backend_params, device_for, make_rope
+from op_helpers import backend_params, device_for, grad_call, make_rope
 
 OP = "multi_branch_attention"
 
@@ -658,22 +658,6 @@ def test_segment_order_invariance_without_causal(backend):
 # ----------------------------------------------------------------------------------------------
 # Gradients
 # ----------------------------------------------------------------------------------------------
-def _grad_call(backend, fn):
-    """Run ``fn`` with inputs that require grad; forward-only backends may refuse (NotImplementedError) or
-    return non-differentiable outputs: skip then. The torch backend must be differentiable."""
-    try:
-        res = fn()
-    except NotImplementedError as e:
-        if backend == "torch":
-            raise
-        pytest.skip(f"{backend} backend is forward-only: {e}")
-    first = res[0] if isinstance(res, (tuple, list)) else res
-    while isinstance(first, (tuple, list)):
-        first = first[0]
-    if not first.requires_grad:
-        assert backend != "torch", "the torch backend must be differentiable"
-        pytest.skip(f"{backend} backend is not differentiable")
-    return res
 
 
 def _loss(out, lse):
@@ -694,7 +678,7 @@ def test_gradients_finite_with_empty_row_and_segment(backend, with_temperature):
     Sc = (torch.rand(G, Hq) + 0.5).to(dev).requires_grad_()
     b = torch.randn(G, Hq).to(dev).requires_grad_()
     seq_lens = torch.tensor([[9, 0, 0], [0, 0, 0], [13, 6, 0], [3, 1, 0]])  # row 2 all empty
-    out, lse = _grad_call(backend, lambda: pskernels.multi_branch_attention(
+    out, lse = grad_call(backend, lambda: pskernels.multi_branch_attention(
         q, ks, vs, seq_lens=seq_lens, segment_groups=[0, 0, 1, 1], temperature=T if with_temperature else None,
         lse_scale=Sc, log_weight=b, backend=backend))
     assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))
@@ -728,7 +712,7 @@ def test_gradients_match_oracle(backend):
         ks = [leaf(k) for k in ks0]
         vs = [leaf(v) for v in vs0]
         T, S, b = (leaf(x) for x in (T0, S0, b0))
-        out, lse = _grad_call(backend, lambda: fn(q, ks, vs, T, S, b))
+        out, lse = grad_call(backend, lambda: fn(q, ks, vs, T, S, b))
         _loss(out, lse).backward()
         return [t.grad.cpu().double() for t in [q, *ks, *vs, T, S, b]]
 
@@ -761,7 +745,7 @@ def test_temperature_gradient_with_masked_keys(backend, masking):
     elif masking == "sliding_window":
         kw.update(sliding_window=4, segment_positions=torch.tensor([0, 9]), query_positions=torch.tensor([[9, 10, 11]]))
     T = torch.tensor([0.8, 1.2], device=dev, requires_grad=True)
-    out, lse = _grad_call(backend, lambda: pskernels.multi_branch_attention(q, ks, vs, temperature=T,
+    out, lse = grad_call(backend, lambda: pskernels.multi_branch_attention(q, ks, vs, temperature=T,
                                                                              backend=backend, **kw))
     _loss(out, lse).backward()
     assert torch.isfinite(T.grad).all(), f"temperature gradient {T.grad.tolist()} with masked keys ({masking})"

@@ -6,7 +6,7 @@ import torch
 
 import pskernels
 
-from op_helpers import backend_params, device_for, make_rope
+from op_helpers import backend_params, device_for, grad_call, make_rope
 
 OP = "rotate_keys"
 
@@ -184,29 +184,11 @@ def test_int32_delta_and_dynamic_rope_zero_delta(backend):
     assert torch.equal(pskernels.rotate_keys(k, 0, dyn, backend=backend), k)
 
 
-def _grad_call(backend, fn):
-    """Run ``fn`` with inputs that require grad; forward-only backends may refuse (NotImplementedError) or
-    return non-differentiable outputs: skip then. The torch backend must be differentiable."""
-    try:
-        res = fn()
-    except NotImplementedError as e:
-        if backend == "torch":
-            raise
-        pytest.skip(f"{backend} backend is forward-only: {e}")
-    first = res[0] if isinstance(res, (tuple, list)) else res
-    while isinstance(first, (tuple, list)):
-        first = first[0]
-    if not first.requires_grad:
-        assert backend != "torch", "the torch backend must be differentiable"
-        pytest.skip(f"{backend} backend is not differentiable")
-    return res
-
-
 def test_gradients(backend):
     dev = device_for(backend)
     rope = make_rope(64)
     k = rnd(1, 2, 3, 64, device=dev).requires_grad_()
-    out = _grad_call(backend, lambda: pskernels.rotate_keys(k, 17, rope, backend=backend))
+    out = grad_call(backend, lambda: pskernels.rotate_keys(k, 17, rope, backend=backend))
     g = torch.randn_like(out)
     out.backward(g)
     # rotation is orthogonal: the gradient is the inverse rotation of g
