@@ -14,8 +14,11 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def cpu_flags():
-    """-O3 + OpenMP, and AVX2/FMA when the building CPU has them (the extension is built where it runs)."""
-    flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno"]
+    """-O3 + OpenMP, and AVX2/FMA when the building CPU has them (the extension is built where it runs).
+
+    -fno-trapping-math (as torch itself is built) lets GCC if-convert the selects of the softmax loops,
+    which it otherwise leaves scalar ("control flow in loop")."""
+    flags = ["-O3", "-std=c++20", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     try:
         with open("/proc/cpuinfo") as f:
             cpu = f.read()

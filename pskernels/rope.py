@@ -74,6 +74,11 @@ class RopeSpec:
         """False for rope types whose frequencies change with sequence length."""
         return self.rope_type not in REINDEX_UNSAFE_ROPE_TYPES
 
+    def same_as(self, other: "RopeSpec") -> bool:
+        """Same style, rotary dim, rope type and frequencies (``==`` would compare the tensors elementwise)."""
+        return (self.style, self.rotary_dim, self.rope_type) == (other.style, other.rotary_dim, other.rope_type) and \
+            self.inv_freq.device == other.inv_freq.device and torch.equal(self.inv_freq, other.inv_freq)
+
     def to(self, device) -> "RopeSpec":
         """Copy with ``inv_freq`` on ``device``."""
         return RopeSpec(self.inv_freq.to(device), self.style, self.rotary_dim, self.rope_type)

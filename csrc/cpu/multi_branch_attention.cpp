@@ -1,21 +1,33 @@
 // CPU multi-branch attention: one pass over every segment's keys where they are stored (no
 // concatenation), query-side RoPE re-indexing, GQA without repeating K/V, split-KV across threads,
 // and a log-sum-exp merge of (split, calibration group) partial states.
+//
+// Work item = (batch row, kv head, chunk of up to kRowChunk query rows, key split). The rows of a chunk
+// are the (query head, query) pairs of one kv head, so each K/V block is read once for all of them.
+// Scores and P.V are BLAS sgemm calls (libtorch's MKL) on the cache memory itself for fp32, on one
+// converted block for bf16/fp16; decode-sized chunks and BLAS-less builds use the loops below.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <bit>
+#include <climits>
+#include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../common.h"
+#include "blas.h"
 #include "pskernels/math.h"
 
 namespace pskernels {
 namespace cpu {
 namespace {
 
-constexpr int kRowTile = 16;  // query rows (all heads of one kv head) sharing each converted K/V block
-constexpr int kKeyBlock = 64;
+constexpr int64_t kRowChunk = 128;  // query rows sharing each K/V block
+constexpr int64_t kKeyBlock = 256;  // keys per block (scores of a chunk: kRowChunk x kKeyBlock floats)
+constexpr int64_t kGemmMinRows = 8;  // fewer rows (decode): BLAS call overhead exceeds the loops' cost
+constexpr int kRows = 4, kCols = 16;  // register tile of the fallback loops
 
 struct Segment {
   const void* k;
@@ -40,36 +52,67 @@ struct Meta {
   int64_t window;
 };
 
-template <typename T>
-inline float ld(const void* p, int64_t i) {
-  return static_cast<float>(static_cast<const T*>(p)[i]);
+// exp(x) for x <= 0 (a score minus its running max): 0 below -87 and for -inf, else within ~2 ulp
+// (Cephes expf: Cody-Waite reduction by ln 2, degree-6 polynomial). Selects, not branches, so loops
+// vectorise (with -fno-trapping-math, see setup.py).
+inline float exp_nonpos(float x) {
+  const float xc = std::max(x, -87.f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const float two_n = std::bit_cast<float>(bits);
+  return x < -87.f ? 0.f : p * two_n;
 }
 
-// s[r][j] = <q_r, k_j> for r < nr (rounded up to kRows; q rows past nr are zero) and all kKeyBlock keys.
-// 4 rows x 16 keys of accumulators stay in registers; the inner loops vectorise over keys.
-constexpr int kRows = 4, kCols = 16;
-static_assert(kRowTile % kRows == 0 && kKeyBlock % kCols == 0, "tile sizes");
-
-inline void scores(const float* q, const float* kt, float* s, int64_t nr, int64_t D) {
-  for (int64_t r0 = 0; r0 < nr; r0 += kRows) {
-    for (int64_t c0 = 0; c0 < kKeyBlock; c0 += kCols) {
-      float acc[kRows][kCols] = {};
-      for (int64_t d = 0; d < D; ++d) {
-        const float* k = kt + d * kKeyBlock + c0;
-        for (int r = 0; r < kRows; ++r) {
-          const float qd = q[(r0 + r) * D + d];
+template <typename T>
+inline void load_rows(const void* src, int64_t ld, int64_t n, int64_t width, float* dst) {
+  const T* p = static_cast<const T*>(src);
+  for (int64_t j = 0; j < n; ++j) {
 #pragma omp simd
-          for (int c = 0; c < kCols; ++c) acc[r][c] += qd * k[c];
-        }
+    for (int64_t d = 0; d < width; ++d) dst[j * width + d] = static_cast<float>(p[j * ld + d]);
+  }
+}
+
+// s[r][j] = <q_r, k_j> for r < nr, j < nb (k rows ldk apart).
+void scores_loops(const float* q, const float* k, int64_t ldk, float* s, int64_t nr, int64_t nb, int64_t D) {
+  for (int64_t j = 0; j < nb; ++j) {
+    const float* kj = k + j * ldk;
+    int64_t r = 0;
+    for (; r + kRows <= nr; r += kRows) {
+      const float *q0 = q + r * D, *q1 = q0 + D, *q2 = q1 + D, *q3 = q2 + D;
+      float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t d = 0; d < D; ++d) {
+        a0 += q0[d] * kj[d];
+        a1 += q1[d] * kj[d];
+        a2 += q2[d] * kj[d];
+        a3 += q3[d] * kj[d];
       }
-      for (int r = 0; r < kRows; ++r)
-        for (int c = 0; c < kCols; ++c) s[(r0 + r) * kKeyBlock + c0 + c] = acc[r][c];
+      s[r * kKeyBlock + j] = a0;
+      s[(r + 1) * kKeyBlock + j] = a1;
+      s[(r + 2) * kKeyBlock + j] = a2;
+      s[(r + 3) * kKeyBlock + j] = a3;
+    }
+    for (; r < nr; ++r) {
+      const float* qr = q + r * D;
+      float a = 0.f;
+#pragma omp simd reduction(+ : a)
+      for (int64_t d = 0; d < D; ++d) a += qr[d] * kj[d];
+      s[r * kKeyBlock + j] = a;
     }
   }
 }
 
-// acc_r += sum_j p[r][j] v[j] for r < nr; row r's accumulator starts at acc + r * stride.
-inline void accumulate(const float* p, const float* v, float* acc, int64_t stride, int64_t nr, int64_t nb, int64_t Dv) {
+// acc_r += sum_j p[r][j] v_j for r < nr (v rows ldv apart; row r's accumulator at acc + r * stride).
+void accumulate_loops(const float* p, const float* v, int64_t ldv, float* acc, int64_t stride, int64_t nr, int64_t nb,
+                      int64_t Dv) {
   int64_t r0 = 0;
   for (; r0 + kRows <= nr; r0 += kRows) {
     int64_t d0 = 0;
@@ -78,7 +121,7 @@ inline void accumulate(const float* p, const float* v, float* acc, int64_t strid
       for (int r = 0; r < kRows; ++r)
         for (int c = 0; c < kCols; ++c) a[r][c] = acc[(r0 + r) * stride + d0 + c];
       for (int64_t j = 0; j < nb; ++j) {
-        const float* vj = v + j * Dv + d0;
+        const float* vj = v + j * ldv + d0;
         for (int r = 0; r < kRows; ++r) {
           const float pj = p[(r0 + r) * kKeyBlock + j];
 #pragma omp simd
@@ -88,15 +131,15 @@ inline void accumulate(const float* p, const float* v, float* acc, int64_t strid
       for (int r = 0; r < kRows; ++r)
         for (int c = 0; c < kCols; ++c) acc[(r0 + r) * stride + d0 + c] = a[r][c];
     }
-    for (int r = 0; r < kRows; ++r)  // value dims past the last full 16
+    for (int r = 0; r < kRows; ++r)  // value dims past the last full kCols
       for (int64_t j = 0; j < nb; ++j)
-        for (int64_t d = d0; d < Dv; ++d) acc[(r0 + r) * stride + d] += p[(r0 + r) * kKeyBlock + j] * v[j * Dv + d];
+        for (int64_t d = d0; d < Dv; ++d) acc[(r0 + r) * stride + d] += p[(r0 + r) * kKeyBlock + j] * v[j * ldv + d];
   }
   for (; r0 < nr; ++r0)
     for (int64_t j = 0; j < nb; ++j) {
       const float pj = p[r0 * kKeyBlock + j];
 #pragma omp simd
-      for (int64_t d = 0; d < Dv; ++d) acc[r0 * stride + d] += pj * v[j * Dv + d];
+      for (int64_t d = 0; d < Dv; ++d) acc[r0 * stride + d] += pj * v[j * ldv + d];
     }
 }
 
@@ -106,11 +149,11 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), D = q.size(3);
   const int64_t S = static_cast<int64_t>(segs.size());
   const int64_t G = Hq / Hkv, R = G * Lq;
-  const int64_t n_tiles = (R + kRowTile - 1) / kRowTile;
-  int64_t n_groups = 1;
+  const int64_t chunk = std::min(R, kRowChunk);
+  const int64_t n_chunks = (R + chunk - 1) / chunk;
+  int64_t Gc = 1;
   if (mt.knobs)
-    for (int64_t s = 0; s < S; ++s) n_groups = std::max(n_groups, mt.groups[s] + 1);
-  const int64_t Gc = n_groups;
+    for (int64_t s = 0; s < S; ++s) Gc = std::max(Gc, mt.groups[s] + 1);
 
   // Keys visible to row b, flattened over segments, decide the split-KV partition.
   std::vector<int64_t> total(B, 0);
@@ -120,30 +163,35 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
       total[b] += std::max<int64_t>(0, mt.seq_lens[s * B + b] - mt.left_pad[s * B + b]);
     max_total = std::max(max_total, total[b]);
   }
-  const int64_t items0 = B * Hkv * n_tiles;
-  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
-  int64_t n_split = std::max<int64_t>(1, (want + items0 - 1) / items0);
-  n_split = std::max<int64_t>(1, std::min(n_split, max_total / 256));
+  const int64_t items0 = B * Hkv * n_chunks;
+  const int64_t threads = at::get_num_threads(), max_split = std::max<int64_t>(1, max_total / 256);
+  int64_t n_split = std::min(max_split, std::max<int64_t>(1, (4 * threads + items0 - 1) / items0));
+  while (n_split < max_split && (items0 * n_split) % threads != 0) ++n_split;  // equal work per thread
 
   const int64_t state = Dv + 2;  // m, l, acc[Dv]
-  std::vector<float> part(static_cast<size_t>(items0 * n_split * kRowTile * Gc * state));
+  const int64_t row_stride = Gc * state;
+  std::vector<float> part(static_cast<size_t>(items0 * n_split * chunk * row_stride));
   const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
   const T* qp = q.data_ptr<T>();
+  const SgemmFn sgemm = blas_sgemm();
+  constexpr bool kF32 = std::is_same_v<T, float>;
 
   at::parallel_for(0, items0 * n_split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(kRowTile * D, 0.f), qr(kRowTile * D, 0.f), kt(kKeyBlock * D), vf(kKeyBlock * Dv);
-    std::vector<float> sc(kRowTile * kKeyBlock);
+    std::vector<float> qf(chunk * D, 0.f), qr(chunk * D, 0.f), sc(chunk * kKeyBlock);
+    std::vector<float> kf(kKeyBlock * D), vf(kKeyBlock * Dv);
+    std::vector<int64_t> jlo(chunk), jhi(chunk);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t split = item % n_split;
-      const int64_t tile = (item / n_split) % n_tiles;
-      const int64_t hkv = (item / n_split / n_tiles) % Hkv;
-      const int64_t b = item / n_split / n_tiles / Hkv;
-      float* st = part.data() + item * kRowTile * Gc * state;
-      for (int64_t x = 0; x < kRowTile * Gc; ++x) {
+      const int64_t ck = (item / n_split) % n_chunks;
+      const int64_t hkv = (item / n_split / n_chunks) % Hkv;
+      const int64_t b = item / n_split / n_chunks / Hkv;
+      float* st = part.data() + item * chunk * row_stride;
+      for (int64_t x = 0; x < chunk * Gc; ++x) {
         st[x * state] = kNegInf;
         std::fill(st + x * state + 1, st + (x + 1) * state, 0.f);
       }
-      const int64_t r0 = tile * kRowTile, nr = std::min<int64_t>(kRowTile, R - r0);
+      const int64_t r0 = ck * chunk, nr = std::min(chunk, R - r0);
+      const bool use_gemm = sgemm != nullptr && nr >= kGemmMinRows;
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t hq = hkv * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qp[b * sqb + hq * sqh + i * sql + d]);
@@ -170,48 +218,76 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
         }
         const int64_t g = mt.knobs ? mt.groups[s] : 0;
         const bool causal = mt.causal_last && s == S - 1;
+        // Visible slots of each row in this segment: causal (bottom-right) and sliding-window bounds.
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = (r0 + r) % Lq;
+          jlo[r] = j0;
+          jhi[r] = causal ? std::min(j1 - 1, len - Lq + i) : j1 - 1;
+          if (mt.window > 0) jlo[r] = std::max(jlo[r], mt.q_pos[b * Lq + i] - mt.seg_pos[s * B + b] - mt.window + 1);
+        }
         const int64_t kb = b * sg.skb + hkv * sg.skh, vb = b * sg.svb + hkv * sg.svh;
+        const bool direct = kF32 && sg.skl <= INT_MAX && sg.svl <= INT_MAX;  // BLAS reads the cache in place
         for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
           const int64_t nb = std::min<int64_t>(kKeyBlock, j1 - jb);
-          // K block transposed ([D][kKeyBlock], zero tail) so score loops vectorise over keys.
-          for (int64_t jj = 0; jj < kKeyBlock; ++jj)
-            for (int64_t d = 0; d < D; ++d)
-              kt[d * kKeyBlock + jj] = jj < nb ? ld<T>(sg.k, kb + (jb + jj) * sg.skl + d) : 0.f;
-          for (int64_t jj = 0; jj < nb; ++jj)
-            for (int64_t d = 0; d < Dv; ++d) vf[jj * Dv + d] = ld<T>(sg.v, vb + (jb + jj) * sg.svl + d);
-          scores(qrow, kt.data(), sc.data(), nr, D);
+          const float *kp, *vp;
+          int64_t ldk, ldv;
+          if (direct) {
+            kp = static_cast<const float*>(sg.k) + kb + jb * sg.skl, ldk = sg.skl;
+            vp = static_cast<const float*>(sg.v) + vb + jb * sg.svl, ldv = sg.svl;
+          } else {
+            load_rows<T>(static_cast<const T*>(sg.k) + kb + jb * sg.skl, sg.skl, nb, D, kf.data());
+            load_rows<T>(static_cast<const T*>(sg.v) + vb + jb * sg.svl, sg.svl, nb, Dv, vf.data());
+            kp = kf.data(), ldk = D, vp = vf.data(), ldv = Dv;
+          }
+          if (use_gemm)
+            gemm_row_major(sgemm, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), qrow,
+                           static_cast<int>(D), kp, static_cast<int>(ldk), 0.f, sc.data(), static_cast<int>(kKeyBlock));
+          else
+            scores_loops(qrow, kp, ldk, sc.data(), nr, nb, D);
           for (int64_t r = 0; r < nr; ++r) {
-            const int64_t hq = hkv * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
+            const int64_t hq = hkv * G + (r0 + r) / Lq;
             const float inv_t = mt.temperature ? 1.f / mt.temperature[g * Hq + hq] : 1.f;
             float* x = sc.data() + r * kKeyBlock;
-            float mb = kNegInf;
-            for (int64_t jj = 0; jj < nb; ++jj) {
-              const int64_t j = jb + jj;
-              float y = soft_cap(x[jj] * mt.scale, mt.softcap) * inv_t;
-              if (causal && j > len - Lq + i) y = kNegInf;
-              if (mt.window > 0 && mt.q_pos[b * Lq + i] - (mt.seg_pos[s * B + b] + j) >= mt.window) y = kNegInf;
-              x[jj] = y;
-              mb = std::max(mb, y);
+            if (mt.softcap > 0.f) {
+              for (int64_t jj = 0; jj < nb; ++jj) x[jj] = soft_cap(x[jj] * mt.scale, mt.softcap) * inv_t;
+            } else {
+              const float mul = mt.scale * inv_t;
+#pragma omp simd
+              for (int64_t jj = 0; jj < nb; ++jj) x[jj] *= mul;
             }
-            float* so = st + (r * Gc + g) * state;
+            // mask outside this row's visible range [jlo, jhi] of slots
+            const int64_t vlo = std::clamp<int64_t>(jlo[r] - jb, 0, nb), vend = std::clamp<int64_t>(jhi[r] + 1 - jb, vlo, nb);
+            std::fill(x, x + vlo, kNegInf);
+            std::fill(x + vend, x + nb, kNegInf);
+            float mb = kNegInf;
+#pragma omp simd reduction(max : mb)
+            for (int64_t jj = vlo; jj < vend; ++jj) mb = std::max(mb, x[jj]);
             if (mb == kNegInf) {  // nothing visible in this block: p = 0 leaves the state unchanged
-              std::fill(x, x + kKeyBlock, 0.f);
+              std::fill(x, x + nb, 0.f);
               continue;
             }
+            float* so = st + (r * Gc + g) * state;
             const float m = std::max(so[0], mb);
             const float f = rescale(so[0], m);
-            float l = so[1] * f;
-            for (int64_t jj = 0; jj < kKeyBlock; ++jj) {
-              const float pj = jj < nb && x[jj] != kNegInf ? expf(x[jj] - m) : 0.f;
-              x[jj] = pj;
-              l += pj;
+            float l = 0.f;
+#pragma omp simd reduction(+ : l)
+            for (int64_t jj = 0; jj < nb; ++jj) {
+              x[jj] = exp_nonpos(x[jj] - m);
+              l += x[jj];
             }
             float* acc = so + 2;
+#pragma omp simd
             for (int64_t d = 0; d < Dv; ++d) acc[d] *= f;
             so[0] = m;
-            so[1] = l;
+            so[1] = so[1] * f + l;
           }
-          accumulate(sc.data(), vf.data(), st + g * state + 2, Gc * state, nr, nb, Dv);
+          float* acc0 = st + g * state + 2;
+          if (use_gemm)
+            gemm_row_major(sgemm, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), sc.data(),
+                           static_cast<int>(kKeyBlock), vp, static_cast<int>(ldv), 1.f, acc0,
+                           static_cast<int>(row_stride));
+          else
+            accumulate_loops(sc.data(), vp, ldv, acc0, row_stride, nr, nb, Dv);
         }
       }
     }
@@ -226,13 +302,13 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
     for (int64_t x = begin; x < end; ++x) {
       const int64_t row = x % R, hkv = (x / R) % Hkv, b = x / R / Hkv;
       const int64_t hq = hkv * G + row / Lq, i = row % Lq;
-      const int64_t tile = row / kRowTile, r = row % kRowTile;
+      const int64_t ck = row / chunk, r = row % chunk;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < Gc; ++g) {
         gs[g] = empty_state();
         for (int64_t split = 0; split < n_split; ++split) {
-          const int64_t item = ((b * Hkv + hkv) * n_tiles + tile) * n_split + split;
-          const float* so = part.data() + ((item * kRowTile + r) * Gc + g) * state;
+          const int64_t item = ((b * Hkv + hkv) * n_chunks + ck) * n_split + split;
+          const float* so = part.data() + (item * chunk + r) * row_stride + g * state;
           float fa, fb;
           merge_factors(gs[g], SoftmaxState{so[0], so[1]}, fa, fb);
           for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] = acc[g * Dv + d] * fa + so[2 + d] * fb;

@@ -261,11 +261,17 @@ class ParallelCache(Cache):
         else:
             rel = position_ids.to("cpu", torch.int64).expand(B, q_len)
         vpos = rel + self.query_start[:, None]
-        self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device}
+        self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device,
+                        "validated": {}}
         return vpos.to(device)
 
     def end_forward(self):
         self._active = None
+
+    @property
+    def validated(self) -> dict:
+        """Per-forward store of validated attention arguments, keyed by segment layout (see attention.py)."""
+        return self._active["validated"]
 
     # ---- segments of one layer (called by the attention function) -------------------------------------
     def _views(self, layer_idx: int):
@@ -322,7 +328,9 @@ class ParallelCache(Cache):
                 self._mapped[l] = list(zip(ko[j], vo[j]))
     def segments(self, layer_idx: int, own_k: torch.Tensor, own_v: torch.Tensor, sliding_window: int | None,
                  rope_of=None):
-        """Keyword arguments of :func:`multi_branch_attention` for this layer's [prefix, branches, own]."""
+        """Keys, values and keyword arguments of :func:`multi_branch_attention` for this layer's
+        [prefix, branches, own], plus a layout key shared by the layers whose arguments are identical
+        (None when per-layer mapper knobs make them differ)."""
         st = self._active
         views = self._views(layer_idx)
         if self.mapper is not None and self.branches:
@@ -343,8 +351,8 @@ class ParallelCache(Cache):
             if knobs and self.branches:
                 first = len(views) - len(self.branches)
                 groups = [0] * first + [1] * len(self.branches) + [0]
-                meta = dict(meta, segment_groups=groups, **knobs)
-        return keys, values, meta
+                return keys, values, dict(meta, segment_groups=groups, **knobs), None
+        return keys, values, meta, sig
 
     def _segment_meta(self, views, own_len, window, layer_idx):
         B = self.batch

@@ -46,7 +46,10 @@ class PatchHandle:
     def rope(self, layer_idx: int):
         spec = self._ropes.get(layer_idx)
         if spec is None:
-            spec = self._ropes[layer_idx] = rope_spec_for_layer(self.decoder, layer_idx)
+            spec = rope_spec_for_layer(self.decoder, layer_idx)
+            # layers with the same RoPE share one object (attention reuses validation by its identity)
+            spec = next((s for s in self._ropes.values() if s.same_as(spec)), spec)
+            self._ropes[layer_idx] = spec
         return spec
 
     def _pre_hook(self, module, args, kwargs):

@@ -98,6 +98,15 @@ def multi_branch_attention(
         query_positions=query_positions, left_pad=left_pad, temperature=temperature, lse_scale=lse_scale,
         log_weight=log_weight, segment_groups=segment_groups,
     )
+    return attend_normalized(q, keys, values, params, backend)
+
+
+def attend_normalized(q, keys, values, params: SegmentParams, backend: str = "auto"):
+    """:func:`multi_branch_attention` with arguments :func:`normalize_segments` already checked.
+
+    For callers that validate once and attend many times with the same layout (the HF integration
+    reuses one validation for every layer of a forward whose segment shapes match).
+    """
     if q.numel() == 0:  # no query rows: nothing to attend (no backend has to handle empty grids)
         B, Hq, Lq, _ = q.shape
         return q.new_zeros(B, Hq, Lq, values[0].shape[-1]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
