@@ -28,7 +28,7 @@ def merge_final(b_m, b_den, b_acc):
     """Normalised output and natural-log LSE (0 and -inf where no state contributed)."""
     b_ok = b_den > 0
     b_d = tl.where(b_ok, b_den, 1.0)
-    return b_acc / b_d[:, None], tl.where(b_ok, (b_m + tl.log2(b_d)) * LN2, float("-inf"))
+    return b_acc * (1.0 / b_d)[:, None], tl.where(b_ok, (b_m + tl.log2(b_d)) * LN2, float("-inf"))
 
 
 @triton.jit
@@ -53,8 +53,10 @@ def _combine_kernel(
     o_d = tl.arange(0, BLOCK_DV)
     m_l = o_l < L - l0
     m_x = m_l[:, None] & (o_d < DV)[None, :]
-    p_o = (o + i_b * sob + i_h * soh + l0 * sol) + (o_l[:, None] * sol + o_d[None, :] * sod)
-    p_s = (lse + i_b * slb + i_h * slh + l0 * sll) + o_l * sll
+    # loops carry scalar 64-bit bases only; [BL, BDV] pointer tensors there would cost registers (and spill)
+    off_o, off_s = o_l[:, None] * sol + o_d[None, :] * sod, o_l * sll  # [BL, BDV], [BL] 32-bit
+    p_o = o + i_b * sob + i_h * soh + l0 * sol
+    p_s = lse + i_b * slb + i_h * slh + l0 * sll
 
     b_M = tl.full([BLOCK_L], float("-inf"), tl.float32)
     b_DEN = tl.zeros([BLOCK_L], tl.float32)
@@ -65,8 +67,8 @@ def _combine_kernel(
         b_acc = tl.zeros([BLOCK_L, BLOCK_DV], tl.float32)
         p_sg, p_og = p_s, p_o
         for _ in range(NS):
-            b_s = tl.load(p_sg, mask=m_l, other=float("-inf")) * LOG2E
-            b_o = tl.load(p_og, mask=m_x, other=0.0).to(tl.float32)
+            b_s = tl.load(p_sg + off_s, mask=m_l, other=float("-inf")) * LOG2E
+            b_o = tl.load(p_og + off_o, mask=m_x, other=0.0).to(tl.float32)
             b_m, b_den, b_acc = merge_step(b_m, b_den, b_acc, b_s, b_o)
             p_sg, p_og = p_sg + sls, p_og + sos
         p_s, p_o = p_s + slg, p_o + sog  # pointer increments: 64-bit without casting loop counters
