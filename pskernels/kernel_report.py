@@ -55,7 +55,6 @@ def _mba_configs():
 # feature at once (worst register pressure), and split-KV decode (Lq = 1, one group: Triton turns runtime
 # ints equal to 1 into constants, as the launcher's specialisation does)
 MBA_VARIANTS = {
-    "plain": dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False),
     "shift": dict(GPTJ=False, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False),
     "all": dict(GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_KNOBS=True, SPLIT=False),
     "decode": dict(GPTJ=True, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=True,
@@ -227,7 +226,7 @@ def compile_job(job: dict) -> dict:
         with contextlib.redirect_stdout(buf):
             k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                target=GPUTarget("cuda", job["arch"], 32),
-                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"], **({"maxnreg": job["maxnreg"]} if job.get("maxnreg") else {})))
+                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
         log = buf.getvalue()
         if "registers" not in log:  # cubin came from Triton's cache: run the bundled ptxas ourselves
             log = _run_ptxas(k.asm["ptx"], job["arch"])

@@ -37,7 +37,7 @@ def test_cuda_kernels_do_not_spill():
     assert max(int(r) for r in regs) <= 255
 
 
-_BLAS_OFF_CHECK = r"""
+_CPU_ATTENTION_CHECK = r"""
 import torch, pskernels
 torch.manual_seed(0)
 worst = 0.0
@@ -65,7 +65,7 @@ def test_cpu_attention_with_and_without_blas(blas):
     import sys
 
     env = dict(os.environ, PSKERNELS_CPU_BLAS=blas)
-    res = subprocess.run([sys.executable, "-c", _BLAS_OFF_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", _CPU_ATTENTION_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     worst = float(res.stdout.split("WORST")[1])
     assert worst <= 1.0, f"max error {worst:.2f}x the tolerance"
