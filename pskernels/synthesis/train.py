@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import json
+import math
 import os
 import sys
 import time
@@ -224,13 +225,26 @@ def _tokenize_all(tokenizer, examples, device):
     return out
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr for optimizer step ``step`` (0-based) of ``steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    span = max(steps - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup_steps, span) / span))
+
+
 def train(model, tokenizer, examples, *, mapper=None, lora=True, steps: int = 100, lr: float = 1e-3,
           kl_weight: float = 1.0, ce_weight: float = 0.0, eval_examples=None, eval_every: int = 0,
           checkpoint_dir=None, save_every: int | None = None, resume: bool = False, seed: int = 0,
           scheme: str = "sequential", lora_r: int = 8, lora_alpha: int = 16, mapper_rank: int = 8,
           mapper_lr: float | None = None, grad_accum: int = 1, max_grad_norm: float | None = 1.0,
           target_tokens: int = 16, cache_teacher: bool = True, log_every: int = 10, log=print,
-          config_extra: dict | None = None) -> dict:
+          lr_schedule: str = "constant", warmup_steps: int = 0, config_extra: dict | None = None) -> dict:
     """Train the mapper and the LoRA adapter to match text-concatenation synthesis.
 
     Parameters
@@ -243,8 +257,10 @@ def train(model, tokenizer, examples, *, mapper=None, lora=True, steps: int = 10
     mapper : CacheMapper, None or False
         ``None``: a fresh ``CacheMapper.for_model(model, rank=mapper_rank)`` (identity at init);
         ``False``: train without a mapper.
-    steps, lr, kl_weight, ce_weight, grad_accum, max_grad_norm : optimisation (AdamW, constant lr;
-        ``mapper_lr`` overrides the mapper's lr).
+    steps, lr, kl_weight, ce_weight, grad_accum, max_grad_norm : optimisation (AdamW; ``mapper_lr``
+        overrides the mapper's lr).
+    lr_schedule, warmup_steps : ``"constant"`` or ``"cosine"`` (decay to 0 at ``steps``), after a linear
+        warmup of ``warmup_steps``; a function of the step only, so a resumed run follows the same curve.
     eval_examples, eval_every : held-out examples and how often (in steps) to report their KL / top-1.
     checkpoint_dir, save_every, resume : checkpoints (default every ``eval_every`` steps and at the end);
         ``resume=True`` restores mapper, adapter, optimizer, step, history and RNG from ``checkpoint_dir``.
@@ -263,6 +279,10 @@ def train(model, tokenizer, examples, *, mapper=None, lora=True, steps: int = 10
     torch.manual_seed(seed)
     if not examples:
         raise ValueError("examples: expected at least one training example")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {lr_schedule!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
     if lora and not is_peft_model(model):
         model = add_synthesizer_adapter(model, r=lora_r, alpha=lora_alpha)
     for n, p in model.named_parameters():
@@ -293,6 +313,7 @@ def train(model, tokenizer, examples, *, mapper=None, lora=True, steps: int = 10
     if not groups:
         raise ValueError("nothing to train: lora=False and mapper=False")
     opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
+    base_lrs = [g["lr"] for g in opt.param_groups]
     params = [p for g in groups for p in g["params"]]
 
     train_ex = _tokenize_all(tokenizer, examples, dev)
@@ -303,6 +324,7 @@ def train(model, tokenizer, examples, *, mapper=None, lora=True, steps: int = 10
               "mapper": mapper is not None, "mapper_rank": mapper.config.rank if mapper is not None else None,
               "lr": lr, "mapper_lr": mapper_lr, "kl_weight": kl_weight, "ce_weight": ce_weight, "seed": seed,
               "grad_accum": grad_accum, "target_tokens": target_tokens, "train_examples": len(train_ex),
+              "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
               **(config_extra or {})}
     history, evals, step = [], [], 0
     if resuming:
@@ -346,6 +368,9 @@ def train(model, tokenizer, examples, *, mapper=None, lora=True, steps: int = 10
                 tot["ce"] += ce.item() / grad_accum
             if max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            factor = lr_factor(step, steps, lr_schedule, warmup_steps)
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = base * factor
             opt.step()
             step += 1
             history.append({"step": step, **tot, "seconds": time.perf_counter() - ts})
@@ -406,6 +431,9 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr-schedule", default="constant", choices=list(LR_SCHEDULES),
+                   help="cosine: decay to 0 at --steps")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup")
     p.add_argument("--scheme", default="sequential", choices=["parallel", "sequential", "right_aligned"])
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
@@ -433,7 +461,8 @@ def run_train(args) -> int:
           f"model {args.model}, scheme {args.scheme}", flush=True)
     r = train(model, tok, train_ex, mapper=False if args.no_mapper else None, lora=not args.no_lora,
               steps=args.steps, lr=args.lr, mapper_lr=args.mapper_lr, kl_weight=args.kl_weight,
-              ce_weight=args.ce_weight, eval_examples=eval_ex, eval_every=args.eval_every,
+              ce_weight=args.ce_weight, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+              eval_examples=eval_ex, eval_every=args.eval_every,
               checkpoint_dir=args.out, save_every=args.save_every, resume=args.resume, seed=args.seed,
               scheme=args.scheme, lora_r=args.lora_r, lora_alpha=args.lora_alpha, mapper_rank=args.mapper_rank,
               grad_accum=args.grad_accum, target_tokens=args.target_tokens, log_every=args.log_every,
