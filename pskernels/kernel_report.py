@@ -1,9 +1,10 @@
 """Ahead-of-time compilation report of the Triton kernels for real GPUs, without a GPU.
 
 Every ``@triton.jit`` kernel of ``pskernels.triton`` is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for each autotune config the module
-ships (``multi_branch_attention._GPU_CONFIGS``; the other kernels have one launcher-fixed tile), each dtype
-(fp16, bf16, fp32) and head dim (64, 128, and 80, which runs masked in a 128-wide tile). Triton's bundled
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for each dtype (fp16, bf16, fp32),
+head dim (64, 128, and 80, which runs masked in a 128-wide tile) and, for multi_branch_attention, each
+constexpr specialisation in ``MBA_VARIANTS`` with every autotune tile the launcher's prune keeps for it on
+that arch (``multi_branch_attention.tiles_for``; the other kernels have one launcher-fixed tile). Triton's bundled
 ``ptxas`` (``ptxas -v``, the same binary and flags Triton uses to build the cubin) gives registers and
 spill bytes; ``metadata.shared`` gives shared memory; the PTX shows whether Hopper ``wgmma`` is used.
 
@@ -45,75 +46,67 @@ def _p2(n: int) -> int:
 # ------------------------------------------------------------------------------------------------ jobs
 
 
-def _mba_configs():
-    from pskernels.triton.multi_branch_attention import _GPU_CONFIGS
-
-    return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in _GPU_CONFIGS]
-
-
-# multi_branch_attention constexpr specialisations: the HF ParallelCache path (shifted branches), every
-# feature at once (worst register pressure), and split-KV decode (Lq = 1, one group: Triton turns runtime
-# ints equal to 1 into constants, as the launcher's specialisation does)
+_OFF = dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False)
+_HEAVY = dict(SOFTCAP=True, WINDOW=True, HAS_KNOBS=True)
+# multi_branch_attention constexpr specialisations, at least one per tile class of the launcher's autotune
+# prune (``tile_class``): no RoPE shift, neox over the whole head (the ParallelCache path; at D=80 the head is
+# not a power of two and it takes the general path), gptj, partial rotary, softcap + window + calibration knobs
+# with each RoPE layout, and split-KV decode. Lq and the other runtime ints stay runtime values.
 MBA_VARIANTS = {
-    "shift": dict(GPTJ=False, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False),
-    "all": dict(GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_KNOBS=True, SPLIT=False),
-    "decode": dict(GPTJ=True, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=True,
-                   Lq=1, NGR=1),
+    "plain": dict(_OFF),
+    "rope": dict(_OFF, HAS_SHIFT=True),
+    "rope_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True),
+    "rope_partial": dict(_OFF, HAS_SHIFT=True, ROT_DIV=2),
+    "heavy": dict(_OFF, **_HEAVY),
+    "heavy_rope": dict(_OFF, HAS_SHIFT=True, **_HEAVY),
+    "heavy_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True, **_HEAVY),
+    "split": dict(_OFF, HAS_SHIFT=True, SPLIT=True),
+    "split_heavy": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, **_HEAVY),
 }
+
+
+def _mba_constexprs(var: str, D: int) -> dict:
+    v = dict(MBA_VARIANTS[var])
+    return dict(v, ROT=D // v.pop("ROT_DIV", 1), BLOCK_D=max(16, _p2(D)))
+
+
+def mba_tiles(var: str, dtype: str, D: int, arch: int) -> list[tuple[int, int, int, int]]:
+    """The autotune tiles the launcher's prune keeps for this specialisation (``tiles_for(tile_class(...))``)."""
+    from pskernels.triton.multi_branch_attention import tile_class, tiles_for
+
+    return tiles_for(tile_class(**_mba_constexprs(var, D)), dtype != "fp32", arch)
 
 
 def jobs(level: str = "full", archs: Iterable[int] = (80, 90)) -> list[dict]:
     """Compile jobs.
 
-    ``level="full"``: multi_branch_attention for every autotune config x dtype x head dim in the "all" and
-    "decode" specialisations (and "shift" at D=128), and the fixed-tile kernels for every dtype x head dim.
-    ``level="ci"`` (the default test; a few minutes on 2 cores): every config in the worst case ("all",
-    D=128) as bf16 on sm_90 and as fp32 on sm_80 (tightest shared memory), every dtype x head dim at the
-    launcher's first config (decode) on sm_90, the ParallelCache prefill ("shift") at the first config on
-    both archs, and the fixed-tile kernels at D=128 and D=80 (bf16, fp32) on sm_90 and bf16 D=128 on sm_80.
+    ``level="full"`` (the default test): multi_branch_attention in every variant x dtype x head dim x arch,
+    each with every tile the autotune prune keeps for it (``mba_tiles``), and the fixed-tile kernels for every
+    dtype x head dim. ``level="ci"`` (quicker, for local iteration): the same for bf16 and fp32 at D=128 and
+    D=80 only (the worst cases measured), fixed-tile kernels at D=128.
     """
-    out = []
-    cfgs = _mba_configs()
+    from pskernels.triton.multi_branch_attention import MAXNREG
 
-    def mba(var, ci, dt, D, arch):
-        kw, w, st = cfgs[ci]
-        out.append(dict(kernel="_mba_fwd_kernel", variant=var, config=dict(kw), num_warps=w, num_stages=st,
-                        dtype=dt, D=D, arch=arch, default=ci == 0))
-
-    def small(dt, D, arch):
-        # fixed launcher tiles (num_warps 4, num_stages 3: Triton's defaults)
-        for kernel, variants in (("_combine_kernel", ("knobs", "plain")), ("_rotate_keys_kernel", ("neox", "gptj")),
-                                 ("_map_kv_kernel", ("rotate", "transform"))):
-            for var in variants:
-                out.append(dict(kernel=kernel, variant=var, config=dict(BLOCK_L=16), num_warps=4, num_stages=3,
-                                dtype=dt, D=D, arch=arch, default=True))
-
-    archs = tuple(archs)
-    if level == "full":
-        for arch in archs:
-            for dt in DTYPES:
-                for D in HEAD_DIMS:
-                    for ci in range(len(cfgs)):
-                        for var in ("all", "decode") + (("shift",) if D == 128 else ()):
-                            mba(var, ci, dt, D, arch)
-                    small(dt, D, arch)
-    elif level == "ci":
-        for arch in archs:
-            worst = "bf16" if arch >= 90 else "fp32"
-            for ci in range(len(cfgs)):
-                mba("all", ci, worst, 128, arch)
-            mba("shift", 0, "bf16", 128, arch)
-            if arch >= 90:
-                for dt in DTYPES:
-                    for D in HEAD_DIMS:
-                        mba("decode", 0, dt, D, arch)
-                for dt in ("bf16", "fp32"):
-                    for D in (128, 80):
-                        small(dt, D, arch)
-            else:
-                small("bf16", 128, arch)
-    else:
+    if level not in ("full", "ci"):
         raise ValueError(f"level: expected 'full' or 'ci', got {level!r}")
+    out = []
+    dtypes, dims = (DTYPES, HEAD_DIMS) if level == "full" else (("bf16", "fp32"), (128, 80))
+    for arch in tuple(archs):
+        for dt in dtypes:
+            for D in dims:
+                for var in MBA_VARIANTS:
+                    for i, (bm, bn, w, st) in enumerate(mba_tiles(var, dt, D, arch)):
+                        out.append(dict(kernel="_mba_fwd_kernel", variant=var, config=dict(BLOCK_M=bm, BLOCK_N=bn),
+                                        num_warps=w, num_stages=st, maxnreg=MAXNREG, dtype=dt, D=D, arch=arch,
+                                        default=i == 0))
+                if level == "full" or D == 128:
+                    # fixed launcher tiles (num_warps 4, num_stages 3: Triton's defaults)
+                    for kernel, variants in (("_combine_kernel", ("knobs", "plain")),
+                                             ("_rotate_keys_kernel", ("neox", "gptj")),
+                                             ("_map_kv_kernel", ("rotate", "transform"))):
+                        for var in variants:
+                            out.append(dict(kernel=kernel, variant=var, config=dict(BLOCK_L=16), num_warps=4,
+                                            num_stages=3, dtype=dt, D=D, arch=arch, default=True))
     return out
 
 
@@ -134,8 +127,8 @@ def _spec(job):
         fn = _mba_fwd_kernel
         ptrs = dict(q="*" + dt, o="*" + dt, lse="*fp32", ws_o="*fp32", ws_lse="*fp32", seg="*i64", seg_row="*i64",
                     grp="*i64", qpos="*i64", knobs="*fp32", inv_freq="*fp32")
-        consts = dict(G=4, D=D, DV=D, ROT=D, PREC="ieee" if dt == "fp32" else "tf32", DOT_DT=tl_dt, ALIGNED=True,
-                      ES=es, BLOCK_D=BD, BLOCK_DV=BD, **MBA_VARIANTS[var], **job["config"])
+        consts = dict(G=4, D=D, DV=D, PREC="ieee" if dt == "fp32" else "tf32", DOT_DT=tl_dt, ALIGNED=True,
+                      ES=es, BLOCK_DV=BD, **_mba_constexprs(var, D), **job["config"])
         floats = ("scale", "softcap")
         div16 = {"sqb", "sqh", "sqm", "sob", "soh", "som"}  # D, H*D, L*H*D: multiples of 16 for D in 64/80/128
     elif job["kernel"] == "_combine_kernel":
@@ -217,6 +210,8 @@ def compile_job(job: dict) -> dict:
 
     row = {k: job.get(k) for k in ("kernel", "variant", "dtype", "D", "arch", "default")}
     row["config"] = dict(job["config"], num_warps=job["num_warps"], num_stages=job["num_stages"])
+    if job.get("maxnreg"):
+        row["config"]["maxnreg"] = job["maxnreg"]
     row["smem_limit"] = SMEM_LIMIT[job["arch"]]
     t0 = time.perf_counter()
     try:
@@ -226,7 +221,8 @@ def compile_job(job: dict) -> dict:
         with contextlib.redirect_stdout(buf):
             k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                                target=GPUTarget("cuda", job["arch"], 32),
-                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"]))
+                               options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"],
+                                            maxnreg=job.get("maxnreg")))
         log = buf.getvalue()
         if "registers" not in log:  # cubin came from Triton's cache: run the bundled ptxas ourselves
             log = _run_ptxas(k.asm["ptx"], job["arch"])
@@ -322,9 +318,8 @@ def triton_kernel_report(archs=(80, 90), level: str = "full", workers: int | Non
     """Rows ``{kernel, variant, config, dtype, D, arch, registers, spill_stores, spill_loads, shared,
     smem_limit, wgmma, mma_sync, default, compile_s, error}`` for every compile job (see :func:`jobs`).
 
-    ``default`` marks the tile the launcher uses first (``_GPU_CONFIGS[0]``, the decode-sized tile, for
-    multi_branch_attention; the only tile of the other kernels). Runs in a clean subprocess when this
-    process uses the Triton interpreter."""
+    ``default`` marks the first tile of a specialisation's autotune list (the only tile of the other
+    kernels). Runs in a clean subprocess when this process uses the Triton interpreter."""
     archs = tuple(int(a) for a in archs)
     if cache_path == "default":
         cache_path = _default_cache()

@@ -265,13 +265,13 @@ import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from pskernels.triton.map_kv_caches import _map_kv_kernel
 from pskernels.triton.merge_states import _combine_kernel
-from pskernels.triton.multi_branch_attention import _GPU_CONFIGS, _mba_fwd_kernel
+from pskernels.triton.multi_branch_attention import _mba_fwd_kernel, tile_class, tiles_for
 from pskernels.triton.rotate_keys import _rotate_keys_kernel
 
 def compile(fn, ptrs, consts, cfg=None):
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("scale", "softcap") else "i32")
            for n in fn.arg_names}
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages) if cfg else {}
+    opts = dict(num_warps=cfg[2], num_stages=cfg[3]) if cfg else {}
     k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
                        target=GPUTarget("cuda", 90, 32), options=opts)
     assert k.metadata.shared <= 227 * 1024, (fn.__name__, k.metadata.shared)
@@ -285,9 +285,9 @@ base = dict(G=4, D=128, DV=128, ROT=128, PREC="tf32", DOT_DT=tl.bfloat16, ALIGNE
 prefill = dict(base, GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_KNOBS=True, SPLIT=False)
 decode = dict(base, GPTJ=True, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=True,
               B=1, HKV=1, Lq=1, NGR=1, window=1)
-cfg = _GPU_CONFIGS[3]
-compile(_mba_fwd_kernel, ptrs, dict(prefill, **cfg.kwargs), cfg)
-compile(_mba_fwd_kernel, ptrs, dict(decode, **_GPU_CONFIGS[0].kwargs), _GPU_CONFIGS[0])
+for consts in (prefill, decode):
+    for cfg in tiles_for(tile_class(**consts), True, 90):
+        compile(_mba_fwd_kernel, ptrs, dict(consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1]), cfg)
 compile(_combine_kernel, dict(o="*fp32", lse="*fp32", out="*" + dt, out_lse="*fp32", knobs="*fp32"),
         dict(DV=80, HAS_KNOBS=True, BLOCK_L=16, BLOCK_DV=128, NGR=1, NS=1))
 compile(_rotate_keys_kernel, dict(k="*" + dt, o="*" + dt, delta="*i64", inv_freq="*fp32"),

@@ -7,7 +7,9 @@ strides with unit last stride); per segment the query tile is rotated by ``-shif
 (RoPE is relative, so this re-indexes the segment's keys without rewriting them).
 
 Decode (few query rows) splits every segment's key range across ``NSPLIT`` programs that write
-partial states; ``merge_states``' combine kernel merges them.
+partial states; ``merge_states``' combine kernel merges them. Calibrated groups (temperature, LSE
+scale, log-weight knobs) take the same route with one or more splits: the combine kernel applies the
+knobs while merging the groups.
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import triton.language as tl
 from .._segments import SegmentParams
 from ..ops._backend import register
 from . import _check_inputs, _empty, _on_gpu, _triton_available
-from .merge_states import LOG2E, combine, merge_final, merge_step
-from .rotate_keys import rope_apply, rope_layout, rope_partner
+from .merge_states import LOG2E, combine, merge_final
+from .rotate_keys import rope_apply, rope_layout, rope_partner, sincos
 
 # segment table rows (int64): k_ptr, v_ptr, k strides (b, h, l), v strides (b, h, l), causal;
 # per-(segment, batch row) table: seq_len, left_pad, shift, segment_position
@@ -62,7 +64,12 @@ def _mba_fwd_kernel(
     i0 = i_m * BLOCK_M // G
     h0, i0_64 = (i_hk * G).to(tl.int64), i0.to(tl.int64)
     p_q = (q + i_b * sqb + h0 * sqh + i0_64 * sqm) + (o_g * sqh + (o_i - i0) * sqm)  # [BM]
-    if HAS_SHIFT:
+    # neox over the whole (power-of-two) head: rotate the two halves as separate [BM, BD/2] tiles
+    HALVES: tl.constexpr = HAS_SHIFT and not GPTJ and ROT == BLOCK_D
+    if HALVES:
+        o_h = tl.arange(0, BLOCK_D // 2)
+        b_inv = tl.load(inv_freq + o_h)  # [BD/2]
+    elif HAS_SHIFT:
         sign, b_inv = rope_layout(o_d, inv_freq, ROT, GPTJ)
     else:
         b_qs = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
@@ -72,11 +79,6 @@ def _mba_fwd_kernel(
     p_o = (o + i_b * sob + h0 * soh + i0_64 * som) + (o_g * soh + (o_i - i0) * som)  # [BM]
     p_lse = lse + (i_b * HQ + o_hq) * Lq + o_i
 
-    if HAS_KNOBS and not SPLIT:
-        # calibrated groups need a second level of merging, across groups
-        b_M = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        b_DEN = tl.zeros([BLOCK_M], tl.float32)
-        b_ACC = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     for i_g in range(NGR):
         if HAS_KNOBS:
             b_t = tl.load(knobs + i_g * HQ + o_hq, mask=m_r, other=1.0)  # [BM] temperature
@@ -115,7 +117,15 @@ def _mba_fwd_kernel(
                 lo += i_s * chunk
                 hi = tl.minimum(hi, lo + chunk)
                 b_lo, b_hi = tl.maximum(b_lo, lo), tl.minimum(b_hi, hi - 1)
-            if HAS_SHIFT:
+            if HALVES:
+                b_q1 = tl.load(p_q[:, None] + o_h[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+                b_q2 = tl.load(p_q[:, None] + (o_h + BLOCK_D // 2)[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+                b_sin, b_cos = sincos(-shift.to(tl.float32) * b_inv)  # [BD/2]
+                b_r1 = b_q1 * b_cos[None, :] - b_q2 * b_sin[None, :]
+                b_r2 = b_q2 * b_cos[None, :] + b_q1 * b_sin[None, :]
+                b_qs = tl.reshape(tl.permute(tl.join(b_r1, b_r2), (0, 2, 1)), [BLOCK_M, BLOCK_D])
+                b_qs = b_qs.to(q.dtype.element_ty)
+            elif HAS_SHIFT:
                 # q is re-read per segment (cache-resident) rather than held rotated and unrotated in registers
                 b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
                 b_qp = rope_partner(p_q[:, None], o_d, m_r[:, None], b_q, ROT, GPTJ)
@@ -147,41 +157,92 @@ def _mba_fwd_kernel(
                 p_vj += BLOCK_N * svl
         # group state: output and LSE in units of scores / T
         b_og, b_lg = merge_final(b_m, b_l, b_acc)
-        if SPLIT:
+        if SPLIT or HAS_KNOBS:  # state per (split, group); the combine kernel merges them and applies the knobs
             o_w = (((i_s * NGR + i_g) * B + i_b) * HQ + o_hq) * Lq + o_i  # [BM]
             tl.store(ws_o + o_w[:, None] * DV + o_v[None, :], b_og, mask=m_r[:, None] & m_v[None, :])
             tl.store(ws_lse + o_w, b_lg, mask=m_r)
-        elif HAS_KNOBS:
-            b_sc = tl.load(knobs + (NGR + i_g) * HQ + o_hq, mask=m_r, other=1.0)
-            b_lw = tl.load(knobs + (2 * NGR + i_g) * HQ + o_hq, mask=m_r, other=0.0)
-            b_lg = tl.where(b_lg == float("-inf"), b_lg, b_lg * b_t * b_sc + b_lw)
-            b_M, b_DEN, b_ACC = merge_step(b_M, b_DEN, b_ACC, b_lg * LOG2E, b_og)
-        else:  # a single group (NGR == 1) is the final result
+        else:  # a single uncalibrated group (NGR == 1) is the final result
             tl.store(p_o[:, None] + o_v[None, :], b_og.to(o.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
             tl.store(p_lse, b_lg, mask=m_r)
-    if HAS_KNOBS and not SPLIT:
-        b_out, b_lse = merge_final(b_M, b_DEN, b_ACC)
-        tl.store(p_o[:, None] + o_v[None, :], b_out.to(o.dtype.element_ty), mask=m_r[:, None] & m_v[None, :])
-        tl.store(p_lse, b_lse, mask=m_r)
 
 
-def _smem_ok(configs, named_args, **kwargs):
-    # q tile + pipelined K/V tiles must fit shared memory (H100/H200: 227 KB)
-    bd, bdv, es = kwargs["BLOCK_D"], kwargs["BLOCK_DV"], named_args["q"].element_size()
-    fits = [c for c in configs
-            if (c.kwargs["BLOCK_M"] * bd + c.num_stages * c.kwargs["BLOCK_N"] * (bd + bdv)) * es <= 200 * 1024]
-    return fits or configs[:1]
+# Autotune tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per specialisation class, dtype and arch (90: sm_90
+# and newer, 80: older). Every list holds only tiles that ptxas compiles without register spills for its class
+# (measured with pskernels.kernel_report for sm_80 / sm_90, fp16 / bf16 / fp32, head dims 64 / 80 / 128;
+# tests/test_aot_compile.py compiles every entry and asserts it). Half precision: 8 warps for 64-row tiles and
+# no 128-row tile once a RoPE shift or a calibration feature is live (the rotated q tile or the extra
+# per-row state then spills). fp32: `ieee` dots lower to FMA loops whose register use ptxas balances
+# differently per arch, hence per-arch lists of small tiles.
+_TILES = {
+    "half": {
+        "plain": [(32, 64, 4, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
+        "rope": [(16, 64, 4, 3), (64, 32, 8, 3)],
+        "rope_any": [(16, 64, 4, 3)],
+        "heavy": {90: [(16, 64, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2)], 80: [(16, 64, 4, 3)]},
+        "heavy_rope_any": [(16, 64, 4, 3)],
+        "split": [(16, 64, 4, 3), (64, 32, 8, 3)],
+        "split_heavy": [(16, 64, 4, 3), (64, 32, 8, 3)],
+    },
+    "fp32": {
+        "plain": {90: [(16, 16, 4, 3)], 80: [(16, 16, 8, 3), (16, 32, 8, 3)]},
+        "rope": {90: [(16, 16, 4, 3), (32, 16, 8, 3), (64, 32, 8, 2)], 80: [(16, 16, 4, 3), (16, 32, 8, 3), (32, 32, 8, 3)]},
+        "rope_any": {90: [(16, 16, 8, 3), (32, 16, 8, 3)], 80: [(16, 16, 8, 3)]},
+        "heavy": {90: [(32, 16, 8, 3)], 80: [(16, 16, 4, 3), (16, 32, 8, 3), (32, 32, 8, 3)]},
+        "heavy_rope_any": {90: [(16, 16, 8, 3), (32, 16, 8, 3)], 80: [(16, 16, 8, 3)]},
+        "split": {90: [(16, 16, 8, 3), (32, 16, 8, 3)], 80: [(16, 16, 4, 3)]},
+        "split_heavy": {90: [(16, 16, 4, 3)], 80: [(16, 16, 4, 3), (32, 32, 8, 3)]},
+    },
+}
+# ptxas otherwise caps registers below 255 for occupancy and spills a few bytes to get there
+MAXNREG = 255
+SMEM_BUDGET = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block: H100/H200, A100
+
+
+def tile_class(*, HAS_SHIFT, GPTJ, ROT, BLOCK_D, SOFTCAP, WINDOW, HAS_KNOBS, SPLIT, **_) -> str:
+    """Register-pressure class of a kernel specialisation (its constexprs), the key of ``_TILES``."""
+    heavy = bool(SOFTCAP or WINDOW or HAS_KNOBS)
+    if SPLIT:
+        return "split_heavy" if heavy else "split"
+    # the two-halves RoPE path (neox over the whole power-of-two head) is as light as no shift at all
+    halves = HAS_SHIFT and not GPTJ and ROT == BLOCK_D
+    if heavy:
+        return "heavy" if halves or not HAS_SHIFT else "heavy_rope_any"
+    if not HAS_SHIFT:
+        return "plain"
+    return "rope" if halves else "rope_any"
+
+
+def tiles_for(cls: str, half: bool, arch: int) -> list[tuple[int, int, int, int]]:
+    """Spill-free tiles of class ``cls`` for half precision (else fp32) on compute capability ``arch``."""
+    t = _TILES["half" if half else "fp32"][cls]
+    return t[90 if arch >= 90 else 80] if isinstance(t, dict) else t
+
+
+def _tile(c):
+    return (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+
+
+def _prune(configs, named_args, **kwargs):
+    q = named_args["q"]
+    major, minor = torch.cuda.get_device_capability(q.device)
+    arch = 10 * major + minor
+    keep = tiles_for(tile_class(**kwargs), q.element_size() < 4, arch)
+    bd, bdv, es = kwargs["BLOCK_D"], kwargs["BLOCK_DV"], q.element_size()
+    # q tile + pipelined K/V tiles within the arch's shared memory
+    budget = SMEM_BUDGET[90 if arch >= 90 else 80]
+    mine = [c for c in configs if _tile(c) in keep]
+    fits = [c for c in mine if (c.kwargs["BLOCK_M"] * bd + c.num_stages * c.kwargs["BLOCK_N"] * (bd + bdv)) * es <= budget]
+    return fits or mine[:1]
 
 
 _GPU_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-    # decode-sized (16, 32 rows) and prefill tiles; 8 warps keep the rotated-q path from spilling at 64 rows
-    for bm, bn, w, st in ((16, 64, 4, 3), (32, 64, 4, 3), (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2),
-                          (128, 32, 8, 3))
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st, maxnreg=MAXNREG)
+    for bm, bn, w, st in sorted({t for d in _TILES.values() for v in d.values()
+                                 for t in (sum(v.values(), []) if isinstance(v, dict) else v)})
 ]
 _mba_fwd_tuned = triton.autotune(
-    _GPU_CONFIGS, key=["G", "D", "DV", "HAS_SHIFT", "SOFTCAP", "WINDOW", "HAS_KNOBS", "SPLIT"],
-    prune_configs_by={"early_config_prune": _smem_ok},
+    _GPU_CONFIGS, key=["G", "D", "DV", "ROT", "GPTJ", "HAS_SHIFT", "SOFTCAP", "WINDOW", "HAS_KNOBS", "SPLIT"],
+    prune_configs_by={"early_config_prune": _prune},
 )(_mba_fwd_kernel)
 
 
@@ -241,7 +302,10 @@ def multi_branch_attention(q, keys, values, p: SegmentParams):
     rope = p.rope if p.has_shift else None
 
     nsplit = _num_splits(G * Lq, B, Hkv, max(k.shape[2] for k in keys), dev) if Lq <= _DECODE_ROWS else 1
-    if nsplit > 1:
+    # calibrated groups are merged by the combine kernel too: a second [BM, BDV] accumulator across the
+    # groups would make the attention kernel spill
+    use_ws = nsplit > 1 or knobs is not None
+    if use_ws:
         ws_o = torch.empty((nsplit, NGR, B, Hq, Lq, DV), dtype=torch.float32, device=dev)
         ws_lse = torch.empty((nsplit, NGR, B, Hq, Lq), dtype=torch.float32, device=dev)
     else:
@@ -266,6 +330,6 @@ def multi_branch_attention(q, keys, values, p: SegmentParams):
     else:
         _mba_fwd_kernel[(triton.cdiv(G * Lq, _BLOCK_M) * B * Hkv, nsplit)](
             *args, **meta, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
-    if nsplit > 1:
+    if use_ws:
         combine(ws_o, ws_lse, out, lse, knobs)
     return out, lse
