@@ -18,8 +18,8 @@ from pskernels.synthesis.data import (DEFAULT_TEXTS, aggregation_examples, disti
                                       exposure_examples, load_jsonl, save_jsonl, tokenize_example,
                                       validate_example)
 from pskernels.synthesis.evaluate import SETTINGS, evaluate  # noqa: E402
-from pskernels.synthesis.train import (branch_caches, kl_per_token, patched, student_logits,  # noqa: E402
-                                       teacher_logits, train)
+from pskernels.synthesis.train import (branch_caches, kl_per_token, lr_factor, patched,  # noqa: E402
+                                       student_logits, teacher_logits, train)
 
 pytestmark = pytest.mark.hf
 
@@ -159,9 +159,22 @@ def test_loss_decreases_within_a_few_steps():
     assert kl[0] > 1e-3 and max(kl[-3:]) < 0.5 * kl[0], kl
 
 
+def test_lr_schedules():
+    assert [lr_factor(s, 8, "constant") for s in range(8)] == [1.0] * 8
+    cos = [lr_factor(s, 8, "cosine", warmup_steps=2) for s in range(8)]
+    assert cos[:2] == [0.5, 1.0] and cos[2] == 1.0
+    assert all(a > b for a, b in zip(cos[2:], cos[3:])) and 0 < cos[-1] < 0.1
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train(_model(), TOK, _small_examples(1), steps=1, lr_schedule="linear")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        train(_model(), TOK, _small_examples(1), steps=1, warmup_steps=-1)
+
+
 def test_checkpoint_resume_reproduces_the_state(tmp_path):
     ex = _small_examples(4)
-    kw = dict(steps=4, lr=1e-2, seed=3, log_every=0, lora_r=4, mapper_rank=4, ce_weight=0.5)
+    # the cosine schedule is a function of the step: a resumed run follows the same lr curve
+    kw = dict(steps=4, lr=1e-2, seed=3, log_every=0, lora_r=4, mapper_rank=4, ce_weight=0.5,
+              lr_schedule="cosine", warmup_steps=1)
     full = train(_model(), TOK, ex, **kw)
     ck = tmp_path / "ck"
     train(_model(), TOK, ex, **{**kw, "steps": 2}, checkpoint_dir=str(ck))
