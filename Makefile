@@ -27,13 +27,15 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@touch $(STAMP)
 
 # The C++ (and, with a CUDA build of torch + nvcc, CUDA) extension, rebuilt when csrc/ changes.
-# The build log keeps ptxas register/spill/shared-memory figures of the CUDA kernels.
+# ptxas register/spill/shared-memory figures of the CUDA kernels go to build/cuda-ptxas.log, replaced only
+# when nvcc actually ran (an incremental build that recompiles C++ sources alone keeps the previous figures).
 ext: $(EXT_STAMP)
 
 $(EXT_STAMP): $(STAMP) $(CSRC) setup.py
 	@mkdir -p build
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace > build/ext-build.log 2>&1 || \
 		(tail -50 build/ext-build.log; exit 1)
+	@if grep -q "ptxas info" build/ext-build.log; then grep "ptxas" build/ext-build.log > build/cuda-ptxas.log; fi
 	@touch $(EXT_STAMP)
 
 test: setup
