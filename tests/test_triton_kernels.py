@@ -305,3 +305,31 @@ def test_kernels_compile_for_hopper():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+@pytest.mark.parametrize("cap", [(8, 0), (8, 9), (9, 0), (12, 0)])
+def test_autotune_prune_keeps_the_spill_free_tiles(monkeypatch, cap):
+    """The launcher's prune (runs only on a GPU) keeps exactly the measured tiles of the specialisation's class
+    for the device's arch, all with maxnreg, and drops tiles over the arch's shared-memory budget."""
+    from pskernels.triton import multi_branch_attention as m
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    arch = 10 * cap[0] + cap[1]
+    base = dict(G=4, D=128, DV=128, ROT=128, GPTJ=False, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False,
+                HAS_KNOBS=False, SPLIT=False, BLOCK_D=128, BLOCK_DV=128)
+    cases = [(base, "rope"), (dict(base, GPTJ=True), "rope_any"), (dict(base, ROT=64), "rope_any"),
+             (dict(base, HAS_SHIFT=False), "plain"), (dict(base, HAS_KNOBS=True), "heavy"),
+             (dict(base, HAS_SHIFT=False, WINDOW=True), "heavy"), (dict(base, GPTJ=True, SOFTCAP=True), "heavy_rope_any"),
+             (dict(base, SPLIT=True), "split"), (dict(base, SPLIT=True, HAS_KNOBS=True), "split_heavy")]
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        q = torch.empty(1, 4, 1, 128, dtype=dtype)
+        for kw, cls in cases:
+            assert m.tile_class(**kw) == cls, kw
+            kept = m._prune(m._GPU_CONFIGS, {"q": q}, **kw)
+            assert {m._tile(c) for c in kept} == set(m.tiles_for(cls, dtype != torch.float32, arch)), (dtype, cls)
+            assert all(c.maxnreg == m.MAXNREG for c in kept)
+    # D = 256 in half precision: 128x64 with 2 stages needs 192 KB, over A100's 163 KB but within H100's 227 KB
+    q = torch.empty(1, 4, 1, 256, dtype=torch.bfloat16)
+    big = dict(base, D=256, DV=256, ROT=256, HAS_SHIFT=False, BLOCK_D=256, BLOCK_DV=256)
+    kept = {m._tile(c) for c in m._prune(m._GPU_CONFIGS, {"q": q}, **big)}
+    assert ((128, 64, 8, 2) in kept) == (arch >= 90) and kept
