@@ -35,7 +35,7 @@ $(EXT_STAMP): $(STAMP) $(CSRC) setup.py
 	@mkdir -p build
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace > build/ext-build.log 2>&1 || \
 		(tail -50 build/ext-build.log; exit 1)
-	@if grep -q "ptxas info" build/ext-build.log; then grep "ptxas" build/ext-build.log > build/cuda-ptxas.log; fi
+	@if grep -q "ptxas info" build/ext-build.log; then grep -e "ptxas" -e "bytes stack frame" build/ext-build.log > build/cuda-ptxas.log; fi
 	@touch $(EXT_STAMP)
 
 test: setup
