@@ -10,7 +10,8 @@ from typing import Sequence
 
 import torch
 
-from .rope import RopeSpec
+from ._devices import same_or_cpu
+from .rope import RopeSpec, rope_on
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -77,7 +78,7 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     elif t.ndim != 2 or tuple(t.shape) != (S, B):
         raise ValueError(f"{name}: expected shape [S, B] = [{S}, {B}], got {tuple(t.shape)}")
     if t.device.type != "cpu" and t.device != device:
-        raise ValueError(f"{name}: expected device {device} (same as q) or cpu, got {t.device}")
+        raise ValueError(f"{name}: expected device {same_or_cpu(device, 'q')}, got {t.device}")
     return t.to(device=device, dtype=torch.int64)
 
 
@@ -96,7 +97,7 @@ def _knob(name, x, G, Hq, device, positive):
     elif t.ndim != 2 or tuple(t.shape) != (G, Hq):
         raise ValueError(f"{name}: expected shape [G] = [{G}] or [G, Hq] = [{G}, {Hq}], got {tuple(t.shape)}")
     if t.device.type != "cpu" and t.device != device:
-        raise ValueError(f"{name}: expected device {device} (same as q) or cpu, got {t.device}")
+        raise ValueError(f"{name}: expected device {same_or_cpu(device, 'q')}, got {t.device}")
     if not torch.isfinite(t.detach()).all():
         raise ValueError(f"{name}: expected finite values")
     if positive and not (t.detach() > 0).all():
@@ -193,7 +194,7 @@ def normalize_segments(
             raise TypeError(f"rope: expected a pskernels.RopeSpec, got {type(rope).__name__}")
         if rope.rotary_dim > D:
             raise ValueError(f"rope.rotary_dim: expected <= head_dim {D}, got {rope.rotary_dim}")
-        rope = rope.to(dev) if rope.inv_freq.device != dev else rope
+        rope = rope_on(rope, dev, "q")
     if has_shift:
         if rope is None:
             raise ValueError("rope: position_shifts has non-zero entries, so a RopeSpec is required to re-index keys")

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ._devices import same_or_cpu
+
 __all__ = ["RopeSpec", "REINDEX_UNSAFE_ROPE_TYPES"]
 
 # Frequencies of these rope types depend on the sequence length seen so far, so a key rotated at
@@ -59,6 +61,8 @@ class RopeSpec:
             )
         if not inv.is_floating_point():
             raise ValueError(f"RopeSpec.inv_freq: expected a floating tensor, got dtype {inv.dtype}")
+        if inv.device.type != "meta" and not bool(torch.isfinite(inv).all()):
+            raise ValueError(f"RopeSpec.inv_freq: expected finite values, got {inv.tolist()}")
         object.__setattr__(self, "inv_freq", inv.detach().to(torch.float32))
         if self.style not in ("neox", "gptj"):
             raise ValueError(f"RopeSpec.style: expected 'neox' or 'gptj', got {self.style!r}")
@@ -94,3 +98,13 @@ class RopeSpec:
         from .hf.arch import find_decoder, rope_spec_for_layer
 
         return rope_spec_for_layer(find_decoder(model), 0 if layer_idx is None else layer_idx)
+
+
+def rope_on(rope: RopeSpec, device: torch.device, tensor_name: str) -> RopeSpec:
+    """``rope`` with its frequencies on ``device`` (the device of ``tensor_name``); they may live there or on cpu."""
+    dev = rope.inv_freq.device
+    if dev == device:
+        return rope
+    if dev.type != "cpu":
+        raise ValueError(f"rope.inv_freq: expected device {same_or_cpu(device, tensor_name)}, got {dev}")
+    return rope.to(device)

@@ -1,4 +1,6 @@
 """CacheMapper: identity at init, applied through ParallelCache, trainable, persistent."""
+import re
+
 import pytest
 import torch
 
@@ -86,3 +88,13 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(a, b), n
     with pytest.raises(FileNotFoundError, match="mapper_config.json"):
         CacheMapper.from_pretrained(tmp_path / "missing")
+
+
+def test_from_pretrained_refuses_non_finite_weights(tmp_path):
+    m = CacheMapper(CacheMapperConfig(num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16, rank=3))
+    name = next(n for n, p in m.named_parameters() if p.ndim > 1)
+    with torch.no_grad():
+        dict(m.named_parameters())[name][0].fill_(float("nan"))
+    m.save_pretrained(tmp_path / "diverged")
+    with pytest.raises(ValueError, match=rf"parameter '{re.escape(name)}'.*non-finite"):
+        CacheMapper.from_pretrained(tmp_path / "diverged")

@@ -233,6 +233,52 @@ MAP_CASES = [
 ]
 
 
+# Devices: on a CPU-only machine "meta" stands in for a second device (a tensor q's kernels cannot read).
+META = torch.device("meta")
+
+
+def _on_meta(i, which):
+    def kv():
+        ks, vs = kv_()
+        (ks if which == "keys" else vs)[i] = (ks if which == "keys" else vs)[i].to(META)
+        return ks, vs
+    return kv
+
+
+def _meta_rope():
+    return RopeSpec(rope().inv_freq.to(META))
+
+
+MBA_CASES += [
+    ("keys_other_device", mba(kv=_on_meta(1, "keys")), ARG_ERRORS, "keys[1]"),
+    ("values_other_device", mba(kv=_on_meta(0, "values")), ARG_ERRORS, "values[0]"),
+    ("seq_lens_other_device", mba(seq_lens=torch.tensor([[5, 3], [3, 3]], device=META)), ARG_ERRORS, "seq_lens"),
+    ("shifts_other_device", mba(position_shifts=torch.tensor([0, 4], device=META), rope=rope()), ARG_ERRORS,
+     "position_shifts"),
+    ("left_pad_other_device", mba(left_pad=torch.zeros(2, B, dtype=torch.int64, device=META)), ARG_ERRORS, "left_pad"),
+    ("temperature_other_device", mba(temperature=torch.ones(2, device=META)), ARG_ERRORS, "temperature"),
+    ("rope_other_device", mba(position_shifts=torch.tensor([0, 4]), rope=_meta_rope()), ARG_ERRORS, "rope.inv_freq"),
+]
+ROTATE_CASES += [
+    ("delta_other_device", _rk(delta=torch.tensor([1, 2], device=META)), ARG_ERRORS, "delta"),
+    ("rope_other_device", _rk(r=_meta_rope()), ARG_ERRORS, "rope.inv_freq"),
+]
+MERGE_CASES += [
+    ("outs_mixed_devices", _ms(outs=lambda: [torch.randn(B, HQ, LQ, D), torch.randn(B, HQ, LQ, D, device=META)]),
+     ARG_ERRORS, "outs[1]"),
+    ("lses_other_device", _ms(lses=lambda: [torch.randn(B, HQ, LQ, device=META) for _ in range(2)]), ARG_ERRORS,
+     "lses"),
+]
+MAP_CASES += [
+    ("keys_mixed_devices", _map(keys=lambda: [[torch.randn(1, H_MAP, 4, D_MAP)] * NB,
+                                              [torch.randn(1, H_MAP, 4, D_MAP, device=META)] * NB]), ARG_ERRORS,
+     "keys[1][0]"),
+    ("positions_other_device", _map(new=torch.tensor([4, 4], device=META)), ARG_ERRORS, "new_positions"),
+    ("down_other_device", _map(k_down=lambda: _kd().to(META), k_up=_ku), ARG_ERRORS, "k_down"),
+    ("rope_other_device", _map(r=RopeSpec(rope(D_MAP).inv_freq.to(META))), ARG_ERRORS, "rope.inv_freq"),
+]
+
+
 def _unknown_backend(op):
     def call(backend):
         if op == "multi_branch_attention":
@@ -319,7 +365,9 @@ def test_auto_backend_works_on_cpu(op):
     (dict(inv_freq=torch.ones(0)), "inv_freq"),
     (dict(inv_freq=torch.ones(2, 2)), "inv_freq"),
     (dict(inv_freq=torch.ones(4, dtype=torch.int64)), "inv_freq"),
-], ids=["style", "rotary_dim", "empty", "2d", "int"])
+    (dict(inv_freq=torch.tensor([1.0, float("nan")])), "inv_freq"),
+    (dict(inv_freq=torch.tensor([float("inf"), 1.0])), "inv_freq"),
+], ids=["style", "rotary_dim", "empty", "2d", "int", "nan", "inf"])
 def test_ropespec_misuse(kwargs, name):
     with pytest.raises(ARG_ERRORS) as ei:
         RopeSpec(**kwargs)
@@ -351,3 +399,150 @@ def test_error_before_compute_for_bad_later_segment():
     with pytest.raises(ARG_ERRORS) as ei:
         pskernels.multi_branch_attention(q_(), ks, vs)
     assert "keys[2]" in str(ei.value)
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / Inf in the data tensors: named errors under PSKERNELS_CHECK_FINITE=1, confined propagation without
+# ----------------------------------------------------------------------------------------------
+def _poison(t, index, value=float("nan")):
+    t = t.clone()
+    t[index] = value
+    return t
+
+
+def _nan_q():
+    return _poison(q_(), (1, 2, 0, 3))
+
+
+def _nan_key():
+    ks, vs = kv_()
+    ks[1] = _poison(ks[1], (0, 1, 2, 0))
+    return ks, vs
+
+
+def _inf_value():
+    ks, vs = kv_()
+    vs[0] = _poison(vs[0], (1, 0, 4, 5), float("inf"))
+    return ks, vs
+
+
+def _map_poisoned_key():
+    ks = [[torch.randn(1, H_MAP, 4, D_MAP) for _ in range(NB)] for _ in range(NL)]
+    ks[1][0] = _poison(ks[1][0], (0, 1, 3, 2))
+    return ks
+
+
+FINITE_CASES = [
+    ("mba_q_nan", mba(q=_nan_q), "q"),
+    ("mba_key_nan", mba(kv=_nan_key), "keys[1]"),
+    ("mba_value_inf", mba(kv=_inf_value), "values[0]"),
+    ("merge_lse_nan", _ms(lses=lambda: [_poison(torch.randn(B, HQ, LQ), (0, 1, 1)), torch.randn(B, HQ, LQ)]), "lses"),
+    ("merge_lse_plus_inf", _ms(lses=lambda: [torch.randn(B, HQ, LQ), _poison(torch.randn(B, HQ, LQ), (1, 0, 2),
+                                                                           float("inf"))]), "lses"),
+    ("merge_out_nan", _ms(outs=lambda: [_poison(torch.randn(B, HQ, LQ, D), (0, 0, 0, 0)),
+                                        torch.randn(B, HQ, LQ, D)]), "outs"),
+    ("rotate_k_nan", _rk(k=lambda: _poison(torch.randn(B, HKV, 5, D), (1, 1, 4, 15))), "k"),
+    ("map_key_nan", _map(keys=_map_poisoned_key), "keys[1][0]"),
+    ("map_up_inf", _map(k_down=_kd, k_up=lambda: _poison(_ku(), (1, 0, 2, 3), float("-inf"))), "k_up"),
+]
+
+
+_OP_OF_PREFIX = {"mba": "multi_branch_attention", "merge": "merge_states", "rotate": "rotate_keys",
+                 "map": "map_kv_caches"}
+
+
+def _finite_cases():
+    return [pytest.param(call, name, b, id=f"{cid}-{b}") for cid, call, name in FINITE_CASES
+            for b in pskernels.available_backends(_OP_OF_PREFIX[cid.split("_")[0]])]
+
+
+@pytest.mark.parametrize("call,name,backend", _finite_cases())
+def test_non_finite_data_raises_when_checked(call, name, backend, monkeypatch):
+    monkeypatch.setenv("PSKERNELS_CHECK_FINITE", "1")
+    with pytest.raises(ValueError, match="expected finite values") as ei:
+        call(backend)
+    assert _mentions(str(ei.value), name), str(ei.value)
+
+
+def _finite_mask(out):
+    if isinstance(out, torch.Tensor):
+        return [torch.isfinite(out)]
+    return [m for o in out for m in _finite_mask(o)]
+
+
+@pytest.mark.parametrize("call,name,backend", _finite_cases())
+def test_non_finite_data_is_not_scanned_by_default(call, name, backend, monkeypatch):
+    """Without the opt-in scan the op runs (no host sync) and the non-finite value reaches exactly the outputs
+    (out and lse) it reaches in the reference: never fewer (a silently finite answer), never more."""
+    monkeypatch.delenv("PSKERNELS_CHECK_FINITE", raising=False)
+    torch.manual_seed(0)
+    got = _finite_mask(call(backend))
+    torch.manual_seed(0)
+    want = _finite_mask(call("torch"))
+    assert not all(m.all() for m in want)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w), (g.logical_xor(w).nonzero()[:5], name)
+
+
+@pytest.mark.parametrize("backend", pskernels.available_backends("multi_branch_attention"))
+def test_non_finite_values_stay_in_the_rows_that_read_them(backend):
+    """A NaN key of batch row 0 poisons row 0 only (out and lse); padding beyond seq_lens, zero-filled as in HF
+    caches, never creates a NaN."""
+    torch.manual_seed(0)
+    q = q_()
+    ks, vs = kv_(lens=(6, 4))
+    seq_lens = torch.tensor([[5, 6], [4, 2]])
+    clean = pskernels.multi_branch_attention(q, ks, vs, seq_lens=seq_lens, backend=backend)
+    assert torch.isfinite(clean[0]).all() and torch.isfinite(clean[1]).all()
+    for where in ((0, 1, 2, 0), (0, 0, 4, 7)):
+        ks_bad = [_poison(ks[0], where), ks[1]]
+        out, lse = pskernels.multi_branch_attention(q, ks_bad, vs, seq_lens=seq_lens, backend=backend)
+        heads = slice(where[1] * (HQ // HKV), (where[1] + 1) * (HQ // HKV))
+        assert torch.isnan(out[0, heads]).all() and torch.isnan(lse[0, heads]).all(), (where, out[0], lse[0])
+        assert torch.equal(out[1], clean[0][1]) and torch.equal(lse[1], clean[1][1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The native (C++/CUDA) backends survive the whole catalogue in one process
+# ----------------------------------------------------------------------------------------------
+_CATALOGUE_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import pskernels
+import test_validation as tv
+
+native = {"cpu", "cuda"}
+ran = 0
+for op, cases in tv.OPS.items():
+    for cid, call, exc, name in cases:
+        for b in set(pskernels.available_backends(op)) & native:
+            if call is None:
+                continue
+            try:
+                call(b)
+            except exc as e:
+                assert tv._mentions(str(e), name), (op, cid, b, str(e))
+                ran += 1
+            else:
+                raise AssertionError(f"{op}/{cid}/{b}: no error")
+print("CASES", ran)
+"""
+
+
+def test_native_backends_survive_the_catalogue_in_a_subprocess():
+    """Every misuse of the table through the native backends, one after another in a fresh process: each raises
+    its named error and the process exits normally (a crash or hang in native code would fail this test)."""
+    import os
+    import subprocess
+    import sys
+
+    native = [b for op in OPS for b in pskernels.available_backends(op) if b in ("cpu", "cuda")]
+    if not native:
+        pytest.skip("no native backend built (PSKERNELS_NO_EXT=1 or extension missing)")
+    here = os.path.dirname(os.path.abspath(__file__))
+    r = subprocess.run([sys.executable, "-c", _CATALOGUE_SCRIPT, here], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, f"returncode {r.returncode}\nstdout: {r.stdout[-2000:]}\nstderr: {r.stderr[-3000:]}"
+    ran = int(r.stdout.split("CASES")[-1])
+    expected = sum(1 for op, cases in OPS.items() for _, call, _, _ in cases if call is not None
+                   for b in pskernels.available_backends(op) if b in ("cpu", "cuda"))
+    assert ran == expected >= 90, (ran, expected)

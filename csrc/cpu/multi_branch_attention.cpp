@@ -13,6 +13,7 @@
 #include <bit>
 #include <climits>
 #include <cmath>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -54,7 +55,7 @@ struct Meta {
 
 // exp(x) for x <= 0 (a score minus its running max): 0 below -87 and for -inf, else within ~2 ulp
 // (Cephes expf: Cody-Waite reduction by ln 2, degree-6 polynomial). Selects, not branches, so loops
-// vectorise (with -fno-trapping-math, see setup.py).
+// vectorise (with -fno-trapping-math, see setup.py). NaN scores never get here (the row is poisoned).
 inline float exp_nonpos(float x) {
   const float xc = std::max(x, -87.f);
   const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
@@ -260,8 +261,18 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
             std::fill(x, x + vlo, kNegInf);
             std::fill(x + vend, x + nb, kNegInf);
             float mb = kNegInf;
-#pragma omp simd reduction(max : mb)
-            for (int64_t jj = vlo; jj < vend; ++jj) mb = std::max(mb, x[jj]);
+            int nan = 0;
+#pragma omp simd reduction(max : mb) reduction(| : nan)
+            for (int64_t jj = vlo; jj < vend; ++jj) {
+              mb = std::max(mb, x[jj]);
+              nan |= x[jj] != x[jj];
+            }
+            if (nan) {  // a NaN score (NaN/Inf in q or k): the row's state becomes NaN, never a dropped key
+              float* so = st + (r * Gc + g) * state;
+              std::fill(so, so + state, std::numeric_limits<float>::quiet_NaN());
+              std::fill(x, x + nb, 0.f);
+              continue;
+            }
             if (mb == kNegInf) {  // nothing visible in this block: p = 0 leaves the state unchanged
               std::fill(x, x + nb, 0.f);
               continue;
@@ -324,7 +335,7 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
         inv_l[g] = gs[g].l > 0.f ? 1.f / gs[g].l : 0.f;
       }
       float M = kNegInf;
-      for (int64_t g = 0; g < Gc; ++g) M = std::max(M, logit[g]);
+      for (int64_t g = 0; g < Gc; ++g) M = logit[g] != logit[g] || logit[g] > M ? logit[g] : M;  // NaN wins
       T* o = op + ((b * Hq + hq) * Lq + i) * Dv;
       if (M == kNegInf) {
         for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(0.f);

@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from ..rope import RopeSpec
+from .._devices import same_or_cpu
+from ..rope import RopeSpec, rope_on
+from . import _finite
 from ._backend import needs_grad, register, resolve
 
 
@@ -21,6 +23,8 @@ def _positions(name, t, NL, N, B, device):
             f"{name}: expected shape [N] = [{N}], [N, B] = [{N}, {B}] or [layers, N, B] = [{NL}, {N}, {B}], "
             f"got {tuple(t.shape)}"
         )
+    if t.device.type != "cpu" and t.device != device:
+        raise ValueError(f"{name}: expected device {same_or_cpu(device, 'the caches')}, got {t.device}")
     return t.to(device=device, dtype=torch.int64)
 
 
@@ -147,8 +151,16 @@ def map_kv_caches(
     params["v_down"], params["v_up"], params["v_gate"] = _transform("v", v_down, v_up, v_gate, NL, H, Dv, dev)
     if not rope.supports_reindexing and (params["k_down"] is not None or bool((orig != new).any())):
         raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
+    rope = rope_on(rope, dev, "keys[0][0]")
+    if _finite.enabled():
+        for l, (kl, vl) in enumerate(zip(keys, values)):
+            for n, (k, v) in enumerate(zip(kl, vl)):
+                _finite.check_finite(f"keys[{l}][{n}]", k)
+                _finite.check_finite(f"values[{l}][{n}]", v)
+        for name, t in params.items():
+            _finite.check_finite(name, t)
     grad = needs_grad(*(t for layer in keys + values for t in layer), *params.values())
-    return resolve("map_kv_caches", backend, dev, grad)(keys, values, orig, new, rope.to(dev), params)
+    return resolve("map_kv_caches", backend, dev, grad)(keys, values, orig, new, rope, params)
 
 
 @register("map_kv_caches", "torch")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ref
+from . import _finite
 from ._backend import needs_grad, register, resolve
 
 
@@ -60,6 +61,9 @@ def merge_states(outs, lses, *, backend: str = "auto"):
         raise TypeError(f"outs: expected a floating dtype, got {o.dtype}")
     if o.device != s.device:
         raise ValueError(f"lses: expected device {o.device} (same as outs), got {s.device}")
+    if _finite.enabled():
+        _finite.check_finite("lses", s, allow_neg_inf=True)
+        _finite.check_finite("outs", o)
     return resolve("merge_states", backend, o.device, needs_grad(o, s))(o, s)
 
 

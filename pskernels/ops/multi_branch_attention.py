@@ -8,6 +8,7 @@ import torch
 from .. import ref
 from .._segments import SegmentParams, normalize_segments
 from ..rope import RopeSpec
+from . import _finite
 from ._backend import needs_grad, register, resolve
 
 
@@ -107,6 +108,11 @@ def attend_normalized(q, keys, values, params: SegmentParams, backend: str = "au
     For callers that validate once and attend many times with the same layout (the HF integration
     reuses one validation for every layer of a forward whose segment shapes match).
     """
+    if _finite.enabled():
+        _finite.check_finite("q", q)
+        for s, (k, v) in enumerate(zip(keys, values)):
+            _finite.check_finite(f"keys[{s}]", k)
+            _finite.check_finite(f"values[{s}]", v)
     if q.numel() == 0:  # no query rows: nothing to attend (no backend has to handle empty grids)
         B, Hq, Lq, _ = q.shape
         return q.new_zeros(B, Hq, Lq, values[0].shape[-1]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)

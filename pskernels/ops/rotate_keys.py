@@ -4,7 +4,9 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from ..rope import RopeSpec
+from .._devices import same_or_cpu
+from ..rope import RopeSpec, rope_on
+from . import _finite
 from ._backend import needs_grad, register, resolve
 
 
@@ -45,6 +47,8 @@ def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto"
         raise ValueError(f"rope.rotary_dim: expected <= head_dim {k.shape[-1]}, got {rope.rotary_dim}")
     B, _, L, _ = k.shape
     d = torch.as_tensor(delta)
+    if d.device.type != "cpu" and d.device != k.device:
+        raise ValueError(f"delta: expected device {same_or_cpu(k.device, 'k')}, got {d.device}")
     if d.is_floating_point() or d.dtype == torch.bool:
         raise TypeError(f"delta: expected an int or an integer tensor, got dtype {d.dtype}")
     if d.ndim == 0:
@@ -54,7 +58,9 @@ def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto"
     if bool((d != 0).any()) and not rope.supports_reindexing:
         raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
     d = d.to(device=k.device, dtype=torch.int64)
-    rope = rope.to(k.device)
+    rope = rope_on(rope, k.device, "k")
+    if _finite.enabled():
+        _finite.check_finite("k", k)
     return resolve("rotate_keys", backend, k.device, needs_grad(k))(k, d, rope)
 
 

@@ -20,7 +20,8 @@ def merge_states(outs, lses):
     m_safe = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     w = torch.exp(s - m_safe)  # [N, B, H, L]; -inf -> 0
     denom = w.sum(dim=0)
-    out = (w[..., None] * o.to(cdt)).sum(dim=0) / torch.where(denom > 0, denom, torch.ones_like(denom))[..., None]
-    lse = torch.where(denom > 0, m_safe + torch.log(torch.where(denom > 0, denom, torch.ones_like(denom))),
-                      torch.full_like(denom, float("-inf")))
+    nonempty = denom != 0  # NaN (a NaN lse) stays NaN instead of reading as all-empty
+    denom_safe = torch.where(nonempty, denom, torch.ones_like(denom))
+    out = (w[..., None] * o.to(cdt)).sum(dim=0) / denom_safe[..., None]
+    lse = torch.where(nonempty, m_safe + torch.log(denom_safe), torch.full_like(denom, float("-inf")))
     return out.to(o.dtype), lse.to(torch.float32 if cdt == torch.float32 else cdt)

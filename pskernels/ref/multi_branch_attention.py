@@ -21,7 +21,7 @@ def _safe_softmax_lse(sc: torch.Tensor):
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m)).detach()
     e = torch.exp(sc - m)
     l = e.sum(dim=-1, keepdim=True)
-    nonempty = l > 0
+    nonempty = l != 0  # NaN (a NaN score) stays NaN instead of reading as an empty row
     l_safe = torch.where(nonempty, l, torch.ones_like(l))
     p = e / l_safe
     lse = torch.where(nonempty, m + torch.log(l_safe), torch.full_like(l, float("-inf")))

@@ -137,5 +137,9 @@ class CacheMapper(nn.Module):
             raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a folder written by CacheMapper.save_pretrained")
         with open(cfg_path) as f:
             mapper = cls(CacheMapperConfig(**json.load(f)))
-        mapper.load_state_dict(load_file(os.path.join(path, WEIGHTS_NAME)))
+        state = load_file(os.path.join(path, WEIGHTS_NAME))
+        for name, t in state.items():  # a diverged run saves NaN weights; refuse them here, not as NaN logits later
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{path}: parameter {name!r} of {WEIGHTS_NAME} holds non-finite values")
+        mapper.load_state_dict(state)
         return mapper.to(device) if device is not None else mapper

@@ -25,8 +25,8 @@ def merge_step(b_m, b_den, b_acc, b_s, b_o):
 
 @triton.jit
 def merge_final(b_m, b_den, b_acc):
-    """Normalised output and natural-log LSE (0 and -inf where no state contributed)."""
-    b_ok = b_den > 0
+    """Normalised output and natural-log LSE (0 and -inf where no state contributed; a NaN stays NaN)."""
+    b_ok = b_den != 0
     b_d = tl.where(b_ok, b_den, 1.0)
     return b_acc * (1.0 / b_d)[:, None], tl.where(b_ok, (b_m + tl.log2(b_d)) * LN2, float("-inf"))
 

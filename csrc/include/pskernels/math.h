@@ -47,7 +47,7 @@ PSK_HD float rescale(float m_old, float m_new) {
 }
 
 // Natural-log LSE of a state; -inf for an empty one.
-PSK_HD float state_lse(SoftmaxState st) { return st.l > 0.f ? st.m + logf(st.l) : kNegInf; }
+PSK_HD float state_lse(SoftmaxState st) { return st.l <= 0.f ? kNegInf : st.m + logf(st.l); }  // NaN stays NaN
 
 // Merge state `b` (with accumulator weight) into `a`: returns the factors (fa, fb) by which the two
 // accumulators are multiplied before adding. Empty states (m = -inf) contribute nothing, never NaN.
