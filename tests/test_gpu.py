@@ -114,3 +114,25 @@ def test_hf_parallel_cache_on_gpu():
         finally:
             handle.remove()
     assert (gpu - ref).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("Lq", [1, 40])
+def test_non_finite_inputs_reach_the_same_outputs_as_the_reference(backend, Lq):
+    """GPU max instructions skip NaN: a NaN score must still poison its row (out and lse), not vanish."""
+    backend = _backend(backend)
+    q, ks, vs = _case(torch.float32, Lq=Lq, lens=(64, 300, 9))
+    q[0, 1, Lq - 1] = float("nan")                  # one query row
+    ks[1][1, 0, 7] = float("nan")                   # one key: every query head of kv head 0 in row 1
+    got = pskernels.multi_branch_attention(q, ks, vs, backend=backend)
+    want = pskernels.multi_branch_attention(q, ks, vs, backend="torch")
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w))
+    s = torch.randn(3, 2, 4, 5, device="cuda")
+    s[:, 0, 1, 2] = float("nan")                    # all states NaN in one row
+    s[1, 1, 0, 0] = float("nan")                    # one state NaN in another
+    o = torch.randn(3, 2, 4, 5, 16, device="cuda")
+    got = pskernels.merge_states(o, s, backend=backend)
+    want = pskernels.merge_states(o, s, backend="torch")
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w))

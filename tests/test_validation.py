@@ -453,7 +453,7 @@ _OP_OF_PREFIX = {"mba": "multi_branch_attention", "merge": "merge_states", "rota
 
 def _finite_cases():
     return [pytest.param(call, name, b, id=f"{cid}-{b}") for cid, call, name in FINITE_CASES
-            for b in pskernels.available_backends(_OP_OF_PREFIX[cid.split("_")[0]])]
+            for b in pskernels.available_backends(_OP_OF_PREFIX[cid.split("_")[0]]) if b != "cuda"]
 
 
 @pytest.mark.parametrize("call,name,backend", _finite_cases())
@@ -484,8 +484,8 @@ def test_non_finite_data_is_not_scanned_by_default(call, name, backend, monkeypa
         assert torch.equal(g, w), (g.logical_xor(w).nonzero()[:5], name)
 
 
-@pytest.mark.parametrize("backend", pskernels.available_backends("multi_branch_attention"))
-def test_non_finite_values_stay_in_the_rows_that_read_them(backend):
+@pytest.mark.parametrize("backend", [b for b in pskernels.available_backends("multi_branch_attention") if b != "cuda"])
+def test_non_finite_values_stay_in_the_rows_that_read_them(backend):  # CPU tensors; the GPU case: test_gpu.py
     """A NaN key of batch row 0 poisons row 0 only (out and lse); padding beyond seq_lens, zero-filled as in HF
     caches, never creates a NaN."""
     torch.manual_seed(0)

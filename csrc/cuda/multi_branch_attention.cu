@@ -382,6 +382,9 @@ __global__ void __launch_bounds__(kThreads) mba_kernel(const AttnParams p) {
 #pragma unroll
         for (int ri = 0; ri < kRowsPerWarp; ++ri) {
           float x = soft_cap_accurate(dots[ri] * p.scale, p.softcap) * inv_t[ri];
+          // NaN (NaN/Inf in q or k) -> +inf: the row max becomes +inf and exp(inf - inf) = NaN poisons l and acc;
+          // fmaxf would skip a NaN and the row could end up empty or finite
+          if (x != x) x = INFINITY;
           if (!row_ok[ri]) x = kNegInf;
           if (causal && j > len - Lq + row_i[ri]) x = kNegInf;
           if (p.window > 0 && row_qpos[ri] - (seg_pos + j) >= p.window) x = kNegInf;
@@ -497,7 +500,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps) mba_merge_kernel(const AttnP
       if (p.log_weight) lg += p.log_weight[k];
     }
     const float inv_l = 1.f / st.l;
-    const float mn = fmaxf(M, lg);
+    const float mn = lg != lg ? lg : fmaxf(M, lg);  // NaN must win (fmaxf drops it)
     const float fo = M == kNegInf ? 0.f : __expf(M - mn);
     const float fn = __expf(lg - mn);
     wsum = wsum * fo + fn;

@@ -33,8 +33,14 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
   if (r >= rows) return;
   // Same result as folding merge_factors over the N states (each with l = 1): M = max lse, l = sum e^(lse - M).
   float M = kNegInf;
-  for (int64_t n = lane; n < N; n += 32) M = fmaxf(M, lses[n * rows + r]);
+  bool nan = false;
+  for (int64_t n = lane; n < N; n += 32) {
+    const float s = lses[n * rows + r];
+    M = fmaxf(M, s);
+    nan |= s != s;
+  }
   M = warp_max(M);
+  if (__any_sync(0xffffffffu, nan)) M = __int_as_float(0x7fc00000);  // fmaxf drops NaN; the result must be NaN
   float l = 0.f;
   if (M != kNegInf)
     for (int64_t n = lane; n < N; n += 32) {
