@@ -5,6 +5,8 @@ fetched from PyPI and converted once): a shared prefix (system + task), N worker
 one batched ``generate`` (their caches are the branch caches), then a synthesizer answering (a) by text
 concatenation (re-prefill of the workers' text after the cached prefix) and (b) by Parallel-Synthesis
 (reading the workers' caches). Prints both answers, each time-to-first-token and the speedup.
+``--mapper PATH`` lets the synthesizer read the caches through a trained cache mapper (and the LoRA adapter
+of a ``pskernels train --out`` folder); the workers and the text-concatenation path keep the base model.
 
 ``--model tiny``: a random Llama where (b) is also checked against a full-sequence block-mask oracle.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
 import time
 
@@ -144,10 +147,38 @@ def _chatml(role: str, text: str) -> str:
     return f"<|im_start|>{role}\n{text}<|im_end|>\n"
 
 
+def load_synthesizer(model, path: str):
+    """``(model, mapper)`` for ``--mapper PATH``: a folder written by ``CacheMapper.save_pretrained``, or a
+    ``pskernels train --out`` folder (its ``mapper/`` and, when present, its LoRA ``adapter/``, which wraps
+    ``model`` in a PeftModel). The mapper must match the model's layers, heads and head dim."""
+    from .synthesis import CacheMapper
+    from .synthesis.adapter import unwrap
+    from .synthesis.evaluate import load_trained
+    from .synthesis.mapper import CONFIG_NAME
+
+    if os.path.isfile(os.path.join(path, CONFIG_NAME)):
+        mapper = CacheMapper.from_pretrained(path)
+    elif os.path.isdir(os.path.join(path, "mapper")):
+        model, mapper = load_trained(model, path)
+    else:
+        raise FileNotFoundError(f"--mapper {path}: expected a folder written by CacheMapper.save_pretrained "
+                                f"({CONFIG_NAME}) or by `pskernels train --out` (mapper/, adapter/)")
+    want = CacheMapper.for_model(unwrap(model)).config
+    for field in ("num_layers", "num_kv_heads", "num_heads", "head_dim"):
+        if getattr(mapper.config, field) != getattr(want, field):
+            raise ValueError(f"--mapper {path}: {field} = {getattr(mapper.config, field)}, but the model has "
+                             f"{getattr(want, field)} (a mapper trained for another model)")
+    return model, mapper
+
+
 @torch.no_grad()
 def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, *, worker_tokens=64,
-                   answer_tokens=80, repeats=3):
-    """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice."""
+                   answer_tokens=80, repeats=3, mapper=None):
+    """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice.
+
+    ``model`` may be a PeftModel holding a synthesizer adapter (:func:`load_synthesizer`): only the
+    Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model."""
+    from .synthesis.adapter import base_model, is_peft_model, unwrap
     from .synthesis.workflow import run_workers, text_concat_cache
 
     enc = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]  # noqa: E731
@@ -158,17 +189,19 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
                     + "<|im_start|>assistant\n")[None].to(dev)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    kw = cache_kwarg(model)
+    kw = cache_kwarg(unwrap(model))
     handle = patch_model(model)
     try:
-        w = run_workers(model, prefix_ids, worker_ids, max_new_tokens=worker_tokens, eos_token_id=eos,
-                        pad_token_id=pad, repetition_penalty=REPETITION_PENALTY)
+        with base_model(model):
+            w = run_workers(model, prefix_ids, worker_ids, max_new_tokens=worker_tokens, eos_token_id=eos,
+                            pad_token_id=pad, repetition_penalty=REPETITION_PENALTY)
 
         def parallel_cache():
-            return ParallelCache(w.prefix, w.branches(), branch_lengths=w.branch_lengths)
+            return ParallelCache(w.prefix, w.branches(), branch_lengths=w.branch_lengths, mapper=mapper)
 
         def ttft_text():
-            return text_concat_cache(model, w.prefix, w.branch_ids, query_ids)[1]
+            with base_model(model):
+                return text_concat_cache(model, w.prefix, w.branch_ids, query_ids)[1]
 
         def ttft_parallel():
             return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: parallel_cache()}).logits
@@ -182,7 +215,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         full = torch.cat([prefix_ids[0]] + [b.to(dev) for b in w.branch_ids] + [query_ids[0]])[None]
         gen = dict(max_new_tokens=answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
                    repetition_penalty=REPETITION_PENALTY)
-        text_out = model.generate(full, **gen, **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
+        with base_model(model):
+            text_out = model.generate(full, **gen, **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
         par_out = model.generate(query_ids, **gen, **{kw: parallel_cache()})[0, query_ids.shape[1]:]
     finally:
         handle.remove()
@@ -202,6 +236,9 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         "speedup": round(text_ms / par_ms, 2),
         "branch_cache_mib": round(kv / 2**20, 2),
         "threads": torch.get_num_threads(),
+        "synthesizer": ("base model" if mapper is None and not is_peft_model(model) else
+                        "trained " + " + ".join((["cache mapper"] if mapper is not None else [])
+                                                + (["LoRA adapter"] if is_peft_model(model) else []))),
     }
 
 
@@ -226,11 +263,20 @@ def print_agent_report(r: dict, model_name: str) -> None:
     print(f"{'TTFT ' + str(r['text_concat_ttft_ms']) + ' ms':<{width}}  | TTFT {r['parallel_ttft_ms']} ms")
     print(f"\nspeedup (time to first token): {r['speedup']:.1f}x; worker caches {r['branch_cache_mib']} MiB "
           "(prefix stored once, read in place)")
-    print("note: the synthesizer reads the branch caches without a trained adapter/mapper; the answers may differ.")
+    if r["synthesizer"] == "base model":
+        print("note: the synthesizer reads the branch caches without a trained adapter/mapper; the answers may "
+              "differ (`--mapper PATH` for a trained one).")
+    else:
+        print(f"synthesizer (b): {r['synthesizer']}{' from ' + r['mapper_path'] if r.get('mapper_path') else ''}; "
+              "workers and (a): the base model.")
 
 
 def main(args) -> int:
+    mapper_path = getattr(args, "mapper", None)
     if args.model == "tiny":
+        if mapper_path:
+            raise ValueError("--mapper: the tiny demo checks exactness against an oracle; use it with --model "
+                             "smollm2 or an HF folder")
         r = run_demo(branches=args.branches, branch_len=args.branch_len, prefix_len=args.prefix_len,
                      query_len=args.query_len, repeats=args.repeats)
         print(json.dumps(r, indent=2)) if args.json else print_report(r)
@@ -246,7 +292,10 @@ def main(args) -> int:
         model = AutoModelForCausalLM.from_pretrained(args.model).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         name = args.model
-    r = run_agent_demo(model, tokenizer, repeats=args.repeats)
-    r["model"] = name
+    mapper = None
+    if mapper_path:
+        model, mapper = load_synthesizer(model, mapper_path)
+    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper)
+    r["model"], r["mapper_path"] = name, mapper_path
     print(json.dumps(r, indent=2)) if args.json else print_agent_report(r, name)
     return 0

