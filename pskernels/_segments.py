@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ._devices import same_or_cpu
+from ._devices import check_same_or_cpu
 from .rope import RopeSpec, rope_on
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -77,8 +77,7 @@ def _int_table(name, t, S, B, device, allow_1d=True):
         t = t[:, None].expand(S, B)
     elif t.ndim != 2 or tuple(t.shape) != (S, B):
         raise ValueError(f"{name}: expected shape [S, B] = [{S}, {B}], got {tuple(t.shape)}")
-    if t.device.type != "cpu" and t.device != device:
-        raise ValueError(f"{name}: expected device {same_or_cpu(device, 'q')}, got {t.device}")
+    check_same_or_cpu(name, t, device, "q")
     return t.to(device=device, dtype=torch.int64)
 
 
@@ -96,8 +95,7 @@ def _knob(name, x, G, Hq, device, positive):
         t = t[:, None].expand(G, Hq)
     elif t.ndim != 2 or tuple(t.shape) != (G, Hq):
         raise ValueError(f"{name}: expected shape [G] = [{G}] or [G, Hq] = [{G}, {Hq}], got {tuple(t.shape)}")
-    if t.device.type != "cpu" and t.device != device:
-        raise ValueError(f"{name}: expected device {same_or_cpu(device, 'q')}, got {t.device}")
+    check_same_or_cpu(name, t, device, "q")
     if not torch.isfinite(t.detach()).all():
         raise ValueError(f"{name}: expected finite values")
     if positive and not (t.detach() > 0).all():

@@ -221,6 +221,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     finally:
         handle.remove()
     dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    trained = ["cache mapper"] * (mapper is not None) + ["LoRA adapter"] * is_peft_model(model)
     kv = sum(t.numel() * t.element_size() for layer in w.cache.layers for t in (layer.keys, layer.values))
     text_ms, par_ms = statistics.median(t_text), statistics.median(t_par)
     return {
@@ -236,9 +237,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         "speedup": round(text_ms / par_ms, 2),
         "branch_cache_mib": round(kv / 2**20, 2),
         "threads": torch.get_num_threads(),
-        "synthesizer": ("base model" if mapper is None and not is_peft_model(model) else
-                        "trained " + " + ".join((["cache mapper"] if mapper is not None else [])
-                                                + (["LoRA adapter"] if is_peft_model(model) else []))),
+        "synthesizer": "trained " + " + ".join(trained) if trained else "base model",
     }
 
 

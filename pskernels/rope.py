@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._devices import same_or_cpu
+from ._devices import check_same_or_cpu
 
 __all__ = ["RopeSpec", "REINDEX_UNSAFE_ROPE_TYPES"]
 
@@ -102,9 +102,5 @@ class RopeSpec:
 
 def rope_on(rope: RopeSpec, device: torch.device, tensor_name: str) -> RopeSpec:
     """``rope`` with its frequencies on ``device`` (the device of ``tensor_name``); they may live there or on cpu."""
-    dev = rope.inv_freq.device
-    if dev == device:
-        return rope
-    if dev.type != "cpu":
-        raise ValueError(f"rope.inv_freq: expected device {same_or_cpu(device, tensor_name)}, got {dev}")
-    return rope.to(device)
+    check_same_or_cpu("rope.inv_freq", rope.inv_freq, device, tensor_name)
+    return rope if rope.inv_freq.device == device else rope.to(device)

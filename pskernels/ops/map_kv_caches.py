@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from .._devices import same_or_cpu
+from .._devices import check_same_or_cpu
 from ..rope import RopeSpec, rope_on
 from . import _finite
 from ._backend import needs_grad, register, resolve
@@ -23,8 +23,7 @@ def _positions(name, t, NL, N, B, device):
             f"{name}: expected shape [N] = [{N}], [N, B] = [{N}, {B}] or [layers, N, B] = [{NL}, {N}, {B}], "
             f"got {tuple(t.shape)}"
         )
-    if t.device.type != "cpu" and t.device != device:
-        raise ValueError(f"{name}: expected device {same_or_cpu(device, 'the caches')}, got {t.device}")
+    check_same_or_cpu(name, t, device, "the caches")
     return t.to(device=device, dtype=torch.int64)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from .._devices import same_or_cpu
+from .._devices import check_same_or_cpu
 from ..rope import RopeSpec, rope_on
 from . import _finite
 from ._backend import needs_grad, register, resolve
@@ -47,8 +47,7 @@ def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto"
         raise ValueError(f"rope.rotary_dim: expected <= head_dim {k.shape[-1]}, got {rope.rotary_dim}")
     B, _, L, _ = k.shape
     d = torch.as_tensor(delta)
-    if d.device.type != "cpu" and d.device != k.device:
-        raise ValueError(f"delta: expected device {same_or_cpu(k.device, 'k')}, got {d.device}")
+    check_same_or_cpu("delta", d, k.device, "k")
     if d.is_floating_point() or d.dtype == torch.bool:
         raise TypeError(f"delta: expected an int or an integer tensor, got dtype {d.dtype}")
     if d.ndim == 0:
