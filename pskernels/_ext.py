@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from .ops._backend import register
+from ._core.registry import register
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _C = None

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ._devices import check_same_or_cpu
+import torch.nn as nn
 
-__all__ = ["RopeSpec", "REINDEX_UNSAFE_ROPE_TYPES"]
+from ._core.devices import check_same_or_cpu
+
+__all__ = ["RopeSpec", "REINDEX_UNSAFE_ROPE_TYPES", "find_decoder", "rope_spec_for_layer"]
 
 # Frequencies of these rope types depend on the sequence length seen so far, so a key rotated at
 # one time cannot be re-indexed with the frequencies of another: refuse shifts for them.
@@ -87,6 +89,11 @@ class RopeSpec:
         """Copy with ``inv_freq`` on ``device``."""
         return RopeSpec(self.inv_freq.to(device), self.style, self.rotary_dim, self.rope_type)
 
+    def on(self, device: torch.device, tensor_name: str) -> "RopeSpec":
+        """This spec with its frequencies on ``device`` (that of ``tensor_name``); they may live there or on cpu."""
+        check_same_or_cpu("rope.inv_freq", self.inv_freq, device, tensor_name)
+        return self if self.inv_freq.device == device else self.to(device)
+
     @classmethod
     def from_model(cls, model, layer_idx: int | None = None) -> "RopeSpec":
         """Build the spec from a Hugging Face model (or its base decoder / config-bearing module).
@@ -95,12 +102,43 @@ class RopeSpec:
         For models with one rotary module per layer type (Gemma 3), ``layer_idx`` selects the
         layer's type (default: layer 0).
         """
-        from .hf.arch import find_decoder, rope_spec_for_layer
-
         return rope_spec_for_layer(find_decoder(model), 0 if layer_idx is None else layer_idx)
 
 
-def rope_on(rope: RopeSpec, device: torch.device, tensor_name: str) -> RopeSpec:
-    """``rope`` with its frequencies on ``device`` (the device of ``tensor_name``); they may live there or on cpu."""
-    check_same_or_cpu("rope.inv_freq", rope.inv_freq, device, tensor_name)
-    return rope if rope.inv_freq.device == device else rope.to(device)
+# Reading a Hugging Face decoder's RoPE needs only torch.nn: the modules are found by their attributes.
+def find_decoder(model: nn.Module) -> nn.Module:
+    """The base decoder: the module that owns ``layers`` and ``rotary_emb`` (e.g. ``LlamaModel``)."""
+    for m in model.modules():
+        if isinstance(getattr(m, "layers", None), nn.ModuleList) and hasattr(m, "rotary_emb"):
+            return m
+    raise TypeError(
+        f"model: expected a Hugging Face decoder with `layers` and `rotary_emb` (Llama, Qwen2/3, Mistral, Phi3, "
+        f"Gemma 1/2/3 families), got {type(model).__name__}"
+    )
+
+
+def layer_type(decoder: nn.Module, layer_idx: int) -> str | None:
+    """The decoder's ``config.layer_types[layer_idx]`` (e.g. "sliding_attention"), None if it has none."""
+    cfg = decoder.config
+    cfg = cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+    types = getattr(cfg, "layer_types", None)
+    return types[layer_idx] if types else None
+
+
+def rope_spec_for_layer(decoder: nn.Module, layer_idx: int) -> RopeSpec:
+    """RoPE of ``layer_idx`` built from the model's own rotary module (so scaled frequencies are exact).
+
+    HF rotates with ``rotate_half`` (neox style). Partial rotary (Phi-3) shows up as fewer frequencies.
+    """
+    rot = decoder.rotary_emb
+    rope_type = getattr(rot, "rope_type", "default")
+    inv = getattr(rot, "inv_freq", None)
+    if isinstance(rope_type, dict):  # one rotary module for several layer types (Gemma 3)
+        lt = layer_type(decoder, layer_idx)
+        inv = getattr(rot, f"{lt}_inv_freq", None)
+        rope_type = rope_type.get(lt, "default")
+    if inv is None:
+        raise TypeError(f"model: cannot find the inverse RoPE frequencies of layer {layer_idx} in {type(rot).__name__}")
+    # dynamic rope mutates inv_freq as sequences grow; the *original* frequencies are what cached keys
+    # of short prompts were rotated with, but we refuse to re-index those types anyway.
+    return RopeSpec(inv.detach().float().clone(), style="neox", rope_type=str(rope_type))

@@ -30,7 +30,7 @@ import time
 import torch
 
 from . import ParallelCache, patch_model
-from .ops._backend import resolve_name
+from .ops import resolve_backend
 from .synthesis.workflow import cache_kwarg, output_cache
 
 
@@ -156,7 +156,7 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
         "parallel_over_floor": round(med["parallel"] / med["floor"], 3),
         "samples_ms": {k: [round(x, 3) for x in v] for k, v in samples.items()},
         "branch_cache_mib": round(kv_bytes / 2**20, 2),
-        "backend": resolve_name("multi_branch_attention", backend, device),
+        "backend": resolve_backend("multi_branch_attention", backend, device),
         "device": str(device),
         "dtype": str(dtype).replace("torch.", ""),
         "threads": torch.get_num_threads(),

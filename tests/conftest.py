@@ -1,10 +1,13 @@
 import os
 
-# The Triton interpreter must be selected before triton is imported anywhere.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
+
+# Without CUDA the Triton kernels can only run in the interpreter, which must be selected before triton is
+# imported anywhere. With CUDA the compiled, autotuned kernels run (TRITON_INTERPRET=1 still forces the
+# interpreter when set by hand).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -13,3 +16,12 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on 2 shared cores it avoids OpenMP oversubscription stalls when the machine is busy."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

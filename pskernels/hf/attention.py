@@ -13,8 +13,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .._segments import normalize_segments
-from ..ops.multi_branch_attention import attend_normalized
+from ..ops import plan_multi_branch_attention
 
 NAME = "pskernels"
 STATE_KWARG = "pskernels_state"
@@ -60,20 +59,20 @@ def pskernels_attention(module, query, key, value, attention_mask, dropout=0.0, 
     keys, values, meta, layout = cache.segments(layer, key, value, sliding_window, handle.rope)
     backend = cache.backend if cache.backend != "auto" else handle.backend
     rope = handle.rope(layer)
-    # Layers of one forward share the segment layout: validate it once, reuse it while shapes, dtype,
-    # RoPE and scaling match (per-layer mapper knobs have no layout key and are validated every time).
-    reuse = cache.validated if layout is not None else None
-    key_ = params = None
-    if reuse is not None:
-        key_ = (layout, tuple(query.shape), query.dtype, query.device, id(rope), scaling, softcap,
-                tuple(tuple(k.shape) for k in keys), tuple(tuple(v.shape) for v in values),
-                tuple(k.dtype for k in keys), tuple(v.dtype for v in values))
-        params = reuse.get(key_, (None, None))[1]
-    if params is None:
-        params = normalize_segments(query, keys, values, rope=rope, scale=scaling, softcap=softcap, **meta)
-        if reuse is not None:
-            reuse[key_] = (rope, params)  # holding rope keeps its id from being reused
-    out, _ = attend_normalized(query, keys, values, params, backend)
+    # Layers of one forward share the segment layout: plan it once, run it on every layer whose shapes, dtype,
+    # RoPE and scaling match (per-layer mapper knobs have no layout key and are planned every time). The handle
+    # keeps each layer's RopeSpec alive, so its id identifies it.
+    plans = cache.plans if layout is not None else None
+    plan = key_ = None
+    if plans is not None:
+        key_ = (layout, query.shape, key.shape, value.shape, query.dtype, id(rope), scaling, softcap)
+        plan = plans.get(key_)
+    if plan is None:
+        plan = plan_multi_branch_attention(query, keys, values, rope=rope, scale=scaling, softcap=softcap,
+                                           backend=backend, **meta)
+        if plans is not None:
+            plans[key_] = plan
+    out, _ = plan.run(query, keys, values)
     return out.transpose(1, 2).contiguous(), None
 
 

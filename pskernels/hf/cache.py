@@ -262,16 +262,16 @@ class ParallelCache(Cache):
             rel = position_ids.to("cpu", torch.int64).expand(B, q_len)
         vpos = rel + self.query_start[:, None]
         self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device,
-                        "validated": {}}
+                        "plans": {}}
         return vpos.to(device)
 
     def end_forward(self):
         self._active = None
 
     @property
-    def validated(self) -> dict:
-        """Per-forward store of validated attention arguments, keyed by segment layout (see attention.py)."""
-        return self._active["validated"]
+    def plans(self) -> dict:
+        """Per-forward store of attention plans, keyed by segment layout (see attention.py)."""
+        return self._active["plans"]
 
     # ---- segments of one layer (called by the attention function) -------------------------------------
     def _views(self, layer_idx: int):

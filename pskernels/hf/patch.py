@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from . import attention
-from .arch import find_decoder, num_layers, rope_spec_for_layer
+from ..rope import find_decoder, rope_spec_for_layer
 from .cache import ParallelCache
 
 _HANDLE_ATTR = "_pskernels_patch"
@@ -56,9 +56,9 @@ class PatchHandle:
         cache = _find_parallel_cache(args, kwargs)
         if cache is None:
             return None
-        if len(cache.layers) and len(cache.layers) != num_layers(self.decoder):
+        if len(cache.layers) and len(cache.layers) != len(self.decoder.layers):
             raise ValueError(f"ParallelCache: holds {len(cache.layers)} layers but the model has "
-                             f"{num_layers(self.decoder)}; its caches come from a different model")
+                             f"{len(self.decoder.layers)}; its caches come from a different model")
         x = kwargs.get("input_ids")
         if x is None:
             x = kwargs.get("inputs_embeds")

@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from .._devices import check_same_or_cpu
-from ..rope import RopeSpec, rope_on
-from . import _finite
-from ._backend import needs_grad, register, resolve
+from .._core.devices import check_same_or_cpu
+from ..rope import RopeSpec
+from .._core import finite
+from .._core.registry import register
+from .dispatch import needs_grad, resolve
 
 
 def _positions(name, t, NL, N, B, device):
@@ -150,14 +151,14 @@ def map_kv_caches(
     params["v_down"], params["v_up"], params["v_gate"] = _transform("v", v_down, v_up, v_gate, NL, H, Dv, dev)
     if not rope.supports_reindexing and (params["k_down"] is not None or bool((orig != new).any())):
         raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
-    rope = rope_on(rope, dev, "keys[0][0]")
-    if _finite.enabled():
+    rope = rope.on(dev, "keys[0][0]")
+    if finite.enabled():
         for l, (kl, vl) in enumerate(zip(keys, values)):
             for n, (k, v) in enumerate(zip(kl, vl)):
-                _finite.check_finite(f"keys[{l}][{n}]", k)
-                _finite.check_finite(f"values[{l}][{n}]", v)
+                finite.check_finite(f"keys[{l}][{n}]", k)
+                finite.check_finite(f"values[{l}][{n}]", v)
         for name, t in params.items():
-            _finite.check_finite(name, t)
+            finite.check_finite(name, t)
     grad = needs_grad(*(t for layer in keys + values for t in layer), *params.values())
     return resolve("map_kv_caches", backend, dev, grad)(keys, values, orig, new, rope, params)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from . import _finite
-from ._backend import needs_grad, register, resolve
+from .._core import finite
+from .._core.registry import register
+from .dispatch import needs_grad, resolve
 
 
 def _stack(name, x, ndim):
@@ -61,9 +62,9 @@ def merge_states(outs, lses, *, backend: str = "auto"):
         raise TypeError(f"outs: expected a floating dtype, got {o.dtype}")
     if o.device != s.device:
         raise ValueError(f"lses: expected device {o.device} (same as outs), got {s.device}")
-    if _finite.enabled():
-        _finite.check_finite("lses", s, allow_neg_inf=True)
-        _finite.check_finite("outs", o)
+    if finite.enabled():
+        finite.check_finite("lses", s, allow_neg_inf=True)
+        finite.check_finite("outs", o)
     return resolve("merge_states", backend, o.device, needs_grad(o, s))(o, s)
 
 

@@ -1,4 +1,10 @@
-"""Attention over a list of separately stored KV segments (prefix, branches, own tokens)."""
+"""Attention over a list of separately stored KV segments (prefix, branches, own tokens).
+
+Two ways in: :func:`multi_branch_attention` validates and attends in one call;
+:func:`plan_multi_branch_attention` validates a segment layout once and returns an :class:`AttentionPlan`
+whose :meth:`~AttentionPlan.run` attends many times with tensors of that layout (the layers of a forward, the
+heads of a model that share one layout), paying only a shape/dtype/device comparison per call.
+"""
 from __future__ import annotations
 
 from typing import Sequence
@@ -6,10 +12,13 @@ from typing import Sequence
 import torch
 
 from .. import ref
-from .._segments import SegmentParams, normalize_segments
+from .._core import finite
+from .._core.registry import register
+from .._core.segments import SegmentParams, normalize_segments
 from ..rope import RopeSpec
-from . import _finite
-from ._backend import needs_grad, register, resolve
+from .dispatch import needs_grad, resolve, select
+
+OP = "multi_branch_attention"
 
 
 def multi_branch_attention(
@@ -93,34 +102,143 @@ def multi_branch_attention(
     >>> out.shape, lse.shape
     (torch.Size([1, 8, 4, 64]), torch.Size([1, 8, 4]))
     """
+    return plan_multi_branch_attention(
+        q, keys, values, seq_lens=seq_lens, position_shifts=position_shifts, rope=rope, causal_last=causal_last,
+        scale=scale, softcap=softcap, sliding_window=sliding_window, segment_positions=segment_positions,
+        query_positions=query_positions, left_pad=left_pad, temperature=temperature, lse_scale=lse_scale,
+        log_weight=log_weight, segment_groups=segment_groups, backend=backend,
+    ).run(q, keys, values)
+
+
+def plan_multi_branch_attention(
+    q: torch.Tensor,
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    *,
+    seq_lens: torch.Tensor | None = None,
+    position_shifts: torch.Tensor | None = None,
+    rope: RopeSpec | None = None,
+    causal_last: bool = True,
+    scale: float | None = None,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    segment_positions: torch.Tensor | None = None,
+    query_positions: torch.Tensor | None = None,
+    left_pad: torch.Tensor | None = None,
+    temperature: torch.Tensor | float | None = None,
+    lse_scale: torch.Tensor | float | None = None,
+    log_weight: torch.Tensor | float | None = None,
+    segment_groups: Sequence[int] | None = None,
+    backend: str = "auto",
+) -> "AttentionPlan":
+    """Validate a segment layout once; the returned plan attends with any tensors of that layout.
+
+    Takes exactly the arguments of :func:`multi_branch_attention`. ``q``, ``keys`` and ``values`` serve as
+    templates: their shapes, dtype and device define the layout (their values are not read). Every check of
+    :func:`multi_branch_attention` runs here, and the backend is resolved here.
+
+    Returns
+    -------
+    AttentionPlan
+        ``plan.run(q, keys, values) -> (out, lse)`` for tensors with the templates' shapes, dtype and device
+        (any strides with ``stride(-1) == 1``); anything else raises ``ValueError`` naming the argument.
+
+    Examples
+    --------
+    >>> import torch, pskernels
+    >>> prefix, branch, own = (torch.randn(1, 2, n, 64) for n in (16, 32, 4))
+    >>> plan = pskernels.plan_multi_branch_attention(torch.empty(1, 8, 4, 64), [prefix, branch, own],
+    ...                                              [prefix, branch, own])
+    >>> for layer in range(3):  # e.g. the layers of a model, each with its own tensors of the same shapes
+    ...     out, lse = plan.run(torch.randn(1, 8, 4, 64), [prefix, branch, own], [prefix, branch, own])
+    >>> out.shape, lse.shape, lse.dtype
+    (torch.Size([1, 8, 4, 64]), torch.Size([1, 8, 4]), torch.float32)
+    """
     params = normalize_segments(
         q, keys, values, seq_lens=seq_lens, position_shifts=position_shifts, rope=rope, causal_last=causal_last,
         scale=scale, softcap=softcap, sliding_window=sliding_window, segment_positions=segment_positions,
         query_positions=query_positions, left_pad=left_pad, temperature=temperature, lse_scale=lse_scale,
         log_weight=log_weight, segment_groups=segment_groups,
     )
-    return attend_normalized(q, keys, values, params, backend)
+    return AttentionPlan(q, keys, values, params, backend)
 
 
-def attend_normalized(q, keys, values, params: SegmentParams, backend: str = "auto"):
-    """:func:`multi_branch_attention` with arguments :func:`normalize_segments` already checked.
+class AttentionPlan:
+    """A validated layout of :func:`multi_branch_attention`; build it with :func:`plan_multi_branch_attention`.
 
-    For callers that validate once and attend many times with the same layout (the HF integration
-    reuses one validation for every layer of a forward whose segment shapes match).
+    Attributes
+    ----------
+    params : SegmentParams
+        The normalised segment metadata every backend receives.
+    backend : str
+        The backend name the plan resolved (``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``).
     """
-    if _finite.enabled():
-        _finite.check_finite("q", q)
-        for s, (k, v) in enumerate(zip(keys, values)):
-            _finite.check_finite(f"keys[{s}]", k)
-            _finite.check_finite(f"values[{s}]", v)
-    if q.numel() == 0:  # no query rows: nothing to attend (no backend has to handle empty grids)
-        B, Hq, Lq, _ = q.shape
-        return q.new_zeros(B, Hq, Lq, values[0].shape[-1]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
-    grad = needs_grad(q, *keys, *values, params.temperature, params.lse_scale, params.log_weight)
-    impl = resolve("multi_branch_attention", backend, q.device, grad)
-    return impl(q, list(keys), list(values), params)
+
+    __slots__ = ("params", "backend", "_requested", "_impl", "_q_shape", "_kv_shapes", "_dtype", "_device")
+
+    def __init__(self, q, keys, values, params: SegmentParams, backend: str):
+        self.params = params
+        self._requested = backend
+        self._q_shape = q.shape
+        self._kv_shapes = [(k.shape, v.shape) for k, v in zip(keys, values)]
+        self._dtype, self._device = q.dtype, q.device
+        grad = needs_grad(q, *keys, *values, params.temperature, params.lse_scale, params.log_weight)
+        self.backend, self._impl = select(OP, backend, q.device, grad)
+
+    def _check(self, q, keys, values) -> None:
+        dt, dev = self._dtype, self._device
+        if not isinstance(q, torch.Tensor) or q.shape != self._q_shape or q.dtype != dt or q.device != dev:
+            raise ValueError(f"q: expected shape {tuple(self._q_shape)}, dtype {dt}, device {dev} (the plan's), got "
+                             f"{_desc(q)}")
+        if len(keys) != len(self._kv_shapes) or len(values) != len(self._kv_shapes):
+            raise ValueError(f"keys/values: expected {len(self._kv_shapes)} segments (the plan's), got "
+                             f"{len(keys)} / {len(values)}")
+        for s, (k, v, (ks, vs)) in enumerate(zip(keys, values, self._kv_shapes)):
+            for name, t, shape in (("keys", k, ks), ("values", v, vs)):
+                if (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dt or t.device != dev
+                        or (t.stride(-1) != 1 and shape[-1] > 1)):
+                    raise ValueError(f"{name}[{s}]: expected shape {tuple(shape)}, dtype {dt}, device {dev} (the "
+                                     f"plan's) with stride(-1) == 1, got {_desc(t)}")
+
+    def run(self, q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+        """Attend with the plan's layout.
+
+        Parameters
+        ----------
+        q, keys, values : Tensors with the shapes, dtype and device the plan was made with.
+
+        Returns
+        -------
+        out : Tensor ``[B, Hq, Lq, Dv]`` in q's dtype
+        lse : float32 Tensor ``[B, Hq, Lq]`` (natural log; ``-inf`` for queries that see no key)
+        """
+        keys, values = list(keys), list(values)
+        self._check(q, keys, values)
+        p = self.params
+        if finite.enabled():
+            finite.check_finite("q", q)
+            for s, (k, v) in enumerate(zip(keys, values)):
+                finite.check_finite(f"keys[{s}]", k)
+                finite.check_finite(f"values[{s}]", v)
+        if q.numel() == 0:  # no query rows: nothing to attend (no backend has to handle empty grids)
+            B, Hq, Lq, _ = q.shape
+            return q.new_zeros(B, Hq, Lq, values[0].shape[-1]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
+        impl = self._impl
+        if self.backend != "torch" and torch.is_grad_enabled() and needs_grad(q, *keys, *values):
+            impl = resolve(OP, self._requested, q.device, True)
+        return impl(q, keys, values, p)
+
+    def __repr__(self) -> str:
+        S = len(self._kv_shapes)
+        return f"AttentionPlan(q={tuple(self._q_shape)}, segments={S}, dtype={self._dtype}, backend={self.backend!r})"
 
 
-@register("multi_branch_attention", "torch")
+def _desc(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}, strides {t.stride()}"
+    return type(t).__name__
+
+
+@register(OP, "torch")
 def _torch_impl(q, keys, values, params: SegmentParams):
     return ref.multi_branch_attention(q, keys, values, params)

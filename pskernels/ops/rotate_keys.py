@@ -4,10 +4,11 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from .._devices import check_same_or_cpu
-from ..rope import RopeSpec, rope_on
-from . import _finite
-from ._backend import needs_grad, register, resolve
+from .._core.devices import check_same_or_cpu
+from ..rope import RopeSpec
+from .._core import finite
+from .._core.registry import register
+from .dispatch import needs_grad, resolve
 
 
 def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto") -> torch.Tensor:
@@ -57,9 +58,9 @@ def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto"
     if bool((d != 0).any()) and not rope.supports_reindexing:
         raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
     d = d.to(device=k.device, dtype=torch.int64)
-    rope = rope_on(rope, k.device, "k")
-    if _finite.enabled():
-        _finite.check_finite("k", k)
+    rope = rope.on(k.device, "k")
+    if finite.enabled():
+        finite.check_finite("k", k)
     return resolve("rotate_keys", backend, k.device, needs_grad(k))(k, d, rope)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .rope import rotate
+from .rotate_keys import rotate
 
 
 def low_rank_residual(x, down, up, gate):

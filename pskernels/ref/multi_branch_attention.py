@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from .._segments import SegmentParams
-from .merge import merge_states
-from .rope import rotate
+from .._core.segments import SegmentParams
+from .merge_states import merge_states
+from .rotate_keys import rotate
 
 
 def _safe_softmax_lse(sc: torch.Tensor):

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import register
+from .._core.registry import register
 from . import _check_inputs, _empty, _triton_available
 from .rotate_keys import rope_apply, rope_layout, rope_partner
 

@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._backend import register
+from .._core.registry import register
 from . import _check_inputs, _empty, _triton_available
 
 LOG2E = tl.constexpr(1.4426950408889634)

@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .._segments import SegmentParams
-from ..ops._backend import register
+from .._core.segments import SegmentParams
+from .._core.registry import register
 from . import _check_inputs, _empty, _on_gpu, _triton_available
 from .merge_states import LOG2E, combine, merge_final
 from .rotate_keys import rope_apply, rope_layout, rope_partner, sincos

@@ -4,7 +4,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ..ops._backend import register
+from .._core.registry import register
 from . import _check_inputs, _empty, _triton_available
 
 

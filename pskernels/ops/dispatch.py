@@ -1,8 +1,9 @@
-"""Backend registry and resolution shared by every op.
+"""Which implementation an op call runs: ``backend=`` / ``PSKERNELS_BACKEND``, device, autograd.
 
-Each op registers one implementation per backend name. ``backend="auto"`` (or the
-``PSKERNELS_BACKEND`` environment variable) resolves to the CUDA extension on NVIDIA GPUs (else
-Triton), the C++ extension on CPU (else the PyTorch reference).
+``backend="auto"`` resolves to the CUDA extension on NVIDIA GPUs (else Triton), the C++ extension on CPU
+(else the PyTorch reference). Kernel packages are imported on first need, so that ``import pskernels``
+stays light (triton's import alone takes about a second); importing one registers its implementations
+in :mod:`pskernels._core.registry`.
 """
 from __future__ import annotations
 
@@ -12,11 +13,8 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
-_IMPLS: dict[str, dict[str, Callable]] = {}
-_AVAILABLE: dict[str, Callable[[], bool]] = {"torch": lambda: True}
-# Backends whose modules register themselves when imported; imported on first need so that
-# `import pskernels` stays light (triton's import alone takes about a second).
+from .._core.registry import BACKENDS, backend_available, implementations, registered_backends
+
 _LAZY = {"triton": "pskernels.triton", "cpu": "pskernels._ext", "cuda": "pskernels._ext"}
 _LOAD_ERRORS: dict[str, str] = {}
 
@@ -30,35 +28,28 @@ def _load(backend: str) -> None:
             _LOAD_ERRORS[backend] = f"{type(e).__name__}: {e}"
 
 
-def register(op: str, backend: str, available: Callable[[], bool] | None = None):
-    """Decorator: register ``fn`` as ``op``'s implementation on ``backend``."""
-    if backend not in BACKENDS or backend == "auto":
-        raise ValueError(f"unknown backend {backend!r}")
-    if available is not None:
-        _AVAILABLE[backend] = available
-
-    def deco(fn):
-        _IMPLS.setdefault(op, {})[backend] = fn
-        return fn
-
-    return deco
-
-
-def backend_available(backend: str) -> bool:
-    probe = _AVAILABLE.get(backend)
-    return bool(probe and probe())
+def load_error(backend: str) -> str | None:
+    """Why ``backend``'s kernel package failed to import (None if it loaded or was never tried)."""
+    return _LOAD_ERRORS.get(backend)
 
 
 def available_backends(op: str | None = None) -> list[str]:
-    """Backends that can run on this machine (for ``op``, or for any op)."""
+    """Backends that can run on this machine (for ``op``, or for any op).
+
+    Examples
+    --------
+    >>> import pskernels
+    >>> "torch" in pskernels.available_backends("merge_states")
+    True
+    """
     for b in list(_LAZY):
         _load(b)
-    names = {b for impls in _IMPLS.values() for b in impls} if op is None else set(_IMPLS.get(op, {}))
+    names = registered_backends() if op is None else set(implementations(op))
     return [b for b in BACKENDS[1:] if b in names and backend_available(b)]
 
 
-def resolve_name(op: str, backend: str, device) -> str:
-    """Name of the backend ``backend`` (possibly "auto" / ``PSKERNELS_BACKEND``) selects for ``op`` on ``device``."""
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """Name of the backend that ``backend`` (possibly "auto" / ``PSKERNELS_BACKEND``) selects for ``op`` on ``device``."""
     if backend == "auto":
         backend = os.environ.get("PSKERNELS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
@@ -67,11 +58,11 @@ def resolve_name(op: str, backend: str, device) -> str:
         order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
         for b in order:
             _load(b)
-            if b in _IMPLS.get(op, {}) and backend_available(b):
+            if b in implementations(op) and backend_available(b):
                 return b
         raise RuntimeError(f"{op}: no backend available for device {device}")
     _load(backend)
-    impls = _IMPLS.get(op, {})
+    impls = implementations(op)
     if backend not in impls:
         if backend in _LOAD_ERRORS:
             raise RuntimeError(f"backend: {backend!r} failed to load ({_LOAD_ERRORS[backend]})")
@@ -83,8 +74,13 @@ def resolve_name(op: str, backend: str, device) -> str:
     return backend
 
 
-def resolve(op: str, backend: str, device, needs_grad: bool = False) -> Callable:
-    """Pick ``op``'s implementation for tensors on ``device``.
+def resolve(op: str, backend: str, device: torch.device, needs_grad: bool = False) -> Callable:
+    """Pick ``op``'s implementation for tensors on ``device`` (see :func:`select`)."""
+    return select(op, backend, device, needs_grad)[1]
+
+
+def select(op: str, backend: str, device: torch.device, needs_grad: bool = False) -> tuple[str, Callable]:
+    """``(backend name, implementation)`` of ``op`` for tensors on ``device``.
 
     The compiled kernels are forward-only: when autograd must flow (``needs_grad``), "auto" picks the
     differentiable PyTorch reference and an explicit other backend is refused.
@@ -96,7 +92,8 @@ def resolve(op: str, backend: str, device, needs_grad: bool = False) -> Callable
             raise NotImplementedError(f"backend: {op} on {backend!r} is forward-only; inputs require grad, "
                                       "use backend='torch' (or 'auto') to differentiate")
         backend = "torch"
-    return _IMPLS[op][resolve_name(op, backend, device)]
+    name = resolve_backend(op, backend, device)
+    return name, implementations(op)[name]
 
 
 def needs_grad(*tensors) -> bool:

@@ -1,7 +1,8 @@
 """Argument validation and normalisation for ``multi_branch_attention``.
 
 Every backend receives the same :class:`SegmentParams`; all checks happen here, before any
-compute, with messages that name the argument and the expected vs actual value.
+compute, with messages that name the argument and the expected vs actual value. The RoPE argument
+is recognised by its interface (this leaf layer does not import ``pskernels.rope``).
 """
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ from typing import Sequence
 
 import torch
 
-from ._devices import check_same_or_cpu
-from .rope import RopeSpec, rope_on
+from .devices import check_same_or_cpu
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -25,7 +25,7 @@ class SegmentParams:
     left_pad: torch.Tensor  # [S, B] leading masked slots
     shifts: torch.Tensor  # [S, B] position shift (query rotated by -shift)
     has_shift: bool
-    rope: RopeSpec | None
+    rope: object | None  # pskernels.RopeSpec on q's device
     causal_last: bool
     scale: float
     softcap: float | None
@@ -33,6 +33,7 @@ class SegmentParams:
     segment_positions: torch.Tensor | None  # [S, B] virtual position of slot 0
     query_positions: torch.Tensor | None  # [B, Lq]
     groups: list  # segment -> group id
+    group_ids: torch.Tensor  # [S] int64 on q's device: ``groups`` as a tensor for the compiled kernels
     num_groups: int
     temperature: torch.Tensor | None  # [G, Hq] float32
     lse_scale: torch.Tensor | None  # [G, Hq]
@@ -81,6 +82,15 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     return t.to(device=device, dtype=torch.int64)
 
 
+def _check_rope(rope, head_dim, device):
+    """A RopeSpec (recognised by its interface: this leaf layer does not import ``pskernels.rope``) on ``device``."""
+    if not all(hasattr(rope, a) for a in ("inv_freq", "rotary_dim", "supports_reindexing", "on")):
+        raise TypeError(f"rope: expected a pskernels.RopeSpec, got {type(rope).__name__}")
+    if rope.rotary_dim > head_dim:
+        raise ValueError(f"rope.rotary_dim: expected <= head_dim {head_dim}, got {rope.rotary_dim}")
+    return rope.on(device, "q")
+
+
 def _knob(name, x, G, Hq, device, positive):
     if x is None:
         return None
@@ -110,7 +120,7 @@ def normalize_segments(
     *,
     seq_lens=None,
     position_shifts=None,
-    rope: RopeSpec | None = None,
+    rope=None,
     causal_last: bool = True,
     scale: float | None = None,
     softcap: float | None = None,
@@ -188,11 +198,7 @@ def normalize_segments(
         shifts = _int_table("position_shifts", position_shifts, S, B, dev)
         has_shift = bool((shifts != 0).any())
     if rope is not None:
-        if not isinstance(rope, RopeSpec):
-            raise TypeError(f"rope: expected a pskernels.RopeSpec, got {type(rope).__name__}")
-        if rope.rotary_dim > D:
-            raise ValueError(f"rope.rotary_dim: expected <= head_dim {D}, got {rope.rotary_dim}")
-        rope = rope_on(rope, dev, "q")
+        rope = _check_rope(rope, D, dev)
     if has_shift:
         if rope is None:
             raise ValueError("rope: position_shifts has non-zero entries, so a RopeSpec is required to re-index keys")
@@ -247,5 +253,5 @@ def normalize_segments(
     return SegmentParams(
         seq_lens=lens, left_pad=pad, shifts=shifts, has_shift=has_shift, rope=rope, causal_last=bool(causal_last),
         scale=scale, softcap=softcap, sliding_window=sliding_window, segment_positions=seg_pos, query_positions=qpos,
-        groups=groups, num_groups=G, temperature=temp, lse_scale=lsc, log_weight=lw,
+        groups=groups, group_ids=torch.tensor(groups, dtype=torch.int64, device=dev), num_groups=G, temperature=temp, lse_scale=lsc, log_weight=lw,
     )
