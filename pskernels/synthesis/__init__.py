@@ -1,4 +1,4 @@
-"""The Parallel-Synthesis pipeline: cache mapper, offline model loading, workflow helpers."""
+"""The Parallel-Synthesis pipeline: cache mapper, LoRA adapter, models, workflow, distillation training, evaluation."""
 from .mapper import CacheMapper, CacheMapperConfig
 
 __all__ = ["CacheMapper", "CacheMapperConfig"]

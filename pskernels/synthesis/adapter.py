@@ -86,11 +86,6 @@ def lora_parameters(model) -> list:
     return [p for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
 
 
-def lora_state_dict(model) -> dict:
-    peft = _peft()
-    return {k: v.detach().clone() for k, v in peft.get_peft_model_state_dict(model).items()}
-
-
 def save_adapter(model, path: str | os.PathLike) -> None:
     """``adapter_config.json`` + ``adapter_model.safetensors`` (PEFT's format) in ``path``."""
     model.save_pretrained(str(path))

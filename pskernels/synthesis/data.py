@@ -261,12 +261,6 @@ class TokenizedExample:
     kind: str = ""
     example: dict = field(default_factory=dict, repr=False)
 
-    def full_ids(self, target=None) -> torch.Tensor:
-        """Text concatenation ``prefix + branches + prompt (+ target)`` as one id sequence."""
-        t = self.target_ids if target is None else target
-        parts = [self.prefix_ids] + list(self.branch_ids) + [self.prompt_ids] + ([t] if t is not None else [])
-        return torch.cat(parts)
-
 
 def encode(tokenizer, text: str) -> list[int]:
     """Token ids of ``text`` without special tokens (HF tokenizers or any object with ``encode``)."""

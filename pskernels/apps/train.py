@@ -1,0 +1,94 @@
+"""``pskernels train``: train the cache mapper + LoRA synthesizer adapter (:mod:`pskernels.synthesis.train`).
+
+Also ``python -m pskernels.apps.train ...`` (the same flags).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..synthesis import train as recipe
+from ..synthesis.data import build, load_jsonl
+from ..synthesis.models import load_model
+
+
+def load_examples(args, n: int, seed: int, held_out: int = 0):
+    """``(train, held_out)`` from ``--data`` (last ``held_out`` lines held out) or ``--builder``."""
+    if getattr(args, "data", None):
+        ex = load_jsonl(args.data)
+        if held_out >= len(ex):
+            raise ValueError(f"--data: {len(ex)} examples, fewer than --eval-examples + 1 = {held_out + 1}")
+        return ex[: len(ex) - held_out], ex[len(ex) - held_out:]
+    return build(args.builder, n, seed=seed), build(args.builder, held_out, seed=seed + 1) if held_out else []
+
+
+def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--model", default="smollm2",
+                   help="'smollm2', 'tiny' (random Llama, byte tokenizer) or an HF folder")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="training examples (JSONL, see pskernels.synthesis.data)")
+    src.add_argument("--builder", default="aggregation", help="aggregation | exposure | distill | mixed")
+    p.add_argument("--n-examples", type=int, default=128, help="(builder) training examples")
+    p.add_argument("--eval-examples", type=int, default=16,
+                   help="held-out examples (builder: seed+1; data: last lines)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--mapper-lr", type=float, default=None)
+    p.add_argument("--kl-weight", type=float, default=1.0)
+    p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr-schedule", default="constant", choices=list(recipe.LR_SCHEDULES),
+                   help="cosine: decay to 0 at --steps")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup")
+    p.add_argument("--scheme", default="sequential", choices=["parallel", "sequential", "right_aligned"])
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--no-lora", action="store_true", help="train the mapper only")
+    p.add_argument("--mapper-rank", type=int, default=8)
+    p.add_argument("--no-mapper", action="store_true", help="train the adapter only")
+    p.add_argument("--target-tokens", type=int, default=16, help="teacher greedy tokens for examples without target")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--save-every", type=int, default=None)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--no-cache-teacher", action="store_true", help="recompute base caches + teacher every step")
+    p.add_argument("--out", required=True, help="checkpoint folder (mapper/, adapter/, trainer_state.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from --out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def run_train(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    train_ex, eval_ex = load_examples(args, args.n_examples, args.seed, args.eval_examples)
+    print(f"training on {len(train_ex)} examples ({args.data or args.builder}), {len(eval_ex)} held out; "
+          f"model {args.model}, scheme {args.scheme}", flush=True)
+    config = recipe.TrainConfig(
+        mapper=False if args.no_mapper else None, lora=not args.no_lora, steps=args.steps, lr=args.lr,
+        mapper_lr=args.mapper_lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight, lr_schedule=args.lr_schedule,
+        warmup_steps=args.warmup_steps, eval_examples=eval_ex, eval_every=args.eval_every, checkpoint_dir=args.out,
+        save_every=args.save_every, resume=args.resume, seed=args.seed, scheme=args.scheme, lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha, mapper_rank=args.mapper_rank, grad_accum=args.grad_accum,
+        target_tokens=args.target_tokens, log_every=args.log_every, cache_teacher=not args.no_cache_teacher,
+        log=lambda s: print(s, flush=True),
+        config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,
+                      "n_examples": args.n_examples, "eval_examples": args.eval_examples})
+    r = recipe.train(model, tok, train_ex, config)
+    if r["evals"]:
+        e0, e1 = r["evals"][0], r["evals"][-1]
+        print(f"held-out KL {e0['kl']:.4f} -> {e1['kl']:.4f} nats/token; top-1 {e0['top1']:.3f} -> {e1['top1']:.3f}")
+    print(f"saved to {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = add_train_args(argparse.ArgumentParser(prog="pskernels train", description=recipe.__doc__.split("\n")[0]))
+    return run_train(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Teacher and student of the synthesizer distillation, shared by training and evaluation.
+
+Per example (batch 1), everything reads the same branch caches:
+
+* :func:`branch_caches`: the frozen *base* model (adapter disabled) computes the shared prefix cache and
+  one zero-copy cache per worker (``ParallelCache(prefix, [])``: only the branch tokens are stored);
+* the **teacher** (:func:`teacher_logits`, :func:`teacher_greedy`) is the base model reading the *text
+  concatenation* ``prefix + branches + prompt (+ target)`` (the prefix cache copied, the rest re-prefilled);
+* the **student** (:func:`student_logits`, :func:`student_greedy`) is the patched model, with or without its
+  adapter, reading ``prompt (+ target)`` over ``ParallelCache(prefix, branches, scheme=..., mapper=mapper)``;
+* :func:`kl_per_token` compares their distributions on the target tokens. Examples without a ``target``
+  (distillation) are scored on the teacher's greedy continuation (:class:`TargetCache`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ..hf import ParallelCache, patch_model
+from .adapter import base_model, unwrap
+from .data import TokenizedExample, tokenize_example
+from .workflow import cache_kwarg, output_cache
+
+
+@contextlib.contextmanager
+def patched(model):
+    """Patch ``model`` for the duration (no-op if it, or its base model, is already patched)."""
+    if getattr(model, "_pskernels_patch", None) is not None or getattr(unwrap(model), "_pskernels_patch", None):
+        yield model
+        return
+    handle = patch_model(model)
+    try:
+        yield model
+    finally:
+        handle.remove()
+
+
+def tokenize_examples(tokenizer, examples, device) -> list[TokenizedExample]:
+    """``examples`` (dicts in the :mod:`pskernels.synthesis.data` format, or ``TokenizedExample``) tokenized."""
+    return [ex if isinstance(ex, TokenizedExample) else tokenize_example(tokenizer, ex, device=device)
+            for ex in examples]
+
+
+def eos_ids(tokenizer):
+    """The tokenizer's end-of-sequence id(s), or None: where greedy decoding stops."""
+    return getattr(tokenizer, "eos_token_id", None)
+
+
+def _cache_kwarg(model) -> str:
+    return cache_kwarg(unwrap(model))
+
+
+def _synthesis_cache(prefix, branches, mapper, scheme):
+    return ParallelCache(prefix, branches, scheme=scheme, mapper=mapper)
+
+
+@torch.no_grad()
+def branch_caches(model, ex: TokenizedExample):
+    """Prefix cache and zero-copy worker caches, computed by the base model (adapter disabled).
+    ``model`` must be patched."""
+    kw = _cache_kwarg(model)
+    dev = next(model.parameters()).device
+    with base_model(model):
+        prefix = output_cache(model(ex.prefix_ids.to(dev)[None], use_cache=True))
+        branches = []
+        for ids in ex.branch_ids:
+            c = ParallelCache(prefix, [])
+            model(ids.to(dev)[None], use_cache=True, **{kw: c})
+            branches.append(c)
+    return prefix, branches
+
+
+@torch.no_grad()
+def teacher_logits(model, ex: TokenizedExample, prefix, target: torch.Tensor) -> torch.Tensor:
+    """Text concatenation (base model): logits ``[T, V]`` predicting each target token."""
+    dev = next(model.parameters()).device
+    T = target.numel()
+    ids = torch.cat(list(ex.branch_ids) + [ex.prompt_ids, target]).to(dev)[None]
+    with base_model(model):
+        out = model(ids, use_cache=True, logits_to_keep=T + 1, **{_cache_kwarg(model): copy.deepcopy(prefix)})
+    return out.logits[0, :-1].float()
+
+
+def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.Tensor, *, mapper=None,
+                   scheme: str = "sequential", adapter: bool = True) -> torch.Tensor:
+    """Parallel synthesis: logits ``[T, V]`` predicting each target token from the branch caches.
+    ``adapter=False`` runs the base model (untrained Parallel-Synthesis / APE settings)."""
+    dev = next(model.parameters()).device
+    T = target.numel()
+    ids = torch.cat([ex.prompt_ids, target]).to(dev)[None]
+    ctx = contextlib.nullcontext() if adapter else base_model(model)
+    with ctx:
+        out = model(ids, use_cache=True, logits_to_keep=T + 1,
+                    **{_cache_kwarg(model): _synthesis_cache(prefix, branches, mapper, scheme)})
+    return out.logits[0, :-1].float()
+
+
+@torch.no_grad()
+def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Tensor:
+    """Greedy continuation of ``first_ids`` (1-D) over ``cache`` (stops after ``eos``, which is kept)."""
+    dev = next(model.parameters()).device
+    kw = _cache_kwarg(model)
+    ids = first_ids.to(dev)[None]
+    out = []
+    eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+    for _ in range(n):
+        logits = model(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[0, -1]
+        tok = int(logits.argmax())
+        out.append(tok)
+        if tok in eos:
+            break
+        ids = torch.tensor([[tok]], device=dev)
+    return torch.tensor(out, dtype=torch.long)
+
+
+@torch.no_grad()
+def teacher_greedy(model, ex: TokenizedExample, prefix, n: int, eos=None) -> torch.Tensor:
+    """The teacher's greedy continuation (``n`` tokens at most) of ``branches + prompt`` after ``prefix``."""
+    with base_model(model):
+        first = torch.cat(list(ex.branch_ids) + [ex.prompt_ids])
+        return greedy(model, first, copy.deepcopy(prefix), n, eos)
+
+
+@torch.no_grad()
+def student_greedy(model, ex, prefix, branches, n, eos=None, *, mapper=None, scheme="sequential", adapter=True):
+    """The student's greedy continuation (``n`` tokens at most) of the prompt over the branch caches."""
+    ctx = contextlib.nullcontext() if adapter else base_model(model)
+    with ctx:
+        return greedy(model, ex.prompt_ids, _synthesis_cache(prefix, branches, mapper, scheme), n, eos)
+
+
+def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) in nats for each position: ``[T]``."""
+    t = F.log_softmax(teacher.float(), -1)
+    s = F.log_softmax(student.float(), -1)
+    return (t.exp() * (t - s)).sum(-1)
+
+
+class TargetCache:
+    """Target ids per example: the example's own, or the teacher's greedy continuation (computed once per key).
+
+    Parameters
+    ----------
+    n_tokens : int
+        Length of the teacher's continuation for examples without ``target``.
+    eos : int, list of int or None
+        Where that continuation stops.
+    """
+
+    def __init__(self, n_tokens, eos):
+        self.n, self.eos, self.cache = n_tokens, eos, {}
+
+    def __call__(self, model, ex, prefix, key):
+        if ex.target_ids is not None and ex.target_ids.numel():
+            return ex.target_ids
+        if key not in self.cache:
+            self.cache[key] = teacher_greedy(model, ex, prefix, self.n, self.eos)
+        return self.cache[key]
+
+
+class TeacherPass(NamedTuple):
+    """What the frozen base model computes for one example: its caches, the targets and the teacher's logits."""
+
+    prefix: object
+    branches: list
+    target_ids: torch.Tensor
+    teacher_logits: torch.Tensor
+
+
+@torch.no_grad()
+def teacher_pass(model, ex: TokenizedExample, targets: TargetCache, key, store: dict | None = None) -> TeacherPass:
+    """The base-model side of one example. ``store`` (a dict) keeps it under ``key``, so that later calls (the
+    next epoch, the next held-out evaluation) skip the base-model forwards; the base model is frozen."""
+    if store is not None and key in store:
+        return store[key]
+    prefix, branches = branch_caches(model, ex)
+    target = targets(model, ex, prefix, key)
+    out = TeacherPass(prefix, branches, target, teacher_logits(model, ex, prefix, target))
+    if store is not None:
+        store[key] = out
+    return out
