@@ -15,26 +15,10 @@ import pytest
 import torch
 
 import pskernels
+from bench_common import DEVICE, FULL, impl_selected, skip_backend
 from pskernels import RopeSpec
 
 
-def _bench_common():
-    """bench/conftest.py under a unique module name (a plain ``import conftest`` could pick tests/conftest.py)."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    name = "_pskernels_bench_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("conftest.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_c = _bench_common()
-DEVICE, FULL, impl_selected, skip_backend = (_c.DEVICE, _c.FULL, _c.impl_selected, _c.skip_backend)
 
 
 @dataclass(frozen=True)

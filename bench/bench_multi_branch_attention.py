@@ -1,4 +1,4 @@
-"""multi_branch_attention vs the baselines a user would write (KERNELS.md §6), side by side in one run.
+"""multi_branch_attention vs the baselines a user would write (docs/KERNELS.md §6), side by side in one run.
 
 Implementations (one benchmark group per shape):
     pskernels-<backend>  every backend in pskernels.available_backends("multi_branch_attention")
@@ -22,26 +22,10 @@ import torch
 import torch.nn.functional as F
 
 import pskernels
+from bench_common import DEVICE, FULL, ON_CUDA, impl_selected, skip_backend
 from pskernels import RopeSpec
 
 
-def _bench_common():
-    """bench/conftest.py under a unique module name (a plain ``import conftest`` could pick tests/conftest.py)."""
-    import importlib.util
-    import pathlib
-    import sys
-
-    name = "_pskernels_bench_common"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, pathlib.Path(__file__).with_name("conftest.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-_c = _bench_common()
-DEVICE, FULL, ON_CUDA, impl_selected, skip_backend = (_c.DEVICE, _c.FULL, _c.ON_CUDA, _c.impl_selected, _c.skip_backend)
 
 GEOMETRIES = {  # name: (Hq, Hkv, D)
     "smollm2": (9, 3, 64),

@@ -234,3 +234,19 @@ def test_forced_kernel_backends_through_hf(arch, backend):
     for b in range(2):
         err = (_real_rows(logits, case, b) - oracle_logits(model, case, b)).abs().max().item()
         assert err < TOL, f"{arch}/{backend} row {b}: max logit error {err:.2e}"
+
+
+def test_one_plan_per_layout_and_forward(patched, monkeypatch):
+    """The segment layout is validated once per forward and layer kind, not once per layer."""
+    arch, model = patched
+    case = make_case(1, 5, [[4], [7], [3]], [3], VOCAB, seed=1)
+    prefix, branches = branch_caches(model, case, zero_copy=True)
+    calls = []
+    real = pskernels.hf.attention.plan_multi_branch_attention
+    monkeypatch.setattr(pskernels.hf.attention, "plan_multi_branch_attention",
+                        lambda *a, **kw: calls.append(kw.get("sliding_window")) or real(*a, **kw))
+    with torch.no_grad():
+        model(case.query, past_key_values=pskernels.ParallelCache(prefix, branches))
+    layer_kinds = {getattr(m, "sliding_window", None) for m in model.modules() if hasattr(m, "layer_idx")}
+    assert 1 <= len(calls) <= len(layer_kinds) < model.config.num_hidden_layers + 1
+    assert len(set(calls)) == len(calls)

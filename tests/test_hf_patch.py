@@ -38,7 +38,7 @@ def test_patched_without_parallel_cache_is_bit_identical_and_remove_restores(arc
     handle.remove()
     after = _run(model, ids, mask)
     assert model.config._attn_implementation == impl
-    dec = pskernels.hf.arch.find_decoder(model)
+    dec = pskernels.rope.find_decoder(model)
     assert not dec._forward_pre_hooks and not dec._forward_hooks
     for a, b, c in zip(before, patched, after):
         assert torch.equal(a, b) and torch.equal(a, c)

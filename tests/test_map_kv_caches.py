@@ -1,4 +1,4 @@
-"""map_kv_caches (KERNELS.md §2) against an independent fp64 computation, plus identity/zero-init properties."""
+"""map_kv_caches (docs/KERNELS.md §2) against an independent fp64 computation, plus identity/zero-init properties."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""multi_branch_attention against an independent fp64 oracle, plus metamorphic properties (KERNELS.md §1, §5).
+"""multi_branch_attention against an independent fp64 oracle, plus metamorphic properties (docs/KERNELS.md §1, §5).
 
 The oracle concatenates the segments, repeats K/V for GQA with ``repeat_interleave``, builds an explicit
 boolean mask and runs softmax in float64. Position shifts are applied by rotating the *keys* by ``+shift``
@@ -10,6 +10,7 @@ Every test runs for each backend in ``pskernels.available_backends("multi_branch
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -794,3 +795,68 @@ def test_output_is_fresh_tensor(backend):
         assert torch.equal(a, b)
     assert out.data_ptr() not in {t.data_ptr() for t in [q, *ks, *vs]}
     assert math.isfinite(out.abs().sum().item())
+
+
+# ----------------------------------------------------------------------------------------------
+# plan once, run many
+# ----------------------------------------------------------------------------------------------
+def _plan_case(dev, dtype=torch.float32):
+    ks, vs = make_segments(2, 2, (13, 0, 9, 5), 16, dtype=dtype, device=dev)
+    kw = dict(seq_lens=torch.tensor([[13, 7], [0, 0], [9, 0], [5, 4]]), position_shifts=torch.tensor([0, 3, -2, 0]),
+              rope=make_rope(16), softcap=30.0)
+    return ks, vs, kw
+
+
+def test_plan_runs_equal_one_shot_calls(backend):
+    dev = device_for(backend)
+    ks, vs, kw = _plan_case(dev)
+    q0 = rnd(2, 4, 3, 16, device=dev)
+    plan = pskernels.plan_multi_branch_attention(q0, ks, vs, backend=backend, **kw)
+    assert plan.backend == backend and backend in repr(plan)
+    for layer in range(3):  # fresh tensors of the planned layout, as the layers of a forward
+        q = rnd(2, 4, 3, 16, device=dev)
+        ks2, vs2 = [torch.randn_like(k) for k in ks], [torch.randn_like(v) for v in vs]
+        out, lse = plan.run(q, ks2, vs2)
+        ref_out, ref_lse = pskernels.multi_branch_attention(q, ks2, vs2, backend=backend, **kw)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+def test_plan_auto_resolves_a_backend_name():
+    ks, vs, kw = _plan_case("cpu")
+    plan = pskernels.plan_multi_branch_attention(rnd(2, 4, 3, 16), ks, vs, **kw)
+    assert plan.backend == pskernels.ops.resolve_backend(OP, "auto", torch.device("cpu"))
+
+
+def _bad_runs():
+    """(label, how to spoil (q, keys, values), argument named in the error)."""
+    return [
+        ("q_shape", lambda q, ks, vs: (q[:, :, :2], ks, vs), "q"),
+        ("q_dtype", lambda q, ks, vs: (q.double(), ks, vs), "q"),
+        ("q_not_tensor", lambda q, ks, vs: (q.tolist(), ks, vs), "q"),
+        ("segment_count", lambda q, ks, vs: (q, ks[:-1], vs[:-1]), "keys/values"),
+        ("key_length", lambda q, ks, vs: (q, [ks[0][:, :, :12]] + ks[1:], vs), "keys[0]"),
+        ("value_dtype", lambda q, ks, vs: (q, ks, vs[:2] + [vs[2].double()] + vs[3:]), "values[2]"),
+        ("value_device", lambda q, ks, vs: (q, ks, vs[:3] + [vs[3].to("meta")]), "values[3]"),
+        ("key_stride", lambda q, ks, vs: (q, [ks[0].transpose(2, 3).contiguous().transpose(2, 3)] + ks[1:], vs),
+         "keys[0]"),
+        ("key_not_tensor", lambda q, ks, vs: (q, ks[:3] + [None], vs), "keys[3]"),
+    ]
+
+
+@pytest.mark.parametrize("label, spoil, name", _bad_runs(), ids=[c[0] for c in _bad_runs()])
+def test_plan_run_refuses_another_layout(label, spoil, name):
+    ks, vs, kw = _plan_case("cpu")
+    q = rnd(2, 4, 3, 16)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, **kw)
+    with pytest.raises(ValueError, match=rf"^{re.escape(name)}: expected"):
+        plan.run(*spoil(q, ks, vs))
+
+
+def test_plan_falls_back_to_the_reference_when_grad_is_needed():
+    ks, vs, kw = _plan_case("cpu")
+    q = rnd(2, 4, 3, 16)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, **kw)
+    q.requires_grad_(True)
+    out, _ = plan.run(q, ks, vs)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

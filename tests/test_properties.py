@@ -6,7 +6,7 @@ sliding windows, calibration knobs + segment groups. ``derandomize=True`` makes 
 example budget (``PSKERNELS_HYPOTHESIS_SCALE``, default 1.0) keeps the file around a minute on 2 cores.
 Tensor contents come from a drawn seed (hypothesis shrinks shapes and flags, not values).
 
-Tolerances (KERNELS.md §5): fp32 within 2e-5 of the output scale (plus fp32 angle rounding for rotations);
+Tolerances (docs/KERNELS.md §5): fp32 within 2e-5 of the output scale (plus fp32 angle rounding for rotations);
 bf16 within 2x the error of the bf16 torch implementation against the fp32 reference, plus a 1e-2 floor.
 ``test_zz_example_counts`` prints the number of examples run and writes ``.hypothesis/pskernels_counts.json``.
 """
@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import pskernels
-from pskernels import RopeSpec
+from op_helpers import backend_params, device_for, make_rope
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -32,13 +32,7 @@ COUNTS: Counter = Counter()
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls when the machine is busy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _settings(n):
@@ -47,28 +41,12 @@ def _settings(n):
 
 
 def _backends(op):
-    out = []
-    for b in pskernels.available_backends(op):
-        if b == "torch":
-            continue
-        if b == "triton" and not torch.cuda.is_available():
-            # the interpreter is slow: a handful of small examples only
-            out.append(pytest.param(b, marks=pytest.mark.interpreter, id=b))
-        else:
-            out.append(pytest.param(b, id=b))
-    return out
-
-
-def _dev(backend):
-    return torch.device("cuda") if backend in ("triton", "cuda") and torch.cuda.is_available() else torch.device("cpu")
+    """Every backend but the reference itself (the interpreter gets a handful of small examples, see _small)."""
+    return [p for p in backend_params(op) if p.values[0] != "torch"]
 
 
 def _small(backend):
     return backend == "triton" and not torch.cuda.is_available()
-
-
-def _rope(D, rd, style):
-    return RopeSpec(1.0 / 10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd), style=style)
 
 
 def _view(g, shape, dtype, layout):
@@ -174,7 +152,7 @@ def _mba_inputs(c):
     rd = D if not c["partial"] else max(2, (D // 2) // 2 * 2)
     if c["shifts"]:
         kw["position_shifts"] = torch.randint(-400, 400, (S, B), generator=g)
-        kw["rope"] = _rope(D, rd, c["style"])
+        kw["rope"] = make_rope(D, rd, c["style"])
     if c["softcap"] is not None:
         kw["softcap"] = c["softcap"]
     if c["window"] is not None:
@@ -207,7 +185,7 @@ def test_mba_matches_torch(backend):
     def run(c):
         COUNTS[f"multi_branch_attention/{backend}"] += 1
         q, ks, vs, kw = _mba_inputs(c)
-        dev = _dev(backend)
+        dev = device_for(backend)
         if dev.type != "cpu":
             q, ks, vs = q.to(dev), [k.to(dev) for k in ks], [v.to(dev) for v in vs]
         with torch.no_grad():
@@ -250,7 +228,7 @@ def test_merge_states_matches_torch(backend):
         o = o.to(c["dtype"])
         s = torch.randn(N, B, H, L, generator=g) * 4
         s[torch.rand(N, B, H, L, generator=g) < c["empty"]] = float("-inf")  # empty states, all-empty rows too
-        dev = _dev(backend)
+        dev = device_for(backend)
         args = ([o[i].to(dev) for i in range(N)], [s[i].to(dev) for i in range(N)]) if c["form"] == "list" \
             else (o.to(dev), s.to(dev))
         out, lse = pskernels.merge_states(*args, backend=backend)
@@ -294,8 +272,8 @@ def test_rotate_keys_matches_torch(backend):
         delta = {"int": int(torch.randint(-m, m + 1, (1,), generator=g)),
                  "row": torch.randint(-m, m + 1, (B,), generator=g),
                  "token": torch.randint(-m, m + 1, (B, L), generator=g)}[c["form"]]
-        spec = _rope(D, D // 2 // 2 * 2 if c["partial"] else D, c["style"])
-        dev = _dev(backend)
+        spec = make_rope(D, D // 2 // 2 * 2 if c["partial"] else D, c["style"])
+        dev = device_for(backend)
         out = pskernels.rotate_keys(k.to(dev), delta, spec, backend=backend).cpu()
         ref = pskernels.rotate_keys(k, delta, spec, backend="torch")
         assert out.is_contiguous()
@@ -337,7 +315,7 @@ def test_map_kv_caches_matches_torch(backend):
         vs = [[_view(g, (B, H, lens[l * N + n], Dv), dt, c["layout"]) for n in range(N)] for l in range(NL)]
         shape = {"N": (N,), "NB": (N, B), "LNB": (NL, N, B)}[c["pos_form"]]
         orig, new = torch.randint(0, 300, shape, generator=g), torch.randint(-50, 2000, shape, generator=g)
-        spec = _rope(D, D // 2 // 2 * 2 if c["partial"] else D, c["style"])
+        spec = make_rope(D, D // 2 // 2 * 2 if c["partial"] else D, c["style"])
         params, r = {}, c["r"]
         for side, d, tf in (("k", D, c["k_tf"]), ("v", Dv, c["v_tf"])):
             if tf is not None:
@@ -345,7 +323,7 @@ def test_map_kv_caches_matches_torch(backend):
                 params[f"{side}_up"] = torch.randn(NL, H, r, d, generator=g) * 0.2
                 if tf == "gated":
                     params[f"{side}_gate"] = torch.randn(NL, H, generator=g)
-        dev = _dev(backend)
+        dev = device_for(backend)
         mv = lambda x: [[t.to(dev) for t in row] for row in x]  # noqa: E731
         with torch.no_grad():
             ko, vo = pskernels.map_kv_caches(mv(ks), mv(vs), rope=spec, orig_positions=orig, new_positions=new,

@@ -15,18 +15,9 @@ import pytest
 import torch
 
 import pskernels
-from pskernels import RopeSpec
+from op_helpers import make_rope
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls when the machine is busy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def rss_mb() -> float:
@@ -47,17 +38,13 @@ def _settle() -> float:
     return rss_mb()
 
 
-def _rope(D):
-    return RopeSpec(1.0 / 10000 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
-
-
 def _op_calls(backend):
     g = torch.Generator().manual_seed(0)
     B, Hq, Hkv, Lq, D = 2, 4, 2, 3, 32
     q = torch.randn(B, Hq, Lq, D, generator=g)
     ks = [torch.randn(B, Hkv, n, D, generator=g) for n in (9, 0, 5, Lq + 1)]
     vs = [torch.randn(B, Hkv, n, D, generator=g) for n in (9, 0, 5, Lq + 1)]
-    spec = _rope(D)
+    spec = make_rope(D)
     shifts = torch.tensor([0, 9, 9, 14])
     o, s = torch.randn(3, B, Hq, Lq, D, generator=g), torch.randn(3, B, Hq, Lq, generator=g)
     k = torch.randn(B, Hkv, 11, D, generator=g)

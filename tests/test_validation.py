@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import pskernels
+from op_helpers import make_rope
 from pskernels import RopeSpec
 
 B, HQ, HKV, LQ, D = 2, 4, 2, 3, 16
@@ -16,8 +17,7 @@ ARG_ERRORS = (ValueError, TypeError, NotImplementedError)
 
 
 def rope(D=D, rope_type="default", rotary_dim=None):
-    rd = D if rotary_dim is None else rotary_dim
-    return RopeSpec(1.0 / 10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd), rope_type=rope_type)
+    return make_rope(D, rotary_dim, rope_type=rope_type)
 
 
 def q_(**kw):

@@ -33,12 +33,21 @@ class _Branch:
     length: torch.Tensor  # [B] real tokens
     row: int | None = None  # take only this batch row of the cache
 
-def _layer_kv(cache: Cache, layer_idx: int):
-    layer = cache.layers[layer_idx]
-    if layer.keys is None or layer.keys.ndim < 4:
-        return None, None
-    return layer.keys, layer.values
 
+@dataclass
+class _Source:
+    """Where one read-only segment (the prefix or a branch) comes from, and its per-row metadata.
+
+    Fixed for the life of a forward; only the layer's tensors are looked up per layer."""
+
+    cache: Cache
+    kind: str  # "prefix" | "zero_copy" (a worker's own tokens) | "full" (a [prefix | branch] cache)
+    tokens: int  # slots per row after the prefix (branches)
+    row: int | None
+    pad: torch.Tensor  # [B] leading masked slots
+    length: torch.Tensor  # [B] real tokens
+    slot0: torch.Tensor  # [B] original position of the segment's slot 0
+    delta: torch.Tensor  # [B] re-indexing shift
 
 def _cum_len(cache: Cache) -> int:
     """Tokens the cache has seen (sliding layers may store fewer)."""
@@ -192,6 +201,7 @@ class ParallelCache(Cache):
         self.query_start = qs  # [B]
 
         self._own_pad: torch.Tensor | None = None
+        self._sources: list[_Source] | None = None  # built on the first forward, for the batch it runs with
         self._active = None  # per-forward state set by the patched model's pre-hook
         if NL:
             super().__init__(layers=[DynamicLayer() for _ in range(NL)])
@@ -228,6 +238,7 @@ class ParallelCache(Cache):
         self.deltas = self.deltas.expand(-1, B).clone()
         for br in self.branches:
             br.pad, br.length = br.pad.expand(B).clone(), br.length.expand(B).clone()
+        self._sources = None
 
     def begin_forward(self, batch: int, q_len: int, attention_mask, position_ids, device) -> torch.Tensor:
         """Record own-stream padding and return virtual ``position_ids [B, q_len]``."""
@@ -261,6 +272,8 @@ class ParallelCache(Cache):
         else:
             rel = position_ids.to("cpu", torch.int64).expand(B, q_len)
         vpos = rel + self.query_start[:, None]
+        if self._sources is None:
+            self._sources = self._build_sources()
         self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device,
                         "plans": {}}
         return vpos.to(device)
@@ -274,37 +287,46 @@ class ParallelCache(Cache):
         return self._active["plans"]
 
     # ---- segments of one layer (called by the attention function) -------------------------------------
-    def _views(self, layer_idx: int):
-        """[(k, v, off, pad[B], length[B], slot0_orig[B], delta[B])] for prefix + branches at ``layer_idx``.
+    def _build_sources(self) -> list[_Source]:
+        B, P = self.batch, self.prefix_len
+        zeros = torch.zeros(B, dtype=torch.int64)
+        out = []
+        if self.prefix is not None and P > 0:
+            out.append(_Source(self.prefix, "prefix", 0, None, zeros, zeros + P, zeros, zeros))
+        for i, br in enumerate(self.branches):
+            kind = "zero_copy" if br.zero_copy else "full"
+            out.append(_Source(br.cache, kind, br.tokens, br.row, br.pad, br.length, P - br.pad, self.deltas[i]))
+        return out
 
-        ``delta`` re-indexes a segment; mapped branches were already re-rotated (see :meth:`_map_branches`).
+    def _views(self, layer_idx: int):
+        """[(k, v, off, source)] for prefix + branches at ``layer_idx``: ``off`` = slots of the segment dropped
+        from the front of k/v (sliding layers), ``source`` the segment's fixed per-row metadata.
+
+        Runs once per layer and segment, so it does only what the layer's tensors need: no op when the stored
+        batch already matches (the common zero-copy case), a slice or a row view otherwise.
         """
         B, P = self.batch, self.prefix_len
         out = []
-        zeros = torch.zeros(B, dtype=torch.int64)
-        if self.prefix is not None and P > 0:
-            k, v = _layer_kv(self.prefix, layer_idx)
-            stored = k.shape[2]
-            out.append((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), P - stored, zeros, zeros + P, zeros, zeros))
-        for i, br in enumerate(self.branches):
-            k, v = _layer_kv(br.cache, layer_idx)
-            if k is None:
-                k = v = None
-            elif br.zero_copy:
-                off = 0
-            else:
-                first_stored = P + br.tokens - k.shape[2]
+        for i, src in enumerate(self._sources):
+            layer = src.cache.layers[layer_idx]
+            k, v = layer.keys, layer.values
+            if k is None or k.ndim < 4:
+                name = "prefix" if src.kind == "prefix" else f"branches[{i + len(self.branches) - len(self._sources)}]"
+                raise ValueError(f"{name}: layer {layer_idx} holds no keys")
+            off = 0
+            if src.kind == "prefix":
+                off = P - k.shape[2]
+            elif src.kind == "full":
+                first_stored = P + src.tokens - k.shape[2]
                 if first_stored <= P:
                     k, v = k[:, :, P - first_stored:], v[:, :, P - first_stored:]
-                    off = 0
                 else:
                     off = first_stored - P
-            if k is None:
-                raise ValueError(f"branches[{i}]: layer {layer_idx} holds no keys")
-            if br.row is not None:
-                k, v = k[br.row : br.row + 1], v[br.row : br.row + 1]
-            out.append((k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1), off, br.pad, br.length, P - br.pad,
-                        self.deltas[i]))
+            if src.row is not None:
+                k, v = k[src.row : src.row + 1], v[src.row : src.row + 1]
+            if k.shape[0] != B:
+                k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+            out.append((k, v, off, src))
         return out
 
     def _map_branches(self, rope_of) -> None:
@@ -321,11 +343,12 @@ class ParallelCache(Cache):
         for spec, layers in by_rope.values():
             keys = [[x[0] for x in views[l]] for l in layers]
             values = [[x[1] for x in views[l]] for l in layers]
-            orig = torch.stack([torch.stack([x[5] + x[2] for x in views[l]]) for l in layers])  # [nl, N, B]
-            new = orig + torch.stack([torch.stack([x[6] for x in views[l]]) for l in layers])
+            orig = torch.stack([torch.stack([src.slot0 + off for _, _, off, src in views[l]]) for l in layers])  # [nl, N, B]
+            new = orig + torch.stack([torch.stack([src.delta for *_, src in views[l]]) for l in layers])
             ko, vo = self.mapper.map(keys, values, orig, new, spec, layers=layers)
             for j, l in enumerate(layers):
                 self._mapped[l] = list(zip(ko[j], vo[j]))
+
     def segments(self, layer_idx: int, own_k: torch.Tensor, own_v: torch.Tensor, sliding_window: int | None,
                  rope_of=None):
         """Keys, values and keyword arguments of :func:`multi_branch_attention` for this layer's
@@ -341,7 +364,7 @@ class ParallelCache(Cache):
                 views[first + i] = (k, v) + views[first + i][2:]
         keys = [x[0] for x in views] + [own_k]
         values = [x[1] for x in views] + [own_v]
-        sig = (tuple((k.shape[2], off) for k, _, off, *_ in views), own_k.shape[2], sliding_window)
+        sig = (tuple((k.shape[2], off) for k, _, off, _ in views), own_k.shape[2], sliding_window)
         meta = st["meta"].get(sig)
         if meta is None:
             meta = self._segment_meta(views, own_k.shape[2], sliding_window, layer_idx)
@@ -359,14 +382,15 @@ class ParallelCache(Cache):
         lens, pads, pos0, shifts = [], [], [], []
         vpos = self._active["vpos"].cpu()
         qmin = vpos.amin(1)  # [B]
-        for s, (k, _, off, pad, length, slot0, delta) in enumerate(views):
+        for k, _, off, src in views:
+            pad, length, delta = src.pad, src.length, src.delta
             L = k.shape[2]
             end = (pad + length - off).clamp(0, L)
             lens.append(end)
             pads.append((pad - off).clamp(min=0).minimum(end))
-            p0 = slot0 + off + delta
+            p0 = src.slot0 + off + delta
             pos0.append(p0)
-            mapped = self._mapped is not None and s >= len(views) - len(self.branches)
+            mapped = self._mapped is not None and src.kind != "prefix"  # keys already re-rotated by the mapper
             shifts.append(torch.zeros_like(delta) if mapped else delta)
             if window is not None and off > 0:
                 dropped = (off > pad) & (length > 0) & (p0 - 1 > qmin - window)

@@ -174,27 +174,43 @@ class AttentionPlan:
         The backend name the plan resolved (``"cpu"``, ``"cuda"``, ``"triton"`` or ``"torch"``).
     """
 
-    __slots__ = ("params", "backend", "_requested", "_impl", "_q_shape", "_kv_shapes", "_dtype", "_device")
+    __slots__ = ("params", "backend", "_requested", "_impl", "_q_shape", "_k_shapes", "_v_shapes", "_dtype",
+                 "_device")
 
     def __init__(self, q, keys, values, params: SegmentParams, backend: str):
         self.params = params
         self._requested = backend
         self._q_shape = q.shape
-        self._kv_shapes = [(k.shape, v.shape) for k, v in zip(keys, values)]
+        self._k_shapes, self._v_shapes = [k.shape for k in keys], [v.shape for v in values]
         self._dtype, self._device = q.dtype, q.device
         grad = needs_grad(q, *keys, *values, params.temperature, params.lse_scale, params.log_weight)
         self.backend, self._impl = select(OP, backend, q.device, grad)
 
     def _check(self, q, keys, values) -> None:
+        # Runs once per call (e.g. per layer of a forward over dozens of segments): list comprehensions over
+        # cheap attributes first, a per-tensor diagnosis only when something is off.
         dt, dev = self._dtype, self._device
         if not isinstance(q, torch.Tensor) or q.shape != self._q_shape or q.dtype != dt or q.device != dev:
             raise ValueError(f"q: expected shape {tuple(self._q_shape)}, dtype {dt}, device {dev} (the plan's), got "
                              f"{_desc(q)}")
-        if len(keys) != len(self._kv_shapes) or len(values) != len(self._kv_shapes):
-            raise ValueError(f"keys/values: expected {len(self._kv_shapes)} segments (the plan's), got "
+        try:
+            same = (len(keys) == len(self._k_shapes) and len(values) == len(self._v_shapes)
+                    and [t.shape for t in keys] == self._k_shapes and [t.shape for t in values] == self._v_shapes)
+            if same:
+                on_dev = (lambda t: t.is_cpu) if dev.type == "cpu" else (lambda t: t.device == dev)
+                same = all([t.dtype is dt and on_dev(t) and t.stride(-1) == 1 for t in (*keys, *values)])
+        except AttributeError:  # not a tensor
+            same = False
+        if not same:
+            self._diagnose(keys, values)
+
+    def _diagnose(self, keys, values):
+        dt, dev = self._dtype, self._device
+        if len(keys) != len(self._k_shapes) or len(values) != len(self._v_shapes):
+            raise ValueError(f"keys/values: expected {len(self._k_shapes)} segments (the plan's), got "
                              f"{len(keys)} / {len(values)}")
-        for s, (k, v, (ks, vs)) in enumerate(zip(keys, values, self._kv_shapes)):
-            for name, t, shape in (("keys", k, ks), ("values", v, vs)):
+        for name, ts, shapes in (("keys", keys, self._k_shapes), ("values", values, self._v_shapes)):
+            for s, (t, shape) in enumerate(zip(ts, shapes)):
                 if (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dt or t.device != dev
                         or (t.stride(-1) != 1 and shape[-1] > 1)):
                     raise ValueError(f"{name}[{s}]: expected shape {tuple(shape)}, dtype {dt}, device {dev} (the "
@@ -229,7 +245,7 @@ class AttentionPlan:
         return impl(q, keys, values, p)
 
     def __repr__(self) -> str:
-        S = len(self._kv_shapes)
+        S = len(self._k_shapes)
         return f"AttentionPlan(q={tuple(self._q_shape)}, segments={S}, dtype={self._dtype}, backend={self.backend!r})"
 
 

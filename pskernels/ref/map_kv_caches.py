@@ -1,4 +1,4 @@
-"""Reference batched cache mapping (KERNELS.md section 2).
+"""Reference batched cache mapping (docs/KERNELS.md §2).
 
 For layer ``l``, branch ``n``, batch row ``b`` and slot ``j`` (original position ``o[n,b] + j``, new
 position ``p[n,b] + j``)::

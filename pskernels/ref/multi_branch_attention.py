@@ -1,4 +1,4 @@
-"""Reference multi-branch attention (KERNELS.md section 1): the semantics every backend matches.
+"""Reference multi-branch attention (docs/KERNELS.md §1): the semantics every backend matches.
 
 Deliberately simple: per segment it materialises the score matrix, pools the segments of each
 calibration group into one softmax, then merges groups by log-sum-exp. fp32 math (fp64 inputs stay
