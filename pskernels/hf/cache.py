@@ -103,11 +103,25 @@ class ParallelCache(Cache):
 
     Examples
     --------
-    >>> import copy, pskernels
-    >>> # prefix = model(prefix_ids, use_cache=True).past_key_values
-    >>> # branches = [copy.deepcopy(prefix) ...] each extended by model(branch_ids, past_key_values=b)
-    >>> # pskernels.patch_model(model)
-    >>> # out = model.generate(query_ids, past_key_values=pskernels.ParallelCache(prefix, branches))
+    A random two-layer Llama stands in for a real model:
+
+    >>> import torch, pskernels
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> handle = pskernels.patch_model(model)
+    >>> ids = lambda n: torch.randint(0, 64, (1, n))
+    >>> with torch.no_grad():
+    ...     prefix = model(ids(5), use_cache=True).past_key_values            # shared prefix, computed once
+    ...     workers = [pskernels.ParallelCache(prefix, []) for _ in range(3)]  # zero-copy worker caches
+    ...     for w in workers:
+    ...         _ = model(ids(7), past_key_values=w)                          # each worker's branch
+    ...     cache = pskernels.ParallelCache(prefix, workers)
+    ...     out = model.generate(ids(4), past_key_values=cache, max_new_tokens=3, do_sample=False)
+    >>> out.shape, cache.num_branches
+    (torch.Size([1, 7]), 3)
+    >>> handle.remove()
     """
 
     def __init__(self, prefix: Cache | None = None, branches=(), scheme: str = "parallel", branch_starts=None,
