@@ -27,15 +27,20 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@touch $(STAMP)
 
 # The C++ (and, with a CUDA build of torch + nvcc, CUDA) extension, rebuilt when csrc/ changes.
-# ptxas register/spill/shared-memory figures of the CUDA kernels go to build/cuda-ptxas.log, replaced only
-# when nvcc actually ran (an incremental build that recompiles C++ sources alone keeps the previous figures).
+# ptxas register/spill/shared-memory figures of the CUDA kernels go to build/cuda-ptxas.log. An incremental
+# build recompiles only the changed sources, so the figures are kept per .cu file in build/ptxas/<file>.log
+# (ninja prints each compile's output right after its command line: the awk cuts the build log at those
+# lines), replaced when that file is recompiled; build/cuda-ptxas.log joins those of the current csrc/cuda/*.cu.
 ext: $(EXT_STAMP)
 
 $(EXT_STAMP): $(STAMP) $(CSRC) setup.py
-	@mkdir -p build
+	@mkdir -p build/ptxas
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace > build/ext-build.log 2>&1 || \
 		(tail -50 build/ext-build.log; exit 1)
-	@if grep -q "ptxas info" build/ext-build.log; then grep -e "ptxas" -e "bytes stack frame" build/ext-build.log > build/cuda-ptxas.log; fi
+	@awk '/^\[[0-9]+\/[0-9]+\] / { out = ""; if (match($$0, /[^ ]+\.cu /)) { n = split(substr($$0, RSTART, RLENGTH - 1), path, "/"); out = "build/ptxas/" path[n] ".log" } } \
+		out != "" && (/ptxas/ || /bytes stack frame/) { print > out }' build/ext-build.log
+	@if ls build/ptxas/*.log > /dev/null 2>&1; then \
+		for f in csrc/cuda/*.cu; do if [ -f build/ptxas/$${f##*/}.log ]; then cat build/ptxas/$${f##*/}.log; fi; done > build/cuda-ptxas.log; fi
 	@touch $(EXT_STAMP)
 
 test: setup

@@ -1,28 +1,9 @@
-// Registers the ops as torch.ops.pskernels.* (schemas here; CPU and CUDA kernels register their
-// implementations below; fake/meta implementations for torch.compile live in pskernels/_ext.py).
+// Registers the ops as torch.ops.pskernels.*: the schemas, then the CPU and (when built) CUDA entry points
+// declared in ops.h. The fake (meta) implementations for torch.compile live next to each op's adapter in
+// pskernels/_ext/<op>.py.
 #include <torch/extension.h>
 
-#include <vector>
-
-namespace pskernels {
-namespace cpu {
-std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
-    const at::Tensor& q, at::TensorList keys, at::TensorList values, const at::Tensor& seq_lens,
-    const at::Tensor& left_pad, const c10::optional<at::Tensor>& shifts,
-    const c10::optional<at::Tensor>& segment_positions, const c10::optional<at::Tensor>& query_positions,
-    const c10::optional<at::Tensor>& inv_freq, bool rope_neox, bool causal_last, double scale, double softcap,
-    int64_t window, const at::Tensor& groups, const c10::optional<at::Tensor>& temperature,
-    const c10::optional<at::Tensor>& lse_scale, const c10::optional<at::Tensor>& log_weight);
-std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& outs, const at::Tensor& lses);
-at::Tensor rotate_keys(const at::Tensor& k, const at::Tensor& delta, const at::Tensor& inv_freq, bool neox);
-std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values, int64_t num_layers,
-                                      const at::Tensor& orig_pos, const at::Tensor& new_pos,
-                                      const at::Tensor& inv_freq, bool neox, const c10::optional<at::Tensor>& k_down,
-                                      const c10::optional<at::Tensor>& k_up, const c10::optional<at::Tensor>& k_gate,
-                                      const c10::optional<at::Tensor>& v_down, const c10::optional<at::Tensor>& v_up,
-                                      const c10::optional<at::Tensor>& v_gate);
-}  // namespace cpu
-}  // namespace pskernels
+#include "ops.h"
 
 TORCH_LIBRARY(pskernels, m) {
   m.def(
@@ -46,7 +27,12 @@ TORCH_LIBRARY_IMPL(pskernels, CPU, m) {
 }
 
 #ifdef PSKERNELS_WITH_CUDA
-extern "C" int pskernels_cuda_built() { return 1; }
+TORCH_LIBRARY_IMPL(pskernels, CUDA, m) {
+  m.impl("multi_branch_attention", &pskernels::cuda::multi_branch_attention);
+  m.impl("merge_states", &pskernels::cuda::merge_states);
+  m.impl("rotate_keys", &pskernels::cuda::rotate_keys);
+  m.impl("map_kv_caches", &pskernels::cuda::map_kv_caches);
+}
 #endif
 
 // Importable as pskernels._C; the ops live in torch.ops.pskernels.

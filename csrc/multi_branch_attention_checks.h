@@ -1,5 +1,5 @@
-// Argument checks shared by the CPU and CUDA launchers. Python validates first with friendlier
-// messages; these TORCH_CHECKs make direct torch.ops.pskernels.* calls safe (an error, never a crash).
+// Argument checks of multi_branch_attention, shared by its CPU and CUDA launchers. Python validates first with
+// friendlier messages; these TORCH_CHECKs make direct torch.ops.pskernels.* calls safe (an error, never a crash).
 #pragma once
 
 #include <torch/extension.h>

@@ -1,4 +1,5 @@
 """The compiled extension: built, loadable on a CPU-only machine, CUDA kernels registered and spill-free."""
+import glob
 import os
 import re
 import shutil
@@ -6,10 +7,13 @@ import shutil
 import pytest
 import torch
 
-_ext = pytest.importorskip("pskernels._ext", reason="pskernels._C is not built (PSKERNELS_NO_EXT=1?)")
+loader = pytest.importorskip("pskernels._ext.loader", reason="pskernels._C is not built (PSKERNELS_NO_EXT=1?)",
+                             exc_type=ImportError)
 OPS = ("multi_branch_attention", "merge_states", "rotate_keys", "map_kv_caches")
-# ptxas -v lines of the last build that ran nvcc (the Makefile's ext target)
-LOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "cuda-ptxas.log")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# ptxas -v lines of the CUDA sources as last compiled (the Makefile's ext target keeps them per source)
+LOG = os.path.join(ROOT, "build", "cuda-ptxas.log")
+CUDA_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 CUDA_EXPECTED = torch.version.cuda is not None and shutil.which("nvcc") is not None and \
     os.environ.get("PSKERNELS_NO_CUDA") != "1"
 
@@ -21,22 +25,66 @@ def test_cpu_kernels_registered():
 
 @pytest.mark.skipif(not CUDA_EXPECTED, reason="torch without CUDA or no nvcc: the CPU-only extension is built")
 def test_cuda_kernels_built_and_registered():
-    assert _ext.with_cuda(), "torch has CUDA and nvcc is installed, but the extension was built without CUDA"
+    assert loader.with_cuda(), "torch has CUDA and nvcc is installed, but the extension was built without CUDA"
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"pskernels::{op}", "CUDA"), op
     assert ("cuda" in __import__("pskernels").available_backends()) == torch.cuda.is_available()
 
 
+def _kernels_of(source):
+    """Names of the __global__ functions defined in a .cu file."""
+    text = open(source).read()
+    return re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s*)?(\w+)\s*\(", text)
+
+
+def _ptxas_entries(text):
+    """(mangled kernel name, arch, spill stores, spill loads, registers) per entry function in ptxas -v output."""
+    entries, current = [], None
+    for line in text.splitlines():
+        if m := re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line):
+            current = [m[1], m[2]]
+        elif current is not None and len(current) == 2 and (
+                m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            current += [int(m[1]), int(m[2])]
+        elif current is not None and len(current) == 4 and (m := re.search(r"Used (\d+) registers", line)):
+            entries.append((*current, int(m[1])))
+            current = None
+    return entries
+
+
+def test_each_op_has_its_kernel_files():
+    """An op's kernels are found by its name: csrc/cpu/<op>.cpp and csrc/cuda/<op>.cu. Each .cu defines kernels
+    (the spill test below reads their names from the sources)."""
+    for op in OPS:
+        for path in (os.path.join("cpu", f"{op}.cpp"), os.path.join("cuda", f"{op}.cu")):
+            assert os.path.exists(os.path.join(ROOT, "csrc", path)), path
+    assert all(_kernels_of(s) for s in CUDA_SOURCES), {os.path.basename(s): _kernels_of(s) for s in CUDA_SOURCES}
+
+
 @pytest.mark.skipif(not CUDA_EXPECTED, reason="torch without CUDA or no nvcc: no CUDA kernels are compiled")
 def test_cuda_kernels_do_not_spill():
-    """ptxas -v figures of the CUDA build (make ext): every CUDA kernel at every arch spills nothing."""
+    """ptxas -v figures of the CUDA build (make ext): every kernel of every csrc/cuda/*.cu, at every compiled
+    arch and for every dtype instantiation, spills nothing."""
     assert os.path.exists(LOG), f"{LOG} is missing: build the extension with `make ext`"
     text = open(LOG).read()
+    # Each source's figures follow its nvcc command line.
+    stale = [os.path.basename(s) for s in CUDA_SOURCES if f"/csrc/cuda/{os.path.basename(s)} " not in text]
+    assert not stale, f"{LOG} has no ptxas figures of {stale}: rebuild the extension with `make ext`"
+    entries = _ptxas_entries(text)
+    assert entries, "the build log has no ptxas -v output"
+    archs = {arch for _, arch, *_ in entries}
+    for source in CUDA_SOURCES:
+        for kernel in _kernels_of(source):
+            # Itanium mangling: the name follows its length and precedes its template arguments (I) or its end (E).
+            found = {arch for name, arch, *_ in entries if re.search(rf"\d{kernel}[IE]", name)}
+            assert found == archs, f"{kernel} ({os.path.basename(source)}): ptxas figures for {sorted(found)}, " \
+                                   f"expected {sorted(archs)}"
+    spilling = [(name, arch, st, ld) for name, arch, st, ld, _ in entries if st or ld]
+    assert not spilling, f"register spills in CUDA kernels: {spilling}"
+    # Functions the kernels call (e.g. the double sincos slow path) have their own spill lines.
     spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
-    regs = re.findall(r"Used (\d+) registers", text)
-    assert spills and regs, "the build log has no ptxas -v output"
-    assert all(a == 0 and b == 0 for a, b in spills), f"register spills in CUDA kernels: {spills}"
-    assert max(int(r) for r in regs) <= 255
+    assert all(a == 0 and b == 0 for a, b in spills), f"register spills in CUDA device functions: {spills}"
+    assert max(regs for *_, regs in entries) <= 255
 
 
 _CPU_ATTENTION_CHECK = r"""
@@ -67,7 +115,8 @@ def test_cpu_attention_with_and_without_blas(blas):
     import sys
 
     env = dict(os.environ, PSKERNELS_CPU_BLAS=blas)
-    res = subprocess.run([sys.executable, "-c", _CPU_ATTENTION_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-c", _CPU_ATTENTION_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     worst = float(res.stdout.split("WORST")[1])
     assert worst <= 1.0, f"max error {worst:.2f}x the tolerance"

@@ -1,7 +1,7 @@
 """torch.library.opcheck and torch.compile(fullgraph=True) over every torch.ops.pskernels.* op (CPU kernels).
 
-The arguments are the ones the public API really passes: each case calls the public op once while a
-recorder stands in for ``torch.ops.pskernels`` in ``pskernels._ext``, then the recorded calls are checked.
+The arguments are the ones the public API really passes: each case calls the public op once while recorders
+stand in for the compiled ops in ``pskernels._ext.<op>``, then the recorded calls are checked.
 
 Autograd: the compiled ops register no Autograd kernel (they are forward-only by design; the public API
 routes inputs that need gradients to the differentiable ``backend="torch"``), so opcheck's
@@ -9,56 +9,44 @@ routes inputs that need gradients to the differentiable ``backend="torch"``), so
 """
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
 import pskernels
-from pskernels import RopeSpec
 
-ext = pytest.importorskip("pskernels._ext", reason="pskernels._C (compiled extension) is not built",
-                          exc_type=ImportError)
+from op_helpers import make_rope
+
+pytest.importorskip("pskernels._ext", reason="pskernels._C (compiled extension) is not built", exc_type=ImportError)
 
 OPS = ("multi_branch_attention", "merge_states", "rotate_keys", "map_kv_caches")
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # 2 shared cores: one intra-op thread avoids OpenMP oversubscription stalls when the machine is busy
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _rope(rd, style="neox"):
-    return RopeSpec(1.0 / 10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd), style=style)
+def _recorded(fn):
+    """(op name, args) of every compiled op call that ``fn`` makes: the adapter of each op in pskernels._ext.<op>
+    calls the module's ``_op``, replaced here by a recorder that forwards to it."""
+    calls = []
+    modules = [importlib.import_module(f"pskernels._ext.{op}") for op in OPS]
+    saved = [m._op for m in modules]
 
-
-class _Recorder:
-    """Stands in for torch.ops.pskernels: records (op name, args) and forwards to the real op."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __getattr__(self, name):
-        real = getattr(torch.ops.pskernels, name)
-
+    def recorder(name, real):
         def call(*args):
-            self.calls.append((name, args))
+            calls.append((name, args))
             return real(*args)
 
         return call
 
-
-def _recorded(fn):
-    rec = _Recorder()
-    saved = ext._ops
-    ext._ops = rec
+    for op, m, real in zip(OPS, modules, saved):
+        m._op = recorder(op, real)
     try:
         fn()
     finally:
-        ext._ops = saved
-    assert rec.calls, "the public op did not reach torch.ops.pskernels"
-    return rec.calls
+        for m, real in zip(modules, saved):
+            m._op = real
+    assert calls, "the public op did not reach torch.ops.pskernels"
+    return calls
 
 
 def _mba_cases():
@@ -73,7 +61,7 @@ def _mba_cases():
     lens = torch.tensor([[5, 2], [0, 0], [7, 4], [Lq + 2, Lq]])
     yield "plain", lambda: pskernels.multi_branch_attention(q, ks, vs, seq_lens=lens, backend="cpu")
     yield "shift_rope", lambda: pskernels.multi_branch_attention(
-        q, ks, vs, seq_lens=lens, position_shifts=torch.tensor([0, 5, 5, 12]), rope=_rope(D, "gptj"),
+        q, ks, vs, seq_lens=lens, position_shifts=torch.tensor([0, 5, 5, 12]), rope=make_rope(D, style="gptj"),
         left_pad=torch.tensor([[0, 1], [0, 0], [0, 0], [0, 0]]), backend="cpu")
     yield "softcap_window", lambda: pskernels.multi_branch_attention(
         q, ks, vs, seq_lens=lens, softcap=5.0, sliding_window=6, segment_positions=torch.tensor([0, 5, 5, 12]),
@@ -99,17 +87,19 @@ def _merge_cases():
 def _rotate_cases():
     g = torch.Generator().manual_seed(2)
     k = torch.randn(2, 3, 5, 16, generator=g)
-    yield "scalar_neox", lambda: pskernels.rotate_keys(k, 7, _rope(16), backend="cpu")
+    yield "scalar_neox", lambda: pskernels.rotate_keys(k, 7, make_rope(16), backend="cpu")
     yield "per_token_gptj_partial", lambda: pskernels.rotate_keys(
-        k.bfloat16(), torch.randint(-50, 50, (2, 5), generator=g), _rope(8, "gptj"), backend="cpu")
+        k.bfloat16(), torch.randint(-50, 50, (2, 5), generator=g), make_rope(16, rotary_dim=8, style="gptj"),
+        backend="cpu")
 
 
 def _map_cases():
     g = torch.Generator().manual_seed(3)
-    NL, N, B, H, D, r = 2, 2, 2, 2, 16, 4
+    NL, B, H, D, r = 2, 2, 2, 16, 4
+    # two branches per layer, the second one empty
     ks = [[torch.randn(B, H, n, D, generator=g) for n in (3, 0)] for _ in range(NL)]
     vs = [[torch.randn(B, H, n, D, generator=g) for n in (3, 0)] for _ in range(NL)]
-    spec = _rope(D)
+    spec = make_rope(D)
     yield "rotate_only", lambda: pskernels.map_kv_caches(ks, vs, rope=spec, orig_positions=[0, 3],
                                                          new_positions=[4, 9], backend="cpu")
     yield "transform", lambda: pskernels.map_kv_caches(
@@ -160,8 +150,8 @@ def test_ops_have_no_autograd_kernel():
         assert not torch._C._dispatch_has_kernel_for_dispatch_key(f"pskernels::{op}", "Autograd"), op
     k = torch.randn(1, 2, 3, 16, requires_grad=True)
     with pytest.raises(NotImplementedError, match="forward-only"):
-        pskernels.rotate_keys(k, 3, _rope(16), backend="cpu")
-    pskernels.rotate_keys(k, 3, _rope(16)).sum().backward()  # auto -> torch reference
+        pskernels.rotate_keys(k, 3, make_rope(16), backend="cpu")
+    pskernels.rotate_keys(k, 3, make_rope(16)).sum().backward()  # auto -> torch reference
     assert k.grad is not None
 
 

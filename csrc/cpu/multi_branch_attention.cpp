@@ -17,7 +17,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "../common.h"
+#include "../multi_branch_attention_checks.h"
+#include "../ops.h"
 #include "blas.h"
 #include "pskernels/math.h"
 

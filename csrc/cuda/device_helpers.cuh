@@ -1,4 +1,5 @@
-// Device helpers shared by the two CUDA translation units (header only, included by the .cu files).
+// Device helpers shared by the CUDA kernels of several ops (header only): float conversion of an element,
+// RoPE from a per-position cos/sin table (rope_cs / rope_elem), warp-wide max and sum.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -50,9 +51,6 @@ __device__ __forceinline__ float rope_elem(const P* x, int d, int rd, bool neox,
   const float2 t = cs[i];
   return d == a ? x1 * t.x - x2 * t.y : x2 * t.x + x1 * t.y;
 }
-
-__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll

@@ -13,31 +13,20 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
-// torch/extension.h (via common.h) triggers nvcc's C++20 "module" diagnostic in torch's own headers.
+// torch/extension.h (via multi_branch_attention_checks.h) triggers nvcc's C++20 "module" diagnostic in torch's
+// own headers.
 #pragma nv_diag_suppress 3189
-#include "../common.h"
+#include "../multi_branch_attention_checks.h"
 #pragma nv_diag_default 3189
-#include "cuda_common.cuh"
+#include "../ops.h"
+#include "device_helpers.cuh"
 
 namespace pskernels {
 namespace cuda {
-
-// Implemented in small_ops.cu.
-std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& outs, const at::Tensor& lses);
-at::Tensor rotate_keys(const at::Tensor& k, const at::Tensor& delta, const at::Tensor& inv_freq, bool neox);
-std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values, int64_t num_layers,
-                                      const at::Tensor& orig_pos, const at::Tensor& new_pos,
-                                      const at::Tensor& inv_freq, bool neox, const c10::optional<at::Tensor>& k_down,
-                                      const c10::optional<at::Tensor>& k_up, const c10::optional<at::Tensor>& k_gate,
-                                      const c10::optional<at::Tensor>& v_down, const c10::optional<at::Tensor>& v_up,
-                                      const c10::optional<at::Tensor>& v_gate);
-
 namespace {
 
 constexpr int kRowsPerWarp = 4;
@@ -74,6 +63,9 @@ struct AttnParams {
   int cw;  // warps that own query rows (the block always has kMaxWarps warps: all of them stage K/V)
   bool neox, causal_last, knobs, direct;
 };
+
+__device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 // c * tanh(x / c) (pskernels::soft_cap) with an accurate tanh: under --use_fast_math tanhf becomes
 // tanh.approx.f32 (about 2^-11 relative error).
@@ -670,10 +662,3 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
 
 }  // namespace cuda
 }  // namespace pskernels
-
-TORCH_LIBRARY_IMPL(pskernels, CUDA, m) {
-  m.impl("multi_branch_attention", &pskernels::cuda::multi_branch_attention);
-  m.impl("merge_states", &pskernels::cuda::merge_states);
-  m.impl("rotate_keys", &pskernels::cuda::rotate_keys);
-  m.impl("map_kv_caches", &pskernels::cuda::map_kv_caches);
-}
