@@ -14,7 +14,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "pskernels"
 LAYERS = [
     ("_core",),
     ("rope",),
-    ("ref", "triton", "_ext", "_C"),
+    ("_C",),  # the compiled extension (csrc/): loaded by _ext only
+    ("ref", "triton", "_ext"),
     ("ops",),
     ("hf",),
     ("__init__",),  # the public facade: `import pskernels` (ops eagerly, hf on first use)
