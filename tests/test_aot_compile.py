@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, without a GPU (KERNELS.md §4).
 
-``pskernels.kernel_report.triton_kernel_report`` compiles each kernel x dtype x head dim (and, for the
-attention kernel, each constexpr specialisation with every autotune tile the launcher's prune keeps for it)
+``pskernels.apps.kernel_report.triton_kernel_report`` compiles each kernel x dtype x head dim (and, for the
+attention kernel, each constexpr specialisation with every autotune tile the launcher's prune keeps for it; the
+kernel modules' ``compile_specs`` give the specialisations and their signatures)
 for ``GPUTarget("cuda", 80|90, 32)`` in one clean subprocess (no TRITON_INTERPRET; two worker processes)
 and reads registers / spill bytes from Triton's bundled ``ptxas -v``, shared memory from
 ``metadata.shared`` and ``wgmma`` from the PTX. Results are cached by kernel source hash
@@ -16,14 +17,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import pkgutil
 
 import pytest
 
 pytest.importorskip("triton.backends.nvidia", reason="triton without its NVIDIA backend")
 
-from pskernels.kernel_report import (  # noqa: E402
-    MBA_VARIANTS, SMEM_LIMIT, mba_tiles, ptxas_path, triton_kernel_report,
-)
+import pskernels.triton  # noqa: E402
+from pskernels.apps.kernel_report import SMEM_LIMIT, compile_specs, ptxas_path, triton_kernel_report  # noqa: E402
+from pskernels.triton.multi_branch_attention import AOT_VARIANTS, tile_class, tiles_for  # noqa: E402
 
 LEVEL = os.environ.get("PSKERNELS_AOT_LEVEL", "full")
 ARCHS = (80, 90)
@@ -55,10 +57,10 @@ def _label(r):
 def test_every_kernel_and_config_compiles(rows):
     errors = [f"{_label(r)}: {r['error']}" for r in rows if r["error"]]
     assert not errors, "\n".join(errors[:5])
-    # every launched kernel of pskernels.triton is in the report
+    # every launched kernel of every module of pskernels.triton is in the report
     launched, tuned = set(), set()
-    for m in ("map_kv_caches", "merge_states", "multi_branch_attention", "rotate_keys"):
-        mod = importlib.import_module(f"pskernels.triton.{m}")
+    for m in pkgutil.iter_modules(pskernels.triton.__path__):
+        mod = importlib.import_module(f"pskernels.triton.{m.name}")
         for name, v in vars(mod).items():
             if name.endswith("_kernel") and type(v).__name__ in ("JITFunction", "InterpretedFunction"):
                 launched.add(name)
@@ -74,8 +76,9 @@ def test_every_kernel_and_config_compiles(rows):
             got.setdefault((r["variant"], r["dtype"], r["D"], r["arch"]), []).append(
                 (c["BLOCK_M"], c["BLOCK_N"], c["num_warps"], c["num_stages"]))
     for (var, dt, D, arch), tiles in got.items():
-        assert tiles == mba_tiles(var, dt, D, arch), (var, dt, D, arch)
-    assert {v for v, *_ in got} == set(MBA_VARIANTS)
+        spec = {s.variant: s for s in compile_specs("multi_branch_attention", dt, D, arch)}[var]
+        assert tiles == tiles_for(tile_class(**spec.constexprs), dt != "fp32", arch), (var, dt, D, arch)
+    assert {v for v, *_ in got} == set(AOT_VARIANTS)
     if LEVEL == "full":
         assert {t for ts in got.values() for t in ts} == tuned
         assert {r["dtype"] for r in rows} == {"fp16", "bf16", "fp32"}

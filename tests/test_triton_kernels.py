@@ -261,24 +261,20 @@ def test_map_kv_caches_requires_grad_raises():
 # ------------------------------------------------------------------------------------- GPU compilation
 
 _COMPILE_SCRIPT = r"""
+import dataclasses
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
-from pskernels.triton.map_kv_caches import _map_kv_kernel
-from pskernels.triton.merge_states import _combine_kernel
-from pskernels.triton.multi_branch_attention import _mba_fwd_kernel, tile_class, tiles_for
-from pskernels.triton.rotate_keys import _rotate_keys_kernel
+from pskernels.triton import combine, map_kv_caches, multi_branch_attention as mba, rotate_keys
+from pskernels.triton.utils import TileConfig, compile_spec, fixed_tile
 
-def compile(fn, ptrs, consts, cfg=None):
-    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("scale", "softcap") else "i32")
-           for n in fn.arg_names}
-    opts = dict(num_warps=cfg[2], num_stages=cfg[3]) if cfg else {}
-    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
-                       target=GPUTarget("cuda", 90, 32), options=opts)
-    assert k.metadata.shared <= 227 * 1024, (fn.__name__, k.metadata.shared)
+def build(kernel, arg_types, consts, tiles):
+    # no alignment attributes: the code for any pointers and strides
+    spec = dataclasses.replace(compile_spec(kernel, "", arg_types, "bf16", consts, tiles), attrs={})
+    for tile in spec.tiles:
+        k = triton.compile(spec.source(tile), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=tile.num_warps, num_stages=tile.num_stages))
+        assert k.metadata.shared <= 227 * 1024, (kernel.__name__, k.metadata.shared)
 
-dt = "bf16"
-ptrs = dict(q="*" + dt, o="*" + dt, lse="*fp32", ws_o="*fp32", ws_lse="*fp32", seg="*i64", seg_row="*i64",
-            grp="*i64", qpos="*i64", knobs="*fp32", inv_freq="*fp32")
 base = dict(G=4, D=128, DV=128, ROT=128, PREC="tf32", DOT_DT=tl.bfloat16, ALIGNED=True, ES=2, BLOCK_D=128,
             BLOCK_DV=128)
 # prefill: every feature; decode: split-KV with the runtime ints Triton specialises to constants (== 1)
@@ -286,16 +282,17 @@ prefill = dict(base, GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_
 decode = dict(base, GPTJ=True, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=True,
               B=1, HKV=1, Lq=1, NGR=1, window=1)
 for consts in (prefill, decode):
-    for cfg in tiles_for(tile_class(**consts), True, 90):
-        compile(_mba_fwd_kernel, ptrs, dict(consts, BLOCK_M=cfg[0], BLOCK_N=cfg[1]), cfg)
-compile(_combine_kernel, dict(o="*fp32", lse="*fp32", out="*" + dt, out_lse="*fp32", knobs="*fp32"),
-        dict(DV=80, HAS_KNOBS=True, BLOCK_L=16, BLOCK_DV=128, NGR=1, NS=1))
-compile(_rotate_keys_kernel, dict(k="*" + dt, o="*" + dt, delta="*i64", inv_freq="*fp32"),
-        dict(D=80, ROT=32, GPTJ=False, BLOCK_L=16, BLOCK_D=128, H=1))
-compile(_map_kv_kernel, dict(tab="*i64", k0="*" + dt, orig="*i64", new="*i64", kd="*fp32", ku="*fp32",
-                             kg="*fp32", vd="*fp32", vu="*fp32", vg="*fp32", inv_freq="*fp32"),
-        dict(D=128, DV=80, ROT=64, GPTJ=True, K_TF=True, K_GATE=True, V_TF=True, V_GATE=False, ALIGNED=True,
-             VEC=8, BLOCK_L=16, BLOCK_D=128, BLOCK_DV=128, BLOCK_RK=16, BLOCK_RV=16, B=1, H=1))
+    tiles = mba.tiles_for(mba.tile_class(**consts), True, 90)
+    build(mba._mba_fwd_kernel, mba._ARG_TYPES, consts,
+          [TileConfig(dict(BLOCK_M=bm, BLOCK_N=bn), w, st) for bm, bn, w, st in tiles])
+# combine's states in the fp32 split-KV workspace, merged into a bf16 output
+build(combine._combine_kernel, dict(combine._ARG_TYPES, o="*fp32"),
+      dict(DV=80, HAS_KNOBS=True, BLOCK_DV=128, NGR=1, NS=1), [fixed_tile(BLOCK_L=combine.BLOCK_L)])
+build(rotate_keys._rotate_keys_kernel, rotate_keys._ARG_TYPES, dict(D=80, ROT=32, GPTJ=False, BLOCK_D=128, H=1),
+      [fixed_tile(BLOCK_L=rotate_keys.BLOCK_L)])
+build(map_kv_caches._map_kv_kernel, map_kv_caches._ARG_TYPES,
+      dict(D=128, DV=80, ROT=64, GPTJ=True, K_TF=True, K_GATE=True, V_TF=True, V_GATE=False, ALIGNED=True, VEC=8,
+           BLOCK_D=128, BLOCK_DV=128, BLOCK_RK=16, BLOCK_RV=16, B=1, H=1), [fixed_tile(BLOCK_L=map_kv_caches.BLOCK_L)])
 """
 
 
@@ -319,7 +316,8 @@ def test_autotune_prune_keeps_the_spill_free_tiles(monkeypatch, cap):
                 HAS_KNOBS=False, SPLIT=False, BLOCK_D=128, BLOCK_DV=128)
     cases = [(base, "rope"), (dict(base, GPTJ=True), "rope_any"), (dict(base, ROT=64), "rope_any"),
              (dict(base, HAS_SHIFT=False), "plain"), (dict(base, HAS_KNOBS=True), "heavy"),
-             (dict(base, HAS_SHIFT=False, WINDOW=True), "heavy"), (dict(base, GPTJ=True, SOFTCAP=True), "heavy_rope_any"),
+             (dict(base, HAS_SHIFT=False, WINDOW=True), "heavy"),
+             (dict(base, GPTJ=True, SOFTCAP=True), "heavy_rope_any"),
              (dict(base, SPLIT=True), "split"), (dict(base, SPLIT=True, HAS_KNOBS=True), "split_heavy")]
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         q = torch.empty(1, 4, 1, 128, dtype=dtype)

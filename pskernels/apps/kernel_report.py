@@ -1,26 +1,31 @@
 """Ahead-of-time compilation report of the Triton kernels for real GPUs, without a GPU.
 
 Every ``@triton.jit`` kernel of ``pskernels.triton`` is compiled with
-``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for each dtype (fp16, bf16, fp32),
-head dim (64, 128, and 80, which runs masked in a 128-wide tile) and, for multi_branch_attention, each
-constexpr specialisation in ``MBA_VARIANTS`` with every autotune tile the launcher's prune keeps for it on
-that arch (``multi_branch_attention.tiles_for``; the other kernels have one launcher-fixed tile). Triton's bundled
-``ptxas`` (``ptxas -v``, the same binary and flags Triton uses to build the cubin) gives registers and
-spill bytes; ``metadata.shared`` gives shared memory; the PTX shows whether Hopper ``wgmma`` is used.
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` for each dtype (fp16, bf16, fp32) and
+head dim (64, 128, and 80, which runs masked in a 128-wide tile). What is compiled comes from the kernel modules
+themselves: each one's ``compile_specs(dtype, D, arch)`` gives its kernel's specialisations, each with a signature
+checked against the kernel's parameter list and with the launch tiles the launcher can use (for
+multi_branch_attention, every autotune tile the launcher's prune keeps on that arch; the other kernels have one
+launcher-fixed tile). Triton's bundled ``ptxas`` (``ptxas -v``, the same binary and flags Triton uses to build the
+cubin) gives registers and spill bytes; ``metadata.shared`` gives shared memory; the PTX shows whether Hopper
+``wgmma`` is used.
 
 The compilation must not run under ``TRITON_INTERPRET=1`` (the interpreter replaces ``@triton.jit`` when
 kernels are defined), so :func:`triton_kernel_report` compiles in a subprocess with a clean environment
 when needed, and in parallel worker processes there. Results are cached in a JSON file keyed by the
-kernels' source hash, the job and the Triton version (``PSKERNELS_KERNEL_REPORT_CACHE``; ``""`` disables).
+kernels' source hash, the job, its compile spec and the Triton version (``PSKERNELS_KERNEL_REPORT_CACHE``;
+``""`` disables).
 
-``python -m pskernels.kernel_report [--level full|ci] [--archs 80,90] [--markdown|--json|--out FILE]`` prints
-the table (``pskernels info --kernels`` can call :func:`main`).
+``python -m pskernels.apps.kernel_report [--level full|ci] [--archs 80,90] [--markdown|--json|--out FILE]``
+prints the table (``pskernels info --kernels`` calls :func:`main`).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -34,59 +39,31 @@ from typing import Iterable
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 DTYPES = ("fp16", "bf16", "fp32")
 HEAD_DIMS = (64, 128, 80)
-_ES = {"fp16": 2, "bf16": 2, "fp32": 4}
+# The kernel modules of pskernels.triton in report order, with their head dims at the quick "ci" level: the
+# autotuned attention kernel at the worst cases measured, the fixed-tile kernels at D = 128.
+KERNEL_MODULES = {"multi_branch_attention": (128, 80), "combine": (128,), "rotate_keys": (128,),
+                  "map_kv_caches": (128,)}
 _ROW_KEYS = ("kernel", "variant", "config", "dtype", "D", "arch", "registers", "spill_stores", "spill_loads",
              "shared", "smem_limit", "wgmma", "mma_sync", "default", "compile_s", "error")
-
-
-def _p2(n: int) -> int:
-    return 1 << (max(1, n) - 1).bit_length()
 
 
 # ------------------------------------------------------------------------------------------------ jobs
 
 
-_OFF = dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False)
-_HEAVY = dict(SOFTCAP=True, WINDOW=True, HAS_KNOBS=True)
-# multi_branch_attention constexpr specialisations, at least one per tile class of the launcher's autotune
-# prune (``tile_class``): no RoPE shift, neox over the whole head (the ParallelCache path; at D=80 the head is
-# not a power of two and it takes the general path), gptj, partial rotary, softcap + window + calibration knobs
-# with each RoPE layout, and split-KV decode. Lq and the other runtime ints stay runtime values.
-MBA_VARIANTS = {
-    "plain": dict(_OFF),
-    "rope": dict(_OFF, HAS_SHIFT=True),
-    "rope_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True),
-    "rope_partial": dict(_OFF, HAS_SHIFT=True, ROT_DIV=2),
-    "heavy": dict(_OFF, **_HEAVY),
-    "heavy_rope": dict(_OFF, HAS_SHIFT=True, **_HEAVY),
-    "heavy_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True, **_HEAVY),
-    "split": dict(_OFF, HAS_SHIFT=True, SPLIT=True),
-    "split_heavy": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, **_HEAVY),
-}
-
-
-def _mba_constexprs(var: str, D: int) -> dict:
-    v = dict(MBA_VARIANTS[var])
-    return dict(v, ROT=D // v.pop("ROT_DIV", 1), BLOCK_D=max(16, _p2(D)))
-
-
-def mba_tiles(var: str, dtype: str, D: int, arch: int) -> list[tuple[int, int, int, int]]:
-    """The autotune tiles the launcher's prune keeps for this specialisation (``tiles_for(tile_class(...))``)."""
-    from pskernels.triton.multi_branch_attention import tile_class, tiles_for
-
-    return tiles_for(tile_class(**_mba_constexprs(var, D)), dtype != "fp32", arch)
+@functools.lru_cache(maxsize=None)
+def compile_specs(module: str, dtype: str, D: int, arch: int) -> tuple:
+    """The ``CompileSpec`` list of kernel module ``pskernels.triton.<module>`` for ``dtype``, head dim ``D`` and
+    compute capability ``arch``."""
+    return tuple(importlib.import_module(f"pskernels.triton.{module}").compile_specs(dtype, D, arch))
 
 
 def jobs(level: str = "full", archs: Iterable[int] = (80, 90)) -> list[dict]:
-    """Compile jobs.
+    """Compile jobs: one per (kernel specialisation, launch tile, dtype, head dim, arch).
 
-    ``level="full"`` (the default test): multi_branch_attention in every variant x dtype x head dim x arch,
-    each with every tile the autotune prune keeps for it (``mba_tiles``), and the fixed-tile kernels for every
-    dtype x head dim. ``level="ci"`` (quicker, for local iteration): the same for bf16 and fp32 at D=128 and
-    D=80 only (the worst cases measured), fixed-tile kernels at D=128.
+    ``level="full"`` (the default test): every kernel module's specs for every dtype x head dim x arch.
+    ``level="ci"`` (quicker, for local iteration): bf16 and fp32 only, multi_branch_attention at D=128 and
+    D=80 (the worst cases measured), the fixed-tile kernels at D=128.
     """
-    from pskernels.triton.multi_branch_attention import MAXNREG
-
     if level not in ("full", "ci"):
         raise ValueError(f"level: expected 'full' or 'ci', got {level!r}")
     out = []
@@ -94,77 +71,28 @@ def jobs(level: str = "full", archs: Iterable[int] = (80, 90)) -> list[dict]:
     for arch in tuple(archs):
         for dt in dtypes:
             for D in dims:
-                for var in MBA_VARIANTS:
-                    for i, (bm, bn, w, st) in enumerate(mba_tiles(var, dt, D, arch)):
-                        out.append(dict(kernel="_mba_fwd_kernel", variant=var, config=dict(BLOCK_M=bm, BLOCK_N=bn),
-                                        num_warps=w, num_stages=st, maxnreg=MAXNREG, dtype=dt, D=D, arch=arch,
-                                        default=i == 0))
-                if level == "full" or D == 128:
-                    # fixed launcher tiles (num_warps 4, num_stages 3: Triton's defaults)
-                    for kernel, variants in (("_combine_kernel", ("knobs", "plain")),
-                                             ("_rotate_keys_kernel", ("neox", "gptj")),
-                                             ("_map_kv_kernel", ("rotate", "transform"))):
-                        for var in variants:
-                            out.append(dict(kernel=kernel, variant=var, config=dict(BLOCK_L=16), num_warps=4,
-                                            num_stages=3, dtype=dt, D=D, arch=arch, default=True))
+                for module, ci_dims in KERNEL_MODULES.items():
+                    if level == "ci" and D not in ci_dims:
+                        continue
+                    for spec in compile_specs(module, dt, D, arch):
+                        for i, tile in enumerate(spec.tiles):
+                            job = dict(kernel=spec.kernel.__name__, variant=spec.variant, config=dict(tile.blocks),
+                                       num_warps=tile.num_warps, num_stages=tile.num_stages)
+                            if spec.maxnreg:
+                                job["maxnreg"] = spec.maxnreg
+                            out.append(dict(job, dtype=dt, D=D, arch=arch, default=i == 0))
     return out
 
 
-def _spec(job):
-    """(fn, signature, constexprs, attrs) of a job, mirroring the launcher's arguments."""
-    import triton.language as tl
+def _spec(job: dict):
+    """The job's ``CompileSpec`` and ``TileConfig``."""
+    from pskernels.triton.utils import TileConfig
 
-    from pskernels.triton.map_kv_caches import _map_kv_kernel
-    from pskernels.triton.merge_states import _combine_kernel
-    from pskernels.triton.multi_branch_attention import _mba_fwd_kernel
-    from pskernels.triton.rotate_keys import _rotate_keys_kernel
-
-    dt, D, var = job["dtype"], job["D"], job["variant"]
-    es, BD = _ES[dt], max(16, _p2(D))
-    tl_dt = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}[dt]
-    div16 = set()  # ints the launcher sees as multiples of 16 (Triton specialises them: tt.divisibility)
-    if job["kernel"] == "_mba_fwd_kernel":
-        fn = _mba_fwd_kernel
-        ptrs = dict(q="*" + dt, o="*" + dt, lse="*fp32", ws_o="*fp32", ws_lse="*fp32", seg="*i64", seg_row="*i64",
-                    grp="*i64", qpos="*i64", knobs="*fp32", inv_freq="*fp32")
-        consts = dict(G=4, D=D, DV=D, PREC="ieee" if dt == "fp32" else "tf32", DOT_DT=tl_dt, ALIGNED=True,
-                      ES=es, BLOCK_DV=BD, **_mba_constexprs(var, D), **job["config"])
-        floats = ("scale", "softcap")
-        div16 = {"sqb", "sqh", "sqm", "sob", "soh", "som"}  # D, H*D, L*H*D: multiples of 16 for D in 64/80/128
-    elif job["kernel"] == "_combine_kernel":
-        fn = _combine_kernel
-        ptrs = dict(o="*" + dt, lse="*fp32", out="*" + dt, out_lse="*fp32", knobs="*fp32")
-        consts = dict(DV=D, HAS_KNOBS=var == "knobs", BLOCK_DV=_p2(D), **job["config"])
-        floats = ()
-        div16 = {"sob", "soh", "sol", "sxb", "sxh", "sxl"}
-    elif job["kernel"] == "_rotate_keys_kernel":
-        fn = _rotate_keys_kernel
-        ptrs = dict(k="*" + dt, o="*" + dt, delta="*i64", inv_freq="*fp32")
-        consts = dict(D=D, ROT=D, GPTJ=var == "gptj", BLOCK_D=_p2(D), **job["config"])
-        floats = ()
-        div16 = {"skb", "skh", "skl"}
-    elif job["kernel"] == "_map_kv_kernel":
-        fn = _map_kv_kernel
-        ptrs = dict(tab="*i64", k0="*" + dt, orig="*i64", new="*i64", kd="*fp32", ku="*fp32", kg="*fp32",
-                    vd="*fp32", vu="*fp32", vg="*fp32", inv_freq="*fp32")
-        tf = var == "transform"
-        consts = dict(D=D, DV=D, ROT=D, GPTJ=False, K_TF=tf, K_GATE=tf, V_TF=tf, V_GATE=tf, ALIGNED=True,
-                      VEC=16 // es, BLOCK_D=BD, BLOCK_DV=BD, BLOCK_RK=16, BLOCK_RV=16, **job["config"])
-        floats = ()
-    else:
-        raise KeyError(job["kernel"])
-    sig, attrs = {}, {}
-    for i, n in enumerate(fn.arg_names):
-        if n in consts:
-            sig[n] = "constexpr"
-        elif n in ptrs:
-            sig[n] = ptrs[n]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        else:
-            sig[n] = "fp32" if n in floats else "i32"
-            if n in div16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    return fn, sig, consts, attrs
+    for module in KERNEL_MODULES:
+        for spec in compile_specs(module, job["dtype"], job["D"], job["arch"]):
+            if (spec.kernel.__name__, spec.variant) == (job["kernel"], job["variant"]):
+                return spec, TileConfig(job["config"], job["num_warps"], job["num_stages"])
+    raise KeyError(f"no compile spec {job['kernel']}/{job['variant']}")
 
 
 # ------------------------------------------------------------------------------------------- compiling
@@ -215,12 +143,11 @@ def compile_job(job: dict) -> dict:
     row["smem_limit"] = SMEM_LIMIT[job["arch"]]
     t0 = time.perf_counter()
     try:
-        fn, sig, consts, attrs = _spec(job)
+        spec, tile = _spec(job)
         knobs.nvidia.dump_ptxas_log = True  # Triton prints its own `ptxas -v` output when it builds the cubin
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
-            k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                               target=GPUTarget("cuda", job["arch"], 32),
+            k = triton.compile(spec.source(tile), target=GPUTarget("cuda", job["arch"], 32),
                                options=dict(num_warps=job["num_warps"], num_stages=job["num_stages"],
                                             maxnreg=job.get("maxnreg")))
         log = buf.getvalue()
@@ -242,19 +169,17 @@ def compile_job(job: dict) -> dict:
 def _job_key(job: dict, src_hash: str) -> str:
     import triton
 
-    blob = json.dumps(job, sort_keys=True) + src_hash + triton.__version__
+    spec, _ = _spec(job)
+    blob = (json.dumps(job, sort_keys=True) + repr((spec.signature, spec.constexprs, spec.attrs)) + src_hash
+            + triton.__version__)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
 def _source_hash() -> str:
-    from pskernels.triton.map_kv_caches import _map_kv_kernel
-    from pskernels.triton.merge_states import _combine_kernel
-    from pskernels.triton.multi_branch_attention import _mba_fwd_kernel
-    from pskernels.triton.rotate_keys import _rotate_keys_kernel
-
     # cache_key covers each kernel's source and the @triton.jit functions it calls
-    keys = [f.cache_key for f in (_mba_fwd_kernel, _combine_kernel, _rotate_keys_kernel, _map_kv_kernel)]
-    return hashlib.sha256("".join(keys).encode()).hexdigest()
+    kernels = {spec.kernel.__name__: spec.kernel
+               for m in KERNEL_MODULES for spec in compile_specs(m, DTYPES[0], HEAD_DIMS[0], 90)}
+    return hashlib.sha256("".join(kernels[n].cache_key for n in sorted(kernels)).encode()).hexdigest()
 
 
 def _default_cache() -> str:
@@ -307,10 +232,10 @@ def _interpreted() -> bool:
     if os.environ.get("TRITON_INTERPRET") == "1":
         return True
     try:
-        from pskernels.triton import _INTERPRET
+        from pskernels.triton.utils import MODE
     except ImportError:
         return False
-    return bool(_INTERPRET)
+    return MODE == "interpreter"
 
 
 def triton_kernel_report(archs=(80, 90), level: str = "full", workers: int | None = None,
@@ -327,13 +252,13 @@ def triton_kernel_report(archs=(80, 90), level: str = "full", workers: int | Non
     if _interpreted():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env["PSKERNELS_KERNEL_REPORT_CACHE"] = cache_path or ""
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
         import tempfile
 
         with tempfile.TemporaryDirectory() as d:
             out = os.path.join(d, "rows.json")
-            cmd = [sys.executable, "-m", "pskernels.kernel_report", "--out", out, "--level", level, "--workers",
+            cmd = [sys.executable, "-m", "pskernels.apps.kernel_report", "--out", out, "--level", level, "--workers",
                    str(workers), "--archs", ",".join(map(str, archs))]
             run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
             if run.returncode != 0 or not os.path.exists(out):
@@ -376,8 +301,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
 
 def main(argv=None) -> int:
     """Print the report table. ``argv`` defaults to no arguments (full level, sm_80 and sm_90), so a CLI can
-    call ``main()`` directly; ``python -m pskernels.kernel_report`` passes its command line."""
-    ap = argparse.ArgumentParser(prog="python -m pskernels.kernel_report", description=__doc__.splitlines()[0])
+    call ``main()`` directly; ``python -m pskernels.apps.kernel_report`` passes its command line."""
+    ap = argparse.ArgumentParser(prog="python -m pskernels.apps.kernel_report", description=__doc__.splitlines()[0])
     ap.add_argument("--archs", default="80,90", help="comma-separated compute capabilities (default 80,90)")
     ap.add_argument("--level", choices=("full", "ci"), default="full")
     ap.add_argument("--workers", type=int, default=0)

@@ -14,9 +14,10 @@ import triton
 import triton.language as tl
 
 from .._core.registry import register
-from . import _check_inputs, _empty, _triton_available
-from .rotate_keys import rope_apply, rope_layout, rope_partner
+from .rope_utils import rope_apply, rope_layout, rope_partner
+from .utils import TENSOR_DTYPES, CompileSpec, available, check_inputs, compile_spec, empty, fixed_tile
 
+BLOCK_L = 16  # slots per program: a fixed tile (not autotuned)
 # pair table rows (int64, 13 columns): k, v, k_out, v_out pointers, k strides (b, h, l), v strides (b, h, l),
 # L, layer, l * N + n
 
@@ -120,15 +121,15 @@ def _map_kv_kernel(
     tl.store(p_vo + o_l[:, None] * DV + o_v[None, :], b_v.to(ety), mask=m_x)
 
 
-@register("map_kv_caches", "triton", available=_triton_available)
+@register("map_kv_caches", "triton", available=available)
 def map_kv_caches(keys, values, orig, new, rope, params):
-    _check_inputs("map_kv_caches", [t for side in (keys, values) for row in side for t in row] + list(params.values()))
+    check_inputs("map_kv_caches", [t for side in (keys, values) for row in side for t in row] + list(params.values()))
     NL, N = len(keys), len(keys[0])
     k0, v0 = keys[0][0], values[0][0]
     B, H, _, D = k0.shape
     DV, dev = v0.shape[3], k0.device
-    ko = [[_empty(k.shape, k.dtype, dev) for k in row] for row in keys]
-    vo = [[_empty(v.shape, v.dtype, dev) for v in row] for row in values]
+    ko = [[empty(k.shape, k.dtype, dev) for k in row] for row in keys]
+    vo = [[empty(v.shape, v.dtype, dev) for v in row] for row in values]
     pairs = [(l, n) for l in range(NL) for n in range(N) if keys[l][n].shape[2] > 0]
     if not pairs or B * H == 0:
         return ko, vo
@@ -146,7 +147,6 @@ def map_kv_caches(keys, values, orig, new, rope, params):
     prm = {name: (t.contiguous() if t is not None else rope.inv_freq) for name, t in params.items()}
     RK = params["k_down"].shape[-1] if params["k_down"] is not None else 0
     RV = params["v_down"].shape[-1] if params["v_down"] is not None else 0
-    BLOCK_L = 16
     n_l = triton.cdiv(max(keys[l][n].shape[2] for l, n in pairs), BLOCK_L)  # tiles of the longest pair
     _map_kv_kernel[(n_l * len(pairs) * B * H,)](
         tab, k0, orig.contiguous(), new.contiguous(), prm["k_down"], prm["k_up"], prm["k_gate"],
@@ -158,3 +158,21 @@ def map_kv_caches(keys, values, orig, new, rope, params):
         BLOCK_RK=max(16, triton.next_power_of_2(RK)), BLOCK_RV=max(16, triton.next_power_of_2(RV)),
     )
     return ko, vo
+
+
+# Triton types of _map_kv_kernel's runtime arguments for ahead-of-time compiles; "T": the caches' element type
+_ARG_TYPES = dict(tab="*i64", k0="*T", orig="*i64", new="*i64", kd="*fp32", ku="*fp32", kg="*fp32", vd="*fp32",
+                  vu="*fp32", vg="*fp32", inv_freq="*fp32", **dict.fromkeys("B H RK RV NT".split(), "i32"))
+
+
+def compile_specs(dtype: str, D: int, arch: int) -> list[CompileSpec]:
+    """``_map_kv_kernel`` as a pure rotation and with gated rank-16 key and value transforms, for caches of element
+    type ``dtype`` ("fp16", "bf16", "fp32") and head dim ``D`` (keys and values), aligned rows, neox RoPE over the
+    whole head, in the launcher's tile (the same on every ``arch``)."""
+    specs = []
+    for variant in ("rotate", "transform"):
+        tf, BD = variant == "transform", max(16, triton.next_power_of_2(D))
+        consts = dict(D=D, DV=D, ROT=D, GPTJ=False, K_TF=tf, K_GATE=tf, V_TF=tf, V_GATE=tf, ALIGNED=True,
+                      VEC=16 // TENSOR_DTYPES[dtype].itemsize, BLOCK_D=BD, BLOCK_DV=BD, BLOCK_RK=16, BLOCK_RV=16)
+        specs.append(compile_spec(_map_kv_kernel, variant, _ARG_TYPES, dtype, consts, [fixed_tile(BLOCK_L=BLOCK_L)]))
+    return specs

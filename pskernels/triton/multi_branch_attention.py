@@ -7,7 +7,7 @@ strides with unit last stride); per segment the query tile is rotated by ``-shif
 (RoPE is relative, so this re-indexes the segment's keys without rewriting them).
 
 Decode (few query rows) splits every segment's key range across ``NSPLIT`` programs that write
-partial states; ``merge_states``' combine kernel merges them. Calibrated groups (temperature, LSE
+partial states; the combine kernel (:mod:`.combine`) merges them. Calibrated groups (temperature, LSE
 scale, log-weight knobs) take the same route with one or more splits: the combine kernel applies the
 knobs while merging the groups.
 """
@@ -17,17 +17,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .._core.segments import SegmentParams
 from .._core.registry import register
-from . import _check_inputs, _empty, _on_gpu, _triton_available
-from .merge_states import LOG2E, combine, merge_final
-from .rotate_keys import rope_apply, rope_layout, rope_partner, sincos
+from .._core.segments import SegmentParams
+from .combine import LOG2E, combine, merge_final
+from .rope_utils import rope_apply, rope_layout, rope_partner, sincos
+from .utils import TENSOR_DTYPES, CompileSpec, TileConfig, available, check_inputs, compile_spec, empty, on_gpu
 
 # segment table rows (int64): k_ptr, v_ptr, k strides (b, h, l), v strides (b, h, l), causal;
 # per-(segment, batch row) table: seq_len, left_pad, shift, segment_position
 _SEG_COLS = 9
 _TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-_BLOCK_M, _BLOCK_N = 16, 16  # interpreter / fallback tile
+# the interpreter's tile (its warps and stages are unused there); GPU launches autotune over _TILES
+_FIXED_TILE = (16, 16, 4, 3)
 _DECODE_ROWS = 8  # Lq up to this is treated as decode (split-KV)
 
 
@@ -119,7 +120,8 @@ def _mba_fwd_kernel(
                 b_lo, b_hi = tl.maximum(b_lo, lo), tl.minimum(b_hi, hi - 1)
             if HALVES:
                 b_q1 = tl.load(p_q[:, None] + o_h[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
-                b_q2 = tl.load(p_q[:, None] + (o_h + BLOCK_D // 2)[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
+                b_q2 = tl.load(p_q[:, None] + (o_h + BLOCK_D // 2)[None, :], mask=m_r[:, None],
+                               other=0.0).to(tl.float32)
                 b_sin, b_cos = sincos(-shift.to(tl.float32) * b_inv)  # [BD/2]
                 b_r1 = b_q1 * b_cos[None, :] - b_q2 * b_sin[None, :]
                 b_r2 = b_q2 * b_cos[None, :] + b_q1 * b_sin[None, :]
@@ -168,7 +170,7 @@ def _mba_fwd_kernel(
 
 # Autotune tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per specialisation class, dtype and arch (90: sm_90
 # and newer, 80: older). Every list holds only tiles that ptxas compiles without register spills for its class
-# (measured with pskernels.kernel_report for sm_80 / sm_90, fp16 / bf16 / fp32, head dims 64 / 80 / 128;
+# (measured with pskernels.apps.kernel_report for sm_80 / sm_90, fp16 / bf16 / fp32, head dims 64 / 80 / 128;
 # tests/test_aot_compile.py compiles every entry and asserts it). Half precision: 8 warps for 64-row tiles and
 # no 128-row tile once a RoPE shift or a calibration feature is live (the rotated q tile or the extra
 # per-row state then spills). fp32: `ieee` dots lower to FMA loops whose register use ptxas balances
@@ -185,7 +187,8 @@ _TILES = {
     },
     "fp32": {
         "plain": {90: [(16, 16, 4, 3)], 80: [(16, 16, 8, 3), (16, 32, 8, 3)]},
-        "rope": {90: [(16, 16, 4, 3), (32, 16, 8, 3), (64, 32, 8, 2)], 80: [(16, 16, 4, 3), (16, 32, 8, 3), (32, 32, 8, 3)]},
+        "rope": {90: [(16, 16, 4, 3), (32, 16, 8, 3), (64, 32, 8, 2)],
+                 80: [(16, 16, 4, 3), (16, 32, 8, 3), (32, 32, 8, 3)]},
         "rope_any": {90: [(16, 16, 8, 3), (32, 16, 8, 3)], 80: [(16, 16, 8, 3)]},
         "heavy": {90: [(32, 16, 8, 3)], 80: [(16, 16, 4, 3), (16, 32, 8, 3), (32, 32, 8, 3)]},
         "heavy_rope_any": {90: [(16, 16, 8, 3), (32, 16, 8, 3)], 80: [(16, 16, 8, 3)]},
@@ -231,7 +234,8 @@ def _prune(configs, named_args, **kwargs):
     # q tile + pipelined K/V tiles within the arch's shared memory
     budget = SMEM_BUDGET[90 if arch >= 90 else 80]
     mine = [c for c in configs if _tile(c) in keep]
-    fits = [c for c in mine if (c.kwargs["BLOCK_M"] * bd + c.num_stages * c.kwargs["BLOCK_N"] * (bd + bdv)) * es <= budget]
+    fits = [c for c in mine
+            if (c.kwargs["BLOCK_M"] * bd + c.num_stages * c.kwargs["BLOCK_N"] * (bd + bdv)) * es <= budget]
     return fits or mine[:1]
 
 
@@ -246,28 +250,35 @@ _mba_fwd_tuned = triton.autotune(
 )(_mba_fwd_kernel)
 
 
-def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device) -> int:
-    """Split-KV factor: enough programs to fill the machine when the query side alone cannot."""
+def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device, block_m: int = _FIXED_TILE[0]) -> int:
+    """Split-KV factor: enough programs to fill the machine when the query side alone cannot.
+
+    The query side launches ``cdiv(rows, block_m)`` programs per (batch row, kv head); autotuned launches count
+    16-row tiles, as their tile is picked later."""
     if max_len == 0:
         return 1
-    if _on_gpu(device):
+    if on_gpu(device):
         target, min_chunk = 2 * torch.cuda.get_device_properties(device).multi_processor_count, 256
     else:
-        target, min_chunk = 8, 2 * _BLOCK_N
-    n_prog = triton.cdiv(rows, _BLOCK_M) * B * Hkv
+        target, min_chunk = 8, 2 * _FIXED_TILE[1]
+    n_prog = triton.cdiv(rows, block_m) * B * Hkv
     return max(1, min(target // n_prog, triton.cdiv(max_len, min_chunk), 64))
 
 
-@register("multi_branch_attention", "triton", available=_triton_available)
-def multi_branch_attention(q, keys, values, p: SegmentParams):
-    _check_inputs("multi_branch_attention", [q, *keys, *values])
+@register("multi_branch_attention", "triton", available=available)
+def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
+    """Attention of ``q`` over the segments described by ``p``.
+
+    ``tile`` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the autotuner's choice on a GPU and the
+    interpreter's fixed tile, so that tests can run every tile of ``_TILES`` (in the interpreter too)."""
+    check_inputs("multi_branch_attention", [q, *keys, *values])
     B, Hq, Lq, D = q.shape
     Hkv, DV = keys[0].shape[1], values[0].shape[3]
     G, dev = Hq // Hkv, q.device
     if DV == 0:
         raise NotImplementedError("multi_branch_attention: the triton backend needs a value head dim > 0")
-    out = _empty((B, Hq, Lq, DV), q.dtype, dev)
-    lse = _empty((B, Hq, Lq), torch.float32, dev)
+    out = empty((B, Hq, Lq, DV), q.dtype, dev)
+    lse = empty((B, Hq, Lq), torch.float32, dev)
     if lse.numel() == 0:
         return out, lse
 
@@ -301,7 +312,8 @@ def multi_branch_attention(q, keys, values, p: SegmentParams):
     qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
     rope = p.rope if p.has_shift else None
 
-    nsplit = _num_splits(G * Lq, B, Hkv, max(k.shape[2] for k in keys), dev) if Lq <= _DECODE_ROWS else 1
+    block_m = (tile or _FIXED_TILE)[0]
+    nsplit = _num_splits(G * Lq, B, Hkv, max(k.shape[2] for k in keys), dev, block_m) if Lq <= _DECODE_ROWS else 1
     # calibrated groups are merged by the combine kernel too: a second [BM, BDV] accumulator across the
     # groups would make the attention kernel spill
     use_ws = nsplit > 1 or knobs is not None
@@ -321,15 +333,58 @@ def multi_branch_attention(q, keys, values, p: SegmentParams):
         HAS_SHIFT=rope is not None, SOFTCAP=p.softcap is not None, WINDOW=p.sliding_window is not None,
         HAS_KNOBS=knobs is not None, SPLIT=nsplit > 1, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         # the Triton 3.8 interpreter multiplies bf16 dot operands as raw integer bits: feed it fp32
-        DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not _on_gpu(dev) else _TL_DTYPES[q.dtype],
+        DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not on_gpu(dev) else _TL_DTYPES[q.dtype],
         ALIGNED=aligned, ES=es,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
     )
-    if _on_gpu(dev):
+    if tile is None and on_gpu(dev):
         _mba_fwd_tuned[lambda m: (triton.cdiv(G * Lq, m["BLOCK_M"]) * B * Hkv, nsplit)](*args, **meta)
     else:
-        _mba_fwd_kernel[(triton.cdiv(G * Lq, _BLOCK_M) * B * Hkv, nsplit)](
-            *args, **meta, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N)
+        bm, bn, warps, stages = tile or _FIXED_TILE
+        _mba_fwd_kernel[(triton.cdiv(G * Lq, bm) * B * Hkv, nsplit)](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
     if use_ws:
         combine(ws_o, ws_lse, out, lse, knobs)
     return out, lse
+
+
+# Triton types of _mba_fwd_kernel's runtime arguments for ahead-of-time compiles; "T": the q/k/v element type
+_ARG_TYPES = dict(q="*T", o="*T", lse="*fp32", ws_o="*fp32", ws_lse="*fp32", seg="*i64", seg_row="*i64", grp="*i64",
+                  qpos="*i64", knobs="*fp32", inv_freq="*fp32", scale="fp32", softcap="fp32",
+                  **dict.fromkeys("sqb sqh sqm sob soh som B HKV Lq NGR NSPLIT window".split(), "i32"))
+_OFF = dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False)
+_HEAVY = dict(SOFTCAP=True, WINDOW=True, HAS_KNOBS=True)
+# The specialisations the kernel report compiles, at least one per tile class: no RoPE shift, neox over the whole
+# head (the ParallelCache path; at D=80 the head is not a power of two and it takes the general path), gptj, partial
+# rotary (rotary dim D / ROT_DIV), softcap + window + calibration knobs with each RoPE layout, and split-KV decode.
+# Lq and the other runtime ints stay runtime values.
+AOT_VARIANTS = {
+    "plain": dict(_OFF),
+    "rope": dict(_OFF, HAS_SHIFT=True),
+    "rope_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True),
+    "rope_partial": dict(_OFF, HAS_SHIFT=True, ROT_DIV=2),
+    "heavy": dict(_OFF, **_HEAVY),
+    "heavy_rope": dict(_OFF, HAS_SHIFT=True, **_HEAVY),
+    "heavy_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True, **_HEAVY),
+    "split": dict(_OFF, HAS_SHIFT=True, SPLIT=True),
+    "split_heavy": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, **_HEAVY),
+}
+
+
+def compile_specs(dtype: str, D: int, arch: int) -> list[CompileSpec]:
+    """``_mba_fwd_kernel`` in each of ``AOT_VARIANTS`` for q/k/v of element type ``dtype`` ("fp16", "bf16", "fp32"),
+    head dim ``D`` for keys and values (a multiple of 16, as are then the q/o strides), G = 4 and aligned rows,
+    each with every tile the autotune prune keeps for it on compute capability ``arch``."""
+    torch_dtype, BD = TENSOR_DTYPES[dtype], max(16, triton.next_power_of_2(D))
+    half = torch_dtype != torch.float32
+    specs = []
+    for variant, features in AOT_VARIANTS.items():
+        features = dict(features)
+        consts = dict(G=4, D=D, DV=D, ROT=D // features.pop("ROT_DIV", 1), **features,
+                      PREC="tf32" if half else "ieee", DOT_DT=_TL_DTYPES[torch_dtype], ALIGNED=True,
+                      ES=torch_dtype.itemsize, BLOCK_D=BD, BLOCK_DV=BD)
+        tiles = [TileConfig(dict(BLOCK_M=bm, BLOCK_N=bn), warps, stages)
+                 for bm, bn, warps, stages in tiles_for(tile_class(**consts), half, arch)]
+        specs.append(compile_spec(_mba_fwd_kernel, variant, _ARG_TYPES, dtype, consts, tiles,
+                                  multiple_of_16=("sqb", "sqh", "sqm", "sob", "soh", "som"), maxnreg=MAXNREG))
+    return specs
