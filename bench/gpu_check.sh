@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent device (one H200, < 8 min): build the extension for sm_90, run the GPU
-# tests, compute-sanitizer on one small case of every CUDA kernel, and a short benchmark sweep.
+# tests (the Triton kernels compiled, never interpreted), every autotune tile of the Triton attention kernel,
+# compute-sanitizer on one small case of every CUDA kernel, and a short benchmark sweep.
 # Results (logs + JSON) go to $OUT when set. Usage (device tool): bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
@@ -20,8 +21,17 @@ TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py -q build_ext --inp
 echo "build rc=$?"
 
 echo "== GPU tests =="
+# On a GPU the triton backend must run its compiled kernels: stop if TRITON_INTERPRET (set by hand) put it in
+# the interpreter, which would run every "GPU" test on the CPU.
+$PY -c "import torch, pskernels.triton.utils as u; assert torch.cuda.is_available() and u.MODE == 'compiled', u.MODE" \
+  || { echo "triton backend not compiled on CUDA (TRITON_INTERPRET set?)" | tee "$OUT/gpu_tests.txt"; exit 1; }
 timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
-  --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+  tests/test_triton_backend.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+
+echo "== Triton attention tiles =="
+# each autotune tile forced through the launcher (about 35 compiles)
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_triton_tiles.py --junitxml="$OUT/tile_tests.xml" 2>&1 \
+  | tail -15 | tee "$OUT/tile_tests.txt"
 
 echo "== compute-sanitizer =="
 cat > /tmp/psk_sanitize.py <<'PYEOF'
@@ -30,7 +40,8 @@ spec = pskernels.RopeSpec(1.0 / 10000 ** (torch.arange(0, 64, 2) / 64))
 q = torch.randn(1, 8, 3, 64, device="cuda", dtype=torch.bfloat16)
 ks = [torch.randn(1, 2, n, 64, device="cuda", dtype=torch.bfloat16) for n in (17, 0, 40)]
 pskernels.multi_branch_attention(q, ks, ks, position_shifts=torch.tensor([0, 3, 9]), rope=spec, backend="cuda")
-pskernels.merge_states(torch.randn(2, 1, 2, 3, 8, device="cuda"), torch.randn(2, 1, 2, 3, device="cuda"), backend="cuda")
+pskernels.merge_states(torch.randn(2, 1, 2, 3, 8, device="cuda"), torch.randn(2, 1, 2, 3, device="cuda"),
+                       backend="cuda")
 pskernels.rotate_keys(ks[0], 5, spec, backend="cuda")
 pskernels.map_kv_caches([[ks[0], ks[2]]], [[ks[0], ks[2]]], rope=spec, orig_positions=[4, 4], new_positions=[4, 30],
                         backend="cuda")
@@ -38,7 +49,8 @@ torch.cuda.synchronize()
 print("sanitizer case ok")
 PYEOF
 for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $tool --error-exitcode 7 $PY /tmp/psk_sanitize.py > "$OUT/sanitizer_$tool.txt" 2>&1
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 7 $PY /tmp/psk_sanitize.py \
+    > "$OUT/sanitizer_$tool.txt" 2>&1
   echo "$tool rc=$?" | tee -a "$OUT/sanitizer_summary.txt"
 done
 
