@@ -1,4 +1,8 @@
-"""Triton backend vs the PyTorch reference, through the public ops (runs in the Triton interpreter on CPU)."""
+"""Triton backend vs the PyTorch reference, through the public ops.
+
+Without CUDA the kernels run in the Triton interpreter on CPU tensors; with CUDA every tensor the tests make is a
+CUDA tensor (default device), so the same tests run the compiled, autotuned kernels.
+"""
 import math
 import os
 import subprocess
@@ -9,8 +13,9 @@ import torch
 
 import pskernels
 import pskernels.triton  # noqa: F401  registers backend="triton" whatever ops/ imports
-from pskernels import RopeSpec
 from pskernels.triton.multi_branch_attention import _num_splits
+
+from op_helpers import make_rope
 
 pytestmark = pytest.mark.interpreter
 
@@ -20,13 +25,18 @@ RTOL = {F32: 0.0, F16: 2e-3, BF16: 1.6e-2}  # one rounding step of the output dt
 
 
 @pytest.fixture(autouse=True)
+def _default_device():
+    if torch.cuda.is_available():
+        with torch.device("cuda"):
+            yield
+    else:
+        yield
+
+
+@pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
     # library-allocated outputs start as NaN: a missed write fails the comparison
     monkeypatch.setenv("PSKERNELS_DEBUG_NAN", "1")
-
-
-def _rope(rd, style="neox"):
-    return RopeSpec(1.0 / 10000 ** (torch.arange(0, rd, 2, dtype=torch.float32) / rd), style=style)
 
 
 def _assert_close(a, b, dtype):
@@ -75,7 +85,7 @@ def test_mba_position_shifts(style, rd, dtype):
     q = torch.randn(B, Hq, Lq, D, dtype=dtype)
     keys, values = _segments(B, Hkv, (9, 6, 5), D, D, dtype)
     shifts = torch.tensor([[0, 0], [9, -3], [15, 1000]])
-    _mba(q, keys, values, position_shifts=shifts, rope=_rope(rd, style))
+    _mba(q, keys, values, position_shifts=shifts, rope=make_rope(rd, style=style))
 
 
 @pytest.mark.parametrize("D,Dv", [(64, 64), (80, 80), (96, 64), (128, 128), (256, 80)])
@@ -83,7 +93,7 @@ def test_mba_head_dims(D, Dv):
     B, Hq, Hkv, Lq = 1, 2, 1, 3
     q = torch.randn(B, Hq, Lq, D)
     keys, values = _segments(B, Hkv, (5, 17, 3), D, Dv, F32)
-    _mba(q, keys, values, position_shifts=torch.tensor([0, 5, 2]), rope=_rope(D // 2 if D == 80 else D))
+    _mba(q, keys, values, position_shifts=torch.tensor([0, 5, 2]), rope=make_rope(D // 2 if D == 80 else D))
 
 
 def test_mba_softcap_sliding_window():
@@ -104,7 +114,7 @@ def test_mba_knobs_and_groups(Lq):
     q = torch.randn(B, Hq, Lq, D)
     keys, values = _segments(B, Hkv, (6, 40, 0, 33, Lq + 1), D, D, F32)
     seq_lens = torch.tensor([[6, 6], [40, 0], [0, 0], [30, 0], [Lq + 1, Lq]])
-    kw = dict(seq_lens=seq_lens, position_shifts=torch.tensor([0, 6, 6, 6, 40]), rope=_rope(64, "gptj"))
+    kw = dict(seq_lens=seq_lens, position_shifts=torch.tensor([0, 6, 6, 6, 40]), rope=make_rope(64, style="gptj"))
     # APE-style: branches pooled into one group; group 2 holds an empty segment and a ragged one
     _mba(q, keys, values, temperature=0.9, lse_scale=0.9, segment_groups=[0, 1, 2, 2, 3], **kw)
     _mba(q, keys, values, temperature=torch.rand(3, Hq) + 0.5, lse_scale=torch.rand(3) + 0.5,
@@ -121,7 +131,7 @@ def test_mba_strided_views():
     q = torch.randn(B, Lq, Hq, D).transpose(1, 2)
     assert not (prefix_k.is_contiguous() or hf_k.is_contiguous() or own.is_contiguous() or q.is_contiguous())
     _mba(q, [prefix_k, hf_k, own], [prefix_v, hf_v, own], position_shifts=torch.tensor([0, 7, 3]),
-         rope=_rope(32))
+         rope=make_rope(32))
 
 
 def test_mba_empty_segments_and_rows():
@@ -143,10 +153,10 @@ def test_mba_empty_segments_and_rows():
 def test_mba_decode_split_kv(dtype):
     B, Hq, Hkv, Lq, D = 1, 8, 2, 1, 64
     lens = (70, 0, 45, 1)
-    assert _num_splits(Hq // Hkv * Lq, B, Hkv, max(lens), torch.device("cpu")) > 1, "split-KV path not taken"
+    assert _num_splits(Hq // Hkv * Lq, B, Hkv, max(lens), torch.empty(0).device) > 1, "split-KV path not taken"
     q = torch.randn(B, Hq, Lq, D, dtype=dtype)
     keys, values = _segments(B, Hkv, lens, D, D, dtype)
-    kw = dict(position_shifts=torch.tensor([0, 70, 70, 115]), rope=_rope(64),
+    kw = dict(position_shifts=torch.tensor([0, 70, 70, 115]), rope=make_rope(64),
               seq_lens=torch.tensor([[70], [0], [41], [1]]), left_pad=torch.tensor([[5], [0], [0], [0]]))
     _mba(q, keys, values, **kw)
     _mba(q, keys, values, softcap=5.0, sliding_window=60, segment_positions=torch.tensor([0, 70, 70, 115]), **kw)
@@ -204,7 +214,7 @@ def test_merge_states_list_strided_and_self_merge():
 def test_rotate_keys(style, rd, dtype):
     B, H, L, D = 2, 3, 13, 80
     k = torch.randn(B, L + 4, H, D, dtype=dtype).transpose(1, 2)[:, :, 2 : 2 + L]
-    spec = _rope(rd, style)
+    spec = make_rope(rd, style=style)
     for delta in (7, torch.tensor([5, -300]), torch.randint(-2000, 2000, (B, L))):
         out = pskernels.rotate_keys(k, delta, spec, backend="triton")
         assert out.is_contiguous() and out.dtype == dtype
@@ -240,7 +250,7 @@ def test_map_kv_caches(style, rd, dtype):
     keys = [[torch.randn(B, n, H, D, dtype=dtype).transpose(1, 2) for n in row] for row in lens]
     values = [[torch.randn(B, H, n + 2, Dv, dtype=dtype)[:, :, 1 : n + 1] for n in row] for row in lens]
     orig, new = torch.randint(0, 50, (NL, N, B)), torch.randint(0, 500, (NL, N, B))
-    spec = _rope(rd, style)
+    spec = make_rope(rd, style=style)
     out = _map(keys, values, orig, new, spec, dtype)
     assert all(torch.equal(x, y) for row_o, row_v in zip(out[1], values) for x, y in zip(row_o, row_v))
     _map(keys, values, orig, new, spec, dtype,
@@ -254,7 +264,7 @@ def test_map_kv_caches_requires_grad_raises():
     k = torch.randn(1, 2, 3, 64)
     down = torch.zeros(1, 2, 64, 4, requires_grad=True)
     with pytest.raises(NotImplementedError, match="backend='torch'"):
-        pskernels.map_kv_caches([[k]], [[k]], rope=_rope(64), orig_positions=[0], new_positions=[5],
+        pskernels.map_kv_caches([[k]], [[k]], rope=make_rope(64), orig_positions=[0], new_positions=[5],
                                 k_down=down, k_up=torch.zeros(1, 2, 4, 64), backend="triton")
 
 
