@@ -13,7 +13,7 @@ CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name 
 PYTEST_ARGS ?=
 MAX_JOBS ?= 2
 
-.PHONY: setup ext test test-fast demo bench info clean
+.PHONY: setup ext lint test test-fast demo bench info clean
 
 setup: $(STAMP) $(EXT_STAMP)
 
@@ -43,7 +43,10 @@ $(EXT_STAMP): $(STAMP) $(CSRC) setup.py
 		for f in csrc/cuda/*.cu; do if [ -f build/ptxas/$${f##*/}.log ]; then cat build/ptxas/$${f##*/}.log; fi; done > build/cuda-ptxas.log; fi
 	@touch $(EXT_STAMP)
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check pskernels tests bench
+
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: setup

@@ -1,8 +1,9 @@
 """Shared benchmark plumbing (docs/KERNELS.md §6), imported by the ``bench_*.py`` files and ``conftest.py``.
 
-* ``perf`` (a fixture through ``conftest.py``): times a function with pytest-benchmark (host time; synchronises inside the timed
-  function on CUDA), measures device time on CUDA (``triton.testing.do_bench``: cold L2, p50/p20/p80; CUDA
-  events otherwise) and writes bytes moved, GB/s, TFLOP/s and % of H200 peak into ``benchmark.extra_info``.
+* ``perf`` (a fixture through ``conftest.py``): times a function with pytest-benchmark (host time; synchronises
+  inside the timed function on CUDA), measures device time on CUDA (``triton.testing.do_bench``: cold L2,
+  p50/p20/p80; CUDA events otherwise) and writes bytes moved, GB/s, TFLOP/s and % of H200 peak into
+  ``benchmark.extra_info``.
 
 Environment:
     PSKERNELS_BENCH_FULL=1        the big GPU sweep (one axis at a time around a base point);

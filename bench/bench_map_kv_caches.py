@@ -15,10 +15,9 @@ import pytest
 import torch
 
 import pskernels
-from bench_common import DEVICE, FULL, impl_selected, skip_backend
 from pskernels import RopeSpec
 
-
+from bench_common import DEVICE, FULL, impl_selected, skip_backend
 
 
 @dataclass(frozen=True)

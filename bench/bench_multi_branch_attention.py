@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import pskernels
-from bench_common import DEVICE, FULL, ON_CUDA, impl_selected, skip_backend
 from pskernels import RopeSpec
 
-
+from bench_common import DEVICE, FULL, ON_CUDA, impl_selected, skip_backend
 
 GEOMETRIES = {  # name: (Hq, Hkv, D)
     "smollm2": (9, 3, 64),

@@ -11,8 +11,15 @@ RoPE:
 Hugging Face:
     patch_model, unpatch_model, ParallelCache, CacheRow
 """
-from .ops import (AttentionPlan, available_backends, map_kv_caches, merge_states, multi_branch_attention,
-                  plan_multi_branch_attention, rotate_keys)
+from .ops import (
+    AttentionPlan,
+    available_backends,
+    map_kv_caches,
+    merge_states,
+    multi_branch_attention,
+    plan_multi_branch_attention,
+    rotate_keys,
+)
 from .rope import RopeSpec
 
 __version__ = "0.1.0"

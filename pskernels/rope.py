@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
 import torch.nn as nn
 
 from ._core.devices import check_same_or_cpu

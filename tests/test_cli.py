@@ -36,6 +36,7 @@ def test_demo_mapper_argument_errors(tmp_path):
 
     from pskernels.apps.demo import load_synthesizer, main
     from pskernels.synthesis import CacheMapper, CacheMapperConfig
+
     from tiny_models import make_model
 
     model = make_model("llama")

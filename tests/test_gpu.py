@@ -40,7 +40,6 @@ def test_multi_branch_attention(backend, dtype, Lq, features):
     backend = _backend(backend)
     torch.manual_seed(0)
     q, ks, vs = _case(dtype, Lq=Lq)
-    S, B = len(ks), q.shape[0]
     kw = dict(seq_lens=torch.tensor([[64, 10], [0, 0], [300, 0], [37, 37], [9, 9]], device="cuda"),
               left_pad=torch.tensor([[0, 3], [0, 0], [0, 0], [0, 0], [2, 0]], device="cuda"))
     if features in ("shift", "all"):
@@ -48,8 +47,9 @@ def test_multi_branch_attention(backend, dtype, Lq, features):
                   rope=pskernels.RopeSpec(1.0 / 10000 ** (torch.arange(0, 64, 2) / 64), style="neox", rotary_dim=64))
     if features == "all":
         kw.update(softcap=20.0, sliding_window=200, segment_positions=torch.tensor([0, 64, 64, 64, 400], device="cuda"),
-                  temperature=torch.tensor([1.0, 0.9], device="cuda"), lse_scale=torch.tensor([1.0, 0.9], device="cuda"),
-                  log_weight=torch.tensor([0.0, 0.2], device="cuda"), segment_groups=[0, 1, 1, 1, 0])
+                  temperature=torch.tensor([1.0, 0.9], device="cuda"),
+                  lse_scale=torch.tensor([1.0, 0.9], device="cuda"), log_weight=torch.tensor([0.0, 0.2], device="cuda"),
+                  segment_groups=[0, 1, 1, 1, 0])
     ref = pskernels.multi_branch_attention(q.float(), [k.float() for k in ks], [v.float() for v in vs],
                                            backend="torch", **kw)
     out = pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw)
@@ -81,8 +81,9 @@ def test_small_ops(backend):
     for a, b in zip(pskernels.merge_states(o, s, backend=backend), pskernels.merge_states(o, s, backend="torch")):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     keys = [[torch.randn(2, 4, n, 64, device="cuda") for n in (5, 0, 17)] for _ in range(3)]
-    params = dict(k_down=torch.randn(3, 4, 64, 8, device="cuda") * 0.1, k_up=torch.randn(3, 4, 8, 64, device="cuda") * 0.1,
-                  k_gate=torch.zeros(3, 4, device="cuda"), v_down=torch.randn(3, 4, 64, 8, device="cuda") * 0.1,
+    params = dict(k_down=torch.randn(3, 4, 64, 8, device="cuda") * 0.1,
+                  k_up=torch.randn(3, 4, 8, 64, device="cuda") * 0.1, k_gate=torch.zeros(3, 4, device="cuda"),
+                  v_down=torch.randn(3, 4, 64, 8, device="cuda") * 0.1,
                   v_up=torch.randn(3, 4, 8, 64, device="cuda") * 0.1)
     kw = dict(rope=spec, orig_positions=[10, 10, 10], new_positions=[10, 15, 22], **params)
     got = pskernels.map_kv_caches(keys, keys, backend=backend, **kw)

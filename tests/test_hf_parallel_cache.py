@@ -1,13 +1,13 @@
 """ParallelCache through patched HF models vs a full-sequence oracle, for every claimed architecture."""
-import copy
 
 import pytest
 import torch
 
 import pskernels
 from pskernels.ref import rotate
-from tiny_models import ARCHS, VOCAB, make_model
+
 from hf_oracle import branch_caches, make_case, oracle_greedy, oracle_logits
+from tiny_models import ARCHS, VOCAB, make_model
 
 pytestmark = pytest.mark.hf
 TOL = 1e-4
@@ -136,8 +136,9 @@ def test_single_branch_any_scheme_equals_plain_prefill():
 def test_dynamic_rope_refuses_reindexing():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2,
+                      rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
     model = LlamaForCausalLM(cfg).eval()
     case = make_case(1, 3, [[4], [2]], [2], VOCAB, seed=8)
     prefix, branches = branch_caches(model, case)
@@ -227,8 +228,8 @@ def test_forced_kernel_backends_through_hf(arch, backend):
     handle = pskernels.patch_model(model, backend=backend)
     try:
         with torch.no_grad():
-            logits = model(case.query, attention_mask=case.query_mask,
-                           past_key_values=pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths)).logits
+            cache = pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths)
+            logits = model(case.query, attention_mask=case.query_mask, past_key_values=cache).logits
     finally:
         handle.remove()
     for b in range(2):

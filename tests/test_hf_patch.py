@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import pskernels
-from tiny_models import VOCAB, make_model
+
 from hf_oracle import branch_caches, make_case
+from tiny_models import VOCAB, make_model
 
 pytestmark = pytest.mark.hf
 

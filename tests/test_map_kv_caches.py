@@ -33,7 +33,8 @@ def make_params(NL, H, D, Dv, r, device="cpu", gated=True, zero_up=False, which=
         if pre not in which:
             continue
         p[f"{pre}_down"] = rnd(NL, H, dim, r, device=device) / dim ** 0.5
-        p[f"{pre}_up"] = torch.zeros(NL, H, r, dim, device=device) if zero_up else rnd(NL, H, r, dim, device=device) / r ** 0.5
+        up = torch.zeros(NL, H, r, dim, device=device) if zero_up else rnd(NL, H, r, dim, device=device) / r ** 0.5
+        p[f"{pre}_up"] = up
         if gated:
             p[f"{pre}_gate"] = rnd(NL, H, device=device)
     return p

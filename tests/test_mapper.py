@@ -6,6 +6,7 @@ import torch
 
 import pskernels
 from pskernels.synthesis import CacheMapper, CacheMapperConfig
+
 from hf_oracle import branch_caches, make_case
 from tiny_models import VOCAB, make_model
 

@@ -813,7 +813,7 @@ def test_plan_runs_equal_one_shot_calls(backend):
     q0 = rnd(2, 4, 3, 16, device=dev)
     plan = pskernels.plan_multi_branch_attention(q0, ks, vs, backend=backend, **kw)
     assert plan.backend == backend and backend in repr(plan)
-    for layer in range(3):  # fresh tensors of the planned layout, as the layers of a forward
+    for _ in range(3):  # fresh tensors of the planned layout, as the layers of a forward
         q = rnd(2, 4, 3, 16, device=dev)
         ks2, vs2 = [torch.randn_like(k) for k in ks], [torch.randn_like(v) for v in vs]
         out, lse = plan.run(q, ks2, vs2)

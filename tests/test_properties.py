@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import pskernels
+
 from op_helpers import backend_params, device_for, make_rope
 
 hypothesis = pytest.importorskip("hypothesis")

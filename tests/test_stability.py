@@ -8,13 +8,13 @@ shows as several MB. Growth numbers are printed (``pytest -s``) and recorded in 
 from __future__ import annotations
 
 import gc
-import os
 import threading
 
 import pytest
 import torch
 
 import pskernels
+
 from op_helpers import make_rope
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -161,7 +161,7 @@ def test_patch_unpatch_many_models_one_process():
                 assert torch.equal(_logits(models[b], ids), ref[b]), f"{b}: affected by unpatching {a}"
     for a, m in models.items():
         assert m.config._attn_implementation == impls[a]
-        assert not hasattr(m, "_pskernels_handle") or getattr(m, "_pskernels_handle") is None
+        assert not hasattr(m, "_pskernels_handle") or m._pskernels_handle is None
 
 
 def test_patch_unpatch_from_two_threads():

@@ -3,8 +3,8 @@
 Fast tests use a random 2-layer Llama and a character-level tokenizer; the ``slow`` test trains on SmolLM2.
 """
 import importlib.util
-import os
 import json
+import os
 
 import pytest
 import torch
@@ -13,11 +13,17 @@ pytest.importorskip("peft")
 
 from pskernels.synthesis import CacheMapper  # noqa: E402
 from pskernels.synthesis.adapter import add_synthesizer_adapter, base_model, lora_parameters  # noqa: E402
-from pskernels.synthesis.data import (DEFAULT_TEXTS, aggregation_examples, distillation_examples,  # noqa: E402
-                                      exposure_examples, load_jsonl, save_jsonl, tokenize_example,
-                                      validate_example)
-from pskernels.synthesis.distill import (branch_caches, kl_per_token, patched, student_logits,  # noqa: E402
-                                         teacher_logits)
+from pskernels.synthesis.data import (  # noqa: E402
+    DEFAULT_TEXTS,
+    aggregation_examples,
+    distillation_examples,
+    exposure_examples,
+    load_jsonl,
+    save_jsonl,
+    tokenize_example,
+    validate_example,
+)
+from pskernels.synthesis.distill import branch_caches, kl_per_token, patched, student_logits, teacher_logits  # noqa: E402
 from pskernels.synthesis.evaluate import SETTINGS, evaluate  # noqa: E402
 from pskernels.synthesis.models import tiny_llama  # noqa: E402
 from pskernels.synthesis.train import TrainConfig, lr_factor, train  # noqa: E402
@@ -51,7 +57,7 @@ def _model(seed=0):
 def _small_examples(n, seed=0):
     # short examples keep the character-level sequences small
     out = []
-    for i, ex in enumerate(aggregation_examples(n, seed=seed, n_branches=(2, 3))):
+    for ex in aggregation_examples(n, seed=seed, n_branches=(2, 3)):
         out.append({**ex, "prefix": ex["prefix"][:24], "branches": [b[:20] for b in ex["branches"]],
                     "prompt": ex["prompt"][-12:], "target": ex["target"][:10]})
     return out

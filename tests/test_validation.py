@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import pskernels
-from op_helpers import make_rope
 from pskernels import RopeSpec
+
+from op_helpers import make_rope
 
 B, HQ, HKV, LQ, D = 2, 4, 2, 3, 16
 LENS = (5, 3)
@@ -90,7 +91,8 @@ MBA_CASES = [
     ("shift_shape", mba(position_shifts=torch.tensor([0, 4, 1]), rope=rope()), ARG_ERRORS, "position_shifts"),
     ("rope_not_spec", mba(position_shifts=torch.tensor([0, 4]), rope="llama"), ARG_ERRORS, "rope"),
     ("rope_rotary_dim_gt_D", mba(rope=rope(D=2 * D)), ARG_ERRORS, "rope"),
-    ("rope_dynamic_shift", mba(position_shifts=torch.tensor([0, 4]), rope=rope(rope_type="dynamic")), ARG_ERRORS, "rope"),
+    ("rope_dynamic_shift", mba(position_shifts=torch.tensor([0, 4]), rope=rope(rope_type="dynamic")), ARG_ERRORS,
+     "rope"),
     ("rope_longrope_shift", mba(position_shifts=torch.tensor([[0, 0], [4, 0]]), rope=rope(rope_type="longrope")),
      ARG_ERRORS, "rope"),
     ("scale_zero", mba(scale=0.0), ARG_ERRORS, "scale"),

@@ -182,14 +182,16 @@ def normalize_segments(
         over = lc > Ls[:, None]
         if over.any():
             s, b = (int(i) for i in over.nonzero()[0])
-            raise ValueError(f"seq_lens[{s}, {b}] = {lc[s, b].item()} exceeds the segment's length L_{s} = {Ls[s].item()}")
+            raise ValueError(f"seq_lens[{s}, {b}] = {lc[s, b].item()} exceeds the segment's length L_{s} = "
+                             f"{Ls[s].item()}")
     if left_pad is None:
         pad = torch.zeros(S, B, dtype=torch.int64, device=dev)
     else:
         pad = _int_table("left_pad", left_pad, S, B, dev)
         pc, lc = pad.cpu(), lens.cpu()
         if (pc < 0).any() or (pc > lc).any():
-            raise ValueError(f"left_pad: expected 0 <= left_pad <= seq_lens elementwise, got {pc.tolist()} vs {lc.tolist()}")
+            raise ValueError(f"left_pad: expected 0 <= left_pad <= seq_lens elementwise, got {pc.tolist()} vs "
+                             f"{lc.tolist()}")
 
     if position_shifts is None:
         shifts = torch.zeros(S, B, dtype=torch.int64, device=dev)
@@ -224,7 +226,8 @@ def normalize_segments(
             raise ValueError(f"sliding_window: expected None or a positive int, got {sliding_window!r}")
         sliding_window = int(sliding_window)
         if segment_positions is None:
-            raise ValueError("segment_positions: required with sliding_window (virtual position of each segment's slot 0)")
+            raise ValueError("segment_positions: required with sliding_window (virtual position of each segment's "
+                             "slot 0)")
         seg_pos = _int_table("segment_positions", segment_positions, S, B, dev)
         if query_positions is None:
             if not causal_last:
@@ -239,7 +242,8 @@ def normalize_segments(
     if segment_groups is None:
         groups = list(range(S))
     else:
-        groups = [int(g) for g in (segment_groups.tolist() if isinstance(segment_groups, torch.Tensor) else segment_groups)]
+        ids = segment_groups.tolist() if isinstance(segment_groups, torch.Tensor) else segment_groups
+        groups = [int(g) for g in ids]
         if len(groups) != S or min(groups) < 0:
             raise ValueError(f"segment_groups: expected {S} non-negative group ids (one per segment), got {groups}")
         missing = sorted(set(range(max(groups) + 1)) - set(groups))
@@ -253,5 +257,6 @@ def normalize_segments(
     return SegmentParams(
         seq_lens=lens, left_pad=pad, shifts=shifts, has_shift=has_shift, rope=rope, causal_last=bool(causal_last),
         scale=scale, softcap=softcap, sliding_window=sliding_window, segment_positions=seg_pos, query_positions=qpos,
-        groups=groups, group_ids=torch.tensor(groups, dtype=torch.int64, device=dev), num_groups=G, temperature=temp, lse_scale=lsc, log_weight=lw,
+        groups=groups, group_ids=torch.tensor(groups, dtype=torch.int64, device=dev), num_groups=G, temperature=temp,
+        lse_scale=lsc, log_weight=lw,
     )

@@ -54,7 +54,8 @@ def pskernels_attention(module, query, key, value, attention_mask, dropout=0.0, 
         )
     cache, handle = state
     if dropout and module.training:
-        raise NotImplementedError("attention dropout is not supported with a ParallelCache (set model.eval() or dropout=0)")
+        raise NotImplementedError("attention dropout is not supported with a ParallelCache (set model.eval() or "
+                                  "dropout=0)")
     layer = module.layer_idx
     keys, values, meta, layout = cache.segments(layer, key, value, sliding_window, handle.rope)
     backend = cache.backend if cache.backend != "auto" else handle.backend

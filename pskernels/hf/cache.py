@@ -169,7 +169,8 @@ class ParallelCache(Cache):
         for i, c in enumerate(branches):
             if isinstance(c, ParallelCache):
                 if c.prefix_len != P:
-                    raise ValueError(f"branches[{i}]: worker cache was run on a prefix of {c.prefix_len} tokens, expected {P}")
+                    raise ValueError(f"branches[{i}]: worker cache was run on a prefix of {c.prefix_len} tokens, "
+                                     f"expected {P}")
                 tokens = c.get_seq_length()
                 pad = c._own_pad if c._own_pad is not None else torch.zeros(1, dtype=torch.int64)
                 if rows[i] is not None and pad.numel() > 1:
@@ -188,8 +189,8 @@ class ParallelCache(Cache):
             lens = _rows("branch_lengths", branch_lengths, N, B)
             for i, br in enumerate(self.branches):
                 if (lens[i] < 0).any() or (lens[i] > br.tokens - br.pad).any():
-                    raise ValueError(f"branch_lengths[{i}]: expected values in [0, {br.tokens}] (tokens stored after the "
-                                     f"prefix), got {lens[i].tolist()}")
+                    raise ValueError(f"branch_lengths[{i}]: expected values in [0, {br.tokens}] (tokens stored after "
+                                     f"the prefix), got {lens[i].tolist()}")
                 br.length = lens[i]
         lens = torch.stack([br.length for br in self.branches]) if N else torch.zeros(0, B, dtype=torch.int64)
 
@@ -357,7 +358,8 @@ class ParallelCache(Cache):
         for spec, layers in by_rope.values():
             keys = [[x[0] for x in views[l]] for l in layers]
             values = [[x[1] for x in views[l]] for l in layers]
-            orig = torch.stack([torch.stack([src.slot0 + off for _, _, off, src in views[l]]) for l in layers])  # [nl, N, B]
+            # [nl, N, B] original and new position of each branch's slot 0
+            orig = torch.stack([torch.stack([src.slot0 + off for _, _, off, src in views[l]]) for l in layers])
             new = orig + torch.stack([torch.stack([src.delta for *_, src in views[l]]) for l in layers])
             ko, vo = self.mapper.map(keys, values, orig, new, spec, layers=layers)
             for j, l in enumerate(layers):
@@ -410,9 +412,9 @@ class ParallelCache(Cache):
                 dropped = (off > pad) & (length > 0) & (p0 - 1 > qmin - window)
                 if bool(dropped.any()):
                     raise ValueError(
-                        f"ParallelCache: layer {layer_idx} is a sliding-window layer whose cache already dropped tokens "
-                        f"that the re-indexed queries would need (window {window}); use scheme='parallel' or caches "
-                        "that keep the full window"
+                        f"ParallelCache: layer {layer_idx} is a sliding-window layer whose cache already dropped "
+                        f"tokens that the re-indexed queries would need (window {window}); use scheme='parallel' or "
+                        "caches that keep the full window"
                     )
         pad_own = self._own_pad
         lens.append(torch.full((B,), own_len, dtype=torch.int64))

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import attention
 from ..rope import find_decoder, rope_spec_for_layer
+from . import attention
 from .cache import ParallelCache
 
 _HANDLE_ATTR = "_pskernels_patch"
@@ -69,9 +69,11 @@ class PatchHandle:
         if bool((cache.deltas != 0).any()):
             spec = self.rope(0)
             if not spec.supports_reindexing:
-                raise ValueError(f"ParallelCache: scheme {cache.scheme!r} re-indexes branches, but the model's rope_type "
-                                 f"{spec.rope_type!r} has length-dependent frequencies; use scheme='parallel'")
-        vpos = cache.begin_forward(x.shape[0], x.shape[1], kwargs.get("attention_mask"), kwargs.get("position_ids"), x.device)
+                raise ValueError(f"ParallelCache: scheme {cache.scheme!r} re-indexes branches, but the model's "
+                                 f"rope_type {spec.rope_type!r} has length-dependent frequencies; "
+                                 "use scheme='parallel'")
+        vpos = cache.begin_forward(x.shape[0], x.shape[1], kwargs.get("attention_mask"), kwargs.get("position_ids"),
+                                   x.device)
         kwargs["position_ids"] = vpos
         kwargs[attention.STATE_KWARG] = (cache, self)
         return args, kwargs

@@ -49,7 +49,7 @@ def available_backends(op: str | None = None) -> list[str]:
 
 
 def resolve_backend(op: str, backend: str, device: torch.device) -> str:
-    """Name of the backend that ``backend`` (possibly "auto" / ``PSKERNELS_BACKEND``) selects for ``op`` on ``device``."""
+    """Name of the backend that ``backend`` ("auto" reads ``PSKERNELS_BACKEND``) selects for ``op`` on ``device``."""
     if backend == "auto":
         backend = os.environ.get("PSKERNELS_BACKEND", "auto") or "auto"
     if backend not in BACKENDS:
@@ -70,7 +70,8 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
             f"backend: {op} has no {backend!r} implementation (implemented: {sorted(impls)})"
         )
     if not backend_available(backend):
-        raise RuntimeError(f"backend: {backend!r} is not available on this machine (available: {available_backends(op)})")
+        raise RuntimeError(f"backend: {backend!r} is not available on this machine (available: "
+                           f"{available_backends(op)})")
     return backend
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from .._core.devices import check_same_or_cpu
-from ..rope import RopeSpec
 from .._core import finite
+from .._core.devices import check_same_or_cpu
 from .._core.registry import register
+from ..rope import RopeSpec
 from .dispatch import needs_grad, resolve
 
 
@@ -43,9 +43,11 @@ def _transform(prefix, down, up, gate, NL, H, D, device):
             raise ValueError(f"{name}: expected device {device} (same as the caches), got {t.device}")
     r = down.shape[-1]
     if tuple(down.shape) != (NL, H, D, r):
-        raise ValueError(f"{prefix}_down: expected shape [layers, Hkv, D, r] = [{NL}, {H}, {D}, r], got {tuple(down.shape)}")
+        raise ValueError(f"{prefix}_down: expected shape [layers, Hkv, D, r] = [{NL}, {H}, {D}, r], got "
+                         f"{tuple(down.shape)}")
     if tuple(up.shape) != (NL, H, r, D):
-        raise ValueError(f"{prefix}_up: expected shape [layers, Hkv, r, D] = [{NL}, {H}, {r}, {D}], got {tuple(up.shape)}")
+        raise ValueError(f"{prefix}_up: expected shape [layers, Hkv, r, D] = [{NL}, {H}, {r}, {D}], got "
+                         f"{tuple(up.shape)}")
     if gate is not None:
         if not isinstance(gate, torch.Tensor) or tuple(gate.shape) != (NL, H) or not gate.is_floating_point():
             raise ValueError(f"{prefix}_gate: expected a floating tensor [layers, Hkv] = [{NL}, {H}], got "
@@ -127,7 +129,8 @@ def map_kv_caches(
         raise TypeError(f"keys[0][0]: expected a floating dtype, got {dt}")
     for l in range(NL):
         if len(keys[l]) != N or len(values[l]) != N:
-            raise ValueError(f"keys[{l}]/values[{l}]: expected {N} branches (as keys[0]), got {len(keys[l])}/{len(values[l])}")
+            raise ValueError(f"keys[{l}]/values[{l}]: expected {N} branches (as keys[0]), got "
+                             f"{len(keys[l])}/{len(values[l])}")
         for n in range(N):
             k, v = keys[l][n], values[l][n]
             for name, t, last in ((f"keys[{l}][{n}]", k, D), (f"values[{l}][{n}]", v, Dv)):
@@ -137,7 +140,8 @@ def map_kv_caches(
                 if t.shape[0] != B or t.shape[1] != H or t.shape[3] != last:
                     raise ValueError(f"{name}: expected shape [{B}, {H}, L, {last}], got {tuple(t.shape)}")
                 if t.dtype != dt or t.device != dev:
-                    raise ValueError(f"{name}: expected dtype {dt} on {dev} (as keys[0][0]), got {t.dtype} on {t.device}")
+                    raise ValueError(f"{name}: expected dtype {dt} on {dev} (as keys[0][0]), got {t.dtype} on "
+                                     f"{t.device}")
                 if t.shape[-1] > 1 and t.stride(-1) != 1:
                     raise ValueError(f"{name}: expected a contiguous last dimension, got strides {t.stride()}")
             if v.shape[2] != k.shape[2]:
@@ -150,7 +154,8 @@ def map_kv_caches(
     params["k_down"], params["k_up"], params["k_gate"] = _transform("k", k_down, k_up, k_gate, NL, H, D, dev)
     params["v_down"], params["v_up"], params["v_gate"] = _transform("v", v_down, v_up, v_gate, NL, H, Dv, dev)
     if not rope.supports_reindexing and (params["k_down"] is not None or bool((orig != new).any())):
-        raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
+        raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be "
+                         "re-indexed")
     rope = rope.on(dev, "keys[0][0]")
     if finite.enabled():
         for l, (kl, vl) in enumerate(zip(keys, values)):

@@ -12,7 +12,8 @@ from .dispatch import needs_grad, resolve
 def _stack(name, x, ndim):
     if isinstance(x, torch.Tensor):
         if x.ndim != ndim + 1:
-            raise ValueError(f"{name}: expected a stacked tensor with {ndim + 1} dims or a sequence, got shape {tuple(x.shape)}")
+            raise ValueError(f"{name}: expected a stacked tensor with {ndim + 1} dims or a sequence, got shape "
+                             f"{tuple(x.shape)}")
         return x
     x = list(x)
     if not x:
@@ -55,7 +56,8 @@ def merge_states(outs, lses, *, backend: str = "auto"):
     o = _stack("outs", outs, 4)
     s = _stack("lses", lses, 3)
     if o.shape[:-1] != s.shape:
-        raise ValueError(f"lses: expected shape {tuple(o.shape[:-1])} (outs without the last dim), got {tuple(s.shape)}")
+        raise ValueError(f"lses: expected shape {tuple(o.shape[:-1])} (outs without the last dim), got "
+                         f"{tuple(s.shape)}")
     if s.dtype != torch.float32:
         raise TypeError(f"lses: expected dtype float32, got {s.dtype}")
     if not o.is_floating_point():

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from .. import ref
-from .._core.devices import check_same_or_cpu
-from ..rope import RopeSpec
 from .._core import finite
+from .._core.devices import check_same_or_cpu
 from .._core.registry import register
+from ..rope import RopeSpec
 from .dispatch import needs_grad, resolve
 
 
@@ -37,7 +37,8 @@ def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto"
     True
     """
     if not isinstance(k, torch.Tensor) or k.ndim != 4:
-        raise ValueError(f"k: expected a tensor [B, H, L, D], got {tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}")
+        raise ValueError("k: expected a tensor [B, H, L, D], got "
+                         f"{tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__}")
     if not k.is_floating_point():
         raise TypeError(f"k: expected a floating dtype, got {k.dtype}")
     if k.shape[-1] > 1 and k.stride(-1) != 1:
@@ -56,7 +57,8 @@ def rotate_keys(k: torch.Tensor, delta, rope: RopeSpec, *, backend: str = "auto"
     if d.shape not in ((B,), (B, L)):
         raise ValueError(f"delta: expected an int, [B] = [{B}] or [B, L] = [{B}, {L}], got shape {tuple(d.shape)}")
     if bool((d != 0).any()) and not rope.supports_reindexing:
-        raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be re-indexed")
+        raise ValueError(f"rope: rope_type {rope.rope_type!r} has length-dependent frequencies; keys cannot be "
+                         "re-indexed")
     d = d.to(device=k.device, dtype=torch.int64)
     rope = rope.on(k.device, "k")
     if finite.enabled():

@@ -20,8 +20,17 @@ from __future__ import annotations
 import torch
 
 from .adapter import unwrap
-from .distill import (TargetCache, eos_ids, kl_per_token, patched, student_greedy, student_logits, teacher_greedy,
-                      teacher_pass, tokenize_examples)
+from .distill import (
+    TargetCache,
+    eos_ids,
+    kl_per_token,
+    patched,
+    student_greedy,
+    student_logits,
+    teacher_greedy,
+    teacher_pass,
+    tokenize_examples,
+)
 from .mapper import CacheMapper
 
 SETTINGS = ("text_concat", "parallel", "ape", "trained")

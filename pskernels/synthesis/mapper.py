@@ -134,7 +134,8 @@ class CacheMapper(nn.Module):
 
         cfg_path = os.path.join(path, CONFIG_NAME)
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a folder written by CacheMapper.save_pretrained")
+            raise FileNotFoundError(f"{path}: no {CONFIG_NAME}; expected a folder written by "
+                                    "CacheMapper.save_pretrained")
         with open(cfg_path) as f:
             mapper = cls(CacheMapperConfig(**json.load(f)))
         state = load_file(os.path.join(path, WEIGHTS_NAME))

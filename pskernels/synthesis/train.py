@@ -33,10 +33,15 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .adapter import (add_synthesizer_adapter, is_peft_model, load_adapter_weights, load_synthesizer_adapter,
-                      lora_parameters, unwrap)
-from .distill import (TargetCache, eos_ids, kl_per_token, patched, student_logits, teacher_pass,
-                      tokenize_examples)
+from .adapter import (
+    add_synthesizer_adapter,
+    is_peft_model,
+    load_adapter_weights,
+    load_synthesizer_adapter,
+    lora_parameters,
+    unwrap,
+)
+from .distill import TargetCache, eos_ids, kl_per_token, patched, student_logits, teacher_pass, tokenize_examples
 from .mapper import CacheMapper
 
 STATE_NAME = "trainer_state.pt"
