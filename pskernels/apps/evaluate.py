@@ -1,6 +1,16 @@
 """``pskernels eval``: text concatenation vs Parallel-Synthesis on held-out examples
 (:mod:`pskernels.synthesis.evaluate`), untrained, APE-calibrated and trained.
 
+Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
+
+* ``--make-suite OUT.jsonl`` writes workflow examples (the model plays the workers) and exits:
+  ``--per-family N --seed S --families all|train|held_out|NAME,... --worker-tokens K --workers LO,HI``;
+* ``--suite FILE`` evaluates such a file and prints, after the overall table, one block per family and the
+  training-family, held-out-family and overall rows (``--by-family`` prints them for ``--data`` / ``--builder``
+  too; ``--families`` keeps only some families);
+* ``--calibrate-ape FILE`` replaces the fixed APE setting (T = S = 0.9) by the one
+  :func:`pskernels.synthesis.calibration.calibrate_ape` picks on the first ``--calibrate-n`` examples of FILE.
+
 Also ``python -m pskernels.apps.evaluate ...`` (the same flags).
 """
 from __future__ import annotations
@@ -9,11 +19,12 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
 from ..synthesis import evaluate as evaluation
-from ..synthesis.data import build, load_jsonl
+from ..synthesis.data import build, load_jsonl, save_jsonl
 from ..synthesis.models import load_model
 from ..synthesis.train import CONFIG_NAME, load_trained
 
@@ -21,17 +32,115 @@ SETTING_NAMES = {"text_concat": "(i) text concatenation (teacher)", "parallel": 
                  "ape": "(iii) APE calibration (T=S=0.9)", "trained": "(iv) trained mapper + adapter"}
 
 
-def format_table(r: dict) -> str:
-    """The result of :func:`pskernels.synthesis.evaluate.evaluate` as a table, one row per setting."""
+def format_table(r: dict, names: dict | None = None) -> str:
+    """The result of :func:`pskernels.synthesis.evaluate.evaluate` as a table, one row per setting
+    (``names``: row labels replacing :data:`SETTING_NAMES` entries)."""
+    names = {**SETTING_NAMES, **(names or {})}
     lines = [f"{'setting':<36}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"]
     for s in evaluation.SETTINGS:
         if s in r:
             m = r[s]
             accs = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
-            lines.append(f"{SETTING_NAMES[s]:<36}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{accs:>10}")
+            lines.append(f"{names[s]:<36}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{accs:>10}")
     any_s = next(v for k, v in r.items() if k != "examples")
     lines.append(f"({any_s['n']} held-out examples, {any_s['tokens']} target tokens)")
     return "\n".join(lines)
+
+
+def _family_name(kind: str) -> str:
+    return kind.removeprefix("workflow:") if kind else "(no kind)"
+
+
+def format_family_table(bf: dict, settings=None) -> str:
+    """:func:`pskernels.synthesis.evaluate.by_family` as a table: one block per family (training families,
+    then held-out families, then other kinds), then the training-family, held-out-family and overall rows."""
+    from ..synthesis.workflows import FAMILIES
+
+    settings = [s for s in (settings or evaluation.SETTINGS) if s in bf["all"]]
+    head = (f"{'family':<22}{'split':<10}{'n':>4}  {'setting':<13}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}"
+            f"{'accuracy':>10}")
+    lines = [head, "-" * len(head)]
+
+    def block(label, split, m):
+        for i, s in enumerate(settings):
+            x = m[s]
+            accs = "-" if x["accuracy"] is None else f"{x['accuracy']:.3f}"
+            left = f"{label:<22}{split:<10}{x['n']:>4}" if i == 0 else " " * 36
+            lines.append(f"{left}  {s:<13}{x['kl']:>12.4f}{x['top1']:>8.3f}{x['exact']:>8.3f}{accs:>10}")
+
+    def split_of_kind(kind):
+        fam = FAMILIES.get(_family_name(kind))
+        return fam.split if fam is not None and kind.startswith("workflow:") else "-"
+
+    fams = bf["families"]
+    order = sorted(fams, key=lambda k: {"train": 0, "held_out": 1}.get(split_of_kind(k), 2))
+    for k in order:
+        block(_family_name(k), split_of_kind(k), fams[k])
+    lines.append("-" * len(head))
+    labels = {"train": "training families", "held_out": "held-out families"}
+    for sp, m in bf["splits"].items():
+        block(labels.get(sp, sp), sp, m)
+    block("all", "", bf["all"])
+    return "\n".join(lines)
+
+
+def _select(examples, spec):
+    """Keep the examples of the families in ``spec`` ('train', 'held_out' or names; a name matches
+    ``workflow:NAME`` or the kind itself)."""
+    from ..synthesis.workflows import select_families, split_of
+
+    if spec in ("train", "held_out"):
+        return [ex for ex in examples if split_of(ex) == spec]
+    names = [x.strip() for x in spec.split(",") if x.strip()]
+    if not names:
+        raise SystemExit("--families: expected 'all', 'train', 'held_out' or family names")
+    known = {n for n in names if n in {f.name for f in select_families()}}
+    want = {f"workflow:{n}" for n in known} | set(names)
+    return [ex for ex in examples if (ex.get("kind") or "").removeprefix("distill:") in want]
+
+
+def _pair(text: str, flag: str):
+    try:
+        lo, hi = (int(x) for x in text.split(","))
+    except ValueError:
+        raise SystemExit(f"{flag}: expected LO,HI (two integers), got {text!r}") from None
+    return lo, hi
+
+
+def _grid(text: str):
+    from ..synthesis.calibration import ape_grid
+
+    try:
+        ts, ss = text.split("/")
+        return ape_grid([float(x) for x in ts.split(",")], [float(x) for x in ss.split(",")])
+    except ValueError:
+        raise SystemExit(f"--ape-grid: expected T,T,.../S,S,... (e.g. 0.8,0.9,1/0.8,0.9,1), got {text!r}") from None
+
+
+def make_suite(args) -> int:
+    """``--make-suite OUT``: workflow examples generated by ``--model`` (the workers), written as JSONL."""
+    from ..synthesis.workflows import build_workflows
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    seed = 0 if args.seed is None else args.seed
+    t0 = time.perf_counter()
+
+    def progress(i, n, ex):
+        print(f"[{i + 1}/{n}] {ex['id']} ({len(ex['branches'])} workers, {time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr, flush=True)
+
+    try:
+        examples = build_workflows(model, tok, args.families or "all", args.per_family, seed=seed,
+                                   worker_tokens=args.worker_tokens, n_workers=_pair(args.workers, "--workers"),
+                                   progress=progress)
+    except ValueError as e:
+        raise SystemExit(f"--make-suite: {e}") from None
+    save_jsonl(examples, args.make_suite)
+    print(f"wrote {len(examples)} workflow examples ({args.per_family} per family, seed {seed}, model {args.model}, "
+          f"{args.worker_tokens} worker tokens) to {args.make_suite} in {time.perf_counter() - t0:.1f} s")
+    return 0
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,8 +150,24 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="held-out examples (JSONL); all lines are evaluated")
     src.add_argument("--builder", default="aggregation", help="aggregation | exposure | distill | mixed")
+    src.add_argument("--suite", metavar="FILE", help="a workflow suite (JSONL, see --make-suite): all lines are "
+                     "evaluated; per-family, training-family, held-out-family and overall rows are printed")
+    src.add_argument("--make-suite", metavar="OUT", help="write a workflow suite (the model plays the workers) to "
+                     "OUT (JSONL) and exit without evaluating")
     p.add_argument("--n-examples", type=int, default=32, help="(builder) held-out examples")
-    p.add_argument("--seed", type=int, default=None, help="(builder) seed; default: the training seed + 1")
+    p.add_argument("--seed", type=int, default=None,
+                   help="(builder) seed; default: the training seed + 1. (--make-suite) default 0")
+    p.add_argument("--families", default=None, help="'all', 'train', 'held_out' or comma-separated family "
+                   "names: (--make-suite) the families to build, default all; (--suite, --data) keep only those")
+    p.add_argument("--by-family", action="store_true", help="(--data, --builder) also print the per-kind table")
+    p.add_argument("--per-family", type=int, default=4, help="(--make-suite) examples per family")
+    p.add_argument("--worker-tokens", type=int, default=48, help="(--make-suite) tokens each worker generates")
+    p.add_argument("--workers", default="2,8", help="(--make-suite) LO,HI workers per example (inclusive)")
+    p.add_argument("--calibrate-ape", metavar="FILE", help="calibrate the APE setting's T and S on the first "
+                   "--calibrate-n examples of FILE (JSONL; never the evaluated examples) instead of T = S = 0.9")
+    p.add_argument("--calibrate-n", type=int, default=8, help="(--calibrate-ape) calibration examples")
+    p.add_argument("--ape-grid", default=None, help="(--calibrate-ape) T,T,.../S,S,... "
+                   "(default 0.7,0.8,0.9,1.0/0.7,0.8,0.9,1.0)")
     p.add_argument("--scheme", default=None, help="default: the checkpoint's scheme, else sequential")
     p.add_argument("--settings", default=",".join(settings),
                    help="comma-separated subset of " + ",".join(settings) + " (text_concat is always computed)")
@@ -53,7 +178,13 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def _key(ex):
+    return json.dumps([ex["prefix"], ex["branches"], ex["prompt"]])
+
+
 def run_eval(args) -> int:
+    if getattr(args, "make_suite", None):
+        return make_suite(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = {}
@@ -61,12 +192,32 @@ def run_eval(args) -> int:
         with open(os.path.join(args.checkpoint, CONFIG_NAME)) as f:
             cfg = json.load(f)
     model, tok = load_model(args.model)
-    if args.data:
-        examples = load_jsonl(args.data)
+    suite = getattr(args, "suite", None)
+    if args.data or suite:
+        examples = load_jsonl(args.data or suite)
     else:
         seed = args.seed if args.seed is not None else cfg.get("seed", 0) + 1
         examples = build(args.builder, args.n_examples, seed=seed)
+    families = getattr(args, "families", None)
+    if families and families != "all":
+        examples = _select(examples, families)
+        if not examples:
+            raise SystemExit(f"--families {families}: no example of these families")
     scheme = args.scheme or cfg.get("scheme", "sequential")
+    ape, names, calibration = None, {}, None
+    if getattr(args, "calibrate_ape", None):
+        from ..synthesis.calibration import DEFAULT_GRID, calibrate_ape
+
+        cal = load_jsonl(args.calibrate_ape)[: args.calibrate_n]
+        overlap = {_key(ex) for ex in cal} & {_key(ex) for ex in examples}
+        if overlap:
+            raise SystemExit(f"--calibrate-ape {args.calibrate_ape}: {len(overlap)} calibration example(s) are also "
+                             "evaluated; calibrate on other examples (e.g. a suite of the training families with "
+                             "another --seed)")
+        grid = _grid(args.ape_grid) if args.ape_grid else DEFAULT_GRID
+        ape, calibration = calibrate_ape(model, tok, cal, grid=grid, scheme=scheme, target_tokens=args.target_tokens,
+                                         max_examples=None)
+        names["ape"] = f"(iii) APE calibrated (T={calibration['temperature']:g}, S={calibration['lse_scale']:g})"
     mapper = None
     if args.checkpoint:
         model, mapper = load_trained(model, args.checkpoint)
@@ -76,9 +227,20 @@ def run_eval(args) -> int:
         raise SystemExit(f"--settings: unknown {sorted(bad)}, expected some of {evaluation.SETTINGS}")
     r = evaluation.evaluate(model, tok, examples, mapper=mapper, trained=bool(args.checkpoint), scheme=scheme,
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
-                            gen_tokens=args.gen_tokens, target_tokens=args.target_tokens)
+                            gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape)
     print(f"model {args.model}, scheme {scheme}, checkpoint {args.checkpoint}")
-    print(format_table(r))
+    if calibration is not None:
+        print(f"APE calibrated on {calibration['examples']} examples of {args.calibrate_ape} "
+              f"({len(calibration['grid'])} grid points): T = {calibration['temperature']:g}, "
+              f"S = {calibration['lse_scale']:g}, calibration KL {calibration['kl']:.4f}")
+    print(format_table(r, names))
+    if calibration is not None:
+        r["ape_calibration"] = calibration
+    if suite or getattr(args, "by_family", False):
+        bf = evaluation.by_family(r)
+        print()
+        print(format_family_table(bf))
+        r["by_family"] = bf
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)

@@ -8,7 +8,9 @@ JSONL format (one example per line)::
      "target":   str,        # optional: the text to score (teacher-forced); absent -> the teacher's greedy
                              #   continuation is computed online (distillation)
      "answer":   str,        # optional: ground truth; accuracy = answer contained in the greedy output
-     "kind":     str,        # optional: "exposure" | "sum" | "compare" | "which" | "distill:..." | ...
+     "kind":     str,        # optional: "exposure" | "sum" | "compare" | "which" | "distill:..." |
+                             #   "workflow:<family>" (pskernels.synthesis.workflows) | ...
+     "split":    str,        # optional: "train" | "held_out" (the family's split; workflow examples)
      "id":       str}        # optional
 
 Text pieces are tokenized separately and concatenated as *ids*, so the teacher (text concatenation:
@@ -34,7 +36,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-KEYS = ("prefix", "branches", "prompt", "target", "answer", "kind", "id")
+KEYS = ("prefix", "branches", "prompt", "target", "answer", "kind", "split", "id")
+SPLITS = ("train", "held_out")
 
 
 def validate_example(ex: dict, where: str = "example") -> dict:
@@ -49,9 +52,11 @@ def validate_example(ex: dict, where: str = "example") -> dict:
     br = ex.get("branches")
     if not isinstance(br, list) or not br or not all(isinstance(b, str) and b for b in br):
         raise ValueError(f"{where}: field 'branches' must be a non-empty list of non-empty strings")
-    for k in ("target", "answer", "kind", "id"):
+    for k in ("target", "answer", "kind", "split", "id"):
         if k in ex and ex[k] is not None and not isinstance(ex[k], str):
             raise ValueError(f"{where}: field {k!r} must be a string, got {type(ex[k]).__name__}")
+    if ex.get("split") is not None and ex["split"] not in SPLITS:
+        raise ValueError(f"{where}: field 'split' must be one of {SPLITS}, got {ex['split']!r}")
     unknown = set(ex) - set(KEYS) - {"meta"}
     if unknown:
         raise ValueError(f"{where}: unknown fields {sorted(unknown)} (expected {KEYS} or 'meta')")

@@ -13,6 +13,11 @@ Metrics per setting, on the target tokens (the example's ``target``, else the te
 continuation): ``kl`` mean KL(teacher || setting) in nats/token (token-weighted), ``top1`` agreement of the
 argmax with the teacher's, ``exact`` greedy continuation (``gen_tokens`` tokens) equal to the teacher's,
 ``accuracy`` on examples with an ``answer``: the answer string contained in the greedy output.
+
+Per family: each per-example row keeps its ``kind``, ``split`` and raw ``scores`` (KL sum, agreeing and
+target tokens, exact, correct, answered per setting); :func:`aggregate` sums them over any group of rows with
+the same formulas as the overall figures, and :func:`by_family` reports every ``kind``, the training and the
+held-out families (``split``) and all examples.
 Command line: ``pskernels eval`` (:mod:`pskernels.apps.evaluate`).
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ from .distill import (
     tokenize_examples,
 )
 from .mapper import CacheMapper
+from .workflows import split_of
 
 SETTINGS = ("text_concat", "parallel", "ape", "trained")
 APE_INIT = {"calibrate": True, "init_temperature": 0.9, "init_lse_scale": 0.9}
@@ -65,7 +71,6 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
         mapper = mapper.to(dev)
     cfg = {"parallel": dict(mapper=None, adapter=False), "ape": dict(mapper=ape, adapter=False),
            "trained": dict(mapper=mapper, adapter=True)}
-    acc = {s: {"kl": 0.0, "agree": 0, "tokens": 0, "exact": 0, "correct": 0, "answered": 0} for s in settings}
     per_example = []
     was_training = model.training
     model.eval()
@@ -73,9 +78,10 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
         for j, ex in enumerate(exs):
             prefix, branches, tgt, t_logits = teacher_pass(model, ex, targets, j)
             t_gen = teacher_greedy(model, ex, prefix, gen_tokens, eos)
-            row = {"id": ex.example.get("id"), "answer": ex.answer}
+            row = {"id": ex.example.get("id"), "answer": ex.answer, "kind": ex.kind or "",
+                   "split": split_of(ex.example), "scores": {}}
             for s in settings:
-                a = acc[s]
+                a = row["scores"][s] = _zero()
                 if s == "text_concat":
                     kl = torch.zeros(tgt.numel())
                     agree, gen = tgt.numel(), t_gen
@@ -95,12 +101,53 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     a["correct"] += int(ex.answer in text)
             per_example.append(row)
     model.train(was_training)
-    n = len(exs)
+    out = aggregate(per_example, settings)
+    out["examples"] = per_example
+    return out
+
+
+SCORE_KEYS = ("kl", "agree", "tokens", "exact", "correct", "answered")
+
+
+def _zero() -> dict:
+    return {"kl": 0.0, "agree": 0, "tokens": 0, "exact": 0, "correct": 0, "answered": 0}
+
+
+def aggregate(rows, settings=None) -> dict:
+    """Metrics of a group of per-example rows (``evaluate(...)["examples"]`` or a subset):
+    ``{setting: {kl, top1, exact, accuracy, tokens, n}}``. ``kl`` and ``top1`` are token-weighted (sums over
+    the rows divided by their target tokens), ``exact`` per example, ``accuracy`` over the rows with an answer
+    (None without any). ``settings``: default, those of the first row."""
+    rows = list(rows)
+    if settings is None:
+        settings = list(rows[0]["scores"]) if rows else []
     out = {}
-    for s, a in acc.items():
+    for s in settings:
+        a = _zero()
+        for r in rows:
+            for k in SCORE_KEYS:
+                a[k] += r["scores"][s][k]
+        n = len(rows)
         out[s] = {"kl": a["kl"] / max(a["tokens"], 1), "top1": a["agree"] / max(a["tokens"], 1),
                   "exact": a["exact"] / max(n, 1),
                   "accuracy": a["correct"] / a["answered"] if a["answered"] else None,
                   "tokens": a["tokens"], "n": n}
-    out["examples"] = per_example
     return out
+
+
+def by_family(result_or_rows, settings=None) -> dict:
+    """Per-family and overall aggregates (:func:`aggregate`) of an :func:`evaluate` result (or its rows).
+
+    Returns ``{"families": {kind: metrics}, "splits": {"train": metrics, "held_out": metrics}, "all":
+    metrics}``; ``families`` in first-seen order, ``splits`` only for the splits present (a row's ``split``:
+    the example's field, else its workflow family's split)."""
+    rows = result_or_rows["examples"] if isinstance(result_or_rows, dict) else list(result_or_rows)
+    fams, splits = {}, {}
+    for r in rows:
+        fams.setdefault(r.get("kind") or "", []).append(r)
+        if r.get("split"):
+            splits.setdefault(r["split"], []).append(r)
+    order = [sp for sp in ("train", "held_out") if sp in splits] + sorted(set(splits) - {"train", "held_out"})
+    return {"families": {k: aggregate(v, settings) for k, v in fams.items()},
+            "splits": {sp: aggregate(splits[sp], settings) for sp in order},
+            "all": aggregate(rows, settings)}

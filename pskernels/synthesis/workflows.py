@@ -1,0 +1,773 @@
+"""Agent-like workflow data: many task families, the base model itself playing the workers.
+
+A *family* (:class:`Family`) is a small declarative object: a name, whether it is held out of training, and a
+function ``make(rng, n_workers) -> Task`` that draws one task (the shared task text, one sub-task per
+worker, the synthesis prompt and, where the task has one, a ground-truth answer), each family with several
+wordings. The system prompt is drawn from :data:`SYSTEM_PROMPTS`. :data:`FAMILIES` holds 14 families:
+10 training families (:data:`TRAIN_FAMILIES`) and 4 held-out families (:data:`HELD_OUT_FAMILIES`) that
+training must never see.
+
+:func:`build_workflows` turns drawn tasks into examples of the JSONL format of
+:mod:`pskernels.synthesis.data`: the model plays the workers (each continues ``prefix + its sub-task``
+greedily for ``worker_tokens`` tokens, all workers of one example in one batched ``generate`` on a
+zero-copy ``ParallelCache``, :func:`pskernels.synthesis.workflow.run_workers`), and the branches are the
+workers' turns as text. No ``target``: the teacher's greedy continuation over the text concatenation is
+computed by the trainer / evaluator (distillation). Each example carries ``kind = "workflow:<family>"`` and
+``split = "train" | "held_out"``.
+
+Facts a ground-truth answer depends on are stated in the workers' sub-tasks, which are part of their
+branches; the generated text around them is what the model makes of them, as in a real workflow.
+
+Roles: with a tokenizer that has a chat template, the pieces are cut out of the template's own rendering
+(system message = system prompt + task; per worker one user turn = its sub-task and one assistant turn = its
+generated answer; the synthesis prompt a final user turn and the generation prompt). Without one (e.g. the
+:class:`~pskernels.synthesis.data.ByteTokenizer` of the tiny test model): plain ``System:`` / ``User:`` /
+``Assistant:`` lines (:data:`PLAIN`).
+
+Everything is deterministic: each example draws from ``random.Random(f"{seed}/{family}/{index}")``, so an
+example does not depend on which other families are built with it, and generation is greedy.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .adapter import base_model
+from .data import DEFAULT_TEXTS, SPLITS, encode, validate_example
+from .distill import patched
+from .workflow import run_workers
+
+REPETITION_PENALTY = 1.3  # as `pskernels demo`: greedy decoding of a 135M model loops without it
+
+SYSTEM_PROMPTS = (
+    "You are a helpful assistant.",
+    "You are one member of a team of assistants. Answer briefly and precisely.",
+    "You are a careful worker agent. Do your part of the task and report the result.",
+    "You are an AI assistant working with other assistants on a shared task. Keep your answer short.",
+    "You are a reliable assistant. State facts exactly as you were given them.",
+)
+
+
+# ---- families ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Task:
+    """One drawn task: the shared ``task`` (in the prefix), one ``subtasks`` entry per worker, the synthesis
+    prompt and an optional ground-truth ``answer`` (a string the correct final answer contains)."""
+
+    task: str
+    subtasks: list
+    synthesis: str
+    answer: str | None = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A task family: ``make(rng, n_workers) -> Task``; ``workers`` the inclusive range it supports."""
+
+    name: str
+    held_out: bool
+    make: Callable[[random.Random, int], Task]
+    workers: tuple = (2, 8)
+    description: str = ""
+
+    @property
+    def split(self) -> str:
+        return SPLITS[1] if self.held_out else SPLITS[0]
+
+
+def _pick(rng, wordings):
+    w = rng.randrange(len(wordings))
+    return w, wordings[w]
+
+
+_NAMES = ["Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas", "Keiko",
+          "Lucas", "Maya", "Nils", "Olga", "Pedro", "Quinn", "Rosa", "Samir", "Tanja"]
+_CITIES = ["Oslo", "Rome", "Madrid", "Paris", "Berlin", "Vienna", "Lisbon", "Dublin", "Athens", "Prague",
+           "Warsaw", "London", "Zurich", "Helsinki", "Budapest", "Brussels"]
+_JOBS = ["teacher", "nurse", "baker", "pilot", "engineer", "gardener", "lawyer", "painter", "chemist",
+         "librarian", "carpenter", "journalist"]
+_ITEMS = [("apples", "basket", "baskets"), ("books", "shelf", "shelves"), ("coins", "box", "boxes"),
+          ("chairs", "room", "rooms"), ("eggs", "nest", "nests"), ("pencils", "drawer", "drawers"),
+          ("bottles", "crate", "crates"), ("tickets", "envelope", "envelopes")]
+_DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+# 1. aggregation of numbers
+_SUM = [
+    ("Task: {n} workers each count the {item} in one {cont}. Their counts must be added up.",
+     "Count the {item} in {cont} number {k}. Your notes say it holds {c} {item}. Report your count.",
+     "How many {item} are there in all {n} {conts} together? Give the total."),
+    ("We are taking stock of the {item} stored in {n} {conts}.",
+     "You checked {cont} {k}: it contains {c} {item}. Report this in one sentence.",
+     "Using the workers' reports, what is the total number of {item}?"),
+    ("Inventory job: find out how many {item} we have across {n} {conts}.",
+     "Report on {cont} #{k}, which has {c} {item} in it.",
+     "Add up the reports: how many {item} are there altogether?"),
+]
+
+
+def _sum(rng, n):
+    w, (task, sub, syn) = _pick(rng, _SUM)
+    item, cont, conts = rng.choice(_ITEMS)
+    counts = [rng.randint(1, 12) for _ in range(n)]
+    f = dict(n=n, item=item, cont=cont, conts=conts)
+    return Task(task.format(**f), [sub.format(k=k + 1, c=c, **f) for k, c in enumerate(counts)],
+                syn.format(**f), str(sum(counts)), {"wording": w, "counts": counts})
+
+
+# 2. comparison and ranking
+_RANK = [
+    ("Task: find the {word} city today. Each of {n} workers checks the weather in one city.",
+     "Check the weather in {x}: the thermometer there shows {v} degrees. Report the temperature.",
+     "Which city is the {word} today?", "warmest", "coldest"),
+    ("A 400 metre race had {n} runners and each worker timed one of them.",
+     "You timed {x}, who ran the 400 metres in {v} seconds. Report the time.",
+     "Who was the {word} runner?", "slowest", "fastest"),
+    ("Task: compare the price of a bicycle in {n} shops and find where it is {word}.",
+     "You visited the shop in {x}, where the bicycle costs {v} euros. Report the price.",
+     "In which city is the bicycle {word}?", "most expensive", "cheapest"),
+]
+
+
+def _rank(rng, n):
+    w, (task, sub, syn, hi_word, lo_word) = _pick(rng, _RANK)
+    xs = rng.sample(_CITIES if w != 1 else _NAMES, n)
+    lo, hi = [(-5, 35), (50, 90), (150, 900)][w]
+    vs = rng.sample(range(lo, hi + 1), n)
+    high = rng.random() < 0.5
+    best = max(range(n), key=vs.__getitem__) if high else min(range(n), key=vs.__getitem__)
+    word = hi_word if high else lo_word
+    return Task(task.format(n=n, word=word), [sub.format(x=x, v=v) for x, v in zip(xs, vs)],
+                syn.format(word=word), xs[best], {"wording": w, "values": vs, "highest": high})
+
+
+# 3. retrieval of one fact among N branch documents
+_RETRIEVE = [
+    ("Task: {n} workers each read one personnel file and summarise it.",
+     "Summarise this file in one sentence: \"{doc}\"",),
+    ("We received {n} short profiles. Each worker reads one profile.",
+     "Read the profile and restate its key facts: {doc}",),
+    ("Task: prepare notes on {n} people. Every worker handles one person's record.",
+     "Here is the record: {doc} Write a short note about this person.",),
+]
+_RETRIEVE_Q = [("In which city does {name} live?", "city"), ("What is {name}'s job?", "job"),
+               ("In which year was {name} born?", "year")]
+
+
+def _retrieve(rng, n):
+    w, (task, sub) = _pick(rng, _RETRIEVE)
+    names, cities = rng.sample(_NAMES, n), rng.sample(_CITIES, n)
+    jobs, years = [rng.choice(_JOBS) for _ in range(n)], rng.sample(range(1950, 2005), n)
+    docs = [f"{a} lives in {c}, works as a {j} and was born in {y}." for a, c, j, y in zip(names, cities, jobs, years)]
+    k = rng.randrange(n)
+    q, key = rng.choice(_RETRIEVE_Q)
+    if key == "job" and jobs.count(jobs[k]) > 1:  # the answer must not be guessable from another file
+        q, key = _RETRIEVE_Q[0]
+    answer = {"city": cities[k], "job": jobs[k], "year": str(years[k])}[key]
+    return Task(task.format(n=n), [sub.format(doc=d) for d in docs], q.format(name=names[k]), answer,
+                {"wording": w, "asked": names[k], "field": key})
+
+
+# 4. majority vote over verdicts
+_VOTE_TOPICS = ["open a second office in {city}", "move the team meeting to {day}", "buy a new coffee machine",
+                "hire two more engineers", "switch to a four-day week", "cancel the summer party"]
+_VOTE = [
+    ("Task: a committee of {n} reviewers votes on whether to {topic}.",
+     "You are reviewer {k}. You decided to vote \"{v}\" because {r}. State your vote and your reason.",
+     "What is the majority decision of the committee? Answer with the winning vote.", ("approve", "reject")),
+    ("Proposal: {topic}. Each of {n} team members gives a verdict.",
+     "Your verdict is \"{v}\": {r}. Explain your verdict briefly.",
+     "Count the verdicts. Which verdict has the majority?", ("accept", "decline")),
+    ("We must decide whether to {topic}. {n} advisers were asked.",
+     "As adviser {k} you are \"{v}\", since {r}. Give your recommendation.",
+     "Which recommendation did most advisers give?", ("in favour", "against")),
+]
+_REASONS = ["the budget allows it", "it saves time", "the risks seem small", "the team asked for it",
+            "it costs too much", "the timing is bad", "there is no clear benefit", "it adds work"]
+
+
+def _vote(rng, n):
+    w, (task, sub, syn, (yes, no)) = _pick(rng, _VOTE)
+    topic = rng.choice(_VOTE_TOPICS).format(city=rng.choice(_CITIES), day=rng.choice(_DAYS))
+    major = rng.randint(n // 2 + 1, n)
+    win = rng.random() < 0.5
+    votes = [yes if win else no] * major + [no if win else yes] * (n - major)
+    rng.shuffle(votes)
+    subs = [sub.format(k=k + 1, v=v, r=rng.choice(_REASONS[:4] if v == yes else _REASONS[4:]))
+            for k, v in enumerate(votes)]
+    return Task(task.format(n=n, topic=topic), subs, syn, yes if win else no, {"wording": w, "votes": votes})
+
+
+# 5. merging lists
+_GOODS = ["bread", "milk", "eggs", "rice", "tomatoes", "cheese", "onions", "butter", "pasta", "apples", "coffee",
+          "lemons", "carrots", "yogurt", "flour", "honey"]
+_MERGE = [
+    ("Task: {n} flatmates each wrote down what they need from the supermarket.",
+     "Your list: {items}. Tell the others what you need.",
+     "Merge all the lists into one shopping list without duplicates.", False),
+    ("We are planning a picnic. {n} friends each say what to bring.",
+     "You want to bring {items}. Say what you will bring.",
+     "How many different things will be brought to the picnic in total?", True),
+    ("Task: collect the ingredients {n} cooks need for tonight's dinner.",
+     "The ingredients for your dish are {items}. List them.",
+     "Write one combined list of all ingredients, each ingredient once.", False),
+]
+
+
+def _merge(rng, n):
+    w, (task, sub, syn, count) = _pick(rng, _MERGE)
+    lists = [rng.sample(_GOODS, rng.randint(2, 4)) for _ in range(n)]
+    merged = sorted({g for lst in lists for g in lst})
+    items = lambda lst: ", ".join(lst[:-1]) + " and " + lst[-1]  # noqa: E731
+    return Task(task.format(n=n), [sub.format(items=items(lst)) for lst in lists], syn,
+                str(len(merged)) if count else None, {"wording": w, "lists": lists, "merged": merged})
+
+
+# 6. summaries
+def _sentences(text):
+    return [s.strip().rstrip(".") + "." for s in text.split(". ") if s.strip()]
+
+
+_SUMMARY = [
+    ("Task: summarise a text. It was split into {n} parts, one for each worker.",
+     "Summarise this part in one sentence: \"{part}\"",
+     "Using the workers' summaries, write a short summary of the whole text."),
+    ("We need a brief summary of a document. Each of {n} workers reads one passage.",
+     "Your passage: {part} Give its main point.",
+     "Combine the main points into a summary of at most three sentences."),
+    ("Task: write an abstract. The source was divided among {n} readers.",
+     "Read: \"{part}\" What is this passage about?",
+     "Write a two-sentence abstract of the full source from the readers' notes."),
+]
+
+
+def _summary(rng, n):
+    w, (task, sub, syn) = _pick(rng, _SUMMARY)
+    text = rng.choice(DEFAULT_TEXTS)
+    sents = _sentences(text)
+    n = min(n, len(sents))
+    cuts = sorted(rng.sample(range(1, len(sents)), n - 1)) if n > 1 else []
+    parts = [" ".join(sents[a:b]) for a, b in zip([0] + cuts, cuts + [len(sents)])]
+    return Task(task.format(n=n), [sub.format(part=p) for p in parts], syn, None,
+                {"wording": w, "text": DEFAULT_TEXTS.index(text)})
+
+
+# 7. plans
+_PLAN_GOALS = [
+    ("a relaxed one-day visit to {city} for a family with two children",
+     ["a museum or monument for the morning", "where to eat lunch", "an outdoor activity for the afternoon",
+      "how to get around the city", "what to pack for the day", "a place for dinner", "a rainy-day alternative",
+      "a souvenir to buy"]),
+    ("a birthday party for a ten-year-old",
+     ["the invitations", "the food", "two party games", "the decorations", "the cake", "the music",
+      "a small present for each guest", "the schedule of the afternoon"]),
+    ("moving to a new flat in {city}",
+     ["packing the kitchen", "hiring a van", "changing the address", "cleaning the old flat", "setting up the "
+      "internet", "arranging the furniture", "meeting the neighbours", "the budget for the move"]),
+    ("the launch of a small online shop",
+     ["the product photos", "the prices", "the delivery options", "the opening offer", "the social media posts",
+      "customer support", "the website text", "the first week's goals"]),
+]
+_PLAN = [
+    ("Task: plan {goal}.", "Your part: suggest {piece}.", "Combine the workers' answers into one short final plan."),
+    ("We are preparing {goal}. Each worker plans one aspect.", "Plan {piece} in two or three sentences.",
+     "Write the complete plan, step by step, using every worker's suggestion."),
+    ("Task: make a checklist for {goal}.", "Write the checklist items for {piece}.",
+     "Merge the workers' items into one ordered checklist."),
+]
+
+
+def _plan(rng, n):
+    w, (task, sub, syn) = _pick(rng, _PLAN)
+    goal, pieces = rng.choice(_PLAN_GOALS)
+    goal = goal.format(city=rng.choice(_CITIES))
+    return Task(task.format(goal=goal), [sub.format(piece=p) for p in rng.sample(pieces, n)], syn, None,
+                {"wording": w, "goal": goal})
+
+
+# 8. free-form synthesis
+_QUESTIONS = ["Should a small town build a new library?", "Is working from home good for a company?",
+              "How can a school reduce its energy use?", "What makes a city pleasant to live in?",
+              "Should children learn to program at school?", "How should a family spend a free weekend?"]
+_ROLES = ["a teacher", "a parent", "an economist", "a student", "a doctor", "an engineer", "a shop owner",
+          "a retired person", "a journalist", "a city planner"]
+_FREE = [
+    ("Question for the team: {q}", "Answer from the point of view of {role}, in two sentences.",
+     "Write one balanced paragraph that answers the question using all the viewpoints above."),
+    ("Task: collect opinions on this question: {q}", "You are {role}. Give your opinion and one reason.",
+     "Summarise the opinions and give a final recommendation."),
+    ("Discussion topic: {q} Each worker argues from a different role.", "Argue briefly as {role}.",
+     "What is the overall conclusion of the discussion?"),
+]
+
+
+def _free(rng, n):
+    w, (task, sub, syn) = _pick(rng, _FREE)
+    return Task(task.format(q=rng.choice(_QUESTIONS)), [sub.format(role=r) for r in rng.sample(_ROLES, n)], syn,
+                None, {"wording": w})
+
+
+# 9. attribution (which worker said it)
+_OBJECTS = ["a golden key", "an old map", "a red umbrella", "a silver watch", "a blue notebook", "a broken phone",
+            "a wooden box", "a green scarf", "a pair of glasses", "a leather wallet"]
+_PLACES = ["the attic", "the garden", "the garage", "the cellar", "the kitchen", "the library", "the car park",
+           "the office", "the station", "the beach"]
+_ATTR = [
+    ("Task: {n} searchers each look through one place for lost things.",
+     "You are {name}. You searched {place} and found {obj}. Report your search.",
+     "Who found {obj}?"),
+    ("A team of {n} volunteers is sorting the lost and found.",
+     "Your name is {name}. In {place} you came across {obj}. Tell the team.",
+     "Which volunteer came across {obj}? Give the name."),
+    ("Task: each of {n} inspectors reports what they found today.",
+     "Inspector {name}: you checked {place}; the only item there was {obj}. Write your report.",
+     "Name the inspector who reported {obj}."),
+]
+
+
+def _attr(rng, n):
+    w, (task, sub, syn) = _pick(rng, _ATTR)
+    names, places, objs = rng.sample(_NAMES, n), rng.sample(_PLACES, n), rng.sample(_OBJECTS, n)
+    k = rng.randrange(n)
+    return Task(task.format(n=n), [sub.format(name=a, place=p, obj=o) for a, p, o in zip(names, places, objs)],
+                syn.format(obj=objs[k]), names[k], {"wording": w, "worker": k + 1})
+
+
+# 10. timeline
+_EVENTS = ["the opening of the new bridge", "the first jazz festival", "the founding of the football club",
+           "the great flood", "the building of the town hall", "the arrival of the railway",
+           "the first marathon", "the closing of the old mine", "the founding of the university",
+           "the opening of the zoo"]
+_TIMELINE = [
+    ("Task: put the history of {city} in order. Each of {n} workers researched one event.",
+     "Look up {event}. The records say it happened in {year}. Report the year.",
+     "Which of these events in {city} happened first?"),
+    ("We are writing a timeline of {city}. {n} researchers each dated one event.",
+     "You found that {event} took place in {year}. Write one sentence about it.",
+     "Which event is the most recent one?"),
+    ("Task: date {n} events from the past of {city}.",
+     "Your event: {event}; the archive gives the year {year}. Report it.",
+     "What happened earliest?"),
+]
+
+
+def _timeline(rng, n):
+    w, (task, sub, syn) = _pick(rng, _TIMELINE)
+    city, events, years = rng.choice(_CITIES), rng.sample(_EVENTS, n), rng.sample(range(1820, 2020), n)
+    pick = max if w == 1 else min
+    k = pick(range(n), key=years.__getitem__)
+    return Task(task.format(n=n, city=city), [sub.format(event=e, year=y) for e, y in zip(events, years)],
+                syn.format(city=city), events[k].removeprefix("the "), {"wording": w, "years": years})
+
+
+# 11. intersection of constraints (held out)
+_INTERSECT = [
+    ("Task: find a day when all {n} colleagues can meet. Each worker asks one colleague.",
+     "You asked {name}, who is free on {days}. Report the free days.",
+     "On which day can everyone meet?"),
+    ("We want to schedule a call with {n} partners. Each worker checks one partner's calendar.",
+     "{name}'s calendar is open on {days}. Tell the others.",
+     "Which day works for all partners?"),
+    ("Task: pick a day for the team dinner that suits all {n} people.",
+     "{name} says: \"I can come on {days}.\" Pass this on.",
+     "Which is the only day that suits everybody?"),
+]
+
+
+def _intersect(rng, n):
+    w, (task, sub, syn) = _pick(rng, _INTERSECT)
+    common = rng.choice(_DAYS)
+    others = [d for d in _DAYS if d != common]
+    frees = [{common} for _ in range(n)]
+    for d in others:  # each other day is free for some people, never for all
+        who = [i for i in range(n) if rng.random() < 0.5]
+        if len(who) == n:
+            who.pop(rng.randrange(n))
+        for i in who:
+            frees[i].add(d)
+    names = rng.sample(_NAMES, n)
+    days = [[d for d in _DAYS if d in f] for f in frees]
+    fmt = lambda ds: ds[0] if len(ds) == 1 else ", ".join(ds[:-1]) + " and " + ds[-1]  # noqa: E731
+    return Task(task.format(n=n), [sub.format(name=a, days=fmt(ds)) for a, ds in zip(names, days)], syn, common,
+                {"wording": w, "free": days})
+
+
+# 12. conflicting reports (held out)
+_CONFLICT = [
+    ("Task: find out when the last train to {city} leaves tonight. {n} workers each checked one source.",
+     "At {t} you read on {src} that the last train leaves at {v}. Report it with the time you checked.",
+     "The reports disagree. Later reports replace earlier ones. When does the last train leave?"),
+    ("Several sources give the opening time of the {city} museum tomorrow. {n} workers checked them.",
+     "You checked {src} at {t}: it says the museum opens at {v}. Report this.",
+     "Which opening time is correct, given that the most recent report is the right one?"),
+    ("Task: the start time of the concert in {city} changed during the day. {n} workers report what they saw.",
+     "{src}, checked at {t}, gives the start time as {v}. Pass it on.",
+     "The latest information wins. At what time does the concert start?"),
+]
+_SOURCES = ["the website", "the notice board", "the mobile app", "the newspaper", "the radio", "a poster",
+            "the phone hotline", "an email"]
+
+
+def _conflict(rng, n):
+    w, (task, sub, syn) = _pick(rng, _CONFLICT)
+    city = rng.choice(_CITIES)
+    checks = sorted(rng.sample(range(8 * 60, 18 * 60, 5), n))  # times the sources were read
+    values = rng.sample([f"{h}:{m:02d}" for h in range(18, 24) for m in (0, 15, 30, 45)], n)
+    srcs = [rng.choice(_SOURCES) for _ in range(n)]
+    order = list(range(n))
+    rng.shuffle(order)  # the latest report is not always the last worker
+    hhmm = lambda t: f"{t // 60}:{t % 60:02d}"  # noqa: E731
+    subs = [sub.format(t=hhmm(checks[j]), src=srcs[j], v=values[j]) for j in order]
+    subs = [s[0].upper() + s[1:] for s in subs]
+    return Task(task.format(n=n, city=city), subs, syn, values[n - 1],
+                {"wording": w, "order": order, "values": values})
+
+
+# 13. code-review verdicts (held out)
+_FILES = [("parse.py", "def parse(s):\n    return int(s.strip())"),
+          ("mathutil.py", "def mean(xs):\n    return sum(xs) / len(xs)"),
+          ("cache.py", "def get(d, k):\n    return d.get(k)"),
+          ("names.py", "def initials(name):\n    return ''.join(p[0] for p in name.split())"),
+          ("dates.py", "def is_leap(y):\n    return y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)"),
+          ("files.py", "def read(path):\n    with open(path) as f:\n        return f.read()"),
+          ("price.py", "def total(items):\n    return sum(i.price for i in items)"),
+          ("text.py", "def words(s):\n    return s.split()"),
+          ("retry.py", "def retry(f, n=3):\n    for _ in range(n):\n        try:\n            return f()\n"
+                       "        except OSError:\n            pass")]
+_REVIEW = [
+    ("Task: review pull request #{pr}. It changes {n} files; each reviewer checks one.",
+     "Review {f}:\n{code}\nThe tests for this file {res}. Give your verdict.",
+     "Which file must be fixed before the pull request can be merged?"),
+    ("Code review of change {pr}: {n} reviewers, one file each.",
+     "File {f}:\n{code}\nCI result for it: {res}. Approve or request changes?",
+     "Summarise the review: which file blocks the merge?"),
+    ("Task: decide whether pull request #{pr} can be merged. Each of {n} reviewers looks at one file.",
+     "Look at {f}:\n{code}\nIts unit tests {res}. Write a one-line review.",
+     "Name the file that needs changes."),
+]
+
+
+def _review(rng, n):
+    w, (task, sub, syn) = _pick(rng, _REVIEW)
+    n = min(n, len(_FILES))
+    files = rng.sample(_FILES, n)
+    bad = rng.randrange(n)
+    ok, fail = ("all tests passed", "2 tests failed") if w == 1 else ("all pass", "fail with an error")
+    subs = [sub.format(f=f, code=c, res=fail if i == bad else ok) for i, (f, c) in enumerate(files)]
+    return Task(task.format(n=n, pr=rng.randint(100, 999)), subs, syn, files[bad][0], {"wording": w, "failing": bad})
+
+
+# 14. translation merges (held out)
+_PHRASES = ["The weather is nice today.", "We are going to the market.", "My brother has a small dog.",
+            "The train leaves at nine.", "I would like a cup of tea.", "The museum is closed on Mondays.",
+            "She reads a book every week.", "The children play in the park.", "Our house has a red door.",
+            "Dinner is ready at seven."]
+_LANGS = ["French", "German", "Spanish", "Italian"]
+_TRANSLATE = [
+    ("Task: translate a short text into {lang}. It has {n} sentences; each worker translates one.",
+     "Translate sentence {k} into {lang}: \"{s}\"",
+     "Put the translated sentences together, in order, as one {lang} text."),
+    ("We need a note of {n} sentences in {lang}. Each translator gets one sentence.",
+     "Your sentence (number {k}): {s} Give its {lang} translation.",
+     "Write the complete {lang} note from the translations."),
+    ("Task: {n} translators share the work of translating a message into {lang}.",
+     "Translate into {lang}: \"{s}\"",
+     "Assemble the full {lang} message."),
+]
+
+
+def _translate(rng, n):
+    w, (task, sub, syn) = _pick(rng, _TRANSLATE)
+    lang, sents = rng.choice(_LANGS), rng.sample(_PHRASES, n)
+    return Task(task.format(n=n, lang=lang), [sub.format(k=k + 1, lang=lang, s=s) for k, s in enumerate(sents)],
+                syn.format(lang=lang), None, {"wording": w, "sentences": sents, "language": lang})
+
+
+FAMILIES = {f.name: f for f in (
+    Family("sum", False, _sum, description="aggregation of numbers stated by different workers"),
+    Family("rank", False, _rank, description="comparison and ranking: highest / lowest value"),
+    Family("retrieve", False, _retrieve, description="retrieval of one fact among N branch documents"),
+    Family("vote", False, _vote, description="majority vote over the workers' verdicts"),
+    Family("merge_lists", False, _merge, description="merging overlapping lists (or counting distinct items)"),
+    Family("summary", False, _summary, workers=(2, 5), description="summary of a text split among workers"),
+    Family("plan", False, _plan, description="a plan assembled from the workers' parts"),
+    Family("freeform", False, _free, description="free-form synthesis of viewpoints"),
+    Family("attribution", False, _attr, description="which worker reported a given thing"),
+    Family("timeline", False, _timeline, description="earliest / latest of dated events"),
+    Family("intersect", True, _intersect, description="intersection of constraints (the one common day)"),
+    Family("conflict", True, _conflict, description="conflicting reports: the latest one wins"),
+    Family("code_review", True, _review, description="code-review verdicts: which file blocks the merge"),
+    Family("translate", True, _translate, description="merging sentence-by-sentence translations"),
+)}
+TRAIN_FAMILIES = tuple(n for n, f in FAMILIES.items() if not f.held_out)
+HELD_OUT_FAMILIES = tuple(n for n, f in FAMILIES.items() if f.held_out)
+
+
+def select_families(families=None) -> list[Family]:
+    """``families``: None / ``"all"`` (every family), ``"train"``, ``"held_out"``, a comma-separated string or
+    a list of names or :class:`Family` objects. Raises ``ValueError`` on an unknown name or an empty choice."""
+    if families is None or families == "all":
+        names = list(FAMILIES)
+    elif families == "train":
+        names = list(TRAIN_FAMILIES)
+    elif families == "held_out":
+        names = list(HELD_OUT_FAMILIES)
+    elif isinstance(families, str):
+        names = [x.strip() for x in families.split(",") if x.strip()]
+    else:
+        names = list(families)
+    out = []
+    for f in names:
+        if isinstance(f, Family):
+            out.append(f)
+        elif f in FAMILIES:
+            out.append(FAMILIES[f])
+        else:
+            raise ValueError(f"families: unknown family {f!r}, expected 'all', 'train', 'held_out' or names "
+                             f"from {sorted(FAMILIES)}")
+    if not out:
+        raise ValueError("families: expected at least one family")
+    return out
+
+
+# ---- drawing tasks (no model) -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class WorkflowSpec:
+    """A drawn workflow before the workers run: what :func:`build_workflows` renders and generates from."""
+
+    id: str
+    family: str
+    split: str
+    system: str
+    task: Task
+
+
+def draw_workflows(families=None, n_per_family: int = 1, *, seed: int = 0, n_workers=(2, 8)) -> list[WorkflowSpec]:
+    """Draw ``n_per_family`` tasks of every selected family (:func:`select_families`), round-robin (the first
+    task of every family, then the second, ...: any tail of the list mixes the families).
+    ``n_workers`` (inclusive range) is intersected with each family's own range. Deterministic in ``seed``."""
+    lo, hi = n_workers
+    if not 1 <= lo <= hi:
+        raise ValueError(f"n_workers: expected 1 <= lo <= hi, got {n_workers}")
+    if n_per_family < 0:
+        raise ValueError(f"n_per_family: expected >= 0, got {n_per_family}")
+    fams = select_families(families)
+    ranges = {}
+    for fam in fams:
+        ranges[fam.name] = a, b = max(lo, fam.workers[0]), min(hi, fam.workers[1])
+        if a > b:
+            raise ValueError(f"n_workers: {n_workers} does not overlap family {fam.name!r}'s range {fam.workers}")
+    out = []
+    for i in range(n_per_family):
+        for fam in fams:
+            rng = random.Random(f"{seed}/{fam.name}/{i}")
+            n = rng.randint(*ranges[fam.name])
+            system = rng.choice(SYSTEM_PROMPTS)
+            task = fam.make(rng, n)
+            out.append(WorkflowSpec(f"workflow-{fam.name}-{seed}-{i}", fam.name, fam.split, system, task))
+    return out
+
+
+# ---- roles ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RoleFormat:
+    """How the pieces of a workflow are written as text.
+
+    ``prefix = system_open + system + "\\n\\n" + task + system_close``;
+    worker turn ``= user_open + subtask + to_assistant``, its branch ``= turn + generated + assistant_close``;
+    synthesis prompt ``= user_open + synthesis + to_generation``."""
+
+    system_open: str
+    system_close: str
+    user_open: str
+    to_assistant: str
+    assistant_close: str
+    to_generation: str
+    chat: bool = False
+
+    def prefix(self, system: str, task: str) -> str:
+        return self.system_open + system + "\n\n" + task + self.system_close
+
+    def worker_turn(self, subtask: str) -> str:
+        return self.user_open + subtask + self.to_assistant
+
+    def prompt(self, synthesis: str) -> str:
+        return self.user_open + synthesis + self.to_generation
+
+
+PLAIN = RoleFormat("System: ", "\n", "User: ", "\nAssistant:", "\n", "\nAssistant:")
+_S = ["\x1fPSK_S%d\x1f" % i for i in range(4)]
+
+
+def role_format(tokenizer, chat: bool | None = None) -> RoleFormat:
+    """The tokenizer's chat template cut into :class:`RoleFormat` pieces (``chat=None``: when it has one), else
+    :data:`PLAIN`. Raises ``ValueError`` when ``chat=True`` and the template cannot be cut that way."""
+    has = callable(getattr(tokenizer, "apply_chat_template", None)) and getattr(tokenizer, "chat_template", None)
+    if chat is False or (chat is None and not has):
+        return PLAIN
+    if not has:
+        raise ValueError("chat=True: the tokenizer has no chat template")
+    msgs = [{"role": "system", "content": _S[0]}, {"role": "user", "content": _S[1]},
+            {"role": "assistant", "content": _S[2]}, {"role": "user", "content": _S[3]}]
+    full = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    sys_only = tokenizer.apply_chat_template(msgs[:1], tokenize=False)
+    parts = full
+    cut = []
+    for s in _S:
+        if parts.count(s) != 1:
+            raise ValueError(f"chat template: cannot locate message {s!r} in its rendering; pass chat=False")
+        a, parts = parts.split(s)
+        cut.append(a)
+    a, b, c, d = cut
+    e = parts
+    if not (sys_only.startswith(a + _S[0]) and b.startswith(sys_only[len(a + _S[0]):])):
+        raise ValueError("chat template: the system turn renders differently alone; pass chat=False")
+    sys_close = sys_only[len(a + _S[0]):]
+    user_open = b[len(sys_close):]
+    if not d.endswith(user_open):
+        raise ValueError("chat template: user turns open differently; pass chat=False")
+    return RoleFormat(a, sys_close, user_open, c, d[:len(d) - len(user_open)], e, chat=True)
+
+
+# ---- generation -------------------------------------------------------------------------------------
+class OwnTokensRepetitionPenalty:
+    """A repetition penalty (as transformers' ``repetition_penalty``) over each row's own tokens only:
+    columns before ``starts[row]`` (left padding) are ignored, so that a worker's output does not depend on
+    the other workers of its batch. The shared prefix (in the cache) is not penalized."""
+
+    def __init__(self, penalty: float, starts):
+        self.penalty, self.starts = float(penalty), list(starts)
+
+    def __call__(self, input_ids, scores):
+        for i, s in enumerate(self.starts):
+            ids = input_ids[i, s:]
+            if ids.numel():
+                sc = scores[i].gather(0, ids)
+                sc = torch.where(sc < 0, sc * self.penalty, sc / self.penalty)
+                scores[i] = scores[i].scatter(0, ids, sc)
+        return scores
+
+
+def _stop_ids(model, tokenizer, fmt: RoleFormat) -> list:
+    ids = []
+    for x in (getattr(tokenizer, "eos_token_id", None), getattr(getattr(model, "generation_config", None),
+                                                                  "eos_token_id", None)):
+        ids += [x] if isinstance(x, int) else list(x or [])
+    if fmt.chat and fmt.assistant_close.strip():
+        close = encode(tokenizer, fmt.assistant_close.strip())
+        if len(close) == 1:
+            ids.append(close[0])
+    return list(dict.fromkeys(ids))
+
+
+@torch.no_grad()
+def generate_workers(model, tokenizer, prefix: str, turns: list, *, worker_tokens: int, stop_ids=None,
+                     repetition_penalty: float | None = REPETITION_PENALTY) -> list:
+    """The workers' greedy answers (token id lists, stop token dropped) after ``prefix + turns[i]``, all in one
+    batched :func:`~pskernels.synthesis.workflow.run_workers` on a zero-copy ``ParallelCache``; the base
+    model plays the workers (a PeftModel's adapter is disabled)."""
+    from transformers import LogitsProcessorList
+
+    dev = next(model.parameters()).device
+    stop = list(stop_ids or [])
+    pad = getattr(tokenizer, "pad_token_id", None)
+    pad = pad if pad is not None else (stop[0] if stop else 0)
+    prefix_ids = torch.tensor([encode(tokenizer, prefix)], dtype=torch.long, device=dev)
+    worker_ids = [torch.tensor(encode(tokenizer, t), dtype=torch.long, device=dev) for t in turns]
+    if prefix_ids.numel() == 0 or any(w.numel() == 0 for w in worker_ids):
+        raise ValueError("prefix and every worker turn must tokenize to at least one token")
+    kw = {}
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        L = max(len(w) for w in worker_ids)
+        kw["logits_processor"] = LogitsProcessorList([OwnTokensRepetitionPenalty(
+            repetition_penalty, [L - len(w) for w in worker_ids])])
+    with patched(model), base_model(model):
+        w = run_workers(model, prefix_ids, worker_ids, max_new_tokens=worker_tokens,
+                        eos_token_id=stop or None, pad_token_id=pad, **kw)
+    out = []
+    for a in w.answer_ids:
+        a = a.tolist()
+        if a and a[-1] in stop:
+            a = a[:-1]
+        out.append(a)
+    return out
+
+
+def _decode(tokenizer, ids) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, seed: int = 0,
+                    worker_tokens: int = 48, n_workers=(2, 8), repetition_penalty: float | None = REPETITION_PENALTY,
+                    chat: bool | None = None, progress: Callable | None = None) -> list[dict]:
+    """Workflow examples in the :mod:`pskernels.synthesis.data` format, the model playing the workers.
+
+    Parameters
+    ----------
+    model, tokenizer
+        The base model (or a PeftModel: its adapter is disabled for the workers) and its tokenizer.
+    families
+        Which families (:func:`select_families`): None = all, ``"train"``, ``"held_out"``, names.
+    n_per_family : int
+        Examples per family (round-robin order over the families, :func:`draw_workflows`).
+    seed : int
+        Draws every task (and so the whole output, generation being greedy).
+    worker_tokens : int
+        Tokens each worker generates at most (it stops earlier at the end of its turn).
+    n_workers : (int, int)
+        Inclusive range of workers per example, intersected with each family's range (2-8 by default).
+    repetition_penalty : float or None
+        Penalty on each worker's own tokens (:class:`OwnTokensRepetitionPenalty`); None or 1.0: plain greedy.
+    chat : bool or None
+        Roles from the tokenizer's chat template (None: when it has one) or plain lines (:data:`PLAIN`).
+    progress : callable or None
+        Called as ``progress(i, n, example)`` after each example.
+
+    Returns
+    -------
+    list of dict
+        ``{"id", "kind": "workflow:<family>", "split": "train" | "held_out", "prefix", "branches", "prompt",
+        "answer"?, "meta"}`` without ``target``.
+    """
+    if worker_tokens < 1:
+        raise ValueError(f"worker_tokens: expected >= 1, got {worker_tokens}")
+    fmt = role_format(tokenizer, chat)
+    stop = _stop_ids(model, tokenizer, fmt)
+    specs = draw_workflows(families, n_per_family, seed=seed, n_workers=n_workers)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i, sp in enumerate(specs):
+            prefix = fmt.prefix(sp.system, sp.task.task)
+            turns = [fmt.worker_turn(s) for s in sp.task.subtasks]
+            answers = generate_workers(model, tokenizer, prefix, turns, worker_tokens=worker_tokens, stop_ids=stop,
+                                       repetition_penalty=repetition_penalty)
+            ex = {"id": sp.id, "kind": f"workflow:{sp.family}", "split": sp.split, "prefix": prefix,
+                  "branches": [t + _decode(tokenizer, a) + fmt.assistant_close for t, a in zip(turns, answers)],
+                  "prompt": fmt.prompt(sp.task.synthesis),
+                  "meta": {"family": sp.family, "system": sp.system, "task": sp.task.task,
+                           "subtasks": list(sp.task.subtasks), "synthesis": sp.task.synthesis,
+                           "worker_answer_tokens": [len(a) for a in answers], "worker_tokens": worker_tokens,
+                           "repetition_penalty": repetition_penalty, "seed": seed, **sp.task.meta}}
+            if sp.task.answer is not None:
+                ex["answer"] = sp.task.answer
+            out.append(validate_example(ex, sp.id))
+            if progress is not None:
+                progress(i, len(specs), ex)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def split_of(example: dict) -> str | None:
+    """``"train"`` / ``"held_out"`` of an example: its ``split`` field, else from a ``workflow:<family>`` kind."""
+    if example.get("split"):
+        return example["split"]
+    kind = example.get("kind") or ""
+    fam = FAMILIES.get(kind.removeprefix("distill:").removeprefix("workflow:"))
+    return fam.split if fam is not None and "workflow:" in kind else None

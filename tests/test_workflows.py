@@ -1,0 +1,291 @@
+"""Workflow data (pskernels.synthesis.workflows), per-family evaluation and the APE calibration, on the tiny model."""
+import math
+
+import pytest
+import torch
+
+from pskernels.synthesis import evaluate as evaluation
+from pskernels.synthesis.calibration import DEFAULT_GRID, ape_grid, calibrate_ape
+from pskernels.synthesis.data import encode, load_jsonl, save_jsonl, validate_example
+from pskernels.synthesis.models import load_model
+from pskernels.synthesis.workflows import (
+    FAMILIES,
+    HELD_OUT_FAMILIES,
+    PLAIN,
+    TRAIN_FAMILIES,
+    OwnTokensRepetitionPenalty,
+    build_workflows,
+    draw_workflows,
+    role_format,
+    select_families,
+    split_of,
+)
+
+WORKER_TOKENS = 3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # two shared cores: one intra-op thread avoids OpenMP oversubscription stalls (20x on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny")
+
+
+@pytest.fixture(scope="module")
+def suite(tiny):
+    model, tok = tiny
+    return build_workflows(model, tok, None, 1, seed=5, worker_tokens=WORKER_TOKENS, n_workers=(2, 3))
+
+
+# ---- families and drawing (no model) ----------------------------------------------------------------
+def test_at_least_12_families_split_into_disjoint_train_and_held_out():
+    assert len(FAMILIES) >= 12
+    assert set(TRAIN_FAMILIES).isdisjoint(HELD_OUT_FAMILIES)
+    assert set(TRAIN_FAMILIES) | set(HELD_OUT_FAMILIES) == set(FAMILIES)
+    assert 3 <= len(HELD_OUT_FAMILIES) <= 5
+    assert [f.name for f in select_families("train")] == list(TRAIN_FAMILIES)
+    assert [f.name for f in select_families("held_out")] == list(HELD_OUT_FAMILIES)
+    assert all(f.split == "held_out" for f in select_families("held_out"))
+    assert [f.name for f in select_families("sum, intersect")] == ["sum", "intersect"]
+    with pytest.raises(ValueError, match="families: unknown family 'nope'"):
+        select_families(["sum", "nope"])
+    with pytest.raises(ValueError, match="families: expected at least one"):
+        select_families([])
+
+
+def test_every_family_has_several_wordings_and_its_own_texts():
+    specs = draw_workflows(None, 30, seed=0)
+    texts = {}
+    for name in FAMILIES:
+        mine = [s for s in specs if s.family == name]
+        assert len(mine) == 30
+        assert len({s.task.meta["wording"] for s in mine}) >= 3, name
+        assert len({s.task.synthesis for s in mine}) >= 2, name
+        assert len({s.task.task for s in mine}) >= 3, name
+        assert len({s.system for s in mine}) >= 3, name
+        texts[name] = {s.task.task for s in mine} | {t for s in mine for t in s.task.subtasks}
+    names = list(texts)
+    for i, a in enumerate(names):  # no family shares a task or sub-task text with another
+        for b in names[i + 1:]:
+            assert texts[a].isdisjoint(texts[b]), (a, b)
+
+
+def test_drawing_is_deterministic_and_independent_of_the_other_families():
+    a = draw_workflows(None, 3, seed=11)
+    assert a == draw_workflows(None, 3, seed=11)
+    assert a != draw_workflows(None, 3, seed=12)
+    only = draw_workflows(["conflict"], 3, seed=11)
+    assert only == [s for s in a if s.family == "conflict"]
+    assert len({s.id for s in a}) == len(a)
+    assert [s.family for s in draw_workflows(["sum", "rank"], 2)] == ["sum", "rank", "sum", "rank"]  # round-robin
+
+
+def test_2_to_8_workers_and_the_range_is_respected():
+    counts = [len(s.task.subtasks) for s in draw_workflows(None, 20, seed=1)]
+    assert min(counts) == 2 and max(counts) == 8
+    assert {len(s.task.subtasks) for s in draw_workflows(None, 10, seed=2, n_workers=(3, 4))} <= {3, 4}
+    assert all(len(s.task.subtasks) <= 5 for s in draw_workflows(["summary"], 20, seed=1))
+    with pytest.raises(ValueError, match="n_workers"):
+        draw_workflows(None, 1, n_workers=(3, 2))
+    with pytest.raises(ValueError, match="n_workers"):
+        draw_workflows(["summary"], 1, n_workers=(6, 8))
+
+
+def test_ground_truth_answers_follow_from_the_workers_facts():
+    for s in draw_workflows(None, 10, seed=3):
+        t = s.task
+        if t.answer is None:
+            continue
+        if s.family == "sum":
+            assert t.answer == str(sum(t.meta["counts"]))
+        elif s.family == "merge_lists":
+            assert t.answer == str(len(t.meta["merged"]))
+        else:  # the answer is stated in at least one worker's sub-task (its branch)
+            assert any(t.answer in sub for sub in t.subtasks), (s.family, t.answer)
+        if s.family == "intersect":
+            assert all(t.answer in sub for sub in t.subtasks)
+        if s.family == "vote":
+            assert t.meta["votes"].count(t.answer) > len(t.subtasks) / 2
+
+
+# ---- roles ------------------------------------------------------------------------------------------
+class ChatMLTokenizer:
+    chat_template = "chatml"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        out = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return out + ("<|im_start|>assistant\n" if add_generation_prompt else "")
+
+
+class OddTemplateTokenizer(ChatMLTokenizer):
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        out = super().apply_chat_template(messages, tokenize, add_generation_prompt)
+        return out if len(messages) > 1 else "[alone]" + out
+
+
+def test_role_format_cut_from_a_chat_template():
+    f = role_format(ChatMLTokenizer())
+    assert f.chat
+    assert f.prefix("SYS", "TASK") == "<|im_start|>system\nSYS\n\nTASK<|im_end|>\n"
+    assert f.worker_turn("do X") == "<|im_start|>user\ndo X<|im_end|>\n<|im_start|>assistant\n"
+    assert f.assistant_close == "<|im_end|>\n"
+    assert f.prompt("combine") == "<|im_start|>user\ncombine<|im_end|>\n<|im_start|>assistant\n"
+    assert role_format(ChatMLTokenizer(), chat=False) is PLAIN
+    with pytest.raises(ValueError, match="chat template"):
+        role_format(OddTemplateTokenizer())
+    with pytest.raises(ValueError, match="no chat template"):
+        role_format(object(), chat=True)
+
+
+# ---- building with the model ------------------------------------------------------------------------
+def test_built_examples_are_valid_and_round_trip(suite, tmp_path):
+    assert [ex["kind"] for ex in suite] == [f"workflow:{f}" for f in FAMILIES]
+    assert len({ex["id"] for ex in suite}) == len(suite)
+    for ex in suite:
+        validate_example(ex)
+        fam = FAMILIES[ex["kind"].split(":")[1]]
+        assert ex["split"] == fam.split == split_of(ex) == split_of({**ex, "split": None})
+        assert "target" not in ex
+        m = ex["meta"]
+        assert 2 <= len(ex["branches"]) == len(m["subtasks"]) <= 3
+        assert ex["prefix"] == PLAIN.prefix(m["system"], m["task"])
+        assert ex["prompt"] == PLAIN.prompt(m["synthesis"])
+        for b, sub in zip(ex["branches"], m["subtasks"]):
+            assert b.startswith(PLAIN.worker_turn(sub)) and b.endswith(PLAIN.assistant_close)
+        assert all(0 <= n <= WORKER_TOKENS for n in m["worker_answer_tokens"])
+    save_jsonl(suite, tmp_path / "suite.jsonl")
+    assert load_jsonl(tmp_path / "suite.jsonl") == suite
+    with pytest.raises(ValueError, match="split"):
+        validate_example({**suite[0], "split": "test"})
+
+
+def test_building_is_deterministic(tiny, suite):
+    model, tok = tiny
+    again = build_workflows(model, tok, ["rank", "code_review"], 1, seed=5, worker_tokens=WORKER_TOKENS,
+                            n_workers=(2, 3))
+    assert again == [ex for ex in suite if ex["kind"] in ("workflow:rank", "workflow:code_review")]
+
+
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_branches_are_the_models_own_greedy_continuation(tiny, penalty):
+    """Each worker's text = a direct greedy ``generate`` of ``prefix + its turn`` (no ParallelCache, no batch)."""
+    model, tok = tiny
+    n = 6
+    (ex,) = build_workflows(model, tok, ["vote"], 1, seed=2, worker_tokens=n, n_workers=(3, 3),
+                            repetition_penalty=penalty)
+    prefix = encode(tok, ex["prefix"])
+    for b, sub in zip(ex["branches"], ex["meta"]["subtasks"]):
+        turn = PLAIN.worker_turn(sub)
+        ids = torch.tensor([prefix + encode(tok, turn)])
+        kw = {} if penalty is None else {"logits_processor": [OwnTokensRepetitionPenalty(penalty, [len(prefix)])]}
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **kw)[0, ids.shape[1]:]
+        assert b == turn + tok.decode(out.tolist()) + PLAIN.assistant_close
+
+
+# ---- per-family evaluation --------------------------------------------------------------------------
+def _row(kind, split, kl, agree, tokens, exact, answered, correct):
+    s = {"kl": kl, "agree": agree, "tokens": tokens, "exact": exact, "answered": answered, "correct": correct}
+    return {"id": kind, "kind": kind, "split": split, "scores": {"parallel": s}}
+
+
+def test_per_family_aggregation_math():
+    rows = [_row("workflow:sum", "train", 1.0, 3, 4, 1, 1, 1),
+            _row("workflow:sum", "train", 3.0, 2, 6, 0, 1, 0),
+            _row("workflow:plan", "train", 0.5, 5, 5, 1, 0, 0),
+            _row("workflow:conflict", "held_out", 2.0, 1, 5, 0, 1, 1)]
+    bf = evaluation.by_family({"parallel": {}, "examples": rows})
+    s = bf["families"]["workflow:sum"]["parallel"]
+    assert s["kl"] == pytest.approx(4.0 / 10) and s["top1"] == pytest.approx(5 / 10)
+    assert (s["exact"], s["accuracy"], s["tokens"], s["n"]) == (0.5, 0.5, 10, 2)
+    assert bf["families"]["workflow:plan"]["parallel"]["accuracy"] is None
+    tr = bf["splits"]["train"]["parallel"]
+    assert tr["kl"] == pytest.approx(4.5 / 15) and tr["top1"] == pytest.approx(10 / 15)
+    assert tr["exact"] == pytest.approx(2 / 3) and tr["accuracy"] == pytest.approx(1 / 2)
+    ho = bf["splits"]["held_out"]["parallel"]
+    assert (ho["kl"], ho["top1"], ho["exact"], ho["accuracy"], ho["n"]) == (0.4, 0.2, 0.0, 1.0, 1)
+    al = bf["all"]["parallel"]
+    assert al["kl"] == pytest.approx(6.5 / 20) and al["top1"] == pytest.approx(11 / 20)
+    assert al["exact"] == 0.5 and al["accuracy"] == pytest.approx(2 / 3) and al["n"] == 4
+    assert list(bf["splits"]) == ["train", "held_out"]
+    assert evaluation.aggregate([], ["parallel"])["parallel"]["n"] == 0
+
+
+def test_evaluate_rows_carry_the_family_and_sum_to_the_overall(tiny, suite):
+    model, tok = tiny
+    exs = [suite[0], suite[1], suite[-1]]  # two training families, one held-out family
+    r = evaluation.evaluate(model, tok, exs, trained=False, settings=("text_concat", "parallel", "ape"),
+                            gen_tokens=1, target_tokens=2)
+    assert [row["kind"] for row in r["examples"]] == [ex["kind"] for ex in exs]
+    assert [row["split"] for row in r["examples"]] == ["train", "train", "held_out"]
+    bf = evaluation.by_family(r)
+    for s in ("text_concat", "parallel", "ape"):
+        assert bf["all"][s] == r[s]
+    assert set(bf["splits"]) == {"train", "held_out"} and bf["splits"]["held_out"]["parallel"]["n"] == 1
+    assert bf["families"][exs[-1]["kind"]]["parallel"]["kl"] > 0
+
+
+# ---- APE calibration --------------------------------------------------------------------------------
+def test_calibrate_ape_picks_the_grid_point_with_the_lowest_kl(tiny, suite):
+    model, tok = tiny
+    exs = suite[:2]
+    grid = [(1.0, 1.0), (0.8, 0.9), (0.5, 0.6)]
+    mapper, rep = calibrate_ape(model, tok, exs, grid=grid, target_tokens=3)
+    assert [(g["temperature"], g["lse_scale"]) for g in rep["grid"]] == grid
+    kls = []
+    for t, s in grid:  # the same KL as the evaluation's APE setting at that point
+        ape = evaluation.ape_mapper(model, init_temperature=t, init_lse_scale=s)
+        kls.append(evaluation.evaluate(model, tok, exs, trained=False, settings=("text_concat", "ape"), ape=ape,
+                                       gen_tokens=1, target_tokens=3)["ape"]["kl"])
+    assert [g["kl"] for g in rep["grid"]] == pytest.approx(kls, rel=1e-4, abs=1e-7)
+    best = min(range(len(grid)), key=kls.__getitem__)
+    assert (rep["temperature"], rep["lse_scale"]) == grid[best]
+    assert rep["kl"] == min(g["kl"] for g in rep["grid"]) and rep["examples"] == 2
+    assert torch.allclose(mapper.log_temperature.exp(), torch.tensor(grid[best][0]))
+    assert torch.allclose(mapper.log_lse_scale.exp(), torch.tensor(grid[best][1]))
+    assert math.isclose(float(mapper.log_weight.detach().abs().max()), 0.0)
+
+
+def test_calibrate_ape_refuses_an_empty_grid_or_no_examples(tiny, suite):
+    model, tok = tiny
+    with pytest.raises(ValueError, match="grid: expected at least one"):
+        calibrate_ape(model, tok, suite[:1], grid=[])
+    with pytest.raises(ValueError, match="grid: temperature and lse_scale must be > 0"):
+        calibrate_ape(model, tok, suite[:1], grid=[(0.0, 1.0)])
+    with pytest.raises(ValueError, match="examples: expected at least one"):
+        calibrate_ape(model, tok, [], grid=DEFAULT_GRID)
+    assert len(DEFAULT_GRID) == 16 and (1.0, 1.0) in DEFAULT_GRID
+    assert ape_grid([0.9], [0.8, 1.0]) == [(0.9, 0.8), (0.9, 1.0)]
+
+
+# ---- command line -----------------------------------------------------------------------------------
+def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
+    from pskernels.apps import evaluate as ev
+
+    out, cal = tmp_path / "suite.jsonl", tmp_path / "cal.jsonl"
+    common = ["--model", "tiny", "--threads", "1", "--worker-tokens", "2", "--workers", "2,2"]
+    assert ev.main(["--make-suite", str(out), "--families", "sum,conflict", "--per-family", "1", *common]) == 0
+    assert ev.main(["--make-suite", str(cal), "--families", "train", "--per-family", "1", "--seed", "1",
+                    *common]) == 0
+    made = load_jsonl(out)
+    assert [ex["kind"] for ex in made] == ["workflow:sum", "workflow:conflict"]
+    assert [ex["kind"] for ex in load_jsonl(cal)] == [f"workflow:{f}" for f in TRAIN_FAMILIES]
+    capsys.readouterr()
+    assert ev.main(["--model", "tiny", "--threads", "1", "--suite", str(out), "--gen-tokens", "1",
+                    "--target-tokens", "2", "--settings", "parallel,ape", "--calibrate-ape", str(cal),
+                    "--calibrate-n", "2", "--ape-grid", "0.9,1/1", "--json", str(tmp_path / "r.json")]) == 0
+    text = capsys.readouterr().out
+    assert "(iii) APE calibrated (T=" in text and "APE calibrated on 2 examples" in text
+    for label in ("family", "sum", "conflict", "training families", "held-out families", "all"):
+        assert label in text
+    with pytest.raises(SystemExit, match="also evaluated"):
+        ev.main(["--model", "tiny", "--suite", str(out), "--calibrate-ape", str(out)])
+    with pytest.raises(SystemExit, match="no example"):
+        ev.main(["--model", "tiny", "--suite", str(out), "--families", "plan"])
