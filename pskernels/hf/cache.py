@@ -36,18 +36,25 @@ class _Branch:
 
 @dataclass
 class _Source:
-    """Where one read-only segment (the prefix or a branch) comes from, and its per-row metadata.
-
-    Fixed for the life of a forward; only the layer's tensors are looked up per layer."""
+    """Where one read-only segment (the prefix or a branch) comes from; fixed for the life of a forward."""
 
     cache: Cache
     kind: str  # "prefix" | "zero_copy" (a worker's own tokens) | "full" (a [prefix | branch] cache)
     tokens: int  # slots per row after the prefix (branches)
-    row: int | None
-    pad: torch.Tensor  # [B] leading masked slots
-    length: torch.Tensor  # [B] real tokens
-    slot0: torch.Tensor  # [B] original position of the segment's slot 0
-    delta: torch.Tensor  # [B] re-indexing shift
+    row: int | None  # take only this batch row of the cache
+    batch: int | None  # rows the cache stores
+
+
+@dataclass
+class _SourceRows:
+    """Per-row metadata of every source, stacked ``[S, B]`` (int64, cpu) so a layout is computed in a few ops."""
+
+    pad: torch.Tensor  # leading masked slots
+    length: torch.Tensor  # real tokens
+    slot0: torch.Tensor  # original position of the segment's slot 0
+    delta: torch.Tensor  # re-indexing shift
+    is_branch: torch.Tensor  # [S, 1] bool
+
 
 def _cum_len(cache: Cache) -> int:
     """Tokens the cache has seen (sliding layers may store fewer)."""
@@ -217,6 +224,8 @@ class ParallelCache(Cache):
 
         self._own_pad: torch.Tensor | None = None
         self._sources: list[_Source] | None = None  # built on the first forward, for the batch it runs with
+        self._source_rows: _SourceRows | None = None
+        self._reshaped: list[int] = []  # indices of the sources that need a view per layer (see _views)
         self._active = None  # per-forward state set by the patched model's pre-hook
         if NL:
             super().__init__(layers=[DynamicLayer() for _ in range(NL)])
@@ -288,7 +297,10 @@ class ParallelCache(Cache):
             rel = position_ids.to("cpu", torch.int64).expand(B, q_len)
         vpos = rel + self.query_start[:, None]
         if self._sources is None:
-            self._sources = self._build_sources()
+            self._sources, self._source_rows = self._build_sources()
+            # sources whose layer tensors need a view: all but zero-copy branches stored with the synthesizer's batch
+            self._reshaped = [i for i, src in enumerate(self._sources)
+                              if src.kind != "zero_copy" or src.row is not None or src.batch != self.batch]
         self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device,
                         "plans": {}}
         return vpos.to(device)
@@ -302,53 +314,68 @@ class ParallelCache(Cache):
         return self._active["plans"]
 
     # ---- segments of one layer (called by the attention function) -------------------------------------
-    def _build_sources(self) -> list[_Source]:
+    def _build_sources(self) -> tuple[list[_Source], _SourceRows]:
         B, P = self.batch, self.prefix_len
-        zeros = torch.zeros(B, dtype=torch.int64)
-        out = []
+        sources, pad, length, delta = [], [], [], []
         if self.prefix is not None and P > 0:
-            out.append(_Source(self.prefix, "prefix", 0, None, zeros, zeros + P, zeros, zeros))
-        for i, br in enumerate(self.branches):
-            kind = "zero_copy" if br.zero_copy else "full"
-            out.append(_Source(br.cache, kind, br.tokens, br.row, br.pad, br.length, P - br.pad, self.deltas[i]))
-        return out
+            sources.append(_Source(self.prefix, "prefix", 0, None, _batch(self.prefix)))
+            pad.append(torch.zeros(B, dtype=torch.int64))
+            length.append(torch.full((B,), P, dtype=torch.int64))
+            delta.append(torch.zeros(1, B, dtype=torch.int64))
+        first = len(sources)
+        for br in self.branches:
+            sources.append(_Source(br.cache, "zero_copy" if br.zero_copy else "full", br.tokens, br.row,
+                                   _batch(br.cache)))
+            pad.append(br.pad)
+            length.append(br.length)
+        pad_t = torch.stack(pad) if pad else torch.zeros(0, B, dtype=torch.int64)
+        is_branch = torch.arange(len(sources))[:, None] >= first
+        rows = _SourceRows(pad=pad_t, length=torch.stack(length) if length else pad_t,
+                           slot0=torch.where(is_branch, P - pad_t, 0), delta=torch.cat([*delta, self.deltas]),
+                           is_branch=is_branch)
+        return sources, rows
 
     def _views(self, layer_idx: int):
-        """[(k, v, off, source)] for prefix + branches at ``layer_idx``: ``off`` = slots of the segment dropped
-        from the front of k/v (sliding layers), ``source`` the segment's fixed per-row metadata.
+        """Keys, values, ``off`` (slots dropped from the front by a sliding layer) and stored length of the
+        prefix and the branches at ``layer_idx``.
 
-        Runs once per layer and segment, so it does only what the layer's tensors need: no op when the stored
-        batch already matches (the common zero-copy case), a slice or a row view otherwise.
+        Runs once per layer over every segment, so the common case (a zero-copy branch stored with the
+        synthesizer's batch) costs two attribute reads; only the other sources get a slice, a row view or a
+        broadcast.
         """
         B, P = self.batch, self.prefix_len
-        out = []
-        for i, src in enumerate(self._sources):
-            layer = src.cache.layers[layer_idx]
-            k, v = layer.keys, layer.values
-            if k is None or k.ndim < 4:
-                name = "prefix" if src.kind == "prefix" else f"branches[{i + len(self.branches) - len(self._sources)}]"
-                raise ValueError(f"{name}: layer {layer_idx} holds no keys")
-            off = 0
+        layers = [src.cache.layers[layer_idx] for src in self._sources]
+        keys, values = [layer.keys for layer in layers], [layer.values for layer in layers]
+        offs = [0] * len(keys)
+        try:
+            stored = [k.shape[2] for k in keys]
+        except (AttributeError, IndexError):  # a layer that holds no keys (None, or an empty placeholder)
+            i = next(i for i, k in enumerate(keys) if k is None or k.ndim < 4)
+            name = "prefix" if self._sources[i].kind == "prefix" else f"branches[{i + len(self.branches) - len(keys)}]"
+            raise ValueError(f"{name}: layer {layer_idx} holds no keys") from None
+        for i in self._reshaped:
+            src, k, v = self._sources[i], keys[i], values[i]
             if src.kind == "prefix":
-                off = P - k.shape[2]
+                offs[i] = P - stored[i]
             elif src.kind == "full":
-                first_stored = P + src.tokens - k.shape[2]
+                first_stored = P + src.tokens - stored[i]
                 if first_stored <= P:
                     k, v = k[:, :, P - first_stored:], v[:, :, P - first_stored:]
+                    stored[i] = k.shape[2]
                 else:
-                    off = first_stored - P
+                    offs[i] = first_stored - P
             if src.row is not None:
                 k, v = k[src.row : src.row + 1], v[src.row : src.row + 1]
             if k.shape[0] != B:
                 k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-            out.append((k, v, off, src))
-        return out
+            keys[i], values[i] = k, v
+        return keys, values, offs, stored
 
     def _map_branches(self, rope_of) -> None:
         """Run the mapper once over all (layer, branch) caches; one map_kv_caches call per distinct RoPE."""
         NL = len(self.layers)
-        P = self.prefix_len
-        views = [self._views(l)[1 if (self.prefix is not None and P > 0) else 0:] for l in range(NL)]
+        first = len(self._sources) - len(self.branches)
+        rows = self._source_rows
         by_rope = {}
         for l in range(NL):
             spec = rope_of(l)
@@ -356,11 +383,12 @@ class ParallelCache(Cache):
             by_rope.setdefault(key, (spec, []))[1].append(l)
         self._mapped = [None] * NL
         for spec, layers in by_rope.values():
-            keys = [[x[0] for x in views[l]] for l in layers]
-            values = [[x[1] for x in views[l]] for l in layers]
+            views = [self._views(l) for l in layers]
+            keys = [ks[first:] for ks, _, _, _ in views]
+            values = [vs[first:] for _, vs, _, _ in views]
             # [nl, N, B] original and new position of each branch's slot 0
-            orig = torch.stack([torch.stack([src.slot0 + off for _, _, off, src in views[l]]) for l in layers])
-            new = orig + torch.stack([torch.stack([src.delta for *_, src in views[l]]) for l in layers])
+            orig = torch.stack([rows.slot0[first:] + torch.tensor(offs[first:])[:, None] for _, _, offs, _ in views])
+            new = orig + rows.delta[first:]
             ko, vo = self.mapper.map(keys, values, orig, new, spec, layers=layers)
             for j, l in enumerate(layers):
                 self._mapped[l] = list(zip(ko[j], vo[j]))
@@ -371,65 +399,57 @@ class ParallelCache(Cache):
         [prefix, branches, own], plus a layout key shared by the layers whose arguments are identical
         (None when per-layer mapper knobs make them differ)."""
         st = self._active
-        views = self._views(layer_idx)
+        keys, values, offs, stored = self._views(layer_idx)
+        first = len(keys) - len(self.branches)
         if self.mapper is not None and self.branches:
             if self._mapped is None:
                 self._map_branches(rope_of)
-            first = len(views) - len(self.branches)
             for i, (k, v) in enumerate(self._mapped[layer_idx]):
-                views[first + i] = (k, v) + views[first + i][2:]
-        keys = [x[0] for x in views] + [own_k]
-        values = [x[1] for x in views] + [own_v]
-        sig = (tuple((k.shape[2], off) for k, _, off, _ in views), own_k.shape[2], sliding_window)
+                keys[first + i], values[first + i] = k, v
+        sig = (tuple(stored), tuple(offs), own_k.shape[2], sliding_window)
         meta = st["meta"].get(sig)
         if meta is None:
-            meta = self._segment_meta(views, own_k.shape[2], sliding_window, layer_idx)
+            meta = self._segment_meta(stored, offs, own_k.shape[2], sliding_window, layer_idx)
             st["meta"][sig] = meta
+        keys.append(own_k)
+        values.append(own_v)
         if self.mapper is not None:
             knobs = self.mapper.knobs(layer_idx, own_k.device)
             if knobs and self.branches:
-                first = len(views) - len(self.branches)
                 groups = [0] * first + [1] * len(self.branches) + [0]
                 return keys, values, dict(meta, segment_groups=groups, **knobs), None
         return keys, values, meta, sig
 
-    def _segment_meta(self, views, own_len, window, layer_idx):
+    def _segment_meta(self, stored, offs, own_len, window, layer_idx):
+        """seq_lens, left_pad, shifts (and window positions) of one layout, all sources at once ([S, B] ops)."""
         B = self.batch
-        lens, pads, pos0, shifts = [], [], [], []
-        vpos = self._active["vpos"].cpu()
-        qmin = vpos.amin(1)  # [B]
-        for k, _, off, src in views:
-            pad, length, delta = src.pad, src.length, src.delta
-            L = k.shape[2]
-            end = (pad + length - off).clamp(0, L)
-            lens.append(end)
-            pads.append((pad - off).clamp(min=0).minimum(end))
-            p0 = src.slot0 + off + delta
-            pos0.append(p0)
-            mapped = self._mapped is not None and src.kind != "prefix"  # keys already re-rotated by the mapper
-            shifts.append(torch.zeros_like(delta) if mapped else delta)
-            if window is not None and off > 0:
-                dropped = (off > pad) & (length > 0) & (p0 - 1 > qmin - window)
-                if bool(dropped.any()):
-                    raise ValueError(
-                        f"ParallelCache: layer {layer_idx} is a sliding-window layer whose cache already dropped "
-                        f"tokens that the re-indexed queries would need (window {window}); use scheme='parallel' or "
-                        "caches that keep the full window"
-                    )
+        rows = self._source_rows
+        L = torch.tensor(stored, dtype=torch.int64)[:, None]
+        off = torch.tensor(offs, dtype=torch.int64)[:, None]
+        end = (rows.pad + rows.length - off).clamp(min=0).minimum(L)
+        pads = (rows.pad - off).clamp(min=0).minimum(end)
+        pos0 = rows.slot0 + off + rows.delta
+        mapped = rows.is_branch if self._mapped is not None else torch.zeros_like(rows.is_branch)
+        shifts = torch.where(mapped, 0, rows.delta)  # mapped keys were already re-rotated at their new positions
+        if window is not None and any(offs):
+            qmin = self._active["vpos"].cpu().amin(1)  # [B]
+            dropped = (off > 0) & (off > rows.pad) & (rows.length > 0) & (pos0 - 1 > qmin - window)
+            if bool(dropped.any()):
+                raise ValueError(
+                    f"ParallelCache: layer {layer_idx} is a sliding-window layer whose cache already dropped "
+                    f"tokens that the re-indexed queries would need (window {window}); use scheme='parallel' or "
+                    "caches that keep the full window"
+                )
         pad_own = self._own_pad
-        lens.append(torch.full((B,), own_len, dtype=torch.int64))
-        pads.append(pad_own)
-        pos0.append(self.query_start - pad_own)
-        shifts.append(torch.zeros(B, dtype=torch.int64))
         dev = self._active["device"]
-        shifts_t = torch.stack(shifts)
+        shifts_t = torch.cat([shifts, torch.zeros(1, B, dtype=torch.int64)])
         meta = {
-            "seq_lens": torch.stack(lens).to(dev),
-            "left_pad": torch.stack(pads).to(dev),
+            "seq_lens": torch.cat([end, torch.full((1, B), own_len, dtype=torch.int64)]).to(dev),
+            "left_pad": torch.cat([pads, pad_own[None]]).to(dev),
             "position_shifts": shifts_t.to(dev) if bool((shifts_t != 0).any()) else None,
         }
         if window is not None:
             meta["sliding_window"] = window
-            meta["segment_positions"] = torch.stack(pos0).to(dev)
+            meta["segment_positions"] = torch.cat([pos0, (self.query_start - pad_own)[None]]).to(dev)
             meta["query_positions"] = self._active["vpos"]
         return meta

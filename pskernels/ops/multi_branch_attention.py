@@ -141,7 +141,8 @@ def plan_multi_branch_attention(
     -------
     AttentionPlan
         ``plan.run(q, keys, values) -> (out, lse)`` for tensors with the templates' shapes, dtype and device
-        (any strides with ``stride(-1) == 1``); anything else raises ``ValueError`` naming the argument.
+        (any strides with ``stride(-1) == 1``); other shapes, dtypes or devices raise ``ValueError`` naming the
+        argument, a non-unit last stride an error of the backend naming it.
 
     Examples
     --------
@@ -175,7 +176,7 @@ class AttentionPlan:
     """
 
     __slots__ = ("params", "backend", "_requested", "_impl", "_q_shape", "_k_shapes", "_v_shapes", "_dtype",
-                 "_device")
+                 "_device", "_scan_finite")
 
     def __init__(self, q, keys, values, params: SegmentParams, backend: str):
         self.params = params
@@ -183,12 +184,15 @@ class AttentionPlan:
         self._q_shape = q.shape
         self._k_shapes, self._v_shapes = [k.shape for k in keys], [v.shape for v in values]
         self._dtype, self._device = q.dtype, q.device
+        self._scan_finite = finite.enabled()  # read once: the environment lookup would cost more than the check
         grad = needs_grad(q, *keys, *values, params.temperature, params.lse_scale, params.log_weight)
         self.backend, self._impl = select(OP, backend, q.device, grad)
 
     def _check(self, q, keys, values) -> None:
-        # Runs once per call (e.g. per layer of a forward over dozens of segments): list comprehensions over
-        # cheap attributes first, a per-tensor diagnosis only when something is off.
+        # Runs once per call (per layer of a forward, over dozens of segments), so the fast path reads only the
+        # cheapest attributes (``is_cpu`` costs less than ``device``) and a per-tensor diagnosis runs only when
+        # something is off. A non-unit last stride is refused by the kernels themselves (TORCH_CHECK, the Triton
+        # launcher); the reference computes on any strides.
         dt, dev = self._dtype, self._device
         if not isinstance(q, torch.Tensor) or q.shape != self._q_shape or q.dtype != dt or q.device != dev:
             raise ValueError(f"q: expected shape {tuple(self._q_shape)}, dtype {dt}, device {dev} (the plan's), got "
@@ -197,8 +201,11 @@ class AttentionPlan:
             same = (len(keys) == len(self._k_shapes) and len(values) == len(self._v_shapes)
                     and [t.shape for t in keys] == self._k_shapes and [t.shape for t in values] == self._v_shapes)
             if same:
-                on_dev = (lambda t: t.is_cpu) if dev.type == "cpu" else (lambda t: t.device == dev)
-                same = all([t.dtype is dt and on_dev(t) and t.stride(-1) == 1 for t in (*keys, *values)])
+                tensors = (*keys, *values)
+                if dev.type == "cpu":
+                    same = all([t.dtype is dt and t.is_cpu for t in tensors])
+                else:
+                    same = all([t.dtype is dt and t.device == dev for t in tensors])
         except AttributeError:  # not a tensor
             same = False
         if not same:
@@ -211,10 +218,9 @@ class AttentionPlan:
                              f"{len(keys)} / {len(values)}")
         for name, ts, shapes in (("keys", keys, self._k_shapes), ("values", values, self._v_shapes)):
             for s, (t, shape) in enumerate(zip(ts, shapes)):
-                if (not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dt or t.device != dev
-                        or (t.stride(-1) != 1 and shape[-1] > 1)):
+                if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dt or t.device != dev:
                     raise ValueError(f"{name}[{s}]: expected shape {tuple(shape)}, dtype {dt}, device {dev} (the "
-                                     f"plan's) with stride(-1) == 1, got {_desc(t)}")
+                                     f"plan's), got {_desc(t)}")
 
     def run(self, q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
         """Attend with the plan's layout.
@@ -231,7 +237,7 @@ class AttentionPlan:
         keys, values = list(keys), list(values)
         self._check(q, keys, values)
         p = self.params
-        if finite.enabled():
+        if self._scan_finite:
             finite.check_finite("q", q)
             for s, (k, v) in enumerate(zip(keys, values)):
                 finite.check_finite(f"keys[{s}]", k)

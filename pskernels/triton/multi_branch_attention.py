@@ -265,6 +265,15 @@ def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device,
     return max(1, min(target // n_prog, triton.cdiv(max_len, min_chunk), 64))
 
 
+def check_segments(q, keys, values) -> None:
+    """The segment table addresses rows with unit last stride in q's dtype on q's device: refuse anything else."""
+    for name, ts in (("keys", keys), ("values", values)):
+        for s, t in enumerate(ts):
+            if t.dtype != q.dtype or t.device != q.device or (t.shape[-1] > 1 and t.stride(-1) != 1):
+                raise ValueError(f"{name}[{s}]: expected dtype {q.dtype} on {q.device} (as q) with stride(-1) == 1, "
+                                 f"got {t.dtype} on {t.device} with strides {t.stride()}")
+
+
 @register("multi_branch_attention", "triton", available=available)
 def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     """Attention of ``q`` over the segments described by ``p``.
@@ -272,6 +281,7 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     ``tile`` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the autotuner's choice on a GPU and the
     interpreter's fixed tile, so that tests can run every tile of ``_TILES`` (in the interpreter too)."""
     check_inputs("multi_branch_attention", [q, *keys, *values])
+    check_segments(q, keys, values)
     B, Hq, Lq, D = q.shape
     Hkv, DV = keys[0].shape[1], values[0].shape[3]
     G, dev = Hq // Hkv, q.device
