@@ -5,6 +5,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../map_kv_caches_checks.h"
 #include "../ops.h"
 #include "pskernels/math.h"
 
@@ -41,14 +42,7 @@ std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values
                                       const c10::optional<at::Tensor>& v_down, const c10::optional<at::Tensor>& v_up,
                                       const c10::optional<at::Tensor>& v_gate) {
   const int64_t total = static_cast<int64_t>(keys.size());
-  TORCH_CHECK(num_layers > 0 && total % num_layers == 0 && static_cast<int64_t>(values.size()) == total,
-              "keys/values: expected num_layers x N tensors each");
-  const int64_t N = total / num_layers;
-  TORCH_CHECK(orig_pos.scalar_type() == at::kLong && orig_pos.dim() == 3 && orig_pos.size(0) == num_layers &&
-                  orig_pos.size(1) == N && new_pos.sizes() == orig_pos.sizes() && new_pos.scalar_type() == at::kLong,
-              "orig_positions/new_positions: expected int64 [layers, N, B]");
-  TORCH_CHECK(k_down.has_value() == k_up.has_value() && v_down.has_value() == v_up.has_value(),
-              "k_down/k_up and v_down/v_up: give both or neither");
+  const int64_t N = check_map_kv_caches_args(keys, values, num_layers, orig_pos, new_pos, k_down, k_up, v_down, v_up);
   const int rd = static_cast<int>(2 * inv_freq.size(0));
   auto inv = inv_freq.contiguous();
   auto op_ = orig_pos.contiguous(), np_ = new_pos.contiguous();

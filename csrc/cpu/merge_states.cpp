@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../merge_states_checks.h"
 #include "../ops.h"
 #include "pskernels/math.h"
 
@@ -11,10 +12,7 @@ namespace pskernels {
 namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& outs, const at::Tensor& lses) {
-  TORCH_CHECK(outs.dim() == 5, "outs: expected [N, B, H, L, Dv], got ", outs.sizes());
-  TORCH_CHECK(lses.dim() == 4 && lses.sizes() == outs.sizes().slice(0, 4), "lses: expected ",
-              outs.sizes().slice(0, 4), ", got ", lses.sizes());
-  TORCH_CHECK(lses.scalar_type() == at::kFloat, "lses: expected float32, got ", lses.scalar_type());
+  check_merge_states_args(outs, lses);
   TORCH_CHECK(outs.device().is_cpu() && lses.device().is_cpu(), "merge_states (cpu): expected CPU tensors");
   auto o = outs.contiguous();
   auto s = lses.contiguous();

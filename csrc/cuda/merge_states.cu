@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "../merge_states_checks.h"
 #include "../ops.h"
 #include "device_helpers.cuh"
 
@@ -52,10 +53,7 @@ __global__ void __launch_bounds__(32 * kMergeWarps)
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> merge_states(const at::Tensor& outs, const at::Tensor& lses) {
-  TORCH_CHECK(outs.dim() == 5, "outs: expected [N, B, H, L, Dv], got ", outs.sizes());
-  TORCH_CHECK(lses.dim() == 4 && lses.sizes() == outs.sizes().slice(0, 4), "lses: expected ",
-              outs.sizes().slice(0, 4), ", got ", lses.sizes());
-  TORCH_CHECK(lses.scalar_type() == at::kFloat, "lses: expected float32, got ", lses.scalar_type());
+  check_merge_states_args(outs, lses);
   TORCH_CHECK(outs.is_cuda() && lses.device() == outs.device(), "merge_states (cuda): expected CUDA tensors on one device");
   const c10::cuda::CUDAGuard guard(outs.device());
   auto o = outs.contiguous();

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include "../ops.h"
+#include "../rotate_keys_checks.h"
 #include "device_helpers.cuh"
 
 namespace pskernels {
@@ -34,13 +35,8 @@ __global__ void __launch_bounds__(kRotThreads)
 }  // namespace
 
 at::Tensor rotate_keys(const at::Tensor& k, const at::Tensor& delta, const at::Tensor& inv_freq, bool neox) {
-  TORCH_CHECK(k.dim() == 4, "k: expected [B, H, L, D], got ", k.sizes());
-  TORCH_CHECK(k.size(3) <= 1 || k.stride(3) == 1, "k: expected a contiguous last dimension");
+  check_rotate_keys_args(k, delta, inv_freq);
   const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3);
-  TORCH_CHECK(delta.scalar_type() == at::kLong && delta.dim() == 2 && delta.size(0) == B && delta.size(1) == L,
-              "delta: expected int64 [B, L] = [", B, ", ", L, "], got ", delta.sizes());
-  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 && 2 * inv_freq.size(0) <= D,
-              "inv_freq: expected float32 [rotary_dim / 2] with rotary_dim <= ", D);
   TORCH_CHECK(k.is_cuda(), "rotate_keys (cuda): expected CUDA tensors");
   TORCH_CHECK(inv_freq.size(0) <= kMaxRotaryHalf, "rotate_keys (cuda): rotary_dim must be <= ", 2 * kMaxRotaryHalf);
   const c10::cuda::CUDAGuard guard(k.device());
