@@ -297,10 +297,7 @@ class ParallelCache(Cache):
             rel = position_ids.to("cpu", torch.int64).expand(B, q_len)
         vpos = rel + self.query_start[:, None]
         if self._sources is None:
-            self._sources, self._source_rows = self._build_sources()
-            # sources whose layer tensors need a view: all but zero-copy branches stored with the synthesizer's batch
-            self._reshaped = [i for i, src in enumerate(self._sources)
-                              if src.kind != "zero_copy" or src.row is not None or src.batch != self.batch]
+            self._build_sources()
         self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device,
                         "plans": {}}
         return vpos.to(device)
@@ -314,7 +311,8 @@ class ParallelCache(Cache):
         return self._active["plans"]
 
     # ---- segments of one layer (called by the attention function) -------------------------------------
-    def _build_sources(self) -> tuple[list[_Source], _SourceRows]:
+    def _build_sources(self) -> None:
+        """Sources, their stacked per-row metadata and the indices of those that need a view per layer."""
         B, P = self.batch, self.prefix_len
         sources, pad, length, delta = [], [], [], []
         if self.prefix is not None and P > 0:
@@ -333,7 +331,10 @@ class ParallelCache(Cache):
         rows = _SourceRows(pad=pad_t, length=torch.stack(length) if length else pad_t,
                            slot0=torch.where(is_branch, P - pad_t, 0), delta=torch.cat([*delta, self.deltas]),
                            is_branch=is_branch)
-        return sources, rows
+        self._sources, self._source_rows = sources, rows
+        # every source but a zero-copy branch stored with the synthesizer's batch needs a view per layer
+        self._reshaped = [i for i, src in enumerate(sources)
+                          if src.kind != "zero_copy" or src.row is not None or src.batch != B]
 
     def _views(self, layer_idx: int):
         """Keys, values, ``off`` (slots dropped from the front by a sliding layer) and stored length of the
