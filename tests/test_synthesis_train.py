@@ -19,11 +19,19 @@ from pskernels.synthesis.data import (  # noqa: E402
     distillation_examples,
     exposure_examples,
     load_jsonl,
+    natural_exposure_examples,
     save_jsonl,
     tokenize_example,
     validate_example,
 )
-from pskernels.synthesis.distill import branch_caches, kl_per_token, patched, student_logits, teacher_logits  # noqa: E402
+from pskernels.synthesis.distill import (  # noqa: E402
+    branch_caches,
+    kl_per_token,
+    patched,
+    student_logits,
+    teacher_logits,
+    tokenize_examples,
+)
 from pskernels.synthesis.evaluate import SETTINGS, evaluate  # noqa: E402
 from pskernels.synthesis.models import tiny_llama  # noqa: E402
 from pskernels.synthesis.train import TrainConfig, lr_factor, train  # noqa: E402
@@ -98,6 +106,79 @@ def test_exposure_pieces_are_contiguous_text():
     for e in exposure_examples(n=6, seed=2):
         joined = e["prefix"] + "".join(e["branches"]) + e["prompt"] + e["target"]
         assert any(" ".join(joined.split()) in " ".join(t.split()) for t in DEFAULT_TEXTS)
+
+
+def test_natural_texts_are_prose_passages():
+    from pskernels.synthesis.corpus import natural_texts
+
+    texts = natural_texts()
+    assert texts == natural_texts() and len(texts) >= 100
+    assert all(120 <= len(t.split()) for t in texts) and sum(len(t.split()) for t in texts) >= 15000
+    for t in texts:  # no grammar rules, prompts, headings or code
+        assert "::=" not in t and ">>>" not in t and "\n" not in t and "****" not in t
+    shorter = natural_texts(40, 60)
+    assert all(40 <= len(t.split()) <= 60 for t in shorter if len(t.split()) <= 60) and len(shorter) > len(texts)
+    with pytest.raises(ValueError, match="min_words"):
+        natural_texts(50, 10)
+
+
+def test_natural_exposure_examples_are_contiguous_cuts_of_longer_texts():
+    from pskernels.synthesis.corpus import natural_texts
+
+    texts = [" ".join(t.split()) for t in natural_texts()]
+    a, b = natural_exposure_examples(20, seed=5), natural_exposure_examples(20, seed=5)
+    assert a == b and a != natural_exposure_examples(20, seed=6)
+    for e in a:
+        validate_example(e)
+        assert e["kind"] == "exposure:natural" and e["id"].startswith("natural-5-")
+        assert 2 <= len(e["branches"]) <= 6 and 16 <= len(e["prefix"].split()) <= 40
+        assert all(16 <= len(b.split()) <= 40 for b in e["branches"]) and 8 <= len(e["target"].split()) <= 12
+        joined = " ".join((e["prefix"] + "".join(e["branches"]) + e["prompt"] + e["target"]).split())
+        assert any(joined in t for t in texts)
+
+
+def test_train_cli_mixes_builders_and_evaluates_another_file(tmp_path):
+    import argparse
+
+    from pskernels.apps import train as tr
+
+    data, held = tmp_path / "d.jsonl", tmp_path / "h.jsonl"
+    save_jsonl(aggregation_examples(4, seed=0), data)
+    save_jsonl([{**e, "split": "held_out"} for e in aggregation_examples(3, seed=9)], held)
+    args = argparse.Namespace(data=[str(data), str(data)], builder="aggregation", mix=["natural:3", "exposure:2"],
+                              eval_data=str(held))
+    train_ex, eval_ex = tr.load_examples(args, 0, seed=1, held_out=2)
+    assert len(train_ex) == 8 + 3 + 2 and train_ex[8:11] == natural_exposure_examples(3, seed=1)
+    assert eval_ex == load_jsonl(held)[:2]
+    assert tr.load_examples(args, 0, seed=1, held_out=0)[1] == load_jsonl(held)
+    args.eval_data = None
+    train_ex, eval_ex = tr.load_examples(args, 0, seed=1, held_out=2)
+    assert len(train_ex) == 6 + 5 and eval_ex == load_jsonl(data)[2:]
+    for bad in ("natural", "natural:0", "natural:x"):
+        args.mix = [bad]
+        with pytest.raises(ValueError, match="--mix"):
+            tr.load_examples(args, 0, seed=1, held_out=2)
+
+
+def test_quick_eval_reports_each_split():
+    from pskernels.synthesis.train import quick_eval
+
+    ex = _small_examples(4, seed=2)
+    ex = [{**e, "split": s} for e, s in zip(ex, ("train", "held_out", "held_out", "train"))]
+    r = train(_model(), TOK, ex[:1], TrainConfig(steps=1, lr=1e-2, log_every=0))
+    with patched(r["model"]):
+        both = quick_eval(r["model"], tokenize_examples(TOK, ex, "cpu"), mapper=r["mapper"])
+        parts = {s: quick_eval(r["model"], tokenize_examples(TOK, [e for e in ex if e["split"] == s], "cpu"),
+                               mapper=r["mapper"]) for s in ("train", "held_out")}
+        plain = quick_eval(r["model"], tokenize_examples(TOK, _small_examples(2, seed=3), "cpu"), mapper=r["mapper"])
+    assert set(both["splits"]) == {"train", "held_out"}
+    for s, m in parts.items():
+        assert "splits" in m and m["splits"][s]["tokens"] == m["tokens"]
+        assert both["splits"][s]["tokens"] == m["tokens"]
+        assert both["splits"][s]["kl"] == pytest.approx(m["kl"], rel=1e-5, abs=1e-7)
+        assert both["splits"][s]["top1"] == m["top1"]
+    assert both["tokens"] == sum(m["tokens"] for m in parts.values())
+    assert "splits" not in plain
 
 
 def test_distillation_drops_target_and_tokenize():

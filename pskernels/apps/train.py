@@ -15,24 +15,51 @@ from ..synthesis.models import load_model
 
 
 def load_examples(args, n: int, seed: int, held_out: int = 0):
-    """``(train, held_out)`` from ``--data`` (last ``held_out`` lines held out) or ``--builder``."""
-    if getattr(args, "data", None):
-        ex = load_jsonl(args.data)
-        if held_out >= len(ex):
-            raise ValueError(f"--data: {len(ex)} examples, fewer than --eval-examples + 1 = {held_out + 1}")
-        return ex[: len(ex) - held_out], ex[len(ex) - held_out:]
-    return build(args.builder, n, seed=seed), build(args.builder, held_out, seed=seed + 1) if held_out else []
+    """``(train, held_out)``.
+
+    Training examples: the ``--data`` files concatenated (their last ``held_out`` lines held out unless
+    ``--eval-data`` is given) or ``n`` examples of ``--builder``; then every ``--mix BUILDER:N`` adds N
+    examples of that builder (seed ``seed``). Held-out examples: the first ``held_out`` lines of
+    ``--eval-data`` (all of them when ``held_out`` is 0), else the data's last lines, else the builder at
+    ``seed + 1``."""
+    eval_data = getattr(args, "eval_data", None)
+    data = getattr(args, "data", None)
+    if data:
+        ex = [e for path in ([data] if isinstance(data, str) else data) for e in load_jsonl(path)]
+        if eval_data:
+            train, ev = ex, []
+        else:
+            if held_out >= len(ex):
+                raise ValueError(f"--data: {len(ex)} examples, fewer than --eval-examples + 1 = {held_out + 1}")
+            train, ev = ex[: len(ex) - held_out], ex[len(ex) - held_out:]
+    else:
+        train = build(args.builder, n, seed=seed)
+        ev = [] if eval_data or not held_out else build(args.builder, held_out, seed=seed + 1)
+    for spec in getattr(args, "mix", None) or []:
+        name, _, count = spec.partition(":")
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--mix: expected BUILDER:N with N >= 1 (e.g. natural:200), got {spec!r}")
+        train = train + build(name, int(count), seed=seed)
+    if eval_data:
+        ev = load_jsonl(eval_data)
+        ev = ev[:held_out] if held_out else ev
+    return train, ev
 
 
 def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2",
                    help="'smollm2', 'tiny' (random Llama, byte tokenizer) or an HF folder")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="training examples (JSONL, see pskernels.synthesis.data)")
-    src.add_argument("--builder", default="aggregation", help="aggregation | exposure | distill | mixed")
+    src.add_argument("--data", nargs="+", metavar="FILE",
+                     help="training examples (JSONL, see pskernels.synthesis.data); several files are concatenated")
+    src.add_argument("--builder", default="aggregation", help="aggregation | exposure | natural | distill | mixed")
     p.add_argument("--n-examples", type=int, default=128, help="(builder) training examples")
+    p.add_argument("--mix", action="append", metavar="BUILDER:N",
+                   help="add N examples of BUILDER (seed --seed) to the training examples; repeatable")
+    p.add_argument("--eval-data", metavar="FILE", help="held-out examples (JSONL) evaluated during training; "
+                   "with it --eval-examples counts its first lines (0: all) and no training line is held out")
     p.add_argument("--eval-examples", type=int, default=16,
-                   help="held-out examples (builder: seed+1; data: last lines)")
+                   help="held-out examples (builder: seed+1; data: last lines; --eval-data: its first lines)")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--mapper-lr", type=float, default=None)
@@ -65,7 +92,8 @@ def run_train(args) -> int:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     train_ex, eval_ex = load_examples(args, args.n_examples, args.seed, args.eval_examples)
-    print(f"training on {len(train_ex)} examples ({args.data or args.builder}), {len(eval_ex)} held out; "
+    source = " + ".join(args.data or [args.builder]) + "".join(f" + {m}" for m in args.mix or [])
+    print(f"training on {len(train_ex)} examples ({source}), {len(eval_ex)} held out; "
           f"model {args.model}, scheme {args.scheme}", flush=True)
     config = recipe.TrainConfig(
         mapper=False if args.no_mapper else None, lora=not args.no_lora, steps=args.steps, lr=args.lr,
@@ -76,7 +104,8 @@ def run_train(args) -> int:
         target_tokens=args.target_tokens, log_every=args.log_every, cache_teacher=not args.no_cache_teacher,
         log=lambda s: print(s, flush=True),
         config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,
-                      "n_examples": args.n_examples, "eval_examples": args.eval_examples})
+                      "n_examples": args.n_examples, "mix": args.mix, "eval_data": args.eval_data,
+                      "eval_examples": args.eval_examples})
     r = recipe.train(model, tok, train_ex, config)
     if r["evals"]:
         e0, e1 = r["evals"][0], r["evals"][-1]

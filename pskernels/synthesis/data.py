@@ -22,6 +22,8 @@ Builders (deterministic for a given ``seed``):
 
 * :func:`exposure_examples` (a) parallel exposure: a text is cut into prefix | N branches | prompt |
   target; the target is its true continuation.
+* :func:`natural_exposure_examples` (a) the same on longer passages of natural text that ships with
+  Python (:mod:`pskernels.synthesis.corpus`).
 * :func:`aggregation_examples` (b) aggregation: synthetic tasks whose answer needs facts from several
   branches: sums of numbers stated in different branches, comparisons, "which worker said X".
 * :func:`distillation_examples` (c) the same examples without ``target``: the teacher's greedy
@@ -235,8 +237,25 @@ def distillation_examples(examples) -> list[dict]:
     return out
 
 
+def natural_exposure_examples(n: int, *, seed: int = 0) -> list[dict]:
+    """(a) Parallel exposure on natural text: :func:`exposure_examples` over the prose passages of
+    :func:`pskernels.synthesis.corpus.natural_texts` (shuffled by ``seed``), cut into longer pieces than the
+    built-in paragraphs allow: 2-6 branches of 16-40 words after a 16-40 word prefix, a 4-8 word prompt and
+    an 8-12 word target. ``kind`` is ``"exposure:natural"``."""
+    from .corpus import natural_texts
+
+    texts = natural_texts()
+    random.Random(seed).shuffle(texts)
+    out = exposure_examples(texts, n, n_branches=(2, 6), prefix_words=(16, 40), branch_words=(16, 40),
+                            prompt_words=(4, 8), target_words=(8, 12), seed=seed)
+    for ex in out:
+        ex["kind"], ex["id"] = "exposure:natural", ex["id"].replace("exposure-", "natural-", 1)
+    return out
+
+
 BUILDERS = {"aggregation": lambda n, seed: aggregation_examples(n, seed=seed),
             "exposure": lambda n, seed: exposure_examples(n=n, seed=seed),
+            "natural": lambda n, seed: natural_exposure_examples(n, seed=seed),
             "distill": lambda n, seed: distillation_examples(aggregation_examples(n, seed=seed)),
             "mixed": lambda n, seed: _mixed(n, seed)}
 
@@ -249,7 +268,7 @@ def _mixed(n, seed):
 
 
 def build(name: str, n: int, seed: int = 0) -> list[dict]:
-    """``name`` in ``BUILDERS`` (aggregation, exposure, distill, mixed)."""
+    """``name`` in ``BUILDERS`` (aggregation, exposure, natural, distill, mixed)."""
     if name not in BUILDERS:
         raise ValueError(f"builder: expected one of {sorted(BUILDERS)}, got {name!r}")
     return BUILDERS[name](n, seed)

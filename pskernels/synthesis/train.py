@@ -136,17 +136,29 @@ def _example_index(n: int, micro: int, seed: int) -> int:
 
 @torch.no_grad()
 def quick_eval(model, examples, *, mapper=None, scheme="sequential", adapter=True, targets=None, store=None) -> dict:
-    """Mean KL to the teacher (nats/token) and top-1 agreement on the target tokens. ``store``: a dict
-    keeping each example's base-model caches and teacher logits across calls."""
+    """Mean KL to the teacher (nats/token) and top-1 agreement on the target tokens, overall and, under
+    ``"splits"``, per ``split`` of the examples that carry one (workflow families: ``"train"`` /
+    ``"held_out"``). ``store``: a dict keeping each example's base-model caches and teacher logits across
+    calls."""
     targets = targets or TargetCache(16, None)
-    kl_sum, agree, tokens = 0.0, 0, 0
+    sums = {}  # split (None: overall) -> [kl_sum, agree, tokens]
     for j, ex in enumerate(examples):
         prefix, branches, tgt, t = teacher_pass(model, ex, targets, ("eval", j), store)
         s = student_logits(model, ex, prefix, branches, tgt, mapper=mapper, scheme=scheme, adapter=adapter)
-        kl_sum += kl_per_token(t, s).sum().item()
-        agree += int((t.argmax(-1) == s.argmax(-1)).sum())
-        tokens += tgt.numel()
-    return {"kl": kl_sum / max(tokens, 1), "top1": agree / max(tokens, 1), "tokens": tokens}
+        row = (kl_per_token(t, s).sum().item(), int((t.argmax(-1) == s.argmax(-1)).sum()), tgt.numel())
+        split = ex.example.get("split") if isinstance(ex.example, dict) else None
+        for key in {None, split}:
+            acc = sums.setdefault(key, [0.0, 0, 0])
+            for i, v in enumerate(row):
+                acc[i] += v
+
+    def metrics(kl_sum, agree, tokens):
+        return {"kl": kl_sum / max(tokens, 1), "top1": agree / max(tokens, 1), "tokens": tokens}
+
+    out = metrics(*sums.pop(None, [0.0, 0, 0]))
+    if sums:
+        out["splits"] = {k: metrics(*v) for k, v in sorted(sums.items())}
+    return out
 
 
 def _save(dirpath, model, mapper, opt, step, history, evals, config):
@@ -280,8 +292,10 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
 
     def do_eval():
         r = quick_eval(model, eval_ex, mapper=mapper, scheme=cfg.scheme, targets=targets, store=store)
-        evals.append({"step": step, "kl": r["kl"], "top1": r["top1"]})
-        cfg.log(f"eval step {step}: held-out KL {r['kl']:.4f} nats/token, top-1 agreement {r['top1']:.3f}")
+        evals.append({"step": step, **{k: r[k] for k in ("kl", "top1", "splits") if k in r}})
+        per_split = "".join(f"; {k}: KL {m['kl']:.4f}, top-1 {m['top1']:.3f}" for k, m in r.get("splits", {}).items())
+        cfg.log(f"eval step {step}: held-out KL {r['kl']:.4f} nats/token, top-1 agreement {r['top1']:.3f}"
+                + per_split)
 
     with patched(model):
         if eval_ex and cfg.eval_every and not resuming:
