@@ -53,8 +53,12 @@ def main(argv=None) -> int:
     d.add_argument("--prefix-len", type=int, default=64, help="(tiny) prefix tokens")
     d.add_argument("--query-len", type=int, default=16, help="(tiny) synthesis prompt tokens")
     d.add_argument("--repeats", type=int, default=3)
-    d.add_argument("--mapper", metavar="PATH", help="synthesizer reads the caches through this trained mapper: a "
-                   "CacheMapper.save_pretrained folder or a `pskernels train --out` folder (mapper + LoRA adapter)")
+    syn = d.add_mutually_exclusive_group()
+    syn.add_argument("--mapper", metavar="PATH", help="synthesizer reads the caches through this trained mapper: a "
+                     "CacheMapper.save_pretrained folder or a `pskernels train --out` folder (mapper + LoRA adapter); "
+                     "omitted: the checkpoint shipped for --model, if any")
+    syn.add_argument("--untrained", action="store_true",
+                     help="the synthesizer is the base model (ignore the shipped checkpoint)")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)

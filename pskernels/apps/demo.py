@@ -7,6 +7,8 @@ concatenation (re-prefill of the workers' text after the cached prefix) and (b) 
 (reading the workers' caches). Prints both answers, each time-to-first-token and the speedup.
 ``--mapper PATH`` lets the synthesizer read the caches through a trained cache mapper (and the LoRA adapter
 of a ``pskernels train --out`` folder); the workers and the text-concatenation path keep the base model.
+Without ``--mapper`` the synthesizer uses the checkpoint shipped for the model, if any
+(:func:`pskernels.synthesis.checkpoints.shipped_checkpoint`); ``--untrained``: the base model.
 
 ``--model tiny``: a random Llama where (b) is also checked against a full-sequence block-mask oracle.
 """
@@ -21,6 +23,7 @@ import time
 import torch
 
 from ..hf import ParallelCache, patch_model
+from ..synthesis import checkpoints
 from ..synthesis.models import load_model, tiny_llama
 from ..synthesis.workflow import cache_kwarg, output_cache
 
@@ -132,26 +135,35 @@ def _chatml(role: str, text: str) -> str:
 
 def load_synthesizer(model, path: str):
     """``(model, mapper)`` for ``--mapper PATH``: a folder written by ``CacheMapper.save_pretrained``, or a
-    ``pskernels train --out`` folder (its ``mapper/`` and, when present, its LoRA ``adapter/``, which wraps
-    ``model`` in a PeftModel). The mapper must match the model's layers, heads and head dim."""
+    checkpoint folder (``pskernels train --out`` or :func:`pskernels.synthesis.checkpoints.export_checkpoint`:
+    its ``mapper/`` and, when present, its LoRA ``adapter/``, which wraps ``model`` in a PeftModel). The mapper
+    must match the model's layers, heads and head dim, an exported checkpoint the model itself
+    (:func:`pskernels.synthesis.checkpoints.load_checkpoint`)."""
     from ..synthesis import CacheMapper
-    from ..synthesis.adapter import unwrap
     from ..synthesis.mapper import CONFIG_NAME
-    from ..synthesis.train import MAPPER_DIR, load_trained
 
+    label = f"--mapper {path}"
     if os.path.isfile(os.path.join(path, CONFIG_NAME)):
         mapper = CacheMapper.from_pretrained(path)
-    elif os.path.isdir(os.path.join(path, MAPPER_DIR)):
-        model, mapper = load_trained(model, path)
-    else:
+        checkpoints.check_mapper(model, mapper.config, label)
+        return model, mapper
+    try:
+        return checkpoints.load_checkpoint(model, path, label=label)
+    except FileNotFoundError:
         raise FileNotFoundError(f"--mapper {path}: expected a folder written by CacheMapper.save_pretrained "
-                                f"({CONFIG_NAME}) or by `pskernels train --out` (mapper/, adapter/)")
-    want = CacheMapper.for_model(unwrap(model)).config
-    for field in ("num_layers", "num_kv_heads", "num_heads", "head_dim"):
-        if getattr(mapper.config, field) != getattr(want, field):
-            raise ValueError(f"--mapper {path}: {field} = {getattr(mapper.config, field)}, but the model has "
-                             f"{getattr(want, field)} (a mapper trained for another model)")
-    return model, mapper
+                                f"({CONFIG_NAME}), by `pskernels train --out` (mapper/, adapter/) or by "
+                                "export_checkpoint") from None
+
+
+def load_default_synthesizer(model, model_name: str, untrained: bool = False):
+    """``(model, mapper, path)`` when ``--mapper`` is omitted: the checkpoint shipped for ``model_name``
+    (:func:`pskernels.synthesis.checkpoints.shipped_checkpoint`) unless ``untrained``; ``(model, None, None)``
+    when there is none (the synthesizer is the base model)."""
+    path = None if untrained else checkpoints.shipped_checkpoint(model_name)
+    if path is None:
+        return model, None, None
+    model, mapper = checkpoints.load_checkpoint(model, path)
+    return model, mapper, str(path)
 
 
 @torch.no_grad()
@@ -246,15 +258,23 @@ def print_agent_report(r: dict, model_name: str) -> None:
     print(f"\nspeedup (time to first token): {r['speedup']:.1f}x; worker caches {r['branch_cache_mib']} MiB "
           "(prefix stored once, read in place)")
     if r["synthesizer"] == "base model":
-        print("note: the synthesizer reads the branch caches without a trained adapter/mapper; the answers may "
+        why = "--untrained: " if r.get("untrained") else ""
+        print(f"note: {why}the synthesizer reads the branch caches without a trained adapter/mapper; the answers may "
               "differ (`--mapper PATH` for a trained one).")
     else:
-        print(f"synthesizer (b): {r['synthesizer']}{' from ' + r['mapper_path'] if r.get('mapper_path') else ''}; "
-              "workers and (a): the base model.")
+        source = ""
+        if r.get("mapper_path"):
+            source = (" from the shipped checkpoint " if r.get("shipped") else " from ") + r["mapper_path"]
+        print(f"synthesizer (b): {r['synthesizer']}{source}; workers and (a): the base model.")
+        if r.get("shipped"):
+            print("(`--untrained`: (b) runs the base model too.)")
 
 
 def main(args) -> int:
     mapper_path = getattr(args, "mapper", None)
+    untrained = bool(getattr(args, "untrained", False))
+    if mapper_path and untrained:
+        raise ValueError("--mapper and --untrained: give one of them")
     if args.model == "tiny":
         if mapper_path:
             raise ValueError("--mapper: the tiny demo checks exactness against an oracle; use it with --model "
@@ -265,10 +285,13 @@ def main(args) -> int:
         return 0
     model, tokenizer = load_model(args.model)
     name = "SmolLM2-135M-Instruct (fp32)" if args.model == "smollm2" else args.model
-    mapper = None
+    shipped = False
     if mapper_path:
         model, mapper = load_synthesizer(model, mapper_path)
+    else:
+        model, mapper, mapper_path = load_default_synthesizer(model, args.model, untrained)
+        shipped = mapper_path is not None
     r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper)
-    r["model"], r["mapper_path"] = name, mapper_path
+    r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained
     print(json.dumps(r, indent=2)) if args.json else print_agent_report(r, name)
     return 0

@@ -1,13 +1,19 @@
 """``pskernels eval``: text concatenation vs Parallel-Synthesis on held-out examples
 (:mod:`pskernels.synthesis.evaluate`), untrained, APE-calibrated and trained.
 
+The 'trained' row reads ``--checkpoint DIR`` (a ``pskernels train --out`` folder or an exported checkpoint);
+without it, the checkpoint shipped for ``--model`` (:func:`pskernels.synthesis.checkpoints.shipped_checkpoint`),
+if any; ``--untrained``: no 'trained' row. A checkpoint of another model is refused
+(:func:`pskernels.synthesis.checkpoints.load_checkpoint`).
+
 Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
 
 * ``--make-suite OUT.jsonl`` writes workflow examples (the model plays the workers) and exits:
   ``--per-family N --seed S --families all|train|held_out|NAME,... --worker-tokens K --workers LO,HI``;
-* ``--suite FILE`` evaluates such a file and prints, after the overall table, one block per family and the
-  training-family, held-out-family and overall rows (``--by-family`` prints them for ``--data`` / ``--builder``
-  too; ``--families`` keeps only some families);
+* ``--suite FILE`` (``--suite`` alone: the packaged suite, :data:`pskernels.synthesis.checkpoints.DEFAULT_SUITE`)
+  evaluates such a file and prints, after the overall table, one block per family and the training-family,
+  held-out-family and overall rows (``--by-family`` prints them for ``--data`` / ``--builder`` too;
+  ``--families`` keeps only some families);
 * ``--calibrate-ape FILE`` replaces the fixed APE setting (T = S = 0.9) by the one
   :func:`pskernels.synthesis.calibration.calibrate_ape` picks on the first ``--calibrate-n`` examples of FILE.
 
@@ -23,10 +29,10 @@ import time
 
 import torch
 
+from ..synthesis import checkpoints
 from ..synthesis import evaluate as evaluation
 from ..synthesis.data import build, load_jsonl, save_jsonl
 from ..synthesis.models import load_model
-from ..synthesis.train import CONFIG_NAME, load_trained
 
 SETTING_NAMES = {"text_concat": "(i) text concatenation (teacher)", "parallel": "(ii) parallel, untrained",
                  "ape": "(iii) APE calibration (T=S=0.9)", "trained": "(iv) trained mapper + adapter"}
@@ -146,11 +152,16 @@ def make_suite(args) -> int:
 def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     settings = evaluation.SETTINGS
     p.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or an HF folder (the base model)")
-    p.add_argument("--checkpoint", default=None, help="folder written by `pskernels train --out` (omit: no 'trained')")
+    ck = p.add_mutually_exclusive_group()
+    ck.add_argument("--checkpoint", default=None, help="the 'trained' row's checkpoint: a folder written by `pskernels "
+                    "train --out` or export_checkpoint (omit: the checkpoint shipped for --model, if any)")
+    ck.add_argument("--untrained", action="store_true", help="no 'trained' row (ignore the shipped checkpoint)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="held-out examples (JSONL); all lines are evaluated")
     src.add_argument("--builder", default="aggregation", help="aggregation | exposure | distill | mixed")
-    src.add_argument("--suite", metavar="FILE", help="a workflow suite (JSONL, see --make-suite): all lines are "
+    src.add_argument("--suite", metavar="FILE", nargs="?", const=str(checkpoints.DEFAULT_SUITE),
+                     help="a workflow suite (JSONL, see --make-suite; no FILE: the packaged suite "
+                     f"{checkpoints.DEFAULT_SUITE}): all lines are "
                      "evaluated; per-family, training-family, held-out-family and overall rows are printed")
     src.add_argument("--make-suite", metavar="OUT", help="write a workflow suite (the model plays the workers) to "
                      "OUT (JSONL) and exit without evaluating")
@@ -182,17 +193,50 @@ def _key(ex):
     return json.dumps([ex["prefix"], ex["branches"], ex["prompt"]])
 
 
+def resolve_checkpoint(args) -> tuple[str | None, str]:
+    """``(path, how)``: the 'trained' row's checkpoint (None: no row) and how it was chosen."""
+    if getattr(args, "untrained", False):
+        return None, "none (--untrained)"
+    if args.checkpoint:
+        return args.checkpoint, f"{args.checkpoint} (--checkpoint)"
+    shipped = checkpoints.shipped_checkpoint(args.model)
+    if shipped is not None:
+        return str(shipped), f"{shipped} (shipped for --model {args.model}; --untrained: none)"
+    return None, f"none (no checkpoint shipped for --model {args.model}; --checkpoint DIR)"
+
+
+def _check_suite(suite: str) -> None:
+    if os.path.isfile(suite):
+        return
+    if os.path.abspath(suite) == os.path.abspath(checkpoints.DEFAULT_SUITE):
+        raise SystemExit(f"--suite: the packaged suite {suite} is missing (this installation has no workflow "
+                         "suite; give --suite FILE, or write one with --make-suite FILE)")
+    raise SystemExit(f"--suite: no such file {suite}")
+
+
 def run_eval(args) -> int:
     if getattr(args, "make_suite", None):
         return make_suite(args)
+    suite = getattr(args, "suite", None)
+    if suite:
+        _check_suite(suite)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = {}
-    if args.checkpoint and os.path.isfile(os.path.join(args.checkpoint, CONFIG_NAME)):
-        with open(os.path.join(args.checkpoint, CONFIG_NAME)) as f:
-            cfg = json.load(f)
+    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
+    bad = set(settings) - set(evaluation.SETTINGS)
+    if bad:
+        raise SystemExit(f"--settings: unknown {sorted(bad)}, expected some of {evaluation.SETTINGS}")
+    checkpoint, checkpoint_how = resolve_checkpoint(args)
+    try:
+        cfg = checkpoints.checkpoint_train_config(checkpoint) if checkpoint else {}
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     model, tok = load_model(args.model)
-    suite = getattr(args, "suite", None)
+    if checkpoint:  # refuse a checkpoint of another model before any evaluation work
+        try:
+            checkpoints.check_checkpoint(model, checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(str(e)) from None
     if args.data or suite:
         examples = load_jsonl(args.data or suite)
     else:
@@ -218,17 +262,17 @@ def run_eval(args) -> int:
         ape, calibration = calibrate_ape(model, tok, cal, grid=grid, scheme=scheme, target_tokens=args.target_tokens,
                                          max_examples=None)
         names["ape"] = f"(iii) APE calibrated (T={calibration['temperature']:g}, S={calibration['lse_scale']:g})"
-    mapper = None
-    if args.checkpoint:
-        model, mapper = load_trained(model, args.checkpoint)
-    settings = [x.strip() for x in args.settings.split(",") if x.strip()]
-    bad = set(settings) - set(evaluation.SETTINGS)
-    if bad:
-        raise SystemExit(f"--settings: unknown {sorted(bad)}, expected some of {evaluation.SETTINGS}")
-    r = evaluation.evaluate(model, tok, examples, mapper=mapper, trained=bool(args.checkpoint), scheme=scheme,
+    mapper, checkpoint_loaded = None, False
+    if checkpoint and "trained" in settings:
+        model, mapper = checkpoints.load_checkpoint(model, checkpoint)
+        checkpoint_loaded = True
+    elif checkpoint:
+        checkpoint_how += ", not evaluated (--settings without trained)"
+    r = evaluation.evaluate(model, tok, examples, mapper=mapper, trained=checkpoint_loaded, scheme=scheme,
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape)
-    print(f"model {args.model}, scheme {scheme}, checkpoint {args.checkpoint}")
+    print(f"model {args.model}, scheme {scheme}")
+    print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:
         print(f"APE calibrated on {calibration['examples']} examples of {args.calibrate_ape} "
               f"({len(calibration['grid'])} grid points): T = {calibration['temperature']:g}, "
@@ -242,6 +286,7 @@ def run_eval(args) -> int:
         print(format_family_table(bf))
         r["by_family"] = bf
     if args.json:
+        r["checkpoint"] = checkpoint
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
     return 0

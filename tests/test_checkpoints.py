@@ -1,0 +1,318 @@
+"""Shipped synthesizer checkpoints (pskernels.synthesis.checkpoints): export from a real (2-step) training run of
+the tiny model, load back, refusal of a checkpoint of another model, and the eval / demo defaults."""
+import argparse
+import doctest
+import fnmatch
+import json
+import pathlib
+import shutil
+
+import pytest
+import tomllib
+import torch
+
+pytest.importorskip("peft")
+
+from pskernels.synthesis import checkpoints  # noqa: E402
+from pskernels.synthesis.adapter import is_peft_model  # noqa: E402
+from pskernels.synthesis.data import ByteTokenizer, aggregation_examples, save_jsonl  # noqa: E402
+from pskernels.synthesis.models import load_model, tiny_llama  # noqa: E402
+from pskernels.synthesis.train import TrainConfig, train  # noqa: E402
+
+pytestmark = pytest.mark.hf
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EXPORTED = {"checkpoint.json", "mapper/mapper_config.json", "mapper/mapper.safetensors", "adapter/adapter_config.json",
+            "adapter/adapter_model.safetensors"}
+EVAL = ["--model", "tiny", "--builder", "aggregation", "--n-examples", "2", "--gen-tokens", "2", "--target-tokens", "2",
+        "--threads", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _examples(n, seed):
+    # short pieces keep the byte-level sequences small
+    return [{**ex, "prefix": ex["prefix"][:40], "branches": [b[:32] for b in ex["branches"]],
+             "prompt": ex["prompt"][-24:], "target": ex["target"][:8]}
+            for ex in aggregation_examples(n, seed=seed, n_branches=(2, 2))]
+
+
+def _tiny():
+    return load_model("tiny")[0]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A real `pskernels train --out`-style folder: 2 steps of mapper + LoRA training of load_model('tiny')."""
+    folder = tmp_path_factory.mktemp("run")
+    r = train(_tiny(), ByteTokenizer(), _examples(2, seed=0),
+              TrainConfig(steps=2, lr=5e-2, log_every=0, lora_r=4, mapper_rank=4, seed=0, checkpoint_dir=str(folder),
+                          config_extra={"model": "tiny"}))
+    return {"dir": folder, "model": r["model"], "mapper": r["mapper"]}
+
+
+@pytest.fixture(scope="module")
+def exported(run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny-test"
+    return checkpoints.export_checkpoint(run["dir"], out, _tiny(), extra={"command": "train --steps 2", "seed": 0})
+
+
+def _lora(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _copy_run(run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(run["dir"], dst)
+    return dst
+
+
+def _untouched(model):
+    return not is_peft_model(model) and not any("lora_" in n for n, _ in model.named_modules())
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+def test_export_writes_only_the_loadable_files_and_the_manifest(run, exported):
+    assert (run["dir"] / "trainer_state.pt").is_file()
+    files = {p.relative_to(exported).as_posix() for p in exported.rglob("*") if p.is_file()}
+    assert files == EXPORTED
+    manifest = json.loads((exported / "checkpoint.json").read_text())
+    assert manifest["format"] == 1
+    assert manifest["base_model"] == checkpoints.model_fingerprint(_tiny())
+    assert manifest["base_model"]["num_hidden_layers"] == 2 and manifest["base_model"]["hidden_size"] == 128
+    assert manifest["base_model"]["rope_theta"] == 10000.0 and manifest["base_model"]["model_type"] == "llama"
+    assert manifest["train_config"] == json.loads((run["dir"] / "train_config.json").read_text())
+    assert manifest["command"] == "train --steps 2" and manifest["seed"] == 0
+    # every exported file is package data (pyproject.toml), so an installed package carries the checkpoint
+    globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pskernels"]
+    for f in files:
+        rel = f"checkpoints/{exported.name}/{f}"
+        assert any(fnmatch.fnmatch(rel, g) and rel.count("/") == g.count("/") for g in globs), rel
+
+
+def test_load_checkpoint_restores_the_runs_mapper_and_adapter(run, exported):
+    model, mapper = checkpoints.load_checkpoint(_tiny(), exported)
+    assert is_peft_model(model)
+    want, got = run["mapper"].state_dict(), mapper.state_dict()
+    assert want.keys() == got.keys()
+    for k in want:
+        assert torch.equal(want[k], got[k]), k
+    a, b = _lora(run["model"]), _lora(model)
+    assert a.keys() == b.keys() and a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any("lora_B" in k and a[k].abs().max() > 0 for k in a), "training moved no LoRA B matrix"
+    assert not mapper.is_identity()
+
+
+@pytest.mark.parametrize("other, field", [
+    (dict(hidden=128, layers=3, heads=4, kv_heads=2, vocab=259), "num_hidden_layers"),
+    (dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=259), "hidden_size"),
+    (dict(hidden=128, layers=2, heads=4, kv_heads=2, vocab=300), "vocab_size"),  # same attention shapes
+])
+def test_a_checkpoint_of_another_model_is_refused_before_the_model_is_touched(exported, other, field):
+    model = tiny_llama(**other)
+    mine = checkpoints.model_fingerprint(model)
+    with pytest.raises(ValueError, match="another model") as e:
+        checkpoints.load_checkpoint(model, exported)
+    msg = str(e.value)
+    assert f"checkpoint {exported}" in msg and "trained for llama" in msg
+    assert f"{field}={json.loads((exported / 'checkpoint.json').read_text())['base_model'][field]}" in msg
+    assert f"{field}={mine[field]}" in msg
+    assert _untouched(model)
+
+
+def test_a_train_out_folder_is_loaded_with_the_shape_check(run):
+    model, mapper = checkpoints.load_checkpoint(_tiny(), run["dir"])
+    assert is_peft_model(model) and mapper is not None
+    other = tiny_llama(hidden=128, layers=3, heads=4, kv_heads=2, vocab=259)
+    with pytest.raises(ValueError, match=r"num_layers = 2, but the model has 3 \(a mapper trained for another model"):
+        checkpoints.load_checkpoint(other, run["dir"])
+    assert _untouched(other)
+    with pytest.raises(FileNotFoundError, match="expected a folder"):
+        checkpoints.load_checkpoint(_tiny(), run["dir"] / "mapper")
+
+
+@pytest.mark.parametrize("missing", ["mapper", "adapter"])
+def test_export_refuses_a_run_without_mapper_or_adapter(run, tmp_path, missing):
+    src = _copy_run(run, tmp_path)
+    shutil.rmtree(src / missing)
+    with pytest.raises(ValueError, match=f"run_dir: .* has no {missing}/"):
+        checkpoints.export_checkpoint(src, tmp_path / "out", _tiny(), extra={})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("weights", ["mapper/mapper.safetensors", "adapter/adapter_model.safetensors"])
+def test_export_refuses_non_finite_weights(run, tmp_path, weights):
+    from safetensors.torch import load_file, save_file
+
+    src = _copy_run(run, tmp_path)
+    state = load_file(str(src / weights))
+    name = next(k for k, v in state.items() if v.is_floating_point())
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(src / weights))
+    with pytest.raises(ValueError, match=f"run_dir: tensor '{name}' .*non-finite"):
+        checkpoints.export_checkpoint(src, tmp_path / "out", _tiny(), extra={})
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_argument_errors(run, exported, tmp_path):
+    with pytest.raises(ValueError, match=r"extra: may not redefine \['base_model'\]"):
+        checkpoints.export_checkpoint(run["dir"], tmp_path / "o", _tiny(), extra={"base_model": {}})
+    with pytest.raises(ValueError, match="extra: not JSON"):
+        checkpoints.export_checkpoint(run["dir"], tmp_path / "o", _tiny(), extra={"x": object()})
+    with pytest.raises(ValueError, match="out_dir: .* exists"):
+        checkpoints.export_checkpoint(run["dir"], exported, _tiny(), extra={})
+    with pytest.raises(ValueError, match="run_dir: .*num_layers = 2, but the model has 3"):
+        checkpoints.export_checkpoint(run["dir"], tmp_path / "o", tiny_llama(hidden=128, layers=3, heads=4,
+                                                                             kv_heads=2, vocab=259), extra={})
+    assert not (tmp_path / "o").exists()
+    again = checkpoints.export_checkpoint(run["dir"], tmp_path / "o", _tiny(), extra={"v": 2})
+    assert checkpoints.export_checkpoint(run["dir"], again, _tiny(), extra={"v": 3}, overwrite=True) == again
+    assert json.loads((again / "checkpoint.json").read_text())["v"] == 3
+
+
+# ---- shipped checkpoints ------------------------------------------------------------------------------------------
+def test_shipped_checkpoint_lookup(exported, tmp_path, monkeypatch):
+    assert checkpoints.CHECKPOINT_ROOT == ROOT / "pskernels" / "checkpoints"
+    assert checkpoints.SHIPPED["smollm2"] == "smollm2-135m-instruct"
+    assert checkpoints.shipped_checkpoint("tiny") is None
+    assert checkpoints.shipped_checkpoint(str(tmp_path)) is None  # an HF folder
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", tmp_path)
+    assert checkpoints.shipped_checkpoint("smollm2") is None  # not on disk
+    (tmp_path / "smollm2-135m-instruct").mkdir()
+    assert checkpoints.shipped_checkpoint("smollm2") is None  # no checkpoint.json
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", exported.parent)
+    monkeypatch.setitem(checkpoints.SHIPPED, "tiny", exported.name)
+    assert checkpoints.shipped_checkpoint("tiny") == exported
+
+
+def test_docstring_examples():
+    result = doctest.testmod(checkpoints, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0
+
+
+# ---- pskernels eval -----------------------------------------------------------------------------------------------
+def _eval(argv, tmp_path, capsys):
+    from pskernels.apps import evaluate as ev
+
+    out = tmp_path / "r.json"
+    assert ev.main([*EVAL, *argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
+@pytest.fixture
+def shipped_tiny(exported, monkeypatch):
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", exported.parent)
+    monkeypatch.setitem(checkpoints.SHIPPED, "tiny", exported.name)
+    return exported
+
+
+def test_eval_uses_the_shipped_checkpoint_unless_untrained_or_another_is_named(run, shipped_tiny, tmp_path, capsys):
+    r, text = _eval(["--settings", "parallel,trained"], tmp_path, capsys)
+    assert r["checkpoint"] == str(shipped_tiny) and "trained" in r
+    assert f"trained row: checkpoint {shipped_tiny} (shipped for --model tiny" in text
+    assert "(iv) trained mapper + adapter" in text
+    assert r["trained"]["kl"] != pytest.approx(r["parallel"]["kl"])  # the trained weights were used
+
+    r2, text = _eval(["--settings", "parallel,trained", "--checkpoint", str(run["dir"])], tmp_path, capsys)
+    assert r2["checkpoint"] == str(run["dir"]) and f"{run['dir']} (--checkpoint)" in text
+    assert r2["trained"]["kl"] == pytest.approx(r["trained"]["kl"], rel=1e-5)  # the same weights, exported
+
+    r3, text = _eval(["--untrained"], tmp_path, capsys)
+    assert r3["checkpoint"] is None and "trained" not in r3 and {"text_concat", "parallel", "ape"} <= set(r3)
+    assert "trained row: checkpoint none (--untrained)" in text and "(iv) trained" not in text
+
+    r4, text = _eval(["--settings", "parallel"], tmp_path, capsys)
+    assert "trained" not in r4 and f"{shipped_tiny} (shipped" in text and "not evaluated (--settings" in text
+
+    from pskernels.apps import evaluate as ev
+
+    with pytest.raises(SystemExit):  # argparse: not allowed with --checkpoint
+        ev.main([*EVAL, "--untrained", "--checkpoint", str(run["dir"])])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_eval_refuses_a_shipped_checkpoint_of_another_model(shipped_tiny, tmp_path, monkeypatch):
+    from pskernels.apps import evaluate as ev
+
+    other = tmp_path / "other"
+    shutil.copytree(shipped_tiny, other)
+    manifest = json.loads((other / "checkpoint.json").read_text())
+    manifest["base_model"].update(num_hidden_layers=30, hidden_size=576)
+    (other / "checkpoint.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", tmp_path)
+    monkeypatch.setitem(checkpoints.SHIPPED, "tiny", "other")
+    with pytest.raises(SystemExit, match=r"trained for llama with num_hidden_layers=30, hidden_size=576, but the model "
+                       r"\(llama\) has num_hidden_layers=2, hidden_size=128 \(a checkpoint of another model\)"):
+        ev.main(EVAL)
+
+
+def test_eval_without_a_shipped_checkpoint_has_no_trained_row(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", tmp_path)
+    monkeypatch.setitem(checkpoints.SHIPPED, "tiny", "absent")
+    from pskernels.apps import evaluate as ev
+
+    args = ev.add_eval_args(argparse.ArgumentParser()).parse_args(["--model", "tiny"])
+    assert ev.resolve_checkpoint(args) == (None, "none (no checkpoint shipped for --model tiny; --checkpoint DIR)")
+    assert args.suite is None
+
+
+def test_eval_suite_without_a_file_is_the_packaged_suite(tmp_path, capsys, monkeypatch):
+    from pskernels.apps import evaluate as ev
+
+    assert checkpoints.DEFAULT_SUITE == ROOT / "pskernels" / "synthesis" / "suites" / "workflows-smollm2.jsonl"
+    suite = tmp_path / "suites" / "workflows-smollm2.jsonl"
+    monkeypatch.setattr(checkpoints, "DEFAULT_SUITE", suite)
+    with pytest.raises(SystemExit, match=f"--suite: the packaged suite {suite} is missing"):
+        ev.main(["--model", "tiny", "--suite", "--untrained"])
+    with pytest.raises(SystemExit, match="--suite: no such file"):
+        ev.main(["--model", "tiny", "--suite", str(tmp_path / "nope.jsonl")])
+    suite.parent.mkdir()
+    save_jsonl(_examples(2, seed=1), suite)
+    assert ev.main(["--model", "tiny", "--threads", "1", "--suite", "--untrained", "--settings", "parallel",
+                    "--gen-tokens", "1", "--target-tokens", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "(2 held-out examples" in text and "training families" not in text and "\nall" in text
+
+
+# ---- pskernels demo -----------------------------------------------------------------------------------------------
+def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, monkeypatch, capsys):
+    """`pskernels demo` (SmolLM2 path, the model and the agent run stubbed): without --mapper the synthesizer is the
+    shipped checkpoint, with --untrained the base model; --mapper and --untrained exclude each other."""
+    from pskernels.apps import demo
+    from pskernels.apps.cli import main as cli
+
+    root = tmp_path / "root"
+    shutil.copytree(exported, root / checkpoints.SHIPPED["smollm2"])
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", root)
+    monkeypatch.setattr(demo, "load_model", lambda name: (_tiny(), ByteTokenizer()))
+    seen = []
+
+    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None):
+        seen.append((model, mapper))
+        return {"synthesizer": "trained" if mapper is not None else "base model"}
+
+    monkeypatch.setattr(demo, "run_agent_demo", fake_agent_demo)
+    assert cli(["demo", "--json", "--repeats", "1"]) == 0
+    model, mapper = seen[-1]
+    assert is_peft_model(model) and mapper is not None and not mapper.is_identity()
+    r = json.loads(capsys.readouterr().out)
+    assert r["mapper_path"] == str(root / checkpoints.SHIPPED["smollm2"]) and r["shipped"] and not r["untrained"]
+
+    assert cli(["demo", "--json", "--repeats", "1", "--untrained"]) == 0
+    model, mapper = seen[-1]
+    assert mapper is None and _untouched(model)
+    r = json.loads(capsys.readouterr().out)
+    assert r["mapper_path"] is None and r["untrained"] and not r["shipped"]
+
+    with pytest.raises(SystemExit):
+        cli(["demo", "--untrained", "--mapper", str(exported)])
+    assert "not allowed with argument" in capsys.readouterr().err
