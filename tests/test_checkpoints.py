@@ -89,6 +89,8 @@ def test_export_writes_only_the_loadable_files_and_the_manifest(run, exported):
     assert manifest["base_model"]["rope_theta"] == 10000.0 and manifest["base_model"]["model_type"] == "llama"
     assert manifest["train_config"] == json.loads((run["dir"] / "train_config.json").read_text())
     assert manifest["command"] == "train --steps 2" and manifest["seed"] == 0
+    adapter_base = json.loads((exported / "adapter" / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    assert adapter_base is None or "/" not in adapter_base  # no local path of the training machine ships
     # every exported file is package data (pyproject.toml), so an installed package carries the checkpoint
     globs = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["pskernels"]
     for f in files:

@@ -260,7 +260,8 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
     """Copy the loadable part of a ``pskernels train --out`` folder to ``out_dir`` and describe it.
 
     Copies ``mapper/`` and ``adapter/`` (their ``.json`` and ``.safetensors`` files only: no
-    ``trainer_state.pt``, no PEFT ``README.md``) and writes ``out_dir/checkpoint.json``::
+    ``trainer_state.pt``, no PEFT ``README.md``; the adapter config's ``base_model_name_or_path`` keeps only
+    its last path component, not the trainer's local path) and writes ``out_dir/checkpoint.json``::
 
         {"format": 1, "base_model": model_fingerprint(model), "train_config": <run_dir/train_config.json>, **extra}
 
@@ -333,6 +334,11 @@ def export_checkpoint(run_dir: str | os.PathLike, out_dir: str | os.PathLike, mo
             (tmp / sub).mkdir()
             for p in _needed_files(run / sub):
                 shutil.copyfile(p, tmp / sub / p.name)
+        adapter_config = tmp / ADAPTER_DIR / "adapter_config.json"
+        cfg = json.loads(adapter_config.read_text())  # PEFT records the trainer's local model path: keep its name
+        if cfg.get("base_model_name_or_path"):
+            cfg["base_model_name_or_path"] = Path(cfg["base_model_name_or_path"]).name
+            adapter_config.write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / MANIFEST_NAME).write_text(text + "\n")
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; the checkpoint is package data
         if out.exists():
