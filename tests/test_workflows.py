@@ -265,6 +265,16 @@ def test_calibrate_ape_refuses_an_empty_grid_or_no_examples(tiny, suite):
     assert ape_grid([0.9], [0.8, 1.0]) == [(0.9, 0.8), (0.9, 1.0)]
 
 
+def test_calibrate_ape_without_examples_builds_training_family_workflows(tiny):
+    model, tok = tiny
+    grid = [(1.0, 1.0), (0.8, 0.9)]
+    _, rep = calibrate_ape(model, tok, grid=grid, target_tokens=2, max_examples=3, seed=4, worker_tokens=2)
+    built = build_workflows(model, tok, "train", 1, seed=4, worker_tokens=2)[:3]
+    assert [ex["meta"]["family"] for ex in built] == list(TRAIN_FAMILIES[:3])
+    _, want = calibrate_ape(model, tok, built, grid=grid, target_tokens=2)
+    assert rep["examples"] == 3 and rep["grid"] == want["grid"]
+
+
 # ---- command line -----------------------------------------------------------------------------------
 def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
     from pskernels.apps import evaluate as ev
@@ -283,6 +293,10 @@ def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
                     "--calibrate-n", "2", "--ape-grid", "0.9,1/1", "--json", str(tmp_path / "r.json")]) == 0
     text = capsys.readouterr().out
     assert "(iii) APE calibrated (T=" in text and "APE calibrated on 2 examples" in text
+    assert ev.main(["--model", "tiny", "--threads", "1", "--suite", str(out), "--gen-tokens", "1",
+                    "--target-tokens", "2", "--settings", "ape", "--calibrate-ape", "--calibrate-n", "2",
+                    "--ape-grid", "1/1"]) == 0
+    assert "APE calibrated on 2 examples of the training families (seed 1, built by tiny)" in capsys.readouterr().out
     for label in ("family", "sum", "conflict", "training families", "held-out families", "all"):
         assert label in text
     with pytest.raises(SystemExit, match="also evaluated"):

@@ -14,8 +14,9 @@ Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
   evaluates such a file and prints, after the overall table, one block per family and the training-family,
   held-out-family and overall rows (``--by-family`` prints them for ``--data`` / ``--builder`` too;
   ``--families`` keeps only some families);
-* ``--calibrate-ape FILE`` replaces the fixed APE setting (T = S = 0.9) by the one
-  :func:`pskernels.synthesis.calibration.calibrate_ape` picks on the first ``--calibrate-n`` examples of FILE.
+* ``--calibrate-ape [FILE]`` replaces the fixed APE setting (T = S = 0.9) by the one
+  :func:`pskernels.synthesis.calibration.calibrate_ape` picks on the first ``--calibrate-n`` examples of FILE
+  (without FILE: training-family workflows built by the model, seed 1).
 
 Also ``python -m pskernels.apps.evaluate ...`` (the same flags).
 """
@@ -174,8 +175,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--per-family", type=int, default=4, help="(--make-suite) examples per family")
     p.add_argument("--worker-tokens", type=int, default=48, help="(--make-suite) tokens each worker generates")
     p.add_argument("--workers", default="2,8", help="(--make-suite) LO,HI workers per example (inclusive)")
-    p.add_argument("--calibrate-ape", metavar="FILE", help="calibrate the APE setting's T and S on the first "
-                   "--calibrate-n examples of FILE (JSONL; never the evaluated examples) instead of T = S = 0.9")
+    p.add_argument("--calibrate-ape", metavar="FILE", nargs="?", const="",
+                   help="calibrate the APE setting's T and S on the first --calibrate-n examples of FILE (JSONL; "
+                   "never the evaluated examples) instead of T = S = 0.9; without FILE on training-family workflows "
+                   "the model builds itself (seed 1)")
     p.add_argument("--calibrate-n", type=int, default=8, help="(--calibrate-ape) calibration examples")
     p.add_argument("--ape-grid", default=None, help="(--calibrate-ape) T,T,.../S,S,... "
                    "(default 0.7,0.8,0.9,1.0/0.7,0.8,0.9,1.0)")
@@ -249,13 +252,21 @@ def run_eval(args) -> int:
             raise SystemExit(f"--families {families}: no example of these families")
     scheme = args.scheme or cfg.get("scheme", "sequential")
     ape, names, calibration = None, {}, None
-    if getattr(args, "calibrate_ape", None):
+    cal_source = getattr(args, "calibrate_ape", None)
+    if cal_source is not None:
         from ..synthesis.calibration import DEFAULT_GRID, calibrate_ape
 
-        cal = load_jsonl(args.calibrate_ape)[: args.calibrate_n]
+        if cal_source:
+            cal = load_jsonl(cal_source)[: args.calibrate_n]
+        else:  # built by the model itself, training families, seed 1 (the evaluated suites use other seeds)
+            from ..synthesis.workflows import TRAIN_FAMILIES, build_workflows
+
+            cal_source = f"the training families (seed 1, built by {args.model})"
+            cal = build_workflows(model, tok, "train", -(-args.calibrate_n // len(TRAIN_FAMILIES)),
+                                  seed=1)[: args.calibrate_n]
         overlap = {_key(ex) for ex in cal} & {_key(ex) for ex in examples}
         if overlap:
-            raise SystemExit(f"--calibrate-ape {args.calibrate_ape}: {len(overlap)} calibration example(s) are also "
+            raise SystemExit(f"--calibrate-ape {cal_source}: {len(overlap)} calibration example(s) are also "
                              "evaluated; calibrate on other examples (e.g. a suite of the training families with "
                              "another --seed)")
         grid = _grid(args.ape_grid) if args.ape_grid else DEFAULT_GRID
@@ -274,7 +285,7 @@ def run_eval(args) -> int:
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:
-        print(f"APE calibrated on {calibration['examples']} examples of {args.calibrate_ape} "
+        print(f"APE calibrated on {calibration['examples']} examples of {cal_source} "
               f"({len(calibration['grid'])} grid points): T = {calibration['temperature']:g}, "
               f"S = {calibration['lse_scale']:g}, calibration KL {calibration['kl']:.4f}")
     print(format_table(r, names))

@@ -14,10 +14,10 @@ grid contains ``T = S = 1`` (the untrained parallel setting), so on the calibrat
 never worse than no calibration::
 
     from pskernels.synthesis.calibration import calibrate_ape
-    mapper, report = calibrate_ape(model, tokenizer, examples[:8])
+    mapper, report = calibrate_ape(model, tokenizer)   # builds 8 training-family workflows with the model itself
     cache = pskernels.ParallelCache(prefix, branches, mapper=mapper)   # the synthesizer reads through it
 
-Command line: ``pskernels eval --calibrate-ape FILE`` (:mod:`pskernels.apps.evaluate`).
+Command line: ``pskernels eval --calibrate-ape [FILE]`` (:mod:`pskernels.apps.evaluate`).
 """
 from __future__ import annotations
 
@@ -60,8 +60,9 @@ def _check_grid(grid) -> list:
 
 
 @torch.no_grad()
-def calibrate_ape(model, tokenizer, examples, *, grid=DEFAULT_GRID, scheme: str = "sequential",
-                  target_tokens: int = 16, max_examples: int | None = 8) -> tuple[CacheMapper, dict]:
+def calibrate_ape(model, tokenizer, examples=None, *, grid=DEFAULT_GRID, scheme: str = "sequential",
+                  target_tokens: int = 16, max_examples: int | None = 8, seed: int = 1,
+                  worker_tokens: int = 48) -> tuple[CacheMapper, dict]:
     """Choose the APE temperature ``T`` and LSE scale ``S`` for ``model`` by a grid search; one call.
 
     Parameters
@@ -71,6 +72,9 @@ def calibrate_ape(model, tokenizer, examples, *, grid=DEFAULT_GRID, scheme: str 
     examples
         A few examples in the :mod:`pskernels.synthesis.data` format (dicts or ``TokenizedExample``), from
         the *training* distribution: never the examples the calibrated mapper is then evaluated on.
+        ``None``: ``max_examples`` (default 8) workflow examples of the training families, the model itself
+        playing the workers (:func:`pskernels.synthesis.workflows.build_workflows` with ``seed`` and
+        ``worker_tokens``; about 10 s each for SmolLM2-135M on 2 CPU cores).
     grid
         ``(temperature, lse_scale)`` pairs to try (default: :data:`DEFAULT_GRID`, 4 x 4 values in
         ``0.7..1.0``; :func:`ape_grid` builds others).
@@ -80,6 +84,8 @@ def calibrate_ape(model, tokenizer, examples, *, grid=DEFAULT_GRID, scheme: str 
         Length of the teacher's greedy continuation scored on examples without ``target``.
     max_examples
         Use at most this many of ``examples`` (None: all).
+    seed, worker_tokens
+        How the examples are built when ``examples`` is None.
 
     Returns
     -------
@@ -91,10 +97,16 @@ def calibrate_ape(model, tokenizer, examples, *, grid=DEFAULT_GRID, scheme: str 
     Raises
     ------
     ValueError
-        ``grid`` empty or with a non-positive value; ``examples`` empty.
+        ``grid`` empty or with a non-positive value; ``examples`` empty (not None).
     """
     points = _check_grid(grid)
-    examples = list(examples or [])
+    if examples is None:
+        from .workflows import TRAIN_FAMILIES, build_workflows
+
+        n = len(TRAIN_FAMILIES) if max_examples is None else max_examples
+        examples = build_workflows(model, tokenizer, "train", -(-n // len(TRAIN_FAMILIES)), seed=seed,
+                                   worker_tokens=worker_tokens)[:n]
+    examples = list(examples)
     if max_examples is not None:
         examples = examples[:max_examples]
     if not examples:
