@@ -232,6 +232,24 @@ def test_evaluate_rows_carry_the_family_and_sum_to_the_overall(tiny, suite):
     assert bf["families"][exs[-1]["kind"]]["parallel"]["kl"] > 0
 
 
+def test_packaged_suite_is_the_documented_draw_of_every_family():
+    from pskernels.synthesis.checkpoints import DEFAULT_SUITE
+
+    suite = load_jsonl(DEFAULT_SUITE)
+    for ex in suite:
+        validate_example(ex)
+    # docs/FIDELITY.md: 3 per training family and 6 per held-out family, seed 1000, SmolLM2 playing the workers
+    want = {s.id: s for s in draw_workflows("train", 3, seed=1000) + draw_workflows("held_out", 6, seed=1000)}
+    assert sorted(ex["id"] for ex in suite) == sorted(want)
+    for ex in suite:
+        spec = want[ex["id"]]
+        assert ex["kind"] == f"workflow:{spec.family}" and ex["split"] == spec.split == split_of(ex)
+        assert ex["meta"]["task"] == spec.task.task and ex["meta"]["subtasks"] == spec.task.subtasks
+        assert ex.get("answer") == spec.task.answer and ex["meta"]["system"] == spec.system
+        assert len(ex["branches"]) == len(spec.task.subtasks) and "<|im_start|>assistant" in ex["prompt"]
+    assert {f for f in HELD_OUT_FAMILIES} == {ex["meta"]["family"] for ex in suite if ex["split"] == "held_out"}
+
+
 # ---- APE calibration --------------------------------------------------------------------------------
 def test_calibrate_ape_picks_the_grid_point_with_the_lowest_kl(tiny, suite):
     model, tok = tiny
