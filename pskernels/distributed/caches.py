@@ -1,0 +1,157 @@
+"""Caches to wire headers + tensors and back: what a sender takes out of a cache, what a receiver builds.
+
+Sent: a worker's zero-copy ``ParallelCache(prefix, [])`` (its own tokens), ``CacheRow`` of one (one row),
+an ordinary ``[prefix | branch]`` cache (the tokens after ``prefix_len``; a sliding layer sends the slots it
+still stores) or a prefix cache. Built: views into the received payload, no copy:
+
+- a branch whose layers store every slot -> a zero-copy ``ParallelCache(prefix, [])`` holding the branch as
+  its own tokens (left padding kept), exactly what the worker had;
+- a branch whose sliding layers dropped slots -> an ordinary cache whose layers hold the branch's stored
+  slots and report ``P + T`` tokens seen (read by ``ParallelCache`` as a ``[prefix | branch]`` cache);
+- a prefix -> a ``DynamicCache`` with the sender's layer classes, an ordinary cache workers run on.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+from ..hf import CacheRow, ParallelCache
+from . import wire
+from .fingerprint import Fingerprint, dtype_code
+
+
+def _ints(name, x, B):
+    t = torch.as_tensor(x, dtype=torch.int64).reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(B)
+    if t.numel() != B:
+        raise ValueError(f"{name}: expected one int or {B} (one per row), got {t.numel()}")
+    return t
+
+
+def _layer_kv(cache: Cache, l: int):
+    layer = cache.layers[l]
+    if layer.keys is None or layer.keys.ndim != 4:
+        raise ValueError(f"worker_cache: layer {l} holds no keys")
+    return layer.keys, layer.values
+
+
+def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None):
+    """``(header, [(k, v), ...])`` of a branch: the tensors to pack (views of the cache, not copies)."""
+    row = None
+    if isinstance(worker_cache, CacheRow):
+        worker_cache, row = worker_cache.cache, worker_cache.row
+    c = worker_cache
+    if not isinstance(c, Cache):
+        raise TypeError(f"worker_cache: expected a ParallelCache(prefix, []), a CacheRow or a transformers Cache, "
+                        f"got {type(c).__name__}")
+    if len(c.layers) != fp.n_layers:
+        raise ValueError(f"worker_cache: {len(c.layers)} layers, the model has {fp.n_layers}")
+    if isinstance(c, ParallelCache):
+        if c.branches:
+            raise ValueError("worker_cache: a ParallelCache with branches is a synthesizer's cache, not a worker's")
+        if prefix_len is not None and prefix_len != c.prefix_len:
+            raise ValueError(f"prefix_len: the worker cache was run on a prefix of {c.prefix_len} tokens, "
+                             f"got prefix_len={prefix_len}")
+        P, T = c.prefix_len, c.get_seq_length()
+        kv = [_layer_kv(c, l) for l in range(fp.n_layers)]
+        B = kv[0][0].shape[0]
+        pad = c._own_pad if c._own_pad is not None else torch.zeros(1, dtype=torch.int64)
+        pad = pad.to("cpu", torch.int64).expand(B)
+        windows = [0] * fp.n_layers
+    else:
+        if prefix_len is None:
+            raise ValueError("prefix_len: required for an ordinary [prefix | branch] cache (the prefix tokens are "
+                             "not sent)")
+        if length is not None:
+            raise ValueError("length: only for a worker's ParallelCache (an ordinary cache has no padding)")
+        P = int(prefix_len)
+        cum = max(layer.get_seq_length() for layer in c.layers)
+        T = cum - P
+        if T < 0:
+            raise ValueError(f"worker_cache: holds {cum} tokens, fewer than prefix_len={P}")
+        kv, windows = [], []
+        for l in range(fp.n_layers):
+            k, v = _layer_kv(c, l)
+            first = cum - k.shape[2]  # position of the first stored slot
+            if first <= P:
+                k, v = k[:, :, P - first:], v[:, :, P - first:]
+            kv.append((k, v))
+            windows.append(int(getattr(c.layers[l], "sliding_window", 0) or 0) if k.shape[2] < T else 0)
+        B = kv[0][0].shape[0]
+        pad = torch.zeros(B, dtype=torch.int64)
+    if row is not None:
+        if not 0 <= row < B:
+            raise ValueError(f"worker_cache: row {row} is outside the cache's batch of {B}")
+        kv = [(k[row:row + 1], v[row:row + 1]) for k, v in kv]
+        pad, B = pad[row:row + 1], 1
+    pad = pad.clone()
+    lens = T - pad
+    if length is not None:
+        lens = _ints("length", length, B)
+        if (lens < 0).any() or (lens > T - pad).any():
+            raise ValueError(f"length: expected per-row values in [0, tokens after the left pad {(T - pad).tolist()}]"
+                             f", got {lens.tolist()}")
+        T = int((pad + lens).max())  # trailing slots past every row's last real token are not sent
+        kv = [(k[:, :, :T], v[:, :, :T]) for k, v in kv]
+    for l, (k, _) in enumerate(kv):
+        if k.shape[1] != fp.layers[l][0] or k.shape[3] != fp.layers[l][1]:
+            raise ValueError(f"worker_cache: layer {l} keys {tuple(k.shape)} do not match the model's "
+                             f"{fp.layers[l][0]} kv heads x head dim {fp.layers[l][1]}")
+    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P,
+                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()))
+    return h, kv
+
+
+def prefix_parts(prefix: Cache, fp: Fingerprint):
+    """``(header, [(k, v), ...])`` of a prefix cache (an ordinary cache, e.g. a prefill's ``past_key_values``)."""
+    if not isinstance(prefix, Cache) or isinstance(prefix, ParallelCache):
+        raise TypeError(f"cache: expected an ordinary transformers Cache (e.g. DynamicCache), got "
+                        f"{type(prefix).__name__}")
+    if len(prefix.layers) != fp.n_layers:
+        raise ValueError(f"cache: {len(prefix.layers)} layers, the model has {fp.n_layers}")
+    kv = [_layer_kv(prefix, l) for l in range(fp.n_layers)]
+    P = max(layer.get_seq_length() for layer in prefix.layers)
+    B = kv[0][0].shape[0]
+    windows = tuple(int(getattr(layer, "sliding_window", 0) or 0) if getattr(layer, "is_sliding", False) else 0
+                    for layer in prefix.layers)
+    h = wire.Header(wire.PREFIX, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, P, P,
+                    tuple(k.shape[2] for k, _ in kv), windows, (0,) * B, (P,) * B)
+    return h, kv
+
+
+def _fill(layer, k, v, seen=None):
+    layer.lazy_initialization(k, v)
+    layer.keys, layer.values = k, v
+    if seen is not None:
+        layer.cumulative_length = seen
+    return layer
+
+
+def _layers(h: wire.Header, kv, seen: int):
+    return [_fill(DynamicSlidingWindowLayer(w), k, v, seen) if w else _fill(DynamicLayer(), k, v)
+            for (k, v), w in zip(kv, h.cache_windows)]
+
+
+def _ordinary(layers) -> DynamicCache:
+    c = DynamicCache()
+    c.layers = layers
+    return c
+
+
+def build_branch(h: wire.Header, kv, prefix: Cache | None) -> Cache:
+    """The received branch as a cache ``ParallelCache(prefix, [branch])`` reads in place (see the module doc)."""
+    if all(s == h.tokens for s in h.stored):
+        pc = ParallelCache(prefix, [])
+        pc.layers = [_fill(DynamicLayer(), k, v) for k, v in kv]
+        pc._own_pad = torch.tensor(h.pad, dtype=torch.int64)
+        pc.batch = h.rows
+        pc.lengths = torch.tensor(h.lengths, dtype=torch.int64)
+        return pc
+    c = _ordinary(_layers(h, kv, h.prefix_len + h.tokens))
+    c.lengths = torch.tensor(h.lengths, dtype=torch.int64)
+    return c
+
+
+def build_prefix(h: wire.Header, kv) -> DynamicCache:
+    return _ordinary(_layers(h, kv, h.prefix_len))

@@ -1,0 +1,204 @@
+"""Moving cache messages between processes: the control plane on the group's store, the data on the group.
+
+Keys (``ns`` = ``pskv/<group name>``; ``s``/``d`` global ranks; ``n`` the ``s -> d`` sequence number)::
+
+    ns/b/s/d/n/h   the announced header (set by the sender, deleted by the receiver once read)
+    ns/b/s/d/n/a   the verdict, written once (store.compare_set: first writer wins):
+                   "ok" / "reject:<why>" by the receiver, or "withdrawn" by a sender that stopped waiting
+    ns/q/d/n       the n-th announcement to d (value "s n"; counter ns/q/d/count), so a receiver can wait for
+                   the first of several senders with one store.wait
+
+A sender announces, waits for the verdict and sends the payload only after "ok"; a receiver waits on the
+store (with its timeout), judges the header, and posts the receive only for a branch it accepted. A timed-out
+store.wait leaves the group untouched; no receive is ever left posted.
+"""
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+_LONG = timedelta(days=365)
+
+
+class _State:
+    """Per-process protocol state: sequence numbers and announcements seen, per group."""
+
+    def __init__(self):
+        self.sent = {}  # (ns, s, d) -> next n to send
+        self.taken = {}  # (ns, s, d) -> next n to receive
+        self.cursor = {}  # (ns, d) -> announcements read from the queue
+        self.announced = {}  # (ns, d) -> set of (s, n) read from the queue, not yet taken
+        self.bcast = {}  # ns -> broadcasts done
+
+
+_state = _State()
+
+
+def _ns(group) -> str:
+    g = group if group is not None else dist.group.WORLD
+    return f"pskv/{dist.distributed_c10d._get_process_group_name(g)}"
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def _rank() -> int:
+    return dist.get_rank()
+
+
+def _seconds(timeout) -> float | None:
+    if timeout is None:
+        return None
+    t = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    if t < 0:
+        raise ValueError(f"timeout: expected seconds >= 0 or None, got {timeout}")
+    return t
+
+
+def _wait(store, key: str, deadline: float | None) -> bool:
+    """Wait for ``key`` until ``deadline`` (time.monotonic(); None: forever). False on timeout."""
+    while True:
+        left = _LONG if deadline is None else timedelta(seconds=max(deadline - time.monotonic(), 0.0))
+        if store.check([key]):
+            return True
+        if deadline is not None and left.total_seconds() <= 0:
+            return False
+        try:
+            store.wait([key], max(left, timedelta(milliseconds=1)))
+            return True
+        except dist.DistStoreError:
+            if deadline is not None and time.monotonic() >= deadline:
+                return store.check([key])
+
+
+def announce(header: bytes, dst: int, group) -> tuple:
+    """Sender: publish ``header`` for ``dst``; returns the keys of this message."""
+    store, ns, src = _store(), _ns(group), _rank()
+    n = _state.sent.get((ns, src, dst), 0)
+    _state.sent[(ns, src, dst)] = n + 1
+    base = f"{ns}/b/{src}/{dst}/{n}"
+    store.set(f"{base}/h", header)
+    k = store.add(f"{ns}/q/{dst}/count", 1)
+    store.set(f"{ns}/q/{dst}/{k}", f"{src} {n}")
+    return base
+
+
+def await_verdict(base: str, dst: int, timeout) -> str:
+    """Sender: "ok", or "reject:<why>"; raises TimeoutError (and withdraws the branch) after ``timeout`` s."""
+    store = _store()
+    t = _seconds(timeout)
+    if not _wait(store, f"{base}/a", None if t is None else time.monotonic() + t):
+        verdict = store.compare_set(f"{base}/a", "", "withdrawn").decode()
+        if verdict == "withdrawn":
+            store.delete_key(f"{base}/h")
+            raise TimeoutError(f"send_branch: rank {dst} did not take the branch within {t:g} s (withdrawn; the "
+                               "group is usable)")
+    verdict = store.get(f"{base}/a").decode()
+    store.delete_key(f"{base}/a")
+    return verdict
+
+
+def next_announced(srcs, group, deadline: float | None, t: float | None) -> tuple:
+    """Receiver: ``(src, base, header bytes)`` of the first branch announced by any of ``srcs`` before ``deadline``
+    (time.monotonic(); None: forever); ``t`` is the caller's timeout, for the message."""
+    store, ns, me = _store(), _ns(group), _rank()
+    seen = _state.announced.setdefault((ns, me), set())
+    while True:
+        for s in srcs:
+            n = _state.taken.get((ns, s, me), 0)
+            if (s, n) in seen:
+                seen.discard((s, n))
+                _state.taken[(ns, s, me)] = n + 1
+                base = f"{ns}/b/{s}/{me}/{n}"
+                return s, base, store.get(f"{base}/h")
+        c = _state.cursor.get((ns, me), 0) + 1
+        key = f"{ns}/q/{me}/{c}"
+        if not _wait(store, key, deadline):
+            who = ", ".join(str(s) for s in srcs)
+            raise TimeoutError(f"recv_branch: no branch from rank{'s' if len(srcs) > 1 else ''} {who} within "
+                               f"{t:g} s (nothing was posted; the group is usable)")
+        s, n = map(int, store.get(key).decode().split())
+        store.delete_key(key)
+        _state.cursor[(ns, me)] = c
+        seen.add((s, n))
+
+
+def decide(base: str, verdict: str) -> bool:
+    """Receiver: record ``verdict`` unless the sender withdrew first; True if ours stands."""
+    store = _store()
+    got = store.compare_set(f"{base}/a", "", verdict).decode()
+    store.delete_key(f"{base}/h")
+    if got == "withdrawn":
+        store.delete_key(f"{base}/a")
+        return False
+    return True
+
+
+def send_payload(buf: torch.Tensor, dst: int, group) -> None:
+    dist.send(buf, dst, group=group)
+
+
+def recv_payload(nbytes: int, src: int, group, device) -> torch.Tensor:
+    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dist.recv(buf, src, group=group)
+    return buf
+
+
+# ---- broadcast (a collective: every rank of the group takes part) -------------------------------------------
+def bcast_keys(group) -> str:
+    ns = _ns(group)
+    n = _state.bcast.get(ns, 0)
+    _state.bcast[ns] = n + 1
+    return f"{ns}/p/{n}"
+
+
+def bcast_publish(base: str, header: bytes, ranks, timeout) -> str | None:
+    """Source: publish the header, collect every rank's verdict; None if all accepted, else the refusals."""
+    store = _store()
+    store.set(f"{base}/h", header)
+    t = _seconds(timeout)
+    deadline = None if t is None else time.monotonic() + t
+    refusals, missing = [], []
+    for r in ranks:
+        if not _wait(store, f"{base}/v/{r}", deadline):
+            missing.append(r)
+            continue
+        v = store.get(f"{base}/v/{r}").decode()
+        store.delete_key(f"{base}/v/{r}")
+        if v != "ok":
+            refusals.append(f"rank {r}: {v.removeprefix('reject:')}")
+    if missing:
+        refusals.append(f"ranks {missing} did not answer within {t:g} s")
+    decision = "go" if not refusals else "abort:" + "; ".join(refusals)
+    store.set(f"{base}/d", decision)
+    store.delete_key(f"{base}/h")
+    return None if not refusals else decision.removeprefix("abort:")
+
+
+def bcast_header(base: str, src: int, timeout) -> bytes:
+    t = _seconds(timeout)
+    if not _wait(_store(), f"{base}/h", None if t is None else time.monotonic() + t):
+        raise TimeoutError(f"broadcast_prefix: rank {src} published no prefix within {t:g} s")
+    return _store().get(f"{base}/h")
+
+
+def bcast_answer(base: str, verdict: str, src: int, timeout) -> str:
+    """Receiver: post our verdict, wait for the source's decision ("go" or "abort:<why>")."""
+    store = _store()
+    store.set(f"{base}/v/{_rank()}", verdict)
+    t = _seconds(timeout)
+    if not _wait(store, f"{base}/d", None if t is None else time.monotonic() + t):
+        raise TimeoutError(f"broadcast_prefix: rank {src} gave no decision within {t:g} s")
+    return store.get(f"{base}/d").decode()
+
+
+def bcast_done(base: str, n_readers: int) -> None:
+    """Each rank that read the decision counts itself; the last one deletes the key."""
+    store = _store()
+    if store.add(f"{base}/n", 1) == n_readers:
+        store.delete_key(f"{base}/d")
+        store.delete_key(f"{base}/n")

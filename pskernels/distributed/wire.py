@@ -1,0 +1,155 @@
+"""The wire format of one cache message: an int64 header and ONE contiguous byte payload.
+
+Pure torch, no processes: :func:`encode` / :func:`decode` turn a :class:`Header` into bytes and back (every
+size and range checked before anything is allocated), :func:`pack` copies the layers' keys and values into one
+payload, :func:`unpack` returns per-layer views into a received payload (no copy).
+
+Header (int64, little endian as torch stores it; ``F = 9`` fields per layer)::
+
+    [0] MAGIC  [1] VERSION  [2] header length (int64 count)  [3] kind (0 prefix, 1 branch)  [4] dtype code
+    [5] layers L  [6] rows B  [7] tokens T (slots per row after the prefix; P for a prefix)
+    [8] prefix length P  [9] payload bytes
+    [10 + F*l ...] layer l: kv heads, head dim, sliding window, rotary dim, rope type, rope theta (f64 bits),
+                   rope crc, stored slots S_l, cache window (0: the layer stores every slot)
+    [10 + F*L ...] B left pads, then B real lengths
+
+Payload: for l in 0..L-1: K_l then V_l, each ``[B, kv_heads_l, S_l, head_dim_l]`` contiguous, in the header's
+dtype. A layer stores the LAST ``S_l`` of its ``T`` slots (a sliding layer of an ordinary cache drops the oldest).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .fingerprint import LAYER_FIELDS, Fingerprint, dtype_of
+
+MAGIC = 0x5053_4B56  # "PSKV"
+VERSION = 1
+PREFIX, BRANCH = 0, 1
+KINDS = {PREFIX: "prefix", BRANCH: "branch"}
+_FIXED = 10
+_F = len(LAYER_FIELDS) + 2
+MAX_LAYERS, MAX_ROWS, MAX_TOKENS, MAX_DIM = 1 << 12, 1 << 16, 1 << 31, 1 << 16
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: int
+    fingerprint: Fingerprint
+    rows: int
+    tokens: int
+    prefix_len: int
+    stored: tuple  # [L] slots each layer stores (the last S_l of T)
+    cache_windows: tuple  # [L] 0, or the window of a sliding cache layer
+    pad: tuple  # [B] leading masked slots per row
+    lengths: tuple  # [B] real tokens per row
+    version: int = VERSION
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return dtype_of(self.fingerprint.dtype)
+
+    def layer_shape(self, l: int) -> tuple:
+        kv, hd = self.fingerprint.layers[l][:2]
+        return (self.rows, kv, self.stored[l], hd)
+
+    @property
+    def payload_bytes(self) -> int:
+        el = torch.empty(0, dtype=self.dtype).element_size()
+        return sum(2 * self.rows * kv * s * hd * el for (kv, hd, *_), s in zip(self.fingerprint.layers, self.stored))
+
+    def layer_offsets(self):
+        """Byte offsets ``(k0, v0, end)`` of each layer's K and V in the payload."""
+        el = torch.empty(0, dtype=self.dtype).element_size()
+        off = 0
+        for l in range(len(self.stored)):
+            n = el * self.rows * self.fingerprint.layers[l][0] * self.stored[l] * self.fingerprint.layers[l][1]
+            yield off, off + n, off + 2 * n
+            off += 2 * n
+
+
+def encode(h: Header) -> bytes:
+    vals = [MAGIC, h.version, 0, h.kind, h.fingerprint.dtype, h.fingerprint.n_layers, h.rows, h.tokens,
+            h.prefix_len, h.payload_bytes]
+    for layer, s, w in zip(h.fingerprint.layers, h.stored, h.cache_windows):
+        vals += [*layer, s, w]
+    vals += [*h.pad, *h.lengths]
+    vals[2] = len(vals)
+    return torch.tensor(vals, dtype=torch.int64).numpy().tobytes()
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"wire header: {msg}")
+
+
+def decode(data: bytes) -> Header:
+    """Parse and check a header; raises ValueError naming what is wrong (nothing is allocated from it here)."""
+    _check(len(data) % 8 == 0 and len(data) >= 8 * _FIXED, f"expected a multiple of 8 bytes >= {8 * _FIXED}, "
+           f"got {len(data)}")
+    v = torch.frombuffer(bytearray(data), dtype=torch.int64).tolist()
+    _check(v[0] == MAGIC, f"bad magic {v[0]:#x} (expected {MAGIC:#x}): not a pskernels cache message")
+    if v[1] != VERSION:
+        raise ValueError(f"format version: sender {v[1]}, receiver {VERSION}")
+    hlen, kind, dtype, L, B, T, P, nbytes = v[2:10]
+    _check(kind in KINDS, f"kind {kind} is not one of {sorted(KINDS)}")
+    _check(dtype_of(dtype) is not dtype, f"unknown dtype code {dtype}")
+    _check(1 <= L <= MAX_LAYERS, f"layer count {L} outside [1, {MAX_LAYERS}]")
+    _check(1 <= B <= MAX_ROWS, f"rows {B} outside [1, {MAX_ROWS}]")
+    _check(0 <= T <= MAX_TOKENS and 0 <= P <= MAX_TOKENS, f"tokens {T} / prefix length {P} out of range")
+    _check(kind == BRANCH or T == P, f"a prefix message must have tokens == prefix length, got {T} and {P}")
+    _check(hlen == _FIXED + _F * L + 2 * B == len(v), f"length {len(v)} int64, field says {hlen}, layout needs "
+           f"{_FIXED + _F * L + 2 * B} for {L} layers and {B} rows")
+    layers, stored, windows = [], [], []
+    for l in range(L):
+        f = v[_FIXED + _F * l: _FIXED + _F * (l + 1)]
+        kv, hd, s, w = f[0], f[1], f[-2], f[-1]
+        _check(1 <= kv <= MAX_DIM and 1 <= hd <= MAX_DIM, f"layer {l}: kv heads {kv} / head dim {hd} out of range")
+        _check(0 <= s <= T, f"layer {l}: stored slots {s} outside [0, tokens {T}]")
+        _check(w >= 0 and (s == T or w > 0), f"layer {l}: stores {s} of {T} slots without a sliding cache window")
+        layers.append(tuple(f[:-2]))
+        stored.append(s)
+        windows.append(w)
+    rows = v[_FIXED + _F * L:]
+    pad, lengths = tuple(rows[:B]), tuple(rows[B:])
+    for b in range(B):
+        _check(0 <= pad[b] and 0 <= lengths[b] and pad[b] + lengths[b] <= T,
+               f"row {b}: left pad {pad[b]} + length {lengths[b]} outside [0, tokens {T}]")
+    h = Header(kind, Fingerprint(dtype, tuple(layers)), B, T, P, tuple(stored), tuple(windows), pad, lengths, v[1])
+    _check(nbytes == h.payload_bytes, f"payload bytes {nbytes} do not match the layout's {h.payload_bytes}")
+    return h
+
+
+def pack(h: Header, layers, device=None) -> torch.Tensor:
+    """Copy ``[(k, v), ...]`` (each ``[B, kv_heads, S_l, head_dim]``, as ``h`` describes) into one uint8 payload."""
+    if len(layers) != len(h.stored):
+        raise ValueError(f"pack: {len(layers)} layers given, the header describes {len(h.stored)}")
+    dev = device if device is not None else layers[0][0].device
+    buf = torch.empty(h.payload_bytes, dtype=torch.uint8, device=dev)
+    for l, ((k, v), (k0, v0, end)) in enumerate(zip(layers, h.layer_offsets())):
+        shape = h.layer_shape(l)
+        for name, t, a, b in (("keys", k, k0, v0), ("values", v, v0, end)):
+            if tuple(t.shape) != shape or t.dtype != h.dtype:
+                raise ValueError(f"pack: layer {l} {name}: expected {shape} {h.dtype}, got {tuple(t.shape)} {t.dtype}")
+            buf[a:b].view(h.dtype).view(shape).copy_(t)
+    return buf
+
+
+def unpack(h: Header, payload: torch.Tensor) -> list:
+    """Per-layer ``(k, v)`` views into ``payload`` (uint8, 1-D, exactly ``h.payload_bytes``): no copy.
+
+    The size is checked before any view is built, so a truncated or oversized payload builds nothing."""
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1:
+        raise ValueError(f"payload: expected a 1-D uint8 tensor, got "
+                         f"{getattr(payload, 'dtype', type(payload).__name__)} {tuple(getattr(payload, 'shape', ()))}")
+    if payload.numel() != h.payload_bytes:
+        what = "truncated" if payload.numel() < h.payload_bytes else "oversized"
+        raise ValueError(f"payload: {what}: expected {h.payload_bytes} bytes, got {payload.numel()}")
+    if not payload.is_contiguous():
+        raise ValueError("payload: expected a contiguous tensor")
+    out = []
+    for l, (k0, v0, end) in enumerate(h.layer_offsets()):
+        shape = h.layer_shape(l)
+        out.append((payload[k0:v0].view(h.dtype).view(shape), payload[v0:end].view(h.dtype).view(shape)))
+    return out

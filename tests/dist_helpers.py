@@ -1,0 +1,253 @@
+"""Multi-process scenarios for tests/test_distributed.py: gloo over 127.0.0.1, one spawned process per rank.
+
+``spawn(fn, world, timeout)`` runs ``fn(rank, world)`` in ``world`` fresh processes and returns each rank's
+result; a rank that raises, hangs past ``timeout`` or dies without a result fails the run with its traceback.
+Every scenario is deterministic: a rank recomputes locally what another rank computed (same seed, one thread),
+so bit-exact comparisons across processes are meaningful.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import time
+import traceback
+
+import torch
+
+STEP_TIMEOUT = 30.0  # seconds any single receive may wait in the happy paths
+
+
+# ---- the runner -------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn, rank, world, port, results):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))
+        out = fn(rank, world)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: B036 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        raise SystemExit(1) from None
+    results.close()
+    results.join_thread()  # flush the result before os._exit below
+    _finish(rank, world)
+
+
+def _finish(rank, world):
+    """Rank 0 hosts the store: it leaves last, once every live rank has said so."""
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    store.add("test/done", 1)
+    if rank == 0:
+        alive = world - int(store.add("test/dead", 0))
+        deadline = time.monotonic() + 30
+        while int(store.add("test/done", 0)) < alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+    os._exit(0)  # skip interpreter teardown of gloo threads (a dead peer may make it slow)
+
+
+def spawn(fn, world: int, timeout: float = 90.0) -> dict:
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    out, errors = {}, []
+    deadline = time.monotonic() + timeout
+    while len(out) + len(errors) < world and time.monotonic() < deadline:
+        try:
+            rank, status, value = results.get(timeout=0.5)
+        except queue.Empty:
+            if all(not p.is_alive() for p in procs) and results.empty():
+                break
+            continue
+        if status == "ok":
+            out[rank] = value
+        else:
+            errors.append(f"--- rank {rank} ---\n{value}")
+    for p in procs:
+        p.join(max(0.0, min(10.0, deadline - time.monotonic())))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(5)
+    missing = sorted(set(range(world)) - set(out))
+    if errors or missing:
+        raise AssertionError(f"spawned run failed (no result from ranks {missing}; still running after {timeout:g} s: "
+                             f"{hung})\n" + "\n".join(errors))
+    return out
+
+
+# ---- shared helpers -----------------------------------------------------------------------------------------
+def setup(arch="llama", dtype=torch.float32):
+    import pskernels
+
+    from tiny_models import make_model
+
+    model = make_model(arch, dtype=dtype)
+    model.generation_config.eos_token_id = None
+    pskernels.patch_model(model)
+    return model
+
+
+def ids(n, seed, rows=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 90, (rows, n), generator=g)
+
+
+def layers_equal(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def storages(cache):
+    return {t.untyped_storage().data_ptr() for layer in cache.layers for t in (layer.keys, layer.values)}
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS")
+
+
+# ---- scenario A: round trip, exactness, broadcast -------------------------------------------------------------
+P = 8  # prefix tokens (> the tiny models' window 6: sliding layers of the prefix drop slots)
+CONFIGS = [("llama", torch.float32), ("gemma3", torch.float32), ("mistral_sliding", torch.float32),
+           ("llama", torch.bfloat16)]
+ROW_INSTR = (5, 3)  # rank 1: a batched worker of two left-padded rows
+ROW_NEW = 4
+ROW_LEN = (5 + 1, 3 + ROW_NEW - 1)  # real tokens sent per row (row 0 "stopped early": trailing slots not sent)
+SOLO = 7  # rank 2: one zero-copy worker
+FULL = 9  # rank 3: an ordinary [prefix | branch] cache (sliding layers drop slots)
+QUERY = 3
+
+
+@torch.no_grad()
+def worker_caches(model, prefix, rank, seed):
+    """What worker ``rank`` computes on ``prefix``: (cache to send, send kwargs, local branch, branch length)."""
+    import pskernels
+
+    if rank == 1:
+        L = max(ROW_INSTR)
+        x = torch.zeros(2, L, dtype=torch.long)
+        mask = torch.zeros(2, L, dtype=torch.long)
+        for i, n in enumerate(ROW_INSTR):
+            x[i, L - n:] = ids(n, seed + 10 + i)[0]
+            mask[i, L - n:] = 1
+        w = pskernels.ParallelCache(prefix, [])
+        model.generate(x, attention_mask=mask, cache=w, max_new_tokens=ROW_NEW, do_sample=False,
+                       pad_token_id=0)
+        return [(pskernels.CacheRow(w, i), {"length": ROW_LEN[i]}, pskernels.CacheRow(w, i), ROW_LEN[i])
+                for i in range(2)]
+    if rank == 2:
+        w = pskernels.ParallelCache(prefix, [])
+        model(ids(SOLO, seed + 20), cache=w)
+        return [(w, {}, w, SOLO)]
+    c = copy.deepcopy(prefix)
+    model(ids(FULL, seed + 30), cache=c)
+    return [(c, {"prefix_len": P}, c, FULL)]
+
+
+def _same_synthesis(model, q, ref, rcv, scheme, tag):
+    """Logits and greedy tokens of ParallelCache(*ref) and ParallelCache(*rcv) are identical."""
+    import pskernels
+
+    def cache(args):
+        prefix, branches, kw = args
+        return pskernels.ParallelCache(prefix, branches, scheme=scheme, **kw)
+
+    a, b = model(q, cache=cache(ref)).logits, model(q, cache=cache(rcv)).logits
+    assert torch.equal(a, b), f"{tag}/{scheme}: logits differ by {(a - b).abs().max().item():.3e}"
+    ga = model.generate(q, cache=cache(ref), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    gb = model.generate(q, cache=cache(rcv), max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(ga, gb), f"{tag}/{scheme}: greedy tokens {ga.tolist()} vs {gb.tolist()}"
+
+
+def _schemes(n, lens):
+    starts = [P + 3 * i + 1 for i in range(n)]
+    return [("parallel", {}), ("sequential", {}), ("right_aligned", {}),
+            ("custom", {"branch_starts": starts, "query_start": max(s + n for s, n in zip(starts, lens)) + 2})]
+
+
+@torch.no_grad()
+def round_trip(rank, world):
+    import pskernels
+    from pskernels import distributed as psd
+
+    report = {}
+    for c, (arch, dtype) in enumerate(CONFIGS):
+        tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
+        model = setup(arch, dtype)
+        seed = 100 * c
+        local_prefix = model(ids(P, seed), use_cache=True).past_key_values
+        prefix = psd.broadcast_prefix(local_prefix if rank == 0 else None, 0, model=model, timeout=STEP_TIMEOUT)
+        if rank != 0:
+            assert prefix is not local_prefix
+            assert [type(a) for a in prefix.layers] == [type(b) for b in local_prefix.layers], tag
+            assert prefix.get_seq_length() == local_prefix.get_seq_length() == P, tag
+            assert layers_equal([x.keys for x in prefix.layers], [x.keys for x in local_prefix.layers]), tag
+            assert layers_equal([x.values for x in prefix.layers], [x.values for x in local_prefix.layers]), tag
+            assert len(storages(prefix)) == 1, f"{tag}: the received prefix is not one buffer"
+            sent = []
+            for cache, kw, _, n in worker_caches(model, prefix, rank, seed):
+                sent.append((psd.send_branch(cache, 0, model=model, timeout=STEP_TIMEOUT, **kw), n))
+            report[tag] = {"sent": sent, "bytes_per_token": psd.branch_bytes_per_token(model),
+                           "prefix_dropped": min(x.keys.shape[2] for x in prefix.layers) < P}
+            continue
+        # rank 0: take the branches in the order they come, then compare with the same work done locally
+        want = {1: 2, 2: 1, 3: 1}
+        got = {r: [] for r in want}
+        order = []
+        while any(want.values()):
+            src, br = psd.recv_any([r for r, k in want.items() if k], model=model, prefix=prefix, timeout=STEP_TIMEOUT)
+            want[src] -= 1
+            got[src].append(br)
+            order.append(src)
+        received = got[1] + got[2] + got[3]
+        local = [x for r in (1, 2, 3) for x in worker_caches(model, local_prefix, r, seed)]
+        stats = {"order": order, "kinds": [type(b).__name__ for b in received]}
+        for i, (br, (_, _, ref, n)) in enumerate(zip(received, local)):
+            assert len(storages(br)) == 1, f"{tag} branch {i}: K/V are not views of one received buffer"
+            row = ref.row if isinstance(ref, pskernels.CacheRow) else None
+            ref_cache = ref.cache if row is not None else ref
+            for l, (a, b) in enumerate(zip(br.layers, ref_cache.layers)):
+                for name, x, y in (("keys", a.keys, b.keys), ("values", a.values, b.values)):
+                    if row is not None:
+                        y = y[row:row + 1]
+                    y = y[:, :, :x.shape[2]] if row is not None else y[:, :, y.shape[2] - x.shape[2]:]
+                    assert x.dtype == y.dtype and torch.equal(x, y), f"{tag} branch {i} layer {l} {name} differ"
+            assert int(br.lengths.sum()) == n, f"{tag} branch {i}: lengths {br.lengths.tolist()}, expected {n}"
+        ptrs = [next(iter(storages(b))) for b in received]
+        assert len(set(ptrs)) == len(ptrs), f"{tag}: two branches share a buffer"
+        stats["stored_full"] = [x.keys.shape[2] for x in received[3].layers]
+        lens = [n for *_, n in local]
+        q = ids(QUERY, seed + 40)
+        mine = [x[2] for x in local]
+        for scheme, kw in _schemes(len(local), lens):
+            _same_synthesis(model, q, (local_prefix, mine, dict(kw, branch_lengths=lens)), (prefix, received, kw),
+                            scheme, tag)
+            stats.setdefault("schemes", []).append(scheme)
+        # the comparison is not vacuous: dropping a branch changes the logits
+        fewer = model(q, cache=pskernels.ParallelCache(prefix, received[:-1])).logits
+        stats["sensitivity"] = (fewer - model(q, cache=pskernels.ParallelCache(prefix, received)).logits
+                                ).abs().max().item()
+        report[tag] = stats
+    return report

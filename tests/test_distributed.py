@@ -1,0 +1,145 @@
+"""pskernels.distributed: the wire format in-process, then real transfers between spawned processes (gloo, CPU).
+
+The spawned runs group many checks each (process start-up dominates); every run is bounded by a join timeout
+and fails with the ranks' tracebacks. Scenarios: tests/dist_helpers.py.
+"""
+import dist_helpers as dh
+import pytest
+import torch
+
+import pskernels
+from pskernels.distributed import caches, wire
+from pskernels.distributed.fingerprint import compare, fingerprint
+
+from tiny_models import make_model
+
+pytestmark = pytest.mark.hf
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return dh.setup("llama")
+
+
+@torch.no_grad()
+def _worker(model, P=5, T=6, rows=1, seed=0):
+    prefix = model(dh.ids(P, seed), use_cache=True).past_key_values
+    w = pskernels.ParallelCache(prefix, [])
+    model(dh.ids(T, seed + 1, rows), past_key_values=w)
+    return prefix, w
+
+
+def _message(model, cache, **kw):
+    h, kv = caches.branch_parts(cache, fingerprint(model), **kw)
+    return wire.encode(h), wire.pack(h, kv), kv
+
+
+# ---- wire format, in process ------------------------------------------------------------------------------
+def test_header_round_trip_and_in_place_unpack(llama):
+    prefix, w = _worker(llama)
+    raw, payload, kv = _message(llama, w)
+    h = wire.decode(raw)
+    assert (h.rows, h.tokens, h.prefix_len, h.pad, h.lengths) == (1, 6, 5, (0,), (6,))
+    assert h.payload_bytes == payload.numel() == 6 * pskernels.distributed.branch_bytes_per_token(llama)
+    views = wire.unpack(h, payload)
+    ptr = payload.untyped_storage().data_ptr()
+    for (k, v), (k0, v0) in zip(views, kv):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+        assert k.untyped_storage().data_ptr() == ptr == v.untyped_storage().data_ptr()
+    branch = caches.build_branch(h, views, prefix)
+    assert all(layer.keys.untyped_storage().data_ptr() == ptr for layer in branch.layers)
+
+
+@pytest.mark.parametrize("delta", [-1, 1, -8], ids=["truncated-1", "oversized+1", "truncated-8"])
+def test_payload_of_the_wrong_size_builds_nothing(llama, delta, monkeypatch):
+    _, w = _worker(llama)
+    raw, payload, _ = _message(llama, w)
+    h = wire.decode(raw)
+    bad = torch.zeros(payload.numel() + delta, dtype=torch.uint8)
+    built = []
+    monkeypatch.setattr(torch.Tensor, "view", lambda *a, **k: built.append(1) or pytest.fail("a view was built"))
+    with pytest.raises(ValueError, match="truncated" if delta < 0 else "oversized"):
+        wire.unpack(h, bad)
+    assert not built
+
+
+def _patch_header(raw: bytes, index: int, value: int) -> bytes:
+    v = torch.frombuffer(bytearray(raw), dtype=torch.int64).clone()
+    v[index] = value
+    return v.numpy().tobytes()
+
+
+def test_malformed_headers_are_refused_before_any_allocation(llama):
+    _, w = _worker(llama)
+    raw, _, _ = _message(llama, w)
+    cases = [
+        (raw[:-8], "length"),  # truncated header
+        (raw + raw[-8:], "length"),  # one int64 too many
+        (raw[:40], ">= 80"),
+        (raw[:12], "multiple of 8"),
+        (_patch_header(raw, 0, 1234), "magic"),
+        (_patch_header(raw, 1, 2), r"format version: sender 2, receiver 1"),
+        (_patch_header(raw, 9, 10**12), "payload bytes"),  # oversized declared payload
+        (_patch_header(raw, 7, 1 << 40), "out of range"),
+        (_patch_header(raw, 6, 0), "rows"),
+        (_patch_header(raw, 4, 99), "dtype"),
+        (_patch_header(raw, 10 + 7, 7), "stored slots"),  # layer 0 stores more than T
+        (_patch_header(raw, len(raw) // 8 - 1, 7), "row 0"),  # length past the tokens
+    ]
+    for data, match in cases:
+        with pytest.raises(ValueError, match=match):
+            wire.decode(data)
+
+
+def test_fingerprint_names_the_field_and_both_values(llama):
+    mine = fingerprint(llama)
+    assert compare(fingerprint(llama), mine) is None
+    cases = [("gemma3", torch.float32, "layer count: sender 4, receiver 3"),
+             ("llama_yarn", torch.float32, "layer 0 rope_type: sender yarn, receiver default"),
+             ("phi3_partial", torch.float32, "layer 0 rotary_dim: sender 8, receiver 16"),
+             ("llama", torch.bfloat16, "dtype: sender torch.bfloat16, receiver torch.float32")]
+    for arch, dtype, msg in cases:
+        assert compare(fingerprint(make_model(arch, dtype=dtype)), mine) == msg
+    g3 = fingerprint(make_model("gemma3"))
+    assert [layer[2] for layer in g3.layers] == [6, 0, 6, 0]  # sliding windows per layer
+    theta = compare(g3, fingerprint(make_model("gemma3")).__class__(g3.dtype, (g3.layers[1],) + g3.layers[1:]))
+    assert theta.startswith("layer 0 window: sender 6, receiver 0")
+
+
+def test_sender_checks_its_own_cache(llama):
+    prefix, w = _worker(llama, rows=2)
+    fp = fingerprint(llama)
+    with pytest.raises(ValueError, match="row 2 is outside"):
+        caches.branch_parts(pskernels.CacheRow(w, 2), fp)
+    with pytest.raises(ValueError, match="length"):
+        caches.branch_parts(pskernels.CacheRow(w, 0), fp, length=7)
+    with pytest.raises(ValueError, match="prefix_len: required"):
+        caches.branch_parts(prefix, fp)
+    with pytest.raises(ValueError, match="synthesizer"):
+        caches.branch_parts(pskernels.ParallelCache(prefix, [w]), fp)
+    with pytest.raises(ValueError, match="layers"):
+        caches.branch_parts(w, fingerprint(make_model("gemma3")))
+
+
+# ---- real transfers between processes ---------------------------------------------------------------------
+def test_round_trip_exact_in_place_every_scheme():
+    """4 ranks, 4 model configs (GQA, sliding-window layers, fp32, bf16): broadcast prefix == local prefill;
+    3 workers (a batched worker's CacheRows with left padding and trimmed lengths, a zero-copy worker, an ordinary
+    cache whose sliding layers dropped slots) -> rank 0 in arrival order; every layer bit-exact, one buffer per
+    branch, and the synthesizer's logits and greedy tokens equal the single-process ParallelCache for every
+    scheme."""
+    out = dh.spawn(dh.round_trip, world=4, timeout=150)
+    for arch, dtype in dh.CONFIGS:
+        tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
+        r0 = out[0][tag]
+        assert sorted(r0["order"]) == [1, 1, 2, 3]
+        assert r0["schemes"] == ["parallel", "sequential", "right_aligned", "custom"]
+        assert r0["sensitivity"] > 1e-3, f"{tag}: dropping a branch does not change the logits"
+        sliding = arch != "llama"
+        assert r0["kinds"] == ["ParallelCache"] * 3 + (["DynamicCache"] if sliding else ["ParallelCache"])
+        assert (min(r0["stored_full"]) < dh.FULL) == sliding, r0["stored_full"]
+        assert out[1][tag]["prefix_dropped"] == sliding
+        bpt = out[2][tag]["bytes_per_token"]
+        assert out[2][tag]["sent"] == [(dh.SOLO * bpt, dh.SOLO)]
+        pads = [max(dh.ROW_INSTR) - n for n in dh.ROW_INSTR]
+        assert out[1][tag]["sent"] == [((p + n) * bpt, n) for p, n in zip(pads, dh.ROW_LEN)]
