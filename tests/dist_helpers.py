@@ -55,9 +55,8 @@ def _finish(rank, world):
     store = dist.distributed_c10d._get_default_store()
     store.add("test/done", 1)
     if rank == 0:
-        alive = world - int(store.add("test/dead", 0))
         deadline = time.monotonic() + 30
-        while int(store.add("test/done", 0)) < alive and time.monotonic() < deadline:
+        while int(store.add("test/done", 0)) < world and time.monotonic() < deadline:
             time.sleep(0.05)
     os._exit(0)  # skip interpreter teardown of gloo threads (a dead peer may make it slow)
 
@@ -251,3 +250,129 @@ def round_trip(rank, world):
                                 ).abs().max().item()
         report[tag] = stats
     return report
+
+
+# ---- scenario B: faults ---------------------------------------------------------------------------------------
+# rank 0 synthesizes; rank 1 dies after the prefix; rank 2 is slow, then withdraws a branch, then sends 100
+# rounds; rank 3 sends branches the synthesizer must refuse, then a good one.
+ROUNDS, RSS_TOKENS = 100, 512
+
+
+def _store():
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def _raises(exc, fn, *args, **kw):
+    """(message, seconds) of the ``exc`` that ``fn`` raises; fails if it returns or raises something else."""
+    t0 = time.monotonic()
+    try:
+        fn(*args, **kw)
+    except exc as e:
+        return str(e), time.monotonic() - t0
+    raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise {exc.__name__}")
+
+
+@torch.no_grad()
+def _solo(model, prefix, seed, n=SOLO):
+    import pskernels
+
+    w = pskernels.ParallelCache(prefix, [])
+    model(ids(n, seed), cache=w)
+    return w
+
+
+def _same_branch(received, local, what):
+    assert layers_equal([x.keys for x in received.layers], [x.keys for x in local.layers]), what
+    assert layers_equal([x.values for x in received.layers], [x.values for x in local.layers]), what
+
+
+@torch.no_grad()
+def faults(rank, world):
+    import gc
+
+    from pskernels import distributed as psd
+    from pskernels.distributed import wire
+
+    store = _store()
+    model = setup("llama")
+    out = {}
+    local_prefix = model(ids(P, 1), use_cache=True).past_key_values
+    # a broadcast one rank refuses: every rank raises, no payload moves; the next broadcast works
+    other = setup("llama_yarn") if rank == 3 else model
+    out["bcast_refused"] = _raises(ValueError, psd.broadcast_prefix, local_prefix if rank == 0 else None, 0,
+                                   model=other, timeout=STEP_TIMEOUT)[0]
+    prefix = psd.broadcast_prefix(local_prefix if rank == 0 else None, 0, model=model, timeout=STEP_TIMEOUT)
+    if rank == 1:  # dies without sending anything
+        store.set("t/1-exiting", "1")
+        return out
+    if rank == 2:
+        store.wait(["t/go2"])  # slow: sends only once the synthesizer has timed out on it
+        psd.send_branch(_solo(model, prefix, 21), 0, model=model, timeout=STEP_TIMEOUT)
+        out["withdrawn"] = _raises(TimeoutError, psd.send_branch, _solo(model, prefix, 22), 0, model=model,
+                                   timeout=0.5)
+        store.set("t/withdrawn", "1")
+        psd.send_branch(_solo(model, prefix, 23), 0, model=model, timeout=STEP_TIMEOUT)
+        w = _solo(model, prefix, 24, RSS_TOKENS)
+        for i in range(ROUNDS):
+            psd.send_branch(w, 0, model=model, timeout=STEP_TIMEOUT)
+            if i + 1 in (10, ROUNDS):
+                gc.collect()
+                out[f"rss_{i + 1}"] = rss_kib()
+        return out
+    if rank == 3:
+        sent = []
+        yarn = setup("llama_yarn")
+        bf16 = setup("llama", torch.bfloat16)
+        bad = [(yarn, _solo(yarn, yarn(ids(P, 1), use_cache=True).past_key_values, 31)),
+               (bf16, _solo(bf16, bf16(ids(P, 1), use_cache=True).past_key_values, 32)),
+               (model, _solo(model, prefix, 33)),  # sent as format version 2
+               (model, _solo(model, model(ids(P + 1, 1), use_cache=True).past_key_values, 34))]
+        for i, (m, w) in enumerate(bad):
+            if i == 2:
+                wire.VERSION = 2
+            sent.append(_raises(ValueError, psd.send_branch, w, 0, model=m, timeout=STEP_TIMEOUT))
+            wire.VERSION = 1
+        psd.send_branch(_solo(model, prefix, 35), 0, model=model, timeout=STEP_TIMEOUT)
+        out["refused"] = sent
+        return out
+    # rank 0 -------------------------------------------------------------------------------------------------
+    store.wait(["t/1-exiting"])
+    time.sleep(0.5)  # let rank 1 exit
+    out["dead"] = _raises(TimeoutError, psd.recv_branch, 1, model=model, prefix=prefix, timeout=1.0)
+    out["slow"] = _raises(TimeoutError, psd.recv_branch, 2, model=model, prefix=prefix, timeout=0.5)
+    store.set("t/go2", "1")
+    src, br = psd.recv_any([1, 2], model=model, prefix=prefix, timeout=STEP_TIMEOUT)
+    assert src == 2
+    _same_branch(br, _solo(model, local_prefix, 21), "late branch of rank 2")
+    _same_synthesis(model, ids(QUERY, 5), (local_prefix, [_solo(model, local_prefix, 21)], {}), (prefix, [br], {}),
+                    "parallel", "late branch")
+    store.wait(["t/withdrawn"])
+    br = psd.recv_branch(2, model=model, prefix=prefix, timeout=STEP_TIMEOUT)
+    _same_branch(br, _solo(model, local_prefix, 23), "the branch after a withdrawn one")
+    out["refusals"] = [_raises(ValueError, psd.recv_branch, 3, model=model, prefix=prefix, timeout=STEP_TIMEOUT)[0]
+                       for _ in range(4)]
+    br = psd.recv_branch(3, model=model, prefix=prefix, timeout=STEP_TIMEOUT)
+    _same_branch(br, _solo(model, local_prefix, 35), "rank 3's good branch after four refused ones")
+    local = _solo(model, local_prefix, 24, RSS_TOKENS)
+    for i in range(ROUNDS):
+        br = psd.recv_branch(2, model=model, prefix=prefix, timeout=STEP_TIMEOUT)
+        if i == 0:
+            _same_branch(br, local, "round 0")
+        del br
+        if i + 1 in (10, ROUNDS):
+            gc.collect()
+            out[f"rss_{i + 1}"] = rss_kib()
+            out[f"keys_{i + 1}"] = store.num_keys()
+    out["payload_kib"] = RSS_TOKENS * psd.branch_bytes_per_token(model) // 1024
+    return out
+
+
+def all_scenarios(rank, world):
+    """Both scenarios in one spawned run (process start-up is the larger cost): round trip, then faults."""
+    t0 = time.monotonic()
+    a = round_trip(rank, world)
+    t1 = time.monotonic()
+    b = faults(rank, world)
+    return {"round_trip": a, "faults": b, "seconds": (t1 - t0, time.monotonic() - t1)}

@@ -122,13 +122,19 @@ def test_sender_checks_its_own_cache(llama):
 
 
 # ---- real transfers between processes ---------------------------------------------------------------------
-def test_round_trip_exact_in_place_every_scheme():
+@pytest.fixture(scope="module")
+def spawned():
+    """One spawned run of 4 ranks for both scenarios (bounded: fails after 200 s with the ranks' tracebacks)."""
+    return dh.spawn(dh.all_scenarios, world=4, timeout=200)
+
+
+def test_round_trip_exact_in_place_every_scheme(spawned):
     """4 ranks, 4 model configs (GQA, sliding-window layers, fp32, bf16): broadcast prefix == local prefill;
     3 workers (a batched worker's CacheRows with left padding and trimmed lengths, a zero-copy worker, an ordinary
     cache whose sliding layers dropped slots) -> rank 0 in arrival order; every layer bit-exact, one buffer per
     branch, and the synthesizer's logits and greedy tokens equal the single-process ParallelCache for every
     scheme."""
-    out = dh.spawn(dh.round_trip, world=4, timeout=150)
+    out = {r: v["round_trip"] for r, v in spawned.items()}
     for arch, dtype in dh.CONFIGS:
         tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
         r0 = out[0][tag]
@@ -143,3 +149,29 @@ def test_round_trip_exact_in_place_every_scheme():
         assert out[2][tag]["sent"] == [(dh.SOLO * bpt, dh.SOLO)]
         pads = [max(dh.ROW_INSTR) - n for n in dh.ROW_INSTR]
         assert out[1][tag]["sent"] == [((p + n) * bpt, n) for p, n in zip(pads, dh.ROW_LEN)]
+
+
+def test_faults_leave_the_group_usable(spawned):
+    """A refused broadcast, a dead worker and a slow one (TimeoutError naming the rank, then the live branches
+    still arrive), a withdrawn send, four refused branches (other model, dtype, format version, prefix length: the
+    field and both values named on both sides, the sender not hung), then 100 rounds with flat RSS and store."""
+    out = {r: v["faults"] for r, v in spawned.items()}
+    for r in range(4):
+        assert "refused the prefix of rank 0" in out[r]["bcast_refused"] if r == 3 else \
+            "rank 3: model fingerprint differs: layer 0 rope_type: sender default, receiver yarn" in \
+            out[r]["bcast_refused"], out[r]["bcast_refused"]
+    msg, secs = out[0]["dead"]
+    assert "rank 1" in msg and 0.9 <= secs < 4.0, (msg, secs)
+    msg, secs = out[0]["slow"]
+    assert "rank 2" in msg and 0.4 <= secs < 3.5, (msg, secs)
+    msg, secs = out[2]["withdrawn"]
+    assert "rank 0" in msg and "withdrawn" in msg and secs < 3.5, (msg, secs)
+    expected = ["layer 0 rope_type: sender yarn, receiver default", "dtype: sender torch.bfloat16, receiver "
+                "torch.float32", "format version: sender 2, receiver 1", "prefix length: sender 9, receiver 8"]
+    for want, got, (sent, _) in zip(expected, out[0]["refusals"], out[3]["refused"]):
+        assert "rank 3" in got and want in got, got
+        assert "rank 0 refused" in sent and want in sent, sent
+    grow = {r: out[r]["rss_100"] - out[r]["rss_10"] for r in (0, 2)}
+    # 90 more rounds of a payload_kib message: a leak of one buffer per round would be 90 x that
+    assert all(g < 4 * out[0]["payload_kib"] for g in grow.values()), (grow, out[0]["payload_kib"])
+    assert out[0]["keys_100"] <= out[0]["keys_10"], (out[0]["keys_10"], out[0]["keys_100"])  # store keys: flat

@@ -93,8 +93,7 @@ def await_verdict(base: str, dst: int, timeout) -> str:
     t = _seconds(timeout)
     if not _wait(store, f"{base}/a", None if t is None else time.monotonic() + t):
         verdict = store.compare_set(f"{base}/a", "", "withdrawn").decode()
-        if verdict == "withdrawn":
-            store.delete_key(f"{base}/h")
+        if verdict == "withdrawn":  # the receiver deletes the keys when it comes to this announcement
             raise TimeoutError(f"send_branch: rank {dst} did not take the branch within {t:g} s (withdrawn; the "
                                "group is usable)")
     verdict = store.get(f"{base}/a").decode()

@@ -44,7 +44,7 @@ class Header:
     cache_windows: tuple  # [L] 0, or the window of a sliding cache layer
     pad: tuple  # [B] leading masked slots per row
     lengths: tuple  # [B] real tokens per row
-    version: int = VERSION
+    version: int = VERSION  # decoded: the sender's; encode() always writes this module's VERSION
 
     @property
     def dtype(self) -> torch.dtype:
@@ -70,7 +70,7 @@ class Header:
 
 
 def encode(h: Header) -> bytes:
-    vals = [MAGIC, h.version, 0, h.kind, h.fingerprint.dtype, h.fingerprint.n_layers, h.rows, h.tokens,
+    vals = [MAGIC, VERSION, 0, h.kind, h.fingerprint.dtype, h.fingerprint.n_layers, h.rows, h.tokens,
             h.prefix_len, h.payload_bytes]
     for layer, s, w in zip(h.fingerprint.layers, h.stored, h.cache_windows):
         vals += [*layer, s, w]
