@@ -7,6 +7,7 @@ that differs and both values.
 from __future__ import annotations
 
 import struct
+import weakref
 import zlib
 from dataclasses import dataclass
 
@@ -88,10 +89,22 @@ def model_dtype(model) -> torch.dtype:
     return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
+_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> {dtype: Fingerprint}
+
+
 def fingerprint(model, dtype: torch.dtype | None = None) -> Fingerprint:
     """The fingerprint of a Hugging Face decoder (Llama, Qwen2/3, Mistral, Phi3, Gemma 1/2/3 families).
 
-    ``dtype`` defaults to the model's dtype (that of the caches it writes)."""
+    ``dtype`` defaults to the model's dtype (that of the caches it writes). Computed once per model and dtype
+    (a model's config and RoPE do not change after loading)."""
+    dtype = dtype if dtype is not None else model_dtype(model)
+    per_model = _CACHE.setdefault(model, {})
+    if dtype not in per_model:
+        per_model[dtype] = _fingerprint(model, dtype)
+    return per_model[dtype]
+
+
+def _fingerprint(model, dtype: torch.dtype) -> Fingerprint:
     cfg = _text_config(model)
     decoder = find_decoder(model)
     n = len(decoder.layers)
@@ -111,7 +124,7 @@ def fingerprint(model, dtype: torch.dtype | None = None) -> Fingerprint:
         crc = zlib.crc32(spec.inv_freq.cpu().numpy().tobytes() + struct.pack("<d", float(scaling or 1.0)))
         layers.append((int(kv), int(head_dim), windows[l], spec.rotary_dim, rope_type_code(spec.rope_type),
                        _f64_bits(_rope_theta(cfg, lt)), crc))
-    return Fingerprint(dtype_code(dtype if dtype is not None else model_dtype(model)), tuple(layers))
+    return Fingerprint(dtype_code(dtype), tuple(layers))
 
 
 def _show(field: str, v: int):
