@@ -249,6 +249,21 @@ def round_trip(rank, world):
         stats["sensitivity"] = (fewer - model(q, cache=pskernels.ParallelCache(prefix, received)).logits
                                 ).abs().max().item()
         report[tag] = stats
+    # a process group other than the world: ranks 0 and 2 (every rank creates it)
+    import torch.distributed as dist
+
+    from pskernels import distributed as psd
+
+    sub = dist.new_group([0, 2])
+    if rank in (0, 2):
+        sub_prefix = psd.broadcast_prefix(local_prefix if rank == 0 else None, 0, model=model, group=sub,
+                                          timeout=STEP_TIMEOUT)
+        if rank == 2:
+            psd.send_branch(_solo(model, sub_prefix, 51), 0, model=model, group=sub, timeout=STEP_TIMEOUT)
+        else:
+            br = psd.recv_branch(2, model=model, prefix=sub_prefix, group=sub, timeout=STEP_TIMEOUT)
+            _same_branch(br, _solo(model, local_prefix, 51), "a branch over a subgroup")
+            report["subgroup"] = True
     return report
 
 

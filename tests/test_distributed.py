@@ -106,6 +106,25 @@ def test_fingerprint_names_the_field_and_both_values(llama):
     assert theta.startswith("layer 0 window: sender 6, receiver 0")
 
 
+@torch.no_grad()
+def test_multi_row_branch_for_a_batched_synthesizer(llama):
+    """A worker's whole 2-row ParallelCache (left padded) through the wire feeds a batch-2 synthesizer exactly."""
+    prefix = llama(dh.ids(5, 0), use_cache=True).past_key_values
+    w = pskernels.ParallelCache(prefix, [])
+    x, mask = dh.ids(6, 1, rows=2), torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0
+    llama(x, attention_mask=mask, cache=w)
+    raw, payload, _ = _message(llama, w)
+    h = wire.decode(raw)
+    assert (h.rows, h.pad, h.lengths) == (2, (0, 2), (6, 4))
+    br = caches.build_branch(h, wire.unpack(h, payload), prefix)
+    assert br.lengths.tolist() == [6, 4]
+    q = dh.ids(3, 2, rows=2)
+    a = llama(q, cache=pskernels.ParallelCache(prefix, [w, w])).logits
+    b = llama(q, cache=pskernels.ParallelCache(prefix, [br, br])).logits
+    assert torch.equal(a, b)
+
+
 def test_sender_checks_its_own_cache(llama):
     prefix, w = _worker(llama, rows=2)
     fp = fingerprint(llama)
@@ -149,6 +168,7 @@ def test_round_trip_exact_in_place_every_scheme(spawned):
         assert out[2][tag]["sent"] == [(dh.SOLO * bpt, dh.SOLO)]
         pads = [max(dh.ROW_INSTR) - n for n in dh.ROW_INSTR]
         assert out[1][tag]["sent"] == [((p + n) * bpt, n) for p, n in zip(pads, dh.ROW_LEN)]
+    assert out[0]["subgroup"]
 
 
 def test_faults_leave_the_group_usable(spawned):
