@@ -280,12 +280,13 @@ def _store():
 
 
 def _raises(exc, fn, *args, **kw):
-    """(message, seconds) of the ``exc`` that ``fn`` raises; fails if it returns or raises something else."""
+    """(message, seconds, peer rank(s)) of the ``exc`` that ``fn`` raises; fails if it returns or raises something
+    else."""
     t0 = time.monotonic()
     try:
         fn(*args, **kw)
     except exc as e:
-        return str(e), time.monotonic() - t0
+        return str(e), time.monotonic() - t0, getattr(e, "rank", getattr(e, "ranks", None))
     raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise {exc.__name__}")
 
 
@@ -325,7 +326,7 @@ def faults(rank, world):
     if rank == 2:
         store.wait(["t/go2"])  # slow: sends only once the synthesizer has timed out on it
         psd.send_branch(_solo(model, prefix, 21), 0, model=model, timeout=STEP_TIMEOUT)
-        out["withdrawn"] = _raises(TimeoutError, psd.send_branch, _solo(model, prefix, 22), 0, model=model,
+        out["withdrawn"] = _raises(psd.BranchTimeout, psd.send_branch, _solo(model, prefix, 22), 0, model=model,
                                    timeout=0.5)
         store.set("t/withdrawn", "1")
         psd.send_branch(_solo(model, prefix, 23), 0, model=model, timeout=STEP_TIMEOUT)
@@ -347,7 +348,7 @@ def faults(rank, world):
         for i, (m, w) in enumerate(bad):
             if i == 2:
                 wire.VERSION = 2
-            sent.append(_raises(ValueError, psd.send_branch, w, 0, model=m, timeout=STEP_TIMEOUT))
+            sent.append(_raises(psd.BranchRefused, psd.send_branch, w, 0, model=m, timeout=STEP_TIMEOUT))
             wire.VERSION = 1
         psd.send_branch(_solo(model, prefix, 35), 0, model=model, timeout=STEP_TIMEOUT)
         out["refused"] = sent
@@ -355,7 +356,7 @@ def faults(rank, world):
     # rank 0 -------------------------------------------------------------------------------------------------
     store.wait(["t/1-exiting"])
     time.sleep(0.5)  # let rank 1 exit
-    out["dead"] = _raises(TimeoutError, psd.recv_branch, 1, model=model, prefix=prefix, timeout=1.0)
+    out["dead"] = _raises(psd.BranchTimeout, psd.recv_branch, 1, model=model, prefix=prefix, timeout=1.0)
     out["slow"] = _raises(TimeoutError, psd.recv_branch, 2, model=model, prefix=prefix, timeout=0.5)
     store.set("t/go2", "1")
     src, br = psd.recv_any([1, 2], model=model, prefix=prefix, timeout=STEP_TIMEOUT)
@@ -366,8 +367,8 @@ def faults(rank, world):
     store.wait(["t/withdrawn"])
     br = psd.recv_branch(2, model=model, prefix=prefix, timeout=STEP_TIMEOUT)
     _same_branch(br, _solo(model, local_prefix, 23), "the branch after a withdrawn one")
-    out["refusals"] = [_raises(ValueError, psd.recv_branch, 3, model=model, prefix=prefix, timeout=STEP_TIMEOUT)[0]
-                       for _ in range(4)]
+    out["refusals"] = [_raises(psd.BranchRefused, psd.recv_branch, 3, model=model, prefix=prefix,
+                               timeout=STEP_TIMEOUT) for _ in range(4)]
     br = psd.recv_branch(3, model=model, prefix=prefix, timeout=STEP_TIMEOUT)
     _same_branch(br, _solo(model, local_prefix, 35), "rank 3's good branch after four refused ones")
     local = _solo(model, local_prefix, 24, RSS_TOKENS)

@@ -180,17 +180,18 @@ def test_faults_leave_the_group_usable(spawned):
         assert "refused the prefix of rank 0" in out[r]["bcast_refused"] if r == 3 else \
             "rank 3: model fingerprint differs: layer 0 rope_type: sender default, receiver yarn" in \
             out[r]["bcast_refused"], out[r]["bcast_refused"]
-    msg, secs = out[0]["dead"]
-    assert "rank 1" in msg and 0.9 <= secs < 4.0, (msg, secs)
-    msg, secs = out[0]["slow"]
-    assert "rank 2" in msg and 0.4 <= secs < 3.5, (msg, secs)
-    msg, secs = out[2]["withdrawn"]
-    assert "rank 0" in msg and "withdrawn" in msg and secs < 3.5, (msg, secs)
+    msg, secs, ranks = out[0]["dead"]
+    assert "rank 1" in msg and ranks == [1] and 0.9 <= secs < 4.0, (msg, secs)
+    msg, secs, ranks = out[0]["slow"]
+    assert "rank 2" in msg and ranks == [2] and 0.4 <= secs < 3.5, (msg, secs)
+    msg, secs, ranks = out[2]["withdrawn"]
+    assert "rank 0" in msg and "withdrawn" in msg and ranks == [0] and secs < 3.5, (msg, secs)
     expected = ["layer 0 rope_type: sender yarn, receiver default", "dtype: sender torch.bfloat16, receiver "
                 "torch.float32", "format version: sender 2, receiver 1", "prefix length: sender 9, receiver 8"]
-    for want, got, (sent, _) in zip(expected, out[0]["refusals"], out[3]["refused"]):
-        assert "rank 3" in got and want in got, got
-        assert "rank 0 refused" in sent and want in sent, sent
+    assert len(out[0]["refusals"]) == len(out[3]["refused"]) == len(expected)
+    for want, (got, _, src), (sent, _, dst) in zip(expected, out[0]["refusals"], out[3]["refused"]):
+        assert "rank 3" in got and want in got and src == 3, got
+        assert "rank 0 refused" in sent and want in sent and dst == 0, sent
     grow = {r: out[r]["rss_100"] - out[r]["rss_10"] for r in (0, 2)}
     # 90 more rounds of a payload_kib message: a leak of one buffer per round would be 90 x that
     assert all(g < 4 * out[0]["payload_kib"] for g in grow.values()), (grow, out[0]["payload_kib"])

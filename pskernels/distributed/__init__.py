@@ -7,6 +7,7 @@ send_branch(worker_cache, dst, *, model, group=None, prefix_len=None, length=Non
 recv_branch(src, *, model, prefix, group=None, timeout=None) -> branch for ``ParallelCache(prefix, [...])``
 recv_any(srcs, *, model, prefix, group=None, timeout=None) -> (src, branch), in the order workers finish
 branch_bytes_per_token(model) -> bytes one branch token costs on the wire
+BranchRefused (a ValueError with ``.rank``, ``.reason``), BranchTimeout (a TimeoutError with ``.ranks``)
 
 One message per branch: an int64 header (format version, model fingerprint, rows, left pads, lengths, prefix
 length, per-layer stored slots) announced on the group's store, then ONE contiguous payload with every layer's
@@ -25,9 +26,11 @@ import torch.distributed as dist
 
 from . import transport, wire
 from .caches import branch_parts, build_branch, build_prefix, prefix_parts
+from .errors import BranchRefused, BranchTimeout
 from .fingerprint import compare, fingerprint, model_dtype
 
-__all__ = ["broadcast_prefix", "send_branch", "recv_branch", "recv_any", "branch_bytes_per_token"]
+__all__ = ["broadcast_prefix", "send_branch", "recv_branch", "recv_any", "branch_bytes_per_token", "BranchRefused",
+           "BranchTimeout"]
 
 
 def _prefix_len(prefix) -> int:
@@ -85,10 +88,10 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
 
     Raises
     ------
-    ValueError
+    BranchRefused (ValueError)
         The receiver refused the header (other model, dtype, format version or prefix length: the message names
         the field and both values); nothing was sent and the group stays usable. Also for a malformed cache.
-    TimeoutError
+    BranchTimeout (TimeoutError)
         No verdict within ``timeout``.
     """
     fp = fingerprint(model)
@@ -97,7 +100,8 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
     base = transport.announce(wire.encode(h), dst, group)
     verdict = transport.await_verdict(base, dst, timeout)
     if verdict != "ok":
-        raise ValueError(f"send_branch: rank {dst} refused the branch: {verdict.removeprefix('reject:')}")
+        why = verdict.removeprefix("reject:")
+        raise BranchRefused(f"send_branch: rank {dst} refused the branch: {why}", rank=dst, reason=why)
     transport.send_payload(buf, dst, group)
     return buf.numel()
 
@@ -129,11 +133,12 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
 
     Raises
     ------
-    TimeoutError
-        No branch announced within ``timeout``: names the ranks. Nothing was posted; call again to keep waiting.
-    ValueError
-        The announced header was refused (field and both values named; the sender gets the same reason and
-        sends nothing); its sender's next branch can still be received.
+    BranchTimeout (TimeoutError)
+        No branch announced within ``timeout``: names the ranks (``.ranks``). Nothing was posted; call again
+        to keep waiting.
+    BranchRefused (ValueError)
+        The announced header was refused (``.rank``; ``.reason``: the field and both values; the sender gets
+        the same reason and sends nothing); its sender's next branch can still be received.
     """
     srcs = [int(s) for s in srcs]
     if not srcs:
@@ -149,7 +154,7 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
             why = str(e)
         if why is not None:
             transport.decide(base, "reject:" + why)
-            raise ValueError(f"recv_branch: refused the branch of rank {src}: {why}")
+            raise BranchRefused(f"recv_branch: refused the branch of rank {src}: {why}", rank=src, reason=why)
         if not transport.decide(base, "ok"):
             continue  # the sender withdrew it (its own timeout): wait for the next one
         buf = transport.recv_payload(h.payload_bytes, src, group, _device(model, prefix))

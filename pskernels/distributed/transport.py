@@ -20,6 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .errors import BranchTimeout
+
 _LONG = timedelta(days=365)
 
 
@@ -94,8 +96,8 @@ def await_verdict(base: str, dst: int, timeout) -> str:
     if not _wait(store, f"{base}/a", None if t is None else time.monotonic() + t):
         verdict = store.compare_set(f"{base}/a", "", "withdrawn").decode()
         if verdict == "withdrawn":  # the receiver deletes the keys when it comes to this announcement
-            raise TimeoutError(f"send_branch: rank {dst} did not take the branch within {t:g} s (withdrawn; the "
-                               "group is usable)")
+            raise BranchTimeout(f"send_branch: rank {dst} did not take the branch within {t:g} s (withdrawn; the "
+                                "group is usable)", ranks=[dst])
     verdict = store.get(f"{base}/a").decode()
     store.delete_key(f"{base}/a")
     return verdict
@@ -118,8 +120,8 @@ def next_announced(srcs, group, deadline: float | None, t: float | None) -> tupl
         key = f"{ns}/q/{me}/{c}"
         if not _wait(store, key, deadline):
             who = ", ".join(str(s) for s in srcs)
-            raise TimeoutError(f"recv_branch: no branch from rank{'s' if len(srcs) > 1 else ''} {who} within "
-                               f"{t:g} s (nothing was posted; the group is usable)")
+            raise BranchTimeout(f"recv_branch: no branch from rank{'s' if len(srcs) > 1 else ''} {who} within "
+                                f"{t:g} s (nothing was posted; the group is usable)", ranks=srcs)
         s, n = map(int, store.get(key).decode().split())
         store.delete_key(key)
         _state.cursor[(ns, me)] = c
