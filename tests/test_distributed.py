@@ -9,7 +9,7 @@ import torch
 
 import pskernels
 from pskernels.distributed import caches, wire
-from pskernels.distributed.fingerprint import compare, fingerprint
+from pskernels.distributed.fingerprint import Fingerprint, _f64_bits, compare, fingerprint
 
 from tiny_models import make_model
 
@@ -102,8 +102,11 @@ def test_fingerprint_names_the_field_and_both_values(llama):
         assert compare(fingerprint(make_model(arch, dtype=dtype)), mine) == msg
     g3 = fingerprint(make_model("gemma3"))
     assert [layer[2] for layer in g3.layers] == [6, 0, 6, 0]  # sliding windows per layer
-    theta = compare(g3, fingerprint(make_model("gemma3")).__class__(g3.dtype, (g3.layers[1],) + g3.layers[1:]))
-    assert theta.startswith("layer 0 window: sender 6, receiver 0")
+    full_first = Fingerprint(g3.dtype, (g3.layers[1],) + g3.layers[1:])
+    assert compare(g3, full_first) == "layer 0 window: sender 6, receiver 0"
+    l0 = mine.layers[0]
+    other_theta = Fingerprint(mine.dtype, ((*l0[:5], _f64_bits(5e5), l0[6]),) + mine.layers[1:])
+    assert compare(mine, other_theta) == "layer 0 rope_theta: sender 10000.0, receiver 500000.0"
 
 
 @torch.no_grad()
