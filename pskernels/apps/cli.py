@@ -60,6 +60,13 @@ def main(argv=None) -> int:
     syn.add_argument("--untrained", action="store_true",
                      help="the synthesizer is the base model (ignore the shipped checkpoint)")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
+    d.add_argument("--processes", type=int, metavar="N", help="workers in other processes: N local processes over "
+                   "gloo (rank 0 synthesizes, ranks 1..N-1 are workers that send their branch caches); under torchrun "
+                   "the launcher's ranks are used instead (docs/DISTRIBUTED.md)")
+    d.add_argument("--timeout", type=float, default=300.0, help="(--processes / torchrun) seconds rank 0 waits for "
+                   "the workers' branches; a worker not heard from by then is listed as missing")
+    d.add_argument("--worker-tokens", type=int, default=64, help="(--processes / torchrun) new tokens per worker")
+    d.add_argument("--answer-tokens", type=int, default=80, help="(--processes / torchrun) tokens of each answer")
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("ttft", help="time to first token: text concatenation vs Parallel-Synthesis vs floor")
@@ -98,6 +105,12 @@ def main(argv=None) -> int:
         from .ttft import main as ttft_main
 
         return ttft_main(args)
+    from .demo_distributed import under_torchrun
+
+    if args.processes is not None or under_torchrun():
+        from .demo_distributed import main as distributed_demo_main
+
+        return distributed_demo_main(args)
     from .demo import main as demo_main
 
     return demo_main(args)

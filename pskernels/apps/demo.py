@@ -133,6 +133,25 @@ def _chatml(role: str, text: str) -> str:
     return f"<|im_start|>{role}\n{text}<|im_end|>\n"
 
 
+def agent_prompts(tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, device="cpu"):
+    """The agent workflow's token ids: ``(prefix_ids [1, P], worker_ids (1-D each), query_ids [1, Q], eos, pad)``.
+
+    Shared by the single-process demo and ``pskernels demo --processes N`` (:mod:`.demo_distributed`). ChatML
+    turns (SmolLM2's template); ``eos`` is ``<|im_end|>`` when the tokenizer has it (else its eos token)."""
+    def enc(text):
+        return torch.tensor(tokenizer.encode(text, add_special_tokens=False), dtype=torch.long, device=device)
+
+    prefix_ids = enc(_chatml("system", SYSTEM) + "<|im_start|>user\nTask: " + task + "\n")[None]
+    worker_ids = [enc(f"Your part: {st}<|im_end|>\n<|im_start|>assistant\n") for st in subtasks]
+    query_ids = enc(_chatml("user", "Combine the workers' answers above into one short final plan.")
+                    + "<|im_start|>assistant\n")[None]
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>") if hasattr(tokenizer, "convert_tokens_to_ids") else None
+    if eos is None or eos == getattr(tokenizer, "unk_token_id", None):
+        eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    return prefix_ids, worker_ids, query_ids, eos, pad
+
+
 def load_synthesizer(model, path: str):
     """``(model, mapper)`` for ``--mapper PATH``: a folder written by ``CacheMapper.save_pretrained``, or a
     checkpoint folder (``pskernels train --out`` or :func:`pskernels.synthesis.checkpoints.export_checkpoint`:
@@ -176,14 +195,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     from ..synthesis.adapter import base_model, is_peft_model, unwrap
     from ..synthesis.workflow import run_workers, text_concat_cache
 
-    enc = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]  # noqa: E731
     dev = next(model.parameters()).device
-    prefix_ids = enc(_chatml("system", SYSTEM) + "<|im_start|>user\nTask: " + task + "\n")[None].to(dev)
-    worker_ids = [enc(f"Your part: {st}<|im_end|>\n<|im_start|>assistant\n").to(dev) for st in subtasks]
-    query_ids = enc(_chatml("user", "Combine the workers' answers above into one short final plan.")
-                    + "<|im_start|>assistant\n")[None].to(dev)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, dev)
     kw = cache_kwarg(unwrap(model))
     handle = patch_model(model)
     try:

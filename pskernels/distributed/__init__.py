@@ -130,6 +130,8 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         cache dropped slots, an ordinary cache of the branch's stored slots). Every layer's ``keys``/``values``
         ``[B, kv_heads, S, head_dim]`` is a view into the one received buffer. ``branch.lengths`` ([B] int64) are
         the real tokens per row; pass them as ``branch_lengths`` when the rows of a multi-row branch differ.
+        ``branch.payload_bytes`` and ``branch.recv_seconds`` (the payload receive alone, after the verdict) are
+        there for reports.
 
     Raises
     ------
@@ -157,8 +159,14 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
             raise BranchRefused(f"recv_branch: refused the branch of rank {src}: {why}", rank=src, reason=why)
         if not transport.decide(base, "ok"):
             continue  # the sender withdrew it (its own timeout): wait for the next one
+        t0 = time.perf_counter()
         buf = transport.recv_payload(h.payload_bytes, src, group, _device(model, prefix))
-        return src, build_branch(h, wire.unpack(h, buf), prefix)
+        if buf.is_cuda:
+            torch.cuda.synchronize(buf.device)
+        seconds = time.perf_counter() - t0
+        branch = build_branch(h, wire.unpack(h, buf), prefix)
+        branch.payload_bytes, branch.recv_seconds = h.payload_bytes, seconds
+        return src, branch
 
 
 def recv_branch(src: int, *, model, prefix, group=None, timeout=None):

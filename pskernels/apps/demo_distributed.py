@@ -1,0 +1,476 @@
+"""``pskernels demo --processes N`` and ``torchrun``: the agent demo with workers in other processes.
+
+Rank 0 prefills the shared prefix (system + task) and broadcasts its cache (:func:`pskernels.distributed.
+broadcast_prefix`); ranks 1..N-1 are workers: each answers one sub-task on the received prefix (a zero-copy
+``ParallelCache(prefix, [])``), sends its branch cache (:func:`~pskernels.distributed.send_branch`), then its
+branch's token ids (``dist.send``). Rank 0 takes the branches in the order the workers finish
+(:func:`~pskernels.distributed.recv_any`, bounded by ``--timeout``: a dead or silent worker is listed as missing
+and the demo goes on with the branches it has), then synthesizes twice: (b) Parallel-Synthesis from the received
+caches, (a) text concatenation from the received token ids (re-prefilled after the cached prefix). It reports
+per-worker bytes and transfer times, the time from the last branch (last token ids) received to the first
+token of each path, and both answers. With ``--model tiny`` rank 0 also recomputes every received worker in
+its own process and checks that the received branches give exactly the single-process ``ParallelCache``
+logits and greedy tokens.
+
+Two ways to start it:
+
+* ``pskernels demo --processes N [--model tiny]``: N local processes (``torch.multiprocessing`` spawn), gloo over
+  127.0.0.1 on a free port, CPU tensors;
+* ``torchrun --nproc-per-node N -m pskernels.apps.demo_distributed [--model tiny]`` (or ``torchrun ... --no-python
+  pskernels demo``): ``env://`` initialisation, NCCL with one GPU per rank (``LOCAL_RANK``) when CUDA is
+  available, gloo on CPU otherwise.
+
+Rank 0 only loads the synthesizer's trained checkpoint (the one shipped for ``--model`` unless ``--untrained``,
+or ``--mapper PATH``); workers and path (a) run the base model, as in the single-process demo.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import socket
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+
+NS = "psdemo"  # store keys of the demo's own bookkeeping (the transport uses pskv/...)
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2"
+    worker_tokens: int = 64  # new tokens per worker
+    answer_tokens: int = 80  # new tokens of each synthesized answer
+    timeout: float = 300.0  # seconds rank 0 waits for the branches (from its own prefix broadcast)
+    repeats: int = 3  # warm TTFT measurements per path (median)
+    mapper: str | None = None
+    untrained: bool = False
+    check: bool | None = None  # recompute the workers on rank 0 and compare (None: with --model tiny)
+    dead: tuple = ()  # worker ranks that exit right after the prefix broadcast (tests: a dead worker)
+    threads: int | None = None  # torch threads per process (None: keep the process's setting)
+    task: str | None = None
+    subtasks: list = field(default_factory=list)
+
+
+def worker_subtask(rank: int, subtasks) -> str:
+    """Worker ``rank`` (1..N-1) answers ``subtasks[(rank - 1) % len(subtasks)]``."""
+    return subtasks[(rank - 1) % len(subtasks)]
+
+
+def _elapsed_ms(t0: float) -> float:
+    return (time.perf_counter() - t0) * 1e3
+
+
+@torch.no_grad()
+def generate_branch(model, prefix, instruction_ids, *, max_new_tokens: int, eos, pad):
+    """One worker on the (received) prefix: ``(worker cache, branch ids, answer ids)``.
+
+    The worker generates on a zero-copy ``ParallelCache(prefix, [])``; ``branch ids`` are the tokens its cache
+    holds (instruction + answer, without the last generated token, which is never fed back), as in
+    :func:`pskernels.synthesis.workflow.run_workers` for one row."""
+    from ..hf import ParallelCache
+    from ..synthesis.workflow import cache_kwarg
+    from .demo import REPETITION_PENALTY
+
+    ids = instruction_ids[None]
+    w = ParallelCache(prefix, [])
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                         eos_token_id=eos, pad_token_id=pad, repetition_penalty=REPETITION_PENALTY,
+                         **{cache_kwarg(model): w})
+    gen = out[0, ids.shape[1]:].tolist()
+    stop = next((t + 1 for t, tok in enumerate(gen) if tok == eos), len(gen))
+    cached = min(stop, len(gen) - 1)
+    branch_ids = torch.cat([instruction_ids.cpu(), torch.tensor(gen[:cached], dtype=torch.long)])
+    return w, branch_ids, torch.tensor(gen[:stop], dtype=torch.long)
+
+
+def _store():
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def _load(cfg: DemoConfig, rank: int, device):
+    """``(model, base, tokenizer, mapper, synthesizer label, mapper path)``; rank 0 loads first (a first SmolLM2
+    load converts the weights into a shared cache folder), the workers once it is done."""
+    from ..hf import patch_model
+    from ..synthesis.adapter import is_peft_model, unwrap
+    from ..synthesis.models import load_model
+    from .demo import load_default_synthesizer, load_synthesizer
+
+    store = _store()
+    if rank != 0:
+        store.wait([f"{NS}/loaded"], datetime.timedelta(seconds=max(cfg.timeout, 600)))
+    model, tokenizer = load_model(cfg.model)
+    model = model.to(device)
+    mapper, path = None, None
+    if rank == 0:
+        if cfg.mapper:
+            model, mapper = load_synthesizer(model, cfg.mapper)
+            path = cfg.mapper
+        else:
+            model, mapper, path = load_default_synthesizer(model, cfg.model, cfg.untrained)
+        if mapper is not None:
+            mapper = mapper.to(device)
+        store.set(f"{NS}/loaded", "1")
+    patch_model(model)
+    trained = ["cache mapper"] * (mapper is not None) + ["LoRA adapter"] * is_peft_model(model)
+    label = "trained " + " + ".join(trained) if trained else "base model"
+    return model, unwrap(model), tokenizer, mapper, label, path
+
+
+@torch.no_grad()
+def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
+    """One rank of the demo (the process group is initialised). Rank 0 returns the report dict; a worker returns
+    ``{"rank", "sent_bytes", "send_ms", "branch_tokens"}`` (or ``{"rank", "dead": True}``)."""
+    import torch.distributed as dist
+
+    from .. import distributed as psd
+    from ..synthesis.adapter import base_model
+    from ..synthesis.workflow import output_cache
+    from .demo import DEFAULT_SUBTASKS, DEFAULT_TASK, agent_prompts
+
+    device = torch.device(device or "cpu")
+    task, subtasks = cfg.task or DEFAULT_TASK, list(cfg.subtasks or DEFAULT_SUBTASKS)
+    model, base, tokenizer, mapper, label, path = _load(cfg, rank, device)
+    prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, device)
+    store = _store()
+    t_bcast = time.monotonic()
+    if rank != 0:  # ------------------------------------------------------------------------------ a worker
+        prefix = psd.broadcast_prefix(None, 0, model=base, timeout=cfg.timeout)
+        if rank in cfg.dead:
+            return {"rank": rank, "dead": True}
+        i = subtasks.index(worker_subtask(rank, subtasks))
+        w, branch_ids, _ = generate_branch(model, prefix, worker_ids[i], max_new_tokens=cfg.worker_tokens, eos=eos,
+                                           pad=pad)
+        t0 = time.perf_counter()
+        sent = psd.send_branch(w, 0, model=base, length=len(branch_ids), timeout=cfg.timeout)
+        send_ms = _elapsed_ms(t0)
+        dist.send(branch_ids.to(device), 0)  # the same branch as text: its token ids
+        store.add(f"{NS}/done", 1)
+        return {"rank": rank, "sent_bytes": sent, "send_ms": send_ms, "branch_tokens": len(branch_ids)}
+
+    # ------------------------------------------------------------------------------------------- rank 0
+    from ..hf import ParallelCache
+    from ..synthesis.workflow import cache_kwarg, text_concat_cache
+
+    kw = cache_kwarg(base)
+    with base_model(model):
+        prefix = output_cache(model(prefix_ids, use_cache=True))
+    psd.broadcast_prefix(prefix, 0, model=base, timeout=cfg.timeout)
+    deadline = t_bcast + cfg.timeout
+    # warm up both paths while the workers generate (so the first measured token is not a cold start)
+    with base_model(model):
+        text_concat_cache(model, prefix, [worker_ids[0]], query_ids)
+    model(query_ids, use_cache=True, logits_to_keep=1, **{kw: ParallelCache(prefix, [], mapper=mapper)})
+
+    pending, got, missing = set(range(1, world)), {}, []
+    t_last_branch = None
+    while pending:
+        try:
+            src, br = psd.recv_any(sorted(pending), model=base, prefix=prefix,
+                                   timeout=max(0.0, deadline - time.monotonic()))
+        except psd.BranchRefused as e:
+            pending.discard(e.rank)
+            missing.append({"rank": e.rank, "why": f"refused: {e.reason}"})
+            continue
+        except psd.BranchTimeout as e:
+            missing += [{"rank": r, "why": f"no branch within --timeout {cfg.timeout:g} s"} for r in e.ranks]
+            break
+        t_last_branch = time.perf_counter()
+        pending.discard(src)
+        got[src] = {"branch": br, "arrival_s": round(time.monotonic() - t_bcast, 3)}
+    order = list(got)
+    ranks = sorted(got)
+    r = {"model": cfg.model, "world": world, "backend": dist.get_backend(), "device": str(device),
+         "threads": torch.get_num_threads(), "task": task, "prefix_tokens": prefix_ids.shape[1],
+         "query_tokens": query_ids.shape[1], "bytes_per_token": psd.branch_bytes_per_token(base),
+         "arrival_order": order, "missing": sorted(missing, key=lambda m: m["rank"]), "synthesizer": label,
+         "mapper_path": path, "timeout_s": cfg.timeout}
+    gen = dict(max_new_tokens=cfg.answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    from .demo import REPETITION_PENALTY
+
+    gen["repetition_penalty"] = REPETITION_PENALTY
+    branches = [got[s]["branch"] for s in ranks]
+    if not branches:
+        r.update(workers=[], parallel_answer=None, text_answer=None)
+        return r
+
+    def first_parallel():
+        cache = ParallelCache(prefix, branches, mapper=mapper)
+        return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1)
+
+    def first_text(branch_ids):
+        with base_model(model):
+            return text_concat_cache(model, prefix, branch_ids, query_ids)[1][:, -1].argmax(-1)
+
+    first_parallel()
+    parallel_after_last = _elapsed_ms(t_last_branch)  # last branch received -> first token of (b)
+    ids = {}
+    for s in ranks:  # the token ids of the same branches (the workers sent them after their cache)
+        n = int(got[s]["branch"].lengths.sum())
+        t0 = time.perf_counter()
+        buf = torch.empty(n, dtype=torch.long, device=device)
+        dist.recv(buf, s)
+        got[s]["ids_ms"] = _elapsed_ms(t0)
+        ids[s] = buf.cpu()
+    t_last_ids = time.perf_counter()
+    branch_ids = [ids[s] for s in ranks]
+    first_text(branch_ids)
+    text_after_last = _elapsed_ms(t_last_ids)  # last token ids received -> first token of (a)
+    t_par, t_text = [], []
+    for _ in range(cfg.repeats):  # alternate (b) and (a) on a noisy machine
+        t0 = time.perf_counter()
+        first_parallel()
+        t_par.append(_elapsed_ms(t0))
+        t0 = time.perf_counter()
+        first_text(branch_ids)
+        t_text.append(_elapsed_ms(t0))
+
+    par_out = model.generate(query_ids, **gen, **{kw: ParallelCache(prefix, branches, mapper=mapper)})
+    par_out = par_out[0, query_ids.shape[1]:].cpu()
+    full = torch.cat([prefix_ids[0].cpu()] + branch_ids + [query_ids[0].cpu()])[None].to(device)
+    with base_model(model):
+        text_out = model.generate(full, **gen, **{kw: copy.deepcopy(prefix)})[0, full.shape[1]:].cpu()
+    dec = lambda t: tokenizer.decode(t, skip_special_tokens=True).strip()  # noqa: E731
+    workers = []
+    for s in ranks:
+        st = worker_subtask(s, subtasks)
+        instr = len(worker_ids[subtasks.index(st)])
+        br = got[s]["branch"]
+        workers.append({
+            "rank": s, "subtask": st, "answer": dec(ids[s][instr:]), "branch_tokens": len(ids[s]),
+            "bytes": br.payload_bytes, "transfer_ms": round(br.recv_seconds * 1e3, 3),
+            "MB_per_s": round(br.payload_bytes / max(br.recv_seconds, 1e-9) / 1e6, 1),
+            "ids_bytes": ids[s].numel() * ids[s].element_size(), "ids_ms": round(got[s]["ids_ms"], 3),
+            "arrival_s": got[s]["arrival_s"]})
+    r.update(
+        workers=workers, parallel_answer=dec(par_out), text_answer=dec(text_out),
+        parallel_answer_ids=par_out.tolist(), text_answer_ids=text_out.tolist(),
+        parallel_after_last_branch_ms=round(parallel_after_last, 2), text_after_last_ids_ms=round(text_after_last, 2),
+        parallel_ttft_ms=round(statistics.median(t_par), 2) if t_par else None,
+        text_concat_ttft_ms=round(statistics.median(t_text), 2) if t_text else None)
+    check = cfg.check if cfg.check is not None else cfg.model == "tiny"
+    if check:
+        r["exact"] = _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, ranks, ids, branches,
+                                  par_out, mapper, cfg, eos, pad, gen)
+    # let the workers that sent finish their bookkeeping on rank 0's store before rank 0 leaves
+    t_end = time.monotonic() + 30
+    while int(store.add(f"{NS}/done", 0)) < len(ranks) and time.monotonic() < t_end:
+        time.sleep(0.05)
+    return r
+
+
+@torch.no_grad()
+def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, ranks, ids, branches, par_out, mapper,
+                 cfg, eos, pad, gen):
+    """Recompute every received worker in this process on this process's prefix; compare with what came over
+    the wire: the branch tokens, the query logits and the greedy answer of ``ParallelCache``."""
+    from ..hf import ParallelCache
+    from ..synthesis.adapter import base_model, unwrap
+    from ..synthesis.workflow import cache_kwarg
+
+    kw = cache_kwarg(unwrap(model))
+    local, same_ids = [], True
+    with base_model(model):
+        for s in ranks:
+            i = subtasks.index(worker_subtask(s, subtasks))
+            w, b_ids, _ = generate_branch(model, prefix, worker_ids[i], max_new_tokens=cfg.worker_tokens, eos=eos,
+                                          pad=pad)
+            same_ids &= torch.equal(b_ids, ids[s])
+            local.append(w)
+    a = model(query_ids, **{kw: ParallelCache(prefix, local, mapper=mapper)}).logits
+    b = model(query_ids, **{kw: ParallelCache(prefix, branches, mapper=mapper)}).logits
+    ref = model.generate(query_ids, **gen, **{kw: ParallelCache(prefix, local, mapper=mapper)})
+    ref = ref[0, query_ids.shape[1]:].cpu()
+    return {"branch_tokens_equal": bool(same_ids), "logits_equal": bool(torch.equal(a, b)),
+            "max_logit_diff": (a - b).abs().max().item(), "answer_equal": bool(torch.equal(ref, par_out))}
+
+
+# ---- reports -----------------------------------------------------------------------------------------------
+def print_report(r: dict, worker_errors=()) -> None:
+    import textwrap
+
+    print(f"pskernels demo --processes {r['world']} — {r['model']}, backend {r['backend']} on {r['device']}, "
+          f"{r['threads']} threads on rank 0")
+    print(f"Task: {r['task']}")
+    print(f"rank 0: prefix {r['prefix_tokens']} tokens prefilled and broadcast; {r['world'] - 1} workers "
+          f"(ranks 1..{r['world'] - 1}); branch cost {r['bytes_per_token']:,} B per token on the wire\n")
+    for w in r["workers"]:
+        print(f"[rank {w['rank']}] {w['subtask']}")
+        print(textwrap.indent(textwrap.fill(w["answer"] or "(empty)", 100), "    "))
+    if r["workers"]:
+        print(f"\n{'rank':>4} {'tokens':>7} {'cache bytes':>13} {'transfer':>11} {'MB/s':>9} {'ids bytes':>10} "
+              f"{'ids':>9} {'arrived':>8}")
+        for w in r["workers"]:
+            print(f"{w['rank']:>4} {w['branch_tokens']:>7} {w['bytes']:>13,} {w['transfer_ms']:>8.2f} ms "
+                  f"{w['MB_per_s']:>9.1f} {w['ids_bytes']:>10,} {w['ids_ms']:>6.2f} ms {w['arrival_s']:>7.2f}s")
+    for m in r["missing"]:
+        print(f"missing: rank {m['rank']} ({m['why']})")
+    for e in worker_errors:
+        print(f"worker error: {e}")
+    if not r["workers"]:
+        print("no branch arrived: nothing to synthesize")
+        return
+    print(f"\n{'synthesis path':<44}{'after last arrival':>20}{'warm TTFT (median)':>20}")
+    print(f"{'(a) text concatenation (token ids, re-prefill)':<44}{r['text_after_last_ids_ms']:>17.1f} ms"
+          f"{r['text_concat_ttft_ms'] or float('nan'):>17.1f} ms")
+    print(f"{'(b) Parallel-Synthesis (received KV caches)':<44}{r['parallel_after_last_branch_ms']:>17.1f} ms"
+          f"{r['parallel_ttft_ms'] or float('nan'):>17.1f} ms")
+    width = 58
+    a = textwrap.wrap(r["text_answer"], width) or [""]
+    b = textwrap.wrap(r["parallel_answer"], width) or [""]
+    print(f"\n{'(a) text concatenation':<{width}}  | (b) Parallel-Synthesis ({r['synthesizer']})")
+    print("-" * width + "--+-" + "-" * width)
+    for i in range(max(len(a), len(b))):
+        print(f"{(a[i] if i < len(a) else ''):<{width}}  | {b[i] if i < len(b) else ''}")
+    print("-" * width + "--+-" + "-" * width)
+    ex = r.get("exact")
+    if ex is not None:
+        ok = ex["branch_tokens_equal"] and ex["logits_equal"] and ex["answer_equal"]
+        toks = "equal" if ex["branch_tokens_equal"] else "DIFFER"
+        logits = "identical" if ex["logits_equal"] else f"differ by {ex['max_logit_diff']:.3e}"
+        print(("exact: " if ok else "NOT exact: ") + "received branches vs the same workers recomputed in rank 0's "
+              f"process (single-process ParallelCache): branch tokens {toks}, logits {logits}, greedy answer "
+              f"{'identical' if ex['answer_equal'] else 'DIFFERS'}")
+
+
+# ---- process start-up ---------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank, world, port, cfg, results):
+    import torch.distributed as dist
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=max(60.0, cfg.timeout + 60)))
+        out = run_rank(rank, world, cfg)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: B036 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+        results.close()
+        results.join_thread()
+        os._exit(1)
+    results.close()
+    results.join_thread()
+    os._exit(0)  # skip the teardown of gloo threads (a dead peer may make it slow)
+
+
+def spawn_demo(cfg: DemoConfig, processes: int, limit: float | None = None):
+    """Run the demo in ``processes`` local processes (gloo, 127.0.0.1). Returns ``(rank 0's report, worker
+    errors)``; raises RuntimeError if rank 0 fails or gives no report within ``limit`` seconds (None: no limit:
+    rank 0 bounds its own waits with ``cfg.timeout``)."""
+    if processes < 2:
+        raise ValueError(f"--processes: expected >= 2 (rank 0 synthesizes, ranks 1.. are workers), got {processes}")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_spawned, args=(r, processes, port, cfg, results), daemon=True)
+             for r in range(processes)]
+    for p in procs:
+        p.start()
+    report, errors, t_end = None, [], None if limit is None else time.monotonic() + limit
+    try:
+        while report is None:
+            if t_end is not None and time.monotonic() > t_end:
+                raise RuntimeError(f"rank 0 gave no report within {limit:g} s")
+            try:
+                rank, status, value = results.get(timeout=0.5)
+            except queue.Empty:
+                if not procs[0].is_alive() and results.empty():
+                    raise RuntimeError(f"rank 0 exited (code {procs[0].exitcode}) without a report") from None
+                continue
+            if rank == 0:
+                if status != "ok":
+                    raise RuntimeError(f"rank 0 failed:\n{value}")
+                report = value
+            elif status != "ok":
+                errors.append(f"rank {rank}: {value.strip().splitlines()[-1]}")
+        for p in procs[1:]:
+            p.join(5)
+        while True:
+            try:
+                rank, status, value = results.get_nowait()
+            except queue.Empty:
+                break
+            if status != "ok":
+                errors.append(f"rank {rank}: {value.strip().splitlines()[-1]}")
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+    return report, errors
+
+
+def under_torchrun() -> bool:
+    """True in a process started by torchrun (or any launcher that sets the env:// variables) for a world > 1."""
+    env = os.environ
+    return all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and int(env["WORLD_SIZE"]) > 1
+
+
+def torchrun_demo(cfg: DemoConfig):
+    """This process's rank under torchrun: NCCL with one GPU per rank when CUDA is available, gloo otherwise."""
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()
+    device = None
+    if cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method="env://",
+                            timeout=datetime.timedelta(seconds=max(60.0, cfg.timeout + 60)))
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return dist.get_rank(), run_rank(dist.get_rank(), dist.get_world_size(), cfg, device)
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - a dead peer must not turn a finished demo into a failure
+            pass
+
+
+def config_from_args(args) -> DemoConfig:
+    return DemoConfig(model=args.model, worker_tokens=args.worker_tokens, answer_tokens=args.answer_tokens,
+                      timeout=args.timeout, repeats=args.repeats, mapper=getattr(args, "mapper", None),
+                      untrained=bool(getattr(args, "untrained", False)))
+
+
+def main(args) -> int:
+    """``pskernels demo --processes N`` (spawn) or the current rank under torchrun."""
+    import json
+
+    cfg = config_from_args(args)
+    if cfg.mapper and cfg.untrained:
+        raise ValueError("--mapper and --untrained: give one of them")
+    if under_torchrun():
+        rank, r = torchrun_demo(cfg)
+        if rank == 0:
+            print(json.dumps(r, indent=2)) if args.json else print_report(r)
+        return 0
+    cfg.threads = max(1, (os.cpu_count() or 1) // args.processes)
+    r, errors = spawn_demo(cfg, args.processes)
+    if args.json:
+        print(json.dumps(dict(r, worker_errors=errors), indent=2))
+    else:
+        print_report(r, errors)
+    return 0
+
+
+if __name__ == "__main__":  # torchrun --nproc-per-node N -m pskernels.apps.demo_distributed [demo flags]
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["demo", *sys.argv[1:]]))
