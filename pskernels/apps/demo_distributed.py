@@ -164,7 +164,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     with base_model(model):
         prefix = output_cache(model(prefix_ids, use_cache=True))
     psd.broadcast_prefix(prefix, 0, model=base, timeout=cfg.timeout)
-    deadline = t_bcast + cfg.timeout
+    deadline = t_bcast + cfg.timeout  # the branches are due --timeout seconds after the prefix broadcast began
     # warm up both paths while the workers generate (so the first measured token is not a cold start)
     with base_model(model):
         text_concat_cache(model, prefix, [worker_ids[0]], query_ids)
@@ -192,7 +192,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
          "threads": torch.get_num_threads(), "task": task, "prefix_tokens": prefix_ids.shape[1],
          "query_tokens": query_ids.shape[1], "bytes_per_token": psd.branch_bytes_per_token(base),
          "arrival_order": order, "missing": sorted(missing, key=lambda m: m["rank"]), "synthesizer": label,
-         "mapper_path": path, "timeout_s": cfg.timeout}
+         "mapper_path": path, "timeout_s": cfg.timeout, "receive_s": round(time.monotonic() - t_bcast, 3)}
     gen = dict(max_new_tokens=cfg.answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
     from .demo import REPETITION_PENALTY
 
@@ -312,7 +312,7 @@ def print_report(r: dict, worker_errors=()) -> None:
             print(f"{w['rank']:>4} {w['branch_tokens']:>7} {w['bytes']:>13,} {w['transfer_ms']:>8.2f} ms "
                   f"{w['MB_per_s']:>9.1f} {w['ids_bytes']:>10,} {w['ids_ms']:>6.2f} ms {w['arrival_s']:>7.2f}s")
     for m in r["missing"]:
-        print(f"missing: rank {m['rank']} ({m['why']})")
+        print(f"missing: rank {m['rank']} ({m['why']}; rank 0 went on after {r['receive_s']:.1f} s)")
     for e in worker_errors:
         print(f"worker error: {e}")
     if not r["workers"]:
