@@ -297,7 +297,7 @@ def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, rank
 def print_report(r: dict, worker_errors=()) -> None:
     import textwrap
 
-    print(f"pskernels demo --processes {r['world']} — {r['model']}, backend {r['backend']} on {r['device']}, "
+    print(f"pskernels demo, {r['world']} processes — {r['model']}, backend {r['backend']} on {r['device']}, "
           f"{r['threads']} threads on rank 0")
     print(f"Task: {r['task']}")
     print(f"rank 0: prefix {r['prefix_tokens']} tokens prefilled and broadcast; {r['world'] - 1} workers "
