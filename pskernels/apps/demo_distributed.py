@@ -471,6 +471,7 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":  # torchrun --nproc-per-node N -m pskernels.apps.demo_distributed [demo flags]
-    from .cli import main as cli_main
+    import importlib
 
-    sys.exit(cli_main(["demo", *sys.argv[1:]]))
+    # the `pskernels demo` parser (cli imports this module: by name, not as an import cycle)
+    sys.exit(importlib.import_module("pskernels.apps.cli").main(["demo", *sys.argv[1:]]))
