@@ -18,10 +18,14 @@ def _seed():
     yield
 
 
-@pytest.fixture
-def one_thread():
+def _single_thread():
     """One intra-op thread: on 2 shared cores it avoids OpenMP oversubscription stalls when the machine is busy."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+one_thread = pytest.fixture(_single_thread, name="one_thread")
+# the same for a whole module (its module-scoped fixtures included: pytestmark = usefixtures("one_thread_module"))
+one_thread_module = pytest.fixture(_single_thread, scope="module", name="one_thread_module")

@@ -19,7 +19,7 @@ from pskernels.synthesis.data import ByteTokenizer, aggregation_examples, save_j
 from pskernels.synthesis.models import load_model, tiny_llama  # noqa: E402
 from pskernels.synthesis.train import TrainConfig, train  # noqa: E402
 
-pytestmark = pytest.mark.hf
+pytestmark = [pytest.mark.hf, pytest.mark.usefixtures("one_thread_module")]
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXPORTED = {"checkpoint.json", "mapper/mapper_config.json", "mapper/mapper.safetensors", "adapter/adapter_config.json",
@@ -28,12 +28,6 @@ EVAL = ["--model", "tiny", "--builder", "aggregation", "--n-examples", "2", "--g
         "--threads", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _examples(n, seed):

@@ -24,13 +24,8 @@ from pskernels.synthesis.workflows import (
 WORKER_TOKENS = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # two shared cores: one intra-op thread avoids OpenMP oversubscription stalls (20x on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# two shared cores: one intra-op thread avoids OpenMP oversubscription stalls (20x on a busy machine)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")
