@@ -249,6 +249,22 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     }
 
 
+ANSWER_WIDTH = 58
+
+
+def print_answers(text_answer: str, parallel_answer: str, parallel_title: str) -> None:
+    """The two answers side by side, wrapped to :data:`ANSWER_WIDTH` columns, between rules."""
+    import textwrap
+
+    a = textwrap.wrap(text_answer, ANSWER_WIDTH) or [""]
+    b = textwrap.wrap(parallel_answer, ANSWER_WIDTH) or [""]
+    print(f"\n{'(a) text concatenation':<{ANSWER_WIDTH}}  | {parallel_title}")
+    print("-" * ANSWER_WIDTH + "--+-" + "-" * ANSWER_WIDTH)
+    for i in range(max(len(a), len(b))):
+        print(f"{(a[i] if i < len(a) else ''):<{ANSWER_WIDTH}}  | {b[i] if i < len(b) else ''}")
+    print("-" * ANSWER_WIDTH + "--+-" + "-" * ANSWER_WIDTH)
+
+
 def print_agent_report(r: dict, model_name: str) -> None:
     import textwrap
 
@@ -259,15 +275,8 @@ def print_agent_report(r: dict, model_name: str) -> None:
     for i, wk in enumerate(r["workers"]):
         print(f"[worker {i + 1}] {wk['subtask']}")
         print(textwrap.indent(textwrap.fill(wk["answer"], 100), "    "))
-    width = 58
-    a = textwrap.wrap(r["text_concat_answer"], width) or [""]
-    b = textwrap.wrap(r["parallel_answer"], width) or [""]
-    print(f"\n{'(a) text concatenation':<{width}}  | (b) Parallel-Synthesis (KV caches)")
-    print("-" * width + "--+-" + "-" * width)
-    for i in range(max(len(a), len(b))):
-        print(f"{(a[i] if i < len(a) else ''):<{width}}  | {b[i] if i < len(b) else ''}")
-    print("-" * width + "--+-" + "-" * width)
-    print(f"{'TTFT ' + str(r['text_concat_ttft_ms']) + ' ms':<{width}}  | TTFT {r['parallel_ttft_ms']} ms")
+    print_answers(r["text_concat_answer"], r["parallel_answer"], "(b) Parallel-Synthesis (KV caches)")
+    print(f"{'TTFT ' + str(r['text_concat_ttft_ms']) + ' ms':<{ANSWER_WIDTH}}  | TTFT {r['parallel_ttft_ms']} ms")
     print(f"\nspeedup (time to first token): {r['speedup']:.1f}x; worker caches {r['branch_cache_mib']} MiB "
           "(prefix stored once, read in place)")
     if r["synthesizer"] == "base model":

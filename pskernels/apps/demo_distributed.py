@@ -297,6 +297,8 @@ def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, rank
 def print_report(r: dict, worker_errors=()) -> None:
     import textwrap
 
+    from .demo import print_answers
+
     print(f"pskernels demo, {r['world']} processes — {r['model']}, backend {r['backend']} on {r['device']}, "
           f"{r['threads']} threads on rank 0")
     print(f"Task: {r['task']}")
@@ -323,14 +325,7 @@ def print_report(r: dict, worker_errors=()) -> None:
           f"{r['text_concat_ttft_ms'] or float('nan'):>17.1f} ms")
     print(f"{'(b) Parallel-Synthesis (received KV caches)':<44}{r['parallel_after_last_branch_ms']:>17.1f} ms"
           f"{r['parallel_ttft_ms'] or float('nan'):>17.1f} ms")
-    width = 58
-    a = textwrap.wrap(r["text_answer"], width) or [""]
-    b = textwrap.wrap(r["parallel_answer"], width) or [""]
-    print(f"\n{'(a) text concatenation':<{width}}  | (b) Parallel-Synthesis ({r['synthesizer']})")
-    print("-" * width + "--+-" + "-" * width)
-    for i in range(max(len(a), len(b))):
-        print(f"{(a[i] if i < len(a) else ''):<{width}}  | {b[i] if i < len(b) else ''}")
-    print("-" * width + "--+-" + "-" * width)
+    print_answers(r["text_answer"], r["parallel_answer"], f"(b) Parallel-Synthesis ({r['synthesizer']})")
     ex = r.get("exact")
     if ex is not None:
         ok = ex["branch_tokens_equal"] and ex["logits_equal"] and ex["answer_equal"]
