@@ -259,11 +259,10 @@ def run_eval(args) -> int:
         if cal_source:
             cal = load_jsonl(cal_source)[: args.calibrate_n]
         else:  # built by the model itself, training families, seed 1 (the evaluated suites use other seeds)
-            from ..synthesis.workflows import TRAIN_FAMILIES, build_workflows
+            from ..synthesis.calibration import calibration_examples
 
             cal_source = f"the training families (seed 1, built by {args.model})"
-            cal = build_workflows(model, tok, "train", -(-args.calibrate_n // len(TRAIN_FAMILIES)),
-                                  seed=1)[: args.calibrate_n]
+            cal = calibration_examples(model, tok, args.calibrate_n, seed=1)
         overlap = {_key(ex) for ex in cal} & {_key(ex) for ex in examples}
         if overlap:
             raise SystemExit(f"--calibrate-ape {cal_source}: {len(overlap)} calibration example(s) are also "

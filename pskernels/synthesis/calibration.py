@@ -59,6 +59,16 @@ def _check_grid(grid) -> list:
     return points
 
 
+def calibration_examples(model, tokenizer, n: int | None = 8, *, seed: int = 1, worker_tokens: int = 48) -> list:
+    """The first ``n`` (None: one per family) training-family workflows of ``seed``, the model playing the
+    workers (:func:`pskernels.synthesis.workflows.build_workflows`, round-robin over the families)."""
+    from .workflows import TRAIN_FAMILIES, build_workflows
+
+    n = len(TRAIN_FAMILIES) if n is None else n
+    return build_workflows(model, tokenizer, "train", -(-n // len(TRAIN_FAMILIES)), seed=seed,
+                           worker_tokens=worker_tokens)[:n]
+
+
 @torch.no_grad()
 def calibrate_ape(model, tokenizer, examples=None, *, grid=DEFAULT_GRID, scheme: str = "sequential",
                   target_tokens: int = 16, max_examples: int | None = 8, seed: int = 1,
@@ -101,11 +111,7 @@ def calibrate_ape(model, tokenizer, examples=None, *, grid=DEFAULT_GRID, scheme:
     """
     points = _check_grid(grid)
     if examples is None:
-        from .workflows import TRAIN_FAMILIES, build_workflows
-
-        n = len(TRAIN_FAMILIES) if max_examples is None else max_examples
-        examples = build_workflows(model, tokenizer, "train", -(-n // len(TRAIN_FAMILIES)), seed=seed,
-                                   worker_tokens=worker_tokens)[:n]
+        examples = calibration_examples(model, tokenizer, max_examples, seed=seed, worker_tokens=worker_tokens)
     examples = list(examples)
     if max_examples is not None:
         examples = examples[:max_examples]
