@@ -4,13 +4,35 @@ Environment:
   PSKERNELS_NO_EXT=1        build no extension (the package then runs on its Triton/PyTorch backends)
   PSKERNELS_NO_CUDA=1       build the CPU kernels only
   TORCH_CUDA_ARCH_LIST      CUDA targets (default "8.0;9.0")
+
+The kernels are compiled against the torch of the environment they are installed into, so installing needs
+that torch importable at build time: ``pip install --no-build-isolation .``. Without torch, metadata and the
+sdist still build; a command that compiles stops with TORCH_MISSING instead of an ImportError traceback.
 """
 import glob
 import os
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+
+TORCH_MISSING = """
+error: pskernels compiles its C++/CUDA kernels against the torch of the environment it is installed into,
+and torch is not importable in this build environment (pip's default build isolation builds in a fresh
+environment without it). Install torch first, then rerun with build isolation off:
+
+    pip install --no-build-isolation .          (in a source checkout; or the path of the sdist)
+
+To install without the compiled kernels (Triton / PyTorch backends only), set PSKERNELS_NO_EXT=1 instead.
+"""
+
+
+class TorchMissing(build_ext):
+    """The build_ext of a build without torch: stops with one message (SystemExit prints no traceback)."""
+
+    def run(self):
+        raise SystemExit(TORCH_MISSING)
 
 
 def cpu_flags():
@@ -36,10 +58,15 @@ def extensions():
     # which has no lib64/libcudart. Prefer the standard toolkit folder when it is there.
     if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda/lib64"):
         os.environ["CUDA_HOME"] = "/usr/local/cuda"
-    import torch
+    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
+    try:
+        import torch
+    except ImportError:
+        # Declared so that every command that compiles it (bdist_wheel, editable_wheel, build_ext) reaches
+        # TorchMissing, while metadata and sdist commands, which never compile, still work.
+        return [Extension("pskernels._C", sources)], {"build_ext": TorchMissing}
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
     include = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
     cxx = cpu_flags()
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
