@@ -1,4 +1,4 @@
-"""Command line: ``pskernels info | demo | bench ttft | train | eval``."""
+"""Command line: ``pskernels info | demo | bench ttft | bench workflow | train | eval``."""
 from __future__ import annotations
 
 import argparse
@@ -79,9 +79,12 @@ def main(argv=None) -> int:
     t.add_argument("--repeats", type=int, default=5)
     t.add_argument("--json", metavar="FILE", help="write the results as JSON")
     t.add_argument("--plot", metavar="PNG", help="also sweep branches 1,2,4,8 and draw TTFT curves")
+    from .bench_workflow import add_workflow_args
     from .evaluate import add_eval_args
     from .train import add_train_args
 
+    add_workflow_args(bsub.add_parser("workflow", help="the whole agent workflow (prefix, N workers, synthesis): "
+                                      "stock Hugging Face vs pskernels, per phase, with KV memory"))
     add_train_args(sub.add_parser("train", help="train the cache mapper + LoRA synthesizer adapter"))
     add_eval_args(sub.add_parser("eval", help="text concatenation vs parallel synthesis (untrained, APE, trained)"))
     args = p.parse_args(argv)
@@ -101,6 +104,10 @@ def main(argv=None) -> int:
         from .evaluate import run_eval
 
         return run_eval(args)
+    if args.cmd == "bench" and args.bench == "workflow":
+        from .bench_workflow import main as workflow_main
+
+        return workflow_main(args)
     if args.cmd == "bench":
         from .ttft import main as ttft_main
 
