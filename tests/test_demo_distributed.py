@@ -87,6 +87,21 @@ def test_dead_worker_is_listed_missing_within_the_timeout():
     assert time.monotonic() - t0 < LIMIT
 
 
+def test_worker_dead_after_its_cache_is_dropped_from_both_paths():
+    """Rank 2 sends its cache, then dies before its token ids: rank 0 does not wait past --timeout for them, lists
+    rank 2 missing and answers both paths from rank 1 alone (the same answers as a one-worker run)."""
+    timeout = 4.0
+    t0 = time.monotonic()
+    cfg = _tiny_cfg(timeout=timeout, dead_after_branch=(2,))
+    r, _ = dd.spawn_demo(cfg, 3, limit=LIMIT)
+    assert [m["rank"] for m in r["missing"]] == [2] and "token ids" in r["missing"][0]["why"], r["missing"]
+    assert [w["rank"] for w in r["workers"]] == [1]
+    assert r["exact"]["logits_equal"] and r["exact"]["answer_equal"], r["exact"]
+    par, text, _ = _single_process(cfg, [1])
+    assert r["parallel_answer_ids"] == par and r["text_answer_ids"] == text
+    assert time.monotonic() - t0 < LIMIT
+
+
 def test_cli_routes_processes_to_the_distributed_demo(monkeypatch, capsys):
     """`pskernels demo --processes 3 --model tiny ...` reaches spawn_demo with the flags (no processes started)."""
     from pskernels.apps.cli import main

@@ -143,6 +143,33 @@ def test_sender_checks_its_own_cache(llama):
         caches.branch_parts(w, fingerprint(make_model("gemma3")))
 
 
+def test_pieces_tile_the_payload_in_order(llama):
+    """The transfer pieces are every non-empty K and V range, back to back: together exactly the payload."""
+    _, w = _worker(llama, T=7)
+    h = wire.decode(_message(llama, w)[0])
+    pieces = h.pieces()
+    assert [a for a, *_ in pieces] == [0] + [b for _, b, *_ in pieces[:-1]] and pieces[-1][1] == h.payload_bytes
+    assert [(l, v) for *_, l, v in pieces] == [(l, v) for l in range(len(h.stored)) for v in (False, True)]
+
+
+def test_payload_pool_reuses_a_buffer_only_when_nothing_holds_it():
+    from pskernels.distributed.transport import PayloadPool
+
+    pool = PayloadPool(max_free_bytes=100)
+    a = pool.take(64, "cpu")
+    view = a[8:16].view(torch.float32)  # what a received branch keeps: views into the payload
+    ptr = a.data_ptr()
+    del a
+    assert pool.take(64, "cpu").data_ptr() != ptr  # still held by the view: a new buffer
+    del view
+    assert pool.take(64, "cpu").data_ptr() == ptr  # free again: reused (no fresh pages to fault in)
+    assert pool.take(32, "cpu").data_ptr() not in (ptr,)  # another size: its own buffer
+    held = pool.take(200, "cpu")  # 64 + 64 + 32 free bytes > 100: the least recently used free ones go
+    assert sorted(b.numel() for b, _ in pool.buffers) == [32, 64, 200] and held.numel() == 200
+    pool.trim()
+    assert [b.numel() for b, _ in pool.buffers] == [200]
+
+
 # ---- real transfers between processes ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def spawned():

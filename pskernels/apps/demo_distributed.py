@@ -53,6 +53,7 @@ class DemoConfig:
     untrained: bool = False
     check: bool | None = None  # recompute the workers on rank 0 and compare (None: with --model tiny)
     dead: tuple = ()  # worker ranks that exit right after the prefix broadcast (tests: a dead worker)
+    dead_after_branch: tuple = ()  # worker ranks that exit after their cache, before their token ids (tests)
     threads: int | None = None  # torch threads per process (None: keep the process's setting)
     task: str | None = None
     subtasks: list = field(default_factory=list)
@@ -88,6 +89,17 @@ def generate_branch(model, prefix, instruction_ids, *, max_new_tokens: int, eos,
     cached = min(stop, len(gen) - 1)
     branch_ids = torch.cat([instruction_ids.cpu(), torch.tensor(gen[:cached], dtype=torch.long)])
     return w, branch_ids, torch.tensor(gen[:stop], dtype=torch.long)
+
+
+def _announced(store, key: str, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``key`` on the store (a timed-out store wait leaves the group usable)."""
+    import torch.distributed as dist
+
+    try:
+        store.wait([key], datetime.timedelta(seconds=seconds))
+        return True
+    except dist.DistStoreError:
+        return store.check([key])
 
 
 def _store():
@@ -152,6 +164,9 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         t0 = time.perf_counter()
         sent = psd.send_branch(w, 0, model=base, length=len(branch_ids), timeout=cfg.timeout)
         send_ms = _elapsed_ms(t0)
+        if rank in cfg.dead_after_branch:
+            return {"rank": rank, "dead": True}
+        store.set(f"{NS}/ids/{rank}", str(len(branch_ids)))  # announced, so rank 0 never waits on a dead rank
         dist.send(branch_ids.to(device), 0)  # the same branch as text: its token ids
         store.add(f"{NS}/done", 1)
         return {"rank": rank, "sent_bytes": sent, "send_ms": send_ms, "branch_tokens": len(branch_ids)}
@@ -213,14 +228,25 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     first_parallel()
     parallel_after_last = _elapsed_ms(t_last_branch)  # last branch received -> first token of (b)
     ids = {}
-    for s in ranks:  # the token ids of the same branches (the workers sent them after their cache)
-        n = int(got[s]["branch"].lengths.sum())
+    for s in list(ranks):  # the token ids of the same branches (the workers sent them after their cache)
         t0 = time.perf_counter()
-        buf = torch.empty(n, dtype=torch.long, device=device)
+        if not _announced(store, f"{NS}/ids/{s}", max(1.0, deadline - time.monotonic())):
+            # a worker that died after its cache: both paths drop it, so the answers compare like for like
+            missing.append({"rank": s, "why": f"token ids not announced within --timeout {cfg.timeout:g} s"})
+            ranks.remove(s)
+            continue
+        buf = torch.empty(int(store.get(f"{NS}/ids/{s}")), dtype=torch.long, device=device)
         dist.recv(buf, s)
+        store.delete_key(f"{NS}/ids/{s}")
         got[s]["ids_ms"] = _elapsed_ms(t0)
         ids[s] = buf.cpu()
     t_last_ids = time.perf_counter()
+    if len(ranks) < len(branches):
+        branches = [got[s]["branch"] for s in ranks]
+        r["missing"] = sorted(missing, key=lambda m: m["rank"])
+        if not branches:
+            r.update(workers=[], parallel_answer=None, text_answer=None)
+            return r
     branch_ids = [ids[s] for s in ranks]
     first_text(branch_ids)
     text_after_last = _elapsed_ms(t_last_ids)  # last token ids received -> first token of (a)

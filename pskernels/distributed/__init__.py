@@ -96,14 +96,18 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
     """
     fp = fingerprint(model)
     h, kv = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length)
-    buf = wire.pack(h, kv)
+    wire.check_layers(h, kv)
     base = transport.announce(wire.encode(h), dst, group)
     verdict = transport.await_verdict(base, dst, timeout)
     if verdict != "ok":
         why = verdict.removeprefix("reject:")
         raise BranchRefused(f"send_branch: rank {dst} refused the branch: {why}", rank=dst, reason=why)
-    transport.send_payload(buf, dst, group)
-    return buf.numel()
+    # Each piece leaves straight from the cache (a byte view, no packing copy) and lands in its place in the
+    # receiver's one payload buffer; only a non-contiguous piece (a slice of an ordinary cache) is copied.
+    transport.send_payload([kv[l][is_v].contiguous().view(-1).view(torch.uint8) for _, _, l, is_v in h.pieces()],
+                           dst, group)
+    transport.release(base, "a")
+    return h.payload_bytes
 
 
 def recv_any(srcs, *, model, prefix, group=None, timeout=None):
@@ -160,10 +164,12 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         if not transport.decide(base, "ok"):
             continue  # the sender withdrew it (its own timeout): wait for the next one
         t0 = time.perf_counter()
-        buf = transport.recv_payload(h.payload_bytes, src, group, _device(model, prefix))
+        buf = transport.recv_payload(h.payload_bytes, [(a, b) for a, b, _, _ in h.pieces()], src, group,
+                                     _device(model, prefix))
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
         seconds = time.perf_counter() - t0
+        transport.release(base, "h")
         branch = build_branch(h, wire.unpack(h, buf), prefix)
         branch.payload_bytes, branch.recv_seconds = h.payload_bytes, seconds
         return src, branch
@@ -238,7 +244,7 @@ def broadcast_prefix(cache_or_None, src: int, *, model, group=None, timeout=None
         raise ValueError(f"broadcast_prefix: refused the prefix of rank {src}: {why}")
     if decision != "go":
         raise ValueError(f"broadcast_prefix: aborted by rank {src}: {decision.removeprefix('abort:')}")
-    buf = torch.empty(h.payload_bytes, dtype=torch.uint8, device=_device(model, None))
+    buf = transport.payload_pool.take(h.payload_bytes, _device(model, None))
     dist.broadcast(buf, src, group=group)
     return build_prefix(h, wire.unpack(h, buf))
 

@@ -121,7 +121,10 @@ def prefix_parts(prefix: Cache, fp: Fingerprint):
 
 
 def _fill(layer, k, v, seen=None):
-    layer.lazy_initialization(k, v)
+    if isinstance(layer, DynamicSlidingWindowLayer):
+        layer.lazy_initialization(k, v)
+    else:  # what lazy_initialization sets, without its two throw-away tensors (30+ layers per received branch)
+        layer.device, layer.is_initialized = k.device, True
     layer.keys, layer.values = k, v
     if seen is not None:
         layer.cumulative_length = seen

@@ -34,6 +34,7 @@ class _State:
         self.cursor = {}  # (ns, d) -> announcements read from the queue
         self.announced = {}  # (ns, d) -> set of (s, n) read from the queue, not yet taken
         self.bcast = {}  # ns -> broadcasts done
+        self.spent = []  # queue keys read, to delete once the current payload has moved
 
 
 _state = _State()
@@ -64,13 +65,14 @@ def _seconds(timeout) -> float | None:
 def _wait(store, key: str, deadline: float | None) -> bool:
     """Wait for ``key`` until ``deadline`` (time.monotonic(); None: forever). False on timeout."""
     while True:
-        left = _LONG if deadline is None else timedelta(seconds=max(deadline - time.monotonic(), 0.0))
-        if store.check([key]):
-            return True
-        if deadline is not None and left.total_seconds() <= 0:
-            return False
+        if deadline is None:
+            left = _LONG
+        else:
+            left = timedelta(seconds=deadline - time.monotonic())
+            if left.total_seconds() <= 0:
+                return store.check([key])
         try:
-            store.wait([key], max(left, timedelta(milliseconds=1)))
+            store.wait([key], max(left, timedelta(milliseconds=1)))  # returns at once for a key already set
             return True
         except dist.DistStoreError:
             if deadline is not None and time.monotonic() >= deadline:
@@ -99,8 +101,9 @@ def await_verdict(base: str, dst: int, timeout) -> str:
             raise BranchTimeout(f"send_branch: rank {dst} did not take the branch within {t:g} s (withdrawn; the "
                                 "group is usable)", ranks=[dst])
     verdict = store.get(f"{base}/a").decode()
-    store.delete_key(f"{base}/a")
-    return verdict
+    if verdict != "ok":
+        store.delete_key(f"{base}/a")
+    return verdict  # "ok": the caller sends the payload first, then calls release(base, "a")
 
 
 def next_announced(srcs, group, deadline: float | None, t: float | None) -> tuple:
@@ -123,29 +126,91 @@ def next_announced(srcs, group, deadline: float | None, t: float | None) -> tupl
             raise BranchTimeout(f"recv_branch: no branch from rank{'s' if len(srcs) > 1 else ''} {who} within "
                                 f"{t:g} s (nothing was posted; the group is usable)", ranks=srcs)
         s, n = map(int, store.get(key).decode().split())
-        store.delete_key(key)
         _state.cursor[(ns, me)] = c
+        _state.spent.append(key)  # deleted after this message's payload (off the critical path)
         seen.add((s, n))
 
 
 def decide(base: str, verdict: str) -> bool:
-    """Receiver: record ``verdict`` unless the sender withdrew first; True if ours stands."""
+    """Receiver: record ``verdict`` unless the sender withdrew first; True if ours stands. After an "ok" that
+    stands the caller receives the payload, then calls ``release(base, "h")``."""
     store = _store()
     got = store.compare_set(f"{base}/a", "", verdict).decode()
-    store.delete_key(f"{base}/h")
     if got == "withdrawn":
         store.delete_key(f"{base}/a")
-        return False
+    if got == "withdrawn" or verdict != "ok":
+        release(base, "h")
+        return False if got == "withdrawn" else True
     return True
 
 
-def send_payload(buf: torch.Tensor, dst: int, group) -> None:
-    dist.send(buf, dst, group=group)
+def release(base: str, key: str) -> None:
+    """Delete a message's key once its payload has moved, with the queue entries read since (store hygiene:
+    100 rounds leave the store as it was)."""
+    store = _store()
+    store.delete_key(f"{base}/{key}")
+    while _state.spent:
+        store.delete_key(_state.spent.pop())
 
 
-def recv_payload(nbytes: int, src: int, group, device) -> torch.Tensor:
-    buf = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dist.recv(buf, src, group=group)
+def send_payload(pieces, dst: int, group) -> None:
+    """Send the payload as its pieces (1-D uint8 tensors, in payload order), every send posted at once."""
+    works = [dist.isend(p, dst, group=group) for p in pieces]
+    for w in works:
+        w.wait()
+
+
+class PayloadPool:
+    """Received CPU payload buffers, reused once nothing references them any more.
+
+    A fresh buffer costs a page fault per 4 KiB on its first write (measured: 140 ms for 189 MB, as long as the
+    transfer itself), because large allocations come straight from ``mmap``. A buffer is free again when every
+    branch (or prefix) built on it is gone: its storage's use count is back to what it was when the pool made
+    it. At most ``max_free_bytes`` of free buffers are kept (the least recently used beyond are released).
+    CUDA payloads use torch's caching allocator instead."""
+
+    def __init__(self, max_free_bytes: int = 1 << 30):
+        self.max_free_bytes = max_free_bytes
+        self.buffers = []  # [(tensor, use count when alone)], least recently used first
+
+    @staticmethod
+    def _uses(buf: torch.Tensor) -> int:
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata)
+
+    def take(self, nbytes: int, device) -> torch.Tensor:
+        if torch.device(device).type != "cpu":
+            return torch.empty(nbytes, dtype=torch.uint8, device=device)
+        for i, (buf, alone) in enumerate(self.buffers):
+            if buf.numel() == nbytes and self._uses(buf) == alone:
+                self.buffers.append(self.buffers.pop(i))
+                return buf.view(-1)  # an alias: holding it (or views of it) keeps the buffer taken
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        self.buffers.append((buf, self._uses(buf)))
+        out = buf.view(-1)
+        self.trim(self.max_free_bytes)
+        return out
+
+    def trim(self, max_free_bytes: int = 0) -> None:
+        """Release free buffers (least recently used first) until at most ``max_free_bytes`` stay free."""
+        free = [(b, a) for b, a in self.buffers if self._uses(b) == a]
+        total = sum(b.numel() for b, _ in free)
+        for entry in free:
+            if total <= max_free_bytes:
+                break
+            self.buffers.remove(entry)
+            total -= entry[0].numel()
+
+
+payload_pool = PayloadPool()
+
+
+def recv_payload(nbytes: int, ranges, src: int, group, device) -> torch.Tensor:
+    """Receive a payload of ``nbytes`` sent by :func:`send_payload` as pieces of the byte ``ranges`` into ONE
+    buffer (from :data:`payload_pool`): every receive posted at once (they complete in order), all waited for."""
+    buf = payload_pool.take(nbytes, device)
+    works = [dist.irecv(buf[a:b], src, group=group) for a, b in ranges]
+    for w in works:
+        w.wait()
     return buf
 
 

@@ -18,17 +18,19 @@ dtype. A layer stores the LAST ``S_l`` of its ``T`` slots (a sliding layer of an
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
 
-from .fingerprint import LAYER_FIELDS, Fingerprint, dtype_of
+from .fingerprint import DTYPES, LAYER_FIELDS, Fingerprint, dtype_of
 
 MAGIC = 0x5053_4B56  # "PSKV"
 VERSION = 1
 PREFIX, BRANCH = 0, 1
 KINDS = {PREFIX: "prefix", BRANCH: "branch"}
 _FIXED = 10
+_ELEMENT_SIZE = tuple(torch.empty(0, dtype=d).element_size() for d in DTYPES)
 _F = len(LAYER_FIELDS) + 2
 MAX_LAYERS, MAX_ROWS, MAX_TOKENS, MAX_DIM = 1 << 12, 1 << 16, 1 << 31, 1 << 16
 
@@ -55,18 +57,35 @@ class Header:
         return (self.rows, kv, self.stored[l], hd)
 
     @property
-    def payload_bytes(self) -> int:
-        el = torch.empty(0, dtype=self.dtype).element_size()
-        return sum(2 * self.rows * kv * s * hd * el for (kv, hd, *_), s in zip(self.fingerprint.layers, self.stored))
+    def element_size(self) -> int:
+        return _ELEMENT_SIZE[self.fingerprint.dtype]
 
-    def layer_offsets(self):
-        """Byte offsets ``(k0, v0, end)`` of each layer's K and V in the payload."""
-        el = torch.empty(0, dtype=self.dtype).element_size()
-        off = 0
-        for l in range(len(self.stored)):
-            n = el * self.rows * self.fingerprint.layers[l][0] * self.stored[l] * self.fingerprint.layers[l][1]
-            yield off, off + n, off + 2 * n
-            off += 2 * n
+    @property
+    def payload_bytes(self) -> int:
+        return self.layer_offsets()[-1][2] if self.stored else 0
+
+    def layer_offsets(self) -> tuple:
+        """Byte offsets ``(k0, v0, end)`` of each layer's K and V in the payload (computed once per header)."""
+        cached = self.__dict__.get("_offsets")
+        if cached is None:
+            el, off, out = self.element_size, 0, []
+            for (kv, hd, *_), s in zip(self.fingerprint.layers, self.stored):
+                n = el * self.rows * kv * s * hd
+                out.append((off, off + n, off + 2 * n))
+                off += 2 * n
+            cached = tuple(out)
+            object.__setattr__(self, "_offsets", cached)  # frozen dataclass: a memo, not a field
+        return cached
+
+    def pieces(self) -> list:
+        """``[(start, end, layer, is_values), ...]``: the non-empty byte ranges of every layer's K and V, in payload
+        order. The transport moves a payload piece by piece (see :mod:`.transport`): each piece straight from the
+        sender's cache tensor into its place in the receiver's one buffer."""
+        out = []
+        for l, (k0, v0, end) in enumerate(self.layer_offsets()):
+            if v0 > k0:
+                out += [(k0, v0, l, False), (v0, end, l, True)]
+        return out
 
 
 def encode(h: Header) -> bytes:
@@ -76,7 +95,7 @@ def encode(h: Header) -> bytes:
         vals += [*layer, s, w]
     vals += [*h.pad, *h.lengths]
     vals[2] = len(vals)
-    return torch.tensor(vals, dtype=torch.int64).numpy().tobytes()
+    return array("q", vals).tobytes()
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -88,7 +107,7 @@ def decode(data: bytes) -> Header:
     """Parse and check a header; raises ValueError naming what is wrong (nothing is allocated from it here)."""
     _check(len(data) % 8 == 0 and len(data) >= 8 * _FIXED, f"expected a multiple of 8 bytes >= {8 * _FIXED}, "
            f"got {len(data)}")
-    v = torch.frombuffer(bytearray(data), dtype=torch.int64).tolist()
+    v = array("q", data).tolist()
     _check(v[0] == MAGIC, f"bad magic {v[0]:#x} (expected {MAGIC:#x}): not a pskernels cache message")
     if v[1] != VERSION:
         raise ValueError(f"format version: sender {v[1]}, receiver {VERSION}")
@@ -121,18 +140,23 @@ def decode(data: bytes) -> Header:
     return h
 
 
-def pack(h: Header, layers, device=None) -> torch.Tensor:
-    """Copy ``[(k, v), ...]`` (each ``[B, kv_heads, S_l, head_dim]``, as ``h`` describes) into one uint8 payload."""
+def check_layers(h: Header, layers) -> None:
+    """Raise ValueError unless ``[(k, v), ...]`` has the shapes and dtype ``h`` describes (before anything is sent)."""
     if len(layers) != len(h.stored):
         raise ValueError(f"pack: {len(layers)} layers given, the header describes {len(h.stored)}")
-    dev = device if device is not None else layers[0][0].device
-    buf = torch.empty(h.payload_bytes, dtype=torch.uint8, device=dev)
-    for l, ((k, v), (k0, v0, end)) in enumerate(zip(layers, h.layer_offsets())):
+    for l, (k, v) in enumerate(layers):
         shape = h.layer_shape(l)
-        for name, t, a, b in (("keys", k, k0, v0), ("values", v, v0, end)):
+        for name, t in (("keys", k), ("values", v)):
             if tuple(t.shape) != shape or t.dtype != h.dtype:
                 raise ValueError(f"pack: layer {l} {name}: expected {shape} {h.dtype}, got {tuple(t.shape)} {t.dtype}")
-            buf[a:b].view(h.dtype).view(shape).copy_(t)
+
+
+def pack(h: Header, layers, device=None) -> torch.Tensor:
+    """Copy ``[(k, v), ...]`` (each ``[B, kv_heads, S_l, head_dim]``, as ``h`` describes) into one uint8 payload."""
+    check_layers(h, layers)
+    buf = torch.empty(h.payload_bytes, dtype=torch.uint8, device=device if device is not None else layers[0][0].device)
+    for a, b, l, is_v in h.pieces():
+        buf[a:b].view(h.dtype).view(h.layer_shape(l)).copy_(layers[l][is_v])
     return buf
 
 
@@ -148,8 +172,9 @@ def unpack(h: Header, payload: torch.Tensor) -> list:
         raise ValueError(f"payload: {what}: expected {h.payload_bytes} bytes, got {payload.numel()}")
     if not payload.is_contiguous():
         raise ValueError("payload: expected a contiguous tensor")
-    out = []
+    flat = payload.view(h.dtype)
+    el, out = h.element_size, []
     for l, (k0, v0, end) in enumerate(h.layer_offsets()):
         shape = h.layer_shape(l)
-        out.append((payload[k0:v0].view(h.dtype).view(shape), payload[v0:end].view(h.dtype).view(shape)))
+        out.append((flat[k0 // el:v0 // el].view(shape), flat[v0 // el:end // el].view(shape)))
     return out
