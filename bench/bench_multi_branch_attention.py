@@ -7,7 +7,8 @@ Implementations (one benchmark group per shape):
     flex                 torch.compile(flex_attention) over the concatenation with a block mask
     flash_attn           torch.cat + flash_attn_func (only when flash-attn is importable, CUDA fp16/bf16)
 Baselines that need the branches re-indexed (``shift`` cases) rotate the keys inside the timed function;
-pskernels rotates the query instead (its point).
+pskernels rotates the query instead (its point). ``test_shared_prefix_cascade_vs_per_row``: B rows sharing one
+prefix (expanded batch-1 K/V), the CPU kernel's cascade against its per-row path, alternating in one run.
 
 Run: python -m pytest bench/bench_multi_branch_attention.py --benchmark-only -q
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 from dataclasses import dataclass
 
 import pytest
@@ -204,8 +206,6 @@ def build(case: Case, impl: str):
         return fn
 
     if impl == "flex":
-        import os
-
         if os.environ.get("PSKERNELS_BENCH_FLEX", "1") == "0":
             pytest.skip("PSKERNELS_BENCH_FLEX=0")
         try:
@@ -284,4 +284,63 @@ def test_ratio_vs_cat_sdpa(benchmark, perf, case, backend):
     fa = build(case, f"pskernels-{backend}")
     fb = build(case, "cat_sdpa")
     ex = perf.ratio(benchmark, fa, fb, group=f"ratio-{case.id}", a=f"pskernels-{backend}", b="cat_sdpa")
+    assert math.isfinite(ex["a_over_b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared prefix, B rows (issue 14): N workers decode as one batch on a zero-copy ParallelCache(prefix, []),
+# whose batch-1 prefix K/V reach the op expanded over the B rows (batch stride 0). The CPU kernel's cascade
+# reads the prefix once for all rows; PSKERNELS_CPU_CASCADE=0 gives its per-row path on the same tensors
+# (every row reads the whole prefix), the kernel as it was before the cascade.
+# ----------------------------------------------------------------------------------------------
+SHARED_CASES = [  # (geometry, prefix P, rows B, own tokens per row, Lq, dtype)
+    ("smollm2", 4096, 16, 16, 1, "fp32"),
+    ("smollm2", 4096, 16, 16, 1, "bf16"),
+    ("smollm2", 2048, 8, 64, 1, "fp32"),
+    ("smollm2", 2048, 8, 64, 7, "fp32"),
+] + ([("llama8b", 8192, 32, 64, 1, "bf16")] if FULL else [])
+
+
+def _shared_id(c):
+    geo, P, B, own, Lq, dt = c
+    return f"{geo}-shared{P}-B{B}-own{own}-Lq{Lq}-{dt}"
+
+
+def _per_row(fn):
+    """``fn`` with the CPU kernel's cascade switched off (read per call by the kernel)."""
+    def g():
+        os.environ["PSKERNELS_CPU_CASCADE"] = "0"
+        try:
+            return fn()
+        finally:
+            del os.environ["PSKERNELS_CPU_CASCADE"]
+    return g
+
+
+@pytest.mark.parametrize("case", SHARED_CASES, ids=[_shared_id(c) for c in SHARED_CASES])
+def test_shared_prefix_cascade_vs_per_row(benchmark, perf, case):
+    if "cpu" not in pskernels.available_backends("multi_branch_attention"):
+        pytest.skip("the compiled extension (backend 'cpu') is not built")
+    geo, P, B, own, Lq, dt = case
+    Hq, Hkv, D = GEOMETRIES[geo]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dt]
+    g = torch.Generator().manual_seed(0)
+
+    def mk(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    q = mk(B, Hq, Lq, D)
+    ks = [mk(1, Hkv, P, D).expand(B, -1, -1, -1), mk(B, Hkv, own, D)]
+    vs = [mk(1, Hkv, P, D).expand(B, -1, -1, -1), mk(B, Hkv, own, D)]
+
+    def cascade():
+        return pskernels.multi_branch_attention(q, ks, vs, backend="cpu")[0]
+
+    per_row = _per_row(cascade)
+    err = (cascade().float() - per_row().float()).abs().max().item()
+    assert err <= (1e-4 if dtype == torch.float32 else 3e-2), f"cascade and per-row paths differ by {err:.3g}"
+    ex = perf.ratio(benchmark, cascade, per_row, group=f"shared-{_shared_id(case)}", a="cascade", b="per_row")
+    e = dtype.itemsize
+    ex["prefix_bytes_cascade"] = Hkv * P * 2 * D * e  # read once for every row
+    ex["prefix_bytes_per_row"] = B * Hkv * P * 2 * D * e
     assert math.isfinite(ex["a_over_b"])

@@ -873,3 +873,182 @@ def test_plan_falls_back_to_the_reference_when_grad_is_needed():
     out, _ = plan.run(q, ks, vs)
     out.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cascade (shared-prefix) attention of the C++ CPU kernel (issue 14)
+# ----------------------------------------------------------------------------------------------
+# A segment stored once for every batch row (batch-1 K/V expanded over B rows, batch stride 0, as
+# pskernels.hf.ParallelCache passes a shared prefix) is attended by the stacked queries of all rows in one
+# pass over its K/V (csrc/cpu/multi_branch_attention.cpp, "Cascade"); per-row metadata still applies per row.
+_CASCADE_EVENT = "pskernels::multi_branch_attention::cpu_cascade"
+cpu_kernel = pytest.mark.skipif("cpu" not in pskernels.available_backends(OP),
+                                reason="the compiled extension (backend 'cpu') is not built")
+
+
+def _cascade_segments(B, Hkv, D, layout, dtype, gen):
+    """Keys, values and per-row ``seq_lens``/``left_pad`` for ``layout``: ("shared" | "row", L) per segment.
+
+    Shared segments are batch-1 tensors expanded to B rows; their valid lengths differ across rows, with
+    row 0 seeing the whole segment and row 1 none of it. Every segment gets some left padding on some rows.
+    """
+    ks, vs, lens, pads = [], [], [], []
+    for kind, L in layout:
+        rows = 1 if kind == "shared" else B
+        k = torch.randn(rows, Hkv, L, D, generator=gen).to(dtype)
+        v = torch.randn(rows, Hkv, L, D, generator=gen).to(dtype)
+        if kind == "shared":
+            k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        n = torch.randint(L // 2, L + 1, (B,), generator=gen)
+        if kind == "shared":
+            n[0] = L
+            if B > 1:
+                n[1] = 0
+        p = torch.randint(0, 4, (B,), generator=gen).clamp(max=n)
+        p[0] = 0
+        ks.append(k)
+        vs.append(v)
+        lens.append(n)
+        pads.append(p)
+    return ks, vs, torch.stack(lens), torch.stack(pads)
+
+
+def _check_cascade(q, ks, vs, rtol=1e-5, **kw):
+    """The CPU kernel against the fp64 oracle; bf16/fp16 outputs may differ by their own rounding."""
+    out, lse = pskernels.multi_branch_attention(q, ks, vs, backend="cpu", **kw)
+    ro, rl = oracle(q, ks, vs, **oracle_kwargs(kw))
+    what = str({k: v for k, v in kw.items() if not torch.is_tensor(v)})
+    if q.dtype == torch.float32:
+        check_close(out, lse, ro, rl, rtol=rtol, what=what)
+    else:  # inputs are exact in fp64: lse is fp32-accurate, out carries one rounding to q's dtype (2^-8 of bf16)
+        check_close(ro, lse, ro, rl, rtol=rtol, what=what)
+        check_close(out, lse, ro, rl, rtol=2.0 ** -8, what=what)
+    return out, lse
+
+
+def _cascade_taken(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        res = fn()
+    return res, any(e.name == _CASCADE_EVENT for e in prof.events())
+
+
+@cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Lq", [1, 7], ids=["decode", "prefill"])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3), (8, 1)], ids=["gqa1", "gqa3", "gqa8"])
+@pytest.mark.parametrize("B", [1, 2, 5, 16, 64])
+def test_cascade_shared_prefix(B, Hq, Hkv, Lq, dtype):
+    """B rows share one prefix (ragged per-row lengths, a row that sees none of it, left padding) and have
+    ragged own segments; the prefix spans several key blocks and splits."""
+    gen = torch.Generator().manual_seed(B * 100 + Hq * 10 + Lq)
+    ks, vs, lens, pads = _cascade_segments(B, Hkv, 64, [("shared", 600), ("row", 23)], dtype, gen)
+    q = torch.randn(B, Hq, Lq, 64, generator=gen).to(dtype)
+    _check_cascade(q, ks, vs, seq_lens=lens, left_pad=pads)
+
+
+def _feature_case(feature, B, Lq, gen):
+    """(layout, op kwargs) of one cascade feature test; kwargs that depend on the segments come as callables."""
+    S2 = [("shared", 300), ("row", 19)]
+    if feature == "shifts":  # per-row shifts of the shared segment, row 0 unshifted
+        def kw(lens):
+            sh = torch.randint(-50, 1000, (2, B), generator=gen)
+            sh[:, 0] = 0
+            return dict(position_shifts=sh, rope=make_rope(64))
+        return S2, kw
+    if feature == "softcap":
+        return S2, lambda lens: dict(softcap=2.0)
+    if feature == "window":  # per-row segment starts and query positions: each row sees another part
+        def kw(lens):
+            seg_pos = torch.stack([torch.zeros(B, dtype=torch.int64), lens[0] + torch.arange(B)])
+            q_pos = seg_pos[1][:, None] + lens[1][:, None] - Lq + torch.arange(Lq)[None, :]
+            return dict(sliding_window=150, segment_positions=seg_pos, query_positions=q_pos)
+        return S2, kw
+    if feature == "knobs":  # two shared segments in different groups, one pooled with a row's branch
+        def kw(lens):
+            G = 3
+            return dict(segment_groups=[0, 0, 1, 2], temperature=torch.rand(G, 6, generator=gen) + 0.5,
+                        lse_scale=torch.rand(G, 6, generator=gen) + 0.5, log_weight=torch.randn(G, 6, generator=gen))
+        return [("shared", 300), ("row", 40), ("shared", 100), ("row", 9)], kw
+    if feature == "not_first":
+        return [("row", 50), ("shared", 300), ("row", 17)], lambda lens: {}
+    if feature == "shared_last":  # the causal own segment itself is shared, with per-row lengths
+        return [("shared", 300), ("shared", 20)], lambda lens: {}
+    if feature == "everything":
+        def kw(lens):
+            sh = torch.randint(-20, 500, (3, B), generator=gen)
+            seg_pos = torch.stack([torch.zeros(B, dtype=torch.int64), lens[0], lens[0] + lens[1]])
+            return dict(position_shifts=sh, rope=make_rope(64, style="gptj"), softcap=5.0, sliding_window=200,
+                        segment_positions=seg_pos, segment_groups=[0, 1, 1], temperature=0.8, lse_scale=1.2,
+                        log_weight=torch.tensor([0.3, -0.2]))
+        return [("shared", 400), ("shared", 30), ("row", 11)], kw
+    raise ValueError(feature)
+
+
+@cpu_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("Lq", [1, 7], ids=["decode", "prefill"])
+@pytest.mark.parametrize("B", [5, 16])
+@pytest.mark.parametrize("feature", ["shifts", "softcap", "window", "knobs", "not_first", "shared_last",
+                                     "everything"])
+def test_cascade_features(feature, B, Lq, dtype):
+    gen = torch.Generator().manual_seed(len(feature) * 1000 + B * 10 + Lq)
+    layout, make_kw = _feature_case(feature, B, Lq, gen)
+    ks, vs, lens, pads = _cascade_segments(B, 2, 64, layout, dtype, gen)
+    kw = make_kw(lens)
+    if "sliding_window" in kw:  # virtual positions of padded slots stay where they are: keep slot 0 valid
+        pads = torch.zeros_like(pads)
+    q = torch.randn(B, 6, Lq, 64, generator=gen).to(dtype) * (3 if "softcap" in kw else 1)
+    shifts = kw.get("position_shifts")
+    rtol = 1e-5 + (2 * int(shifts.abs().max()) * 2.0 ** -24 if shifts is not None else 0)
+    out, lse = _check_cascade(q, ks, vs, rtol=rtol, seq_lens=lens, left_pad=pads, **kw)
+    (out2, lse2), taken = _cascade_taken(lambda: pskernels.multi_branch_attention(q, ks, vs, backend="cpu",
+                                                                                 seq_lens=lens, left_pad=pads, **kw))
+    assert taken, "the shared segments did not go through the cascade"
+    assert torch.equal(out2, out) and torch.equal(lse2, lse), "two identical calls differ"
+
+
+@cpu_kernel
+@pytest.mark.parametrize("Lq", [1, 7], ids=["decode", "prefill"])
+def test_cascade_is_taken_and_equals_per_row_path(Lq, monkeypatch):
+    """Expanded (batch stride 0) K/V go through the cascade, a contiguous copy of them and B = 1 do not;
+    PSKERNELS_CPU_CASCADE=0 turns it off. All of them compute the same attention."""
+    gen = torch.Generator().manual_seed(Lq)
+    B = 16
+    ks, vs, lens, pads = _cascade_segments(B, 3, 64, [("shared", 700), ("row", 16)], torch.float32, gen)
+    q = torch.randn(B, 9, Lq, 64, generator=gen)
+    kw = dict(seq_lens=lens, left_pad=pads)
+
+    def call(keys, values, qq=q, **extra):
+        return pskernels.multi_branch_attention(qq, keys, values, backend="cpu", **{**kw, **extra})
+
+    assert ks[0].stride(0) == 0 and vs[0].stride(0) == 0
+    (out, lse), taken = _cascade_taken(lambda: call(ks, vs))
+    assert taken
+    copies = ([k.contiguous() for k in ks], [v.contiguous() for v in vs])
+    (out_c, lse_c), taken_c = _cascade_taken(lambda: call(*copies))
+    assert not taken_c
+    torch.testing.assert_close(out, out_c, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, lse_c, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("PSKERNELS_CPU_CASCADE", "0")
+    (out_off, lse_off), taken_off = _cascade_taken(lambda: call(ks, vs))
+    assert not taken_off
+    torch.testing.assert_close(out_off, out_c, rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("PSKERNELS_CPU_CASCADE")
+    one = ([k[:1] for k in ks], [v[:1] for v in vs])
+    (out_1, _), taken_1 = _cascade_taken(lambda: call(*one, qq=q[:1], seq_lens=lens[:, :1], left_pad=pads[:, :1]))
+    assert not taken_1
+    torch.testing.assert_close(out_1, out[:1], rtol=1e-5, atol=1e-5)
+
+
+@cpu_kernel
+def test_cascade_rows_without_any_key_no_nan():
+    """Rows whose shared length is 0 and whose own queries see nothing give out = 0, lse = -inf; a shared
+    segment that no row sees at all is skipped."""
+    B, Lq = 4, 3
+    gen = torch.Generator().manual_seed(7)
+    ks, vs, _, _ = _cascade_segments(B, 1, 64, [("shared", 300), ("shared", 50), ("row", 5)], torch.float32, gen)
+    lens = torch.tensor([[300, 0, 120, 0], [0, 0, 0, 0], [5, 2, 0, 0]])
+    q = torch.randn(B, 4, Lq, 64, generator=gen)
+    out, lse = _check_cascade(q, ks, vs, seq_lens=lens)
+    assert torch.all(lse[1, :, 0] == float("-inf")) and torch.all(out[1, :, 0] == 0)  # row 1, query 0: no key
+    assert torch.all(lse[3] == float("-inf")) and torch.all(out[3] == 0)  # row 3: no key at all

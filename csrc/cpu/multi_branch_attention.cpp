@@ -6,7 +6,12 @@
 // are the (query head, query) pairs of one kv head, so each K/V block is read once for all of them.
 // Scores and P.V are BLAS sgemm calls (libtorch's MKL) on the cache memory itself for fp32, on one
 // converted block for bf16/fp16; decode-sized chunks and BLAS-less builds use the loops below.
+//
+// Cascade: a segment broadcast over the batch (K and V with batch stride 0, e.g. a shared prefix cache
+// expanded to the B worker rows) is attended first, in a pass of its own whose work item is (kv head, chunk
+// of the stacked rows of all batch rows, key split); its partial states merge with the per-row pass's.
 #include <ATen/Parallel.h>
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -28,6 +33,7 @@ namespace {
 
 constexpr int64_t kRowChunk = 128;  // query rows sharing each K/V block
 constexpr int64_t kKeyBlock = 256;  // keys per block (scores of a chunk: kRowChunk x kKeyBlock floats)
+constexpr int64_t kSplitKeys = 256;  // fewest keys per split-KV part of the per-row pass
 constexpr int64_t kGemmMinRows = 8;  // fewer rows (decode): BLAS call overhead exceeds the loops' cost
 constexpr int kRows = 4, kCols = 16;  // register tile of the fallback loops
 
@@ -145,6 +151,106 @@ void accumulate_loops(const float* p, const float* v, int64_t ldv, float* acc, i
     }
 }
 
+// Folds keys [j0, j1) of one segment into the online-softmax states of nr query rows: q is [nr, D] (already
+// rotated for this segment), row r sees slots [jlo[r], jhi[r]] and divides its scores by temperature
+// (inv_t[r]); its state of the segment's group sits at st + r * row_stride. Blocks outside every row's
+// range are never read. Used by the per-row pass and by the cascade, whose rows come from several batch rows.
+template <typename T>
+void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, const float* q, int64_t nr, int64_t D,
+            int64_t Dv, const int64_t* jlo, const int64_t* jhi, const float* inv_t, const Meta& mt, float* st,
+            int64_t row_stride, SgemmFn sgemm, float* sc, float* kf, float* vf) {
+  constexpr int64_t kAcc = 2;  // offset of the accumulator in a row's state (m, l, acc)
+  int64_t lo = j1, hi = j0;
+  for (int64_t r = 0; r < nr; ++r)
+    if (jlo[r] <= jhi[r]) lo = std::min(lo, jlo[r]), hi = std::max(hi, jhi[r] + 1);
+  lo = std::max(lo, j0), hi = std::min(hi, j1);
+  const bool use_gemm = sgemm != nullptr && nr >= kGemmMinRows;
+  const bool direct = std::is_same_v<T, float> && sg.skl <= INT_MAX && sg.svl <= INT_MAX;  // BLAS reads in place
+  for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
+    const int64_t nb = std::min<int64_t>(kKeyBlock, hi - jb);
+    const float *kp, *vp;
+    int64_t ldk, ldv;
+    if (direct) {
+      kp = static_cast<const float*>(sg.k) + kb + jb * sg.skl, ldk = sg.skl;
+      vp = static_cast<const float*>(sg.v) + vb + jb * sg.svl, ldv = sg.svl;
+    } else {
+      load_rows<T>(static_cast<const T*>(sg.k) + kb + jb * sg.skl, sg.skl, nb, D, kf);
+      load_rows<T>(static_cast<const T*>(sg.v) + vb + jb * sg.svl, sg.svl, nb, Dv, vf);
+      kp = kf, ldk = D, vp = vf, ldv = Dv;
+    }
+    if (use_gemm)
+      gemm_row_major(sgemm, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), q,
+                     static_cast<int>(D), kp, static_cast<int>(ldk), 0.f, sc, static_cast<int>(kKeyBlock));
+    else
+      scores_loops(q, kp, ldk, sc, nr, nb, D);
+    for (int64_t r = 0; r < nr; ++r) {
+      float* x = sc + r * kKeyBlock;
+      if (mt.softcap > 0.f) {
+        for (int64_t jj = 0; jj < nb; ++jj) x[jj] = soft_cap(x[jj] * mt.scale, mt.softcap) * inv_t[r];
+      } else {
+        const float mul = mt.scale * inv_t[r];
+#pragma omp simd
+        for (int64_t jj = 0; jj < nb; ++jj) x[jj] *= mul;
+      }
+      // mask outside this row's visible range [jlo, jhi] of slots
+      const int64_t vlo = std::clamp<int64_t>(jlo[r] - jb, 0, nb), vend = std::clamp<int64_t>(jhi[r] + 1 - jb, vlo, nb);
+      std::fill(x, x + vlo, kNegInf);
+      std::fill(x + vend, x + nb, kNegInf);
+      float mb = kNegInf;
+      int nan = 0;
+#pragma omp simd reduction(max : mb) reduction(| : nan)
+      for (int64_t jj = vlo; jj < vend; ++jj) {
+        mb = std::max(mb, x[jj]);
+        nan |= x[jj] != x[jj];
+      }
+      float* so = st + r * row_stride;
+      if (nan) {  // a NaN score (NaN/Inf in q or k): the row's state becomes NaN, never a dropped key
+        std::fill(so, so + kAcc + Dv, std::numeric_limits<float>::quiet_NaN());
+        std::fill(x, x + nb, 0.f);
+        continue;
+      }
+      if (mb == kNegInf) {  // nothing visible in this block: p = 0 leaves the state unchanged
+        std::fill(x, x + nb, 0.f);
+        continue;
+      }
+      const float m = std::max(so[0], mb);
+      const float f = rescale(so[0], m);
+      float l = 0.f;
+#pragma omp simd reduction(+ : l)
+      for (int64_t jj = 0; jj < nb; ++jj) {
+        x[jj] = exp_nonpos(x[jj] - m);
+        l += x[jj];
+      }
+      float* acc = so + kAcc;
+#pragma omp simd
+      for (int64_t d = 0; d < Dv; ++d) acc[d] *= f;
+      so[0] = m;
+      so[1] = so[1] * f + l;
+    }
+    if (use_gemm)
+      gemm_row_major(sgemm, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), sc,
+                     static_cast<int>(kKeyBlock), vp, static_cast<int>(ldv), 1.f, st + kAcc,
+                     static_cast<int>(row_stride));
+    else
+      accumulate_loops(sc, vp, ldv, st + kAcc, row_stride, nr, nb, Dv);
+  }
+}
+
+// Splits of a work list of `items` items over `keys` keys (at least `min_keys` each): about 4 items per
+// thread, rounded up to a multiple of the thread count where possible so that every thread gets the same work.
+int64_t choose_splits(int64_t items, int64_t keys, int64_t min_keys) {
+  const int64_t threads = at::get_num_threads(), max_split = std::max<int64_t>(1, keys / min_keys);
+  int64_t n_split = std::min(max_split, std::max<int64_t>(1, (4 * threads + items - 1) / items));
+  while (n_split < max_split && (items * n_split) % threads != 0) ++n_split;
+  return n_split;
+}
+
+// The cascade can be switched off per call (PSKERNELS_CPU_CASCADE=0), for A/B measurements in one process.
+bool cascade_enabled() {
+  const char* env = std::getenv("PSKERNELS_CPU_CASCADE");
+  return env == nullptr || env[0] != '0';
+}
+
 template <typename T>
 void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, int64_t Hkv, int64_t Dv,
          at::Tensor& out, at::Tensor& lse) {
@@ -156,30 +262,124 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
   int64_t Gc = 1;
   if (mt.knobs)
     for (int64_t s = 0; s < S; ++s) Gc = std::max(Gc, mt.groups[s] + 1);
+  const int64_t state = Dv + 2;  // m, l, acc[Dv]
+  const int64_t row_stride = Gc * state;
+  const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
+  const T* qp = q.data_ptr<T>();
+  const SgemmFn sgemm = blas_sgemm();
 
-  // Keys visible to row b, flattened over segments, decide the split-KV partition.
+  // Cascade (Hydragen / FlashInfer): a segment stored once for all rows (K and V broadcast over the batch,
+  // batch stride 0) is attended by the queries of every row together: the M = B * R rows of a kv head are
+  // stacked and cut into chunks of kRowChunk, so each chunk reads the segment's K/V once (one sgemm for the
+  // scores, one for P.V) where the per-row pass reads it once per batch row. Per-row metadata (lengths,
+  // padding, shifts, causal, window) only masks or rotates individual stacked rows. It is taken where it at
+  // least halves the passes over the segment (ceil(M / kRowChunk) <= B * n_chunks / 2): any B > 1 whose
+  // stacked rows fit one chunk (decode, M = B * G), and short prefills of larger batches. Where a row's own
+  // rows already fill most of a chunk (R = G * Lq near kRowChunk or above) the per-row pass keeps the
+  // segment: its sgemm calls are as large, it parallelises over rows and it skips each row's masked keys,
+  // while the cascade computes scores for the union of the rows' ranges (cheap next to the memory saved in
+  // decode). Split-KV over the segment keeps the threads busy although there are only Hkv * chunks items.
+  const int64_t M = B * R, cchunk = std::min(M, kRowChunk);
+  const int64_t n_cchunks = (M + cchunk - 1) / cchunk;
+  const bool stack = B > 1 && 2 * n_cchunks <= B * n_chunks && cascade_enabled();
+  std::vector<char> shared(S, 0);
+  std::vector<int64_t> ulo(S, 0), uhi(S, 0);  // union over rows of each shared segment's valid slots
+  int64_t ctotal = 0;
+  for (int64_t s = 0; s < S && stack; ++s) {
+    if (segs[s].skb != 0 || segs[s].svb != 0) continue;
+    shared[s] = 1;
+    ulo[s] = segs[s].L;
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t pad = mt.left_pad[s * B + b], len = mt.seq_lens[s * B + b];
+      if (len > pad) ulo[s] = std::min(ulo[s], pad), uhi[s] = std::max(uhi[s], len);
+    }
+    uhi[s] = std::max(uhi[s], ulo[s]);
+    ctotal += uhi[s] - ulo[s];
+  }
+
+  // Keys of the remaining segments visible to row b, flattened over segments, decide the split-KV partition.
   std::vector<int64_t> total(B, 0);
   int64_t max_total = 0;
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t s = 0; s < S; ++s)
-      total[b] += std::max<int64_t>(0, mt.seq_lens[s * B + b] - mt.left_pad[s * B + b]);
+      if (!shared[s]) total[b] += std::max<int64_t>(0, mt.seq_lens[s * B + b] - mt.left_pad[s * B + b]);
     max_total = std::max(max_total, total[b]);
   }
   const int64_t items0 = B * Hkv * n_chunks;
-  const int64_t threads = at::get_num_threads(), max_split = std::max<int64_t>(1, max_total / 256);
-  int64_t n_split = std::min(max_split, std::max<int64_t>(1, (4 * threads + items0 - 1) / items0));
-  while (n_split < max_split && (items0 * n_split) % threads != 0) ++n_split;  // equal work per thread
-
-  const int64_t state = Dv + 2;  // m, l, acc[Dv]
-  const int64_t row_stride = Gc * state;
+  const int64_t n_split = choose_splits(items0, max_total, kSplitKeys);
   std::vector<float> part(static_cast<size_t>(items0 * n_split * chunk * row_stride));
-  const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
-  const T* qp = q.data_ptr<T>();
-  const SgemmFn sgemm = blas_sgemm();
-  constexpr bool kF32 = std::is_same_v<T, float>;
+  auto init_states = [&](float* st, int64_t rows) {
+    for (int64_t x = 0; x < rows * Gc; ++x) {
+      st[x * state] = kNegInf;
+      std::fill(st + x * state + 1, st + (x + 1) * state, 0.f);
+    }
+  };
+
+  const int64_t citems0 = ctotal > 0 ? Hkv * n_cchunks : 0;
+  // A cascade item holds up to kRowChunk rows against each key: splits of fewer keys still carry enough work
+  // to pay for their partial states, and a short shared segment still spreads over the threads.
+  const int64_t n_csplit = ctotal > 0 ? choose_splits(citems0, ctotal, kSplitKeys / 4) : 0;
+  std::vector<float> cpart(static_cast<size_t>(citems0 * n_csplit * cchunk * row_stride));
+  if (ctotal > 0) {
+    RECORD_FUNCTION("pskernels::multi_branch_attention::cpu_cascade", std::vector<c10::IValue>());
+    at::parallel_for(0, citems0 * n_csplit, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> qf(cchunk * D), qr(cchunk * D), sc(cchunk * kKeyBlock), inv_t(cchunk);
+      std::vector<float> kf(kKeyBlock * D), vf(kKeyBlock * Dv);
+      std::vector<int64_t> jlo(cchunk), jhi(cchunk), rb(cchunk), rq(cchunk), ri(cchunk);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t split = item % n_csplit;
+        const int64_t cc = (item / n_csplit) % n_cchunks;
+        const int64_t hkv = item / n_csplit / n_cchunks;
+        float* st = cpart.data() + item * cchunk * row_stride;
+        const int64_t m0 = cc * cchunk, nr = std::min(cchunk, M - m0);
+        init_states(st, nr);
+        for (int64_t r = 0; r < nr; ++r) {  // stacked row m = (batch row b, query head hq, query i)
+          const int64_t m = m0 + r, b = m / R, hq = hkv * G + (m % R) / Lq, i = (m % R) % Lq;
+          rb[r] = b, rq[r] = hq, ri[r] = i;
+          for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qp[b * sqb + hq * sqh + i * sql + d]);
+        }
+        const int64_t per = (ctotal + n_csplit - 1) / n_csplit;
+        const int64_t lo = split * per, hi = std::min(ctotal, lo + per);
+        int64_t flat = 0;  // flattened index of the current shared segment's first slot of the union
+        for (int64_t s = 0; s < S; ++s) {
+          if (!shared[s]) continue;
+          const int64_t n = uhi[s] - ulo[s];
+          const int64_t a = std::max(lo, flat), e = std::min(hi, flat + n);
+          const int64_t j0 = ulo[s] + (a - flat), j1 = ulo[s] + (e - flat);
+          flat += n;
+          if (j0 >= j1) continue;
+          const float* qrow = qf.data();
+          if (mt.shifts) {  // the rotation by -shift is per batch row: only the rows of shifted rows change
+            std::copy(qf.begin(), qf.begin() + nr * D, qr.begin());
+            for (int64_t r = 0; r < nr; ++r) {
+              const int64_t shift = mt.shifts[s * B + rb[r]];
+              if (shift != 0)
+                rope_rotate(qr.data() + r * D, static_cast<int>(mt.rotary_dim), mt.neox, mt.inv_freq,
+                            -static_cast<float>(shift));
+            }
+            qrow = qr.data();
+          }
+          const int64_t g = mt.knobs ? mt.groups[s] : 0;
+          const bool causal = mt.causal_last && s == S - 1;
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t b = rb[r], i = ri[r];
+            const int64_t pad = mt.left_pad[s * B + b], len = mt.seq_lens[s * B + b];
+            jlo[r] = std::max(j0, pad);
+            jhi[r] = std::min(j1, len) - 1;
+            if (causal) jhi[r] = std::min(jhi[r], len - Lq + i);
+            if (mt.window > 0) jlo[r] = std::max(jlo[r], mt.q_pos[b * Lq + i] - mt.seg_pos[s * B + b] - mt.window + 1);
+            inv_t[r] = mt.temperature ? 1.f / mt.temperature[g * Hq + rq[r]] : 1.f;
+          }
+          const Segment& sg = segs[s];
+          attend<T>(sg, hkv * sg.skh, hkv * sg.svh, j0, j1, qrow, nr, D, Dv, jlo.data(), jhi.data(), inv_t.data(), mt,
+                    st + g * state, row_stride, sgemm, sc.data(), kf.data(), vf.data());
+        }
+      }
+    });
+  }
 
   at::parallel_for(0, items0 * n_split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(chunk * D, 0.f), qr(chunk * D, 0.f), sc(chunk * kKeyBlock);
+    std::vector<float> qf(chunk * D, 0.f), qr(chunk * D, 0.f), sc(chunk * kKeyBlock), inv_t(chunk);
     std::vector<float> kf(kKeyBlock * D), vf(kKeyBlock * Dv);
     std::vector<int64_t> jlo(chunk), jhi(chunk);
     for (int64_t item = begin; item < end; ++item) {
@@ -188,12 +388,8 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
       const int64_t hkv = (item / n_split / n_chunks) % Hkv;
       const int64_t b = item / n_split / n_chunks / Hkv;
       float* st = part.data() + item * chunk * row_stride;
-      for (int64_t x = 0; x < chunk * Gc; ++x) {
-        st[x * state] = kNegInf;
-        std::fill(st + x * state + 1, st + (x + 1) * state, 0.f);
-      }
+      init_states(st, chunk);
       const int64_t r0 = ck * chunk, nr = std::min(chunk, R - r0);
-      const bool use_gemm = sgemm != nullptr && nr >= kGemmMinRows;
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t hq = hkv * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qp[b * sqb + hq * sqh + i * sql + d]);
@@ -202,6 +398,7 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
       const int64_t lo = split * per, hi = std::min(total[b], lo + per);
       int64_t flat = 0;  // flattened index of the current segment's first valid key
       for (int64_t s = 0; s < S; ++s) {
+        if (shared[s]) continue;
         const Segment& sg = segs[s];
         const int64_t pad = mt.left_pad[s * B + b], len = mt.seq_lens[s * B + b];
         const int64_t nvalid = std::max<int64_t>(0, len - pad);
@@ -226,86 +423,15 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
           jlo[r] = j0;
           jhi[r] = causal ? std::min(j1 - 1, len - Lq + i) : j1 - 1;
           if (mt.window > 0) jlo[r] = std::max(jlo[r], mt.q_pos[b * Lq + i] - mt.seg_pos[s * B + b] - mt.window + 1);
+          inv_t[r] = mt.temperature ? 1.f / mt.temperature[g * Hq + hkv * G + (r0 + r) / Lq] : 1.f;
         }
-        const int64_t kb = b * sg.skb + hkv * sg.skh, vb = b * sg.svb + hkv * sg.svh;
-        const bool direct = kF32 && sg.skl <= INT_MAX && sg.svl <= INT_MAX;  // BLAS reads the cache in place
-        for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
-          const int64_t nb = std::min<int64_t>(kKeyBlock, j1 - jb);
-          const float *kp, *vp;
-          int64_t ldk, ldv;
-          if (direct) {
-            kp = static_cast<const float*>(sg.k) + kb + jb * sg.skl, ldk = sg.skl;
-            vp = static_cast<const float*>(sg.v) + vb + jb * sg.svl, ldv = sg.svl;
-          } else {
-            load_rows<T>(static_cast<const T*>(sg.k) + kb + jb * sg.skl, sg.skl, nb, D, kf.data());
-            load_rows<T>(static_cast<const T*>(sg.v) + vb + jb * sg.svl, sg.svl, nb, Dv, vf.data());
-            kp = kf.data(), ldk = D, vp = vf.data(), ldv = Dv;
-          }
-          if (use_gemm)
-            gemm_row_major(sgemm, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), qrow,
-                           static_cast<int>(D), kp, static_cast<int>(ldk), 0.f, sc.data(), static_cast<int>(kKeyBlock));
-          else
-            scores_loops(qrow, kp, ldk, sc.data(), nr, nb, D);
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t hq = hkv * G + (r0 + r) / Lq;
-            const float inv_t = mt.temperature ? 1.f / mt.temperature[g * Hq + hq] : 1.f;
-            float* x = sc.data() + r * kKeyBlock;
-            if (mt.softcap > 0.f) {
-              for (int64_t jj = 0; jj < nb; ++jj) x[jj] = soft_cap(x[jj] * mt.scale, mt.softcap) * inv_t;
-            } else {
-              const float mul = mt.scale * inv_t;
-#pragma omp simd
-              for (int64_t jj = 0; jj < nb; ++jj) x[jj] *= mul;
-            }
-            // mask outside this row's visible range [jlo, jhi] of slots
-            const int64_t vlo = std::clamp<int64_t>(jlo[r] - jb, 0, nb), vend = std::clamp<int64_t>(jhi[r] + 1 - jb, vlo, nb);
-            std::fill(x, x + vlo, kNegInf);
-            std::fill(x + vend, x + nb, kNegInf);
-            float mb = kNegInf;
-            int nan = 0;
-#pragma omp simd reduction(max : mb) reduction(| : nan)
-            for (int64_t jj = vlo; jj < vend; ++jj) {
-              mb = std::max(mb, x[jj]);
-              nan |= x[jj] != x[jj];
-            }
-            if (nan) {  // a NaN score (NaN/Inf in q or k): the row's state becomes NaN, never a dropped key
-              float* so = st + (r * Gc + g) * state;
-              std::fill(so, so + state, std::numeric_limits<float>::quiet_NaN());
-              std::fill(x, x + nb, 0.f);
-              continue;
-            }
-            if (mb == kNegInf) {  // nothing visible in this block: p = 0 leaves the state unchanged
-              std::fill(x, x + nb, 0.f);
-              continue;
-            }
-            float* so = st + (r * Gc + g) * state;
-            const float m = std::max(so[0], mb);
-            const float f = rescale(so[0], m);
-            float l = 0.f;
-#pragma omp simd reduction(+ : l)
-            for (int64_t jj = 0; jj < nb; ++jj) {
-              x[jj] = exp_nonpos(x[jj] - m);
-              l += x[jj];
-            }
-            float* acc = so + 2;
-#pragma omp simd
-            for (int64_t d = 0; d < Dv; ++d) acc[d] *= f;
-            so[0] = m;
-            so[1] = so[1] * f + l;
-          }
-          float* acc0 = st + g * state + 2;
-          if (use_gemm)
-            gemm_row_major(sgemm, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), sc.data(),
-                           static_cast<int>(kKeyBlock), vp, static_cast<int>(ldv), 1.f, acc0,
-                           static_cast<int>(row_stride));
-          else
-            accumulate_loops(sc.data(), vp, ldv, acc0, row_stride, nr, nb, Dv);
-        }
+        attend<T>(sg, b * sg.skb + hkv * sg.skh, b * sg.svb + hkv * sg.svh, j0, j1, qrow, nr, D, Dv, jlo.data(),
+                  jhi.data(), inv_t.data(), mt, st + g * state, row_stride, sgemm, sc.data(), kf.data(), vf.data());
       }
     }
   });
 
-  // Merge splits within each group, calibrate groups, merge groups.
+  // Merge splits (per-row and cascade) within each group, calibrate groups, merge groups.
   T* op = out.data_ptr<T>();
   float* lp = lse.data_ptr<float>();
   at::parallel_for(0, B * Hkv * R, 16, [&](int64_t begin, int64_t end) {
@@ -315,15 +441,22 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
       const int64_t row = x % R, hkv = (x / R) % Hkv, b = x / R / Hkv;
       const int64_t hq = hkv * G + row / Lq, i = row % Lq;
       const int64_t ck = row / chunk, r = row % chunk;
+      const int64_t m = b * R + row, cc = m / cchunk, cr = m % cchunk;
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t g = 0; g < Gc; ++g) {
         gs[g] = empty_state();
-        for (int64_t split = 0; split < n_split; ++split) {
-          const int64_t item = ((b * Hkv + hkv) * n_chunks + ck) * n_split + split;
-          const float* so = part.data() + (item * chunk + r) * row_stride + g * state;
+        auto merge = [&](const float* so) {
           float fa, fb;
           merge_factors(gs[g], SoftmaxState{so[0], so[1]}, fa, fb);
           for (int64_t d = 0; d < Dv; ++d) acc[g * Dv + d] = acc[g * Dv + d] * fa + so[2 + d] * fb;
+        };
+        for (int64_t split = 0; split < n_split; ++split) {
+          const int64_t item = ((b * Hkv + hkv) * n_chunks + ck) * n_split + split;
+          merge(part.data() + (item * chunk + r) * row_stride + g * state);
+        }
+        for (int64_t split = 0; split < n_csplit; ++split) {
+          const int64_t item = (hkv * n_cchunks + cc) * n_csplit + split;
+          merge(cpart.data() + (item * cchunk + cr) * row_stride + g * state);
         }
         float lg = state_lse(gs[g]);
         if (mt.knobs && lg != kNegInf) {
@@ -335,10 +468,10 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
         logit[g] = lg;
         inv_l[g] = gs[g].l > 0.f ? 1.f / gs[g].l : 0.f;
       }
-      float M = kNegInf;
-      for (int64_t g = 0; g < Gc; ++g) M = logit[g] != logit[g] || logit[g] > M ? logit[g] : M;  // NaN wins
+      float Mx = kNegInf;
+      for (int64_t g = 0; g < Gc; ++g) Mx = logit[g] != logit[g] || logit[g] > Mx ? logit[g] : Mx;  // NaN wins
       T* o = op + ((b * Hq + hq) * Lq + i) * Dv;
-      if (M == kNegInf) {
+      if (Mx == kNegInf) {
         for (int64_t d = 0; d < Dv; ++d) o[d] = static_cast<T>(0.f);
         lp[(b * Hq + hq) * Lq + i] = kNegInf;
         continue;
@@ -346,7 +479,7 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
       float wsum = 0.f;
       std::vector<float>& w = logit;
       for (int64_t g = 0; g < Gc; ++g) {
-        w[g] = logit[g] == kNegInf ? 0.f : expf(logit[g] - M);
+        w[g] = logit[g] == kNegInf ? 0.f : expf(logit[g] - Mx);
         wsum += w[g];
       }
       for (int64_t d = 0; d < Dv; ++d) {
@@ -354,7 +487,7 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
         for (int64_t g = 0; g < Gc; ++g) y += w[g] * acc[g * Dv + d] * inv_l[g];
         o[d] = static_cast<T>(y / wsum);
       }
-      lp[(b * Hq + hq) * Lq + i] = M + logf(wsum);
+      lp[(b * Hq + hq) * Lq + i] = Mx + logf(wsum);
     }
   });
 }
