@@ -76,6 +76,26 @@ def test_summary_reports_a_worker_token_mismatch(tiny):
     assert r["worker_token_mismatch"] == {"rows": 1, "first_step": 2}
 
 
+def test_cascade_baseline_is_a_third_alternating_path(tiny):
+    """--cascade-baseline: the pskernels path again with the CPU cascade off; same tokens, its own times, the
+    without/with ratios; the environment switch is restored afterwards."""
+    import os
+
+    from pskernels.apps.bench_workflow import NO_CASCADE, round_order
+
+    before = os.environ.get("PSKERNELS_CPU_CASCADE")
+    r = workflow_benchmark(tiny, **SIZES, repeats=2, warmup=False, cascade_baseline=True)
+    assert os.environ.get("PSKERNELS_CPU_CASCADE") == before
+    assert set(r["times_s"]) == {*PATHS, NO_CASCADE} and r["worker_tokens_identical"] is True
+    assert r["answer_tokens"][NO_CASCADE] == r["answer_tokens"]["pskernels"]
+    assert r["kv_bytes"][NO_CASCADE] == r["kv_bytes"]["pskernels"]
+    for how in ("best", "median"):
+        ratios = r["cascade_ratios"][how]
+        assert set(ratios) == {*PHASES, "total"} and all(v > 0 for v in ratios.values())
+    assert round_order(1, (*PATHS, NO_CASCADE)) == (NO_CASCADE, "pskernels", "stock")
+    assert "cascade_ratios" not in workflow_benchmark(tiny, **SIZES, repeats=1, warmup=False)
+
+
 def test_kv_bytes_are_prefix_once_for_pskernels_and_per_row_for_stock(report, tiny):
     """Measured storages against the exact sizes: pskernels' workers hold the prefix once + N padded rows of own
     tokens; stock's hold N rows of prefix + own tokens; each synthesizer adds what it prefills and decodes."""

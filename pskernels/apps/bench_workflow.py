@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import statistics
 import time
 from contextlib import contextmanager
@@ -51,9 +52,10 @@ from .ttft import _model_name, _sync
 
 PHASES = ("prefill", "workers", "ttft", "answer")
 PATHS = ("stock", "pskernels")
+NO_CASCADE = "pskernels-nocascade"  # optional third path: today's zero-copy workers without the CPU cascade
 PHASE_LABELS = {"prefill": "prefix prefill", "workers": "workers (N x T, batched)", "ttft": "synthesis TTFT",
                 "answer": "answer (A - 1 tokens)"}
-PATH_LABELS = {"stock": "stock HF", "pskernels": "pskernels"}
+PATH_LABELS = {"stock": "stock HF", "pskernels": "pskernels", NO_CASCADE: "pskernels, no cascade"}
 
 
 @dataclass(frozen=True)
@@ -263,18 +265,36 @@ def run_pskernels(model, inp: WorkflowInputs, backend: str = "auto") -> PathRun:
     return PathRun(t.times, kv, gen.cpu(), answer)
 
 
+@contextmanager
+def _cpu_cascade_off():
+    """The CPU kernel reads ``PSKERNELS_CPU_CASCADE`` on every call: ``0`` gives the per-row path of before."""
+    old = os.environ.get("PSKERNELS_CPU_CASCADE")
+    os.environ["PSKERNELS_CPU_CASCADE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["PSKERNELS_CPU_CASCADE"]
+        else:
+            os.environ["PSKERNELS_CPU_CASCADE"] = old
+
+
 def run_path(name: str, model, inp: WorkflowInputs, backend: str = "auto") -> PathRun:
-    """``run_stock`` or ``run_pskernels`` by name (``"stock"`` / ``"pskernels"``)."""
+    """``run_stock`` or ``run_pskernels`` by name (``"stock"``, ``"pskernels"``, or ``NO_CASCADE``: the pskernels
+    path with the CPU kernel's shared-prefix cascade switched off)."""
     if name == "stock":
         return run_stock(model, inp)
     if name == "pskernels":
         return run_pskernels(model, inp, backend)
-    raise ValueError(f"name: expected one of {PATHS}, got {name!r}")
+    if name == NO_CASCADE:
+        with _cpu_cascade_off():
+            return run_pskernels(model, inp, backend)
+    raise ValueError(f"name: expected one of {(*PATHS, NO_CASCADE)}, got {name!r}")
 
 
-def round_order(r: int) -> tuple:
-    """Round ``r`` runs the paths in this order: stock first in even rounds, pskernels first in odd ones."""
-    return PATHS if r % 2 == 0 else PATHS[::-1]
+def round_order(r: int, paths: tuple = PATHS) -> tuple:
+    """Round ``r`` runs the paths in this order: as given in even rounds, reversed in odd ones."""
+    return paths if r % 2 == 0 else paths[::-1]
 
 
 def warm_up(model, inp: WorkflowInputs, backend: str = "auto") -> None:
@@ -310,17 +330,20 @@ def summarize(model, inp: WorkflowInputs, runs: dict, backend: str = "auto") -> 
     """
     import transformers
 
-    if set(runs) != set(PATHS) or len(runs["stock"]) != len(runs["pskernels"]) or not runs["stock"]:
-        raise ValueError(f"runs: expected the same number (>= 1) of runs of each of {PATHS}, "
-                         f"got { {k: len(v) for k, v in runs.items()} }")
+    paths = tuple(runs)
+    if (set(runs) - {NO_CASCADE} != set(PATHS) or len({len(v) for v in runs.values()}) != 1
+            or not runs["stock"]):
+        raise ValueError(f"runs: expected the same number (>= 1) of runs of each of {PATHS} (and optionally "
+                         f"{NO_CASCADE}), got { {k: len(v) for k, v in runs.items()} }")
     param = next(model.parameters())
-    stats = {name: _phase_stats(runs[name]) for name in PATHS}
+    stats = {name: _phase_stats(runs[name]) for name in paths}
     ratios = {how: {k: stats["stock"][how][k] / stats["pskernels"][how][k] for k in (*PHASES, "total")}
               for how in ("best", "median")}
-    kv = {name: dict(runs[name][-1].kv_bytes) for name in PATHS}
-    for name in PATHS:
+    kv = {name: dict(runs[name][-1].kv_bytes) for name in paths}
+    for name in paths:
         kv[name]["peak"] = max(kv[name].values())
-    mismatch = [_mismatches(s.worker_tokens, p.worker_tokens) for s, p in zip(runs["stock"], runs["pskernels"])]
+    mismatch = [_mismatches(s.worker_tokens, p.worker_tokens) for name in paths[1:]
+                for s, p in zip(runs["stock"], runs[name])]
     worst = max(mismatch, key=lambda m: m["rows"])
     lens = [len(w) for w in inp.worker_ids]
     N, T = len(lens), inp.tokens
@@ -330,14 +353,17 @@ def summarize(model, inp: WorkflowInputs, runs: dict, backend: str = "auto") -> 
                    "prompt": inp.query_ids.shape[1], "answer": inp.answer, "repeats": len(runs["stock"]),
                    "seed": inp.seed, "text_prefill_tokens": sum(lens) + N * (T - 1) + inp.query_ids.shape[1]},
         "times_s": {name: {"best": _rounded(stats[name]["best"]), "median": _rounded(stats[name]["median"]),
-                           "rounds": [_rounded(x) for x in stats[name]["rounds"]]} for name in PATHS},
+                           "rounds": [_rounded(x) for x in stats[name]["rounds"]]} for name in paths},
         "ratios": {how: {k: round(v, 3) for k, v in r.items()} for how, r in ratios.items()},
+        **({"cascade_ratios": {how: {k: round(stats[NO_CASCADE][how][k] / stats["pskernels"][how][k], 3)
+                                     for k in (*PHASES, "total")} for how in ("best", "median")}}
+           if NO_CASCADE in runs else {}),
         "kv_bytes": kv,
         "kv_peak_ratio": round(kv["stock"]["peak"] / kv["pskernels"]["peak"], 3),
         "kv_workers_ratio": round(kv["stock"]["workers"] / kv["pskernels"]["workers"], 3),
         "worker_tokens_identical": worst["rows"] == 0,
         "worker_token_mismatch": worst,
-        "answer_tokens": {name: runs[name][-1].answer_tokens for name in PATHS},
+        "answer_tokens": {name: runs[name][-1].answer_tokens for name in paths},
         "backend": resolve_backend("multi_branch_attention", backend, param.device),
         "device": str(param.device),
         "dtype": str(param.dtype).replace("torch.", ""),
@@ -349,7 +375,7 @@ def summarize(model, inp: WorkflowInputs, runs: dict, backend: str = "auto") -> 
 
 def workflow_benchmark(model, *, prefix: int = 2048, workers: int = 8, tokens: int = 64, worker_prompt: int = 16,
                        prompt: int = 32, answer: int = 32, repeats: int = 3, seed: int = 0, warmup: bool = True,
-                       backend: str = "auto") -> dict:
+                       backend: str = "auto", cascade_baseline: bool = False) -> dict:
     """Run both paths ``repeats`` times, alternating, and return :func:`summarize`'s report.
 
     Parameters
@@ -363,6 +389,9 @@ def workflow_benchmark(model, *, prefix: int = 2048, workers: int = 8, tokens: i
         First run both paths once on a few tokens (:func:`warm_up`), untimed.
     backend : str
         Kernel backend of the pskernels path.
+    cascade_baseline : bool
+        Also run the pskernels path with the CPU kernel's shared-prefix cascade off (``NO_CASCADE``, alternating
+        with the others): ``cascade_ratios`` in the report are its times over the pskernels path's.
     """
     if repeats < 1:
         raise ValueError(f"repeats: expected >= 1, got {repeats}")
@@ -371,9 +400,10 @@ def workflow_benchmark(model, *, prefix: int = 2048, workers: int = 8, tokens: i
                       prompt=prompt, answer=answer, seed=seed)
     if warmup:
         warm_up(model, inp, backend)
-    runs = {name: [] for name in PATHS}
+    paths = (*PATHS, NO_CASCADE) if cascade_baseline else PATHS
+    runs = {name: [] for name in paths}
     for r in range(repeats):
-        for name in round_order(r):
+        for name in round_order(r, paths):
             runs[name].append(run_path(name, model, inp, backend))
     return summarize(model, inp, runs, backend)
 
@@ -407,6 +437,12 @@ def print_report(r: dict) -> None:
     verdict = ("yes" if r["worker_tokens_identical"]
                else f"NO ({m['rows']} rows differ, first at step {m['first_step']})")
     print(f"  worker tokens identical between the paths: {verdict}")
+    if "cascade_ratios" in r:
+        cr, nc = r["cascade_ratios"], ts[NO_CASCADE]
+        print("  shared-prefix cascade, time without / with (best / median):")
+        for k in (*PHASES, "total"):
+            print(f"    {PHASE_LABELS.get(k, 'total'):<28}{nc['best'][k]:>8.3f} s / {ts['pskernels']['best'][k]:.3f} s"
+                  f"  {cr['best'][k]:.2f}x / {cr['median'][k]:.2f}x")
     print(f"  end to end, stock / pskernels: {ra['best']['total']:.2f}x (best), {ra['median']['total']:.2f}x (median); "
           f"peak KV {r['kv_peak_ratio']:.2f}x")
 
@@ -421,16 +457,17 @@ def plot_phases(r: dict, path: str) -> None:
 
     c, ts = r["config"], r["times_s"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    xs = range(len(PATHS))
-    bottom = [0.0] * len(PATHS)
+    paths = tuple(ts)
+    xs = range(len(paths))
+    bottom = [0.0] * len(paths)
     for k in PHASES:
-        h = [ts[p]["best"][k] for p in PATHS]
+        h = [ts[p]["best"][k] for p in paths]
         ax.bar(xs, h, 0.55, bottom=bottom, label=PHASE_LABELS[k])
         bottom = [b + x for b, x in zip(bottom, h)]
-    for x, p in zip(xs, PATHS):
+    for x, p in zip(xs, paths):
         ax.annotate(f"{ts[p]['best']['total']:.2f} s\nKV peak {_mib(r['kv_bytes'][p]['peak'])} MiB",
                     (x, bottom[x]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
-    ax.set_xticks(list(xs), [PATH_LABELS[p] for p in PATHS])
+    ax.set_xticks(list(xs), [PATH_LABELS[p] for p in paths])
     ax.set_ylabel(f"seconds (best of {c['repeats']})")
     ax.set_ylim(0, max(bottom) * 1.2)
     ax.set_title(f"P={c['prefix']}, N={c['workers']}, T={c['tokens']}, Q={c['prompt']}, A={c['answer']}: "
@@ -458,6 +495,8 @@ def add_workflow_args(p) -> None:
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--backend", default="auto", help="kernel backend of the pskernels path")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cascade-baseline", action="store_true", help="also time the pskernels path with the CPU "
+                   "kernel's shared-prefix cascade off (the zero-copy workers of before), alternating")
     p.add_argument("--json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--plot", metavar="PATH", help="stacked bars per phase (PNG / SVG / PDF; needs matplotlib)")
 
@@ -475,7 +514,8 @@ def main(args) -> int:
     load_s = time.perf_counter() - t0
     r = workflow_benchmark(model, prefix=args.prefix, workers=args.workers, tokens=args.tokens,
                            worker_prompt=args.worker_prompt, prompt=args.prompt, answer=args.answer,
-                           repeats=args.repeats, seed=args.seed, backend=args.backend)
+                           repeats=args.repeats, seed=args.seed, backend=args.backend,
+                           cascade_baseline=args.cascade_baseline)
     r["load_s"] = round(load_s, 2)
     print_report(r)
     if args.json:
