@@ -288,10 +288,14 @@ def build(kernel, arg_types, consts, tiles):
 base = dict(G=4, D=128, DV=128, ROT=128, PREC="tf32", DOT_DT=tl.bfloat16, ALIGNED=True, ES=2, BLOCK_D=128,
             BLOCK_DV=128)
 # prefill: every feature; decode: split-KV with the runtime ints Triton specialises to constants (== 1)
-prefill = dict(base, GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_KNOBS=True, SPLIT=False)
+prefill = dict(base, GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_KNOBS=True, SPLIT=False,
+               CASCADE=False)
 decode = dict(base, GPTJ=True, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=True,
-              B=1, HKV=1, Lq=1, NGR=1, window=1)
-for consts in (prefill, decode):
+              CASCADE=False, B=1, HKV=1, Lq=1, NGR=1, window=1)
+# the cascade's decode over a shared, unshifted prefix (several batch rows: B stays a runtime value)
+cascade = dict(decode, GPTJ=False, HAS_SHIFT=False, CASCADE=True)
+del cascade["B"]
+for consts in (prefill, decode, cascade):
     tiles = mba.tiles_for(mba.tile_class(**consts), True, 90)
     build(mba._mba_fwd_kernel, mba._ARG_TYPES, consts,
           [TileConfig(dict(BLOCK_M=bm, BLOCK_N=bn), w, st) for bm, bn, w, st in tiles])

@@ -55,7 +55,9 @@ def _assert_close(a, b, dtype):
 
 def _tile_cases():
     """(class, half precision, tile) for every distinct (BLOCK_M, BLOCK_N) of a class on sm_80 or sm_90."""
-    assert set(CLASS_FEATURES) == set(mba._TILES["half"]) == set(mba._TILES["fp32"])
+    # the cascade classes need a shared segment and several batch rows: tests/test_triton_cascade.py covers them
+    per_row = {c for c in mba._TILES["half"] if not c.startswith("cascade")}
+    assert set(CLASS_FEATURES) == per_row == {c for c in mba._TILES["fp32"] if not c.startswith("cascade")}
     cases = []
     for half in (True, False):
         for cls in CLASS_FEATURES:

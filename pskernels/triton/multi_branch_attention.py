@@ -10,8 +10,15 @@ Decode (few query rows) splits every segment's key range across ``NSPLIT`` progr
 partial states; the combine kernel (:mod:`.combine`) merges them. Calibrated groups (temperature, LSE
 scale, log-weight knobs) take the same route with one or more splits: the combine kernel applies the
 knobs while merging the groups.
+
+Cascade (shared-prefix) attention: segments every batch row shares (a batch-1 prefix expanded over the
+batch, batch stride 0) are read by ``CASCADE`` programs whose M tile packs the rows of all batch rows of a
+kv head, each row with its own lengths, padding, shift and window; a second launch reads the rows' own
+segments, and the combine kernel merges both by LSE (``plan_launches`` says when).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -45,26 +52,46 @@ def _mba_fwd_kernel(
     B, HKV, Lq, NGR, NSPLIT, scale, softcap, window,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr, GPTJ: tl.constexpr,
     HAS_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HAS_KNOBS: tl.constexpr,
-    SPLIT: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr, ALIGNED: tl.constexpr, ES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, CASCADE: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr, ALIGNED: tl.constexpr,
+    ES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    # axis 0 flattens (batch row, kv head, query tile): only it may exceed 65535 programs
-    NM = tl.cdiv(G * Lq, BLOCK_M)
-    i_m, i_bh, i_s = tl.program_id(0) % NM, tl.program_id(0) // NM, tl.program_id(1)
-    i_b, i_hk = (i_bh // HKV).to(tl.int64), i_bh % HKV
+    # a cascade program writes partial states: the rows' own segments are merged with them by the combine kernel
+    tl.static_assert(SPLIT or not CASCADE, "CASCADE launches write the split-KV workspace (SPLIT)")
+    i_s = tl.program_id(1)
     HQ = HKV * G
-    o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    o_i, o_g = o_r // G, o_r % G  # [BM] query index, head within the kv head's group
+    if CASCADE:
+        # axis 0 flattens (kv head, tile of its rows x queries x heads): every batch row's queries share the
+        # M tile, so each K/V tile of a segment shared by all rows is read once for all of them
+        NR = G * Lq
+        NM = tl.cdiv(B * NR, BLOCK_M)
+        i_m, i_hk = tl.program_id(0) % NM, tl.program_id(0) // NM
+        o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_r = o_r < B * NR
+        # [BM] batch row of each tile row; rows past the end read row B - 1's metadata (then masked), so the
+        # per-row tables need no masked loads
+        i_b = tl.minimum(o_r // NR, B - 1)
+        o_i, o_g = o_r % NR // G, o_r % G  # [BM] query index, head within the kv head's group
+    else:
+        # axis 0 flattens (batch row, kv head, query tile): only it may exceed 65535 programs
+        NM = tl.cdiv(G * Lq, BLOCK_M)
+        i_m, i_bh = tl.program_id(0) % NM, tl.program_id(0) // NM
+        i_b, i_hk = (i_bh // HKV).to(tl.int64), i_bh % HKV
+        o_r = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        o_i, o_g = o_r // G, o_r % G  # [BM] query index, head within the kv head's group
+        m_r = o_i < Lq
     o_hq = i_hk * G + o_g
-    m_r = o_i < Lq
     o_d, o_v = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
     m_d, m_v = o_d < D, o_v < DV
     o_nl = tl.arange(0, BLOCK_N)
 
-    # 64-bit tile bases (first head and query of the tile), 32-bit offsets inside the tile
-    i0 = i_m * BLOCK_M // G
-    h0, i0_64 = (i_hk * G).to(tl.int64), i0.to(tl.int64)
-    p_q = (q + i_b * sqb + h0 * sqh + i0_64 * sqm) + (o_g * sqh + (o_i - i0) * sqm)  # [BM]
+    h0 = (i_hk * G).to(tl.int64)
+    if CASCADE:  # the tile spans batch rows: 64-bit row offsets
+        p_q = (q + h0 * sqh) + (i_b.to(tl.int64) * sqb + o_g * sqh + o_i * sqm)  # [BM]
+    else:
+        # 64-bit tile bases (first head and query of the tile), 32-bit offsets inside the tile
+        i0 = i_m * BLOCK_M // G
+        i0_64 = i0.to(tl.int64)
+        p_q = (q + i_b * sqb + h0 * sqh + i0_64 * sqm) + (o_g * sqh + (o_i - i0) * sqm)  # [BM]
     # neox over the whole (power-of-two) head: rotate the two halves as separate [BM, BD/2] tiles
     HALVES: tl.constexpr = HAS_SHIFT and not GPTJ and ROT == BLOCK_D
     if HALVES:
@@ -76,9 +103,10 @@ def _mba_fwd_kernel(
         b_qs = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
     if WINDOW:
         b_qpos = tl.load(qpos + i_b * Lq + o_i, mask=m_r, other=0)  # [BM]
-    # row pointers only: [BM, BDV] address tensors live across the loops would exhaust registers
-    p_o = (o + i_b * sob + h0 * soh + i0_64 * som) + (o_g * soh + (o_i - i0) * som)  # [BM]
-    p_lse = lse + (i_b * HQ + o_hq) * Lq + o_i
+    if not (SPLIT or HAS_KNOBS):
+        # row pointers only: [BM, BDV] address tensors live across the loops would exhaust registers
+        p_o = (o + i_b * sob + h0 * soh + i0_64 * som) + (o_g * soh + (o_i - i0) * som)  # [BM]
+        p_lse = lse + (i_b * HQ + o_hq) * Lq + o_i
 
     for i_g in range(NGR):
         if HAS_KNOBS:
@@ -93,13 +121,18 @@ def _mba_fwd_kernel(
             p_seg = seg + i_seg * 9
             p_k = tl.load(p_seg).to(tl.pointer_type(q.dtype.element_ty))
             p_v = tl.load(p_seg + 1).to(tl.pointer_type(q.dtype.element_ty))
-            p_k += i_b * tl.load(p_seg + 2) + i_hk * tl.load(p_seg + 3)
-            p_v += i_b * tl.load(p_seg + 5) + i_hk * tl.load(p_seg + 6)
+            if CASCADE:  # a shared segment: batch stride 0
+                p_k += i_hk * tl.load(p_seg + 3)
+                p_v += i_hk * tl.load(p_seg + 6)
+            else:
+                p_k += i_b * tl.load(p_seg + 2) + i_hk * tl.load(p_seg + 3)
+                p_v += i_b * tl.load(p_seg + 5) + i_hk * tl.load(p_seg + 6)
             # tile offsets stay int32 (launcher: BLOCK_N * stride < 2**31); the 64-bit part lives in the pointers
             skl, svl = tl.load(p_seg + 4).to(tl.int32), tl.load(p_seg + 7).to(tl.int32)
             causal = tl.load(p_seg + 8)
             if ALIGNED:  # 16-byte aligned rows let loads vectorise (cp.async) through table pointers
                 skl, svl = tl.multiple_of(skl, 16 // ES), tl.multiple_of(svl, 16 // ES)
+            # per-row metadata: scalars, or [BM] vectors in a cascade tile (each row its own lengths and shift)
             p_row = seg_row + (i_seg * B + i_b) * 4
             seq_len, pad = tl.load(p_row).to(tl.int32), tl.load(p_row + 1).to(tl.int32)
             shift, spos = tl.load(p_row + 2), tl.load(p_row + 3)
@@ -122,16 +155,25 @@ def _mba_fwd_kernel(
                 b_q1 = tl.load(p_q[:, None] + o_h[None, :], mask=m_r[:, None], other=0.0).to(tl.float32)
                 b_q2 = tl.load(p_q[:, None] + (o_h + BLOCK_D // 2)[None, :], mask=m_r[:, None],
                                other=0.0).to(tl.float32)
-                b_sin, b_cos = sincos(-shift.to(tl.float32) * b_inv)  # [BD/2]
-                b_r1 = b_q1 * b_cos[None, :] - b_q2 * b_sin[None, :]
-                b_r2 = b_q2 * b_cos[None, :] + b_q1 * b_sin[None, :]
+                if CASCADE:
+                    b_sin, b_cos = sincos(-shift.to(tl.float32)[:, None] * b_inv[None, :])  # [BM, BD/2]
+                    # rounded early: fewer fp32 [BM, BD/2] tiles live at once
+                    b_r1 = (b_q1 * b_cos - b_q2 * b_sin).to(q.dtype.element_ty)
+                    b_r2 = (b_q2 * b_cos + b_q1 * b_sin).to(q.dtype.element_ty)
+                else:
+                    b_sin, b_cos = sincos(-shift.to(tl.float32) * b_inv)  # [BD/2]
+                    b_r1 = b_q1 * b_cos[None, :] - b_q2 * b_sin[None, :]
+                    b_r2 = b_q2 * b_cos[None, :] + b_q1 * b_sin[None, :]
                 b_qs = tl.reshape(tl.permute(tl.join(b_r1, b_r2), (0, 2, 1)), [BLOCK_M, BLOCK_D])
                 b_qs = b_qs.to(q.dtype.element_ty)
             elif HAS_SHIFT:
                 # q is re-read per segment (cache-resident) rather than held rotated and unrotated in registers
                 b_q = tl.load(p_q[:, None] + o_d[None, :], mask=m_r[:, None] & m_d[None, :], other=0.0)  # [BM, BD]
                 b_qp = rope_partner(p_q[:, None], o_d, m_r[:, None], b_q, ROT, GPTJ)
-                b_ang = -shift.to(tl.float32) * b_inv[None, :]
+                if CASCADE:
+                    b_ang = -shift.to(tl.float32)[:, None] * b_inv[None, :]  # [BM, BD]
+                else:
+                    b_ang = -shift.to(tl.float32) * b_inv[None, :]  # [1, BD]
                 b_qs = rope_apply(b_q.to(tl.float32), b_qp.to(tl.float32), b_ang, sign[None, :]).to(b_q.dtype)
             p_kj, p_vj = p_k + lo.to(tl.int64) * skl, p_v + lo.to(tl.int64) * svl
             if ALIGNED:
@@ -160,7 +202,7 @@ def _mba_fwd_kernel(
         # group state: output and LSE in units of scores / T
         b_og, b_lg = merge_final(b_m, b_l, b_acc)
         if SPLIT or HAS_KNOBS:  # state per (split, group); the combine kernel merges them and applies the knobs
-            o_w = (((i_s * NGR + i_g) * B + i_b) * HQ + o_hq) * Lq + o_i  # [BM]
+            o_w = ((((i_s * NGR + i_g) * B).to(tl.int64) + i_b) * HQ + o_hq) * Lq + o_i  # [BM]
             tl.store(ws_o + o_w[:, None] * DV + o_v[None, :], b_og, mask=m_r[:, None] & m_v[None, :])
             tl.store(ws_lse + o_w, b_lg, mask=m_r)
         else:  # a single uncalibrated group (NGR == 1) is the final result
@@ -174,7 +216,10 @@ def _mba_fwd_kernel(
 # tests/test_aot_compile.py compiles every entry and asserts it). Half precision: 8 warps for 64-row tiles and
 # no 128-row tile once a RoPE shift or a calibration feature is live (the rotated q tile or the extra
 # per-row state then spills). fp32: `ieee` dots lower to FMA loops whose register use ptxas balances
-# differently per arch, hence per-arch lists of small tiles.
+# differently per arch, hence per-arch lists of small tiles. Cascade launches (CASCADE, always split) have classes
+# of their own: each row's metadata and, with a shift, each row's rotation (sin/cos over a [BM, BD] tile while the
+# accumulator is live) spill most 64-row split tiles; unshifted (the ParallelCache prefix), Hopper keeps 64- and
+# 128-row wgmma tiles.
 _TILES = {
     "half": {
         "plain": [(32, 64, 4, 2), (64, 32, 8, 3), (64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 3)],
@@ -184,6 +229,10 @@ _TILES = {
         "heavy_rope_any": [(16, 64, 4, 3)],
         "split": [(16, 64, 4, 3), (64, 32, 8, 3)],
         "split_heavy": [(16, 64, 4, 3), (64, 32, 8, 3)],
+        "cascade": {90: [(64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 8, 3), (16, 64, 4, 3)],
+                    80: [(32, 64, 4, 2), (16, 64, 4, 3), (32, 32, 8, 3)]},
+        "cascade_rope": [(16, 64, 4, 3), (32, 32, 8, 3)],
+        "cascade_heavy": [(16, 64, 4, 3), (32, 32, 8, 3)],
     },
     "fp32": {
         "plain": {90: [(16, 16, 4, 3)], 80: [(16, 16, 8, 3), (16, 32, 8, 3)]},
@@ -194,6 +243,9 @@ _TILES = {
         "heavy_rope_any": {90: [(16, 16, 8, 3), (32, 16, 8, 3)], 80: [(16, 16, 8, 3)]},
         "split": {90: [(16, 16, 8, 3), (32, 16, 8, 3)], 80: [(16, 16, 4, 3)]},
         "split_heavy": {90: [(16, 16, 4, 3)], 80: [(16, 16, 4, 3), (32, 32, 8, 3)]},
+        "cascade": [(16, 16, 8, 3), (32, 16, 8, 3)],
+        "cascade_rope": {90: [(16, 16, 8, 3)], 80: [(16, 16, 8, 3), (16, 32, 8, 3)]},
+        "cascade_heavy": [(16, 16, 8, 3), (32, 16, 8, 3)],
     },
 }
 # ptxas otherwise caps registers below 255 for occupancy and spills a few bytes to get there
@@ -201,9 +253,11 @@ MAXNREG = 255
 SMEM_BUDGET = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block: H100/H200, A100
 
 
-def tile_class(*, HAS_SHIFT, GPTJ, ROT, BLOCK_D, SOFTCAP, WINDOW, HAS_KNOBS, SPLIT, **_) -> str:
+def tile_class(*, HAS_SHIFT, GPTJ, ROT, BLOCK_D, SOFTCAP, WINDOW, HAS_KNOBS, SPLIT, CASCADE=False, **_) -> str:
     """Register-pressure class of a kernel specialisation (its constexprs), the key of ``_TILES``."""
     heavy = bool(SOFTCAP or WINDOW or HAS_KNOBS)
+    if CASCADE:
+        return "cascade_heavy" if heavy else "cascade_rope" if HAS_SHIFT else "cascade"
     if SPLIT:
         return "split_heavy" if heavy else "split"
     # the two-halves RoPE path (neox over the whole power-of-two head) is as light as no shift at all
@@ -245,7 +299,8 @@ _GPU_CONFIGS = [
                                  for t in (sum(v.values(), []) if isinstance(v, dict) else v)})
 ]
 _mba_fwd_tuned = triton.autotune(
-    _GPU_CONFIGS, key=["G", "D", "DV", "ROT", "GPTJ", "HAS_SHIFT", "SOFTCAP", "WINDOW", "HAS_KNOBS", "SPLIT"],
+    _GPU_CONFIGS, key=["G", "D", "DV", "ROT", "GPTJ", "HAS_SHIFT", "SOFTCAP", "WINDOW", "HAS_KNOBS", "SPLIT",
+                        "CASCADE"],
     prune_configs_by={"early_config_prune": _prune},
 )(_mba_fwd_kernel)
 
@@ -274,6 +329,55 @@ def check_segments(q, keys, values) -> None:
                                  f"got {t.dtype} on {t.device} with strides {t.stride()}")
 
 
+class Launch(NamedTuple):
+    """One launch of the attention kernel: the live segments it reads (in group order), whether it is a cascade
+    launch (every batch row's queries of a kv head in one M tile, against segments all rows share) and its
+    number of key splits."""
+
+    segments: tuple
+    cascade: bool
+    nsplit: int
+
+
+def shared_segments(keys, values) -> list[int]:
+    """The non-empty segments every batch row shares: K and V broadcast over a batch of more than one row (batch
+    stride 0), as the expanded batch-1 prefix of a zero-copy ``ParallelCache(prefix, [])``."""
+    if keys[0].shape[0] < 2:
+        return []
+    return [s for s, (k, v) in enumerate(zip(keys, values)) if k.shape[2] > 0 and k.stride(0) == 0 == v.stride(0)]
+
+
+def plan_launches(q, keys, values, groups, block_m: int = _FIXED_TILE[0]) -> list[Launch]:
+    """The attention kernel launches of one call with segment -> group map ``groups`` and ``block_m``-row tiles
+    (autotuned launches count 16-row tiles, the smallest any class uses, as their tile is picked later).
+
+    Each (batch row, kv head) program of the plain launch reads every segment on its own, so a segment shared by
+    all B rows is read B times. The cascade (Hydragen, FlashInfer's cascade attention) packs the rows' queries
+    into the M tile instead and reads each shared K/V tile once per tile of ``B * G * Lq`` rows; a second launch
+    reads the rows' own segments and the combine kernel merges the two by LSE. It pays when stacking fills the
+    tile: a row's ``G * Lq`` queries take at most half of it (decode, prefill of a token or two), so packing at
+    least halves the passes over the shared K/V (B -> cdiv(B * G * Lq, BLOCK_M)) for the price of a second
+    launch and a combine pass, small next to those passes. A row that fills the tile on its own gains nothing
+    from packing (prefill): it keeps the one plain launch."""
+    B, Hq, Lq, _ = q.shape
+    Hkv = keys[0].shape[1]
+    G = Hq // Hkv
+    order = [s for s in sorted(range(len(keys)), key=lambda s: groups[s]) if keys[s].shape[2] > 0]
+
+    def launch(segments, cascade):
+        # split-KV for decode: the cascade's programs are per kv head (all rows in its tiles), the others per row
+        rows, n_b = (B * G * Lq, 1) if cascade else (G * Lq, B)
+        longest = max((keys[s].shape[2] for s in segments), default=0)
+        nsplit = _num_splits(rows, n_b, Hkv, longest, q.device, block_m) if Lq <= _DECODE_ROWS else 1
+        return Launch(tuple(segments), cascade, nsplit)
+
+    shared = set(shared_segments(keys, values))
+    if not shared or 2 * G * Lq > block_m:
+        return [launch(order, False)]
+    own = [s for s in order if s not in shared]
+    return [launch([s for s in order if s in shared], True)] + ([launch(own, False)] if own else [])
+
+
 @register("multi_branch_attention", "triton", available=available)
 def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     """Attention of ``q`` over the segments described by ``p``.
@@ -296,21 +400,14 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     S = len(keys)
     groups = p.groups if p.has_knobs else [0] * S
     NGR = p.num_groups if p.has_knobs else 1
-    order = [s for s in sorted(range(S), key=lambda s: groups[s]) if keys[s].shape[2] > 0]
-    grp = torch.zeros(NGR + 1, dtype=torch.int64)
-    for s in order:
-        grp[groups[s] + 1] += 1
-    seg = torch.tensor(
-        [[keys[s].data_ptr(), values[s].data_ptr(), *keys[s].stride()[:3], *values[s].stride()[:3],
-          int(p.causal_last and s == S - 1)] for s in order] or [[0] * _SEG_COLS], dtype=torch.int64,
-    )
-    live = [t for s in order for t in (keys[s], values[s])]
+    launches = plan_launches(q, keys, values, groups, (tile or _FIXED_TILE)[0])
+    live = [t for lc in launches for s in lc.segments for t in (keys[s], values[s])]
     if any(t.stride(2) >= 2**31 // 256 for t in live):
         raise NotImplementedError("multi_branch_attention: the triton backend needs sequence strides < 2**23 elements")
     es = q.element_size()
     aligned = all(t.data_ptr() % 16 == 0 and all(st % (16 // es) == 0 for st in t.stride()[:3]) for t in live)
     spos = p.segment_positions if p.segment_positions is not None else torch.zeros_like(p.seq_lens)
-    seg_row = torch.stack([p.seq_lens, p.left_pad, p.shifts, spos], -1)[order].contiguous()  # [S', B, 4]
+    rows = torch.stack([p.seq_lens, p.left_pad, p.shifts, spos], -1)  # [S, B, 4]
     knobs = None
     if p.has_knobs:
         ones = torch.ones(NGR, Hq, dtype=torch.float32, device=dev)
@@ -319,55 +416,75 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
             p.lse_scale if p.lse_scale is not None else ones,
             p.log_weight if p.log_weight is not None else torch.zeros_like(ones),
         ]).contiguous()
-    qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
     rope = p.rope if p.has_shift else None
 
-    block_m = (tile or _FIXED_TILE)[0]
-    nsplit = _num_splits(G * Lq, B, Hkv, max(k.shape[2] for k in keys), dev, block_m) if Lq <= _DECODE_ROWS else 1
-    # calibrated groups are merged by the combine kernel too: a second [BM, BDV] accumulator across the
-    # groups would make the attention kernel spill
-    use_ws = nsplit > 1 or knobs is not None
+    cascade = any(lc.cascade for lc in launches)
+    NS = sum(lc.nsplit for lc in launches)
+    # Partial states go through a workspace and the combine kernel: key splits, the cascade's shared and own
+    # launches, and calibrated groups (a second [BM, BDV] accumulator across the groups would make the attention
+    # kernel spill). Each launch writes its own splits' slots.
+    use_ws = cascade or NS > 1 or knobs is not None
     if use_ws:
-        ws_o = torch.empty((nsplit, NGR, B, Hq, Lq, DV), dtype=torch.float32, device=dev)
-        ws_lse = torch.empty((nsplit, NGR, B, Hq, Lq), dtype=torch.float32, device=dev)
-    else:
-        ws_o, ws_lse = out, lse
-    args = (
-        q, out, lse, ws_o, ws_lse, seg.to(dev), seg_row, grp.cumsum(0).to(dev), qpos,
-        knobs if knobs is not None else lse, rope.inv_freq if rope is not None else lse,
-        *q.stride()[:3], *out.stride()[:3],
-        B, Hkv, Lq, NGR, nsplit, p.scale, p.softcap or 1.0, p.sliding_window or 0,
-    )
+        ws_o = torch.empty((NS, NGR, B, Hq, Lq, DV), dtype=torch.float32, device=dev)
+        ws_lse = torch.empty((NS, NGR, B, Hq, Lq), dtype=torch.float32, device=dev)
     meta = dict(
         G=G, D=D, DV=DV, ROT=rope.rotary_dim if rope is not None else 0, GPTJ=rope is not None and rope.style == "gptj",
         HAS_SHIFT=rope is not None, SOFTCAP=p.softcap is not None, WINDOW=p.sliding_window is not None,
-        HAS_KNOBS=knobs is not None, SPLIT=nsplit > 1, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_KNOBS=knobs is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         # the Triton 3.8 interpreter multiplies bf16 dot operands as raw integer bits: feed it fp32
         DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not on_gpu(dev) else _TL_DTYPES[q.dtype],
         ALIGNED=aligned, ES=es,
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
     )
-    if tile is None and on_gpu(dev):
-        _mba_fwd_tuned[lambda m: (triton.cdiv(G * Lq, m["BLOCK_M"]) * B * Hkv, nsplit)](*args, **meta)
-    else:
-        bm, bn, warps, stages = tile or _FIXED_TILE
-        _mba_fwd_kernel[(triton.cdiv(G * Lq, bm) * B * Hkv, nsplit)](
-            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
+    slot = 0
+    for lc in launches:
+        grp = torch.zeros(NGR + 1, dtype=torch.int64)
+        for s in lc.segments:
+            grp[groups[s] + 1] += 1
+        seg = torch.tensor(
+            [[keys[s].data_ptr(), values[s].data_ptr(), *keys[s].stride()[:3], *values[s].stride()[:3],
+              int(p.causal_last and s == S - 1)] for s in lc.segments] or [[0] * _SEG_COLS], dtype=torch.int64,
+        )
+        seg_row = rows[list(lc.segments)].contiguous()  # [S', B, 4]
+        qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
+        ws = (ws_o[slot:], ws_lse[slot:]) if use_ws else (out, lse)
+        slot += lc.nsplit
+        args = (
+            q, out, lse, *ws, seg.to(dev), seg_row, grp.cumsum(0).to(dev), qpos,
+            knobs if knobs is not None else lse, rope.inv_freq if rope is not None else lse,
+            *q.stride()[:3], *out.stride()[:3],
+            B, Hkv, Lq, NGR, lc.nsplit, p.scale, p.softcap or 1.0, p.sliding_window or 0,
+        )
+        _launch(lc, args, dict(meta, SPLIT=cascade or lc.nsplit > 1, CASCADE=lc.cascade), G * Lq, B, Hkv, tile,
+                on_gpu(dev))
     if use_ws:
         combine(ws_o, ws_lse, out, lse, knobs)
     return out, lse
+
+
+def _launch(lc: Launch, args, meta, rows: int, B: int, Hkv: int, tile, gpu: bool) -> None:
+    """Launch ``lc``: a cascade's axis 0 tiles the ``B * rows`` query rows of each kv head, a plain launch the
+    ``rows`` of each (batch row, kv head)."""
+    rows, progs = (B * rows, Hkv) if lc.cascade else (rows, B * Hkv)
+    if tile is None and gpu:
+        _mba_fwd_tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * progs, lc.nsplit)](*args, **meta)
+    else:
+        bm, bn, warps, stages = tile or _FIXED_TILE
+        _mba_fwd_kernel[(triton.cdiv(rows, bm) * progs, lc.nsplit)](
+            *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
 
 
 # Triton types of _mba_fwd_kernel's runtime arguments for ahead-of-time compiles; "T": the q/k/v element type
 _ARG_TYPES = dict(q="*T", o="*T", lse="*fp32", ws_o="*fp32", ws_lse="*fp32", seg="*i64", seg_row="*i64", grp="*i64",
                   qpos="*i64", knobs="*fp32", inv_freq="*fp32", scale="fp32", softcap="fp32",
                   **dict.fromkeys("sqb sqh sqm sob soh som B HKV Lq NGR NSPLIT window".split(), "i32"))
-_OFF = dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False)
+_OFF = dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False, CASCADE=False)
 _HEAVY = dict(SOFTCAP=True, WINDOW=True, HAS_KNOBS=True)
 # The specialisations the kernel report compiles, at least one per tile class: no RoPE shift, neox over the whole
 # head (the ParallelCache path; at D=80 the head is not a power of two and it takes the general path), gptj, partial
-# rotary (rotary dim D / ROT_DIV), softcap + window + calibration knobs with each RoPE layout, and split-KV decode.
-# Lq and the other runtime ints stay runtime values.
+# rotary (rotary dim D / ROT_DIV), softcap + window + calibration knobs with each RoPE layout, split-KV decode, and
+# the cascade (always split-KV): unshifted, with per-row shifts on each RoPE path, and heavy. Lq and the other
+# runtime ints stay runtime values.
 AOT_VARIANTS = {
     "plain": dict(_OFF),
     "rope": dict(_OFF, HAS_SHIFT=True),
@@ -378,6 +495,10 @@ AOT_VARIANTS = {
     "heavy_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True, **_HEAVY),
     "split": dict(_OFF, HAS_SHIFT=True, SPLIT=True),
     "split_heavy": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, **_HEAVY),
+    "cascade": dict(_OFF, SPLIT=True, CASCADE=True),
+    "cascade_rope": dict(_OFF, HAS_SHIFT=True, SPLIT=True, CASCADE=True),
+    "cascade_rope_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, CASCADE=True),
+    "cascade_heavy": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, CASCADE=True, **_HEAVY),
 }
 
 
