@@ -880,13 +880,19 @@ def test_plan_falls_back_to_the_reference_when_grad_is_needed():
 # ----------------------------------------------------------------------------------------------
 # A segment stored once for every batch row (batch-1 K/V expanded over B rows, batch stride 0, as
 # pskernels.hf.ParallelCache passes a shared prefix) is attended by the stacked queries of all rows in one
-# pass over its K/V (csrc/cpu/multi_branch_attention.cpp, "Cascade"); per-row metadata still applies per row.
-_CASCADE_EVENT = "pskernels::multi_branch_attention::cpu_cascade"
+# pass over its K/V (csrc/cpu/ and csrc/cuda/multi_branch_attention, "Cascade"); per-row metadata still
+# applies per row. The Triton launcher's cascade has its own tests (tests/test_triton_cascade.py).
+_CASCADE_EVENT = "pskernels::multi_branch_attention::{}_cascade"
+_CASCADE_SWITCH = "PSKERNELS_{}_CASCADE"
 cpu_kernel = pytest.mark.skipif("cpu" not in pskernels.available_backends(OP),
                                 reason="the compiled extension (backend 'cpu') is not built")
+cuda_kernel = pytest.mark.skipif("cuda" not in pskernels.available_backends(OP),
+                                 reason="needs a CUDA device and the CUDA extension")
+cascade_backend = pytest.mark.parametrize("cbackend", [pytest.param("cpu", marks=cpu_kernel),
+                                                       pytest.param("cuda", marks=cuda_kernel)])
 
 
-def _cascade_segments(B, Hkv, D, layout, dtype, gen):
+def _cascade_segments(B, Hkv, D, layout, dtype, gen, device="cpu"):
     """Keys, values and per-row ``seq_lens``/``left_pad`` for ``layout``: ("shared" | "row", L) per segment.
 
     Shared segments are batch-1 tensors expanded to B rows; their valid lengths differ across rows, with
@@ -895,8 +901,8 @@ def _cascade_segments(B, Hkv, D, layout, dtype, gen):
     ks, vs, lens, pads = [], [], [], []
     for kind, L in layout:
         rows = 1 if kind == "shared" else B
-        k = torch.randn(rows, Hkv, L, D, generator=gen).to(dtype)
-        v = torch.randn(rows, Hkv, L, D, generator=gen).to(dtype)
+        k = torch.randn(rows, Hkv, L, D, generator=gen).to(device, dtype)
+        v = torch.randn(rows, Hkv, L, D, generator=gen).to(device, dtype)
         if kind == "shared":
             k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
         n = torch.randint(L // 2, L + 1, (B,), generator=gen)
@@ -913,9 +919,9 @@ def _cascade_segments(B, Hkv, D, layout, dtype, gen):
     return ks, vs, torch.stack(lens), torch.stack(pads)
 
 
-def _check_cascade(q, ks, vs, rtol=1e-5, **kw):
-    """The CPU kernel against the fp64 oracle; bf16/fp16 outputs may differ by their own rounding."""
-    out, lse = pskernels.multi_branch_attention(q, ks, vs, backend="cpu", **kw)
+def _check_cascade(q, ks, vs, rtol=1e-5, backend="cpu", **kw):
+    """The kernel of ``backend`` against the fp64 oracle; bf16/fp16 outputs may differ by their own rounding."""
+    out, lse = pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw)
     ro, rl = oracle(q, ks, vs, **oracle_kwargs(kw))
     what = str({k: v for k, v in kw.items() if not torch.is_tensor(v)})
     if q.dtype == torch.float32:
@@ -926,24 +932,34 @@ def _check_cascade(q, ks, vs, rtol=1e-5, **kw):
     return out, lse
 
 
-def _cascade_taken(fn):
+def _cascade_taken(fn, backend="cpu"):
+    """``fn()`` and whether the kernel of ``backend`` ran a cascade pass (its profiler event, recorded on the host
+    by both the CPU and the CUDA launcher)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         res = fn()
-    return res, any(e.name == _CASCADE_EVENT for e in prof.events())
+    return res, any(e.name == _CASCADE_EVENT.format(backend) for e in prof.events())
 
 
-@cpu_kernel
+def _cascade_expected(backend, Lq):
+    """Whether this file's cases (G = 3 query heads per kv head, B >= 5) take the cascade: the CPU kernel stacks
+    any query rows; the CUDA kernel only where stacking at least halves its 16-row tiles' passes, so a 21-row
+    prefill (G * Lq = 3 * 7, already two tiles per row) keeps the per-row pass."""
+    return backend == "cpu" or Lq == 1
+
+
+@cascade_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("Lq", [1, 7], ids=["decode", "prefill"])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (9, 3), (8, 1)], ids=["gqa1", "gqa3", "gqa8"])
 @pytest.mark.parametrize("B", [1, 2, 5, 16, 64])
-def test_cascade_shared_prefix(B, Hq, Hkv, Lq, dtype):
+def test_cascade_shared_prefix(B, Hq, Hkv, Lq, dtype, cbackend):
     """B rows share one prefix (ragged per-row lengths, a row that sees none of it, left padding) and have
     ragged own segments; the prefix spans several key blocks and splits."""
     gen = torch.Generator().manual_seed(B * 100 + Hq * 10 + Lq)
-    ks, vs, lens, pads = _cascade_segments(B, Hkv, 64, [("shared", 600), ("row", 23)], dtype, gen)
-    q = torch.randn(B, Hq, Lq, 64, generator=gen).to(dtype)
-    _check_cascade(q, ks, vs, seq_lens=lens, left_pad=pads)
+    dev = device_for(cbackend)
+    ks, vs, lens, pads = _cascade_segments(B, Hkv, 64, [("shared", 600), ("row", 23)], dtype, gen, dev)
+    q = torch.randn(B, Hq, Lq, 64, generator=gen).to(dev, dtype)
+    _check_cascade(q, ks, vs, backend=cbackend, seq_lens=lens, left_pad=pads)
 
 
 def _feature_case(feature, B, Lq, gen):
@@ -984,71 +1000,77 @@ def _feature_case(feature, B, Lq, gen):
     raise ValueError(feature)
 
 
-@cpu_kernel
+@cascade_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("Lq", [1, 7], ids=["decode", "prefill"])
 @pytest.mark.parametrize("B", [5, 16])
 @pytest.mark.parametrize("feature", ["shifts", "softcap", "window", "knobs", "not_first", "shared_last",
                                      "everything"])
-def test_cascade_features(feature, B, Lq, dtype):
+def test_cascade_features(feature, B, Lq, dtype, cbackend):
     gen = torch.Generator().manual_seed(len(feature) * 1000 + B * 10 + Lq)
+    dev = device_for(cbackend)
     layout, make_kw = _feature_case(feature, B, Lq, gen)
-    ks, vs, lens, pads = _cascade_segments(B, 2, 64, layout, dtype, gen)
+    ks, vs, lens, pads = _cascade_segments(B, 2, 64, layout, dtype, gen, dev)
     kw = make_kw(lens)
     if "sliding_window" in kw:  # virtual positions of padded slots stay where they are: keep slot 0 valid
         pads = torch.zeros_like(pads)
-    q = torch.randn(B, 6, Lq, 64, generator=gen).to(dtype) * (3 if "softcap" in kw else 1)
+    q = torch.randn(B, 6, Lq, 64, generator=gen).to(dev, dtype) * (3 if "softcap" in kw else 1)
     shifts = kw.get("position_shifts")
     rtol = 1e-5 + (2 * int(shifts.abs().max()) * 2.0 ** -24 if shifts is not None else 0)
-    out, lse = _check_cascade(q, ks, vs, rtol=rtol, seq_lens=lens, left_pad=pads, **kw)
-    (out2, lse2), taken = _cascade_taken(lambda: pskernels.multi_branch_attention(q, ks, vs, backend="cpu",
-                                                                                 seq_lens=lens, left_pad=pads, **kw))
-    assert taken, "the shared segments did not go through the cascade"
+    out, lse = _check_cascade(q, ks, vs, rtol=rtol, backend=cbackend, seq_lens=lens, left_pad=pads, **kw)
+    (out2, lse2), taken = _cascade_taken(lambda: pskernels.multi_branch_attention(
+        q, ks, vs, backend=cbackend, seq_lens=lens, left_pad=pads, **kw), cbackend)
+    assert taken == _cascade_expected(cbackend, Lq), "the shared segments did not take the expected pass"
     assert torch.equal(out2, out) and torch.equal(lse2, lse), "two identical calls differ"
 
 
-@cpu_kernel
+@cascade_backend
 @pytest.mark.parametrize("Lq", [1, 7], ids=["decode", "prefill"])
-def test_cascade_is_taken_and_equals_per_row_path(Lq, monkeypatch):
+def test_cascade_is_taken_and_equals_per_row_path(Lq, cbackend, monkeypatch):
     """Expanded (batch stride 0) K/V go through the cascade, a contiguous copy of them and B = 1 do not;
-    PSKERNELS_CPU_CASCADE=0 turns it off. All of them compute the same attention."""
+    PSKERNELS_CPU_CASCADE=0 (PSKERNELS_CUDA_CASCADE=0) turns it off. All of them compute the same attention."""
     gen = torch.Generator().manual_seed(Lq)
     B = 16
-    ks, vs, lens, pads = _cascade_segments(B, 3, 64, [("shared", 700), ("row", 16)], torch.float32, gen)
-    q = torch.randn(B, 9, Lq, 64, generator=gen)
+    dev = device_for(cbackend)
+    ks, vs, lens, pads = _cascade_segments(B, 3, 64, [("shared", 700), ("row", 16)], torch.float32, gen, dev)
+    q = torch.randn(B, 9, Lq, 64, generator=gen).to(dev)
     kw = dict(seq_lens=lens, left_pad=pads)
 
     def call(keys, values, qq=q, **extra):
-        return pskernels.multi_branch_attention(qq, keys, values, backend="cpu", **{**kw, **extra})
+        return pskernels.multi_branch_attention(qq, keys, values, backend=cbackend, **{**kw, **extra})
 
     assert ks[0].stride(0) == 0 and vs[0].stride(0) == 0
-    (out, lse), taken = _cascade_taken(lambda: call(ks, vs))
-    assert taken
+    (out, lse), taken = _cascade_taken(lambda: call(ks, vs), cbackend)
+    assert taken == _cascade_expected(cbackend, Lq)
     copies = ([k.contiguous() for k in ks], [v.contiguous() for v in vs])
-    (out_c, lse_c), taken_c = _cascade_taken(lambda: call(*copies))
+    (out_c, lse_c), taken_c = _cascade_taken(lambda: call(*copies), cbackend)
     assert not taken_c
     torch.testing.assert_close(out, out_c, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, lse_c, rtol=1e-5, atol=1e-5)
-    monkeypatch.setenv("PSKERNELS_CPU_CASCADE", "0")
-    (out_off, lse_off), taken_off = _cascade_taken(lambda: call(ks, vs))
+    switch = _CASCADE_SWITCH.format(cbackend.upper())
+    monkeypatch.setenv(switch, "0")
+    (out_off, lse_off), taken_off = _cascade_taken(lambda: call(ks, vs), cbackend)
     assert not taken_off
     torch.testing.assert_close(out_off, out_c, rtol=1e-5, atol=1e-5)
-    monkeypatch.delenv("PSKERNELS_CPU_CASCADE")
+    monkeypatch.delenv(switch)
     one = ([k[:1] for k in ks], [v[:1] for v in vs])
-    (out_1, _), taken_1 = _cascade_taken(lambda: call(*one, qq=q[:1], seq_lens=lens[:, :1], left_pad=pads[:, :1]))
+    (out_1, _), taken_1 = _cascade_taken(
+        lambda: call(*one, qq=q[:1], seq_lens=lens[:, :1], left_pad=pads[:, :1]), cbackend)
     assert not taken_1
     torch.testing.assert_close(out_1, out[:1], rtol=1e-5, atol=1e-5)
 
 
-@cpu_kernel
-def test_cascade_rows_without_any_key_no_nan():
+@cascade_backend
+def test_cascade_rows_without_any_key_no_nan(cbackend):
     """Rows whose shared length is 0 and whose own queries see nothing give out = 0, lse = -inf; a shared
     segment that no row sees at all is skipped."""
     B, Lq = 4, 3
     gen = torch.Generator().manual_seed(7)
-    ks, vs, _, _ = _cascade_segments(B, 1, 64, [("shared", 300), ("shared", 50), ("row", 5)], torch.float32, gen)
+    dev = device_for(cbackend)
+    ks, vs, _, _ = _cascade_segments(B, 1, 64, [("shared", 300), ("shared", 50), ("row", 5)], torch.float32, gen,
+                                     dev)
     lens = torch.tensor([[300, 0, 120, 0], [0, 0, 0, 0], [5, 2, 0, 0]])
-    q = torch.randn(B, 4, Lq, 64, generator=gen)
-    out, lse = _check_cascade(q, ks, vs, seq_lens=lens)
+    q = torch.randn(B, 4, Lq, 64, generator=gen).to(dev)
+    out, lse = _check_cascade(q, ks, vs, backend=cbackend, seq_lens=lens)
     assert torch.all(lse[1, :, 0] == float("-inf")) and torch.all(out[1, :, 0] == 0)  # row 1, query 0: no key
     assert torch.all(lse[3] == float("-inf")) and torch.all(out[3] == 0)  # row 3: no key at all

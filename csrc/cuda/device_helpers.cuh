@@ -1,5 +1,6 @@
 // Device helpers shared by the CUDA kernels of several ops (header only): float conversion of an element,
-// RoPE from a per-position cos/sin table (rope_cs / rope_elem), warp-wide max and sum.
+// RoPE from a per-position cos/sin table (rope_cs / rope_elem) or per element (rope_elem_at), warp-wide max, sum,
+// and int min / max.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,6 +53,28 @@ __device__ __forceinline__ float rope_elem(const P* x, int d, int rd, bool neox,
   return d == a ? x1 * t.x - x2 * t.y : x2 * t.x + x1 * t.y;
 }
 
+// rope_elem with the pair's (cos, sin) = rope_cs(pos, inv_freq[i]) computed here instead of read from a table: for
+// tiles whose rows rotate by different positions (the cascade's stacked rows, each by its own batch row's shift).
+// The same float angle and formulas as rope_elem, so both give the same bits.
+template <typename P>
+__device__ __forceinline__ float rope_elem_at(const P* x, int d, int rd, bool neox, const float* inv_freq, float pos) {
+  if (d >= rd) return to_f(x[d]);
+  const int half = rd >> 1;
+  int i, a, b;
+  if (neox) {
+    i = d < half ? d : d - half;
+    a = i;
+    b = i + half;
+  } else {
+    i = d >> 1;
+    a = 2 * i;
+    b = a + 1;
+  }
+  const float x1 = to_f(x[a]), x2 = to_f(x[b]);
+  const float2 t = rope_cs(pos, inv_freq[i]);
+  return d == a ? x1 * t.x - x2 * t.y : x2 * t.x + x1 * t.y;
+}
+
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -61,6 +84,18 @@ __device__ __forceinline__ float warp_max(float x) {
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+__device__ __forceinline__ int warp_min_int(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+__device__ __forceinline__ int warp_max_int(int x) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
   return x;
 }
 
