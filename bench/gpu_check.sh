@@ -28,6 +28,10 @@ $PY -c "import torch, pskernels.triton.utils as u; assert torch.cuda.is_availabl
 timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
   tests/test_triton_backend.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
 
+echo "== shared-prefix cascade (CUDA and Triton) =="
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_triton_cascade.py tests/test_multi_branch_attention.py \
+  -k "cascade" --junitxml="$OUT/cascade_tests.xml" 2>&1 | tail -15 | tee "$OUT/cascade_tests.txt"
+
 echo "== Triton attention tiles =="
 # each autotune tile forced through the launcher (about 35 compiles)
 timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_triton_tiles.py --junitxml="$OUT/tile_tests.xml" 2>&1 \
@@ -40,6 +44,12 @@ spec = pskernels.RopeSpec(1.0 / 10000 ** (torch.arange(0, 64, 2) / 64))
 q = torch.randn(1, 8, 3, 64, device="cuda", dtype=torch.bfloat16)
 ks = [torch.randn(1, 2, n, 64, device="cuda", dtype=torch.bfloat16) for n in (17, 0, 40)]
 pskernels.multi_branch_attention(q, ks, ks, position_shifts=torch.tensor([0, 3, 9]), rope=spec, backend="cuda")
+# the cascade pass: a prefix shared by 5 rows (batch stride 0), per-row shifts, decode
+pk = torch.randn(1, 2, 70, 64, device="cuda", dtype=torch.bfloat16).expand(5, -1, -1, -1)
+own = torch.randn(5, 2, 4, 64, device="cuda", dtype=torch.bfloat16)
+pskernels.multi_branch_attention(torch.randn(5, 8, 1, 64, device="cuda", dtype=torch.bfloat16), [pk, own], [pk, own],
+                                 position_shifts=torch.tensor([[0, 1, 2, 3, 4], [70, 71, 72, 73, 74]]), rope=spec,
+                                 backend="cuda")
 pskernels.merge_states(torch.randn(2, 1, 2, 3, 8, device="cuda"), torch.randn(2, 1, 2, 3, device="cuda"),
                        backend="cuda")
 pskernels.rotate_keys(ks[0], 5, spec, backend="cuda")
