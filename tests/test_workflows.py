@@ -4,9 +4,20 @@ import math
 import pytest
 import torch
 
+from pskernels.synthesis import distill
 from pskernels.synthesis import evaluate as evaluation
 from pskernels.synthesis.calibration import DEFAULT_GRID, ape_grid, calibrate_ape
-from pskernels.synthesis.data import encode, load_jsonl, save_jsonl, validate_example
+from pskernels.synthesis.data import TokenizedExample, encode, load_jsonl, save_jsonl, validate_example
+from pskernels.synthesis.distill import (
+    TargetCache,
+    branch_caches,
+    eos_ids,
+    patched,
+    stored_teacher_ids,
+    teacher_logits,
+    teacher_pass,
+    tokenize_examples,
+)
 from pskernels.synthesis.models import load_model
 from pskernels.synthesis.workflows import (
     FAMILIES,
@@ -299,6 +310,7 @@ def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
                     *common]) == 0
     made = load_jsonl(out)
     assert [ex["kind"] for ex in made] == ["workflow:sum", "workflow:conflict"]
+    assert all(ex["teacher"]["tokens"] == 16 and ex["teacher"]["ids"] for ex in made)  # --store-teacher 16
     assert [ex["kind"] for ex in load_jsonl(cal)] == [f"workflow:{f}" for f in TRAIN_FAMILIES]
     capsys.readouterr()
     assert ev.main(["--model", "tiny", "--threads", "1", "--suite", str(out), "--gen-tokens", "1",
@@ -316,3 +328,73 @@ def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
         ev.main(["--model", "tiny", "--suite", str(out), "--calibrate-ape", str(out)])
     with pytest.raises(SystemExit, match="no example"):
         ev.main(["--model", "tiny", "--suite", str(out), "--families", "plan"])
+
+
+# ---- the teacher's continuation stored with the examples --------------------------------------------
+def _online_targets(model, tok, examples, n):
+    """The teacher's greedy continuation of each example, decoded now (nothing stored)."""
+    exs = tokenize_examples(tok, [{k: v for k, v in ex.items() if k != "teacher"} for ex in examples], "cpu")
+    targets = TargetCache(n, eos_ids(tok))
+    with patched(model):
+        return [teacher_pass(model, ex, targets, j).target_ids.tolist() for j, ex in enumerate(exs)]
+
+
+def test_stored_teacher_is_the_online_continuation_and_is_used_without_decoding(tiny, monkeypatch):
+    model, tok = tiny
+    built = build_workflows(model, tok, ["sum", "conflict"], 1, seed=5, worker_tokens=WORKER_TOKENS,
+                            n_workers=(2, 3), teacher_tokens=6)
+    assert [ex["teacher"]["tokens"] for ex in built] == [6, 6]
+    assert [ex["teacher"]["ids"] for ex in built] == _online_targets(model, tok, built, 6)
+    # the same examples otherwise: storing the teacher changes nothing else
+    plain = build_workflows(model, tok, ["sum", "conflict"], 1, seed=5, worker_tokens=WORKER_TOKENS, n_workers=(2, 3))
+    assert [{k: v for k, v in ex.items() if k != "teacher"} for ex in built] == plain
+    want = evaluation.evaluate(model, tok, plain, trained=False, settings=("text_concat", "parallel"),
+                               gen_tokens=3, target_tokens=4)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("the teacher's continuation was decoded again")
+
+    monkeypatch.setattr(distill, "teacher_greedy", no_decoding)
+    monkeypatch.setattr(evaluation, "teacher_greedy", no_decoding)
+    got = evaluation.evaluate(model, tok, built, trained=False, settings=("text_concat", "parallel"),
+                              gen_tokens=3, target_tokens=4)
+    assert got == want  # stored ids cut to 4 (targets) and 3 (greedy exact match): identical figures
+
+
+def test_stored_teacher_cut_rules():
+    def ex(ids, tokens):
+        return TokenizedExample(None, [], None, None, example={"teacher": {"ids": ids, "tokens": tokens}})
+
+    assert stored_teacher_ids(ex([5, 6, 7, 8], 4), 2).tolist() == [5, 6]
+    assert stored_teacher_ids(ex([5, 6, 7, 8], 4), 4).tolist() == [5, 6, 7, 8]
+    assert stored_teacher_ids(ex([5, 6, 7, 8], 4), 6) is None  # stored with fewer tokens than asked for
+    assert stored_teacher_ids(ex([5, 2], 4), 6, eos=2).tolist() == [5, 2]  # greedy ended at eos: any budget
+    assert stored_teacher_ids(ex([5, 2], 4), 1, eos=2).tolist() == [5]
+    assert stored_teacher_ids(ex([5, 6, 2], 4), 6, eos=[9, 2]).tolist() == [5, 6, 2]
+    assert stored_teacher_ids(TokenizedExample(None, [], None, None, example={}), 4) is None
+
+
+def test_stored_teacher_of_another_model_is_refused(tiny):
+    model, tok = tiny
+    (ex,) = build_workflows(model, tok, ["vote"], 1, seed=3, worker_tokens=WORKER_TOKENS, n_workers=(2, 2),
+                            teacher_tokens=4)
+    ids = ex["teacher"]["ids"]
+    # the least likely token of the teacher at the first position: no float noise makes it the greedy choice
+    tex = tokenize_examples(tok, [ex], "cpu")[0]
+    with patched(model):
+        prefix, _ = branch_caches(model, tex)
+        worst = int(teacher_logits(model, tex, prefix, torch.tensor(ids))[0].argmin())
+    bad = {**ex, "id": "forged", "teacher": {"ids": [worst] + ids[1:], "tokens": 4}}
+    with patched(model), pytest.raises(ValueError, match=r"'forged'.*stored 'teacher' ids are not this model's"):
+        teacher_pass(model, tokenize_examples(tok, [bad], "cpu")[0], TargetCache(4, eos_ids(tok)), 0)
+
+
+@pytest.mark.parametrize("teacher,match", [
+    ({"ids": [1, 2]}, "must be"), ({"ids": [1, "a"], "tokens": 2}, "must be"), ({"ids": [-1], "tokens": 2}, "must be"),
+    ([1, 2], "must be"), ({"ids": [], "tokens": 2}, "must hold 1 to"),
+    ({"ids": [1, 2, 3], "tokens": 2}, "must hold 1 to"),
+])
+def test_malformed_teacher_field_is_refused(teacher, match):
+    ex = {"prefix": "p", "branches": ["b"], "prompt": "q", "teacher": teacher, "id": "x"}
+    with pytest.raises(ValueError, match=f"field 'teacher' {match}"):
+        validate_example(ex, "examples[3]")

@@ -141,7 +141,7 @@ def make_suite(args) -> int:
     try:
         examples = build_workflows(model, tok, args.families or "all", args.per_family, seed=seed,
                                    worker_tokens=args.worker_tokens, n_workers=_pair(args.workers, "--workers"),
-                                   progress=progress)
+                                   teacher_tokens=args.store_teacher, progress=progress)
     except ValueError as e:
         raise SystemExit(f"--make-suite: {e}") from None
     save_jsonl(examples, args.make_suite)
@@ -175,6 +175,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--per-family", type=int, default=4, help="(--make-suite) examples per family")
     p.add_argument("--worker-tokens", type=int, default=48, help="(--make-suite) tokens each worker generates")
     p.add_argument("--workers", default="2,8", help="(--make-suite) LO,HI workers per example (inclusive)")
+    p.add_argument("--store-teacher", type=int, default=16, metavar="N",
+                   help="(--make-suite) also store the teacher's greedy continuation (N tokens at most) with each "
+                   "example, so that training and evaluation skip decoding it (checked against the teacher's "
+                   "logits when used); 0: do not")
     p.add_argument("--calibrate-ape", metavar="FILE", nargs="?", const="",
                    help="calibrate the APE setting's T and S on the first --calibrate-n examples of FILE (JSONL; "
                    "never the evaluated examples) instead of T = S = 0.9; without FILE on training-family workflows "

@@ -11,6 +11,11 @@ JSONL format (one example per line)::
      "kind":     str,        # optional: "exposure" | "sum" | "compare" | "which" | "distill:..." |
                              #   "workflow:<family>" (pskernels.synthesis.workflows) | ...
      "split":    str,        # optional: "train" | "held_out" (the family's split; workflow examples)
+     "teacher":  {"ids": [int, ...], "tokens": int},
+                             # optional, without "target": the teacher's greedy continuation, stored when the
+                             #   file was built (``build_workflows(teacher_tokens=...)``): ``tokens`` asked for,
+                             #   ``ids`` what came (fewer when it ended with end-of-sequence); used in place of
+                             #   the online continuation and checked against the teacher's own logits
      "id":       str}        # optional
 
 Text pieces are tokenized separately and concatenated as *ids*, so the teacher (text concatenation:
@@ -38,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-KEYS = ("prefix", "branches", "prompt", "target", "answer", "kind", "split", "id")
+KEYS = ("prefix", "branches", "prompt", "target", "answer", "kind", "split", "teacher", "id")
 SPLITS = ("train", "held_out")
 
 
@@ -59,10 +64,23 @@ def validate_example(ex: dict, where: str = "example") -> dict:
             raise ValueError(f"{where}: field {k!r} must be a string, got {type(ex[k]).__name__}")
     if ex.get("split") is not None and ex["split"] not in SPLITS:
         raise ValueError(f"{where}: field 'split' must be one of {SPLITS}, got {ex['split']!r}")
+    if ex.get("teacher") is not None:
+        _validate_teacher(ex["teacher"], where)
     unknown = set(ex) - set(KEYS) - {"meta"}
     if unknown:
         raise ValueError(f"{where}: unknown fields {sorted(unknown)} (expected {KEYS} or 'meta')")
     return ex
+
+
+def _validate_teacher(t, where: str) -> None:
+    ok = (isinstance(t, dict) and set(t) == {"ids", "tokens"} and isinstance(t["tokens"], int)
+          and not isinstance(t["tokens"], bool) and isinstance(t["ids"], list)
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in t["ids"]))
+    if not ok:
+        raise ValueError(f"{where}: field 'teacher' must be {{'ids': [non-negative int, ...], 'tokens': int}}, "
+                         f"got {t!r}")
+    if not 1 <= len(t["ids"]) <= t["tokens"]:
+        raise ValueError(f"{where}: field 'teacher' must hold 1 to tokens = {t['tokens']} ids, got {len(t['ids'])}")
 
 
 def save_jsonl(examples, path: str | os.PathLike) -> None:

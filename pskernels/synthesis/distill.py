@@ -106,7 +106,7 @@ def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Ten
     kw = _cache_kwarg(model)
     ids = first_ids.to(dev)[None]
     out = []
-    eos = set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+    eos = _eos_set(eos)
     for _ in range(n):
         logits = model(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[0, -1]
         tok = int(logits.argmax())
@@ -140,8 +140,28 @@ def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (t.exp() * (t - s)).sum(-1)
 
 
+def _eos_set(eos) -> set:
+    return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
+
+
+def stored_teacher_ids(ex: TokenizedExample, n: int, eos=None) -> torch.Tensor | None:
+    """The teacher's greedy continuation stored with ``ex`` (its ``teacher`` field), cut to ``n`` tokens and
+    after the first ``eos``; None when absent or too short for ``n`` (stored with fewer tokens asked for)."""
+    t = ex.example.get("teacher") if isinstance(ex.example, dict) else None
+    if not t:
+        return None
+    ids, stop = t["ids"], _eos_set(eos)
+    end = next((i + 1 for i, tok in enumerate(ids) if tok in stop), None)
+    if end is not None and end <= n:  # greedy ended there, whatever the budget
+        return torch.tensor(ids[:end], dtype=torch.long)
+    if t["tokens"] < n or len(ids) < min(n, t["tokens"]):
+        return None
+    return torch.tensor(ids[:n], dtype=torch.long)
+
+
 class TargetCache:
-    """Target ids per example: the example's own, or the teacher's greedy continuation (computed once per key).
+    """Target ids per example: the example's own, or the teacher's greedy continuation (computed once per key,
+    or read from the example's ``teacher`` field when it was stored there; :func:`teacher_pass` checks it).
 
     Parameters
     ----------
@@ -152,14 +172,40 @@ class TargetCache:
     """
 
     def __init__(self, n_tokens, eos):
-        self.n, self.eos, self.cache = n_tokens, eos, {}
+        self.n, self.eos, self.cache, self.stored = n_tokens, eos, {}, set()
 
     def __call__(self, model, ex, prefix, key):
         if ex.target_ids is not None and ex.target_ids.numel():
             return ex.target_ids
         if key not in self.cache:
-            self.cache[key] = teacher_greedy(model, ex, prefix, self.n, self.eos)
+            ids = stored_teacher_ids(ex, self.n, self.eos)
+            if ids is not None:
+                self.stored.add(key)
+            else:
+                ids = teacher_greedy(model, ex, prefix, self.n, self.eos)
+            self.cache[key] = ids
         return self.cache[key]
+
+
+# A stored continuation token whose teacher logit is this far below the teacher's best one was not this model's
+# greedy choice. Incremental decoding (how it was stored) and one teacher-forced forward (how it is checked)
+# differ by float rounding only: far below this in fp32, and a near-tie may flip either way.
+STORED_TEACHER_SLACK = 0.05
+
+
+def check_stored_teacher(ex: TokenizedExample, target: torch.Tensor, logits: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``target`` (stored ids) is the greedy continuation the teacher's ``logits``
+    ``[T, V]`` (predicting each of its tokens, teacher-forced) give, up to :data:`STORED_TEACHER_SLACK`."""
+    best = logits.max(-1)
+    mine = logits.gather(-1, target.to(logits.device)[:, None])[:, 0]
+    bad = (mine < best.values - STORED_TEACHER_SLACK).nonzero()
+    if bad.numel():
+        t = int(bad[0])
+        raise ValueError(
+            f"example {ex.example.get('id', '') if isinstance(ex.example, dict) else ''!r}: its stored 'teacher' ids "
+            f"are not this model's greedy continuation (token {t}: stored {int(target[t])}, the teacher's argmax "
+            f"{int(best.indices[t])}, logits {float(mine[t]):.3f} vs {float(best.values[t]):.3f}); the file was built "
+            "with another model: rebuild it or drop the 'teacher' fields")
 
 
 class TeacherPass(NamedTuple):
@@ -179,7 +225,10 @@ def teacher_pass(model, ex: TokenizedExample, targets: TargetCache, key, store: 
         return store[key]
     prefix, branches = branch_caches(model, ex)
     target = targets(model, ex, prefix, key)
-    out = TeacherPass(prefix, branches, target, teacher_logits(model, ex, prefix, target))
+    logits = teacher_logits(model, ex, prefix, target)
+    if key in targets.stored:
+        check_stored_teacher(ex, target, logits)
+    out = TeacherPass(prefix, branches, target, logits)
     if store is not None:
         store[key] = out
     return out

@@ -30,6 +30,7 @@ from .distill import (
     eos_ids,
     kl_per_token,
     patched,
+    stored_teacher_ids,
     student_greedy,
     student_logits,
     teacher_greedy,
@@ -77,7 +78,10 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     with patched(model):
         for j, ex in enumerate(exs):
             prefix, branches, tgt, t_logits = teacher_pass(model, ex, targets, j)
-            t_gen = teacher_greedy(model, ex, prefix, gen_tokens, eos)
+            # the stored continuation's first target_tokens were just checked against the teacher's logits
+            t_gen = stored_teacher_ids(ex, gen_tokens, eos) if j in targets.stored and gen_tokens <= target_tokens \
+                else None
+            t_gen = teacher_greedy(model, ex, prefix, gen_tokens, eos) if t_gen is None else t_gen
             row = {"id": ex.example.get("id"), "answer": ex.answer, "kind": ex.kind or "",
                    "split": split_of(ex.example), "scores": {}}
             for s in settings:

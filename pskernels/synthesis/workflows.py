@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter import base_model
-from .data import DEFAULT_TEXTS, SPLITS, encode, validate_example
-from .distill import patched
-from .workflow import run_workers
+from .data import DEFAULT_TEXTS, SPLITS, encode, tokenize_example, validate_example
+from .distill import eos_ids, patched, teacher_greedy
+from .workflow import output_cache, run_workers
 
 REPETITION_PENALTY = 1.3  # as `pskernels demo`: greedy decoding of a 135M model loops without it
 
@@ -703,7 +703,8 @@ def _decode(tokenizer, ids) -> str:
 
 def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, seed: int = 0,
                     worker_tokens: int = 48, n_workers=(2, 8), repetition_penalty: float | None = REPETITION_PENALTY,
-                    chat: bool | None = None, progress: Callable | None = None) -> list[dict]:
+                    chat: bool | None = None, teacher_tokens: int = 0,
+                    progress: Callable | None = None) -> list[dict]:
     """Workflow examples in the :mod:`pskernels.synthesis.data` format, the model playing the workers.
 
     Parameters
@@ -724,6 +725,10 @@ def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, s
         Penalty on each worker's own tokens (:class:`OwnTokensRepetitionPenalty`); None or 1.0: plain greedy.
     chat : bool or None
         Roles from the tokenizer's chat template (None: when it has one) or plain lines (:data:`PLAIN`).
+    teacher_tokens : int
+        When > 0, also store the teacher's greedy continuation (this many tokens at most, the text
+        concatenation read by the base model) as the example's ``teacher`` field: training and evaluation
+        then take it instead of decoding it again, and check it against the teacher's logits.
     progress : callable or None
         Called as ``progress(i, n, example)`` after each example.
 
@@ -731,10 +736,12 @@ def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, s
     -------
     list of dict
         ``{"id", "kind": "workflow:<family>", "split": "train" | "held_out", "prefix", "branches", "prompt",
-        "answer"?, "meta"}`` without ``target``.
+        "answer"?, "teacher"?, "meta"}`` without ``target``.
     """
     if worker_tokens < 1:
         raise ValueError(f"worker_tokens: expected >= 1, got {worker_tokens}")
+    if teacher_tokens < 0:
+        raise ValueError(f"teacher_tokens: expected >= 0 (0: not stored), got {teacher_tokens}")
     fmt = role_format(tokenizer, chat)
     stop = _stop_ids(model, tokenizer, fmt)
     specs = draw_workflows(families, n_per_family, seed=seed, n_workers=n_workers)
@@ -756,12 +763,23 @@ def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, s
                            "repetition_penalty": repetition_penalty, "seed": seed, **sp.task.meta}}
             if sp.task.answer is not None:
                 ex["answer"] = sp.task.answer
+            if teacher_tokens:
+                ex["teacher"] = {"ids": _teacher_ids(model, tokenizer, ex, teacher_tokens), "tokens": teacher_tokens}
             out.append(validate_example(ex, sp.id))
             if progress is not None:
                 progress(i, len(specs), ex)
     finally:
         model.train(was_training)
     return out
+
+
+@torch.no_grad()
+def _teacher_ids(model, tokenizer, ex: dict, n: int) -> list:
+    """The teacher's greedy continuation of ``ex`` (as training computes it: base model, patched)."""
+    tex = tokenize_example(tokenizer, ex, device=next(model.parameters()).device)
+    with patched(model), base_model(model):
+        prefix = output_cache(model(tex.prefix_ids[None], use_cache=True))
+        return teacher_greedy(model, tex, prefix, n, eos_ids(tokenizer)).tolist()
 
 
 def split_of(example: dict) -> str | None:
