@@ -43,3 +43,20 @@ def grad_call(backend, fn):
         assert backend != "torch", "the torch backend must be differentiable"
         pytest.skip(f"{backend} backend is not differentiable")
     return res
+
+
+def tile_params(classes):
+    """One pytest param (class, half precision, tile) per distinct (BLOCK_M, BLOCK_N) that the Triton attention
+    kernel's autotuner may launch a tile class of ``classes`` with, on sm_80 or sm_90, in half precision or fp32."""
+    from pskernels.triton import multi_branch_attention as mba
+
+    cases = []
+    for half in (True, False):
+        for cls in classes:
+            tiles = {}
+            for arch in (80, 90):
+                for t in mba.tiles_for(cls, half, arch):
+                    tiles.setdefault(t[:2], t)
+            cases += [pytest.param(cls, half, t, id=f"{cls}-{'half' if half else 'fp32'}-{t[0]}x{t[1]}")
+                      for t in tiles.values()]
+    return cases

@@ -17,6 +17,8 @@ from pskernels._core.segments import normalize_segments
 from pskernels.triton import multi_branch_attention as mba
 from pskernels.triton.utils import MODE
 
+from op_helpers import tile_params
+
 pytestmark = [pytest.mark.interpreter,
               pytest.mark.skipif(MODE == "compiled" and not torch.cuda.is_available(), reason="compiled, no GPU")]
 DEV = "cuda" if MODE == "compiled" else "cpu"
@@ -230,16 +232,7 @@ CASCADE_CLASSES = {"cascade": (None, False), "cascade_rope": ("neox", False), "c
 def _cascade_tiles():
     """(class, half precision, tile) for every distinct (BLOCK_M, BLOCK_N) of a cascade class on sm_80 or sm_90."""
     assert set(CASCADE_CLASSES) == {c for c in mba._TILES["half"] if c.startswith("cascade")}
-    cases = []
-    for half in (True, False):
-        for cls in CASCADE_CLASSES:
-            tiles = {}
-            for arch in (80, 90):
-                for t in mba.tiles_for(cls, half, arch):
-                    tiles.setdefault(t[:2], t)
-            cases += [pytest.param(cls, half, t, id=f"{cls}-{'half' if half else 'fp32'}-{t[0]}x{t[1]}")
-                      for t in tiles.values()]
-    return cases
+    return tile_params(CASCADE_CLASSES)
 
 
 @pytest.mark.parametrize("cls,half,tile", _cascade_tiles())

@@ -19,6 +19,8 @@ from pskernels.triton import combine, map_kv_caches, rotate_keys
 from pskernels.triton import multi_branch_attention as mba
 from pskernels.triton.utils import MODE
 
+from op_helpers import tile_params
+
 pytestmark = [pytest.mark.interpreter,
               pytest.mark.skipif(MODE == "compiled" and not torch.cuda.is_available(), reason="compiled, no GPU")]
 DEV = "cuda" if MODE == "compiled" else "cpu"
@@ -58,16 +60,7 @@ def _tile_cases():
     # the cascade classes need a shared segment and several batch rows: tests/test_triton_cascade.py covers them
     per_row = {c for c in mba._TILES["half"] if not c.startswith("cascade")}
     assert set(CLASS_FEATURES) == per_row == {c for c in mba._TILES["fp32"] if not c.startswith("cascade")}
-    cases = []
-    for half in (True, False):
-        for cls in CLASS_FEATURES:
-            tiles = {}
-            for arch in (80, 90):
-                for t in mba.tiles_for(cls, half, arch):
-                    tiles.setdefault(t[:2], t)
-            cases += [pytest.param(cls, half, t, id=f"{cls}-{'half' if half else 'fp32'}-{t[0]}x{t[1]}")
-                      for t in tiles.values()]
-    return cases
+    return tile_params(CLASS_FEATURES)
 
 
 def _attention_case(cls, bm, bn, dtype):

@@ -151,6 +151,23 @@ void accumulate_loops(const float* p, const float* v, int64_t ldv, float* acc, i
     }
 }
 
+// Slots [lo, hi] of segment s that query i (q head hq, calibration group g) of batch row b sees within [j0, j1):
+// the row's valid slots, the causal (bottom-right) bound of the last segment and the sliding window; and the
+// row's 1 / temperature. Shared by the per-row pass and the cascade, whose stacked rows come from several batch rows.
+struct RowView {
+  int64_t lo, hi;
+  float inv_t;
+};
+
+inline RowView row_view(const Meta& mt, int64_t s, int64_t b, int64_t i, int64_t hq, int64_t g, int64_t j0, int64_t j1,
+                        bool causal, int64_t B, int64_t Lq, int64_t Hq) {
+  const int64_t len = mt.seq_lens[s * B + b];
+  int64_t lo = std::max(j0, mt.left_pad[s * B + b]), hi = std::min(j1, len) - 1;
+  if (causal) hi = std::min(hi, len - Lq + i);
+  if (mt.window > 0) lo = std::max(lo, mt.q_pos[b * Lq + i] - mt.seg_pos[s * B + b] - mt.window + 1);
+  return {lo, hi, mt.temperature ? 1.f / mt.temperature[g * Hq + hq] : 1.f};
+}
+
 // Folds keys [j0, j1) of one segment into the online-softmax states of nr query rows: q is [nr, D] (already
 // rotated for this segment), row r sees slots [jlo[r], jhi[r]] and divides its scores by temperature
 // (inv_t[r]); its state of the segment's group sits at st + r * row_stride. Blocks outside every row's
@@ -362,13 +379,10 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
           const int64_t g = mt.knobs ? mt.groups[s] : 0;
           const bool causal = mt.causal_last && s == S - 1;
           for (int64_t r = 0; r < nr; ++r) {
-            const int64_t b = rb[r], i = ri[r];
-            const int64_t pad = mt.left_pad[s * B + b], len = mt.seq_lens[s * B + b];
-            jlo[r] = std::max(j0, pad);
-            jhi[r] = std::min(j1, len) - 1;
-            if (causal) jhi[r] = std::min(jhi[r], len - Lq + i);
-            if (mt.window > 0) jlo[r] = std::max(jlo[r], mt.q_pos[b * Lq + i] - mt.seg_pos[s * B + b] - mt.window + 1);
-            inv_t[r] = mt.temperature ? 1.f / mt.temperature[g * Hq + rq[r]] : 1.f;
+            const RowView v = row_view(mt, s, rb[r], ri[r], rq[r], g, j0, j1, causal, B, Lq, Hq);
+            jlo[r] = v.lo;
+            jhi[r] = v.hi;
+            inv_t[r] = v.inv_t;
           }
           const Segment& sg = segs[s];
           attend<T>(sg, hkv * sg.skh, hkv * sg.svh, j0, j1, qrow, nr, D, Dv, jlo.data(), jhi.data(), inv_t.data(), mt,
@@ -417,13 +431,12 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
         }
         const int64_t g = mt.knobs ? mt.groups[s] : 0;
         const bool causal = mt.causal_last && s == S - 1;
-        // Visible slots of each row in this segment: causal (bottom-right) and sliding-window bounds.
+        // [j0, j1) lies inside the row's valid slots here: row_view adds the causal and window bounds
         for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = (r0 + r) % Lq;
-          jlo[r] = j0;
-          jhi[r] = causal ? std::min(j1 - 1, len - Lq + i) : j1 - 1;
-          if (mt.window > 0) jlo[r] = std::max(jlo[r], mt.q_pos[b * Lq + i] - mt.seg_pos[s * B + b] - mt.window + 1);
-          inv_t[r] = mt.temperature ? 1.f / mt.temperature[g * Hq + hkv * G + (r0 + r) / Lq] : 1.f;
+          const RowView v = row_view(mt, s, b, (r0 + r) % Lq, hkv * G + (r0 + r) / Lq, g, j0, j1, causal, B, Lq, Hq);
+          jlo[r] = v.lo;
+          jhi[r] = v.hi;
+          inv_t[r] = v.inv_t;
         }
         attend<T>(sg, b * sg.skb + hkv * sg.skh, b * sg.svb + hkv * sg.svh, j0, j1, qrow, nr, D, Dv, jlo.data(),
                   jhi.data(), inv_t.data(), mt, st + g * state, row_stride, sgemm, sc.data(), kf.data(), vf.data());

@@ -32,10 +32,10 @@ __device__ __forceinline__ float2 rope_cs(float pos, float inv_freq) {
   return make_float2(static_cast<float>(c), static_cast<float>(s));
 }
 
-// Element d of rope_rotate(x, rd, neox, ., pos) given the per-pair table cs[i] = (cos, sin) of pos*inv_freq[i]:
+// Element d of rope_rotate(x, rd, neox, ., pos), with cs_of(i) the (cos, sin) of pair i's angle pos*inv_freq[i]:
 // the same formulas as pskernels::rope_rotate (x[a] = x1 c - x2 s, x[b] = x2 c + x1 s).
-template <typename P>
-__device__ __forceinline__ float rope_elem(const P* x, int d, int rd, bool neox, const float2* cs) {
+template <typename P, typename CsOf>
+__device__ __forceinline__ float rope_pair_elem(const P* x, int d, int rd, bool neox, CsOf cs_of) {
   if (d >= rd) return to_f(x[d]);
   const int half = rd >> 1;
   int i, a, b;
@@ -49,54 +49,46 @@ __device__ __forceinline__ float rope_elem(const P* x, int d, int rd, bool neox,
     b = a + 1;
   }
   const float x1 = to_f(x[a]), x2 = to_f(x[b]);
-  const float2 t = cs[i];
+  const float2 t = cs_of(i);
   return d == a ? x1 * t.x - x2 * t.y : x2 * t.x + x1 * t.y;
 }
 
-// rope_elem with the pair's (cos, sin) = rope_cs(pos, inv_freq[i]) computed here instead of read from a table: for
-// tiles whose rows rotate by different positions (the cascade's stacked rows, each by its own batch row's shift).
-// The same float angle and formulas as rope_elem, so both give the same bits.
+// The pair's (cos, sin) read from a per-position table cs[i] (one position for the whole tile).
+template <typename P>
+__device__ __forceinline__ float rope_elem(const P* x, int d, int rd, bool neox, const float2* cs) {
+  return rope_pair_elem(x, d, rd, neox, [cs](int i) { return cs[i]; });
+}
+
+// The pair's (cos, sin) = rope_cs(pos, inv_freq[i]) computed here: for tiles whose rows rotate by different
+// positions (the cascade's stacked rows, each by its own batch row's shift). The same float angle as the table,
+// so both give the same bits.
 template <typename P>
 __device__ __forceinline__ float rope_elem_at(const P* x, int d, int rd, bool neox, const float* inv_freq, float pos) {
-  if (d >= rd) return to_f(x[d]);
-  const int half = rd >> 1;
-  int i, a, b;
-  if (neox) {
-    i = d < half ? d : d - half;
-    a = i;
-    b = i + half;
-  } else {
-    i = d >> 1;
-    a = 2 * i;
-    b = a + 1;
-  }
-  const float x1 = to_f(x[a]), x2 = to_f(x[b]);
-  const float2 t = rope_cs(pos, inv_freq[i]);
-  return d == a ? x1 * t.x - x2 * t.y : x2 * t.x + x1 * t.y;
+  return rope_pair_elem(x, d, rd, neox, [inv_freq, pos](int i) { return rope_cs(pos, inv_freq[i]); });
+}
+
+// Butterfly all-reduce over the 32 lanes of a warp: every lane gets op over all of them.
+template <typename V, typename Op>
+__device__ __forceinline__ V warp_allreduce(V x, Op op) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
 }
 
 __device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
+  return warp_allreduce(x, [](float u, float v) { return fmaxf(u, v); });
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
-  return x;
+  return warp_allreduce(x, [](float u, float v) { return u + v; });
 }
 
 __device__ __forceinline__ int warp_min_int(int x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = min(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
+  return warp_allreduce(x, [](int u, int v) { return min(u, v); });
 }
 
 __device__ __forceinline__ int warp_max_int(int x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = max(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
+  return warp_allreduce(x, [](int u, int v) { return max(u, v); });
 }
 
 }  // namespace cuda

@@ -47,7 +47,7 @@ import torch
 from ..hf import ParallelCache, patch_model
 from ..ops import resolve_backend
 from ..synthesis.models import load_model
-from ..synthesis.workflow import Workers, cache_kwarg, output_cache
+from ..synthesis.workflow import Workers, cache_kwarg, left_padded, output_cache
 from .ttft import _model_name, _sync
 
 PHASES = ("prefill", "workers", "ttft", "answer")
@@ -158,16 +158,6 @@ class _Timer:
         self.times[phase] += time.perf_counter() - t0
 
 
-def _left_pad(worker_ids, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    n, L = len(worker_ids), max(len(w) for w in worker_ids)
-    ids = torch.full((n, L), pad, dtype=torch.long, device=device)
-    mask = torch.zeros(n, L, dtype=torch.long, device=device)
-    for i, w in enumerate(worker_ids):
-        ids[i, L - len(w):] = w
-        mask[i, L - len(w):] = 1
-    return ids, mask
-
-
 def _generate(model, ids, mask, inp: WorkflowInputs, cache) -> torch.Tensor:
     """The workers' batched greedy ``generate``; returns the ``[N, T]`` new tokens."""
     out = model.generate(ids, attention_mask=mask, max_new_tokens=inp.tokens, do_sample=False, eos_token_id=None,
@@ -216,7 +206,7 @@ def run_stock(model, inp: WorkflowInputs) -> PathRun:
         cache = output_cache(model(inp.prefix_ids, use_cache=True))
     with t("workers"):
         cache.batch_repeat_interleave(N)
-        ids, mask = _left_pad(inp.worker_ids, inp.pad_token_id, device)
+        ids, mask = left_padded(inp.worker_ids, inp.pad_token_id, device)
         ids = torch.cat([inp.prefix_ids.expand(N, -1), ids], 1)
         mask = torch.cat([torch.ones(N, P, dtype=mask.dtype, device=device), mask], 1)
         gen = _generate(model, ids, mask, inp, cache)
@@ -247,7 +237,7 @@ def run_pskernels(model, inp: WorkflowInputs, backend: str = "auto") -> PathRun:
             prefix = output_cache(model(inp.prefix_ids, use_cache=True))
         with t("workers"):
             workers = ParallelCache(prefix, [], backend=backend)
-            ids, mask = _left_pad(inp.worker_ids, inp.pad_token_id, device)
+            ids, mask = left_padded(inp.worker_ids, inp.pad_token_id, device)
             gen = _generate(model, ids, mask, inp, workers)
         kv = {"workers": kv_storage_bytes(workers)}
         w = Workers(prefix, workers, _branch_ids(inp, gen), list(gen.cpu()))

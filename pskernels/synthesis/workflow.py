@@ -40,6 +40,17 @@ class Workers:
         return [len(b) for b in self.branch_ids]
 
 
+def left_padded(worker_ids: list, pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``worker_ids`` (N 1-D tensors) as one left-padded batch: ``ids [N, L]`` and ``attention_mask [N, L]``."""
+    n, L = len(worker_ids), max(len(w) for w in worker_ids)
+    ids = torch.full((n, L), pad_token_id, dtype=torch.long, device=device)
+    mask = torch.zeros(n, L, dtype=torch.long, device=device)
+    for i, w in enumerate(worker_ids):
+        ids[i, L - len(w):] = w
+        mask[i, L - len(w):] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def run_workers(model, prefix_ids: torch.Tensor, worker_ids: list, *, max_new_tokens: int, eos_token_id,
                 pad_token_id: int, **generate_kwargs) -> Workers:
@@ -49,14 +60,9 @@ def run_workers(model, prefix_ids: torch.Tensor, worker_ids: list, *, max_new_to
     The model must be patched (:func:`pskernels.patch_model`).
     """
     kw = cache_kwarg(model)
-    dev = prefix_ids.device
     prefix = output_cache(model(prefix_ids, use_cache=True))
-    n, L = len(worker_ids), max(len(w) for w in worker_ids)
-    ids = torch.full((n, L), pad_token_id, dtype=torch.long, device=dev)
-    mask = torch.zeros(n, L, dtype=torch.long, device=dev)
-    for i, w in enumerate(worker_ids):
-        ids[i, L - len(w):] = w
-        mask[i, L - len(w):] = 1
+    ids, mask = left_padded(worker_ids, pad_token_id, prefix_ids.device)
+    L = ids.shape[1]
     workers = ParallelCache(prefix, [])
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **generate_kwargs, **{kw: workers})
