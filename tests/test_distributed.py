@@ -168,6 +168,11 @@ def test_payload_pool_reuses_a_buffer_only_when_nothing_holds_it():
     assert sorted(b.numel() for b, _ in pool.buffers) == [32, 64, 200] and held.numel() == 200
     pool.trim()
     assert [b.numel() for b, _ in pool.buffers] == [200]
+    free = pool.take(200, "cpu")  # a second buffer of the size in use, then freed: it follows a held one
+    del free
+    assert [b.numel() for b, _ in pool.buffers] == [200, 200]
+    pool.trim()
+    assert [b.numel() for b, _ in pool.buffers] == [200] and pool.buffers[0][0].data_ptr() == held.data_ptr()
 
 
 # ---- real transfers between processes ---------------------------------------------------------------------

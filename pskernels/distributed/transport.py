@@ -140,8 +140,7 @@ def decide(base: str, verdict: str) -> bool:
         store.delete_key(f"{base}/a")
     if got == "withdrawn" or verdict != "ok":
         release(base, "h")
-        return False if got == "withdrawn" else True
-    return True
+    return got != "withdrawn"
 
 
 def release(base: str, key: str) -> None:
@@ -192,12 +191,13 @@ class PayloadPool:
 
     def trim(self, max_free_bytes: int = 0) -> None:
         """Release free buffers (least recently used first) until at most ``max_free_bytes`` stay free."""
-        free = [(b, a) for b, a in self.buffers if self._uses(b) == a]
+        free = [entry for entry in self.buffers if self._uses(entry[0]) == entry[1]]
         total = sum(b.numel() for b, _ in free)
         for entry in free:
             if total <= max_free_bytes:
                 break
-            self.buffers.remove(entry)
+            # by identity: == between tuples would compare their tensors elementwise
+            self.buffers = [e for e in self.buffers if e is not entry]
             total -= entry[0].numel()
 
 
