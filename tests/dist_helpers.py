@@ -190,13 +190,10 @@ def _schemes(n, lens):
 def round_trip(rank, world):
     import pskernels
     from pskernels import distributed as psd
-    from pskernels.distributed import wire
 
     report = {}
-    one_message = wire.ONE_MESSAGE_BYTES
     for c, (arch, dtype) in enumerate(CONFIGS):
         tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
-        wire.ONE_MESSAGE_BYTES = -1 if c % 2 else one_message  # odd configs: the framing of large payloads
         model = setup(arch, dtype)
         seed = 100 * c
         local_prefix = model(ids(P, seed), use_cache=True).past_key_values
@@ -252,7 +249,6 @@ def round_trip(rank, world):
         stats["sensitivity"] = (fewer - model(q, cache=pskernels.ParallelCache(prefix, received)).logits
                                 ).abs().max().item()
         report[tag] = stats
-    wire.ONE_MESSAGE_BYTES = one_message
     # a process group other than the world: ranks 0 and 2 (every rank creates it)
     import torch.distributed as dist
 
@@ -347,14 +343,13 @@ def faults(rank, world):
         bf16 = setup("llama", torch.bfloat16)
         bad = [(yarn, _solo(yarn, yarn(ids(P, 1), use_cache=True).past_key_values, 31)),
                (bf16, _solo(bf16, bf16(ids(P, 1), use_cache=True).past_key_values, 32)),
-               (model, _solo(model, prefix, 33)),  # sent as the next format version
+               (model, _solo(model, prefix, 33)),  # sent as format version 2
                (model, _solo(model, model(ids(P + 1, 1), use_cache=True).past_key_values, 34))]
-        version = wire.VERSION
         for i, (m, w) in enumerate(bad):
             if i == 2:
-                wire.VERSION = version + 1
+                wire.VERSION = 2
             sent.append(_raises(psd.BranchRefused, psd.send_branch, w, 0, model=m, timeout=STEP_TIMEOUT))
-            wire.VERSION = version
+            wire.VERSION = 1
         psd.send_branch(_solo(model, prefix, 35), 0, model=model, timeout=STEP_TIMEOUT)
         out["refused"] = sent
         return out

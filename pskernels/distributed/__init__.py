@@ -102,23 +102,12 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
     if verdict != "ok":
         why = verdict.removeprefix("reject:")
         raise BranchRefused(f"send_branch: rank {dst} refused the branch: {why}", rank=dst, reason=why)
-    transport.send_payload(_messages(h, kv), dst, group)
+    # Each piece leaves straight from the cache (a byte view, no packing copy) and lands in its place in the
+    # receiver's one payload buffer; only a non-contiguous piece (a slice of an ordinary cache) is copied.
+    transport.send_payload([kv[l][is_v].contiguous().view(-1).view(torch.uint8) for _, _, l, is_v in h.pieces()],
+                           dst, group)
     transport.release(base, "a")
     return h.payload_bytes
-
-
-def _messages(h: wire.Header, kv) -> list:
-    """The payload's messages (:meth:`wire.Header.messages`) as 1-D uint8 tensors. A message of one piece leaves
-    straight from the cache (a byte view; only a non-contiguous piece, a slice of an ordinary cache, is copied);
-    a small payload's pieces are copied into one staging buffer from the payload pool (reused: no page faults)."""
-    out = []
-    for a, b, pieces in h.messages():
-        if len(pieces) == 1:
-            _, _, l, is_v = pieces[0]
-            out.append(kv[l][is_v].contiguous().view(-1).view(torch.uint8))
-        else:
-            out.append(wire.pack(h, kv, pieces=pieces, out=transport.payload_pool.take(b - a, kv[0][0].device)))
-    return out
 
 
 def recv_any(srcs, *, model, prefix, group=None, timeout=None):
@@ -175,7 +164,7 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         if not transport.decide(base, "ok"):
             continue  # the sender withdrew it (its own timeout): wait for the next one
         t0 = time.perf_counter()
-        buf = transport.recv_payload(h.payload_bytes, [(a, b) for a, b, _ in h.messages()], src, group,
+        buf = transport.recv_payload(h.payload_bytes, [(a, b) for a, b, _, _ in h.pieces()], src, group,
                                      _device(model, prefix))
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)

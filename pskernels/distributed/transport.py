@@ -152,9 +152,9 @@ def release(base: str, key: str) -> None:
         store.delete_key(_state.spent.pop())
 
 
-def send_payload(messages, dst: int, group) -> None:
-    """Send the payload as its messages (1-D uint8 tensors, in payload order), every send posted at once."""
-    works = [dist.isend(m, dst, group=group) for m in messages]
+def send_payload(pieces, dst: int, group) -> None:
+    """Send the payload as its pieces (1-D uint8 tensors, in payload order), every send posted at once."""
+    works = [dist.isend(p, dst, group=group) for p in pieces]
     for w in works:
         w.wait()
 
@@ -205,7 +205,7 @@ payload_pool = PayloadPool()
 
 
 def recv_payload(nbytes: int, ranges, src: int, group, device) -> torch.Tensor:
-    """Receive a payload of ``nbytes`` sent by :func:`send_payload` as messages of the byte ``ranges`` into ONE
+    """Receive a payload of ``nbytes`` sent by :func:`send_payload` as pieces of the byte ``ranges`` into ONE
     buffer (from :data:`payload_pool`): every receive posted at once (they complete in order), all waited for."""
     buf = payload_pool.take(nbytes, device)
     works = [dist.irecv(buf[a:b], src, group=group) for a, b in ranges]

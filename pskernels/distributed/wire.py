@@ -15,9 +15,6 @@ Header (int64, little endian as torch stores it; ``F = 9`` fields per layer)::
 
 Payload: for l in 0..L-1: K_l then V_l, each ``[B, kv_heads_l, S_l, head_dim_l]`` contiguous, in the header's
 dtype. A layer stores the LAST ``S_l`` of its ``T`` slots (a sliding layer of an ordinary cache drops the oldest).
-
-Framing (version 2): a payload of at most :data:`ONE_MESSAGE_BYTES` travels as one message, a larger one as one
-message per non-empty K or V range (:meth:`Header.messages`); both sides derive it from the header.
 """
 from __future__ import annotations
 
@@ -29,12 +26,7 @@ import torch
 from .fingerprint import DTYPES, LAYER_FIELDS, Fingerprint, dtype_of
 
 MAGIC = 0x5053_4B56  # "PSKV"
-VERSION = 2
-# Gloo costs about 30 us per message on top of the bytes (measured over 127.0.0.1: a 256-token SmolLM2 branch,
-# 11.8 MB, as its 60 K/V pieces took 6.2 ms against 4.6 ms as one message). Below this size one copy into a
-# staging buffer is cheaper than the extra messages; above it the pieces go straight from the cache (at 47 MB
-# the copy cost more than the messages saved).
-ONE_MESSAGE_BYTES = 16 << 20
+VERSION = 1
 PREFIX, BRANCH = 0, 1
 KINDS = {PREFIX: "prefix", BRANCH: "branch"}
 _FIXED = 10
@@ -87,21 +79,13 @@ class Header:
 
     def pieces(self) -> list:
         """``[(start, end, layer, is_values), ...]``: the non-empty byte ranges of every layer's K and V, in payload
-        order; :meth:`messages` groups them for the transfer."""
+        order. The transport moves a payload piece by piece (see :mod:`.transport`): each piece straight from the
+        sender's cache tensor into its place in the receiver's one buffer."""
         out = []
         for l, (k0, v0, end) in enumerate(self.layer_offsets()):
             if v0 > k0:
                 out += [(k0, v0, l, False), (v0, end, l, True)]
         return out
-
-    def messages(self) -> list:
-        """``[(start, end, pieces), ...]``: the payload's messages in order, each the byte range of the
-        :meth:`pieces` it carries: one message for a payload of at most :data:`ONE_MESSAGE_BYTES`, else one per
-        piece."""
-        pieces = self.pieces()
-        if len(pieces) > 1 and self.payload_bytes <= ONE_MESSAGE_BYTES:
-            return [(0, self.payload_bytes, pieces)]
-        return [(a, b, [(a, b, l, v)]) for a, b, l, v in pieces]
 
 
 def encode(h: Header) -> bytes:
@@ -167,20 +151,13 @@ def check_layers(h: Header, layers) -> None:
                 raise ValueError(f"pack: layer {l} {name}: expected {shape} {h.dtype}, got {tuple(t.shape)} {t.dtype}")
 
 
-def pack(h: Header, layers, device=None, *, pieces=None, out=None) -> torch.Tensor:
-    """Copy ``[(k, v), ...]`` (each ``[B, kv_heads, S_l, head_dim]``, as ``h`` describes) into one uint8 payload,
-    or only ``pieces`` (a run of :meth:`Header.pieces`, e.g. one message's) into ``out``, sized to their bytes."""
+def pack(h: Header, layers, device=None) -> torch.Tensor:
+    """Copy ``[(k, v), ...]`` (each ``[B, kv_heads, S_l, head_dim]``, as ``h`` describes) into one uint8 payload."""
     check_layers(h, layers)
-    pieces = h.pieces() if pieces is None else pieces
-    start = pieces[0][0] if pieces else 0
-    nbytes = pieces[-1][1] - start if pieces else 0
-    if out is None:
-        out = torch.empty(nbytes, dtype=torch.uint8, device=device if device is not None else layers[0][0].device)
-    elif out.numel() != nbytes:
-        raise ValueError(f"out: expected {nbytes} bytes for the pieces, got {out.numel()}")
-    for a, b, l, is_v in pieces:
-        out[a - start:b - start].view(h.dtype).view(h.layer_shape(l)).copy_(layers[l][is_v])
-    return out
+    buf = torch.empty(h.payload_bytes, dtype=torch.uint8, device=device if device is not None else layers[0][0].device)
+    for a, b, l, is_v in h.pieces():
+        buf[a:b].view(h.dtype).view(h.layer_shape(l)).copy_(layers[l][is_v])
+    return buf
 
 
 def unpack(h: Header, payload: torch.Tensor) -> list:
