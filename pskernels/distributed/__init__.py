@@ -105,8 +105,7 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
     # Each piece leaves straight from the cache (a byte view, no packing copy) and lands in its place in the
     # receiver's one payload buffer; only a non-contiguous piece (a slice of an ordinary cache) is copied.
     transport.send_payload([kv[l][is_v].contiguous().view(-1).view(torch.uint8) for _, _, l, is_v in h.pieces()],
-                           dst, group)
-    transport.release(base, "a")
+                           dst, group, base)
     return h.payload_bytes
 
 
@@ -165,11 +164,10 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
             continue  # the sender withdrew it (its own timeout): wait for the next one
         t0 = time.perf_counter()
         buf = transport.recv_payload(h.payload_bytes, [(a, b) for a, b, _, _ in h.pieces()], src, group,
-                                     _device(model, prefix))
+                                     _device(model, prefix), base)
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
         seconds = time.perf_counter() - t0
-        transport.release(base, "h")
         branch = build_branch(h, wire.unpack(h, buf), prefix)
         branch.payload_bytes, branch.recv_seconds = h.payload_bytes, seconds
         return src, branch

@@ -103,7 +103,7 @@ def await_verdict(base: str, dst: int, timeout) -> str:
     verdict = store.get(f"{base}/a").decode()
     if verdict != "ok":
         store.delete_key(f"{base}/a")
-    return verdict  # "ok": the caller sends the payload first, then calls release(base, "a")
+    return verdict  # "ok": the caller sends the payload (send_payload releases the verdict key meanwhile)
 
 
 def next_announced(srcs, group, deadline: float | None, t: float | None) -> tuple:
@@ -133,7 +133,7 @@ def next_announced(srcs, group, deadline: float | None, t: float | None) -> tupl
 
 def decide(base: str, verdict: str) -> bool:
     """Receiver: record ``verdict`` unless the sender withdrew first; True if ours stands. After an "ok" that
-    stands the caller receives the payload, then calls ``release(base, "h")``."""
+    stands the caller receives the payload (recv_payload releases the header meanwhile)."""
     store = _store()
     got = store.compare_set(f"{base}/a", "", verdict).decode()
     if got == "withdrawn":
@@ -144,17 +144,19 @@ def decide(base: str, verdict: str) -> bool:
 
 
 def release(base: str, key: str) -> None:
-    """Delete a message's key once its payload has moved, with the queue entries read since (store hygiene:
-    100 rounds leave the store as it was)."""
+    """Delete a message's key once it is no longer read, with the queue entries read since (store hygiene:
+    100 rounds leave the store as it was). Called while the payload moves: the store round trips overlap it."""
     store = _store()
     store.delete_key(f"{base}/{key}")
     while _state.spent:
         store.delete_key(_state.spent.pop())
 
 
-def send_payload(pieces, dst: int, group) -> None:
-    """Send the payload as its pieces (1-D uint8 tensors, in payload order), every send posted at once."""
+def send_payload(pieces, dst: int, group, base: str) -> None:
+    """Send the payload as its pieces (1-D uint8 tensors, in payload order), every send posted at once; the
+    message's verdict key is released while they move."""
     works = [dist.isend(p, dst, group=group) for p in pieces]
+    release(base, "a")
     for w in works:
         w.wait()
 
@@ -204,11 +206,13 @@ class PayloadPool:
 payload_pool = PayloadPool()
 
 
-def recv_payload(nbytes: int, ranges, src: int, group, device) -> torch.Tensor:
+def recv_payload(nbytes: int, ranges, src: int, group, device, base: str) -> torch.Tensor:
     """Receive a payload of ``nbytes`` sent by :func:`send_payload` as pieces of the byte ``ranges`` into ONE
-    buffer (from :data:`payload_pool`): every receive posted at once (they complete in order), all waited for."""
+    buffer (from :data:`payload_pool`): every receive posted at once (they complete in order), all waited for;
+    the message's header and queue keys are released while they move."""
     buf = payload_pool.take(nbytes, device)
     works = [dist.irecv(buf[a:b], src, group=group) for a, b in ranges]
+    release(base, "h")
     for w in works:
         w.wait()
     return buf

@@ -173,6 +173,10 @@ def unpack(h: Header, payload: torch.Tensor) -> list:
     if not payload.is_contiguous():
         raise ValueError("payload: expected a contiguous tensor")
     flat = payload.view(h.dtype)
+    shapes = {h.layer_shape(l) for l in range(len(h.stored))}
+    if len(shapes) == 1:  # every layer alike (the common case): all 2 L views from one C++ call
+        kv = flat.view(2 * len(h.stored), *shapes.pop()).unbind(0)
+        return list(zip(kv[0::2], kv[1::2]))
     el, out = h.element_size, []
     for l, (k0, v0, end) in enumerate(h.layer_offsets()):
         shape = h.layer_shape(l)
