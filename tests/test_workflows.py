@@ -113,12 +113,22 @@ def test_ground_truth_answers_follow_from_the_workers_facts():
             assert t.answer == str(sum(t.meta["counts"]))
         elif s.family == "merge_lists":
             assert t.answer == str(len(t.meta["merged"]))
+        elif s.family == "count":
+            assert t.answer == str(t.meta["states"].count(t.meta["target"]))
+            assert all(st in sub for st, sub in zip(t.meta["states"], t.subtasks))
         else:  # the answer is stated in at least one worker's sub-task (its branch)
             assert any(t.answer in sub for sub in t.subtasks), (s.family, t.answer)
         if s.family == "intersect":
             assert all(t.answer in sub for sub in t.subtasks)
         if s.family == "vote":
             assert t.meta["votes"].count(t.answer) > len(t.subtasks) / 2
+        if s.family == "chain":  # every link stated once; following them from the start reaches the answer
+            nodes = t.meta["chain"]
+            assert sum(nodes[-1] in sub for sub in t.subtasks) == 1 and nodes[0] in t.synthesis
+        if s.family in ("odd_one_out", "below_threshold"):  # exactly one worker's value stands out
+            assert sum(t.answer in sub for sub in t.subtasks) == 1
+        if s.family == "below_threshold":
+            assert sum(v < t.meta["threshold"] for v in t.meta["values"]) == 1
 
 
 # ---- roles ------------------------------------------------------------------------------------------
@@ -307,7 +317,7 @@ def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
     common = ["--model", "tiny", "--threads", "1", "--worker-tokens", "2", "--workers", "2,2"]
     assert ev.main(["--make-suite", str(out), "--families", "sum,conflict", "--per-family", "1", *common]) == 0
     assert ev.main(["--make-suite", str(cal), "--families", "train", "--per-family", "1", "--seed", "1",
-                    *common]) == 0
+                    *common[:-1], "3,3"]) == 0  # odd_one_out needs 3 workers
     made = load_jsonl(out)
     assert [ex["kind"] for ex in made] == ["workflow:sum", "workflow:conflict"]
     assert all(ex["teacher"]["tokens"] == 16 and ex["teacher"]["ids"] for ex in made)  # --store-teacher 16
@@ -326,8 +336,15 @@ def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
         assert label in text
     with pytest.raises(SystemExit, match="also evaluated"):
         ev.main(["--model", "tiny", "--suite", str(out), "--calibrate-ape", str(out)])
-    with pytest.raises(SystemExit, match="no example"):
+    with pytest.raises(SystemExit, match="no example of 'plan'"):
         ev.main(["--model", "tiny", "--suite", str(out), "--families", "plan"])
+    with pytest.raises(SystemExit, match="no example of 'nope'"):
+        ev.main(["--model", "tiny", "--suite", str(out), "--families", "held_out,nope"])
+    capsys.readouterr()
+    assert ev.main(["--model", "tiny", "--threads", "1", "--suite", str(out), "--gen-tokens", "1", "--target-tokens",
+                    "2", "--settings", "parallel", "--families", "sum,held_out"]) == 0  # a split and a name together
+    table = capsys.readouterr().out
+    assert "\nsum " in table and "\nconflict " in table and "(2 held-out examples" in table
 
 
 # ---- the teacher's continuation stored with the examples --------------------------------------------

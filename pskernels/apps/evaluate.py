@@ -92,18 +92,25 @@ def format_family_table(bf: dict, settings=None) -> str:
 
 
 def _select(examples, spec):
-    """Keep the examples of the families in ``spec`` ('train', 'held_out' or names; a name matches
-    ``workflow:NAME`` or the kind itself)."""
-    from ..synthesis.workflows import select_families, split_of
+    """Keep the examples of the families in ``spec``: a comma-separated list of 'all', 'train', 'held_out' and
+    names (a name matches ``workflow:NAME`` or the kind itself). A term no example matches is an error."""
+    from ..synthesis.workflows import split_of
 
-    if spec in ("train", "held_out"):
-        return [ex for ex in examples if split_of(ex) == spec]
-    names = [x.strip() for x in spec.split(",") if x.strip()]
-    if not names:
+    terms = [x.strip() for x in spec.split(",") if x.strip()]
+    if not terms:
         raise SystemExit("--families: expected 'all', 'train', 'held_out' or family names")
-    known = {n for n in names if n in {f.name for f in select_families()}}
-    want = {f"workflow:{n}" for n in known} | set(names)
-    return [ex for ex in examples if (ex.get("kind") or "").removeprefix("distill:") in want]
+
+    def matches(ex, term):
+        if term == "all":
+            return True
+        if term in ("train", "held_out"):
+            return split_of(ex) == term
+        return (ex.get("kind") or "").removeprefix("distill:") in (term, f"workflow:{term}")
+
+    unmatched = [t for t in terms if not any(matches(ex, t) for ex in examples)]
+    if unmatched:
+        raise SystemExit(f"--families: no example of {', '.join(map(repr, unmatched))} in the evaluated examples")
+    return [ex for ex in examples if any(matches(ex, t) for t in terms)]
 
 
 def _pair(text: str, flag: str):
@@ -252,8 +259,6 @@ def run_eval(args) -> int:
     families = getattr(args, "families", None)
     if families and families != "all":
         examples = _select(examples, families)
-        if not examples:
-            raise SystemExit(f"--families {families}: no example of these families")
     scheme = args.scheme or cfg.get("scheme", "sequential")
     ape, names, calibration = None, {}, None
     cal_source = getattr(args, "calibrate_ape", None)

@@ -3,8 +3,8 @@
 A *family* (:class:`Family`) is a small declarative object: a name, whether it is held out of training, and a
 function ``make(rng, n_workers) -> Task`` that draws one task (the shared task text, one sub-task per
 worker, the synthesis prompt and, where the task has one, a ground-truth answer), each family with several
-wordings. The system prompt is drawn from :data:`SYSTEM_PROMPTS`. :data:`FAMILIES` holds 14 families:
-10 training families (:data:`TRAIN_FAMILIES`) and 4 held-out families (:data:`HELD_OUT_FAMILIES`) that
+wordings. The system prompt is drawn from :data:`SYSTEM_PROMPTS`. :data:`FAMILIES` holds 20 families:
+16 training families (:data:`TRAIN_FAMILIES`) and 4 held-out families (:data:`HELD_OUT_FAMILIES`) that
 training must never see.
 
 :func:`build_workflows` turns drawn tasks into examples of the JSONL format of
@@ -487,6 +487,164 @@ def _translate(rng, n):
                 syn.format(lang=lang), None, {"wording": w, "sentences": sents, "language": lang})
 
 
+# 15. counting the workers whose report matches
+_COUNT = [
+    ("Task: {n} inspectors each check one lift in the tower block.",
+     "You inspected lift {k}. It is {state}. Report its state.",
+     "How many lifts are {target}?", ("working", "out of order")),
+    ("We phoned {n} shops to ask whether they still have the new phone.",
+     "You called the shop in {x}: the phone is {state} there. Report it.",
+     "In how many shops is the phone {target}?", ("in stock", "sold out")),
+    ("Task: {n} gardeners each look at one apple tree in the orchard.",
+     "Tree {k} in your row {state}. Tell the others.",
+     "How many of the trees {target}?", ("carries fruit this year", "has no fruit this year")),
+]
+
+
+def _count(rng, n):
+    w, (task, sub, syn, states) = _pick(rng, _COUNT)
+    target = rng.choice(states)
+    got = [rng.choice(states) for _ in range(n)]
+    xs = rng.sample(_CITIES, n)
+    subs = [sub.format(k=k + 1, x=x, state=s) for k, (x, s) in enumerate(zip(xs, got))]
+    return Task(task.format(n=n), subs, syn.format(target=target), str(got.count(target)),
+                {"wording": w, "states": got, "target": target})
+
+
+# 16. a chain whose links are known to different workers (multi-hop)
+_CHAIN = [
+    ("Task: trace a parcel through the depots. Each of {n} workers read the log of one depot.",
+     "The log of the {a} depot says: parcels from there are sent on to {b}. Report this.",
+     "The parcel was posted in {start}. In which city does it end up?", _CITIES),
+    ("A treasure hunt has {n} clues; each worker found one of them.",
+     "The clue hidden in {a} reads: \"Go next to {b}.\" Pass the clue on.",
+     "The hunt starts in {start}. Where does it end?", _PLACES),
+    ("Task: find out who heard the rumour last. Each of {n} workers interviewed one person.",
+     "{a} told you that they passed the rumour on to {b}. Report what {a} said.",
+     "{start} started the rumour. Who heard it last?", _NAMES),
+]
+
+
+def _chain(rng, n):
+    w, (task, sub, syn, pool) = _pick(rng, _CHAIN)
+    nodes = rng.sample(pool, n + 1)
+    links = list(zip(nodes, nodes[1:]))
+    rng.shuffle(links)  # the workers' order is not the chain's order
+    subs = [sub.format(a=a, b=b) for a, b in links]
+    subs = [s[0].upper() + s[1:] for s in subs]
+    return Task(task.format(n=n), subs, syn.format(start=nodes[0]), nodes[-1].removeprefix("the "),
+                {"wording": w, "chain": nodes})
+
+
+# 17. the odd one out
+_ODD = [
+    ("Task: {n} people each measured the length of the same table.",
+     "You are {name}. Your tape measure says the table is {v} cm long. Report your measurement.",
+     "Whose measurement differs from all the others?", lambda r: r.randint(120, 220)),
+    ("Each of {n} clerks holds a copy of the same rental contract.",
+     "Clerk {name}: your copy says the monthly rent is {v} euros. Tell the others.",
+     "One copy of the contract does not match. Which clerk has it?", lambda r: r.randrange(600, 1500, 10)),
+    ("Task: {n} colleagues compare the time on their watches.",
+     "{name}, your watch shows {v}. Say what time it shows.",
+     "Whose watch shows a different time from everyone else's?",
+     lambda r: f"{r.randint(8, 17)}:{r.randrange(0, 60, 5):02d}"),
+]
+
+
+def _odd(rng, n):
+    w, (task, sub, syn, draw) = _pick(rng, _ODD)
+    same = draw(rng)
+    other = same
+    while other == same:
+        other = draw(rng)
+    names = rng.sample(_NAMES, n)
+    k = rng.randrange(n)
+    subs = [sub.format(name=a, v=other if i == k else same) for i, a in enumerate(names)]
+    return Task(task.format(n=n), subs, syn, names[k], {"wording": w, "odd": k + 1, "values": [same, other]})
+
+
+# 18. the one item below a threshold
+_LOW = [
+    ("Task: check the stock of {n} products in the warehouse. Each worker counts one product.",
+     "You counted the {x}: {v} packs are left. Report the stock.",
+     "Which product has fewer than {th} packs left and must be reordered?", _GOODS, (2, 30), 10),
+    ("The battery levels of {n} devices in the office are being checked.",
+     "The {x} shows {v} percent battery. Report the level.",
+     "Which device is below {th} percent and needs charging?",
+     ["laptop", "tablet", "projector remote", "phone", "camera", "speaker", "headset", "keyboard"], (3, 99), 20),
+    ("Task: {n} teachers each marked one student's exam.",
+     "You marked the exam of {x}, who scored {v} points out of 100. Report the score.",
+     "Which student scored under {th} points and failed?", _NAMES, (20, 100), 50),
+]
+
+
+def _low(rng, n):
+    w, (task, sub, syn, pool, (lo, hi), th) = _pick(rng, _LOW)
+    xs = rng.sample(pool, n)
+    k = rng.randrange(n)
+    vs = [rng.randint(lo, th - 1) if i == k else rng.randint(th, hi) for i in range(n)]
+    return Task(task.format(n=n), [sub.format(x=x, v=v) for x, v in zip(xs, vs)], syn.format(th=th), xs[k],
+                {"wording": w, "values": vs, "threshold": th})
+
+
+# 19. one reply composed of the workers' answers
+_FACTS = [("delivery", "delivery takes {d} working days"), ("returns", "items can be returned within {r} days"),
+          ("payment", "we accept card and bank transfer"), ("warranty", "the warranty lasts {y} years"),
+          ("sizes", "the jacket comes in sizes S to XL"), ("colours", "it is available in black, blue and green"),
+          ("discount", "members get {p} percent off"), ("opening hours", "the shop opens at {h} on weekdays")]
+_REPLY = [
+    ("Task: answer a customer's email. It asks {n} questions; each worker answers one.",
+     "Answer the customer's question about {topic}. The facts: {fact}.",
+     "Write the reply email to the customer, answering every question."),
+    ("A client wrote to support with {n} questions. Each agent handles one topic.",
+     "Topic: {topic}. Our policy: {fact}. Draft the answer.",
+     "Combine the agents' drafts into one friendly reply."),
+    ("Task: prepare the answer to a message from a customer with {n} questions.",
+     "Explain our {topic}: {fact}. Keep it short.",
+     "Write a single reply that covers all the points above."),
+]
+
+
+def _reply(rng, n):
+    w, (task, sub, syn) = _pick(rng, _REPLY)
+    n = min(n, len(_FACTS))
+    vals = dict(d=rng.randint(2, 7), r=rng.choice([14, 30, 60]), y=rng.randint(1, 5), p=rng.choice([5, 10, 15]),
+                h=rng.choice(["8:00", "9:00", "10:00"]))
+    subs = [sub.format(topic=t, fact=f.format(**vals)) for t, f in rng.sample(_FACTS, n)]
+    return Task(task.format(n=n), subs, syn, None, {"wording": w})
+
+
+# 20. weighing arguments for and against
+_OPTIONS = ["buying an electric car", "moving the office to the city centre", "renting instead of buying a flat",
+            "learning a second language", "adopting a dog", "replacing the old server with a cloud service"]
+_ARGS = {True: ["it saves money in the long run", "it is better for the environment", "it makes daily life easier",
+                "it opens new opportunities", "people enjoy it"],
+         False: ["it is expensive at first", "it takes a lot of time", "it brings new risks",
+                 "it is hard to undo", "it needs space we do not have"]}
+_PROS = [
+    ("Task: weigh the arguments about {opt}. Each of {n} workers brings one argument.",
+     "Your argument is {side}: {arg}. Explain it in one or two sentences.",
+     "List the pros and cons and say whether {opt} is a good idea."),
+    ("We are discussing {opt}. {n} advisers each add one point.",
+     "Make this point, which speaks {side}: {arg}.",
+     "Weigh the points above and give a recommendation."),
+    ("Task: prepare a decision note on {opt} from {n} short arguments.",
+     "Write one sentence arguing {side}: {arg}.",
+     "Write the decision note: the arguments for, the arguments against and a conclusion."),
+]
+
+
+def _pros(rng, n):
+    w, (task, sub, syn) = _pick(rng, _PROS)
+    opt = rng.choice(_OPTIONS)
+    n_for = rng.randint(max(0, n - len(_ARGS[False])), min(n, len(_ARGS[True])))
+    sides = [True] * n_for + [False] * (n - n_for)
+    rng.shuffle(sides)
+    args = {s: rng.sample(_ARGS[s], len(_ARGS[s])) for s in (True, False)}
+    subs = [sub.format(side="in favour" if s else "against", arg=args[s].pop()) for s in sides]
+    return Task(task.format(n=n, opt=opt), subs, syn.format(opt=opt), None, {"wording": w, "for": sides})
+
+
 FAMILIES = {f.name: f for f in (
     Family("sum", False, _sum, description="aggregation of numbers stated by different workers"),
     Family("rank", False, _rank, description="comparison and ranking: highest / lowest value"),
@@ -498,6 +656,12 @@ FAMILIES = {f.name: f for f in (
     Family("freeform", False, _free, description="free-form synthesis of viewpoints"),
     Family("attribution", False, _attr, description="which worker reported a given thing"),
     Family("timeline", False, _timeline, description="earliest / latest of dated events"),
+    Family("count", False, _count, description="how many workers report a given state"),
+    Family("chain", False, _chain, description="a chain whose links are known to different workers (multi-hop)"),
+    Family("odd_one_out", False, _odd, workers=(3, 8), description="the one worker whose value differs"),
+    Family("below_threshold", False, _low, description="the one item under a threshold"),
+    Family("reply", False, _reply, description="one reply composed of the workers' answers to sub-questions"),
+    Family("pros_cons", False, _pros, description="weighing arguments for and against, with a recommendation"),
     Family("intersect", True, _intersect, description="intersection of constraints (the one common day)"),
     Family("conflict", True, _conflict, description="conflicting reports: the latest one wins"),
     Family("code_review", True, _review, description="code-review verdicts: which file blocks the merge"),
