@@ -310,6 +310,22 @@ def test_calibrate_ape_without_examples_builds_training_family_workflows(tiny):
 
 
 # ---- command line -----------------------------------------------------------------------------------
+def test_cli_make_suite_jobs_write_the_file_of_one_process(tmp_path):
+    from pskernels.apps import evaluate as ev
+
+    args = ["--model", "tiny", "--threads", "1", "--worker-tokens", "2", "--families", "sum,conflict,vote",
+            "--per-family", "1", "--store-teacher", "2"]
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert ev.main(["--make-suite", str(one), *args]) == 0
+    assert ev.main(["--make-suite", str(two), "--jobs", "2", *args]) == 0  # spawned processes: shards 0,2 and 1
+    assert two.read_bytes() == one.read_bytes()
+    assert [ex["kind"] for ex in load_jsonl(two)] == ["workflow:sum", "workflow:conflict", "workflow:vote"]
+    with pytest.raises(SystemExit, match="--jobs: expected >= 1, got 0"):
+        ev.main(["--make-suite", str(two), "--jobs", "0", *args])
+    with pytest.raises(SystemExit, match="unknown family 'nope'"):
+        ev.main(["--make-suite", str(two), "--jobs", "2", *args[:6], "--families", "nope"])
+
+
 def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
     from pskernels.apps import evaluate as ev
 

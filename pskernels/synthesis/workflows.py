@@ -868,7 +868,7 @@ def _decode(tokenizer, ids) -> str:
 def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, seed: int = 0,
                     worker_tokens: int = 48, n_workers=(2, 8), repetition_penalty: float | None = REPETITION_PENALTY,
                     chat: bool | None = None, teacher_tokens: int = 0,
-                    progress: Callable | None = None) -> list[dict]:
+                    progress: Callable | None = None, shard: tuple | None = None) -> list[dict]:
     """Workflow examples in the :mod:`pskernels.synthesis.data` format, the model playing the workers.
 
     Parameters
@@ -895,6 +895,10 @@ def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, s
         then take it instead of decoding it again, and check it against the teacher's logits.
     progress : callable or None
         Called as ``progress(i, n, example)`` after each example.
+    shard : (int, int) or None
+        ``(k, n)``: build only the examples ``k, k + n, k + 2n, ...`` of the drawn list (one of ``n`` processes
+        sharing the work). Each example depends on its draw alone, so interleaving the ``n`` shards' outputs
+        gives exactly the unsharded list.
 
     Returns
     -------
@@ -909,6 +913,11 @@ def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, s
     fmt = role_format(tokenizer, chat)
     stop = _stop_ids(model, tokenizer, fmt)
     specs = draw_workflows(families, n_per_family, seed=seed, n_workers=n_workers)
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise ValueError(f"shard: expected (k, n) with 0 <= k < n, got {shard}")
+        specs = specs[k::n]
     was_training = model.training
     model.eval()
     out = []
