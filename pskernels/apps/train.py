@@ -72,6 +72,8 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--scheme", default="sequential", choices=["parallel", "sequential", "right_aligned"])
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
+    p.add_argument("--lora-targets", default="attn", help="modules the LoRA adapter wraps: comma-separated Linear "
+                   "names (q_proj, ..., down_proj) or groups: attn (q,k,v,o), mlp (gate,up,down); e.g. attn,mlp")
     p.add_argument("--no-lora", action="store_true", help="train the mapper only")
     p.add_argument("--mapper-rank", type=int, default=8)
     p.add_argument("--no-mapper", action="store_true", help="train the adapter only")
@@ -100,8 +102,9 @@ def run_train(args) -> int:
         mapper_lr=args.mapper_lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight, lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps, eval_examples=eval_ex, eval_every=args.eval_every, checkpoint_dir=args.out,
         save_every=args.save_every, resume=args.resume, seed=args.seed, scheme=args.scheme, lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha, mapper_rank=args.mapper_rank, grad_accum=args.grad_accum,
-        target_tokens=args.target_tokens, log_every=args.log_every, cache_teacher=not args.no_cache_teacher,
+        lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, mapper_rank=args.mapper_rank,
+        grad_accum=args.grad_accum, target_tokens=args.target_tokens, log_every=args.log_every,
+        cache_teacher=not args.no_cache_teacher,
         log=lambda s: print(s, flush=True),
         config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,
                       "n_examples": args.n_examples, "mix": args.mix, "eval_data": args.eval_data,

@@ -23,6 +23,7 @@ import contextlib
 import os
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+TARGET_GROUPS = {"attn": DEFAULT_TARGETS, "mlp": ("gate_proj", "up_proj", "down_proj")}
 PEFT_PIP = "pip install 'peft>=0.17'  (or: pip install 'pskernels[train]')"
 
 
@@ -56,9 +57,38 @@ def add_synthesizer_adapter(model, r: int = 8, alpha: int = 16, target_modules=D
     peft = _peft()
     if is_peft_model(model):
         raise ValueError("model: already a PeftModel (add_synthesizer_adapter wraps a plain HF model)")
+    target_modules = resolve_targets(model, target_modules)
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
                           bias="none", task_type="CAUSAL_LM")
     return peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+
+
+def resolve_targets(model, targets) -> tuple:
+    """The module names a LoRA adapter on ``targets`` wraps: names of ``torch.nn.Linear`` modules of ``model``
+    (the last component of their path, e.g. ``q_proj``) or the groups of :data:`TARGET_GROUPS` (``attn``,
+    ``mlp``); a comma-separated string is split. Raises ValueError naming a target no Linear layer has."""
+    import torch
+
+    if isinstance(targets, str):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    names = []
+    for t in targets:
+        for n in TARGET_GROUPS.get(t, (t,)):
+            if n not in names:
+                names.append(n)
+    if not names:
+        raise ValueError("target_modules: expected at least one module name")
+    have = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = [n for n in names if n not in have]
+    if missing:
+        raise ValueError(f"target_modules: {missing} name no Linear layer of the model; expected names from "
+                         f"{sorted(have)} or groups {sorted(TARGET_GROUPS)}")
+    return tuple(names)
+
+
+def peft_targets(model) -> tuple:
+    """The module names the LoRA adapter of a PeftModel wraps (sorted)."""
+    return tuple(sorted(model.peft_config[model.active_adapter].target_modules))
 
 
 @contextlib.contextmanager

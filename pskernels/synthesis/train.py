@@ -34,11 +34,13 @@ import torch
 import torch.nn.functional as F
 
 from .adapter import (
+    DEFAULT_TARGETS,
     add_synthesizer_adapter,
     is_peft_model,
     load_adapter_weights,
     load_synthesizer_adapter,
     lora_parameters,
+    peft_targets,
     unwrap,
 )
 from .distill import TargetCache, eos_ids, kl_per_token, patched, student_logits, teacher_pass, tokenize_examples
@@ -62,7 +64,7 @@ class TrainConfig:
         ``False``: train without a mapper.
     lora : bool
         Train a LoRA adapter (a plain model is wrapped by :func:`add_synthesizer_adapter`, ``lora_r`` /
-        ``lora_alpha``).
+        ``lora_alpha`` on ``lora_targets``: module names or the groups ``attn`` / ``mlp``).
     steps, lr, kl_weight, ce_weight, grad_accum, max_grad_norm
         Optimisation (AdamW; ``mapper_lr`` overrides the mapper's lr).
     lr_schedule, warmup_steps
@@ -104,6 +106,7 @@ class TrainConfig:
     scheme: str = "sequential"
     lora_r: int = 8
     lora_alpha: int = 16
+    lora_targets: tuple = DEFAULT_TARGETS
     mapper_rank: int = 8
     mapper_lr: float | None = None
     grad_accum: int = 1
@@ -199,7 +202,8 @@ def _check(examples, config: TrainConfig) -> None:
 def _trainable_model(model, config: TrainConfig):
     """``model`` with the LoRA adapter (when ``config.lora``) as the only trainable parameters, in eval mode."""
     if config.lora and not is_peft_model(model):
-        model = add_synthesizer_adapter(model, r=config.lora_r, alpha=config.lora_alpha)
+        model = add_synthesizer_adapter(model, r=config.lora_r, alpha=config.lora_alpha,
+                                        target_modules=config.lora_targets)
     for n, p in model.named_parameters():
         if "lora_" not in n:
             p.requires_grad_(False)
@@ -269,6 +273,7 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
     eval_ex = tokenize_examples(tokenizer, cfg.eval_examples or [], dev)
     targets = TargetCache(cfg.target_tokens, eos_ids(tokenizer))
     saved_config = {"scheme": cfg.scheme, "lora": bool(cfg.lora), "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+                    "lora_targets": list(peft_targets(model)) if lp else None,
                     "mapper": mapper is not None, "mapper_rank": mapper.config.rank if mapper is not None else None,
                     "lr": cfg.lr, "mapper_lr": cfg.mapper_lr, "kl_weight": cfg.kl_weight, "ce_weight": cfg.ce_weight,
                     "seed": cfg.seed, "grad_accum": cfg.grad_accum, "target_tokens": cfg.target_tokens,
