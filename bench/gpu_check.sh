@@ -1,10 +1,21 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent device (one H200, < 8 min): build the extension for sm_90, run the GPU
-# tests (the Triton kernels compiled, never interpreted), every autotune tile of the Triton attention kernel,
-# compute-sanitizer on one small case of every CUDA kernel, and a short benchmark sweep.
-# Results (logs + JSON) go to $OUT when set. Usage (device tool): bash bench/gpu_check.sh
+# tests (the Triton kernels compiled, never interpreted), the shared-prefix cascade tests and its decode-step
+# bandwidth (bench/gpu_cascade.py), compute-sanitizer on one small case of every CUDA kernel, a short benchmark
+# sweep, and every autotune tile of the Triton attention kernel.
+# Results (logs + JSON) go to $OUT/results.tgz (re-packed after every section, so a run stopped at its limit
+# still returns what it finished). Every section's timeout is cut to the time left before DEADLINE seconds.
+# Usage (device tool): DEADLINE=450 bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
+FINAL_OUT=$OUT
+OUT=$(mktemp -d)
+START=$(date +%s)
+DEADLINE=${DEADLINE:-450}
+left() {  # min(wanted, seconds left before the deadline), at least 5
+  local l=$((DEADLINE - ($(date +%s) - START))); [ "$1" -lt "$l" ] && l=$1; [ "$l" -lt 5 ] && l=5; echo $l
+}
+pack() { tar czf "$FINAL_OUT/results.tgz" -C "$OUT" . ; echo "[t=$(( $(date +%s) - START ))s]"; }
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # The device image lacks some packages: carried wheels (.whl/, see the device README) are installed first.
@@ -17,25 +28,26 @@ $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__ve
   | tee "$OUT/versions.txt"
 
 echo "== build (sm_90 only) =="
-TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout 300 $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
-echo "build rc=$?"
+TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout $(left 240) $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
+echo "build rc=$?"; tail -5 "$OUT/build.log"; pack
 
 echo "== GPU tests =="
 # On a GPU the triton backend must run its compiled kernels: stop if TRITON_INTERPRET (set by hand) put it in
 # the interpreter, which would run every "GPU" test on the CPU.
 $PY -c "import torch, pskernels.triton.utils as u; assert torch.cuda.is_available() and u.MODE == 'compiled', u.MODE" \
-  || { echo "triton backend not compiled on CUDA (TRITON_INTERPRET set?)" | tee "$OUT/gpu_tests.txt"; exit 1; }
-timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
+  || { echo "triton backend not compiled on CUDA (TRITON_INTERPRET set?)" | tee "$OUT/gpu_tests.txt"; pack; exit 1; }
+timeout $(left 150) $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
   tests/test_triton_backend.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+pack
 
 echo "== shared-prefix cascade (CUDA and Triton) =="
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_triton_cascade.py tests/test_multi_branch_attention.py \
+timeout $(left 90) $PY -m pytest -q -p no:cacheprovider tests/test_triton_cascade.py tests/test_multi_branch_attention.py \
   -k "cascade" --junitxml="$OUT/cascade_tests.xml" 2>&1 | tail -15 | tee "$OUT/cascade_tests.txt"
+pack
 
-echo "== Triton attention tiles =="
-# each autotune tile forced through the launcher (about 35 compiles)
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_triton_tiles.py --junitxml="$OUT/tile_tests.xml" 2>&1 \
-  | tail -15 | tee "$OUT/tile_tests.txt"
+echo "== cascade decode step: P=8192, N=32, bf16, 32 layers (issue 14) =="
+timeout $(left 90) $PY bench/gpu_cascade.py --json "$OUT/gpu_cascade.json" 2>&1 | tail -15 | tee "$OUT/gpu_cascade.txt"
+pack
 
 echo "== compute-sanitizer =="
 cat > /tmp/psk_sanitize.py <<'PYEOF'
@@ -59,13 +71,21 @@ torch.cuda.synchronize()
 print("sanitizer case ok")
 PYEOF
 for tool in memcheck racecheck; do
-  timeout 120 compute-sanitizer --tool $tool --error-exitcode 7 $PY /tmp/psk_sanitize.py \
+  timeout $(left 45) compute-sanitizer --tool $tool --error-exitcode 7 $PY /tmp/psk_sanitize.py \
     > "$OUT/sanitizer_$tool.txt" 2>&1
-  echo "$tool rc=$?" | tee -a "$OUT/sanitizer_summary.txt"
+  echo "$tool rc=$?" | tee -a "$OUT/sanitizer_summary.txt"; tail -3 "$OUT/sanitizer_$tool.txt"
 done
+pack
 
-echo "== benchmark sweep =="
-PSKERNELS_BENCH_FULL=1 PSKERNELS_BENCH_FLEX=0 timeout 200 $PY -m pytest -q -p no:cacheprovider \
-  bench/bench_multi_branch_attention.py bench/bench_map_kv_caches.py --benchmark-only \
+echo "== benchmark sweep (default cases, short rounds) =="
+PSKERNELS_BENCH_FLEX=0 timeout $(left 90) $PY -m pytest -q -p no:cacheprovider \
+  bench/bench_multi_branch_attention.py bench/bench_map_kv_caches.py --benchmark-only --benchmark-max-time=0.2 \
   --benchmark-json="$OUT/bench.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
-echo "results in $OUT"
+pack
+
+echo "== Triton attention tiles =="
+# each autotune tile forced through the launcher (about 35 compiles); last, on the time that is left
+timeout $(left 240) $PY -m pytest -q -p no:cacheprovider tests/test_triton_tiles.py --junitxml="$OUT/tile_tests.xml" 2>&1 \
+  | tail -15 | tee "$OUT/tile_tests.txt"
+pack
+echo "results in $FINAL_OUT/results.tgz"
