@@ -27,20 +27,14 @@ $(STAMP): pyproject.toml setup.py Makefile
 	@touch $(STAMP)
 
 # The C++ (and, with a CUDA build of torch + nvcc, CUDA) extension, rebuilt when csrc/ changes.
-# ptxas register/spill/shared-memory figures of the CUDA kernels go to build/cuda-ptxas.log. An incremental
-# build recompiles only the changed sources, so the figures are kept per .cu file in build/ptxas/<file>.log
-# (ninja prints each compile's output right after its command line: the awk cuts the build log at those
-# lines), replaced when that file is recompiled; build/cuda-ptxas.log joins those of the current csrc/cuda/*.cu.
+# ptxas register/spill/shared-memory figures of the CUDA kernels go to build/cuda-ptxas.log (tools/ptxas_figures.sh).
 ext: $(EXT_STAMP)
 
 $(EXT_STAMP): $(STAMP) $(CSRC) setup.py
-	@mkdir -p build/ptxas
+	@mkdir -p build
 	MAX_JOBS=$(MAX_JOBS) $(PY) setup.py -q build_ext --inplace > build/ext-build.log 2>&1 || \
 		(tail -50 build/ext-build.log; exit 1)
-	@awk '/^\[[0-9]+\/[0-9]+\] / { out = ""; if (match($$0, /[^ ]+\.cu /)) { n = split(substr($$0, RSTART, RLENGTH - 1), path, "/"); out = "build/ptxas/" path[n] ".log" } } \
-		out != "" && (/ptxas/ || /bytes stack frame/) { print > out }' build/ext-build.log
-	@if ls build/ptxas/*.log > /dev/null 2>&1; then \
-		for f in csrc/cuda/*.cu; do if [ -f build/ptxas/$${f##*/}.log ]; then cat build/ptxas/$${f##*/}.log; fi; done > build/cuda-ptxas.log; fi
+	@tools/ptxas_figures.sh build/ext-build.log
 	@touch $(EXT_STAMP)
 
 lint: setup

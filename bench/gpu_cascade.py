@@ -13,7 +13,7 @@ import pskernels
 
 
 def _copy_bandwidth():
-    """Bytes read + written per second by a 4 GiB device-to-device copy (the practical HBM ceiling)."""
+    """Bytes read + written per second by a 2 GiB device-to-device copy (the practical HBM ceiling)."""
     src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = do_bench(lambda: dst.copy_(src), warmup=5, rep=50)

@@ -29,7 +29,9 @@ $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__ve
 
 echo "== build (sm_90 only) =="
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout $(left 240) $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
-echo "build rc=$?"; tail -5 "$OUT/build.log"; pack
+echo "build rc=$?"; tail -5 "$OUT/build.log"
+tools/ptxas_figures.sh "$OUT/build.log"  # build/cuda-ptxas.log, read by test_cuda_kernels_do_not_spill
+pack
 
 echo "== GPU tests =="
 # On a GPU the triton backend must run its compiled kernels: stop if TRITON_INTERPRET (set by hand) put it in

@@ -7,6 +7,10 @@ import pskernels
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 GPU_BACKENDS = ["cuda", "triton"]
 TOL = {torch.float32: 2e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# LSE, absolute. The Triton kernel counter-rotates the query (position shifts) and rounds it to the input dtype
+# for the tensor-core dot: in bf16 that is 2^-9 relative per element, measured on an H200 as LSE errors up to
+# 2.1e-3 at Lq=130 (fp32 reference on the same bf16 inputs); the CUDA kernel keeps the rotated query in fp32.
+LSE_TOL = {torch.float32: 1e-3, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 
 
 def _backend(name):
@@ -29,7 +33,7 @@ def _close(a, b, dtype):
     assert (oa.float() - ob.float()).abs().max().item() < TOL[dtype] * max(1.0, ob.float().abs().max().item())
     assert torch.equal(torch.isinf(la), torch.isinf(lb))
     fin = torch.isfinite(lb)
-    assert (la[fin] - lb[fin]).abs().max().item() < 1e-3
+    assert (la[fin] - lb[fin]).abs().max().item() < LSE_TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

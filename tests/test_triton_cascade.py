@@ -207,8 +207,9 @@ def test_plan():
     rest = [k.contiguous() for k in keys]
     plan = mba.plan_launches(q1, keys, values, [0, 0, 0])
     assert [(lc.segments, lc.cascade) for lc in plan] == [((0,), True), ((1, 2), False)]
-    # the cascade's split-KV counts the packed programs (one per kv head here), not one per row
-    assert plan[0].nsplit == mba._num_splits(B * Hq // Hkv, 1, Hkv, P, q1.device) > 1
+    # the cascade's split-KV counts the packed programs (one per kv head here), not one per row; the interpreter's
+    # 32-key chunks split the 37-key prefix, a GPU's 256-key chunks keep it whole (seen on an H200)
+    assert plan[0].nsplit == mba._num_splits(B * Hq // Hkv, 1, Hkv, P, q1.device) == (2 if MODE == "interpreter" else 1)
     # groups order the segments, the shared one included
     assert [lc.segments for lc in mba.plan_launches(q1, keys, values, [1, 0, 1])] == [(0,), (1, 2)]
     # the same data materialised per row, or only K broadcast: no shared segment
