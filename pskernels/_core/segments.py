@@ -33,7 +33,9 @@ class SegmentParams:
     segment_positions: torch.Tensor | None  # [S, B] virtual position of slot 0
     query_positions: torch.Tensor | None  # [B, Lq]
     groups: list  # segment -> group id
-    group_ids: torch.Tensor  # [S] int64 on q's device: ``groups`` as a tensor for the compiled kernels
+    # [S] int64 on the CPU: ``groups`` for the compiled ops, which build their segment tables on the host (on q's
+    # device it cost a device-to-host copy, a synchronisation, per CUDA call)
+    group_ids: torch.Tensor
     num_groups: int
     temperature: torch.Tensor | None  # [G, Hq] float32
     lse_scale: torch.Tensor | None  # [G, Hq]
@@ -257,6 +259,6 @@ def normalize_segments(
     return SegmentParams(
         seq_lens=lens, left_pad=pad, shifts=shifts, has_shift=has_shift, rope=rope, causal_last=bool(causal_last),
         scale=scale, softcap=softcap, sliding_window=sliding_window, segment_positions=seg_pos, query_positions=qpos,
-        groups=groups, group_ids=torch.tensor(groups, dtype=torch.int64, device=dev), num_groups=G, temperature=temp,
+        groups=groups, group_ids=torch.tensor(groups, dtype=torch.int64), num_groups=G, temperature=temp,
         lse_scale=lsc, log_weight=lw,
     )
