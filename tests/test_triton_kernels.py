@@ -149,6 +149,34 @@ def test_mba_empty_segments_and_rows():
     assert (out == 0).all() and torch.isneginf(lse).all()
 
 
+def test_mba_plan_runs_on_other_tensors_of_its_layout():
+    """A plan keeps its launch setup and each set of K/V pointers' segment table (SegmentParams.memo) across
+    runs: runs alternating between the tensors of two "layers" each get their own layer's answer, and a
+    repeated layer copies no new table. The cascade and a plain launch both run (shared prefix + own tokens)."""
+    B, Hq, Hkv, Lq, D = 3, 4, 2, 1, 32
+    kw = dict(position_shifts=torch.tensor([[0, 0, 0], [9, 8, 7]]), rope=make_rope(32),
+              seq_lens=torch.tensor([[9, 9, 9], [4, 2, 3]]))
+
+    def layer():
+        prefix = [torch.randn(1, Hkv, 9, D).expand(B, -1, -1, -1) for _ in range(2)]
+        own = [torch.randn(B, Hkv, 4, D) for _ in range(2)]
+        return torch.randn(B, Hq, Lq, D), [prefix[0], own[0]], [prefix[1], own[1]]
+
+    layers = [layer(), layer()]
+    plan = pskernels.plan_multi_branch_attention(*layers[0], backend="triton", **kw)
+    refs = [pskernels.multi_branch_attention(*t, backend="torch", **kw) for t in layers]
+    for i in (0, 1, 0, 1):
+        out, lse = plan.run(*layers[i])
+        _assert_close(out, refs[i][0], F32)
+        torch.testing.assert_close(lse, refs[i][1], atol=1e-4, rtol=0)
+    tables = plan.params.memo["triton_segment_tables"]
+    assert len(tables) == 2 * 2  # two launches (cascade, own) x two layers
+    # a layer's tensors freed and others made in their place get their own tables, never a stale one
+    layers[0] = layer()
+    out, _ = plan.run(*layers[0])
+    _assert_close(out, pskernels.multi_branch_attention(*layers[0], backend="torch", **kw)[0], F32)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_mba_decode_split_kv(dtype):
     B, Hq, Hkv, Lq, D = 1, 8, 2, 1, 64

@@ -6,7 +6,7 @@ is recognised by its interface (this leaf layer does not import ``pskernels.rope
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -40,6 +40,9 @@ class SegmentParams:
     temperature: torch.Tensor | None  # [G, Hq] float32
     lse_scale: torch.Tensor | None  # [G, Hq]
     log_weight: torch.Tensor | None  # [G, Hq]
+    # What a backend derives from these parameters alone (launch plans, device tables), kept for the plan's later
+    # runs: a plan runs once per layer of a forward, with the same parameters every time.
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def has_knobs(self) -> bool:

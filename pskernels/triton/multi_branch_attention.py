@@ -378,6 +378,84 @@ def plan_launches(q, keys, values, groups, block_m: int = _FIXED_TILE[0]) -> lis
     return [launch([s for s in order if s in shared], True)] + ([launch(own, False)] if own else [])
 
 
+class _Setup(NamedTuple):
+    """What a call derives from the plan's parameters and the tensors' shapes and batch strides alone, kept in
+    ``SegmentParams.memo`` for the plan's later runs (one per layer of a forward)."""
+
+    launches: list  # [Launch]
+    tables: list  # per launch: (group offsets [NGR + 1], per-(segment, row) table [S', B, 4], query positions)
+    knobs: torch.Tensor | None  # [3, NGR, Hq] temperature, LSE scale, log-weight
+    use_ws: bool
+    meta: dict  # the kernel's constexprs but ALIGNED
+
+
+_SEG_TABLES = 64  # device segment tables kept per plan: one per set of K/V pointers (a forward has one per layer)
+
+
+def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
+    key = ("triton", tile, q.shape, tuple((k.shape, v.shape, k.stride(0) == 0, v.stride(0) == 0)
+                                          for k, v in zip(keys, values)))
+    hit = p.memo.get(key)
+    if hit is not None:
+        return hit
+    B, Hq, Lq, D = q.shape
+    Hkv, DV = keys[0].shape[1], values[0].shape[3]
+    G, dev = Hq // Hkv, q.device
+    # Without calibration knobs, groups are exact attention either way: pool all segments in one softmax.
+    groups = p.groups if p.has_knobs else [0] * len(keys)
+    NGR = p.num_groups if p.has_knobs else 1
+    launches = plan_launches(q, keys, values, groups, (tile or _FIXED_TILE)[0])
+    spos = p.segment_positions if p.segment_positions is not None else torch.zeros_like(p.seq_lens)
+    rows = torch.stack([p.seq_lens, p.left_pad, p.shifts, spos], -1)  # [S, B, 4]
+    tables = []
+    for lc in launches:
+        grp = torch.zeros(NGR + 1, dtype=torch.int64)
+        for s in lc.segments:
+            grp[groups[s] + 1] += 1
+        seg_row = rows[list(lc.segments)].contiguous()  # [S', B, 4]
+        qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
+        tables.append((grp.cumsum(0).to(dev), seg_row, qpos))
+    knobs = None
+    if p.has_knobs:
+        ones = torch.ones(NGR, Hq, dtype=torch.float32, device=dev)
+        knobs = torch.stack([
+            p.temperature if p.temperature is not None else ones,
+            p.lse_scale if p.lse_scale is not None else ones,
+            p.log_weight if p.log_weight is not None else torch.zeros_like(ones),
+        ]).contiguous()
+    # Partial states go through a workspace and the combine kernel: key splits, the cascade's shared and own
+    # launches, and calibrated groups (a second [BM, BDV] accumulator across the groups would make the attention
+    # kernel spill). Each launch writes its own splits' slots.
+    use_ws = any(lc.cascade for lc in launches) or sum(lc.nsplit for lc in launches) > 1 or knobs is not None
+    rope = p.rope if p.has_shift else None
+    meta = dict(
+        G=G, D=D, DV=DV, ROT=rope.rotary_dim if rope is not None else 0, GPTJ=rope is not None and rope.style == "gptj",
+        HAS_SHIFT=rope is not None, SOFTCAP=p.softcap is not None, WINDOW=p.sliding_window is not None,
+        HAS_KNOBS=knobs is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        # the Triton 3.8 interpreter multiplies bf16 dot operands as raw integer bits: feed it fp32
+        DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not on_gpu(dev) else _TL_DTYPES[q.dtype],
+        ES=q.element_size(), BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+    )
+    setup = _Setup(launches, tables, knobs, use_ws, meta)
+    p.memo[key] = setup
+    return setup
+
+
+def _segment_table(p: SegmentParams, rows: tuple, dev: torch.device) -> torch.Tensor:
+    """The launch's segment table on ``dev``, copied once per distinct content (pointers, strides, causal flag):
+    a plan's later runs on the same tensors reuse it, so they copy nothing to the device."""
+    cache = p.memo.setdefault("triton_segment_tables", {})
+    table = cache.pop(rows, None)
+    if table is None:
+        table = torch.tensor(rows, dtype=torch.int64)
+        # pinned, so the copy neither waits for the stream nor blocks the host
+        table = table.pin_memory().to(dev, non_blocking=True) if on_gpu(dev) else table.to(dev)
+        if len(cache) >= _SEG_TABLES:
+            del cache[next(iter(cache))]
+    cache[rows] = table  # most recently used last
+    return table
+
+
 @register("multi_branch_attention", "triton", available=available)
 def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     """Attention of ``q`` over the segments described by ``p``.
@@ -388,7 +466,7 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     check_segments(q, keys, values)
     B, Hq, Lq, D = q.shape
     Hkv, DV = keys[0].shape[1], values[0].shape[3]
-    G, dev = Hq // Hkv, q.device
+    dev = q.device
     if DV == 0:
         raise NotImplementedError("multi_branch_attention: the triton backend needs a value head dim > 0")
     out = empty((B, Hq, Lq, DV), q.dtype, dev)
@@ -396,69 +474,35 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     if lse.numel() == 0:
         return out, lse
 
-    # Without calibration knobs, groups are exact attention either way: pool all segments in one softmax.
-    S = len(keys)
-    groups = p.groups if p.has_knobs else [0] * S
-    NGR = p.num_groups if p.has_knobs else 1
-    launches = plan_launches(q, keys, values, groups, (tile or _FIXED_TILE)[0])
-    live = [t for lc in launches for s in lc.segments for t in (keys[s], values[s])]
+    setup = _setup(q, keys, values, p, tile)
+    live = [t for lc in setup.launches for s in lc.segments for t in (keys[s], values[s])]
     if any(t.stride(2) >= 2**31 // 256 for t in live):
         raise NotImplementedError("multi_branch_attention: the triton backend needs sequence strides < 2**23 elements")
     es = q.element_size()
     aligned = all(t.data_ptr() % 16 == 0 and all(st % (16 // es) == 0 for st in t.stride()[:3]) for t in live)
-    spos = p.segment_positions if p.segment_positions is not None else torch.zeros_like(p.seq_lens)
-    rows = torch.stack([p.seq_lens, p.left_pad, p.shifts, spos], -1)  # [S, B, 4]
-    knobs = None
-    if p.has_knobs:
-        ones = torch.ones(NGR, Hq, dtype=torch.float32, device=dev)
-        knobs = torch.stack([
-            p.temperature if p.temperature is not None else ones,
-            p.lse_scale if p.lse_scale is not None else ones,
-            p.log_weight if p.log_weight is not None else torch.zeros_like(ones),
-        ]).contiguous()
-    rope = p.rope if p.has_shift else None
-
-    cascade = any(lc.cascade for lc in launches)
-    NS = sum(lc.nsplit for lc in launches)
-    # Partial states go through a workspace and the combine kernel: key splits, the cascade's shared and own
-    # launches, and calibrated groups (a second [BM, BDV] accumulator across the groups would make the attention
-    # kernel spill). Each launch writes its own splits' slots.
-    use_ws = cascade or NS > 1 or knobs is not None
-    if use_ws:
+    NS, NGR = sum(lc.nsplit for lc in setup.launches), setup.knobs.shape[1] if setup.knobs is not None else 1
+    if setup.use_ws:
         ws_o = torch.empty((NS, NGR, B, Hq, Lq, DV), dtype=torch.float32, device=dev)
         ws_lse = torch.empty((NS, NGR, B, Hq, Lq), dtype=torch.float32, device=dev)
-    meta = dict(
-        G=G, D=D, DV=DV, ROT=rope.rotary_dim if rope is not None else 0, GPTJ=rope is not None and rope.style == "gptj",
-        HAS_SHIFT=rope is not None, SOFTCAP=p.softcap is not None, WINDOW=p.sliding_window is not None,
-        HAS_KNOBS=knobs is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        # the Triton 3.8 interpreter multiplies bf16 dot operands as raw integer bits: feed it fp32
-        DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not on_gpu(dev) else _TL_DTYPES[q.dtype],
-        ALIGNED=aligned, ES=es,
-        BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-    )
-    slot = 0
-    for lc in launches:
-        grp = torch.zeros(NGR + 1, dtype=torch.int64)
-        for s in lc.segments:
-            grp[groups[s] + 1] += 1
-        seg = torch.tensor(
-            [[keys[s].data_ptr(), values[s].data_ptr(), *keys[s].stride()[:3], *values[s].stride()[:3],
-              int(p.causal_last and s == S - 1)] for s in lc.segments] or [[0] * _SEG_COLS], dtype=torch.int64,
-        )
-        seg_row = rows[list(lc.segments)].contiguous()  # [S', B, 4]
-        qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
-        ws = (ws_o[slot:], ws_lse[slot:]) if use_ws else (out, lse)
+    rope = p.rope if p.has_shift else None
+    cascade = any(lc.cascade for lc in setup.launches)
+    S, slot = len(keys), 0
+    for lc, (grp, seg_row, qpos) in zip(setup.launches, setup.tables):
+        seg = _segment_table(p, tuple(
+            (keys[s].data_ptr(), values[s].data_ptr(), *keys[s].stride()[:3], *values[s].stride()[:3],
+             int(p.causal_last and s == S - 1)) for s in lc.segments) or ((0,) * _SEG_COLS,), dev)
+        ws = (ws_o[slot:], ws_lse[slot:]) if setup.use_ws else (out, lse)
         slot += lc.nsplit
         args = (
-            q, out, lse, *ws, seg.to(dev), seg_row, grp.cumsum(0).to(dev), qpos,
-            knobs if knobs is not None else lse, rope.inv_freq if rope is not None else lse,
+            q, out, lse, *ws, seg, seg_row, grp, qpos,
+            setup.knobs if setup.knobs is not None else lse, rope.inv_freq if rope is not None else lse,
             *q.stride()[:3], *out.stride()[:3],
             B, Hkv, Lq, NGR, lc.nsplit, p.scale, p.softcap or 1.0, p.sliding_window or 0,
         )
-        _launch(lc, args, dict(meta, SPLIT=cascade or lc.nsplit > 1, CASCADE=lc.cascade), G * Lq, B, Hkv, tile,
-                on_gpu(dev))
-    if use_ws:
-        combine(ws_o, ws_lse, out, lse, knobs)
+        _launch(lc, args, dict(setup.meta, ALIGNED=aligned, SPLIT=cascade or lc.nsplit > 1, CASCADE=lc.cascade),
+                Hq // Hkv * Lq, B, Hkv, tile, on_gpu(dev))
+    if setup.use_ws:
+        combine(ws_o, ws_lse, out, lse, setup.knobs)
     return out, lse
 
 
