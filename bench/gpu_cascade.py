@@ -1,7 +1,11 @@
 """Issue 14's GPU figure: one decode step of N workers sharing a P-token prefix (bf16, Llama-8B geometry), all
 layers, with the prefix read once (cascade) against the same step on a prefix repeated per row (every row reads
-its own copy). Reports device time, the bytes each path must read, the achieved bandwidth and its fraction of a
-device-to-device copy measured in the same run. Needs CUDA. Usage: python bench/gpu_cascade.py [--json FILE]
+its own copy). For each backend and path: the step's time as launched from Python, the device time of its
+kernels alone (profiler), the bytes each path must read, the bandwidth and its fraction of a device-to-device
+copy measured in the same run, and the first host synchronisation inside a run (which also blocks CUDA-graph
+capture). Two ways to call: ``call`` (``multi_branch_attention`` per layer, a plan each time) and ``plan`` (one
+plan per step, ``run`` per layer: what ``patch_model`` does). Needs CUDA.
+Usage: python bench/gpu_cascade.py [--json FILE]
 """
 import argparse
 import json
@@ -21,11 +25,43 @@ def _copy_bandwidth():
 
 
 def _time(fn):
-    """Device milliseconds of ``fn``: graph replay when the op can be captured (no launch gaps), else streams."""
+    """Milliseconds of ``fn``: graph replay when the step can be captured (no launch gaps), else streamed."""
     try:
         return do_bench_cudagraph(fn, rep=50), "cudagraph"
-    except Exception as e:  # noqa: BLE001 - a host sync in the op makes capture fail; fall back and say so
-        return do_bench(fn, warmup=10, rep=50), f"stream ({type(e).__name__})"
+    except Exception as e:  # noqa: BLE001 - a host sync in the op makes capture fail; fall back and say why
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=10, rep=50), f"streamed (capture failed: {type(e).__name__}: {str(e)[:160]})"
+
+
+def _device_ms(fn):
+    """Sum of the device time of every kernel and copy of one call of ``fn`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    evs = prof.key_averages()
+    if not evs:
+        return float("nan")
+    attr = "self_device_time_total" if hasattr(evs[0], "self_device_time_total") else "self_cuda_time_total"
+    return sum(getattr(e, attr) for e in evs) / 1e3
+
+
+def _first_sync(fn):
+    """The first host synchronisation inside ``fn`` (torch's sync debug mode), or None."""
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return None
+    except RuntimeError as e:
+        return str(e)[:200]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
 
 
 def main():
@@ -39,52 +75,52 @@ def main():
     Hq, Hkv, D, dt = 32, 8, 128, torch.bfloat16
     P, B, own, L = a.prefix, a.rows, a.own, a.layers
     torch.manual_seed(0)
-    qs = [torch.randn(B, Hq, 1, D, device="cuda", dtype=dt) for _ in range(L)]
-    pk = [torch.randn(1, Hkv, P, D, device="cuda", dtype=dt) for _ in range(L)]
-    pv = [torch.randn(1, Hkv, P, D, device="cuda", dtype=dt) for _ in range(L)]
-    ok = [torch.randn(B, Hkv, own, D, device="cuda", dtype=dt) for _ in range(L)]
-    ov = [torch.randn(B, Hkv, own, D, device="cuda", dtype=dt) for _ in range(L)]
-    e = 2
-    shared_bytes = L * (2 * Hkv * P * D + 2 * B * Hkv * own * D + 2 * B * Hq * D) * e
-    repeated_bytes = L * (2 * B * Hkv * P * D + 2 * B * Hkv * own * D + 2 * B * Hq * D) * e
+
+    def randn(*shape):
+        return torch.randn(*shape, device="cuda", dtype=dt)
+
+    qs = [randn(B, Hq, 1, D) for _ in range(L)]
+    shared = [([randn(1, Hkv, P, D).expand(B, -1, -1, -1), randn(B, Hkv, own, D)],
+               [randn(1, Hkv, P, D).expand(B, -1, -1, -1), randn(B, Hkv, own, D)]) for _ in range(L)]
     # the prefix repeated per row, as stock HF stores it: one layer's copies, read by every layer (B x 32 layers
     # of copies would not fit); each is far larger than the L2, so every layer still streams it from HBM
-    rk = pk[0].expand(B, -1, -1, -1).contiguous()
-    rv = pv[0].expand(B, -1, -1, -1).contiguous()
+    rk, rv = (t[0].contiguous() for t in shared[0])
+    repeated = [([rk, ks[1]], [rv, vs[1]]) for ks, vs in shared]
+    e, tail = dt.itemsize, 2 * B * Hkv * own * D + 2 * B * Hq * D
+    nbytes = {"shared": L * (2 * Hkv * P * D + tail) * e, "repeated": L * (2 * B * Hkv * P * D + tail) * e}
     ceiling = _copy_bandwidth()
     res = {"P": P, "N": B, "own": own, "layers": L, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": "bf16",
-           "copy_bandwidth_GBps": ceiling / 1e9, "backends": {}}
+           "copy_bandwidth_GBps": ceiling / 1e9, "bytes": nbytes, "rows": []}
     print(f"device-to-device copy: {ceiling / 1e9:.0f} GB/s (read + write)")
     for backend in ("cuda", "triton"):
         if backend not in pskernels.available_backends("multi_branch_attention"):
             print(f"{backend}: not available")
             continue
+        ref = pskernels.multi_branch_attention(qs[0].float(), *([t.float() for t in ts] for ts in shared[0]),
+                                               backend="torch")[0]
+        err = (pskernels.multi_branch_attention(qs[0], *shared[0], backend=backend)[0].float() - ref).abs().max()
+        for layout, tensors in (("shared", shared), ("repeated", repeated)):
+            def call(tensors=tensors, backend=backend):
+                for l in range(L):
+                    pskernels.multi_branch_attention(qs[l], *tensors[l], backend=backend)
 
-        def shared(backend=backend):
-            for l in range(L):
-                pskernels.multi_branch_attention(qs[l], [pk[l].expand(B, -1, -1, -1), ok[l]],
-                                                 [pv[l].expand(B, -1, -1, -1), ov[l]], backend=backend)
+            def plan(tensors=tensors, backend=backend):
+                p = pskernels.plan_multi_branch_attention(qs[0], *tensors[0], backend=backend)
+                for l in range(L):
+                    p.run(qs[l], *tensors[l])
 
-        ref = pskernels.multi_branch_attention(qs[0].float(), [pk[0].float().expand(B, -1, -1, -1), ok[0].float()],
-                                               [pv[0].float().expand(B, -1, -1, -1), ov[0].float()], backend="torch")
-        out = pskernels.multi_branch_attention(qs[0], [pk[0].expand(B, -1, -1, -1), ok[0]],
-                                               [pv[0].expand(B, -1, -1, -1), ov[0]], backend=backend)
-        err = (out[0].float() - ref[0]).abs().max().item()
-        ms_s, how_s = _time(shared)
-        row = {"max_abs_err_vs_torch_fp32": err, "shared_ms": ms_s, "shared_timing": how_s,
-               "shared_GBps": shared_bytes / (ms_s * 1e-3) / 1e9,
-               "shared_fraction_of_copy": shared_bytes / (ms_s * 1e-3) / ceiling}
-        def repeated(backend=backend):
-            for l in range(L):
-                pskernels.multi_branch_attention(qs[l], [rk, ok[l]], [rv, ov[l]], backend=backend)
-
-        ms_r, how_r = _time(repeated)
-        row.update(repeated_ms=ms_r, repeated_timing=how_r, repeated_GBps=repeated_bytes / (ms_r * 1e-3) / 1e9,
-                   speedup_shared_vs_repeated=ms_r / ms_s)
-        res["backends"][backend] = row
-        print(f"{backend}: shared prefix {ms_s:.3f} ms ({row['shared_GBps']:.0f} GB/s, "
-              f"{row['shared_fraction_of_copy']:.2f} of copy; {how_s}); repeated {ms_r:.3f} ms "
-              f"({row['repeated_GBps']:.0f} GB/s; {how_r}); {ms_r / ms_s:.2f}x; err {err:.3g}")
+            for how, fn in (("call", call), ("plan", plan)):
+                ms, timing = _time(fn)
+                dev_ms = _device_ms(fn)
+                row = dict(backend=backend, layout=layout, how=how, ms=ms, timing=timing, device_ms=dev_ms,
+                           GBps=nbytes[layout] / (ms * 1e-3) / 1e9,
+                           device_GBps=nbytes[layout] / (dev_ms * 1e-3) / 1e9,
+                           device_fraction_of_copy=nbytes[layout] / (dev_ms * 1e-3) / ceiling,
+                           first_sync=_first_sync(fn), max_abs_err_vs_torch_fp32=err.item())
+                res["rows"].append(row)
+                print(f"{backend} {layout} {how}: {ms:.3f} ms/step ({row['GBps']:.0f} GB/s; {timing}); kernels "
+                      f"{dev_ms:.3f} ms ({row['device_GBps']:.0f} GB/s, {row['device_fraction_of_copy']:.2f} of "
+                      f"copy); first sync: {row['first_sync']}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)

@@ -48,7 +48,7 @@ timeout $(left 90) $PY -m pytest -q -p no:cacheprovider tests/test_triton_cascad
 pack
 
 echo "== cascade decode step: P=8192, N=32, bf16, 32 layers (issue 14) =="
-timeout $(left 90) $PY bench/gpu_cascade.py --json "$OUT/gpu_cascade.json" 2>&1 | tail -15 | tee "$OUT/gpu_cascade.txt"
+timeout $(left 120) $PY bench/gpu_cascade.py --json "$OUT/gpu_cascade.json" 2>&1 | tail -15 | tee "$OUT/gpu_cascade.txt"
 pack
 
 echo "== compute-sanitizer =="
