@@ -393,8 +393,9 @@ _SEG_TABLES = 64  # device segment tables kept per plan: one per set of K/V poin
 
 
 def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
-    key = ("triton", tile, q.shape, tuple((k.shape, v.shape, k.stride(0) == 0, v.stride(0) == 0)
-                                          for k, v in zip(keys, values)))
+    # the constexprs depend on q's dtype and device too: a setup is never reused for others
+    key = ("triton", tile, q.shape, q.dtype, q.device, tuple((k.shape, v.shape, k.stride(0) == 0, v.stride(0) == 0)
+                                                             for k, v in zip(keys, values)))
     hit = p.memo.get(key)
     if hit is not None:
         return hit
