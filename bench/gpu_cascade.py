@@ -3,8 +3,9 @@ layers, with the prefix read once (cascade) against the same step on a prefix re
 its own copy). For each backend and path: the step's time as launched from Python, the device time of its
 kernels alone (profiler), the bytes each path must read, the bandwidth and its fraction of a device-to-device
 copy measured in the same run, and the first host synchronisation inside a run (which also blocks CUDA-graph
-capture). Two ways to call: ``call`` (``multi_branch_attention`` per layer, a plan each time) and ``plan`` (one
-plan per step, ``run`` per layer: what ``patch_model`` does). Needs CUDA.
+capture). Three ways to call: ``call`` (``multi_branch_attention`` per layer, a plan each time), ``plan`` (one
+plan per step, ``run`` per layer: what ``patch_model`` does) and ``run`` (the plan made once before the step,
+only ``run`` per layer inside it: the way a step can be captured in a CUDA graph). Needs CUDA.
 Usage: python bench/gpu_cascade.py [--json FILE]
 """
 import argparse
@@ -109,7 +110,13 @@ def main():
                 for l in range(L):
                     p.run(qs[l], *tensors[l])
 
-            for how, fn in (("call", call), ("plan", plan)):
+            made = pskernels.plan_multi_branch_attention(qs[0], *tensors[0], backend=backend)
+
+            def run(tensors=tensors, made=made):
+                for l in range(L):
+                    made.run(qs[l], *tensors[l])
+
+            for how, fn in (("call", call), ("plan", plan), ("run", run)):
                 ms, timing = _time(fn)
                 dev_ms = _device_ms(fn)
                 row = dict(backend=backend, layout=layout, how=how, ms=ms, timing=timing, device_ms=dev_ms,

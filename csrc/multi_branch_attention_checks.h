@@ -12,7 +12,13 @@ inline void check_int_table(const at::Tensor& t, const char* name, int64_t rows,
               "], got ", t.sizes());
 }
 
-inline void check_segments(const at::Tensor& q, at::TensorList keys, at::TensorList values, const at::Tensor& seq_lens,
+// seq_lens / left_pad as checked: int64 [S, B], contiguous, on the host. Callers may pass them on the host (no
+// synchronisation: what the Python adapter does) or on q's device (one device-to-host copy).
+struct HostLengths {
+  at::Tensor lens, pads;
+};
+
+inline HostLengths check_segments(const at::Tensor& q, at::TensorList keys, at::TensorList values, const at::Tensor& seq_lens,
                            const at::Tensor& left_pad, const c10::optional<at::Tensor>& shifts,
                            const c10::optional<at::Tensor>& segment_positions,
                            const c10::optional<at::Tensor>& query_positions, const c10::optional<at::Tensor>& inv_freq,
@@ -42,11 +48,12 @@ inline void check_segments(const at::Tensor& q, at::TensorList keys, at::TensorL
   }
   check_int_table(seq_lens, "seq_lens", S, B);
   check_int_table(left_pad, "left_pad", S, B);
-  TORCH_CHECK(seq_lens.device() == q.device() && left_pad.device() == q.device(), "seq_lens/left_pad: expected device ",
-              q.device());
+  for (const auto* t : {&seq_lens, &left_pad})
+    TORCH_CHECK(t->is_cpu() || t->device() == q.device(), t == &seq_lens ? "seq_lens" : "left_pad",
+                ": expected device cpu or ", q.device(), " (q's), got ", t->device());
+  HostLengths host{seq_lens.to(at::kCPU).contiguous(), left_pad.to(at::kCPU).contiguous()};
   {
-    auto lens = seq_lens.cpu(), pads = left_pad.cpu();
-    auto la = lens.accessor<int64_t, 2>(), pa = pads.accessor<int64_t, 2>();
+    auto la = host.lens.accessor<int64_t, 2>(), pa = host.pads.accessor<int64_t, 2>();
     for (int64_t s = 0; s < S; ++s)
       for (int64_t b = 0; b < B; ++b) {
         TORCH_CHECK(la[s][b] >= 0 && la[s][b] <= keys[s].size(2), "seq_lens[", s, ", ", b, "] = ", la[s][b],
@@ -74,10 +81,11 @@ inline void check_segments(const at::Tensor& q, at::TensorList keys, at::TensorL
               "segment_groups: expected int64 [", S, "], got ", groups.sizes());
   int64_t G = 0;
   {
-    auto g = groups.cpu();
+    const auto g = groups.to(at::kCPU).contiguous();
+    const int64_t* gp = g.data_ptr<int64_t>();
     for (int64_t s = 0; s < S; ++s) {
-      TORCH_CHECK(g[s].item<int64_t>() >= 0, "segment_groups: negative group id");
-      G = std::max(G, g[s].item<int64_t>() + 1);
+      TORCH_CHECK(gp[s] >= 0, "segment_groups[", s, "] = ", gp[s], ": expected a group id >= 0");
+      G = std::max(G, gp[s] + 1);
     }
   }
   for (const auto* kn : {&temperature, &lse_scale, &log_weight}) {
@@ -86,6 +94,7 @@ inline void check_segments(const at::Tensor& q, at::TensorList keys, at::TensorL
                   "calibration knob: expected float32 [", G, ", ", Hq, "], got ", (*kn)->sizes());
     }
   }
+  return host;
 }
 
 }  // namespace pskernels

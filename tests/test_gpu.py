@@ -141,3 +141,91 @@ def test_non_finite_inputs_reach_the_same_outputs_as_the_reference(backend, Lq):
     want = pskernels.merge_states(o, s, backend="torch")
     for g, w in zip(got, want):
         assert torch.equal(torch.isnan(g), torch.isnan(w))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shared_prefix", [False, True])
+def test_plan_runs_never_wait_for_the_device(backend, shared_prefix):
+    """A planned layout runs without a host synchronisation (the layers of a step queue back to back), its
+    first run (which builds the backend's tables) included, with lengths and padding given on the host."""
+    backend = _backend(backend)
+    torch.manual_seed(0)
+    B, dtype = 4, torch.bfloat16
+    q, ks, vs = _case(dtype, B=B, Lq=1, lens=(512, 37, 9))
+    if shared_prefix:  # a batch-1 prefix broadcast over the rows: the cascade pass
+        ks[0], vs[0] = ks[0][:1].expand(B, -1, -1, -1), vs[0][:1].expand(B, -1, -1, -1)
+    kw = dict(seq_lens=torch.tensor([[512] * B, [37, 20, 0, 37], [9, 9, 9, 9]]),
+              left_pad=torch.tensor([[0] * B, [0, 3, 0, 0], [0, 0, 2, 0]]))
+    want = pskernels.multi_branch_attention(q.float(), [k.float() for k in ks], [v.float() for v in vs],
+                                            backend="torch", **kw)
+    pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw)  # compiles the kernels (a one-time cost)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, backend=backend, **kw)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        runs = [plan.run(q, ks, vs) for _ in range(3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for got in runs:
+        _close(got, want, dtype)
+
+
+def test_cuda_op_takes_lengths_on_the_host_or_the_device():
+    """Direct calls of the compiled op: seq_lens / left_pad on the host (the adapter's way, no synchronisation)
+    or on q's device give the same result, and on another device they are refused by name."""
+    _backend("cuda")
+    torch.manual_seed(0)
+    q, ks, vs = _case(torch.float32, B=2, Lq=3, lens=(64, 20))
+    lens, pads = torch.tensor([[64, 30], [20, 3]]), torch.tensor([[0, 5], [2, 0]])
+    groups = torch.arange(2)
+
+    def call(lens, pads):
+        return torch.ops.pskernels.multi_branch_attention(
+            q, ks, vs, lens, pads, None, None, None, None, True, True, 0.125, 0.0, 0, groups, None, None, None)
+
+    on_host, on_device = call(lens, pads), call(lens.cuda(), pads.cuda())
+    for a, b in zip(on_host, on_device):
+        assert torch.equal(a, b)
+    if torch.cuda.device_count() > 1:
+        with pytest.raises(RuntimeError, match="seq_lens: expected device cpu or cuda:0"):
+            call(lens.to("cuda:1"), pads)
+
+
+def test_a_triton_plan_is_captured_in_a_cuda_graph_after_its_first_run():
+    """Warmed on its tensors, a plan's run replays from a CUDA graph with the eager result on new inputs; a run
+    that would copy tables (a fresh plan) and the CUDA op refuse capture by name instead of recording a copy
+    from host memory."""
+    _backend("triton")
+    torch.manual_seed(0)
+    B, dtype = 4, torch.bfloat16
+    q, ks, vs = _case(dtype, B=B, Lq=1, lens=(512, 37, 9))
+    ks[0], vs[0] = ks[0][:1].expand(B, -1, -1, -1), vs[0][:1].expand(B, -1, -1, -1)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, backend="triton")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        plan.run(q, ks, vs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = plan.run(q, ks, vs)
+    q.copy_(torch.randn_like(q))
+    ks[1].copy_(torch.randn_like(ks[1]))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = plan.run(q, ks, vs)
+    assert torch.equal(out, want[0]) and torch.equal(lse, want[1])
+
+    with pytest.raises(RuntimeError, match="make the plan before capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            pskernels.plan_multi_branch_attention(q, ks, vs, backend="triton")
+    fresh = pskernels.plan_multi_branch_attention(q, ks, vs, backend="triton")
+    with pytest.raises(RuntimeError, match="run the plan once on the same tensors before capture"):
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            fresh.run(q, ks, vs)
+    if "cuda" in pskernels.available_backends("multi_branch_attention"):
+        cuda_plan = pskernels.plan_multi_branch_attention(q, ks, vs, backend="cuda")
+        cuda_plan.run(q, ks, vs)
+        with pytest.raises(RuntimeError, match="cannot run inside CUDA-graph capture"):
+            with torch.cuda.graph(torch.cuda.CUDAGraph()):
+                cuda_plan.run(q, ks, vs)

@@ -821,6 +821,26 @@ def test_plan_runs_equal_one_shot_calls(backend):
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+def test_plan_keeps_the_tables_it_checked(backend):
+    """A plan holds copies of its lengths and padding (on the host for the compiled ops' checks and tables, on
+    q's device for the kernels): changing the caller's tables afterwards changes no run of any backend."""
+    dev = device_for(backend)
+    ks, vs, kw = _plan_case(dev)
+    kw["left_pad"] = torch.tensor([[2, 0], [0, 0], [1, 0], [0, 0]])
+    q = rnd(2, 4, 3, 16, device=dev)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, backend=backend, **kw)
+    p = plan.params
+    assert p.seq_lens_cpu.device.type == "cpu" and p.left_pad_cpu.device.type == "cpu"
+    assert torch.equal(p.seq_lens_cpu, kw["seq_lens"]) and torch.equal(p.left_pad_cpu, kw["left_pad"])
+    assert torch.equal(p.seq_lens.cpu(), kw["seq_lens"]) and torch.equal(p.left_pad.cpu(), kw["left_pad"])
+    want = plan.run(q, ks, vs)
+    kw["seq_lens"].fill_(0)
+    kw["left_pad"].fill_(0)
+    got = plan.run(q, ks, vs)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(p.seq_lens_cpu, p.seq_lens.cpu()) and int(p.seq_lens_cpu.sum()) > 0
+
+
 def test_plan_auto_resolves_a_backend_name():
     ks, vs, kw = _plan_case("cpu")
     plan = pskernels.plan_multi_branch_attention(rnd(2, 4, 3, 16), ks, vs, **kw)

@@ -515,8 +515,8 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
     int64_t window, const at::Tensor& groups, const c10::optional<at::Tensor>& temperature,
     const c10::optional<at::Tensor>& lse_scale, const c10::optional<at::Tensor>& log_weight) {
   const auto S = static_cast<int64_t>(keys.size());
-  check_segments(q, keys, values, seq_lens, left_pad, shifts, segment_positions, query_positions, inv_freq, window,
-                 groups, temperature, lse_scale, log_weight);
+  const auto host = check_segments(q, keys, values, seq_lens, left_pad, shifts, segment_positions, query_positions,
+                                   inv_freq, window, groups, temperature, lse_scale, log_weight);
   TORCH_CHECK(q.device().is_cpu(), "multi_branch_attention (cpu): q must be a CPU tensor, got ", q.device());
   const int64_t B = q.size(0), Hq = q.size(1), Lq = q.size(2), Hkv = keys[0].size(1), Dv = values[0].size(3);
   std::vector<Segment> segs;
@@ -527,12 +527,12 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
   }
   auto i64 = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
   auto f32 = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : at::Tensor(); };
-  at::Tensor lens = seq_lens.contiguous(), pads = left_pad.contiguous(), grp = groups.contiguous();
+  at::Tensor grp = groups.contiguous();
   at::Tensor sh = i64(shifts), sp = i64(segment_positions), qpos = i64(query_positions);
   at::Tensor inv = f32(inv_freq), tmp = f32(temperature), lsc = f32(lse_scale), lw = f32(log_weight);
   Meta mt;
-  mt.seq_lens = lens.data_ptr<int64_t>();
-  mt.left_pad = pads.data_ptr<int64_t>();
+  mt.seq_lens = host.lens.data_ptr<int64_t>();
+  mt.left_pad = host.pads.data_ptr<int64_t>();
   mt.shifts = sh.defined() ? sh.data_ptr<int64_t>() : nullptr;
   mt.seg_pos = sp.defined() ? sp.data_ptr<int64_t>() : nullptr;
   mt.q_pos = qpos.defined() ? qpos.data_ptr<int64_t>() : nullptr;

@@ -50,7 +50,7 @@ constexpr int kLoadBatch = 2;  // loads in flight per thread while staging K/V (
 struct AttnParams {
   const void* q;
   int64_t sqb, sqh, sql;
-  const int64_t* segtab;  // [S, kSegFields]
+  const int64_t* segtab;  // [S, kSegFields], then seq_lens and left_pad (see the launcher)
   const int64_t* seq_lens;
   const int64_t* left_pad;
   const int64_t* shifts;   // or null
@@ -666,8 +666,8 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
     const c10::optional<at::Tensor>& inv_freq, bool rope_neox, bool causal_last, double scale, double softcap,
     int64_t window, const at::Tensor& groups, const c10::optional<at::Tensor>& temperature,
     const c10::optional<at::Tensor>& lse_scale, const c10::optional<at::Tensor>& log_weight) {
-  check_segments(q, keys, values, seq_lens, left_pad, shifts, segment_positions, query_positions, inv_freq, window,
-                 groups, temperature, lse_scale, log_weight);
+  const auto host = check_segments(q, keys, values, seq_lens, left_pad, shifts, segment_positions, query_positions,
+                                   inv_freq, window, groups, temperature, lse_scale, log_weight);
   TORCH_CHECK(q.is_cuda(), "multi_branch_attention (cuda): q must be a CUDA tensor, got ", q.device());
   const c10::cuda::CUDAGuard guard(q.device());
   const int64_t S = static_cast<int64_t>(keys.size());
@@ -700,7 +700,15 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
   const int64_t n_ctiles = (M + BMc - 1) / BMc;
   const bool stack = B > 1 && 2 * n_ctiles <= B * n_tiles && M <= INT32_MAX && cascade_enabled();
 
-  // Per-segment table: k, v base pointers, strides, L, vector-load flags, calibration group, shared (cascade).
+  // Per-segment table: k, v base pointers, strides, L, vector-load flags, calibration group, shared (cascade);
+  // then seq_lens and left_pad [S, B]. Built on the host and sent with one non-blocking copy from pinned memory:
+  // with the lengths passed on the host (as the Python adapter does), a call never waits for the device.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "multi_branch_attention (cuda): cannot run inside CUDA-graph capture: each call copies its segment "
+              "table from host memory, which a replay would read again after it was freed; capture a plan of "
+              "backend='triton' after its first run instead");
   const bool knobs = temperature.has_value() || lse_scale.has_value() || log_weight.has_value();
   auto grp = groups.to(at::kCPU).contiguous();
   const int64_t* gp = grp.data_ptr<int64_t>();
@@ -708,7 +716,7 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
   if (knobs)
     for (int64_t s = 0; s < S; ++s) Gc = std::max(Gc, gp[s] + 1);
   const int64_t vw = 16 / static_cast<int64_t>(q.element_size());
-  auto tab = at::empty({S, kSegFields}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  auto tab = at::empty({S * kSegFields + 2 * S * B}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
   int64_t* tp = tab.data_ptr<int64_t>();
   int64_t own_len = 0, shared_len = 0, n_own = 0, n_shared = 0;
   for (int64_t s = 0; s < S; ++s) {
@@ -734,9 +742,10 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
     (shared ? shared_len : own_len) += k.size(2);
     (shared ? n_shared : n_own) += 1;
   }
+  std::copy_n(host.lens.data_ptr<int64_t>(), S * B, tp + S * kSegFields);
+  std::copy_n(host.pads.data_ptr<int64_t>(), S * B, tp + S * kSegFields + S * B);
   auto segtab = tab.to(at::TensorOptions().device(dev).dtype(at::kLong), /*non_blocking=*/true);
 
-  at::Tensor lens = seq_lens.contiguous(), pads = left_pad.contiguous();
   at::Tensor sh = on_device(shifts, dev), sp = on_device(segment_positions, dev), qpos = on_device(query_positions, dev);
   at::Tensor inv = on_device(inv_freq, dev), tmp = on_device(temperature, dev), lsc = on_device(lse_scale, dev),
              lw = on_device(log_weight, dev);
@@ -774,8 +783,8 @@ std::tuple<at::Tensor, at::Tensor> multi_branch_attention(
   p.sqh = q.stride(1);
   p.sql = q.stride(2);
   p.segtab = segtab.data_ptr<int64_t>();
-  p.seq_lens = lens.data_ptr<int64_t>();
-  p.left_pad = pads.data_ptr<int64_t>();
+  p.seq_lens = segtab.data_ptr<int64_t>() + S * kSegFields;
+  p.left_pad = p.seq_lens + S * B;
   p.shifts = sh.defined() ? sh.data_ptr<int64_t>() : nullptr;
   p.seg_pos = sp.defined() ? sp.data_ptr<int64_t>() : nullptr;
   p.q_pos = qpos.defined() ? qpos.data_ptr<int64_t>() : nullptr;

@@ -9,3 +9,17 @@ def check_same_or_cpu(name: str, t: torch.Tensor, device: torch.device, owner: s
     if t.device.type != "cpu" and t.device != device:
         where = f"{device} (same as {owner})" + ("" if device.type == "cpu" else " or cpu")
         raise ValueError(f"{name}: expected device {where}, got {t.device}")
+
+
+def host_to_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Tensor:
+    """A small host tensor on ``device`` without a wait on either side (through pinned memory, non-blocking).
+
+    Refused inside CUDA-graph capture: the graph would record a copy from pinned memory that is freed and reused
+    after the call, so a replay could read anything. ``what`` names the caller in that error.
+    """
+    if device.type != "cuda":
+        return t.to(device)
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(f"{what}: copies small tables from the host to the device, which cannot be recorded in "
+                           "a CUDA graph; do it before capture")
+    return t.pin_memory().to(device, non_blocking=True)

@@ -11,7 +11,7 @@ from typing import Sequence
 
 import torch
 
-from .devices import check_same_or_cpu
+from .devices import check_same_or_cpu, host_to_device
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -19,10 +19,14 @@ _INT_DTYPES = (torch.int32, torch.int64)
 
 @dataclass
 class SegmentParams:
-    """Normalised per-segment metadata (all int tensors int64 on q's device)."""
+    """Normalised per-segment metadata (int tensors int64 on q's device unless named ``*_cpu``)."""
 
     seq_lens: torch.Tensor  # [S, B] valid end of each segment row
     left_pad: torch.Tensor  # [S, B] leading masked slots
+    # Their host copies, for the compiled ops: the CUDA op checks them and sends them with its segment table,
+    # so that a run never waits for the device (with them on q's device it needed a device-to-host copy)
+    seq_lens_cpu: torch.Tensor
+    left_pad_cpu: torch.Tensor
     shifts: torch.Tensor  # [S, B] position shift (query rotated by -shift)
     has_shift: bool
     rope: object | None  # pskernels.RopeSpec on q's device
@@ -69,7 +73,11 @@ def _check_tensor(name, t, ndim, device=None, dtype=None, last_contiguous=True):
 
 
 def _int_table(name, t, S, B, device, allow_1d=True):
-    """Accept an ``[S, B]`` (or ``[S]``, broadcast over rows) integer tensor / nested list."""
+    """Accept an ``[S, B]`` (or ``[S]``, broadcast over rows) integer tensor / nested list.
+
+    Returns its host copy (what the checks read: no device-to-host copy when the caller passes it on the host)
+    and its copy on ``device``.
+    """
     if not isinstance(t, torch.Tensor):
         try:
             t = torch.as_tensor(t, dtype=torch.int64)
@@ -84,7 +92,15 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     elif t.ndim != 2 or tuple(t.shape) != (S, B):
         raise ValueError(f"{name}: expected shape [S, B] = [{S}, {B}], got {tuple(t.shape)}")
     check_same_or_cpu(name, t, device, "q")
-    return t.to(device=device, dtype=torch.int64)
+    return t.to("cpu", torch.int64, copy=True).contiguous(), _on_device(t, device)
+
+
+def _on_device(t, device, dtype=torch.int64):
+    """A copy of ``t`` on ``device`` (the plan owns what it checked), from the host without a wait."""
+    if t.device == device:
+        return t.to(dtype=dtype, copy=True)
+    return host_to_device(t.to(dtype), device, "plan_multi_branch_attention (make the plan before capture and "
+                                               "capture its runs)")
 
 
 def _check_rope(rope, head_dim, device):
@@ -115,7 +131,9 @@ def _knob(name, x, G, Hq, device, positive):
         raise ValueError(f"{name}: expected finite values")
     if positive and not (t.detach() > 0).all():
         raise ValueError(f"{name}: expected values > 0, got min {t.detach().min().item():g}")
-    return t.to(device=device, dtype=torch.float32)
+    if t.requires_grad:  # trainable knobs (a mapper's): the copy stays in the autograd graph
+        return t.to(device=device, dtype=torch.float32, copy=True)
+    return _on_device(t, device, torch.float32)
 
 
 def normalize_segments(
@@ -178,10 +196,10 @@ def normalize_segments(
 
     Ls = torch.tensor([k.shape[2] for k in keys], dtype=torch.int64)
     if seq_lens is None:
-        lens = Ls[:, None].expand(S, B).to(dev)
+        lc = Ls[:, None].expand(S, B).contiguous()
+        lens = _on_device(lc, dev)
     else:
-        lens = _int_table("seq_lens", seq_lens, S, B, dev, allow_1d=False)
-        lc = lens.cpu()
+        lc, lens = _int_table("seq_lens", seq_lens, S, B, dev, allow_1d=False)
         if (lc < 0).any():
             raise ValueError(f"seq_lens: expected values >= 0, got min {lc.min().item()}")
         over = lc > Ls[:, None]
@@ -190,10 +208,10 @@ def normalize_segments(
             raise ValueError(f"seq_lens[{s}, {b}] = {lc[s, b].item()} exceeds the segment's length L_{s} = "
                              f"{Ls[s].item()}")
     if left_pad is None:
+        pc = torch.zeros(S, B, dtype=torch.int64)
         pad = torch.zeros(S, B, dtype=torch.int64, device=dev)
     else:
-        pad = _int_table("left_pad", left_pad, S, B, dev)
-        pc, lc = pad.cpu(), lens.cpu()
+        pc, pad = _int_table("left_pad", left_pad, S, B, dev)
         if (pc < 0).any() or (pc > lc).any():
             raise ValueError(f"left_pad: expected 0 <= left_pad <= seq_lens elementwise, got {pc.tolist()} vs "
                              f"{lc.tolist()}")
@@ -202,8 +220,8 @@ def normalize_segments(
         shifts = torch.zeros(S, B, dtype=torch.int64, device=dev)
         has_shift = False
     else:
-        shifts = _int_table("position_shifts", position_shifts, S, B, dev)
-        has_shift = bool((shifts != 0).any())
+        host_shifts, shifts = _int_table("position_shifts", position_shifts, S, B, dev)
+        has_shift = bool((host_shifts != 0).any())
     if rope is not None:
         rope = _check_rope(rope, D, dev)
     if has_shift:
@@ -233,7 +251,7 @@ def normalize_segments(
         if segment_positions is None:
             raise ValueError("segment_positions: required with sliding_window (virtual position of each segment's "
                              "slot 0)")
-        seg_pos = _int_table("segment_positions", segment_positions, S, B, dev)
+        _, seg_pos = _int_table("segment_positions", segment_positions, S, B, dev)
         if query_positions is None:
             if not causal_last:
                 raise ValueError("query_positions: required with sliding_window when causal_last=False")
@@ -242,7 +260,8 @@ def normalize_segments(
             qp = torch.as_tensor(query_positions)
             if qp.dtype not in _INT_DTYPES or qp.ndim != 2 or tuple(qp.shape) != (B, Lq):
                 raise ValueError(f"query_positions: expected an integer tensor [B, Lq] = [{B}, {Lq}], got {_desc(qp)}")
-            qpos = qp.to(device=dev, dtype=torch.int64)
+            check_same_or_cpu("query_positions", qp, dev, "q")
+            qpos = _on_device(qp, dev)
 
     if segment_groups is None:
         groups = list(range(S))
@@ -260,8 +279,9 @@ def normalize_segments(
     lw = _knob("log_weight", log_weight, G, Hq, dev, positive=False)
 
     return SegmentParams(
-        seq_lens=lens, left_pad=pad, shifts=shifts, has_shift=has_shift, rope=rope, causal_last=bool(causal_last),
-        scale=scale, softcap=softcap, sliding_window=sliding_window, segment_positions=seg_pos, query_positions=qpos,
-        groups=groups, group_ids=torch.tensor(groups, dtype=torch.int64), num_groups=G, temperature=temp,
-        lse_scale=lsc, log_weight=lw,
+        seq_lens=lens, left_pad=pad, seq_lens_cpu=lc, left_pad_cpu=pc, shifts=shifts, has_shift=has_shift, rope=rope,
+        causal_last=bool(causal_last), scale=scale, softcap=softcap, sliding_window=sliding_window,
+        segment_positions=seg_pos, query_positions=qpos, groups=groups,
+        group_ids=torch.tensor(groups, dtype=torch.int64), num_groups=G, temperature=temp, lse_scale=lsc,
+        log_weight=lw,
     )

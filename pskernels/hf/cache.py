@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .._core.devices import host_to_device
+
 SCHEMES = ("parallel", "sequential", "right_aligned", "custom")
 
 
@@ -298,9 +300,9 @@ class ParallelCache(Cache):
         vpos = rel + self.query_start[:, None]
         if self._sources is None:
             self._build_sources()
-        self._active = {"vpos": vpos.to(device), "own_before": own, "q_len": q_len, "meta": {}, "device": device,
-                        "plans": {}}
-        return vpos.to(device)
+        vpos = host_to_device(vpos, device, "ParallelCache.begin_forward")
+        self._active = {"vpos": vpos, "own_before": own, "q_len": q_len, "meta": {}, "plans": {}}
+        return vpos
 
     def end_forward(self):
         self._active = None
@@ -442,15 +444,16 @@ class ParallelCache(Cache):
                     "caches that keep the full window"
                 )
         pad_own = self._own_pad
-        dev = self._active["device"]
         shifts_t = torch.cat([shifts, torch.zeros(1, B, dtype=torch.int64)])
+        # The tables stay on the host: the plan checks them there and copies them to the device without waiting
+        # for it (on the device, its checks would each cost a device-to-host copy).
         meta = {
-            "seq_lens": torch.cat([end, torch.full((1, B), own_len, dtype=torch.int64)]).to(dev),
-            "left_pad": torch.cat([pads, pad_own[None]]).to(dev),
-            "position_shifts": shifts_t.to(dev) if bool((shifts_t != 0).any()) else None,
+            "seq_lens": torch.cat([end, torch.full((1, B), own_len, dtype=torch.int64)]),
+            "left_pad": torch.cat([pads, pad_own[None]]),
+            "position_shifts": shifts_t if bool((shifts_t != 0).any()) else None,
         }
         if window is not None:
             meta["sliding_window"] = window
-            meta["segment_positions"] = torch.cat([pos0, (self.query_start - pad_own)[None]]).to(dev)
+            meta["segment_positions"] = torch.cat([pos0, (self.query_start - pad_own)[None]])
             meta["query_positions"] = self._active["vpos"]
         return meta

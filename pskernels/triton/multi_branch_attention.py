@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._core.devices import host_to_device
 from .._core.registry import register
 from .._core.segments import SegmentParams
 from .combine import LOG2E, combine, merge_final
@@ -390,6 +391,8 @@ class _Setup(NamedTuple):
 
 
 _SEG_TABLES = 64  # device segment tables kept per plan: one per set of K/V pointers (a forward has one per layer)
+# a plan's first run on a set of tensors copies its tables to the device: that run cannot be captured
+_CAPTURE = "multi_branch_attention (triton; run the plan once on the same tensors before capture)"
 
 
 def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
@@ -415,7 +418,7 @@ def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
             grp[groups[s] + 1] += 1
         seg_row = rows[list(lc.segments)].contiguous()  # [S', B, 4]
         qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
-        tables.append((grp.cumsum(0).to(dev), seg_row, qpos))
+        tables.append((host_to_device(grp.cumsum(0), dev, _CAPTURE), seg_row, qpos))
     knobs = None
     if p.has_knobs:
         ones = torch.ones(NGR, Hq, dtype=torch.float32, device=dev)
@@ -448,9 +451,7 @@ def _segment_table(p: SegmentParams, rows: tuple, dev: torch.device) -> torch.Te
     cache = p.memo.setdefault("triton_segment_tables", {})
     table = cache.pop(rows, None)
     if table is None:
-        table = torch.tensor(rows, dtype=torch.int64)
-        # pinned, so the copy neither waits for the stream nor blocks the host
-        table = table.pin_memory().to(dev, non_blocking=True) if on_gpu(dev) else table.to(dev)
+        table = host_to_device(torch.tensor(rows, dtype=torch.int64), dev, _CAPTURE)
         if len(cache) >= _SEG_TABLES:
             del cache[next(iter(cache))]
     cache[rows] = table  # most recently used last
