@@ -5,8 +5,10 @@ kernels alone (profiler), the bytes each path must read, the bandwidth and its f
 copy measured in the same run, and the first host synchronisation inside a run (which also blocks CUDA-graph
 capture). Three ways to call: ``call`` (``multi_branch_attention`` per layer, a plan each time), ``plan`` (one
 plan per step, ``run`` per layer: what ``patch_model`` does) and ``run`` (the plan made once before the step,
-only ``run`` per layer inside it: the way a step can be captured in a CUDA graph). Needs CUDA.
-Usage: python bench/gpu_cascade.py [--json FILE]
+only ``run`` per layer inside it: the way a step can be captured in a CUDA graph). The Triton shared-prefix step
+is also broken down by kernel (cascade pass, own segments, combine) and timed with the cascade's key splits
+forced to each of ``--splits`` (the launcher's own choice is the row without a split count). Needs CUDA.
+Usage: python bench/gpu_cascade.py [--json FILE] [--backends cuda,triton] [--splits 4,8,16,32,64]
 """
 import argparse
 import json
@@ -50,6 +52,43 @@ def _device_ms(fn):
     return sum(getattr(e, attr) for e in evs) / 1e3
 
 
+def _kernels(fn):
+    """Device milliseconds of one call of ``fn`` per kernel name (torch.profiler), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    attr = "self_device_time_total"
+    rows = [(e.key[:60], getattr(e, attr, getattr(e, "self_cuda_time_total", 0)) / 1e3, e.count)
+            for e in prof.key_averages()]
+    return sorted([r for r in rows if r[1] > 0], key=lambda r: -r[1])
+
+
+def _forced_splits(n):
+    """A context in which the Triton launcher plans every cascade launch with ``n`` key splits."""
+    import contextlib
+
+    import pskernels.triton.multi_branch_attention as mba
+
+    @contextlib.contextmanager
+    def forced():
+        planned = mba.plan_launches
+
+        def plan_launches(*args, **kwargs):
+            return [lc._replace(nsplit=n) if lc.cascade else lc for lc in planned(*args, **kwargs)]
+
+        mba.plan_launches = plan_launches
+        try:
+            yield
+        finally:
+            mba.plan_launches = planned
+
+    return forced()
+
+
 def _first_sync(fn):
     """The first host synchronisation inside ``fn`` (torch's sync debug mode), or None."""
     fn()
@@ -71,6 +110,8 @@ def main():
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--own", type=int, default=64, help="tokens each worker row has decoded so far")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--backends", default="cuda,triton")
+    ap.add_argument("--splits", default="4,8,16,32,64", help="cascade key splits to force (Triton, shared prefix)")
     ap.add_argument("--json")
     a = ap.parse_args()
     Hq, Hkv, D, dt = 32, 8, 128, torch.bfloat16
@@ -93,7 +134,7 @@ def main():
     res = {"P": P, "N": B, "own": own, "layers": L, "Hq": Hq, "Hkv": Hkv, "D": D, "dtype": "bf16",
            "copy_bandwidth_GBps": ceiling / 1e9, "bytes": nbytes, "rows": []}
     print(f"device-to-device copy: {ceiling / 1e9:.0f} GB/s (read + write)")
-    for backend in ("cuda", "triton"):
+    for backend in a.backends.split(","):
         if backend not in pskernels.available_backends("multi_branch_attention"):
             print(f"{backend}: not available")
             continue
@@ -128,9 +169,47 @@ def main():
                 print(f"{backend} {layout} {how}: {ms:.3f} ms/step ({row['GBps']:.0f} GB/s; {timing}); kernels "
                       f"{dev_ms:.3f} ms ({row['device_GBps']:.0f} GB/s, {row['device_fraction_of_copy']:.2f} of "
                       f"copy); first sync: {row['first_sync']}")
+    if any(r["backend"] == "triton" for r in res["rows"]):
+        splits = [int(n) for n in a.splits.split(",") if n]
+        _triton_shared_breakdown(res, qs, shared, L, nbytes["shared"], ceiling, splits)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
+
+
+def _triton_shared_breakdown(res, qs, shared, L, nbytes, ceiling, splits):
+    """The Triton shared-prefix step (plan made before it) by kernel, then with the cascade's key splits forced."""
+    import pskernels.triton.multi_branch_attention as mba
+
+    made = pskernels.plan_multi_branch_attention(qs[0], *shared[0], backend="triton")
+    chosen = [(lc.cascade, lc.nsplit) for lc in mba._setup(qs[0], *shared[0], made.params, None).launches]
+
+    def run(made=made):
+        for l in range(L):
+            made.run(qs[l], *shared[l])
+
+    res["triton_shared_launches"] = chosen
+    res["triton_shared_kernels"] = _kernels(run)
+    print(f"triton shared launches (cascade, splits): {chosen}")
+    for name, ms, n in res["triton_shared_kernels"]:
+        print(f"  {ms:8.3f} ms  x{n:<4d} {name}")
+    res["triton_shared_splits"] = []
+    for n in splits:
+        with _forced_splits(n):
+            forced = pskernels.plan_multi_branch_attention(qs[0], *shared[0], backend="triton")
+            forced.run(qs[0], *shared[0])
+
+            def run_forced(forced=forced):
+                for l in range(L):
+                    forced.run(qs[l], *shared[l])
+
+            ms, timing = _time(run_forced)
+            dev_ms = _device_ms(run_forced)
+        row = dict(splits=n, ms=ms, timing=timing, device_ms=dev_ms,
+                   device_fraction_of_copy=nbytes / (dev_ms * 1e-3) / ceiling)
+        res["triton_shared_splits"].append(row)
+        print(f"triton shared run, cascade splits {n}: {ms:.3f} ms/step ({timing[:9]}); kernels {dev_ms:.3f} ms "
+              f"({row['device_fraction_of_copy']:.2f} of copy)")
 
 
 if __name__ == "__main__":

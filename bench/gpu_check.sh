@@ -5,7 +5,10 @@
 # sweep, and every autotune tile of the Triton attention kernel.
 # Results (logs + JSON) go to $OUT/results.tgz (re-packed after every section, so a run stopped at its limit
 # still returns what it finished). Every section's timeout is cut to the time left before DEADLINE seconds.
+# SECTIONS picks sections and their order (default: all, in the order below); without "build" the CUDA
+# extension is absent and its cases skip (a Triton-only recheck).
 # Usage (device tool): DEADLINE=450 bash bench/gpu_check.sh
+#                      DEADLINE=200 SECTIONS="bandwidth tests tiles cascade" bash bench/gpu_check.sh
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 FINAL_OUT=$OUT
@@ -27,30 +30,31 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu
 $PY -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)" \
   | tee "$OUT/versions.txt"
 
+build() {
 echo "== build (sm_90 only) =="
 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 timeout $(left 240) $PY setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build rc=$?"; tail -5 "$OUT/build.log"
 tools/ptxas_figures.sh "$OUT/build.log"  # build/cuda-ptxas.log, read by test_cuda_kernels_do_not_spill
-pack
+}
 
+tests() {
 echo "== GPU tests =="
-# On a GPU the triton backend must run its compiled kernels: stop if TRITON_INTERPRET (set by hand) put it in
-# the interpreter, which would run every "GPU" test on the CPU.
-$PY -c "import torch, pskernels.triton.utils as u; assert torch.cuda.is_available() and u.MODE == 'compiled', u.MODE" \
-  || { echo "triton backend not compiled on CUDA (TRITON_INTERPRET set?)" | tee "$OUT/gpu_tests.txt"; pack; exit 1; }
 timeout $(left 150) $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_extension.py \
   tests/test_triton_backend.py --junitxml="$OUT/gpu_tests.xml" 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
-pack
+}
 
+cascade() {
 echo "== shared-prefix cascade (CUDA and Triton) =="
 timeout $(left 90) $PY -m pytest -q -p no:cacheprovider tests/test_triton_cascade.py tests/test_multi_branch_attention.py \
   -k "cascade" --junitxml="$OUT/cascade_tests.xml" 2>&1 | tail -15 | tee "$OUT/cascade_tests.txt"
-pack
+}
 
+bandwidth() {
 echo "== cascade decode step: P=8192, N=32, bf16, 32 layers (issue 14) =="
-timeout $(left 120) $PY bench/gpu_cascade.py --json "$OUT/gpu_cascade.json" 2>&1 | tail -15 | tee "$OUT/gpu_cascade.txt"
-pack
+timeout $(left 150) $PY bench/gpu_cascade.py --json "$OUT/gpu_cascade.json" 2>&1 | tail -40 | tee "$OUT/gpu_cascade.txt"
+}
 
+sanitizer() {
 echo "== compute-sanitizer =="
 cat > /tmp/psk_sanitize.py <<'PYEOF'
 import torch, pskernels
@@ -77,17 +81,28 @@ for tool in memcheck racecheck; do
     > "$OUT/sanitizer_$tool.txt" 2>&1
   echo "$tool rc=$?" | tee -a "$OUT/sanitizer_summary.txt"; tail -3 "$OUT/sanitizer_$tool.txt"
 done
-pack
+}
 
+bench() {
 echo "== benchmark sweep (default cases, short rounds) =="
 PSKERNELS_BENCH_FLEX=0 timeout $(left 90) $PY -m pytest -q -p no:cacheprovider \
   bench/bench_multi_branch_attention.py bench/bench_map_kv_caches.py --benchmark-only --benchmark-max-time=0.2 \
   --benchmark-json="$OUT/bench.json" 2>&1 | tail -40 | tee "$OUT/bench.txt"
-pack
+}
 
+tiles() {
 echo "== Triton attention tiles =="
 # each autotune tile forced through the launcher (about 35 compiles); last, on the time that is left
 timeout $(left 240) $PY -m pytest -q -p no:cacheprovider tests/test_triton_tiles.py --junitxml="$OUT/tile_tests.xml" 2>&1 \
   | tail -15 | tee "$OUT/tile_tests.txt"
-pack
+}
+
+# On a GPU the triton backend must run its compiled kernels: stop if TRITON_INTERPRET (set by hand) put it in
+# the interpreter, which would run every "GPU" test on the CPU.
+$PY -c "import torch, pskernels.triton.utils as u; assert torch.cuda.is_available() and u.MODE == 'compiled', u.MODE" \
+  || { echo "triton backend not compiled on CUDA (TRITON_INTERPRET set?)" | tee "$OUT/gpu_tests.txt"; pack; exit 1; }
+for section in ${SECTIONS:-build tests cascade bandwidth sanitizer bench tiles}; do
+  "$section"
+  pack
+done
 echo "results in $FINAL_OUT/results.tgz"

@@ -170,6 +170,26 @@ def test_plan_runs_never_wait_for_the_device(backend, shared_prefix):
         _close(got, want, dtype)
 
 
+def test_broadcast_tables_reach_the_device():
+    """1-D shifts and segment positions (broadcast over the rows, a stride-0 host view) are copied to the device
+    through pinned memory: pinning such a view in place failed on an H200 ("more than one element of the
+    written-to tensor refers to a single memory location")."""
+    from pskernels._core.devices import host_to_device
+
+    view = torch.tensor([3, 5])[:, None].expand(2, 4)
+    got = host_to_device(view, torch.device("cuda"), "test")
+    torch.cuda.synchronize()
+    assert got.is_contiguous() and torch.equal(got.cpu(), view)
+    q, ks, vs = _case(torch.float32, B=3, Lq=1, lens=(40, 9))
+    rope = pskernels.RopeSpec(1.0 / 10000 ** (torch.arange(0, 128, 2) / 128))
+    kw = dict(position_shifts=torch.tensor([0, 40]), rope=rope, sliding_window=20,
+              segment_positions=torch.tensor([0, 40]))
+    want = pskernels.multi_branch_attention(q, ks, vs, backend="torch", **kw)
+    for backend in GPU_BACKENDS:
+        if backend in pskernels.available_backends("multi_branch_attention"):
+            _close(pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw), want, torch.float32)
+
+
 def test_cuda_op_takes_lengths_on_the_host_or_the_device():
     """Direct calls of the compiled op: seq_lens / left_pad on the host (the adapter's way, no synchronisation)
     or on q's device give the same result, and on another device they are refused by name."""

@@ -830,15 +830,15 @@ def test_plan_keeps_the_tables_it_checked(backend):
     q = rnd(2, 4, 3, 16, device=dev)
     plan = pskernels.plan_multi_branch_attention(q, ks, vs, backend=backend, **kw)
     p = plan.params
-    assert p.seq_lens_cpu.device.type == "cpu" and p.left_pad_cpu.device.type == "cpu"
-    assert torch.equal(p.seq_lens_cpu, kw["seq_lens"]) and torch.equal(p.left_pad_cpu, kw["left_pad"])
+    assert all(t.device.type == "cpu" for t in p.host if t is not None)
+    assert torch.equal(p.host.seq_lens, kw["seq_lens"]) and torch.equal(p.host.left_pad, kw["left_pad"])
     assert torch.equal(p.seq_lens.cpu(), kw["seq_lens"]) and torch.equal(p.left_pad.cpu(), kw["left_pad"])
     want = plan.run(q, ks, vs)
     kw["seq_lens"].fill_(0)
     kw["left_pad"].fill_(0)
     got = plan.run(q, ks, vs)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-    assert torch.equal(p.seq_lens_cpu, p.seq_lens.cpu()) and int(p.seq_lens_cpu.sum()) > 0
+    assert torch.equal(p.host.seq_lens, p.seq_lens.cpu()) and int(p.host.seq_lens.sum()) > 0
 
 
 def test_plan_auto_resolves_a_backend_name():

@@ -177,6 +177,33 @@ def test_mba_plan_runs_on_other_tensors_of_its_layout():
     _assert_close(out, pskernels.multi_branch_attention(*layers[0], backend="torch", **kw)[0], F32)
 
 
+def test_mba_launch_setup_reads_only_the_plans_host_tables():
+    """The launch setup (a plan's first run on its layout) builds its per-row tables from the plan's host copies:
+    with the device tables swapped for tensors that hold no values (meta), it builds the same tables. Reading the
+    device tables would be a device-to-host copy, i.e. a wait for the GPU in the middle of a step. The case has
+    1-D (broadcast) shifts and segment positions, a cascade launch and a plain one, a window and knobs."""
+    import dataclasses
+
+    from pskernels._core.segments import normalize_segments
+    from pskernels.triton.multi_branch_attention import _setup
+
+    B, Hq, Hkv, Lq, D = 3, 4, 2, 1, 32
+    prefix = [torch.randn(1, Hkv, 9, D).expand(B, -1, -1, -1) for _ in range(2)]
+    own = [torch.randn(B, Hkv, 4, D) for _ in range(2)]
+    q, keys, values = torch.randn(B, Hq, Lq, D), [prefix[0], own[0]], [prefix[1], own[1]]
+    kw = dict(position_shifts=torch.tensor([0, 9]), rope=make_rope(32), seq_lens=torch.tensor([[9, 9, 9], [4, 2, 3]]),
+              sliding_window=6, segment_positions=torch.tensor([0, 9]), temperature=torch.tensor([1.0, 0.9]))
+    p = normalize_segments(q, keys, values, **kw)
+    meta = {f: getattr(p, f).to("meta") for f in ("seq_lens", "left_pad", "shifts", "segment_positions")}
+    blind = dataclasses.replace(p, memo={}, **meta)
+    want, got = _setup(q, keys, values, p, None), _setup(q, keys, values, blind, None)
+    assert [lc.cascade for lc in got.launches] == [True, False]
+    for (g_grp, g_rows, _), (w_grp, w_rows, _) in zip(got.tables, want.tables):
+        assert torch.equal(g_grp, w_grp) and torch.equal(g_rows, w_rows)
+    assert torch.equal(got.tables[0][1][:, :, 2], torch.zeros(1, B, dtype=torch.int64))  # the prefix: no shift
+    assert torch.equal(got.tables[1][1][:, :, 2], torch.full((1, B), 9))
+
+
 @pytest.mark.parametrize("dtype", [F32, F16])
 def test_mba_decode_split_kv(dtype):
     B, Hq, Hkv, Lq, D = 1, 8, 2, 1, 64

@@ -22,4 +22,6 @@ def host_to_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Te
     if torch.cuda.is_current_stream_capturing():
         raise RuntimeError(f"{what}: copies small tables from the host to the device, which cannot be recorded in "
                            "a CUDA graph; do it before capture")
-    return t.pin_memory().to(device, non_blocking=True)
+    # a fresh dense buffer: pin_memory() keeps an expanded tensor's stride-0 layout, which it cannot write into
+    pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return pinned.copy_(t).to(device, non_blocking=True)

@@ -7,7 +7,7 @@ is recognised by its interface (this leaf layer does not import ``pskernels.rope
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -17,16 +17,26 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
+class HostTables(NamedTuple):
+    """Host copies (int64, contiguous) of a plan's per-(segment, row) tables, taken when it was checked.
+
+    What the launchers build their segment tables from, so that a run never waits for the device: the CUDA op
+    checks lengths and padding on the host and sends them with its table, the Triton launcher packs all four
+    into its per-row table (read from q's device, each would be a device-to-host copy, a synchronisation)."""
+
+    seq_lens: torch.Tensor  # [S, B]
+    left_pad: torch.Tensor  # [S, B]
+    shifts: torch.Tensor  # [S, B]
+    segment_positions: torch.Tensor | None  # [S, B], given with a sliding window only
+
+
 @dataclass
 class SegmentParams:
-    """Normalised per-segment metadata (int tensors int64 on q's device unless named ``*_cpu``)."""
+    """Normalised per-segment metadata (int tensors int64 on q's device; ``host`` holds their host copies)."""
 
     seq_lens: torch.Tensor  # [S, B] valid end of each segment row
     left_pad: torch.Tensor  # [S, B] leading masked slots
-    # Their host copies, for the compiled ops: the CUDA op checks them and sends them with its segment table,
-    # so that a run never waits for the device (with them on q's device it needed a device-to-host copy)
-    seq_lens_cpu: torch.Tensor
-    left_pad_cpu: torch.Tensor
+    host: HostTables
     shifts: torch.Tensor  # [S, B] position shift (query rotated by -shift)
     has_shift: bool
     rope: object | None  # pskernels.RopeSpec on q's device
@@ -92,7 +102,8 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     elif t.ndim != 2 or tuple(t.shape) != (S, B):
         raise ValueError(f"{name}: expected shape [S, B] = [{S}, {B}], got {tuple(t.shape)}")
     check_same_or_cpu(name, t, device, "q")
-    return t.to("cpu", torch.int64, copy=True).contiguous(), _on_device(t, device)
+    host = t.to("cpu", torch.int64, copy=True).contiguous()
+    return host, (_on_device(t, device) if t.device == device else _on_device(host, device))
 
 
 def _on_device(t, device, dtype=torch.int64):
@@ -217,6 +228,7 @@ def normalize_segments(
                              f"{lc.tolist()}")
 
     if position_shifts is None:
+        host_shifts = torch.zeros(S, B, dtype=torch.int64)
         shifts = torch.zeros(S, B, dtype=torch.int64, device=dev)
         has_shift = False
     else:
@@ -243,7 +255,7 @@ def normalize_segments(
         if not (0 < softcap < float("inf")):
             raise ValueError(f"softcap: expected None or a finite positive float, got {softcap}")
 
-    seg_pos = qpos = None
+    host_seg_pos = seg_pos = qpos = None
     if sliding_window is not None:
         if isinstance(sliding_window, bool) or int(sliding_window) != sliding_window or sliding_window <= 0:
             raise ValueError(f"sliding_window: expected None or a positive int, got {sliding_window!r}")
@@ -251,7 +263,7 @@ def normalize_segments(
         if segment_positions is None:
             raise ValueError("segment_positions: required with sliding_window (virtual position of each segment's "
                              "slot 0)")
-        _, seg_pos = _int_table("segment_positions", segment_positions, S, B, dev)
+        host_seg_pos, seg_pos = _int_table("segment_positions", segment_positions, S, B, dev)
         if query_positions is None:
             if not causal_last:
                 raise ValueError("query_positions: required with sliding_window when causal_last=False")
@@ -279,7 +291,8 @@ def normalize_segments(
     lw = _knob("log_weight", log_weight, G, Hq, dev, positive=False)
 
     return SegmentParams(
-        seq_lens=lens, left_pad=pad, seq_lens_cpu=lc, left_pad_cpu=pc, shifts=shifts, has_shift=has_shift, rope=rope,
+        seq_lens=lens, left_pad=pad, host=HostTables(lc, pc, host_shifts, host_seg_pos), shifts=shifts,
+        has_shift=has_shift, rope=rope,
         causal_last=bool(causal_last), scale=scale, softcap=softcap, sliding_window=sliding_window,
         segment_positions=seg_pos, query_positions=qpos, groups=groups,
         group_ids=torch.tensor(groups, dtype=torch.int64), num_groups=G, temperature=temp, lse_scale=lsc,

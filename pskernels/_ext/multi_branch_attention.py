@@ -24,7 +24,7 @@ def _adapter(q, keys, values, p):
     shifts = p.shifts if p.has_shift else None
     inv = rope.inv_freq if (rope is not None and shifts is not None) else None
     return _op(
-        q, keys, values, p.seq_lens_cpu, p.left_pad_cpu, shifts, p.segment_positions, p.query_positions, inv,
+        q, keys, values, p.host.seq_lens, p.host.left_pad, shifts, p.segment_positions, p.query_positions, inv,
         rope is None or rope.style == "neox", p.causal_last, p.scale, p.softcap or 0.0, p.sliding_window or 0,
         p.group_ids, p.temperature, p.lse_scale, p.log_weight,
     )

@@ -306,19 +306,23 @@ _mba_fwd_tuned = triton.autotune(
 )(_mba_fwd_kernel)
 
 
-def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device, block_m: int = _FIXED_TILE[0]) -> int:
-    """Split-KV factor: enough programs to fill the machine when the query side alone cannot.
+def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device, block_m: int = _FIXED_TILE[0],
+                waves: int = 2) -> int:
+    """Split-KV factor: enough programs for ``waves`` per SM when the query side alone cannot fill the machine.
 
-    The query side launches ``cdiv(rows, block_m)`` programs per (batch row, kv head); autotuned launches count
-    16-row tiles, as their tile is picked later."""
+    The query side launches ``cdiv(rows, block_m)`` programs per (batch row, kv head)."""
     if max_len == 0:
         return 1
     if on_gpu(device):
-        target, min_chunk = 2 * torch.cuda.get_device_properties(device).multi_processor_count, 256
+        target, min_chunk = waves * torch.cuda.get_device_properties(device).multi_processor_count, 256
     else:
         target, min_chunk = 8, 2 * _FIXED_TILE[1]
     n_prog = triton.cdiv(rows, block_m) * B * Hkv
     return max(1, min(target // n_prog, triton.cdiv(max_len, min_chunk), 64))
+
+
+# The largest M tile an autotuned cascade launch may pick (``_TILES``): its key splits are counted with it.
+_CASCADE_MAX_M = 128
 
 
 def check_segments(q, keys, values) -> None:
@@ -348,9 +352,9 @@ def shared_segments(keys, values) -> list[int]:
     return [s for s, (k, v) in enumerate(zip(keys, values)) if k.shape[2] > 0 and k.stride(0) == 0 == v.stride(0)]
 
 
-def plan_launches(q, keys, values, groups, block_m: int = _FIXED_TILE[0]) -> list[Launch]:
+def plan_launches(q, keys, values, groups, block_m: int = _FIXED_TILE[0], autotuned: bool = False) -> list[Launch]:
     """The attention kernel launches of one call with segment -> group map ``groups`` and ``block_m``-row tiles
-    (autotuned launches count 16-row tiles, the smallest any class uses, as their tile is picked later).
+    (``autotuned`` launches pass 16, the smallest tile any class uses, as their tile is picked later).
 
     Each (batch row, kv head) program of the plain launch reads every segment on its own, so a segment shared by
     all B rows is read B times. The cascade (Hydragen, FlashInfer's cascade attention) packs the rows' queries
@@ -359,7 +363,12 @@ def plan_launches(q, keys, values, groups, block_m: int = _FIXED_TILE[0]) -> lis
     tile: a row's ``G * Lq`` queries take at most half of it (decode, prefill of a token or two), so packing at
     least halves the passes over the shared K/V (B -> cdiv(B * G * Lq, BLOCK_M)) for the price of a second
     launch and a combine pass, small next to those passes. A row that fills the tile on its own gains nothing
-    from packing (prefill): it keeps the one plain launch."""
+    from packing (prefill): it keeps the one plain launch.
+
+    A decode cascade has few programs (one per kv head and tile of all rows), so its key splits fill the machine;
+    autotuned, they are counted with the largest tile the tuner may pick, and aim at one wave of programs rather
+    than two: each split adds a ``[B, Hq, Lq, DV]`` fp32 partial state to write and combine, a quarter of the
+    prefix's bytes at 16 splits of an 8192-token, 8-kv-head bf16 prefix with 32 rows (issue 14's step)."""
     B, Hq, Lq, _ = q.shape
     Hkv = keys[0].shape[1]
     G = Hq // Hkv
@@ -369,7 +378,8 @@ def plan_launches(q, keys, values, groups, block_m: int = _FIXED_TILE[0]) -> lis
         # split-KV for decode: the cascade's programs are per kv head (all rows in its tiles), the others per row
         rows, n_b = (B * G * Lq, 1) if cascade else (G * Lq, B)
         longest = max((keys[s].shape[2] for s in segments), default=0)
-        nsplit = _num_splits(rows, n_b, Hkv, longest, q.device, block_m) if Lq <= _DECODE_ROWS else 1
+        count_m, waves = (_CASCADE_MAX_M if autotuned else block_m, 1) if cascade else (block_m, 2)
+        nsplit = _num_splits(rows, n_b, Hkv, longest, q.device, count_m, waves) if Lq <= _DECODE_ROWS else 1
         return Launch(tuple(segments), cascade, nsplit)
 
     shared = set(shared_segments(keys, values))
@@ -408,15 +418,17 @@ def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
     # Without calibration knobs, groups are exact attention either way: pool all segments in one softmax.
     groups = p.groups if p.has_knobs else [0] * len(keys)
     NGR = p.num_groups if p.has_knobs else 1
-    launches = plan_launches(q, keys, values, groups, (tile or _FIXED_TILE)[0])
-    spos = p.segment_positions if p.segment_positions is not None else torch.zeros_like(p.seq_lens)
-    rows = torch.stack([p.seq_lens, p.left_pad, p.shifts, spos], -1)  # [S, B, 4]
+    launches = plan_launches(q, keys, values, groups, (tile or _FIXED_TILE)[0], autotuned=tile is None and on_gpu(dev))
+    # built from the plan's host tables: indexing its device tables here would wait for the device
+    h = p.host
+    spos = h.segment_positions if h.segment_positions is not None else torch.zeros_like(h.seq_lens)
+    rows = torch.stack([h.seq_lens, h.left_pad, h.shifts, spos], -1)  # [S, B, 4]
     tables = []
     for lc in launches:
         grp = torch.zeros(NGR + 1, dtype=torch.int64)
         for s in lc.segments:
             grp[groups[s] + 1] += 1
-        seg_row = rows[list(lc.segments)].contiguous()  # [S', B, 4]
+        seg_row = host_to_device(rows[list(lc.segments)], dev, _CAPTURE)  # [S', B, 4]
         qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
         tables.append((host_to_device(grp.cumsum(0), dev, _CAPTURE), seg_row, qpos))
     knobs = None
