@@ -344,3 +344,30 @@ def test_shared_prefix_cascade_vs_per_row(benchmark, perf, case):
     ex["prefix_bytes_cascade"] = Hkv * P * 2 * D * e  # read once for every row
     ex["prefix_bytes_per_row"] = B * Hkv * P * 2 * D * e
     assert math.isfinite(ex["a_over_b"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The host work of one layer call on the Triton backend, its kernel launches stubbed (docs/GPU.md: below a few MB
+# of K/V a call on a GPU is host-bound). ``call``: multi_branch_attention (a plan each time); ``plan``: making
+# the plan alone; ``run``: a plan's run, as each layer of a patched model's forward does.
+# ----------------------------------------------------------------------------------------------
+HOST_CASE = Case(*GEOMETRIES["smollm2"], prefix=64, branches=8, branch_len=512, Lq=1, shift=True, name="smollm2")
+
+
+@pytest.mark.parametrize("way", ["call", "plan", "run"])
+def test_triton_host_path(benchmark, monkeypatch, way):
+    if "triton" not in pskernels.available_backends("multi_branch_attention"):
+        pytest.skip("the triton backend is not available")
+    import pskernels.triton.multi_branch_attention as mba
+
+    monkeypatch.setattr(mba, "_launch", lambda *a, **k: None)
+    monkeypatch.setattr(mba, "combine", lambda *a, **k: None)
+    q, ks, vs, rope, shifts = inputs(HOST_CASE)
+    kw = dict(position_shifts=shifts, rope=rope)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, backend="triton", **kw)
+    fn = {"call": lambda: pskernels.multi_branch_attention(q, ks, vs, backend="triton", **kw),
+          "plan": lambda: pskernels.plan_multi_branch_attention(q, ks, vs, backend="triton", **kw),
+          "run": lambda: plan.run(q, ks, vs)}[way]
+    benchmark.group = f"triton-host-path-{HOST_CASE.id}"
+    benchmark.extra_info["device"] = str(DEVICE)
+    benchmark.pedantic(fn, rounds=200, warmup_rounds=20, iterations=1)

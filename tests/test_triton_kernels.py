@@ -169,8 +169,8 @@ def test_mba_plan_runs_on_other_tensors_of_its_layout():
         out, lse = plan.run(*layers[i])
         _assert_close(out, refs[i][0], F32)
         torch.testing.assert_close(lse, refs[i][1], atol=1e-4, rtol=0)
-    tables = plan.params.memo["triton_segment_tables"]
-    assert len(tables) == 2 * 2  # two launches (cascade, own) x two layers
+    tensors = plan.params.memo["triton_tensors"]
+    assert len(tensors) == 2 and all(len(t.segment_tables) == 2 for t in tensors.values())  # 2 layers x (cascade, own)
     # a layer's tensors freed and others made in their place get their own tables, never a stale one
     layers[0] = layer()
     out, _ = plan.run(*layers[0])
@@ -228,6 +228,13 @@ def test_mba_unsupported_inputs_raise():
         pskernels.multi_branch_attention(q, [q.detach()], [q.detach()], backend="triton")
     with torch.no_grad():
         _mba(q, [q.detach()], [q.detach()])
+    # the backend itself refuses a key that requires grad (the ops layer routes such calls to the reference)
+    from pskernels._core.registry import implementations
+    from pskernels._core.segments import normalize_segments
+
+    k = torch.randn(1, 2, 3, 64, requires_grad=True)
+    with pytest.raises(NotImplementedError, match="forward-only"):
+        implementations("multi_branch_attention")["triton"](q.detach(), [k], [k], normalize_segments(q, [k], [k]))
 
 
 # ------------------------------------------------------------------------------------------ merge_states

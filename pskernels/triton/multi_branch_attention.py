@@ -457,17 +457,43 @@ def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
     return setup
 
 
-def _segment_table(p: SegmentParams, rows: tuple, dev: torch.device) -> torch.Tensor:
-    """The launch's segment table on ``dev``, copied once per distinct content (pointers, strides, causal flag):
-    a plan's later runs on the same tensors reuse it, so they copy nothing to the device."""
-    cache = p.memo.setdefault("triton_segment_tables", {})
-    table = cache.pop(rows, None)
-    if table is None:
-        table = host_to_device(torch.tensor(rows, dtype=torch.int64), dev, _CAPTURE)
+class _Tensors(NamedTuple):
+    """What a run derives from its K/V tensors' addresses and strides alone, kept per such layout in
+    ``SegmentParams.memo`` (a forward runs a plan once per layer, each layer on its own tensors)."""
+
+    setup: _Setup
+    metas: list  # per launch: its constexprs (the setup's, whether rows are 16-byte aligned, split, cascade)
+    segment_tables: list  # per launch: its segment table on the device
+
+
+def _tensors(q, keys, values, p: SegmentParams, tile) -> _Tensors:
+    """The run's setup, constexprs and segment tables, made (and copied to the device) once per set of K/V
+    addresses and strides: a plan's later runs on the same tensors check and copy nothing. Keyed by content, so
+    tensors freed and others made at the same addresses with the same strides get tables of the same content."""
+    layout = (tile, tuple((t.data_ptr(), t.stride()) for t in keys), tuple((t.data_ptr(), t.stride()) for t in values))
+    cache = p.memo.setdefault("triton_tensors", {})
+    hit = cache.pop(layout, None)
+    if hit is None:
+        check_segments(q, keys, values)
+        setup = _setup(q, keys, values, p, tile)
+        live = [t for lc in setup.launches for s in lc.segments for t in (keys[s], values[s])]
+        if any(t.stride(2) >= 2**31 // 256 for t in live):
+            raise NotImplementedError("multi_branch_attention: the triton backend needs sequence strides < 2**23 "
+                                      "elements")
+        es, S = q.element_size(), len(keys)
+        aligned = all(t.data_ptr() % 16 == 0 and all(st % (16 // es) == 0 for st in t.stride()[:3]) for t in live)
+        tables = [host_to_device(torch.tensor([
+            (keys[s].data_ptr(), values[s].data_ptr(), *keys[s].stride()[:3], *values[s].stride()[:3],
+             int(p.causal_last and s == S - 1)) for s in lc.segments] or [(0,) * _SEG_COLS], dtype=torch.int64),
+            q.device, _CAPTURE) for lc in setup.launches]
+        cascade = any(lc.cascade for lc in setup.launches)
+        metas = [dict(setup.meta, ALIGNED=aligned, SPLIT=cascade or lc.nsplit > 1, CASCADE=lc.cascade)
+                 for lc in setup.launches]
+        hit = _Tensors(setup, metas, tables)
         if len(cache) >= _SEG_TABLES:
             del cache[next(iter(cache))]
-    cache[rows] = table  # most recently used last
-    return table
+    cache[layout] = hit  # most recently used last
+    return hit
 
 
 @register("multi_branch_attention", "triton", available=available)
@@ -477,7 +503,6 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     ``tile`` (BLOCK_M, BLOCK_N, num_warps, num_stages) replaces the autotuner's choice on a GPU and the
     interpreter's fixed tile, so that tests can run every tile of ``_TILES`` (in the interpreter too)."""
     check_inputs("multi_branch_attention", [q, *keys, *values])
-    check_segments(q, keys, values)
     B, Hq, Lq, D = q.shape
     Hkv, DV = keys[0].shape[1], values[0].shape[3]
     dev = q.device
@@ -488,23 +513,14 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
     if lse.numel() == 0:
         return out, lse
 
-    setup = _setup(q, keys, values, p, tile)
-    live = [t for lc in setup.launches for s in lc.segments for t in (keys[s], values[s])]
-    if any(t.stride(2) >= 2**31 // 256 for t in live):
-        raise NotImplementedError("multi_branch_attention: the triton backend needs sequence strides < 2**23 elements")
-    es = q.element_size()
-    aligned = all(t.data_ptr() % 16 == 0 and all(st % (16 // es) == 0 for st in t.stride()[:3]) for t in live)
+    setup, metas, segment_tables = _tensors(q, keys, values, p, tile)
     NS, NGR = sum(lc.nsplit for lc in setup.launches), setup.knobs.shape[1] if setup.knobs is not None else 1
     if setup.use_ws:
         ws_o = torch.empty((NS, NGR, B, Hq, Lq, DV), dtype=torch.float32, device=dev)
         ws_lse = torch.empty((NS, NGR, B, Hq, Lq), dtype=torch.float32, device=dev)
     rope = p.rope if p.has_shift else None
-    cascade = any(lc.cascade for lc in setup.launches)
-    S, slot = len(keys), 0
-    for lc, (grp, seg_row, qpos) in zip(setup.launches, setup.tables):
-        seg = _segment_table(p, tuple(
-            (keys[s].data_ptr(), values[s].data_ptr(), *keys[s].stride()[:3], *values[s].stride()[:3],
-             int(p.causal_last and s == S - 1)) for s in lc.segments) or ((0,) * _SEG_COLS,), dev)
+    gpu, slot = on_gpu(dev), 0
+    for lc, (grp, seg_row, qpos), seg, meta in zip(setup.launches, setup.tables, segment_tables, metas):
         ws = (ws_o[slot:], ws_lse[slot:]) if setup.use_ws else (out, lse)
         slot += lc.nsplit
         args = (
@@ -513,8 +529,7 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
             *q.stride()[:3], *out.stride()[:3],
             B, Hkv, Lq, NGR, lc.nsplit, p.scale, p.softcap or 1.0, p.sliding_window or 0,
         )
-        _launch(lc, args, dict(setup.meta, ALIGNED=aligned, SPLIT=cascade or lc.nsplit > 1, CASCADE=lc.cascade),
-                Hq // Hkv * Lq, B, Hkv, tile, on_gpu(dev))
+        _launch(lc, args, meta, Hq // Hkv * Lq, B, Hkv, tile, gpu)
     if setup.use_ws:
         combine(ws_o, ws_lse, out, lse, setup.knobs)
     return out, lse

@@ -33,18 +33,22 @@ def empty(shape, dtype, device) -> torch.Tensor:
 
 
 def check_inputs(op: str, tensors) -> None:
+    # once per layer call over every segment's K and V: cheap attributes first, the diagnosis only on a refusal
+    compiled, grad = MODE == "compiled", torch.is_grad_enabled()
     for t in tensors:
-        if t is None:
-            continue
-        if t.device.type != "cuda" and MODE == "compiled":
-            raise RuntimeError(f"{op}: the triton backend needs CUDA tensors (got {t.device}); CPU tensors run only "
-                               "under TRITON_INTERPRET=1 set before triton is imported")
-        if t.dtype == torch.float64:
-            raise NotImplementedError(f"{op}: the triton backend supports float16/bfloat16/float32, got float64; "
-                                      "use backend='torch'")
-        if t.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(f"{op}: the triton backend is forward-only and an input requires grad; "
-                                      "use backend='torch' for training (or run under torch.no_grad())")
+        if t is not None and ((compiled and not t.is_cuda) or t.dtype is torch.float64 or (grad and t.requires_grad)):
+            _refuse(op, t)
+
+
+def _refuse(op: str, t: torch.Tensor) -> None:
+    if t.device.type != "cuda" and MODE == "compiled":
+        raise RuntimeError(f"{op}: the triton backend needs CUDA tensors (got {t.device}); CPU tensors run only "
+                           "under TRITON_INTERPRET=1 set before triton is imported")
+    if t.dtype == torch.float64:
+        raise NotImplementedError(f"{op}: the triton backend supports float16/bfloat16/float32, got float64; "
+                                  "use backend='torch'")
+    raise NotImplementedError(f"{op}: the triton backend is forward-only and an input requires grad; "
+                              "use backend='torch' for training (or run under torch.no_grad())")
 
 
 # ------------------------------------------------------------------------------------ ahead-of-time compiles
