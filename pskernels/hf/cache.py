@@ -300,9 +300,9 @@ class ParallelCache(Cache):
         vpos = rel + self.query_start[:, None]
         if self._sources is None:
             self._build_sources()
-        vpos = host_to_device(vpos, device, "ParallelCache.begin_forward")
-        self._active = {"vpos": vpos, "own_before": own, "q_len": q_len, "meta": {}, "plans": {}}
-        return vpos
+        self._active = {"vpos": host_to_device(vpos, device, "ParallelCache.begin_forward"), "vpos_cpu": vpos,
+                        "own_before": own, "q_len": q_len, "meta": {}, "plans": {}}
+        return self._active["vpos"]
 
     def end_forward(self):
         self._active = None
@@ -435,7 +435,7 @@ class ParallelCache(Cache):
         mapped = rows.is_branch if self._mapped is not None else torch.zeros_like(rows.is_branch)
         shifts = torch.where(mapped, 0, rows.delta)  # mapped keys were already re-rotated at their new positions
         if window is not None and any(offs):
-            qmin = self._active["vpos"].cpu().amin(1)  # [B]
+            qmin = self._active["vpos_cpu"].amin(1)  # [B]
             dropped = (off > 0) & (off > rows.pad) & (rows.length > 0) & (pos0 - 1 > qmin - window)
             if bool(dropped.any()):
                 raise ValueError(
@@ -455,5 +455,5 @@ class ParallelCache(Cache):
         if window is not None:
             meta["sliding_window"] = window
             meta["segment_positions"] = torch.cat([pos0, (self.query_start - pad_own)[None]])
-            meta["query_positions"] = self._active["vpos"]
+            meta["query_positions"] = self._active["vpos_cpu"]
         return meta
