@@ -82,6 +82,29 @@ def _check_tensor(name, t, ndim, device=None, dtype=None, last_contiguous=True):
         raise ValueError(f"{name}: expected a contiguous last dimension (stride(-1) == 1), got strides {t.stride()}")
 
 
+def _segments_valid(q, keys, values) -> bool:
+    """Whether every key / value passes the per-tensor checks of ``normalize_segments``: 4-D, q's dtype and device,
+    q's batch, one kv-head count dividing q's heads, q's head dim for keys, one value head dim, K and V of a
+    segment the same length, unit last stride."""
+    B, Hq, _, D = q.shape
+    dt, dev = q.dtype, q.device
+    try:
+        Hkv, Dv = keys[0].shape[1], values[0].shape[3]
+        if Hkv == 0 or Hq % Hkv != 0:
+            return False
+        for k, v in zip(keys, values):
+            ks, vs = k.shape, v.shape
+            if (len(ks) != 4 or len(vs) != 4 or ks[0] != B or vs[0] != B or ks[1] != Hkv or vs[1] != Hkv
+                    or ks[3] != D or vs[3] != Dv or vs[2] != ks[2] or k.dtype != dt or v.dtype != dt
+                    or k.device != dev or v.device != dev or (D > 1 and k.stride(3) != 1)
+                    or (Dv > 1 and v.stride(3) != 1) or not isinstance(k, torch.Tensor)
+                    or not isinstance(v, torch.Tensor)):
+                return False
+    except (AttributeError, IndexError, TypeError):
+        return False
+    return True
+
+
 def _int_table(name, t, S, B, device, allow_1d=True):
     """Accept an ``[S, B]`` (or ``[S]``, broadcast over rows) integer tensor / nested list.
 
@@ -181,7 +204,9 @@ def normalize_segments(
     S = len(keys)
     dev = q.device
     Hkv = Dv = None
-    for s, (k, v) in enumerate(zip(keys, values)):
+    # the per-tensor checks below name the first offending argument; a valid layout (every call of every layer)
+    # passes them all at once through the cheaper test
+    for s, (k, v) in enumerate(zip(keys, values) if not _segments_valid(q, keys, values) else ()):
         _check_tensor(f"keys[{s}]", k, 4, dev, q.dtype)
         _check_tensor(f"values[{s}]", v, 4, dev, q.dtype)
         if k.shape[0] != B:
@@ -205,6 +230,7 @@ def normalize_segments(
         if v.shape[3] != Dv:
             raise ValueError(f"values[{s}]: expected value head_dim {Dv} (values[0]'s), got shape {tuple(v.shape)}")
 
+    Hkv, Dv = keys[0].shape[1], values[0].shape[3]
     Ls = torch.tensor([k.shape[2] for k in keys], dtype=torch.int64)
     if seq_lens is None:
         lc = Ls[:, None].expand(S, B).contiguous()
