@@ -219,6 +219,17 @@ def test_mba_decode_split_kv(dtype):
          segment_groups=[0, 1, 1, 2], **kw)
 
 
+def test_host_grid_helpers_match_triton():
+    """The launchers' host-side cdiv / next_power_of_2 (Triton's own cost microseconds per call) agree with
+    Triton's on every size a launch can see."""
+    import triton
+
+    from pskernels.triton.utils import cdiv, next_power_of_2
+
+    assert all(next_power_of_2(n) == triton.next_power_of_2(n) for n in range(0, 4100))
+    assert all(cdiv(a, b) == triton.cdiv(a, b) for a in range(0, 300) for b in (1, 2, 3, 16, 64, 128, 256))
+
+
 def test_mba_unsupported_inputs_raise():
     q = torch.randn(1, 2, 3, 64, dtype=torch.float64)
     with pytest.raises(NotImplementedError, match="float64"):

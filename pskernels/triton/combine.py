@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .utils import CompileSpec, compile_spec, fixed_tile
+from .utils import CompileSpec, cdiv, compile_spec, fixed_tile, next_power_of_2
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -91,9 +91,9 @@ def combine(o, lse, out, out_lse, knobs=None):
     """Launch the merge of ``o [NS, NGR, B, H, L, DV]`` / ``lse [NS, NGR, B, H, L]`` into ``out`` (any strides,
     last one 1) and contiguous ``out_lse``."""
     NS, NGR, B, H, L, DV = o.shape
-    _combine_kernel[(triton.cdiv(L, BLOCK_L) * B * H,)](
+    _combine_kernel[(cdiv(L, BLOCK_L) * B * H,)](
         o, lse, out, out_lse, knobs if knobs is not None else lse, *o.stride(), *lse.stride(), *out.stride()[:3],
-        NS, NGR, H, L, DV, HAS_KNOBS=knobs is not None, BLOCK_L=BLOCK_L, BLOCK_DV=triton.next_power_of_2(DV),
+        NS, NGR, H, L, DV, HAS_KNOBS=knobs is not None, BLOCK_L=BLOCK_L, BLOCK_DV=next_power_of_2(DV),
     )
 
 
@@ -106,6 +106,6 @@ def compile_specs(dtype: str, D: int, arch: int) -> list[CompileSpec]:
     """``_combine_kernel`` with and without calibration knobs, for states of element type ``dtype`` ("fp16",
     "bf16", "fp32") and value head dim ``D``, in the launcher's tile (the same on every ``arch``)."""
     return [compile_spec(_combine_kernel, variant, _ARG_TYPES, dtype,
-                         dict(DV=D, HAS_KNOBS=variant == "knobs", BLOCK_DV=triton.next_power_of_2(D)),
+                         dict(DV=D, HAS_KNOBS=variant == "knobs", BLOCK_DV=next_power_of_2(D)),
                          [fixed_tile(BLOCK_L=BLOCK_L)], multiple_of_16=("sob", "soh", "sol", "sxb", "sxh", "sxl"))
             for variant in ("knobs", "plain")]

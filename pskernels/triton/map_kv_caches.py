@@ -15,7 +15,17 @@ import triton.language as tl
 
 from .._core.registry import register
 from .rope_utils import rope_apply, rope_layout, rope_partner
-from .utils import TENSOR_DTYPES, CompileSpec, available, check_inputs, compile_spec, empty, fixed_tile
+from .utils import (
+    TENSOR_DTYPES,
+    CompileSpec,
+    available,
+    cdiv,
+    check_inputs,
+    compile_spec,
+    empty,
+    fixed_tile,
+    next_power_of_2,
+)
 
 BLOCK_L = 16  # slots per program: a fixed tile (not autotuned)
 # pair table rows (int64, 13 columns): k, v, k_out, v_out pointers, k strides (b, h, l), v strides (b, h, l),
@@ -147,15 +157,15 @@ def map_kv_caches(keys, values, orig, new, rope, params):
     prm = {name: (t.contiguous() if t is not None else rope.inv_freq) for name, t in params.items()}
     RK = params["k_down"].shape[-1] if params["k_down"] is not None else 0
     RV = params["v_down"].shape[-1] if params["v_down"] is not None else 0
-    n_l = triton.cdiv(max(keys[l][n].shape[2] for l, n in pairs), BLOCK_L)  # tiles of the longest pair
+    n_l = cdiv(max(keys[l][n].shape[2] for l, n in pairs), BLOCK_L)  # tiles of the longest pair
     _map_kv_kernel[(n_l * len(pairs) * B * H,)](
         tab, k0, orig.contiguous(), new.contiguous(), prm["k_down"], prm["k_up"], prm["k_gate"],
         prm["v_down"], prm["v_up"], prm["v_gate"], rope.inv_freq, B, H, RK, RV, n_l,
         D=D, DV=DV, ROT=rope.rotary_dim, GPTJ=rope.style == "gptj",
         K_TF=params["k_down"] is not None, K_GATE=params["k_gate"] is not None,
         V_TF=params["v_down"] is not None, V_GATE=params["v_gate"] is not None, ALIGNED=aligned, VEC=vec,
-        BLOCK_L=BLOCK_L, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
-        BLOCK_RK=max(16, triton.next_power_of_2(RK)), BLOCK_RV=max(16, triton.next_power_of_2(RV)),
+        BLOCK_L=BLOCK_L, BLOCK_D=max(16, next_power_of_2(D)), BLOCK_DV=max(16, next_power_of_2(DV)),
+        BLOCK_RK=max(16, next_power_of_2(RK)), BLOCK_RV=max(16, next_power_of_2(RV)),
     )
     return ko, vo
 
@@ -171,7 +181,7 @@ def compile_specs(dtype: str, D: int, arch: int) -> list[CompileSpec]:
     whole head, in the launcher's tile (the same on every ``arch``)."""
     specs = []
     for variant in ("rotate", "transform"):
-        tf, BD = variant == "transform", max(16, triton.next_power_of_2(D))
+        tf, BD = variant == "transform", max(16, next_power_of_2(D))
         consts = dict(D=D, DV=D, ROT=D, GPTJ=False, K_TF=tf, K_GATE=tf, V_TF=tf, V_GATE=tf, ALIGNED=True,
                       VEC=16 // TENSOR_DTYPES[dtype].itemsize, BLOCK_D=BD, BLOCK_DV=BD, BLOCK_RK=16, BLOCK_RV=16)
         specs.append(compile_spec(_map_kv_kernel, variant, _ARG_TYPES, dtype, consts, [fixed_tile(BLOCK_L=BLOCK_L)]))

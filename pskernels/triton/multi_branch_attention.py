@@ -29,7 +29,18 @@ from .._core.registry import register
 from .._core.segments import SegmentParams
 from .combine import LOG2E, combine, merge_final
 from .rope_utils import rope_apply, rope_layout, rope_partner, sincos
-from .utils import TENSOR_DTYPES, CompileSpec, TileConfig, available, check_inputs, compile_spec, empty, on_gpu
+from .utils import (
+    TENSOR_DTYPES,
+    CompileSpec,
+    TileConfig,
+    available,
+    cdiv,
+    check_inputs,
+    compile_spec,
+    empty,
+    next_power_of_2,
+    on_gpu,
+)
 
 # segment table rows (int64): k_ptr, v_ptr, k strides (b, h, l), v strides (b, h, l), causal;
 # per-(segment, batch row) table: seq_len, left_pad, shift, segment_position
@@ -317,8 +328,8 @@ def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device,
         target, min_chunk = waves * torch.cuda.get_device_properties(device).multi_processor_count, 256
     else:
         target, min_chunk = 8, 2 * _FIXED_TILE[1]
-    n_prog = triton.cdiv(rows, block_m) * B * Hkv
-    return max(1, min(target // n_prog, triton.cdiv(max_len, min_chunk), 64))
+    n_prog = cdiv(rows, block_m) * B * Hkv
+    return max(1, min(target // n_prog, cdiv(max_len, min_chunk), 64))
 
 
 # The largest M tile an autotuned cascade launch may pick (``_TILES``): its key splits are counted with it.
@@ -425,12 +436,12 @@ def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
     rows = torch.stack([h.seq_lens, h.left_pad, h.shifts, spos], -1)  # [S, B, 4]
     tables = []
     for lc in launches:
-        grp = torch.zeros(NGR + 1, dtype=torch.int64)
+        grp = [0] * (NGR + 1)
         for s in lc.segments:
             grp[groups[s] + 1] += 1
         seg_row = host_to_device(rows[list(lc.segments)], dev, _CAPTURE)  # [S', B, 4]
         qpos = p.query_positions.contiguous() if p.sliding_window is not None else seg_row
-        tables.append((host_to_device(grp.cumsum(0), dev, _CAPTURE), seg_row, qpos))
+        tables.append((host_to_device(torch.tensor(grp).cumsum(0), dev, _CAPTURE), seg_row, qpos))
     knobs = None
     if p.has_knobs:
         ones = torch.ones(NGR, Hq, dtype=torch.float32, device=dev)
@@ -450,7 +461,7 @@ def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
         HAS_KNOBS=knobs is not None, PREC="ieee" if q.dtype == torch.float32 else "tf32",
         # the Triton 3.8 interpreter multiplies bf16 dot operands as raw integer bits: feed it fp32
         DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not on_gpu(dev) else _TL_DTYPES[q.dtype],
-        ES=q.element_size(), BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_DV=max(16, triton.next_power_of_2(DV)),
+        ES=q.element_size(), BLOCK_D=max(16, next_power_of_2(D)), BLOCK_DV=max(16, next_power_of_2(DV)),
     )
     setup = _Setup(launches, tables, knobs, use_ws, meta)
     p.memo[key] = setup
@@ -540,10 +551,10 @@ def _launch(lc: Launch, args, meta, rows: int, B: int, Hkv: int, tile, gpu: bool
     ``rows`` of each (batch row, kv head)."""
     rows, progs = (B * rows, Hkv) if lc.cascade else (rows, B * Hkv)
     if tile is None and gpu:
-        _mba_fwd_tuned[lambda m: (triton.cdiv(rows, m["BLOCK_M"]) * progs, lc.nsplit)](*args, **meta)
+        _mba_fwd_tuned[lambda m: (cdiv(rows, m["BLOCK_M"]) * progs, lc.nsplit)](*args, **meta)
     else:
         bm, bn, warps, stages = tile or _FIXED_TILE
-        _mba_fwd_kernel[(triton.cdiv(rows, bm) * progs, lc.nsplit)](
+        _mba_fwd_kernel[(cdiv(rows, bm) * progs, lc.nsplit)](
             *args, **meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, maxnreg=MAXNREG)
 
 
@@ -579,7 +590,7 @@ def compile_specs(dtype: str, D: int, arch: int) -> list[CompileSpec]:
     """``_mba_fwd_kernel`` in each of ``AOT_VARIANTS`` for q/k/v of element type ``dtype`` ("fp16", "bf16", "fp32"),
     head dim ``D`` for keys and values (a multiple of 16, as are then the q/o strides), G = 4 and aligned rows,
     each with every tile the autotune prune keeps for it on compute capability ``arch``."""
-    torch_dtype, BD = TENSOR_DTYPES[dtype], max(16, triton.next_power_of_2(D))
+    torch_dtype, BD = TENSOR_DTYPES[dtype], max(16, next_power_of_2(D))
     half = torch_dtype != torch.float32
     specs = []
     for variant, features in AOT_VARIANTS.items():

@@ -6,7 +6,7 @@ import triton.language as tl
 
 from .._core.registry import register
 from .rope_utils import rope_apply, rope_layout, rope_partner
-from .utils import CompileSpec, available, check_inputs, compile_spec, empty, fixed_tile
+from .utils import CompileSpec, available, cdiv, check_inputs, compile_spec, empty, fixed_tile, next_power_of_2
 
 BLOCK_L = 16  # rows per program: a fixed tile (not autotuned)
 
@@ -46,9 +46,9 @@ def rotate_keys(k, d, rope):
     if out.numel() == 0:
         return out
     sdb, sdl = (d.stride(0), 0) if d.ndim == 1 else d.stride()
-    _rotate_keys_kernel[(triton.cdiv(L, BLOCK_L) * B * H,)](
+    _rotate_keys_kernel[(cdiv(L, BLOCK_L) * B * H,)](
         k, out, d, rope.inv_freq, k.stride(0), k.stride(1), k.stride(2), sdb, sdl, H, L, D,
-        ROT=rope.rotary_dim, GPTJ=rope.style == "gptj", BLOCK_L=BLOCK_L, BLOCK_D=triton.next_power_of_2(D),
+        ROT=rope.rotary_dim, GPTJ=rope.style == "gptj", BLOCK_L=BLOCK_L, BLOCK_D=next_power_of_2(D),
     )
     return out
 
@@ -62,6 +62,6 @@ def compile_specs(dtype: str, D: int, arch: int) -> list[CompileSpec]:
     """``_rotate_keys_kernel`` for neox and gptj RoPE over the whole head, keys of element type ``dtype`` ("fp16",
     "bf16", "fp32") and head dim ``D``, in the launcher's tile (the same on every ``arch``)."""
     return [compile_spec(_rotate_keys_kernel, style, _ARG_TYPES, dtype,
-                         dict(D=D, ROT=D, GPTJ=style == "gptj", BLOCK_D=triton.next_power_of_2(D)),
+                         dict(D=D, ROT=D, GPTJ=style == "gptj", BLOCK_D=next_power_of_2(D)),
                          [fixed_tile(BLOCK_L=BLOCK_L)], multiple_of_16=("skb", "skh", "skl"))
             for style in ("neox", "gptj")]

@@ -15,6 +15,17 @@ import triton
 MODE = "interpreter" if triton.knobs.runtime.interpret else "compiled"
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for launch grids. Triton's own ``triton.cdiv`` is a constexpr function whose host-side
+    call costs microseconds, several per layer call."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2`` without its call cost."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
 def available() -> bool:
     """Whether the triton backend can run here: on a CUDA device, or on CPU tensors through the interpreter."""
     return MODE == "interpreter" or torch.cuda.is_available()
