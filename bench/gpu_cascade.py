@@ -6,12 +6,15 @@ copy measured in the same run, and the first host synchronisation inside a run (
 capture). Three ways to call: ``call`` (``multi_branch_attention`` per layer, a plan each time), ``plan`` (one
 plan per step, ``run`` per layer: what ``patch_model`` does) and ``run`` (the plan made once before the step,
 only ``run`` per layer inside it: the way a step can be captured in a CUDA graph). The Triton shared-prefix step
-is also broken down by kernel (cascade pass, own segments, combine) and timed with the cascade's key splits
-forced to each of ``--splits`` (the launcher's own choice is the row without a split count). Needs CUDA.
+is also broken down by kernel (cascade pass, own segments, combine), timed with the cascade's key splits
+forced to each of ``--splits`` (the launcher's own choice is the row without a split count), and with the
+cascade's states merged by the own-segment launch instead of the combine kernel
+(``PSKERNELS_TRITON_CASCADE_MERGE=1``, alternating with the default). Needs CUDA.
 Usage: python bench/gpu_cascade.py [--json FILE] [--backends cuda,triton] [--splits 4,8,16,32,64]
 """
 import argparse
 import json
+import os
 
 import torch
 from triton.testing import do_bench, do_bench_cudagraph
@@ -210,6 +213,22 @@ def _triton_shared_breakdown(res, qs, shared, L, nbytes, ceiling, splits):
         res["triton_shared_splits"].append(row)
         print(f"triton shared run, cascade splits {n}: {ms:.3f} ms/step ({timing[:9]}); kernels {dev_ms:.3f} ms "
               f"({row['device_fraction_of_copy']:.2f} of copy)")
+    res["triton_shared_merge"] = []
+    for merge in ("0", "1") * 3:  # alternating: the default (combine kernel), then the merge in the own launch
+        os.environ["PSKERNELS_TRITON_CASCADE_MERGE"] = merge
+        made = pskernels.plan_multi_branch_attention(qs[0], *shared[0], backend="triton")
+        made.run(qs[0], *shared[0])
+
+        def run_made(made=made):
+            for l in range(L):
+                made.run(qs[l], *shared[l])
+
+        ms, timing = _time(run_made)
+        row = dict(merge=merge == "1", ms=ms, timing=timing, device_ms=_device_ms(run_made))
+        res["triton_shared_merge"].append(row)
+        print(f"triton shared run, merge in the own launch {merge}: {ms:.3f} ms/step ({timing[:9]})")
+    os.environ.pop("PSKERNELS_TRITON_CASCADE_MERGE")
+    res["triton_shared_merge_kernels"] = _kernels(run_made)
 
 
 if __name__ == "__main__":

@@ -3,11 +3,15 @@
 N workers decode as one batch on a zero-copy ``ParallelCache(prefix, [])``: the batch-1 prefix K/V reach the op
 expanded over the B rows (batch stride 0). The launcher reads such shared segments in cascade launches, whose
 M tile packs the queries of every row of a kv head, and the rows' own segments in a plain launch; the combine
-kernel merges the two by LSE. Each case records the kernel launches and asserts which segments each read and
-how its grid tiles the rows (so a case meant for the cascade cannot pass on the plain path), then compares with
+kernel merges the two by LSE, or, opted in (PSKERNELS_TRITON_CASCADE_MERGE=1), the own launch merges the
+cascade's states into its own (one split, no calibrated groups, no softcap or window).
+Each case records the kernel launches and asserts which segments each read, how its grid tiles the rows (so a
+case meant for the cascade cannot pass on the plain path) and which of the two merges ran, then compares with
 the reference: per-row lengths, padding, shifts, windows and causal limits differ between the rows of a tile.
 Without CUDA this runs in the interpreter (small shapes); on a GPU the same cases run compiled.
 """
+import os
+
 import pytest
 import torch
 import triton
@@ -59,9 +63,11 @@ def _run(q, keys, values, monkeypatch, *, shared, tile=None, **kw):
     must read (empty: one plain launch of every live segment)."""
     p = normalize_segments(q, keys, values, **kw)
     bm = (tile or mba._FIXED_TILE)[0]
-    launches = []
+    launches, combines = [], []
     for name in ("_mba_fwd_kernel", "_mba_fwd_tuned"):
         monkeypatch.setattr(mba, name, _Recorder(getattr(mba, name), launches, bm))
+    combine = mba.combine
+    monkeypatch.setattr(mba, "combine", lambda *a, **k: combines.append(1) or combine(*a, **k))
     out, lse = mba.multi_branch_attention(q, keys, values, p, tile=tile)
 
     B, Hq, Lq, _ = q.shape
@@ -73,6 +79,13 @@ def _run(q, keys, values, monkeypatch, *, shared, tile=None, **kw):
     want += [(False, ptrs(own), triton.cdiv(rows, bm) * B * Hkv)] if own or not shared else []
     got = [(m["meta"]["CASCADE"], sorted(x for x in m["k_ptrs"] if x), m["grid"][0]) for m in launches]
     assert got == want, "launch plan"
+    # the cascade's states: merged by the own-segment launch when it is one split of one uncalibrated group
+    merges = [m["meta"]["MERGE_WS"] for m in launches]
+    merged = (os.environ.get("PSKERNELS_TRITON_CASCADE_MERGE") == "1" and bool(shared and own)
+              and launches[1]["grid"][1] == 1 and not p.has_knobs and p.softcap is None and p.sliding_window is None)
+    assert merges == [False, merged][:len(launches)], "merge in the own launch"
+    uses_workspace = bool(shared) or sum(m["grid"][1] for m in launches) > 1 or p.has_knobs
+    assert len(combines) == int(uses_workspace and not merged), "combine launch"
 
     ref_out, ref_lse = ref.multi_branch_attention(q, keys, values, p)
     assert not out.isnan().any() and not lse.isnan().any(), "NaN in triton output"
@@ -80,7 +93,7 @@ def _run(q, keys, values, monkeypatch, *, shared, tile=None, **kw):
     assert torch.equal(torch.isfinite(lse), torch.isfinite(ref_lse)), "-inf pattern of lse differs"
     fin = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse[fin], ref_lse[fin].float(), atol=LSE_ATOL[q.dtype], rtol=0)
-    return out, lse
+    return out, lse, merged
 
 
 def _shared(Hkv, L, D, dtype, hf_layout=False):
@@ -111,11 +124,33 @@ def _workers(B, Hq, Hkv, Lq, D, dtype, hf_layout=False):
     return q, keys, values, dict(seq_lens=seq_lens, left_pad=left_pad, position_shifts=shifts, rope=_rope(D))
 
 
+@pytest.mark.parametrize("merge", ["0", "1"])
 @pytest.mark.parametrize("B", [2, 5, 9])
 @pytest.mark.parametrize("Hq,Hkv", [(2, 2), (3, 1), (8, 1)])  # GQA 1, 3, 8
-def test_decode(B, Hq, Hkv, monkeypatch):
+def test_decode(B, Hq, Hkv, merge, monkeypatch):
+    monkeypatch.setenv("PSKERNELS_TRITON_CASCADE_MERGE", merge)
     q, keys, values, kw = _workers(B, Hq, Hkv, 1, 32, F32)
     _run(q, keys, values, monkeypatch, shared=[0], **kw)
+
+
+def test_own_launch_merges_the_cascade_or_leaves_it_to_the_combine(monkeypatch):
+    """Opted in, both ways of merging the cascade's partial states run and agree with the reference: the
+    own-segment launch merges them when it is one split (many rows); a split own launch (a long own segment on
+    few rows), calibrated groups and a window leave them to the combine kernel."""
+    monkeypatch.setenv("PSKERNELS_TRITON_CASCADE_MERGE", "1")
+    q, keys, values, kw = _workers(9, 3, 1, 1, 32, F32)
+    assert _run(q, keys, values, monkeypatch, shared=[0], **kw)[2]
+    q, keys, values, kw = _workers(2, 2, 1, 1, 32, F32)
+    long_own = [torch.randn(2, 1, 300, 32, device=DEV) for _ in range(2)]
+    keys[2], values[2] = long_own
+    kw["seq_lens"][2] = torch.tensor([300, 1])
+    assert mba.plan_launches(q, keys, values, [0, 0, 0])[1].nsplit > 1
+    assert not _run(q, keys, values, monkeypatch, shared=[0], **kw)[2]
+    q, keys, values, kw = _workers(9, 3, 1, 1, 32, F32)
+    assert not _run(q, keys, values, monkeypatch, shared=[0], temperature=torch.tensor([1.0, 0.8, 1.2]),
+                    segment_groups=[0, 1, 2], **kw)[2]
+    assert not _run(q, keys, values, monkeypatch, shared=[0], sliding_window=30,
+                    segment_positions=torch.tensor([0, 37, 46]), **kw)[2]
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,dtype,hf_layout", [(5, 6, 2, BF16, True), (9, 8, 1, BF16, False),
@@ -179,7 +214,7 @@ def test_shared_segments_not_first(monkeypatch):
     for name, row in ctx.items():
         kw[name] = torch.cat([kw[name], torch.tensor([row])])[order]
         kw[name][:, 1] = 0  # row 1: nothing anywhere
-    out, lse = _run(q, keys, values, monkeypatch, shared=[1, 2], **kw)
+    out, lse, _ = _run(q, keys, values, monkeypatch, shared=[1, 2], **kw)
     assert (out[1] == 0).all() and torch.isneginf(lse[1]).all()
     _run(q, keys, values, monkeypatch, shared=[1, 2], temperature=0.8, log_weight=torch.tensor([0.3, -0.2]),
          segment_groups=[0, 0, 1, 1], **kw)

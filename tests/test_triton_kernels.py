@@ -362,13 +362,15 @@ base = dict(G=4, D=128, DV=128, ROT=128, PREC="tf32", DOT_DT=tl.bfloat16, ALIGNE
             BLOCK_DV=128)
 # prefill: every feature; decode: split-KV with the runtime ints Triton specialises to constants (== 1)
 prefill = dict(base, GPTJ=False, HAS_SHIFT=True, SOFTCAP=True, WINDOW=True, HAS_KNOBS=True, SPLIT=False,
-               CASCADE=False)
+               CASCADE=False, MERGE_WS=False)
 decode = dict(base, GPTJ=True, HAS_SHIFT=True, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=True,
-              CASCADE=False, B=1, HKV=1, Lq=1, NGR=1, window=1)
+              CASCADE=False, MERGE_WS=False, B=1, HKV=1, Lq=1, NGR=1, window=1)
 # the cascade's decode over a shared, unshifted prefix (several batch rows: B stays a runtime value)
 cascade = dict(decode, GPTJ=False, HAS_SHIFT=False, CASCADE=True)
 del cascade["B"]
-for consts in (prefill, decode, cascade):
+# its own-segment launch, merging the cascade's states (NMERGE a runtime value)
+merge = dict(cascade, HAS_SHIFT=True, SPLIT=False, CASCADE=False, MERGE_WS=True)
+for consts in (prefill, decode, cascade, merge):
     tiles = mba.tiles_for(mba.tile_class(**consts), True, 90)
     build(mba._mba_fwd_kernel, mba._ARG_TYPES, consts,
           [TileConfig(dict(BLOCK_M=bm, BLOCK_N=bn), w, st) for bm, bn, w, st in tiles])

@@ -14,10 +14,14 @@ knobs while merging the groups.
 Cascade (shared-prefix) attention: segments every batch row shares (a batch-1 prefix expanded over the
 batch, batch stride 0) are read by ``CASCADE`` programs whose M tile packs the rows of all batch rows of a
 kv head, each row with its own lengths, padding, shift and window; a second launch reads the rows' own
-segments, and the combine kernel merges both by LSE (``plan_launches`` says when).
+segments, and the combine kernel merges both by LSE (``plan_launches`` says when). With
+``PSKERNELS_TRITON_CASCADE_MERGE=1`` the own-segment launch merges the cascade's partial states into its own on
+the way out instead (``MERGE_WS``: one launch fewer; one split, no knobs, no softcap or window), not yet
+measured on a GPU, hence off by default.
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -27,7 +31,7 @@ import triton.language as tl
 from .._core.devices import host_to_device
 from .._core.registry import register
 from .._core.segments import SegmentParams
-from .combine import LOG2E, combine, merge_final
+from .combine import LOG2E, combine, merge_final, merge_step
 from .rope_utils import rope_apply, rope_layout, rope_partner, sincos
 from .utils import (
     TENSOR_DTYPES,
@@ -61,14 +65,17 @@ def _tanh(x):
 def _mba_fwd_kernel(
     q, o, lse, ws_o, ws_lse, seg, seg_row, grp, qpos, knobs, inv_freq,
     sqb, sqh, sqm, sob, soh, som,
-    B, HKV, Lq, NGR, NSPLIT, scale, softcap, window,
+    B, HKV, Lq, NGR, NSPLIT, NMERGE, scale, softcap, window,
     G: tl.constexpr, D: tl.constexpr, DV: tl.constexpr, ROT: tl.constexpr, GPTJ: tl.constexpr,
     HAS_SHIFT: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HAS_KNOBS: tl.constexpr,
-    SPLIT: tl.constexpr, CASCADE: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr, ALIGNED: tl.constexpr,
+    SPLIT: tl.constexpr, CASCADE: tl.constexpr, MERGE_WS: tl.constexpr, PREC: tl.constexpr, DOT_DT: tl.constexpr,
+    ALIGNED: tl.constexpr,
     ES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
     # a cascade program writes partial states: the rows' own segments are merged with them by the combine kernel
     tl.static_assert(SPLIT or not CASCADE, "CASCADE launches write the split-KV workspace (SPLIT)")
+    # a launch that merges the workspace's states writes the final output: one split, one uncalibrated group
+    tl.static_assert(not (MERGE_WS and (SPLIT or CASCADE or HAS_KNOBS)), "MERGE_WS writes the final output")
     i_s = tl.program_id(1)
     HQ = HKV * G
     if CASCADE:
@@ -211,6 +218,15 @@ def _mba_fwd_kernel(
                 b_m = b_mn
                 p_kj += BLOCK_N * skl
                 p_vj += BLOCK_N * svl
+        if MERGE_WS:
+            # the cascade launch's NMERGE partial states of these rows (the shared segments), merged here rather
+            # than by a combine launch; in log2 units of scores, as this state (no knobs: T = 1)
+            # not software-pipelined: a stage in flight would hold another [BM, BDV] fp32 tile in registers
+            for i_p in tl.range(NMERGE, num_stages=1):
+                o_w = ((((i_p * NGR + i_g) * B).to(tl.int64) + i_b) * HQ + o_hq) * Lq + o_i  # [BM]
+                b_s = tl.load(ws_lse + o_w, mask=m_r, other=float("-inf")) * LOG2E
+                b_o = tl.load(ws_o + o_w[:, None] * DV + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
+                b_m, b_l, b_acc = merge_step(b_m, b_l, b_acc, b_s, b_o)
         # group state: output and LSE in units of scores / T
         b_og, b_lg = merge_final(b_m, b_l, b_acc)
         if SPLIT or HAS_KNOBS:  # state per (split, group); the combine kernel merges them and applies the knobs
@@ -265,8 +281,11 @@ MAXNREG = 255
 SMEM_BUDGET = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block: H100/H200, A100
 
 
-def tile_class(*, HAS_SHIFT, GPTJ, ROT, BLOCK_D, SOFTCAP, WINDOW, HAS_KNOBS, SPLIT, CASCADE=False, **_) -> str:
-    """Register-pressure class of a kernel specialisation (its constexprs), the key of ``_TILES``."""
+def tile_class(*, HAS_SHIFT, GPTJ, ROT, BLOCK_D, SOFTCAP, WINDOW, HAS_KNOBS, SPLIT, CASCADE=False, MERGE_WS=False,
+               **_) -> str:
+    """Register-pressure class of a kernel specialisation (its constexprs), the key of ``_TILES``. An unshifted
+    launch that merges the cascade's states takes the general RoPE class's small tiles: with its epilogue the
+    plain class's 128 x 64 tile spills on sm_80 (half), the neox class's 32 x 32 / 64 x 32 (fp32, D = 80)."""
     heavy = bool(SOFTCAP or WINDOW or HAS_KNOBS)
     if CASCADE:
         return "cascade_heavy" if heavy else "cascade_rope" if HAS_SHIFT else "cascade"
@@ -277,7 +296,7 @@ def tile_class(*, HAS_SHIFT, GPTJ, ROT, BLOCK_D, SOFTCAP, WINDOW, HAS_KNOBS, SPL
     if heavy:
         return "heavy" if halves or not HAS_SHIFT else "heavy_rope_any"
     if not HAS_SHIFT:
-        return "plain"
+        return "rope_any" if MERGE_WS else "plain"
     return "rope" if halves else "rope_any"
 
 
@@ -312,7 +331,7 @@ _GPU_CONFIGS = [
 ]
 _mba_fwd_tuned = triton.autotune(
     _GPU_CONFIGS, key=["G", "D", "DV", "ROT", "GPTJ", "HAS_SHIFT", "SOFTCAP", "WINDOW", "HAS_KNOBS", "SPLIT",
-                        "CASCADE"],
+                        "CASCADE", "MERGE_WS"],
     prune_configs_by={"early_config_prune": _prune},
 )(_mba_fwd_kernel)
 
@@ -408,7 +427,9 @@ class _Setup(NamedTuple):
     tables: list  # per launch: (group offsets [NGR + 1], per-(segment, row) table [S', B, 4], query positions)
     knobs: torch.Tensor | None  # [3, NGR, Hq] temperature, LSE scale, log-weight
     use_ws: bool
-    meta: dict  # the kernel's constexprs but ALIGNED
+    # the cascade's own-segment launch merges the cascade's states itself (MERGE_WS) instead of a combine launch
+    merge: bool
+    meta: dict  # the kernel's constexprs but ALIGNED, SPLIT, CASCADE, MERGE_WS
 
 
 _SEG_TABLES = 64  # device segment tables kept per plan: one per set of K/V pointers (a forward has one per layer)
@@ -452,8 +473,12 @@ def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
         ]).contiguous()
     # Partial states go through a workspace and the combine kernel: key splits, the cascade's shared and own
     # launches, and calibrated groups (a second [BM, BDV] accumulator across the groups would make the attention
-    # kernel spill). Each launch writes its own splits' slots.
+    # kernel spill). Each launch writes its own splits' slots. A cascade whose own-segment launch is one split
+    # of one uncalibrated group can save the combine launch (opt-in): that launch merges the cascade's states into
+    # its own. Not with softcap or window: that epilogue spills the heavy class's tiles.
     use_ws = any(lc.cascade for lc in launches) or sum(lc.nsplit for lc in launches) > 1 or knobs is not None
+    merge = (os.environ.get("PSKERNELS_TRITON_CASCADE_MERGE") == "1" and len(launches) == 2 and launches[0].cascade
+             and launches[1].nsplit == 1 and knobs is None and p.softcap is None and p.sliding_window is None)
     rope = p.rope if p.has_shift else None
     meta = dict(
         G=G, D=D, DV=DV, ROT=rope.rotary_dim if rope is not None else 0, GPTJ=rope is not None and rope.style == "gptj",
@@ -463,7 +488,7 @@ def _setup(q, keys, values, p: SegmentParams, tile) -> _Setup:
         DOT_DT=tl.float32 if q.dtype == torch.bfloat16 and not on_gpu(dev) else _TL_DTYPES[q.dtype],
         ES=q.element_size(), BLOCK_D=max(16, next_power_of_2(D)), BLOCK_DV=max(16, next_power_of_2(DV)),
     )
-    setup = _Setup(launches, tables, knobs, use_ws, meta)
+    setup = _Setup(launches, tables, knobs, use_ws, merge, meta)
     p.memo[key] = setup
     return setup
 
@@ -498,8 +523,9 @@ def _tensors(q, keys, values, p: SegmentParams, tile) -> _Tensors:
              int(p.causal_last and s == S - 1)) for s in lc.segments] or [(0,) * _SEG_COLS], dtype=torch.int64),
             q.device, _CAPTURE) for lc in setup.launches]
         cascade = any(lc.cascade for lc in setup.launches)
-        metas = [dict(setup.meta, ALIGNED=aligned, SPLIT=cascade or lc.nsplit > 1, CASCADE=lc.cascade)
-                 for lc in setup.launches]
+        metas = [dict(setup.meta, ALIGNED=aligned, SPLIT=(cascade or lc.nsplit > 1) and not merges,
+                      CASCADE=lc.cascade, MERGE_WS=merges)
+                 for i, lc in enumerate(setup.launches) for merges in [setup.merge and i == 1]]
         hit = _Tensors(setup, metas, tables)
         if len(cache) >= _SEG_TABLES:
             del cache[next(iter(cache))]
@@ -525,23 +551,31 @@ def multi_branch_attention(q, keys, values, p: SegmentParams, *, tile=None):
         return out, lse
 
     setup, metas, segment_tables = _tensors(q, keys, values, p, tile)
-    NS, NGR = sum(lc.nsplit for lc in setup.launches), setup.knobs.shape[1] if setup.knobs is not None else 1
+    # with a merge, only the cascade's splits go through the workspace
+    NS = setup.launches[0].nsplit if setup.merge else sum(lc.nsplit for lc in setup.launches)
+    NGR = setup.knobs.shape[1] if setup.knobs is not None else 1
     if setup.use_ws:
         ws_o = torch.empty((NS, NGR, B, Hq, Lq, DV), dtype=torch.float32, device=dev)
         ws_lse = torch.empty((NS, NGR, B, Hq, Lq), dtype=torch.float32, device=dev)
     rope = p.rope if p.has_shift else None
     gpu, slot = on_gpu(dev), 0
     for lc, (grp, seg_row, qpos), seg, meta in zip(setup.launches, setup.tables, segment_tables, metas):
-        ws = (ws_o[slot:], ws_lse[slot:]) if setup.use_ws else (out, lse)
+        if not setup.use_ws:
+            ws = (out, lse)
+        elif meta["MERGE_WS"]:  # reads the states written before it (from slot 0) and writes the output
+            ws = (ws_o, ws_lse)
+        else:
+            ws = (ws_o[slot:], ws_lse[slot:])
+        n_merge = slot if meta["MERGE_WS"] else 0
         slot += lc.nsplit
         args = (
             q, out, lse, *ws, seg, seg_row, grp, qpos,
             setup.knobs if setup.knobs is not None else lse, rope.inv_freq if rope is not None else lse,
             *q.stride()[:3], *out.stride()[:3],
-            B, Hkv, Lq, NGR, lc.nsplit, p.scale, p.softcap or 1.0, p.sliding_window or 0,
+            B, Hkv, Lq, NGR, lc.nsplit, n_merge, p.scale, p.softcap or 1.0, p.sliding_window or 0,
         )
         _launch(lc, args, meta, Hq // Hkv * Lq, B, Hkv, tile, gpu)
-    if setup.use_ws:
+    if setup.use_ws and not setup.merge:
         combine(ws_o, ws_lse, out, lse, setup.knobs)
     return out, lse
 
@@ -561,14 +595,16 @@ def _launch(lc: Launch, args, meta, rows: int, B: int, Hkv: int, tile, gpu: bool
 # Triton types of _mba_fwd_kernel's runtime arguments for ahead-of-time compiles; "T": the q/k/v element type
 _ARG_TYPES = dict(q="*T", o="*T", lse="*fp32", ws_o="*fp32", ws_lse="*fp32", seg="*i64", seg_row="*i64", grp="*i64",
                   qpos="*i64", knobs="*fp32", inv_freq="*fp32", scale="fp32", softcap="fp32",
-                  **dict.fromkeys("sqb sqh sqm sob soh som B HKV Lq NGR NSPLIT window".split(), "i32"))
-_OFF = dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False, CASCADE=False)
+                  **dict.fromkeys("sqb sqh sqm sob soh som B HKV Lq NGR NSPLIT NMERGE window".split(), "i32"))
+_OFF = dict(GPTJ=False, HAS_SHIFT=False, SOFTCAP=False, WINDOW=False, HAS_KNOBS=False, SPLIT=False, CASCADE=False,
+            MERGE_WS=False)
 _HEAVY = dict(SOFTCAP=True, WINDOW=True, HAS_KNOBS=True)
 # The specialisations the kernel report compiles, at least one per tile class: no RoPE shift, neox over the whole
 # head (the ParallelCache path; at D=80 the head is not a power of two and it takes the general path), gptj, partial
-# rotary (rotary dim D / ROT_DIV), softcap + window + calibration knobs with each RoPE layout, split-KV decode, and
-# the cascade (always split-KV): unshifted, with per-row shifts on each RoPE path, and heavy. Lq and the other
-# runtime ints stay runtime values.
+# rotary (rotary dim D / ROT_DIV), softcap + window + calibration knobs with each RoPE layout, split-KV decode, the
+# cascade (always split-KV): unshifted, with per-row shifts on each RoPE path, and heavy, and the cascade's
+# own-segment launch that merges its states (MERGE_WS: unsplit, no knobs, softcap or window). Lq and the other runtime
+# ints stay runtime values.
 AOT_VARIANTS = {
     "plain": dict(_OFF),
     "rope": dict(_OFF, HAS_SHIFT=True),
@@ -583,6 +619,9 @@ AOT_VARIANTS = {
     "cascade_rope": dict(_OFF, HAS_SHIFT=True, SPLIT=True, CASCADE=True),
     "cascade_rope_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, CASCADE=True),
     "cascade_heavy": dict(_OFF, HAS_SHIFT=True, GPTJ=True, SPLIT=True, CASCADE=True, **_HEAVY),
+    "merge": dict(_OFF, MERGE_WS=True),
+    "merge_rope": dict(_OFF, HAS_SHIFT=True, MERGE_WS=True),
+    "merge_rope_gptj": dict(_OFF, HAS_SHIFT=True, GPTJ=True, MERGE_WS=True),
 }
 
 
