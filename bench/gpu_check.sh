@@ -51,7 +51,7 @@ timeout $(left 90) $PY -m pytest -q -p no:cacheprovider tests/test_triton_cascad
 
 bandwidth() {
 echo "== cascade decode step: P=8192, N=32, bf16, 32 layers (issue 14) =="
-timeout $(left 150) $PY bench/gpu_cascade.py --json "$OUT/gpu_cascade.json" 2>&1 | tail -40 | tee "$OUT/gpu_cascade.txt"
+timeout $(left 210) $PY bench/gpu_cascade.py --json "$OUT/gpu_cascade.json" 2>&1 | tail -40 | tee "$OUT/gpu_cascade.txt"
 }
 
 sanitizer() {
