@@ -13,6 +13,7 @@ cascade's states merged by the own-segment launch instead of the combine kernel
 Usage: python bench/gpu_cascade.py [--json FILE] [--backends cuda,triton] [--splits 4,8,16,32,64]
 """
 import argparse
+import contextlib
 import json
 import os
 
@@ -39,8 +40,8 @@ def _time(fn):
         return do_bench(fn, warmup=10, rep=50), f"streamed (capture failed: {type(e).__name__}: {str(e)[:160]})"
 
 
-def _device_ms(fn):
-    """Sum of the device time of every kernel and copy of one call of ``fn`` (torch.profiler)."""
+def _kernels(fn):
+    """Device milliseconds of one call of ``fn`` per kernel or copy name (torch.profiler), largest first."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -49,47 +50,44 @@ def _device_ms(fn):
         fn()
         torch.cuda.synchronize()
     evs = prof.key_averages()
-    if not evs:
-        return float("nan")
-    attr = "self_device_time_total" if hasattr(evs[0], "self_device_time_total") else "self_cuda_time_total"
-    return sum(getattr(e, attr) for e in evs) / 1e3
-
-
-def _kernels(fn):
-    """Device milliseconds of one call of ``fn`` per kernel name (torch.profiler), largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    attr = "self_device_time_total"
-    rows = [(e.key[:60], getattr(e, attr, getattr(e, "self_cuda_time_total", 0)) / 1e3, e.count)
-            for e in prof.key_averages()]
+    attr = "self_device_time_total" if evs and hasattr(evs[0], "self_device_time_total") else "self_cuda_time_total"
+    rows = [(e.key[:60], getattr(e, attr) / 1e3, e.count) for e in evs]
     return sorted([r for r in rows if r[1] > 0], key=lambda r: -r[1])
 
 
-def _forced_splits(n):
-    """A context in which the Triton launcher plans every cascade launch with ``n`` key splits."""
-    import contextlib
+def _device_ms(fn):
+    """Sum of the device time of every kernel and copy of one call of ``fn`` (torch.profiler)."""
+    rows = _kernels(fn)
+    return sum(ms for _, ms, _ in rows) if rows else float("nan")
 
+
+def _planned_step(qs, tensors, backend):
+    """One decode step over the layers' ``qs`` / ``tensors``: a plan made (and run once) now, ``run`` per layer."""
+    made = pskernels.plan_multi_branch_attention(qs[0], *tensors[0], backend=backend)
+    made.run(qs[0], *tensors[0])
+
+    def step():
+        for q, ts in zip(qs, tensors):
+            made.run(q, *ts)
+
+    return step
+
+
+@contextlib.contextmanager
+def _forced_splits(n):
+    """The Triton launcher plans every cascade launch with ``n`` key splits inside this context."""
     import pskernels.triton.multi_branch_attention as mba
 
-    @contextlib.contextmanager
-    def forced():
-        planned = mba.plan_launches
+    planned = mba.plan_launches
 
-        def plan_launches(*args, **kwargs):
-            return [lc._replace(nsplit=n) if lc.cascade else lc for lc in planned(*args, **kwargs)]
+    def plan_launches(*args, **kwargs):
+        return [lc._replace(nsplit=n) if lc.cascade else lc for lc in planned(*args, **kwargs)]
 
-        mba.plan_launches = plan_launches
-        try:
-            yield
-        finally:
-            mba.plan_launches = planned
-
-    return forced()
+    mba.plan_launches = plan_launches
+    try:
+        yield
+    finally:
+        mba.plan_launches = planned
 
 
 def _first_sync(fn):
@@ -154,13 +152,7 @@ def main():
                 for l in range(L):
                     p.run(qs[l], *tensors[l])
 
-            made = pskernels.plan_multi_branch_attention(qs[0], *tensors[0], backend=backend)
-
-            def run(tensors=tensors, made=made):
-                for l in range(L):
-                    made.run(qs[l], *tensors[l])
-
-            for how, fn in (("call", call), ("plan", plan), ("run", run)):
+            for how, fn in (("call", call), ("plan", plan), ("run", _planned_step(qs, tensors, backend))):
                 ms, timing = _time(fn)
                 dev_ms = _device_ms(fn)
                 row = dict(backend=backend, layout=layout, how=how, ms=ms, timing=timing, device_ms=dev_ms,
@@ -174,61 +166,51 @@ def main():
                       f"copy); first sync: {row['first_sync']}")
     if any(r["backend"] == "triton" for r in res["rows"]):
         splits = [int(n) for n in a.splits.split(",") if n]
-        _triton_shared_breakdown(res, qs, shared, L, nbytes["shared"], ceiling, splits)
+        _triton_shared_breakdown(res, qs, shared, nbytes["shared"], ceiling, splits)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(res, f, indent=1)
 
 
-def _triton_shared_breakdown(res, qs, shared, L, nbytes, ceiling, splits):
-    """The Triton shared-prefix step (plan made before it) by kernel, then with the cascade's key splits forced."""
+def _triton_shared_breakdown(res, qs, shared, nbytes, ceiling, splits):
+    """The Triton shared-prefix step (plan made before it) by kernel, then with the cascade's key splits forced,
+    then with the cascade's states merged in the own launch against the combine kernel."""
     import pskernels.triton.multi_branch_attention as mba
 
     made = pskernels.plan_multi_branch_attention(qs[0], *shared[0], backend="triton")
     chosen = [(lc.cascade, lc.nsplit) for lc in mba._setup(qs[0], *shared[0], made.params, None).launches]
-
-    def run(made=made):
-        for l in range(L):
-            made.run(qs[l], *shared[l])
-
     res["triton_shared_launches"] = chosen
-    res["triton_shared_kernels"] = _kernels(run)
+    res["triton_shared_kernels"] = _kernels(_planned_step(qs, shared, "triton"))
     print(f"triton shared launches (cascade, splits): {chosen}")
     for name, ms, n in res["triton_shared_kernels"]:
         print(f"  {ms:8.3f} ms  x{n:<4d} {name}")
     res["triton_shared_splits"] = []
     for n in splits:
         with _forced_splits(n):
-            forced = pskernels.plan_multi_branch_attention(qs[0], *shared[0], backend="triton")
-            forced.run(qs[0], *shared[0])
-
-            def run_forced(forced=forced):
-                for l in range(L):
-                    forced.run(qs[l], *shared[l])
-
-            ms, timing = _time(run_forced)
-            dev_ms = _device_ms(run_forced)
+            step = _planned_step(qs, shared, "triton")
+            ms, timing = _time(step)
+            dev_ms = _device_ms(step)
         row = dict(splits=n, ms=ms, timing=timing, device_ms=dev_ms,
                    device_fraction_of_copy=nbytes / (dev_ms * 1e-3) / ceiling)
         res["triton_shared_splits"].append(row)
         print(f"triton shared run, cascade splits {n}: {ms:.3f} ms/step ({timing[:9]}); kernels {dev_ms:.3f} ms "
               f"({row['device_fraction_of_copy']:.2f} of copy)")
     res["triton_shared_merge"] = []
-    for merge in ("0", "1") * 3:  # alternating: the default (combine kernel), then the merge in the own launch
-        os.environ["PSKERNELS_TRITON_CASCADE_MERGE"] = merge
-        made = pskernels.plan_multi_branch_attention(qs[0], *shared[0], backend="triton")
-        made.run(qs[0], *shared[0])
-
-        def run_made(made=made):
-            for l in range(L):
-                made.run(qs[l], *shared[l])
-
-        ms, timing = _time(run_made)
-        row = dict(merge=merge == "1", ms=ms, timing=timing, device_ms=_device_ms(run_made))
-        res["triton_shared_merge"].append(row)
-        print(f"triton shared run, merge in the own launch {merge}: {ms:.3f} ms/step ({timing[:9]})")
-    os.environ.pop("PSKERNELS_TRITON_CASCADE_MERGE")
-    res["triton_shared_merge_kernels"] = _kernels(run_made)
+    before = os.environ.get("PSKERNELS_TRITON_CASCADE_MERGE")
+    try:
+        for merge in ("0", "1") * 3:  # alternating: the default (combine kernel), then the merge in the own launch
+            os.environ["PSKERNELS_TRITON_CASCADE_MERGE"] = merge
+            step = _planned_step(qs, shared, "triton")
+            ms, timing = _time(step)
+            res["triton_shared_merge"].append(dict(merge=merge == "1", ms=ms, timing=timing,
+                                                   device_ms=_device_ms(step)))
+            print(f"triton shared run, merge in the own launch {merge}: {ms:.3f} ms/step ({timing[:9]})")
+        res["triton_shared_merge_kernels"] = _kernels(step)
+    finally:
+        if before is None:
+            os.environ.pop("PSKERNELS_TRITON_CASCADE_MERGE", None)
+        else:
+            os.environ["PSKERNELS_TRITON_CASCADE_MERGE"] = before
 
 
 if __name__ == "__main__":
