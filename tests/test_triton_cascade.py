@@ -245,10 +245,8 @@ def test_plan():
     # the cascade's split-KV counts the packed programs (one per kv head here), not one per row; the interpreter's
     # 32-key chunks split the 37-key prefix, a GPU's 256-key chunks keep it whole (seen on an H200)
     assert plan[0].nsplit == mba._num_splits(B * Hq // Hkv, 1, Hkv, P, q1.device) == (2 if MODE == "interpreter" else 1)
-    # autotuned cascade launches count their programs with the largest tile the tuner may pick
-    assert mba._CASCADE_MAX_M == max(t[0] for prec in mba._TILES.values() for cls, ts in prec.items()
-                                      if cls.startswith("cascade") for t in (sum(ts.values(), []) if
-                                                                            isinstance(ts, dict) else ts))
+    # autotuned cascade launches count their programs with the largest tile the tuner may pick (Hopper, half)
+    assert mba._CASCADE_MAX_M == 128 == max(t[0] for t in mba.tiles_for("cascade", True, 90))
     # groups order the segments, the shared one included
     assert [lc.segments for lc in mba.plan_launches(q1, keys, values, [1, 0, 1])] == [(0,), (1, 2)]
     # the same data materialised per row, or only K broadcast: no shared segment

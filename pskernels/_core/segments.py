@@ -83,7 +83,7 @@ def _check_tensor(name, t, ndim, device=None, dtype=None, last_contiguous=True):
 
 
 def _segments_valid(q, keys, values) -> bool:
-    """Whether every key / value passes the per-tensor checks of ``normalize_segments``: 4-D, q's dtype and device,
+    """Whether every key / value passes the per-tensor checks of ``_diagnose_segments``: 4-D, q's dtype and device,
     q's batch, one kv-head count dividing q's heads, q's head dim for keys, one value head dim, K and V of a
     segment the same length, unit last stride."""
     B, Hq, _, D = q.shape
@@ -103,6 +103,36 @@ def _segments_valid(q, keys, values) -> bool:
     except (AttributeError, IndexError, TypeError):
         return False
     return True
+
+
+def _diagnose_segments(q, keys, values) -> None:
+    """The checks ``_segments_valid`` makes at once, per tensor: raises naming the first offending argument."""
+    B, Hq, _, D = q.shape
+    dev = q.device
+    Hkv = Dv = None
+    for s, (k, v) in enumerate(zip(keys, values)):
+        _check_tensor(f"keys[{s}]", k, 4, dev, q.dtype)
+        _check_tensor(f"values[{s}]", v, 4, dev, q.dtype)
+        if k.shape[0] != B:
+            raise ValueError(f"keys[{s}]: expected batch {B} (q's), got shape {tuple(k.shape)}")
+        if v.shape[0] != B:
+            raise ValueError(f"values[{s}]: expected batch {B} (q's), got shape {tuple(v.shape)}")
+        if k.shape[3] != D:
+            raise ValueError(f"keys[{s}]: expected head_dim {D} (q's), got shape {tuple(k.shape)}")
+        if Hkv is None:
+            Hkv, Dv = k.shape[1], v.shape[3]
+            if Hkv == 0 or Hq % Hkv != 0:
+                raise ValueError(
+                    f"keys[0]: number of kv heads must divide q's {Hq} heads (GQA), got {Hkv} (shape {tuple(k.shape)})"
+                )
+        if k.shape[1] != Hkv:
+            raise ValueError(f"keys[{s}]: expected {Hkv} kv heads (keys[0]'s), got shape {tuple(k.shape)}")
+        if v.shape[1] != Hkv or v.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"values[{s}]: expected shape [{B}, {Hkv}, {k.shape[2]}, Dv] (matching keys[{s}]), got {tuple(v.shape)}"
+            )
+        if v.shape[3] != Dv:
+            raise ValueError(f"values[{s}]: expected value head_dim {Dv} (values[0]'s), got shape {tuple(v.shape)}")
 
 
 def _int_table(name, t, S, B, device, allow_1d=True):
@@ -125,8 +155,7 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     elif t.ndim != 2 or tuple(t.shape) != (S, B):
         raise ValueError(f"{name}: expected shape [S, B] = [{S}, {B}], got {tuple(t.shape)}")
     check_same_or_cpu(name, t, device, "q")
-    host = t.to("cpu", torch.int64, copy=True).contiguous()
-    return host, (_on_device(t, device) if t.device == device else _on_device(host, device))
+    return t.to("cpu", torch.int64, copy=True).contiguous(), _on_device(t, device)
 
 
 def _on_device(t, device, dtype=torch.int64):
@@ -203,34 +232,11 @@ def normalize_segments(
         raise ValueError(f"values: expected {len(keys)} segments (same as keys), got {len(values)}")
     S = len(keys)
     dev = q.device
-    Hkv = Dv = None
-    # the per-tensor checks below name the first offending argument; a valid layout (every call of every layer)
-    # passes them all at once through the cheaper test
-    for s, (k, v) in enumerate(zip(keys, values) if not _segments_valid(q, keys, values) else ()):
-        _check_tensor(f"keys[{s}]", k, 4, dev, q.dtype)
-        _check_tensor(f"values[{s}]", v, 4, dev, q.dtype)
-        if k.shape[0] != B:
-            raise ValueError(f"keys[{s}]: expected batch {B} (q's), got shape {tuple(k.shape)}")
-        if v.shape[0] != B:
-            raise ValueError(f"values[{s}]: expected batch {B} (q's), got shape {tuple(v.shape)}")
-        if k.shape[3] != D:
-            raise ValueError(f"keys[{s}]: expected head_dim {D} (q's), got shape {tuple(k.shape)}")
-        if Hkv is None:
-            Hkv, Dv = k.shape[1], v.shape[3]
-            if Hkv == 0 or Hq % Hkv != 0:
-                raise ValueError(
-                    f"keys[0]: number of kv heads must divide q's {Hq} heads (GQA), got {Hkv} (shape {tuple(k.shape)})"
-                )
-        if k.shape[1] != Hkv:
-            raise ValueError(f"keys[{s}]: expected {Hkv} kv heads (keys[0]'s), got shape {tuple(k.shape)}")
-        if v.shape[1] != Hkv or v.shape[2] != k.shape[2]:
-            raise ValueError(
-                f"values[{s}]: expected shape [{B}, {Hkv}, {k.shape[2]}, Dv] (matching keys[{s}]), got {tuple(v.shape)}"
-            )
-        if v.shape[3] != Dv:
-            raise ValueError(f"values[{s}]: expected value head_dim {Dv} (values[0]'s), got shape {tuple(v.shape)}")
+    # one cheap test of every key / value (each call of each layer); the per-tensor checks that name the first
+    # offending argument run only when it fails
+    if not _segments_valid(q, keys, values):
+        _diagnose_segments(q, keys, values)
 
-    Hkv, Dv = keys[0].shape[1], values[0].shape[3]
     Ls = torch.tensor([k.shape[2] for k in keys], dtype=torch.int64)
     if seq_lens is None:
         lc = Ls[:, None].expand(S, B).contiguous()

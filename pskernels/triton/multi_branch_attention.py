@@ -351,8 +351,9 @@ def _num_splits(rows: int, B: int, Hkv: int, max_len: int, device: torch.device,
     return max(1, min(target // n_prog, cdiv(max_len, min_chunk), 64))
 
 
-# The largest M tile an autotuned cascade launch may pick (``_TILES``): its key splits are counted with it.
-_CASCADE_MAX_M = 128
+# The largest M tile an autotuned cascade launch may pick: its key splits are counted with it.
+_CASCADE_MAX_M = max(t[0] for cls in _TILES["half"] if cls.startswith("cascade") for half in (True, False)
+                     for arch in (80, 90) for t in tiles_for(cls, half, arch))
 
 
 def check_segments(q, keys, values) -> None:
