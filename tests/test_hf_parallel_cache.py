@@ -6,7 +6,7 @@ import torch
 import pskernels
 from pskernels.ref import rotate
 
-from hf_oracle import branch_caches, make_case, oracle_greedy, oracle_logits
+from hf_oracle import branch_caches, make_case, mask_arg, oracle_greedy, oracle_logits, oracle_rows
 from tiny_models import ARCHS, VOCAB, make_model
 
 pytestmark = pytest.mark.hf
@@ -251,3 +251,54 @@ def test_one_plan_per_layout_and_forward(patched, monkeypatch):
     layer_kinds = {getattr(m, "sliding_window", None) for m in model.modules() if hasattr(m, "layer_idx")}
     assert 1 <= len(calls) <= len(layer_kinds) < model.config.num_hidden_layers + 1
     assert len(set(calls)) == len(calls)
+
+
+def _skip_oracle(model, case, skip):
+    """Full-sequence oracle where the first ``skip[i]`` tokens of branch i are seen by their branch only."""
+    toks, pos, seg = oracle_rows(case, 0)
+    hidden, at = [], case.prefix.shape[1]
+    for i, n in enumerate(case.lengths[:, 0].tolist()):
+        hidden += range(at, at + skip[i])
+        at += n
+    T = len(toks)
+    masks = mask_arg(model, pos, seg)
+    is_query = torch.tensor(seg)[:, None] == -1
+    key_hidden = torch.zeros(1, T, dtype=torch.bool)
+    key_hidden[0, hidden] = True
+    for m in (masks.values() if isinstance(masks, dict) else [masks]):
+        m[0, 0][is_query & key_hidden] = float("-inf")
+    out = model(torch.tensor([toks]), attention_mask=masks, position_ids=torch.tensor([pos]))
+    return out.logits[0, -seg.count(-1):]
+
+
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["deepcopy", "zero_copy"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral_sliding", "phi3_partial", "gemma"])
+def test_branch_skip_hides_leading_tokens_at_unchanged_positions(arch, zero_copy):
+    model = make_model(arch)
+    case = make_case(1, 4, [[6], [3], [5]], [3], VOCAB, seed=11)
+    skip = [2, 0, 5]
+    with torch.no_grad():
+        handle = pskernels.patch_model(model)
+        try:
+            prefix, branches = branch_caches(model, case, zero_copy=zero_copy)
+            cache = pskernels.ParallelCache(prefix, branches, branch_skip=skip)
+            assert cache.query_start.tolist() == [4 + 6]  # the skipped tokens keep their positions
+            out = model(case.query, past_key_values=cache).logits[0]
+            plain = model(case.query, past_key_values=pskernels.ParallelCache(prefix, branches)).logits[0]
+        finally:
+            handle.remove()
+        ref = _skip_oracle(model, case, skip)
+    err = (out - ref).abs().max().item()
+    assert err < TOL, f"{arch}: max logit error {err:.2e}"
+    assert (out - plain).abs().max().item() > 100 * TOL  # the skip is not a no-op
+
+
+def test_branch_skip_out_of_range_is_named():
+    model = make_model("llama")
+    case = make_case(1, 4, [[6], [3]], [3], VOCAB, seed=12)
+    with torch.no_grad():
+        prefix, branches = branch_caches(model, case)
+    with pytest.raises(ValueError, match=r"branch_skip\[1\]: expected values in \[0, branch length \[3\]\], got \[4\]"):
+        pskernels.ParallelCache(prefix, branches, branch_skip=[0, 4])
+    with pytest.raises(ValueError, match=r"branch_skip\[0\]: expected values in \[0, branch length \[2\]\], got \[3\]"):
+        pskernels.ParallelCache(prefix, branches, branch_lengths=[2, 3], branch_skip=[3, 0])

@@ -22,10 +22,22 @@ def test_ttft_benchmark_reports_all_paths_and_restores_the_model():
     assert r["config"]["context_tokens"] == 4 + 2 * 8
     assert r["config"]["text_prefill_tokens"] == 2 * 8 + 3
     assert all(len(v) == 2 for v in r["samples_ms"].values())
+    assert "recompute_ms" not in r and "recompute" not in r["samples_ms"]
     assert r["dtype"] == "float32"
     # the patch is removed afterwards
     assert model.config._attn_implementation == impl
     assert getattr(model, "_pskernels_patch", None) is None
+
+
+@pytest.mark.hf
+def test_ttft_benchmark_times_the_recompute_path_when_asked():
+    model = tiny_llama(hidden=64, layers=2)
+    r = ttft_benchmark(model, branches=2, branch_len=8, prefix_len=4, query_len=3, repeats=2, warmup=1,
+                       recompute_head=3)
+    assert r["recompute_head"] == 3 and r["recompute_ms"] > 0 and len(r["samples_ms"]["recompute"]) == 2
+    assert math.isfinite(r["recompute_speedup"]) and r["recompute_speedup"] > 0
+    with pytest.raises(ValueError, match="recompute_head: expected >= 0, got -1"):
+        ttft_benchmark(model, branches=2, branch_len=8, prefix_len=4, query_len=3, recompute_head=-1)
 
 
 def test_ttft_benchmark_rejects_empty_sizes():

@@ -37,7 +37,8 @@ from ..synthesis.data import build, load_jsonl, save_jsonl
 from ..synthesis.models import load_model
 
 SETTING_NAMES = {"text_concat": "(i) text concatenation (teacher)", "parallel": "(ii) parallel, untrained",
-                 "ape": "(iii) APE calibration (T=S=0.9)", "trained": "(iv) trained mapper + adapter"}
+                 "ape": "(iii) APE calibration (T=S=0.9)", "trained": "(iv) trained mapper + adapter",
+                 "recompute": "(v) recomputed {} + {} tokens per branch".format(*evaluation.RECOMPUTE)}
 
 
 def format_table(r: dict, names: dict | None = None) -> str:
@@ -228,11 +229,23 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--scheme", default=None, help="default: the checkpoint's scheme, else sequential")
     p.add_argument("--settings", default=",".join(settings),
                    help="comma-separated subset of " + ",".join(settings) + " (text_concat is always computed)")
+    p.add_argument("--recompute", default="{},{}".format(*evaluation.RECOMPUTE), metavar="HEAD[,TAIL]",
+                   help="(setting recompute) tokens recomputed in text order at the start (and end) of each branch")
     p.add_argument("--gen-tokens", type=int, default=12)
     p.add_argument("--target-tokens", type=int, default=16)
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
     p.add_argument("--threads", type=int, default=None)
     return p
+
+
+def _recompute(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(x) for x in text.split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 0 or sum(parts) == 0:
+        raise SystemExit(f"--recompute: expected HEAD or HEAD,TAIL (tokens >= 0, not all 0), got {text!r}")
+    return (parts[0], parts[1] if len(parts) == 2 else 0)
 
 
 def _key(ex):
@@ -272,6 +285,7 @@ def run_eval(args) -> int:
     bad = set(settings) - set(evaluation.SETTINGS)
     if bad:
         raise SystemExit(f"--settings: unknown {sorted(bad)}, expected some of {evaluation.SETTINGS}")
+    recompute = _recompute(args.recompute) if "recompute" in settings else evaluation.RECOMPUTE
     checkpoint, checkpoint_how = resolve_checkpoint(args)
     try:
         cfg = checkpoints.checkpoint_train_config(checkpoint) if checkpoint else {}
@@ -321,7 +335,9 @@ def run_eval(args) -> int:
         checkpoint_how += ", not evaluated (--settings without trained)"
     r = evaluation.evaluate(model, tok, examples, mapper=mapper, trained=checkpoint_loaded, scheme=scheme,
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
-                            gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape)
+                            gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
+                            recompute=recompute)
+    names["recompute"] = "(v) recomputed {} + {} tokens per branch".format(*recompute)
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:

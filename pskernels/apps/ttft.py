@@ -9,6 +9,10 @@ shared ``prefix_len``-token prefix, measured in one process, alternating, median
 ``parallel``
     Parallel-Synthesis: only the prompt (``query_len`` tokens) is prefilled, reading the workers' own
     (zero-copy) caches through a :class:`pskernels.ParallelCache`.
+``recompute`` (with ``recompute_head``)
+    Parallel-Synthesis after recomputing the first ``recompute_head`` tokens of each branch in text order
+    (:func:`pskernels.synthesis.recompute.recompute_branches`: ``N`` forwards of that many tokens), then the
+    prompt: the training-free fidelity knob's TTFT.
 ``floor``
     A stock forward of the same prompt over an ordinary contiguous ``DynamicCache`` already holding
     ``prefix_len + N * branch_len`` tokens: what a prompt prefill costs when the context is already one
@@ -32,6 +36,7 @@ import torch
 from ..hf import ParallelCache, patch_model
 from ..ops import resolve_backend
 from ..synthesis.models import load_model
+from ..synthesis.recompute import recompute_branches
 from ..synthesis.workflow import cache_kwarg, output_cache
 
 
@@ -57,7 +62,7 @@ def _model_name(model) -> str:
 
 @torch.no_grad()
 def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, query_len: int, repeats: int = 5,
-                   seed: int = 0, warmup: int = 1, backend: str = "auto") -> dict:
+                   seed: int = 0, warmup: int = 1, backend: str = "auto", recompute_head: int = 0) -> dict:
     """Median TTFT (ms) of text concatenation, Parallel-Synthesis and the contiguous-cache floor.
 
     Parameters
@@ -72,16 +77,21 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
         Untimed calls per path first.
     backend : str
         Kernel backend of the ParallelCache attention.
+    recompute_head : int
+        > 0: also time the ``recompute`` path with this many tokens recomputed at the start of each branch.
 
     Returns
     -------
     dict with ``text_concat_ms``, ``parallel_ms``, ``floor_ms`` (medians), ``speedup`` (text / parallel),
-    ``parallel_over_floor``, the raw samples, the config and the environment (threads, versions, dtype).
+    ``parallel_over_floor`` (with ``recompute_head``: ``recompute_ms`` and ``recompute_speedup``, text /
+    recompute), the raw samples, the config and the environment (threads, versions, dtype).
     """
     import transformers
 
     if branches < 1 or branch_len < 1 or prefix_len < 1 or query_len < 1 or repeats < 1:
         raise ValueError("branches, branch_len, prefix_len, query_len and repeats must all be >= 1")
+    if recompute_head < 0:
+        raise ValueError(f"recompute_head: expected >= 0, got {recompute_head}")
     model.eval()
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
@@ -126,7 +136,14 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
             finally:
                 _truncate(floor_base, context)
 
+        def recompute():
+            cache = recompute_branches(model, prefix, workers, [b[0] for b in branch_ids], head=recompute_head,
+                                       backend=backend)
+            return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+
         paths = {"text_concat": text_concat, "parallel": parallel, "floor": floor}
+        if recompute_head:
+            paths["recompute"] = recompute
         for _ in range(warmup):
             for fn in paths.values():
                 fn()
@@ -143,6 +160,8 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
         handle.remove()
 
     med = {k: statistics.median(v) for k, v in samples.items()}
+    extra = {"recompute_head": recompute_head, "recompute_ms": round(med["recompute"], 3),
+             "recompute_speedup": round(med["text_concat"] / med["recompute"], 3)} if recompute_head else {}
     kv_bytes = sum(t.numel() * t.element_size() for w in workers for layer in w.layers
                    for t in (layer.keys, layer.values) if t is not None)
     return {
@@ -155,6 +174,7 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
         "floor_ms": round(med["floor"], 3),
         "speedup": round(med["text_concat"] / med["parallel"], 3),
         "parallel_over_floor": round(med["parallel"] / med["floor"], 3),
+        **extra,
         "samples_ms": {k: [round(x, 3) for x in v] for k, v in samples.items()},
         "branch_cache_mib": round(kv_bytes / 2**20, 2),
         "backend": resolve_backend("multi_branch_attention", backend, device),
@@ -218,7 +238,7 @@ def main(args) -> int:
                          query_len=args.query_len, repeats=args.repeats, path=args.plot)
     else:
         res = ttft_benchmark(model, branches=args.branches, branch_len=args.branch_len, prefix_len=args.prefix_len,
-                             query_len=args.query_len, repeats=args.repeats)
+                             query_len=args.query_len, repeats=args.repeats, recompute_head=args.recompute)
         res["load_s"] = round(load_s, 2)
     text = json.dumps(res, indent=2)
     print(text)

@@ -16,6 +16,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
 from ..hf import CacheRow, ParallelCache
+from ..hf.cache import worker_cache
 from . import wire
 from .fingerprint import Fingerprint, dtype_code
 
@@ -145,10 +146,7 @@ def _ordinary(layers) -> DynamicCache:
 def build_branch(h: wire.Header, kv, prefix: Cache | None) -> Cache:
     """The received branch as a cache ``ParallelCache(prefix, [branch])`` reads in place (see the module doc)."""
     if all(s == h.tokens for s in h.stored):
-        pc = ParallelCache(prefix, [])
-        pc.layers = [_fill(DynamicLayer(), k, v) for k, v in kv]
-        pc._own_pad = torch.tensor(h.pad, dtype=torch.int64)
-        pc.batch = h.rows
+        pc = worker_cache(prefix, kv, h.pad)
         pc.lengths = torch.tensor(h.lengths, dtype=torch.int64)
         return pc
     c = _ordinary(_layers(h, kv, h.prefix_len + h.tokens))

@@ -34,6 +34,7 @@ class _Branch:
     pad: torch.Tensor  # [B] leading masked slots
     length: torch.Tensor  # [B] real tokens
     row: int | None = None  # take only this batch row of the cache
+    skip: torch.Tensor | None = None  # [B] leading real tokens not read (after the padding); None: 0
 
 
 @dataclass
@@ -53,6 +54,7 @@ class _SourceRows:
 
     pad: torch.Tensor  # leading masked slots
     length: torch.Tensor  # real tokens
+    skip: torch.Tensor  # leading real tokens not read, after the padding
     slot0: torch.Tensor  # original position of the segment's slot 0
     delta: torch.Tensor  # re-indexing shift
     is_branch: torch.Tensor  # [S, 1] bool
@@ -103,6 +105,9 @@ class ParallelCache(Cache):
         Virtual position of the synthesizer's first own token; default: the end of the furthest branch.
     branch_lengths : ``[N]`` or ``[N, B]`` ints, optional
         Real tokens of branch ``i`` in row ``b`` (right padding beyond; 0 = row ``b`` has no branch ``i``).
+    branch_skip : ``[N]`` or ``[N, B]`` ints, optional
+        Leading real tokens of branch ``i`` in row ``b`` that are not read (e.g. replaced by another segment);
+        positions are unchanged: the first read token keeps the position it has in the whole branch.
     backend : str
         Kernel backend for the attention (see :func:`pskernels.multi_branch_attention`).
     mapper : pskernels.synthesis.CacheMapper, optional
@@ -134,7 +139,7 @@ class ParallelCache(Cache):
     """
 
     def __init__(self, prefix: Cache | None = None, branches=(), scheme: str = "parallel", branch_starts=None,
-                 query_start=None, branch_lengths=None, backend: str = "auto", mapper=None):
+                 query_start=None, branch_lengths=None, branch_skip=None, backend: str = "auto", mapper=None):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
         if (branch_starts is not None) != (scheme == "custom"):
@@ -201,6 +206,13 @@ class ParallelCache(Cache):
                     raise ValueError(f"branch_lengths[{i}]: expected values in [0, {br.tokens}] (tokens stored after "
                                      f"the prefix), got {lens[i].tolist()}")
                 br.length = lens[i]
+        if branch_skip is not None:
+            skips = _rows("branch_skip", branch_skip, N, B)
+            for i, br in enumerate(self.branches):
+                if (skips[i] < 0).any() or (skips[i] > br.length).any():
+                    raise ValueError(f"branch_skip[{i}]: expected values in [0, branch length {br.length.tolist()}], "
+                                     f"got {skips[i].tolist()}")
+                br.skip = skips[i]
         lens = torch.stack([br.length for br in self.branches]) if N else torch.zeros(0, B, dtype=torch.int64)
 
         if scheme == "parallel":
@@ -264,6 +276,8 @@ class ParallelCache(Cache):
         self.deltas = self.deltas.expand(-1, B).clone()
         for br in self.branches:
             br.pad, br.length = br.pad.expand(B).clone(), br.length.expand(B).clone()
+            if br.skip is not None:
+                br.skip = br.skip.expand(B).clone()
         self._sources = None
 
     def begin_forward(self, batch: int, q_len: int, attention_mask, position_ids, device) -> torch.Tensor:
@@ -316,11 +330,12 @@ class ParallelCache(Cache):
     def _build_sources(self) -> None:
         """Sources, their stacked per-row metadata and the indices of those that need a view per layer."""
         B, P = self.batch, self.prefix_len
-        sources, pad, length, delta = [], [], [], []
+        sources, pad, length, skip, delta = [], [], [], [], []
         if self.prefix is not None and P > 0:
             sources.append(_Source(self.prefix, "prefix", 0, None, _batch(self.prefix)))
             pad.append(torch.zeros(B, dtype=torch.int64))
             length.append(torch.full((B,), P, dtype=torch.int64))
+            skip.append(torch.zeros(B, dtype=torch.int64))
             delta.append(torch.zeros(1, B, dtype=torch.int64))
         first = len(sources)
         for br in self.branches:
@@ -328,9 +343,11 @@ class ParallelCache(Cache):
                                    _batch(br.cache)))
             pad.append(br.pad)
             length.append(br.length)
+            skip.append(br.skip if br.skip is not None else torch.zeros(B, dtype=torch.int64))
         pad_t = torch.stack(pad) if pad else torch.zeros(0, B, dtype=torch.int64)
         is_branch = torch.arange(len(sources))[:, None] >= first
         rows = _SourceRows(pad=pad_t, length=torch.stack(length) if length else pad_t,
+                           skip=torch.stack(skip) if skip else pad_t,
                            slot0=torch.where(is_branch, P - pad_t, 0), delta=torch.cat([*delta, self.deltas]),
                            is_branch=is_branch)
         self._sources, self._source_rows = sources, rows
@@ -430,13 +447,13 @@ class ParallelCache(Cache):
         L = torch.tensor(stored, dtype=torch.int64)[:, None]
         off = torch.tensor(offs, dtype=torch.int64)[:, None]
         end = (rows.pad + rows.length - off).clamp(min=0).minimum(L)
-        pads = (rows.pad - off).clamp(min=0).minimum(end)
+        pads = (rows.pad + rows.skip - off).clamp(min=0).minimum(end)
         pos0 = rows.slot0 + off + rows.delta
         mapped = rows.is_branch if self._mapped is not None else torch.zeros_like(rows.is_branch)
         shifts = torch.where(mapped, 0, rows.delta)  # mapped keys were already re-rotated at their new positions
         if window is not None and any(offs):
             qmin = self._active["vpos_cpu"].amin(1)  # [B]
-            dropped = (off > 0) & (off > rows.pad) & (rows.length > 0) & (pos0 - 1 > qmin - window)
+            dropped = (off > 0) & (off > rows.pad + rows.skip) & (rows.length > rows.skip) & (pos0 - 1 > qmin - window)
             if bool(dropped.any()):
                 raise ValueError(
                     f"ParallelCache: layer {layer_idx} is a sliding-window layer whose cache already dropped "
@@ -457,3 +474,21 @@ class ParallelCache(Cache):
             meta["segment_positions"] = torch.cat([pos0, (self.query_start - pad_own)[None]])
             meta["query_positions"] = self._active["vpos_cpu"]
         return meta
+
+
+def worker_cache(prefix: Cache | None, kv, pad=None) -> ParallelCache:
+    """A worker's zero-copy cache ``ParallelCache(prefix, [])`` whose own tokens are the given per-layer
+    ``kv`` (``[(keys, values)]``, each ``[B, kv_heads, S, head_dim]``, keys rotated at positions ``P + slot``),
+    held in place (no copy), as if the worker had run them. ``pad``: ``[B]`` leading masked slots (default 0)."""
+    pc = ParallelCache(prefix, [])
+    layers = []
+    for k, v in kv:
+        layer = DynamicLayer()
+        # what lazy_initialization sets, without its two throw-away tensors
+        layer.device, layer.is_initialized, layer.keys, layer.values = k.device, True, k, v
+        layers.append(layer)
+    pc.layers = layers
+    pc.batch = kv[0][0].shape[0] if kv else 1
+    pc._own_pad = (torch.zeros(pc.batch, dtype=torch.int64) if pad is None
+                   else torch.as_tensor(pad, dtype=torch.int64).clone())
+    return pc

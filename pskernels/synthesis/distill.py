@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from ..hf import ParallelCache, patch_model
 from .adapter import base_model, unwrap
 from .data import TokenizedExample, tokenize_example
+from .recompute import recompute_branches
 from .workflow import cache_kwarg, output_cache
 
 
@@ -54,8 +55,14 @@ def _cache_kwarg(model) -> str:
     return cache_kwarg(unwrap(model))
 
 
-def _synthesis_cache(prefix, branches, mapper, scheme):
-    return ParallelCache(prefix, branches, scheme=scheme, mapper=mapper)
+def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute):
+    if not recompute:
+        return ParallelCache(prefix, branches, scheme=scheme, mapper=mapper)
+    if mapper is not None or scheme != "sequential":
+        raise ValueError(f"recompute: recomputed branch parts read the branches in text order without a mapper "
+                         f"(scheme 'sequential', mapper None), got scheme {scheme!r}, mapper {type(mapper).__name__}")
+    head, tail = recompute
+    return recompute_branches(model, prefix, branches, ex.branch_ids, head=head, tail=tail)
 
 
 @torch.no_grad()
@@ -86,16 +93,17 @@ def teacher_logits(model, ex: TokenizedExample, prefix, target: torch.Tensor) ->
 
 
 def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.Tensor, *, mapper=None,
-                   scheme: str = "sequential", adapter: bool = True) -> torch.Tensor:
+                   scheme: str = "sequential", adapter: bool = True, recompute=None) -> torch.Tensor:
     """Parallel synthesis: logits ``[T, V]`` predicting each target token from the branch caches.
-    ``adapter=False`` runs the base model (untrained Parallel-Synthesis / APE settings)."""
+    ``adapter=False`` runs the base model (untrained Parallel-Synthesis / APE settings); ``recompute=(head, tail)``
+    first recomputes that many tokens at each end of every branch in text order (:func:`recompute_branches`)."""
     dev = next(model.parameters()).device
     T = target.numel()
     ids = torch.cat([ex.prompt_ids, target]).to(dev)[None]
     ctx = contextlib.nullcontext() if adapter else base_model(model)
     with ctx:
-        out = model(ids, use_cache=True, logits_to_keep=T + 1,
-                    **{_cache_kwarg(model): _synthesis_cache(prefix, branches, mapper, scheme)})
+        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute)
+        out = model(ids, use_cache=True, logits_to_keep=T + 1, **{_cache_kwarg(model): cache})
     return out.logits[0, :-1].float()
 
 
@@ -126,11 +134,13 @@ def teacher_greedy(model, ex: TokenizedExample, prefix, n: int, eos=None) -> tor
 
 
 @torch.no_grad()
-def student_greedy(model, ex, prefix, branches, n, eos=None, *, mapper=None, scheme="sequential", adapter=True):
+def student_greedy(model, ex, prefix, branches, n, eos=None, *, mapper=None, scheme="sequential", adapter=True,
+                   recompute=None):
     """The student's greedy continuation (``n`` tokens at most) of the prompt over the branch caches."""
     ctx = contextlib.nullcontext() if adapter else base_model(model)
     with ctx:
-        return greedy(model, ex.prompt_ids, _synthesis_cache(prefix, branches, mapper, scheme), n, eos)
+        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute)
+        return greedy(model, ex.prompt_ids, cache, n, eos)
 
 
 def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

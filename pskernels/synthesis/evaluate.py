@@ -7,7 +7,10 @@ Settings (all read the same branch caches, computed by the base model):
 * ``ape``          — APE-style calibration without training: a ``CacheMapper(calibrate=True,
   init_temperature=0.9, init_lse_scale=0.9)`` (identity cache transform, branch attention sharpened and
   down-weighted);
-* ``trained``      — the trained mapper + LoRA adapter.
+* ``trained``      — the trained mapper + LoRA adapter;
+* ``recompute``    — training-free: the base model over the branches with the first (and last) tokens of each
+  branch recomputed in text order (``recompute=(head, tail)``,
+  :func:`pskernels.synthesis.recompute.recompute_branches`).
 
 Metrics per setting, on the target tokens (the example's ``target``, else the teacher's greedy
 continuation): ``kl`` mean KL(teacher || setting) in nats/token (token-weighted), ``top1`` agreement of the
@@ -40,7 +43,8 @@ from .distill import (
 from .mapper import CacheMapper
 from .workflows import split_of
 
-SETTINGS = ("text_concat", "parallel", "ape", "trained")
+SETTINGS = ("text_concat", "parallel", "ape", "trained", "recompute")
+RECOMPUTE = (32, 0)  # (head, tail) tokens per branch
 APE_INIT = {"calibrate": True, "init_temperature": 0.9, "init_lse_scale": 0.9}
 
 
@@ -55,12 +59,14 @@ def _decode(tokenizer, ids):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: str = "sequential",
-             settings=SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None) -> dict:
+             settings=SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
+             recompute: tuple[int, int] = RECOMPUTE) -> dict:
     """Compare the settings on held-out ``examples`` (dicts or ``TokenizedExample``).
 
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
     the adapter disabled). ``mapper``: the trained mapper (None: none). ``trained=False`` drops the
-    ``trained`` setting. Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
+    ``trained`` setting. ``recompute``: (head, tail) tokens per branch the ``recompute`` setting recomputes.
+    Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
     dev = next(model.parameters()).device
@@ -71,7 +77,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     if mapper is not None:
         mapper = mapper.to(dev)
     cfg = {"parallel": dict(mapper=None, adapter=False), "ape": dict(mapper=ape, adapter=False),
-           "trained": dict(mapper=mapper, adapter=True)}
+           "trained": dict(mapper=mapper, adapter=True),
+           "recompute": dict(mapper=None, adapter=False, scheme="sequential", recompute=tuple(recompute))}
     per_example = []
     was_training = model.training
     model.eval()
@@ -90,10 +97,11 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     kl = torch.zeros(tgt.numel())
                     agree, gen = tgt.numel(), t_gen
                 else:
-                    s_logits = student_logits(model, ex, prefix, branches, tgt, scheme=scheme, **cfg[s])
+                    kw = {"scheme": scheme, **cfg[s]}
+                    s_logits = student_logits(model, ex, prefix, branches, tgt, **kw)
                     kl = kl_per_token(t_logits, s_logits)
                     agree = int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
-                    gen = student_greedy(model, ex, prefix, branches, gen_tokens, eos, scheme=scheme, **cfg[s])
+                    gen = student_greedy(model, ex, prefix, branches, gen_tokens, eos, **kw)
                 a["kl"] += kl.sum().item()
                 a["agree"] += agree
                 a["tokens"] += tgt.numel()

@@ -1,0 +1,131 @@
+"""Branch heads and tails recomputed in text order: a training-free trade of some TTFT for fidelity.
+
+A worker computed its branch after the shared prefix alone, so no token of branch ``i`` has seen branches
+``0 .. i-1``: that missing cross-branch context is what separates Parallel-Synthesis from re-prefilling the
+text. CacheBlend recomputes a few selected tokens of each independently cached chunk, EPIC (LegoLink) the first
+tokens of each chunk, KVLink trained link tokens at each chunk's end. :func:`recompute_branches` recomputes the
+first ``head`` and the last ``tail`` tokens of every branch: they run again, in text order, over the prefix and
+everything before them (earlier branches with their recomputed parts, the worker's own middle tokens), at the
+positions the text gives them (the ``sequential`` scheme), and their new K/V replace the worker's for the
+synthesizer; the middle stays the worker's, read in place. ``head`` and ``tail`` covering every branch give the
+text concatenation itself (up to float rounding); 0 and 0 give plain Parallel-Synthesis.
+
+Which end matters was measured (docs/FIDELITY.md): on the reference suite's held-out families, the head
+(where a worker's input sits) carries most of the gap, the tail little. Cost: ``2 N`` forwards at most of
+``head`` / ``tail`` tokens, against re-prefilling every branch token for text concatenation.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..hf import ParallelCache
+from ..hf.cache import worker_cache
+from ..ops.rotate_keys import rotate_keys
+from ..rope import RopeSpec
+from .workflow import cache_kwarg
+
+
+def _branch_length(cache, name: str) -> int:
+    if isinstance(cache, ParallelCache):
+        if cache.batch != 1:
+            raise ValueError(f"{name}: expected a batch-1 worker cache, got {cache.batch} rows")
+        pad = int(cache._own_pad[0]) if cache._own_pad is not None else 0
+        return cache.get_seq_length() - pad
+    raise TypeError(f"{name}: expected a worker's zero-copy ParallelCache(prefix, []), got {type(cache).__name__}")
+
+
+@torch.no_grad()
+def recompute_branches(model, prefix, branches, branch_ids, *, head: int = 0, tail: int = 0,
+                       backend: str = "auto") -> ParallelCache:
+    """The synthesizer's cache over ``prefix`` and ``branches`` in text order, with the first ``head`` and the
+    last ``tail`` tokens of every branch recomputed with the branches before it in view.
+
+    Parameters
+    ----------
+    model : patched causal LM (``pskernels.patch_model``)
+        Runs the recomputation; pass the model the synthesizer will be (e.g. the base model, adapter disabled).
+    prefix : transformers Cache
+        The shared prefix the workers ran on (batch 1).
+    branches : list of ParallelCache
+        The workers' zero-copy caches (``ParallelCache(prefix, [])``, batch 1), in text order.
+    branch_ids : list of 1-D int tensors
+        The token ids of each branch (``len(branch_ids[i])`` = branch ``i``'s length).
+    head, tail : int
+        Tokens recomputed at the start and at the end of each branch (a branch shorter than ``head + tail`` is
+        recomputed whole); 0 and 0 recompute nothing (the ``sequential`` scheme).
+
+    Returns
+    -------
+    ParallelCache
+        ``scheme="custom"``, per branch: its recomputed head, the worker's tokens in between (read in place,
+        ``branch_skip`` / ``branch_lengths``), its recomputed tail, at the positions the text concatenation gives
+        them. The worker caches are not modified.
+
+    Examples
+    --------
+    >>> import torch, pskernels
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from pskernels.synthesis.recompute import recompute_branches
+    >>> _ = torch.manual_seed(0)
+    >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    ...                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    >>> handle = pskernels.patch_model(model)
+    >>> ids = [torch.randint(0, 64, (n,)) for n in (5, 7, 4)]   # prefix, two branches
+    >>> with torch.no_grad():
+    ...     prefix = model(ids[0][None], use_cache=True).past_key_values
+    ...     workers = [pskernels.ParallelCache(prefix, []) for _ in ids[1:]]
+    ...     for w, b in zip(workers, ids[1:]):
+    ...         _ = model(b[None], past_key_values=w)
+    ...     cache = recompute_branches(model, prefix, workers, ids[1:], head=2, tail=1)
+    ...     out = model(torch.tensor([[1, 2]]), past_key_values=cache)
+    >>> cache.num_branches, out.logits.shape   # per branch: head, the worker's middle, tail
+    (6, torch.Size([1, 2, 64]))
+    >>> handle.remove()
+    """
+    for name, n in (("head", head), ("tail", tail)):
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {n!r}")
+    branches, branch_ids = list(branches), [torch.as_tensor(t) for t in branch_ids]
+    if len(branch_ids) != len(branches):
+        raise ValueError(f"branch_ids: expected one id tensor per branch ({len(branches)}), got {len(branch_ids)}")
+    lens = []
+    for i, (c, ids) in enumerate(zip(branches, branch_ids)):
+        n = _branch_length(c, f"branches[{i}]")
+        if ids.ndim != 1 or ids.numel() != n:
+            raise ValueError(f"branch_ids[{i}]: expected a 1-D tensor of the branch's {n} tokens, got shape "
+                             f"{tuple(ids.shape)}")
+        lens.append(n)
+    P = ParallelCache(prefix, []).prefix_len
+    segments, starts, skips, seg_lens = [], [], [], []
+
+    def cache(query_start=None):
+        return ParallelCache(prefix, segments, scheme="custom", branch_starts=starts, branch_skip=skips,
+                             branch_lengths=seg_lens, query_start=query_start, backend=backend)
+
+    def recomputed(ids, at):
+        """``ids`` run over the segments so far at text position ``at``: a segment of their new K/V."""
+        own = cache(at)
+        model(ids.to(next(model.parameters()).device)[None], use_cache=True, **{cache_kwarg(model): own})
+        # their keys were rotated at their text positions; a worker's own tokens sit right after the prefix
+        kv = [(rotate_keys(layer.keys, P - at, RopeSpec.from_model(model, li)), layer.values)
+              for li, layer in enumerate(own.layers)]
+        segments.append(worker_cache(prefix, kv))
+        starts.append(at)
+        skips.append(0)
+        seg_lens.append(ids.numel())
+
+    pos = P
+    for c, ids, n in zip(branches, branch_ids, lens):
+        h = min(head, n)
+        t = min(tail, n - h)
+        if h:
+            recomputed(ids[:h], pos)
+        if n - h - t:  # the worker's own K/V of the tokens in between
+            segments.append(c)
+            starts.append(pos)
+            skips.append(h)
+            seg_lens.append(n - t)
+        if t:
+            recomputed(ids[n - t:], pos + n - t)
+        pos += n
+    return cache()

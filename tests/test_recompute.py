@@ -1,0 +1,126 @@
+"""recompute_branches: branch heads and tails recomputed in text order, against stock Hugging Face over a hand-built
+cache."""
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import pskernels
+from pskernels.synthesis.recompute import recompute_branches
+
+V = 64
+
+
+def _model(kv_heads=2, seed=0):
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=kv_heads)).eval()
+
+
+def _workflow(model, lens, seed=1):
+    """Prefix cache, zero-copy worker caches, branch ids and prefix ids; the model is patched on return."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [torch.randint(0, V, (n,), generator=g) for n in lens]
+    pskernels.patch_model(model)
+    with torch.no_grad():
+        prefix = model(ids[0][None], use_cache=True).past_key_values
+        workers = [pskernels.ParallelCache(prefix, []) for _ in ids[1:]]
+        for w, b in zip(workers, ids[1:]):
+            model(b[None], past_key_values=w)
+    return prefix, workers, ids[1:], ids[0]
+
+
+def _stock_reference(model, prefix, workers, branch_ids, head, tail, query):
+    """The same recomputation with stock HF attention over an ordinary cache built in text order: each branch's
+    head run over it, the worker's K/V in between appended (keys re-rotated at their text positions), its tail
+    run over it."""
+    pskernels.unpatch_model(model)
+    spec = [pskernels.RopeSpec.from_model(model, l) for l in range(len(prefix.layers))]
+    cache = copy.deepcopy(prefix)
+    P = prefix.get_seq_length()
+    with torch.no_grad():
+        for w, ids in zip(workers, branch_ids):
+            n = ids.numel()
+            h = min(head, n)
+            t = min(tail, n - h)
+            shift = cache.get_seq_length() - P  # the branch's text offset
+            if h:
+                model(ids[:h][None], past_key_values=cache, use_cache=True)
+            for l, layer in enumerate(cache.layers):
+                k = pskernels.rotate_keys(w.layers[l].keys[:, :, h:n - t], shift, spec[l])
+                layer.keys = torch.cat([layer.keys, k], 2)
+                layer.values = torch.cat([layer.values, w.layers[l].values[:, :, h:n - t]], 2)
+            if t:
+                model(ids[n - t:][None], past_key_values=cache, use_cache=True)
+        return model(query, past_key_values=cache).logits[0]
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2, 4])
+@pytest.mark.parametrize("head, tail", [(0, 1), (0, 3), (2, 0), (5, 0), (1, 2), (4, 4), (0, 8)])
+def test_matches_stock_hf_over_the_same_recomputation(kv_heads, head, tail):
+    model = _model(kv_heads)
+    prefix, workers, ids, _ = _workflow(model, (6, 7, 3, 9, 1))
+    query = torch.randint(0, V, (1, 5))
+    with torch.no_grad():
+        cache = recompute_branches(model, prefix, workers, ids, head=head, tail=tail)
+        got = model(query, past_key_values=cache).logits[0]
+    want = _stock_reference(model, prefix, workers, ids, head, tail, query)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_every_token_recomputed_is_the_text_concatenation():
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 4, 6, 2))
+    query = torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        got = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=100)).logits[0]
+        pskernels.unpatch_model(model)
+        text = model(torch.cat([*ids, query[0]])[None], past_key_values=copy.deepcopy(prefix)).logits[0, -3:]
+    torch.testing.assert_close(got, text, atol=2e-5, rtol=1e-5)
+
+
+def test_nothing_recomputed_is_the_sequential_scheme_and_the_workers_stay_untouched():
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 4, 6))
+    before = [[(l.keys.clone(), l.values.clone(), l.keys.data_ptr()) for l in w.layers] for w in workers]
+    query = torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        seq = model(query, past_key_values=pskernels.ParallelCache(prefix, workers, scheme="sequential")).logits
+        zero = model(query, past_key_values=recompute_branches(model, prefix, workers, ids)).logits
+        some = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1)).logits
+    assert torch.equal(zero, seq)
+    assert not torch.allclose(some, seq)  # a recomputation that changes nothing would pass the tests above
+    for w, b in zip(workers, before):
+        for layer, (k, v, ptr) in zip(w.layers, b):
+            assert layer.keys.data_ptr() == ptr and torch.equal(layer.keys, k) and torch.equal(layer.values, v)
+
+
+def test_greedy_generation_over_a_recomputed_cache():
+    model = _model()
+    prefix, workers, ids, prefix_ids = _workflow(model, (5, 4, 6))
+    query = torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        out = model.generate(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=100),
+                             max_new_tokens=4, do_sample=False)
+        pskernels.unpatch_model(model)
+        # generate takes the cached prefix's ids too (and skips them)
+        text = model.generate(torch.cat([prefix_ids, *ids, query[0]])[None], past_key_values=copy.deepcopy(prefix),
+                              max_new_tokens=4, do_sample=False)
+    assert out[0, 3:].tolist() == text[0, -4:].tolist()
+
+
+def test_bad_arguments_are_named():
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 4, 6))
+    with pytest.raises(ValueError, match="head: expected an int >= 0, got -1"):
+        recompute_branches(model, prefix, workers, ids, head=-1)
+    with pytest.raises(ValueError, match="tail: expected an int >= 0, got 1.5"):
+        recompute_branches(model, prefix, workers, ids, tail=1.5)
+    with pytest.raises(ValueError, match=r"branch_ids: expected one id tensor per branch \(2\), got 1"):
+        recompute_branches(model, prefix, workers, ids[:1], head=2)
+    with pytest.raises(ValueError, match=r"branch_ids\[1\]: expected a 1-D tensor of the branch's 6 tokens, got "
+                                         r"shape \(5,\)"):
+        recompute_branches(model, prefix, workers, [ids[0], ids[1][:5]], head=2)
+    with pytest.raises(TypeError, match=r"branches\[0\]: expected a worker's zero-copy ParallelCache"):
+        recompute_branches(model, prefix, [DynamicCache(), workers[1]], ids, head=2)
