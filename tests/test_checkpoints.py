@@ -292,7 +292,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     monkeypatch.setattr(demo, "load_model", lambda name: (_tiny(), ByteTokenizer()))
     seen = []
 
-    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None):
+    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recompute_prompts=False):
         seen.append((model, mapper))
         return {"synthesizer": "trained" if mapper is not None else "base model"}
 
@@ -317,7 +317,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
 def test_eval_recompute_setting(tmp_path, capsys):
     r, text = _eval(["--untrained", "--settings", "parallel,recompute", "--recompute", "2"], tmp_path, capsys)
     assert set(r) >= {"text_concat", "parallel", "recompute"} and "ape" not in r
-    assert "(v) recomputed 2 + 0 tokens per branch" in text
+    assert "(v) recomputed 2+0 tok/branch" in text
     assert r["recompute"]["kl"] != pytest.approx(r["parallel"]["kl"])  # the heads were recomputed
     full, _ = _eval(["--untrained", "--settings", "recompute", "--recompute", "1000"], tmp_path, capsys)
     assert full["recompute"]["kl"] < 1e-6 and full["recompute"]["top1"] == 1  # all recomputed: the text
@@ -327,3 +327,19 @@ def test_eval_recompute_setting(tmp_path, capsys):
     for bad in ("0", "a,b", "1,2,3", "-1,2"):
         with pytest.raises(SystemExit, match="--recompute: expected HEAD or HEAD,TAIL"):
             ev.main([*EVAL, "--untrained", "--settings", "recompute", f"--recompute={bad}"])
+
+
+def test_agent_demo_recompute_prompts_adds_a_third_synthesis(capsys):
+    from pskernels.apps import demo
+
+    subtasks = ["Count the red ones.", "Count the blue ones and say so."]
+    r = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3, repeats=1,
+                            recompute_prompts=True)
+    tok = ByteTokenizer()
+    assert r["recompute_tokens"] == sum(len(x) for x in demo.agent_prompts(tok, subtasks=subtasks)[1])
+    assert r["recompute_ttft_ms"] > 0 and r["recompute_speedup"] > 0 and isinstance(r["recompute_answer"], str)
+    demo.print_agent_report(r, "tiny")
+    assert "(c) Parallel-Synthesis with the workers' instructions recomputed" in capsys.readouterr().out
+    plain = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3,
+                                repeats=1)
+    assert "recompute_answer" not in plain

@@ -31,7 +31,7 @@ def _workflow(model, lens, seed=1):
     return prefix, workers, ids[1:], ids[0]
 
 
-def _stock_reference(model, prefix, workers, branch_ids, head, tail, query):
+def _stock_reference(model, prefix, workers, branch_ids, heads, tails, query):
     """The same recomputation with stock HF attention over an ordinary cache built in text order: each branch's
     head run over it, the worker's K/V in between appended (keys re-rotated at their text positions), its tail
     run over it."""
@@ -40,10 +40,10 @@ def _stock_reference(model, prefix, workers, branch_ids, head, tail, query):
     cache = copy.deepcopy(prefix)
     P = prefix.get_seq_length()
     with torch.no_grad():
-        for w, ids in zip(workers, branch_ids):
+        for w, ids, h, t in zip(workers, branch_ids, heads, tails):
             n = ids.numel()
-            h = min(head, n)
-            t = min(tail, n - h)
+            h = min(h, n)
+            t = min(t, n - h)
             shift = cache.get_seq_length() - P  # the branch's text offset
             if h:
                 model(ids[:h][None], past_key_values=cache, use_cache=True)
@@ -65,7 +65,18 @@ def test_matches_stock_hf_over_the_same_recomputation(kv_heads, head, tail):
     with torch.no_grad():
         cache = recompute_branches(model, prefix, workers, ids, head=head, tail=tail)
         got = model(query, past_key_values=cache).logits[0]
-    want = _stock_reference(model, prefix, workers, ids, head, tail, query)
+    want = _stock_reference(model, prefix, workers, ids, [head] * len(ids), [tail] * len(ids), query)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_per_branch_counts_match_stock_hf():
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (6, 7, 3, 9))
+    query = torch.randint(0, V, (1, 4))
+    with torch.no_grad():
+        cache = recompute_branches(model, prefix, workers, ids, head=[2, 0, 5], tail=(1, 3, 0))
+        got = model(query, past_key_values=cache).logits[0]
+    want = _stock_reference(model, prefix, workers, ids, [2, 0, 5], [1, 3, 0], query)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
@@ -113,14 +124,48 @@ def test_greedy_generation_over_a_recomputed_cache():
 def test_bad_arguments_are_named():
     model = _model()
     prefix, workers, ids, _ = _workflow(model, (5, 4, 6))
-    with pytest.raises(ValueError, match="head: expected an int >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"head: expected an int >= 0 or one per branch \(2\), got -1"):
         recompute_branches(model, prefix, workers, ids, head=-1)
-    with pytest.raises(ValueError, match="tail: expected an int >= 0, got 1.5"):
+    with pytest.raises(ValueError, match=r"tail: expected an int >= 0 or one per branch \(2\), got 1.5"):
         recompute_branches(model, prefix, workers, ids, tail=1.5)
+    with pytest.raises(ValueError, match=r"head: expected an int >= 0 or one per branch \(2\), got \[1, 2, 3\]"):
+        recompute_branches(model, prefix, workers, ids, head=[1, 2, 3])
     with pytest.raises(ValueError, match=r"branch_ids: expected one id tensor per branch \(2\), got 1"):
         recompute_branches(model, prefix, workers, ids[:1], head=2)
-    with pytest.raises(ValueError, match=r"branch_ids\[1\]: expected a 1-D tensor of the branch's 6 tokens, got "
-                                         r"shape \(5,\)"):
-        recompute_branches(model, prefix, workers, [ids[0], ids[1][:5]], head=2)
+    with pytest.raises(ValueError, match=r"branch_ids\[1\]: expected a 1-D tensor of at most the branch's 6 stored "
+                                         r"tokens, got shape \(7,\)"):
+        recompute_branches(model, prefix, workers, [ids[0], torch.cat([ids[1], ids[1][:1]])], head=2)
     with pytest.raises(TypeError, match=r"branches\[0\]: expected a worker's zero-copy ParallelCache"):
         recompute_branches(model, prefix, [DynamicCache(), workers[1]], ids, head=2)
+
+
+def test_rows_of_a_batched_left_padded_worker_cache():
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 6, 3, 4))
+    L = max(t.numel() for t in ids)
+    batch = torch.zeros(len(ids), L, dtype=torch.long)
+    mask = torch.zeros(len(ids), L, dtype=torch.long)
+    for i, t in enumerate(ids):  # left-pad each worker's tokens
+        batch[i, L - t.numel():], mask[i, L - t.numel():] = t, 1
+    query = torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        batched = pskernels.ParallelCache(prefix, [])
+        model(batch, attention_mask=mask, past_key_values=batched)
+        rows = [pskernels.CacheRow(batched, i) for i in range(len(ids))]
+        got = model(query, past_key_values=recompute_branches(model, prefix, rows, ids, head=2, tail=1)).logits
+        want = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1)).logits
+        with pytest.raises(ValueError, match=r"branches\[0\]: expected a batch-1 worker cache, got 3 rows"):
+            recompute_branches(model, prefix, [batched], ids[:1], head=1)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_branch_ids_shorter_than_the_stored_tokens_cut_the_branch():
+    """A batched worker stores tokens after its EOS: the ids say where its branch ends."""
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 6, 7))
+    query = torch.randint(0, V, (1, 3))
+    short = [ids[0][:4], ids[1]]
+    with torch.no_grad():
+        got = model(query, past_key_values=recompute_branches(model, prefix, workers, short, head=1, tail=1)).logits
+    want = _stock_reference(model, prefix, workers, short, [1, 1], [1, 1], query)
+    torch.testing.assert_close(got[0], want, atol=2e-5, rtol=1e-5)

@@ -59,6 +59,9 @@ def main(argv=None) -> int:
                      "omitted: the checkpoint shipped for --model, if any")
     syn.add_argument("--untrained", action="store_true",
                      help="the synthesizer is the base model (ignore the shipped checkpoint)")
+    d.add_argument("--recompute-prompts", action="store_true",
+                   help="also synthesize (c): the base model over the branches with each worker's instruction "
+                   "recomputed in text order (a training-free fidelity knob, docs/FIDELITY.md)")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.add_argument("--processes", type=int, metavar="N", help="workers in other processes: N local processes over "
                    "gloo (rank 0 synthesizes, ranks 1..N-1 are workers that send their branch caches); under torchrun "
@@ -118,6 +121,9 @@ def main(argv=None) -> int:
     from .demo_distributed import under_torchrun
 
     if args.processes is not None or under_torchrun():
+        if args.recompute_prompts:
+            raise SystemExit("--recompute-prompts: not available with --processes / torchrun (rank 0 does not hold "
+                             "the workers' token ids split into instruction and answer)")
         from .demo_distributed import main as distributed_demo_main
 
         return distributed_demo_main(args)

@@ -25,6 +25,7 @@ import torch
 from ..hf import ParallelCache, patch_model
 from ..synthesis import checkpoints
 from ..synthesis.models import load_model, tiny_llama
+from ..synthesis.recompute import recompute_branches
 from ..synthesis.workflow import cache_kwarg, output_cache
 
 
@@ -187,8 +188,10 @@ def load_default_synthesizer(model, model_name: str, untrained: bool = False):
 
 @torch.no_grad()
 def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, *, worker_tokens=64,
-                   answer_tokens=80, repeats=3, mapper=None):
-    """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice.
+                   answer_tokens=80, repeats=3, mapper=None, recompute_prompts=False):
+    """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice (three times
+    with ``recompute_prompts``: the base model over the branches with each worker's instruction recomputed in
+    text order, :func:`pskernels.synthesis.recompute.recompute_branches`).
 
     ``model`` may be a PeftModel holding a synthesizer adapter (:func:`load_synthesizer`): only the
     Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model."""
@@ -214,11 +217,21 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         def ttft_parallel():
             return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: parallel_cache()}).logits
 
-        ttft_text(), ttft_parallel()  # warm up
-        t_text, t_par = [], []
-        for _ in range(repeats):  # alternate A and B on a noisy machine
-            t_text.append(_elapsed_ms(ttft_text))
-            t_par.append(_elapsed_ms(ttft_parallel))
+        def recompute_cache():
+            return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, head=[len(x) for x in worker_ids])
+
+        def ttft_recompute():
+            with base_model(model):
+                return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: recompute_cache()}).logits
+
+        paths = [ttft_text, ttft_parallel] + [ttft_recompute] * recompute_prompts
+        times = {fn: [] for fn in paths}
+        for fn in paths:  # warm up
+            fn()
+        for _ in range(repeats):  # alternate on a noisy machine
+            for fn in paths:
+                times[fn].append(_elapsed_ms(fn))
+        t_text, t_par = times[ttft_text], times[ttft_parallel]
 
         full = torch.cat([prefix_ids[0]] + [b.to(dev) for b in w.branch_ids] + [query_ids[0]])[None]
         gen = dict(max_new_tokens=answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
@@ -226,12 +239,21 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         with base_model(model):
             text_out = model.generate(full, **gen, **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
         par_out = model.generate(query_ids, **gen, **{kw: parallel_cache()})[0, query_ids.shape[1]:]
+        if recompute_prompts:
+            with base_model(model):
+                rec_out = model.generate(query_ids, **gen, **{kw: recompute_cache()})[0, query_ids.shape[1]:]
     finally:
         handle.remove()
     dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     trained = ["cache mapper"] * (mapper is not None) + ["LoRA adapter"] * is_peft_model(model)
     kv = sum(t.numel() * t.element_size() for layer in w.cache.layers for t in (layer.keys, layer.values))
     text_ms, par_ms = statistics.median(t_text), statistics.median(t_par)
+    recomputed = {}
+    if recompute_prompts:
+        rec_ms = statistics.median(times[ttft_recompute])
+        recomputed = {"recompute_answer": dec(rec_out), "recompute_ttft_ms": round(rec_ms, 2),
+                      "recompute_speedup": round(text_ms / rec_ms, 2),
+                      "recompute_tokens": sum(len(x) for x in worker_ids)}
     return {
         "task": task,
         "workers": [{"subtask": st, "answer": dec(a)} for st, a in zip(subtasks, w.answer_ids)],
@@ -246,6 +268,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         "branch_cache_mib": round(kv / 2**20, 2),
         "threads": torch.get_num_threads(),
         "synthesizer": "trained " + " + ".join(trained) if trained else "base model",
+        **recomputed,
     }
 
 
@@ -279,6 +302,11 @@ def print_agent_report(r: dict, model_name: str) -> None:
     print(f"{'TTFT ' + str(r['text_concat_ttft_ms']) + ' ms':<{ANSWER_WIDTH}}  | TTFT {r['parallel_ttft_ms']} ms")
     print(f"\nspeedup (time to first token): {r['speedup']:.1f}x; worker caches {r['branch_cache_mib']} MiB "
           "(prefix stored once, read in place)")
+    if "recompute_answer" in r:
+        print(f"\n(c) Parallel-Synthesis with the workers' instructions recomputed in text order "
+              f"({r['recompute_tokens']} tokens; base model): TTFT {r['recompute_ttft_ms']} ms, "
+              f"{r['recompute_speedup']:.1f}x faster than (a)")
+        print(textwrap.indent(textwrap.fill(r["recompute_answer"], 100), "    "))
     if r["synthesizer"] == "base model":
         why = "--untrained: " if r.get("untrained") else ""
         print(f"note: {why}the synthesizer reads the branch caches without a trained adapter/mapper; the answers may "
@@ -301,6 +329,9 @@ def main(args) -> int:
         if mapper_path:
             raise ValueError("--mapper: the tiny demo checks exactness against an oracle; use it with --model "
                              "smollm2 or an HF folder")
+        if getattr(args, "recompute_prompts", False):
+            raise ValueError("--recompute-prompts: the tiny demo has no workers' instructions; use it with --model "
+                             "smollm2 or an HF folder")
         r = run_demo(branches=args.branches, branch_len=args.branch_len, prefix_len=args.prefix_len,
                      query_len=args.query_len, repeats=args.repeats)
         print(json.dumps(r, indent=2)) if args.json else print_report(r)
@@ -313,7 +344,8 @@ def main(args) -> int:
     else:
         model, mapper, mapper_path = load_default_synthesizer(model, args.model, untrained)
         shipped = mapper_path is not None
-    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper)
+    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper,
+                       recompute_prompts=bool(getattr(args, "recompute_prompts", False)))
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained
     print(json.dumps(r, indent=2)) if args.json else print_agent_report(r, name)
     return 0

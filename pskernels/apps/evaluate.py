@@ -38,7 +38,7 @@ from ..synthesis.models import load_model
 
 SETTING_NAMES = {"text_concat": "(i) text concatenation (teacher)", "parallel": "(ii) parallel, untrained",
                  "ape": "(iii) APE calibration (T=S=0.9)", "trained": "(iv) trained mapper + adapter",
-                 "recompute": "(v) recomputed {} + {} tokens per branch".format(*evaluation.RECOMPUTE)}
+                 "recompute": "(v) recomputed {}+{} tok/branch".format(*evaluation.RECOMPUTE)}
 
 
 def format_table(r: dict, names: dict | None = None) -> str:
@@ -337,7 +337,7 @@ def run_eval(args) -> int:
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
                             recompute=recompute)
-    names["recompute"] = "(v) recomputed {} + {} tokens per branch".format(*recompute)
+    names["recompute"] = "(v) recomputed {}+{} tok/branch".format(*recompute)
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:

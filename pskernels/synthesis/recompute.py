@@ -18,25 +18,38 @@ from __future__ import annotations
 
 import torch
 
-from ..hf import ParallelCache
+from ..hf import CacheRow, ParallelCache
 from ..hf.cache import worker_cache
 from ..ops.rotate_keys import rotate_keys
 from ..rope import RopeSpec
 from .workflow import cache_kwarg
 
 
-def _branch_length(cache, name: str) -> int:
-    if isinstance(cache, ParallelCache):
-        if cache.batch != 1:
-            raise ValueError(f"{name}: expected a batch-1 worker cache, got {cache.batch} rows")
-        pad = int(cache._own_pad[0]) if cache._own_pad is not None else 0
-        return cache.get_seq_length() - pad
-    raise TypeError(f"{name}: expected a worker's zero-copy ParallelCache(prefix, []), got {type(cache).__name__}")
+def _branch_length(branch, name: str) -> int:
+    """Real tokens of a batch-1 zero-copy worker cache or of one row (``CacheRow``) of a batched one."""
+    cache, row = (branch.cache, branch.row) if isinstance(branch, CacheRow) else (branch, None)
+    if not isinstance(cache, ParallelCache) or cache.branches:
+        raise TypeError(f"{name}: expected a worker's zero-copy ParallelCache(prefix, []) or a CacheRow of one, got "
+                        f"{type(branch).__name__}")
+    if row is None and cache.batch != 1:
+        raise ValueError(f"{name}: expected a batch-1 worker cache, got {cache.batch} rows (pass CacheRow(cache, i))")
+    pad = cache._own_pad[row or 0] if cache._own_pad is not None else 0
+    return cache.get_seq_length() - int(pad)
+
+
+def _per_branch(name: str, n, count: int) -> list[int]:
+    def ok(x):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if ok(n):
+        return [n] * count
+    if isinstance(n, (list, tuple)) and len(n) == count and all(ok(x) for x in n):
+        return list(n)
+    raise ValueError(f"{name}: expected an int >= 0 or one per branch ({count}), got {n!r}")
 
 
 @torch.no_grad()
-def recompute_branches(model, prefix, branches, branch_ids, *, head: int = 0, tail: int = 0,
-                       backend: str = "auto") -> ParallelCache:
+def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, backend: str = "auto") -> ParallelCache:
     """The synthesizer's cache over ``prefix`` and ``branches`` in text order, with the first ``head`` and the
     last ``tail`` tokens of every branch recomputed with the branches before it in view.
 
@@ -46,13 +59,16 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head: int = 0, ta
         Runs the recomputation; pass the model the synthesizer will be (e.g. the base model, adapter disabled).
     prefix : transformers Cache
         The shared prefix the workers ran on (batch 1).
-    branches : list of ParallelCache
-        The workers' zero-copy caches (``ParallelCache(prefix, [])``, batch 1), in text order.
+    branches : list of ParallelCache or CacheRow
+        The workers' zero-copy caches (``ParallelCache(prefix, [])``, batch 1, or ``CacheRow`` of a batched one), in
+        text order.
     branch_ids : list of 1-D int tensors
-        The token ids of each branch (``len(branch_ids[i])`` = branch ``i``'s length).
-    head, tail : int
+        The token ids of each branch: its length (slots the worker stored after them, e.g. a batched worker's
+        tokens after its EOS, are not read).
+    head, tail : int or sequence of int (one per branch)
         Tokens recomputed at the start and at the end of each branch (a branch shorter than ``head + tail`` is
-        recomputed whole); 0 and 0 recompute nothing (the ``sequential`` scheme).
+        recomputed whole); 0 and 0 recompute nothing (the ``sequential`` scheme). Per branch, e.g. ``head`` =
+        each worker's prompt length: its input recomputed, its output read in place.
 
     Returns
     -------
@@ -82,19 +98,17 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head: int = 0, ta
     (6, torch.Size([1, 2, 64]))
     >>> handle.remove()
     """
-    for name, n in (("head", head), ("tail", tail)):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"{name}: expected an int >= 0, got {n!r}")
     branches, branch_ids = list(branches), [torch.as_tensor(t) for t in branch_ids]
     if len(branch_ids) != len(branches):
         raise ValueError(f"branch_ids: expected one id tensor per branch ({len(branches)}), got {len(branch_ids)}")
+    heads, tails = _per_branch("head", head, len(branches)), _per_branch("tail", tail, len(branches))
     lens = []
     for i, (c, ids) in enumerate(zip(branches, branch_ids)):
-        n = _branch_length(c, f"branches[{i}]")
-        if ids.ndim != 1 or ids.numel() != n:
-            raise ValueError(f"branch_ids[{i}]: expected a 1-D tensor of the branch's {n} tokens, got shape "
-                             f"{tuple(ids.shape)}")
-        lens.append(n)
+        stored = _branch_length(c, f"branches[{i}]")
+        if ids.ndim != 1 or ids.numel() > stored:
+            raise ValueError(f"branch_ids[{i}]: expected a 1-D tensor of at most the branch's {stored} stored tokens, "
+                             f"got shape {tuple(ids.shape)}")
+        lens.append(ids.numel())
     P = ParallelCache(prefix, []).prefix_len
     segments, starts, skips, seg_lens = [], [], [], []
 
@@ -115,9 +129,9 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head: int = 0, ta
         seg_lens.append(ids.numel())
 
     pos = P
-    for c, ids, n in zip(branches, branch_ids, lens):
-        h = min(head, n)
-        t = min(tail, n - h)
+    for c, ids, n, h, t in zip(branches, branch_ids, lens, heads, tails):
+        h = min(h, n)
+        t = min(t, n - h)
         if h:
             recomputed(ids[:h], pos)
         if n - h - t:  # the worker's own K/V of the tokens in between
