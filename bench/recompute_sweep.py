@@ -16,7 +16,7 @@ import time
 import torch
 
 from pskernels.synthesis import checkpoints
-from pskernels.synthesis.data import encode, load_jsonl
+from pskernels.synthesis.data import load_jsonl
 from pskernels.synthesis.distill import (
     TargetCache,
     eos_ids,
@@ -27,25 +27,15 @@ from pskernels.synthesis.distill import (
     tokenize_examples,
 )
 from pskernels.synthesis.models import load_model
-from pskernels.synthesis.workflows import split_of
-
-ASSISTANT_TURN = "<|im_start|>assistant\n"
-
-
-def _prompt_tokens(tok, branch: str) -> int:
-    """Tokens of ``branch`` up to and including its (last) assistant turn marker: the worker's input."""
-    if ASSISTANT_TURN not in branch:
-        raise ValueError(f"--heads prompt: a branch without {ASSISTANT_TURN!r}: {branch[:60]!r}")
-    head = branch[: branch.rindex(ASSISTANT_TURN) + len(ASSISTANT_TURN)]
-    return len(encode(tok, head))
+from pskernels.synthesis.workflows import split_of, worker_turn_tokens
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2")
     p.add_argument("--suite", default=str(checkpoints.DEFAULT_SUITE))
-    p.add_argument("--heads", default="0,8,16,32", help="comma-separated ints, or 'prompt': per branch, the tokens "
-                   "up to its assistant turn (the worker's input)")
+    p.add_argument("--heads", default="0,8,16,32", help="comma-separated ints, or 'prompt': per branch, the worker's "
+                   "own turn (its instruction)")
     p.add_argument("--tails", default="0")
     p.add_argument("--target-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
@@ -67,7 +57,7 @@ def main(argv=None) -> int:
             for pair in pairs:
                 h, t = pair
                 if h == "prompt":
-                    h = [_prompt_tokens(tok, b) for b in raw[j]["branches"]]
+                    h = worker_turn_tokens(tok, raw[j])
                 s = student_logits(model, ex, prefix, branches, tgt, adapter=False,
                                    recompute=(h, t) if h or t else None)
                 kl, agree = kl_per_token(t_logits, s).sum().item(), int((t_logits.argmax(-1) == s.argmax(-1)).sum())

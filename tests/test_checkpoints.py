@@ -317,14 +317,14 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
 def test_eval_recompute_setting(tmp_path, capsys):
     r, text = _eval(["--untrained", "--settings", "parallel,recompute", "--recompute", "2"], tmp_path, capsys)
     assert set(r) >= {"text_concat", "parallel", "recompute"} and "ape" not in r
-    assert "(v) recomputed 2+0 tok/branch" in text
+    assert "(v) recomputed head 2, tail 0" in text
     assert r["recompute"]["kl"] != pytest.approx(r["parallel"]["kl"])  # the heads were recomputed
     full, _ = _eval(["--untrained", "--settings", "recompute", "--recompute", "1000"], tmp_path, capsys)
     assert full["recompute"]["kl"] < 1e-6 and full["recompute"]["top1"] == 1  # all recomputed: the text
 
     from pskernels.apps import evaluate as ev
 
-    for bad in ("0", "a,b", "1,2,3", "-1,2"):
+    for bad in ("0", "a,b", "1,2,3", "-1,2", "prompt,-1"):
         with pytest.raises(SystemExit, match="--recompute: expected HEAD or HEAD,TAIL"):
             ev.main([*EVAL, "--untrained", "--settings", "recompute", f"--recompute={bad}"])
 

@@ -169,3 +169,22 @@ def test_branch_ids_shorter_than_the_stored_tokens_cut_the_branch():
         got = model(query, past_key_values=recompute_branches(model, prefix, workers, short, head=1, tail=1)).logits
     want = _stock_reference(model, prefix, workers, short, [1, 1], [1, 1], query)
     torch.testing.assert_close(got[0], want, atol=2e-5, rtol=1e-5)
+
+
+def test_the_synthesizers_mapper_reads_every_segment():
+    from pskernels.synthesis import CacheMapper
+
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 6, 7))
+    query = torch.randint(0, V, (1, 3))
+    identity = CacheMapper.for_model(model)
+    calibrated = CacheMapper.for_model(model, calibrate=True, init_temperature=0.5, init_lse_scale=0.5)
+    with torch.no_grad():
+        def logits(mapper):
+            cache = recompute_branches(model, prefix, workers, ids, head=2, mapper=mapper)
+            assert cache.mapper is mapper
+            return model(query, past_key_values=cache).logits
+
+        plain, same, other = logits(None), logits(identity), logits(calibrated)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(other, plain, atol=1e-3)

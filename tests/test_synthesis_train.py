@@ -32,7 +32,7 @@ from pskernels.synthesis.distill import (  # noqa: E402
     teacher_logits,
     tokenize_examples,
 )
-from pskernels.synthesis.evaluate import SETTINGS, evaluate  # noqa: E402
+from pskernels.synthesis.evaluate import DEFAULT_SETTINGS, evaluate  # noqa: E402
 from pskernels.synthesis.models import tiny_llama  # noqa: E402
 from pskernels.synthesis.train import TrainConfig, lr_factor, train  # noqa: E402
 
@@ -281,7 +281,7 @@ def test_evaluate_returns_all_metrics():
     held[1] = distillation_examples([held[1]])[0]  # target computed by the teacher online
     r = train(_model(), TOK, train_ex, TrainConfig(steps=2, lr=1e-2, log_every=0))
     out = evaluate(r["model"], TOK, held, mapper=r["mapper"], gen_tokens=4, target_tokens=4)
-    for s in SETTINGS:
+    for s in DEFAULT_SETTINGS:
         m = out[s]
         assert set(m) >= {"kl", "top1", "exact", "accuracy", "tokens", "n"} and m["n"] == 2
         assert m["kl"] >= -1e-6 and 0 <= m["top1"] <= 1 and 0 <= m["exact"] <= 1

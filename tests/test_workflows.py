@@ -30,6 +30,7 @@ from pskernels.synthesis.workflows import (
     role_format,
     select_families,
     split_of,
+    worker_turn_tokens,
 )
 
 WORKER_TOKENS = 3
@@ -431,3 +432,29 @@ def test_malformed_teacher_field_is_refused(teacher, match):
     ex = {"prefix": "p", "branches": ["b"], "prompt": "q", "teacher": teacher, "id": "x"}
     with pytest.raises(ValueError, match=f"field 'teacher' {match}"):
         validate_example(ex, "examples[3]")
+
+
+def test_worker_turn_tokens_are_where_each_branch_starts(tiny, suite):
+    model, tok = tiny
+    ex = suite[0]
+    heads = worker_turn_tokens(tok, ex)
+    fmt = role_format(tok)
+    for h, subtask, branch in zip(heads, ex["meta"]["subtasks"], ex["branches"]):
+        ids = encode(tok, branch)
+        assert 0 < h < len(ids) and ids[:h] == encode(tok, fmt.worker_turn(subtask))
+    with pytest.raises(ValueError, match=r"example 'x': no worker instruction per branch \(meta.subtasks\)"):
+        worker_turn_tokens(tok, {"id": "x", "branches": ex["branches"]})
+    forged = dict(ex, branches=["Z" + ex["branches"][0]] + ex["branches"][1:])
+    with pytest.raises(ValueError, match=f"example {ex['id']!r}: branch 0 does not start with its worker's turn"):
+        worker_turn_tokens(tok, forged)
+
+
+def test_evaluate_recomputes_each_workers_turn(tiny, suite):
+    model, tok = tiny
+    exs = [suite[0], suite[-1]]
+    r = evaluation.evaluate(model, tok, exs, trained=False, settings=("text_concat", "parallel", "recompute"),
+                            gen_tokens=1, target_tokens=2)
+    assert r["recompute"]["n"] == 2 and r["recompute"]["kl"] != pytest.approx(r["parallel"]["kl"])
+    full = evaluation.evaluate(model, tok, exs, trained=False, settings=("text_concat", "recompute"), gen_tokens=1,
+                               target_tokens=2, recompute=(10_000, 0))
+    assert full["recompute"]["kl"] < 1e-6  # every token recomputed: the text concatenation

@@ -36,9 +36,11 @@ from ..synthesis import evaluate as evaluation
 from ..synthesis.data import build, load_jsonl, save_jsonl
 from ..synthesis.models import load_model
 
+# the recompute setting's label, by what is recomputed at each end of a branch
+RECOMPUTE_NAME = "(v) recomputed head {}, tail {}"
 SETTING_NAMES = {"text_concat": "(i) text concatenation (teacher)", "parallel": "(ii) parallel, untrained",
                  "ape": "(iii) APE calibration (T=S=0.9)", "trained": "(iv) trained mapper + adapter",
-                 "recompute": "(v) recomputed {}+{} tok/branch".format(*evaluation.RECOMPUTE)}
+                 "recompute": RECOMPUTE_NAME.format(*evaluation.RECOMPUTE)}
 
 
 def format_table(r: dict, names: dict | None = None) -> str:
@@ -227,10 +229,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--ape-grid", default=None, help="(--calibrate-ape) T,T,.../S,S,... "
                    "(default 0.7,0.8,0.9,1.0/0.7,0.8,0.9,1.0)")
     p.add_argument("--scheme", default=None, help="default: the checkpoint's scheme, else sequential")
-    p.add_argument("--settings", default=",".join(settings),
-                   help="comma-separated subset of " + ",".join(settings) + " (text_concat is always computed)")
+    p.add_argument("--settings", default=",".join(evaluation.DEFAULT_SETTINGS),
+                   help="comma-separated subset of " + ",".join(settings) + " (text_concat is always computed; "
+                   "default: all but recompute)")
     p.add_argument("--recompute", default="{},{}".format(*evaluation.RECOMPUTE), metavar="HEAD[,TAIL]",
-                   help="(setting recompute) tokens recomputed in text order at the start (and end) of each branch")
+                   help="(setting recompute) tokens recomputed in text order at the start (and end) of each branch; "
+                   "HEAD 'prompt': each worker's own turn (workflow examples)")
     p.add_argument("--gen-tokens", type=int, default=12)
     p.add_argument("--target-tokens", type=int, default=16)
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
@@ -238,14 +242,17 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _recompute(text: str) -> tuple[int, int]:
+def _recompute(text: str) -> tuple:
+    parts = text.split(",")
     try:
-        parts = [int(x) for x in text.split(",")]
+        head = parts[0] if parts[0] == "prompt" else int(parts[0])
+        tail = int(parts[1]) if len(parts) == 2 else 0
     except ValueError:
-        parts = []
-    if len(parts) not in (1, 2) or min(parts) < 0 or sum(parts) == 0:
-        raise SystemExit(f"--recompute: expected HEAD or HEAD,TAIL (tokens >= 0, not all 0), got {text!r}")
-    return (parts[0], parts[1] if len(parts) == 2 else 0)
+        head = tail = None
+    if len(parts) > 2 or head is None or tail < 0 or (head != "prompt" and (head < 0 or head + tail == 0)):
+        raise SystemExit(f"--recompute: expected HEAD or HEAD,TAIL (tokens >= 0, not all 0; HEAD may be 'prompt'), "
+                         f"got {text!r}")
+    return head, tail
 
 
 def _key(ex):
@@ -337,7 +344,7 @@ def run_eval(args) -> int:
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
                             recompute=recompute)
-    names["recompute"] = "(v) recomputed {}+{} tok/branch".format(*recompute)
+    names["recompute"] = RECOMPUTE_NAME.format(*recompute)
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:

@@ -55,14 +55,16 @@ def _cache_kwarg(model) -> str:
     return cache_kwarg(unwrap(model))
 
 
-def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute):
+def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter):
     if not recompute:
         return ParallelCache(prefix, branches, scheme=scheme, mapper=mapper)
-    if mapper is not None or scheme != "sequential":
-        raise ValueError(f"recompute: recomputed branch parts read the branches in text order without a mapper "
-                         f"(scheme 'sequential', mapper None), got scheme {scheme!r}, mapper {type(mapper).__name__}")
+    if scheme != "sequential":
+        raise ValueError(f"recompute: recomputed branch parts read the branches in text order (scheme 'sequential'), "
+                         f"got scheme {scheme!r}")
     head, tail = recompute
-    return recompute_branches(model, prefix, branches, ex.branch_ids, head=head, tail=tail)
+    # the recomputed K/V are the teacher's (the base model's); the synthesizer's mapper reads them as branches
+    with base_model(model) if adapter else contextlib.nullcontext():
+        return recompute_branches(model, prefix, branches, ex.branch_ids, head=head, tail=tail, mapper=mapper)
 
 
 @torch.no_grad()
@@ -102,7 +104,7 @@ def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.
     ids = torch.cat([ex.prompt_ids, target]).to(dev)[None]
     ctx = contextlib.nullcontext() if adapter else base_model(model)
     with ctx:
-        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute)
+        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter)
         out = model(ids, use_cache=True, logits_to_keep=T + 1, **{_cache_kwarg(model): cache})
     return out.logits[0, :-1].float()
 
@@ -139,7 +141,7 @@ def student_greedy(model, ex, prefix, branches, n, eos=None, *, mapper=None, sch
     """The student's greedy continuation (``n`` tokens at most) of the prompt over the branch caches."""
     ctx = contextlib.nullcontext() if adapter else base_model(model)
     with ctx:
-        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute)
+        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter)
         return greedy(model, ex.prompt_ids, cache, n, eos)
 
 

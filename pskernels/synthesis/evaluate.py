@@ -9,8 +9,10 @@ Settings (all read the same branch caches, computed by the base model):
   down-weighted);
 * ``trained``      — the trained mapper + LoRA adapter;
 * ``recompute``    — training-free: the base model over the branches with the first (and last) tokens of each
-  branch recomputed in text order (``recompute=(head, tail)``,
+  branch recomputed in text order (``recompute=(head, tail)``; head ``"prompt"``: each worker's own turn,
+  :func:`pskernels.synthesis.workflows.worker_turn_tokens`;
   :func:`pskernels.synthesis.recompute.recompute_branches`).
+  Not among the default settings.
 
 Metrics per setting, on the target tokens (the example's ``target``, else the teacher's greedy
 continuation): ``kl`` mean KL(teacher || setting) in nats/token (token-weighted), ``top1`` agreement of the
@@ -41,10 +43,11 @@ from .distill import (
     tokenize_examples,
 )
 from .mapper import CacheMapper
-from .workflows import split_of
+from .workflows import split_of, worker_turn_tokens
 
 SETTINGS = ("text_concat", "parallel", "ape", "trained", "recompute")
-RECOMPUTE = (32, 0)  # (head, tail) tokens per branch
+DEFAULT_SETTINGS = SETTINGS[:4]
+RECOMPUTE = ("prompt", 0)  # (head, tail) per branch: the worker's turn, nothing at the end
 APE_INIT = {"calibrate": True, "init_temperature": 0.9, "init_lse_scale": 0.9}
 
 
@@ -59,13 +62,14 @@ def _decode(tokenizer, ids):
 
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: str = "sequential",
-             settings=SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
-             recompute: tuple[int, int] = RECOMPUTE) -> dict:
+             settings=DEFAULT_SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
+             recompute: tuple = RECOMPUTE) -> dict:
     """Compare the settings on held-out ``examples`` (dicts or ``TokenizedExample``).
 
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
     the adapter disabled). ``mapper``: the trained mapper (None: none). ``trained=False`` drops the
-    ``trained`` setting. ``recompute``: (head, tail) tokens per branch the ``recompute`` setting recomputes.
+    ``trained`` setting. ``recompute``: (head, tail) tokens per branch the ``recompute`` setting recomputes
+    (head ``"prompt"``: each worker's turn, for workflow examples).
     Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
@@ -78,7 +82,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
         mapper = mapper.to(dev)
     cfg = {"parallel": dict(mapper=None, adapter=False), "ape": dict(mapper=ape, adapter=False),
            "trained": dict(mapper=mapper, adapter=True),
-           "recompute": dict(mapper=None, adapter=False, scheme="sequential", recompute=tuple(recompute))}
+           "recompute": dict(mapper=None, adapter=False, scheme="sequential")}
+    head, tail = recompute
     per_example = []
     was_training = model.training
     model.eval()
@@ -98,6 +103,9 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     agree, gen = tgt.numel(), t_gen
                 else:
                     kw = {"scheme": scheme, **cfg[s]}
+                    if s == "recompute":
+                        kw["recompute"] = (worker_turn_tokens(tokenizer, ex.example) if head == "prompt" else head,
+                                           tail)
                     s_logits = student_logits(model, ex, prefix, branches, tgt, **kw)
                     kl = kl_per_token(t_logits, s_logits)
                     agree = int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())

@@ -49,7 +49,8 @@ def _per_branch(name: str, n, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, backend: str = "auto") -> ParallelCache:
+def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, mapper=None,
+                       backend: str = "auto") -> ParallelCache:
     """The synthesizer's cache over ``prefix`` and ``branches`` in text order, with the first ``head`` and the
     last ``tail`` tokens of every branch recomputed with the branches before it in view.
 
@@ -69,6 +70,9 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, b
         Tokens recomputed at the start and at the end of each branch (a branch shorter than ``head + tail`` is
         recomputed whole); 0 and 0 recompute nothing (the ``sequential`` scheme). Per branch, e.g. ``head`` =
         each worker's prompt length: its input recomputed, its output read in place.
+    mapper : pskernels.synthesis.CacheMapper, optional
+        The synthesizer's trained mapper, applied by the returned cache to every segment (not used while
+        recomputing).
 
     Returns
     -------
@@ -112,9 +116,9 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, b
     P = ParallelCache(prefix, []).prefix_len
     segments, starts, skips, seg_lens = [], [], [], []
 
-    def cache(query_start=None):
+    def cache(query_start=None, mapper=None):
         return ParallelCache(prefix, segments, scheme="custom", branch_starts=starts, branch_skip=skips,
-                             branch_lengths=seg_lens, query_start=query_start, backend=backend)
+                             branch_lengths=seg_lens, query_start=query_start, backend=backend, mapper=mapper)
 
     def recomputed(ids, at):
         """``ids`` run over the segments so far at text position ``at``: a segment of their new K/V."""
@@ -142,4 +146,4 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, b
         if t:
             recomputed(ids[n - t:], pos + n - t)
         pos += n
-    return cache()
+    return cache(mapper=mapper)

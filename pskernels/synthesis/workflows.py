@@ -962,3 +962,26 @@ def split_of(example: dict) -> str | None:
     kind = example.get("kind") or ""
     fam = FAMILIES.get(kind.removeprefix("distill:").removeprefix("workflow:"))
     return fam.split if fam is not None and "workflow:" in kind else None
+
+
+def worker_turn_tokens(tokenizer, example: dict) -> list[int]:
+    """Per branch of a workflow ``example`` (:func:`build_workflows`): the tokens of the worker's own turn (its
+    instruction, up to where its answer starts) at the start of the branch, e.g. what
+    :func:`pskernels.synthesis.recompute.recompute_branches` recomputes as each branch's ``head``.
+
+    Raises ``ValueError`` naming the example when it has no worker instructions (``meta.subtasks``) or its
+    branches do not start with the turns this tokenizer's role format writes (another model built it)."""
+    subtasks = (example.get("meta") or {}).get("subtasks")
+    name = example.get("id", "")
+    if not subtasks or len(subtasks) != len(example["branches"]):
+        raise ValueError(f"example {name!r}: no worker instruction per branch (meta.subtasks); it is not a workflow "
+                         "built by build_workflows")
+    fmt = role_format(tokenizer)
+    out = []
+    for i, (subtask, branch) in enumerate(zip(subtasks, example["branches"])):
+        turn = encode(tokenizer, fmt.worker_turn(subtask))
+        if encode(tokenizer, branch)[:len(turn)] != turn:
+            raise ValueError(f"example {name!r}: branch {i} does not start with its worker's turn as this tokenizer "
+                             "writes it")
+        out.append(len(turn))
+    return out
