@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     p.add_argument("--heads", default="0,8,16,32", help="comma-separated ints, or 'prompt': per branch, the worker's "
                    "own turn (its instruction)")
     p.add_argument("--tails", default="0")
+    p.add_argument("--together", action="store_true", help="all recomputed parts of an example in one forward")
     p.add_argument("--target-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
                 if h == "prompt":
                     h = worker_turn_tokens(tok, raw[j])
                 s = student_logits(model, ex, prefix, branches, tgt, adapter=False,
-                                   recompute=(h, t) if h or t else None)
+                                   recompute=(h, t, args.together) if h or t else None)
                 kl, agree = kl_per_token(t_logits, s).sum().item(), int((t_logits.argmax(-1) == s.argmax(-1)).sum())
                 for split in (split_of(raw[j]), "all"):
                     acc = sums.setdefault((split, pair), [0.0, 0, 0])

@@ -139,7 +139,8 @@ def test_bad_arguments_are_named():
         recompute_branches(model, prefix, [DynamicCache(), workers[1]], ids, head=2)
 
 
-def test_rows_of_a_batched_left_padded_worker_cache():
+@pytest.mark.parametrize("together", [False, True])
+def test_rows_of_a_batched_left_padded_worker_cache(together):
     model = _model()
     prefix, workers, ids, _ = _workflow(model, (5, 6, 3, 4))
     L = max(t.numel() for t in ids)
@@ -152,8 +153,9 @@ def test_rows_of_a_batched_left_padded_worker_cache():
         batched = pskernels.ParallelCache(prefix, [])
         model(batch, attention_mask=mask, past_key_values=batched)
         rows = [pskernels.CacheRow(batched, i) for i in range(len(ids))]
-        got = model(query, past_key_values=recompute_branches(model, prefix, rows, ids, head=2, tail=1)).logits
-        want = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1)).logits
+        kw = dict(head=2, tail=1, together=together)
+        got = model(query, past_key_values=recompute_branches(model, prefix, rows, ids, **kw)).logits
+        want = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, **kw)).logits
         with pytest.raises(ValueError, match=r"branches\[0\]: expected a batch-1 worker cache, got 3 rows"):
             recompute_branches(model, prefix, [batched], ids[:1], head=1)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -188,3 +190,66 @@ def test_the_synthesizers_mapper_reads_every_segment():
         plain, same, other = logits(None), logits(identity), logits(calibrated)
     torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(other, plain, atol=1e-3)
+
+
+def _stock_together_reference(model, prefix, workers, branch_ids, heads, tails, query):
+    """``together=True`` with stock HF attention: each part run over an ordinary cache of the prefix and the
+    workers' K/V before it (keys re-rotated at their text positions), then the synthesizer's cache assembled in
+    text order from the parts and the workers' middles."""
+    pskernels.unpatch_model(model)
+    spec = [pskernels.RopeSpec.from_model(model, l) for l in range(len(prefix.layers))]
+    P = prefix.get_seq_length()
+
+    def append(cache, w, a, b, shift):
+        for l, layer in enumerate(cache.layers):
+            layer.keys = torch.cat([layer.keys, pskernels.rotate_keys(w.layers[l].keys[:, :, a:b], shift, spec[l])], 2)
+            layer.values = torch.cat([layer.values, w.layers[l].values[:, :, a:b]], 2)
+
+    def part(i, a, r):  # K/V of branch i's tokens a .. a + r, keys at their text positions
+        cache, off = copy.deepcopy(prefix), 0
+        for w, ids in zip(workers[:i], branch_ids[:i]):
+            append(cache, w, 0, ids.numel(), off)
+            off += ids.numel()
+        append(cache, workers[i], 0, a, off)
+        n0 = cache.get_seq_length()
+        model(branch_ids[i][a:a + r][None], past_key_values=cache, use_cache=True)
+        return [(layer.keys[:, :, n0:], layer.values[:, :, n0:]) for layer in cache.layers]
+
+    with torch.no_grad():
+        final = copy.deepcopy(prefix)
+        for i, (ids, h, t) in enumerate(zip(branch_ids, heads, tails)):
+            n = ids.numel()
+            h = min(h, n)
+            t = min(t, n - h)
+            for a, r in ((0, h), (None, None), (n - t, t)):
+                if a is None:
+                    append(final, workers[i], h, n - t, final.get_seq_length() - P - h)
+                elif r:
+                    for layer, (k, v) in zip(final.layers, part(i, a, r)):
+                        layer.keys, layer.values = torch.cat([layer.keys, k], 2), torch.cat([layer.values, v], 2)
+        return model(query, past_key_values=final).logits[0]
+
+
+@pytest.mark.parametrize("head, tail", [(2, 0), (0, 3), (3, 2), (100, 0)])
+def test_together_matches_stock_hf_over_the_same_parts(head, tail):
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (6, 7, 3, 9, 1))
+    query = torch.randint(0, V, (1, 4))
+    with torch.no_grad():
+        cache = recompute_branches(model, prefix, workers, ids, head=head, tail=tail, together=True)
+        got = model(query, past_key_values=cache).logits[0]
+    n = len(ids)
+    want = _stock_together_reference(model, prefix, workers, ids, [head] * n, [tail] * n, query)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_together_with_one_part_is_the_exact_recomputation():
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 4, 6, 3))
+    query = torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        one = [0, 0, 2]  # only the last branch's head: nothing recomputed before it
+        a = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=one)).logits
+        b = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=one,
+                                                            together=True)).logits
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)

@@ -36,6 +36,9 @@ def test_ttft_benchmark_times_the_recompute_path_when_asked():
                        recompute_head=3)
     assert r["recompute_head"] == 3 and r["recompute_ms"] > 0 and len(r["samples_ms"]["recompute"]) == 2
     assert math.isfinite(r["recompute_speedup"]) and r["recompute_speedup"] > 0
+    r = ttft_benchmark(model, branches=2, branch_len=8, prefix_len=4, query_len=3, repeats=1, warmup=0,
+                       recompute_head=3, recompute_together=True)
+    assert r["recompute_together"] and r["recompute_ms"] > 0
     with pytest.raises(ValueError, match="recompute_head: expected >= 0, got -1"):
         ttft_benchmark(model, branches=2, branch_len=8, prefix_len=4, query_len=3, recompute_head=-1)
 

@@ -83,6 +83,8 @@ def main(argv=None) -> int:
     t.add_argument("--recompute", type=int, default=0, metavar="HEAD",
                    help="also time Parallel-Synthesis with the first HEAD tokens of each branch recomputed in text "
                    "order (the training-free fidelity knob, docs/FIDELITY.md)")
+    t.add_argument("--recompute-together", action="store_true",
+                   help="(--recompute) all branches' heads in one forward")
     t.add_argument("--json", metavar="FILE", help="write the results as JSON")
     t.add_argument("--plot", metavar="PNG", help="also sweep branches 1,2,4,8 and draw TTFT curves")
     from .bench_workflow import add_workflow_args

@@ -235,6 +235,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recompute", default="{},{}".format(*evaluation.RECOMPUTE), metavar="HEAD[,TAIL]",
                    help="(setting recompute) tokens recomputed in text order at the start (and end) of each branch; "
                    "HEAD 'prompt': each worker's own turn (workflow examples)")
+    p.add_argument("--recompute-together", action="store_true",
+                   help="(setting recompute) all recomputed parts in one forward, each reading the workers' own "
+                   "K/V before it (not the exact text-order recomputation)")
     p.add_argument("--gen-tokens", type=int, default=12)
     p.add_argument("--target-tokens", type=int, default=16)
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
@@ -343,8 +346,8 @@ def run_eval(args) -> int:
     r = evaluation.evaluate(model, tok, examples, mapper=mapper, trained=checkpoint_loaded, scheme=scheme,
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
-                            recompute=recompute)
-    names["recompute"] = RECOMPUTE_NAME.format(*recompute)
+                            recompute=recompute, recompute_together=args.recompute_together)
+    names["recompute"] = RECOMPUTE_NAME.format(*recompute) + (" (1 fwd)" if args.recompute_together else "")
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:

@@ -62,7 +62,8 @@ def _model_name(model) -> str:
 
 @torch.no_grad()
 def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, query_len: int, repeats: int = 5,
-                   seed: int = 0, warmup: int = 1, backend: str = "auto", recompute_head: int = 0) -> dict:
+                   seed: int = 0, warmup: int = 1, backend: str = "auto", recompute_head: int = 0,
+                   recompute_together: bool = False) -> dict:
     """Median TTFT (ms) of text concatenation, Parallel-Synthesis and the contiguous-cache floor.
 
     Parameters
@@ -78,7 +79,8 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
     backend : str
         Kernel backend of the ParallelCache attention.
     recompute_head : int
-        > 0: also time the ``recompute`` path with this many tokens recomputed at the start of each branch.
+        > 0: also time the ``recompute`` path with this many tokens recomputed at the start of each branch
+        (``recompute_together``: all in one forward).
 
     Returns
     -------
@@ -138,7 +140,7 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
 
         def recompute():
             cache = recompute_branches(model, prefix, workers, [b[0] for b in branch_ids], head=recompute_head,
-                                       backend=backend)
+                                       together=recompute_together, backend=backend)
             return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
 
         paths = {"text_concat": text_concat, "parallel": parallel, "floor": floor}
@@ -160,7 +162,8 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
         handle.remove()
 
     med = {k: statistics.median(v) for k, v in samples.items()}
-    extra = {"recompute_head": recompute_head, "recompute_ms": round(med["recompute"], 3),
+    extra = {"recompute_head": recompute_head, "recompute_together": recompute_together,
+             "recompute_ms": round(med["recompute"], 3),
              "recompute_speedup": round(med["text_concat"] / med["recompute"], 3)} if recompute_head else {}
     kv_bytes = sum(t.numel() * t.element_size() for w in workers for layer in w.layers
                    for t in (layer.keys, layer.values) if t is not None)
@@ -238,7 +241,8 @@ def main(args) -> int:
                          query_len=args.query_len, repeats=args.repeats, path=args.plot)
     else:
         res = ttft_benchmark(model, branches=args.branches, branch_len=args.branch_len, prefix_len=args.prefix_len,
-                             query_len=args.query_len, repeats=args.repeats, recompute_head=args.recompute)
+                             query_len=args.query_len, repeats=args.repeats, recompute_head=args.recompute,
+                             recompute_together=args.recompute_together)
         res["load_s"] = round(load_s, 2)
     text = json.dumps(res, indent=2)
     print(text)

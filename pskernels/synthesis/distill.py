@@ -61,10 +61,11 @@ def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, ada
     if scheme != "sequential":
         raise ValueError(f"recompute: recomputed branch parts read the branches in text order (scheme 'sequential'), "
                          f"got scheme {scheme!r}")
-    head, tail = recompute
+    head, tail, together = recompute
     # the recomputed K/V are the teacher's (the base model's); the synthesizer's mapper reads them as branches
     with base_model(model) if adapter else contextlib.nullcontext():
-        return recompute_branches(model, prefix, branches, ex.branch_ids, head=head, tail=tail, mapper=mapper)
+        return recompute_branches(model, prefix, branches, ex.branch_ids, head=head, tail=tail, together=together,
+                                  mapper=mapper)
 
 
 @torch.no_grad()
@@ -97,8 +98,9 @@ def teacher_logits(model, ex: TokenizedExample, prefix, target: torch.Tensor) ->
 def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.Tensor, *, mapper=None,
                    scheme: str = "sequential", adapter: bool = True, recompute=None) -> torch.Tensor:
     """Parallel synthesis: logits ``[T, V]`` predicting each target token from the branch caches.
-    ``adapter=False`` runs the base model (untrained Parallel-Synthesis / APE settings); ``recompute=(head, tail)``
-    first recomputes that many tokens at each end of every branch in text order (:func:`recompute_branches`)."""
+    ``adapter=False`` runs the base model (untrained Parallel-Synthesis / APE settings); ``recompute=(head, tail,
+    together)`` first recomputes that many tokens at each end of every branch in text order
+    (:func:`recompute_branches`)."""
     dev = next(model.parameters()).device
     T = target.numel()
     ids = torch.cat([ex.prompt_ids, target]).to(dev)[None]

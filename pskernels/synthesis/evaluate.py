@@ -63,13 +63,13 @@ def _decode(tokenizer, ids):
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: str = "sequential",
              settings=DEFAULT_SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
-             recompute: tuple = RECOMPUTE) -> dict:
+             recompute: tuple = RECOMPUTE, recompute_together: bool = False) -> dict:
     """Compare the settings on held-out ``examples`` (dicts or ``TokenizedExample``).
 
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
     the adapter disabled). ``mapper``: the trained mapper (None: none). ``trained=False`` drops the
     ``trained`` setting. ``recompute``: (head, tail) tokens per branch the ``recompute`` setting recomputes
-    (head ``"prompt"``: each worker's turn, for workflow examples).
+    (head ``"prompt"``: each worker's turn, for workflow examples), in one forward with ``recompute_together``.
     Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
@@ -105,7 +105,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     kw = {"scheme": scheme, **cfg[s]}
                     if s == "recompute":
                         kw["recompute"] = (worker_turn_tokens(tokenizer, ex.example) if head == "prompt" else head,
-                                           tail)
+                                           tail, recompute_together)
                     s_logits = student_logits(model, ex, prefix, branches, tgt, **kw)
                     kl = kl_per_token(t_logits, s_logits)
                     agree = int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())

@@ -49,8 +49,8 @@ def _per_branch(name: str, n, count: int) -> list[int]:
 
 
 @torch.no_grad()
-def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, mapper=None,
-                       backend: str = "auto") -> ParallelCache:
+def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, together: bool = False,
+                       mapper=None, backend: str = "auto") -> ParallelCache:
     """The synthesizer's cache over ``prefix`` and ``branches`` in text order, with the first ``head`` and the
     last ``tail`` tokens of every branch recomputed with the branches before it in view.
 
@@ -70,6 +70,11 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, m
         Tokens recomputed at the start and at the end of each branch (a branch shorter than ``head + tail`` is
         recomputed whole); 0 and 0 recompute nothing (the ``sequential`` scheme). Per branch, e.g. ``head`` =
         each worker's prompt length: its input recomputed, its output read in place.
+    together : bool
+        False (exact): one forward per recomputed part, in text order, each reading the parts recomputed before
+        it. True: one forward for all parts (a batch row each), each reading the prefix and the tokens before
+        it as their workers computed them (no part sees another's recomputation): the model's weights are read
+        once instead of once per part, which is what a small forward costs on a CPU.
     mapper : pskernels.synthesis.CacheMapper, optional
         The synthesizer's trained mapper, applied by the returned cache to every segment (not used while
         recomputing).
@@ -114,6 +119,14 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, m
                              f"got shape {tuple(ids.shape)}")
         lens.append(ids.numel())
     P = ParallelCache(prefix, []).prefix_len
+    text_starts = [P + sum(lens[:i]) for i in range(len(lens))]
+    cuts = []  # per branch: (head, tail) recomputed
+    for n, h, t in zip(lens, heads, tails):
+        h = min(h, n)
+        cuts.append((h, min(t, n - h)))
+    parts = [(i, a, r) for i, (n, (h, t)) in enumerate(zip(lens, cuts)) for a, r in ((0, h), (n - t, t)) if r]
+    if together and parts:
+        done = iter(_recompute_together(model, prefix, branches, branch_ids, lens, P, parts, backend))
     segments, starts, skips, seg_lens = [], [], [], []
 
     def cache(query_start=None, mapper=None):
@@ -121,21 +134,18 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, m
                              branch_lengths=seg_lens, query_start=query_start, backend=backend, mapper=mapper)
 
     def recomputed(ids, at):
-        """``ids`` run over the segments so far at text position ``at``: a segment of their new K/V."""
-        own = cache(at)
-        model(ids.to(next(model.parameters()).device)[None], use_cache=True, **{cache_kwarg(model): own})
-        # their keys were rotated at their text positions; a worker's own tokens sit right after the prefix
-        kv = [(rotate_keys(layer.keys, P - at, RopeSpec.from_model(model, li)), layer.values)
-              for li, layer in enumerate(own.layers)]
-        segments.append(worker_cache(prefix, kv))
+        """``ids`` at text position ``at`` as a segment of their new K/V (run here over the segments so far)."""
+        if together:
+            segments.append(next(done))
+        else:
+            own = cache(at)
+            model(ids.to(next(model.parameters()).device)[None], use_cache=True, **{cache_kwarg(model): own})
+            segments.append(worker_cache(prefix, _own_kv(model, own, 0, 0, P - at)))
         starts.append(at)
         skips.append(0)
         seg_lens.append(ids.numel())
 
-    pos = P
-    for c, ids, n, h, t in zip(branches, branch_ids, lens, heads, tails):
-        h = min(h, n)
-        t = min(t, n - h)
+    for c, ids, n, (h, t), pos in zip(branches, branch_ids, lens, cuts, text_starts):
         if h:
             recomputed(ids[:h], pos)
         if n - h - t:  # the worker's own K/V of the tokens in between
@@ -145,5 +155,43 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, m
             seg_lens.append(n - t)
         if t:
             recomputed(ids[n - t:], pos + n - t)
-        pos += n
     return cache(mapper=mapper)
+
+
+def _own_kv(model, cache: ParallelCache, row: int, pad: int, shift: int) -> list:
+    """Row ``row``'s own tokens (after ``pad`` slots) of every layer, keys re-rotated by ``shift``: computed at
+    their text positions, they become a worker's tokens right after the prefix."""
+    return [(rotate_keys(layer.keys[row:row + 1, :, pad:], shift, RopeSpec.from_model(model, li)),
+             layer.values[row:row + 1, :, pad:]) for li, layer in enumerate(cache.layers)]
+
+
+def _broadcast_worker(prefix, branch, rows: int) -> ParallelCache:
+    """A branch as a zero-copy worker cache of ``rows`` rows, each the same view of its K/V (no copy)."""
+    cache, row = (branch.cache, branch.row) if isinstance(branch, CacheRow) else (branch, 0)
+    pad = int(cache._own_pad[row]) if cache._own_pad is not None else 0
+    kv = [(layer.keys[row:row + 1].expand(rows, -1, -1, -1), layer.values[row:row + 1].expand(rows, -1, -1, -1))
+          for layer in cache.layers]
+    return worker_cache(prefix, kv, pad=[pad] * rows)
+
+
+def _recompute_together(model, prefix, branches, branch_ids, lens, P: int, parts, backend) -> list:
+    """Every part ``(branch i, first token a, tokens r)`` recomputed in one forward, a left-padded batch row each,
+    reading the prefix, branches ``< i`` and branch ``i``'s first ``a`` tokens as their workers computed them."""
+    B, N = len(parts), len(branches)
+    text_starts = [P + sum(lens[:i]) for i in range(N)]
+    visible = torch.zeros(N, B, dtype=torch.int64)
+    L = max(r for _, _, r in parts)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    at = []
+    for row, (i, a, r) in enumerate(parts):
+        visible[:i, row] = torch.tensor(lens[:i], dtype=torch.int64)
+        visible[i, row] = a
+        ids[row, L - r:] = branch_ids[i][a:a + r]
+        mask[row, L - r:] = 1
+        at.append(text_starts[i] + a)
+    own = ParallelCache(prefix, [_broadcast_worker(prefix, b, B) for b in branches], scheme="custom",
+                        branch_starts=text_starts, branch_lengths=visible, query_start=at, backend=backend)
+    dev = next(model.parameters()).device
+    model(ids.to(dev), attention_mask=mask.to(dev), use_cache=True, **{cache_kwarg(model): own})
+    return [worker_cache(prefix, _own_kv(model, own, row, L - r, P - at[row])) for row, (_, _, r) in enumerate(parts)]
