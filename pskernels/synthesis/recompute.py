@@ -125,8 +125,10 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
         h = min(h, n)
         cuts.append((h, min(t, n - h)))
     parts = [(i, a, r) for i, (n, (h, t)) in enumerate(zip(lens, cuts)) for a, r in ((0, h), (n - t, t)) if r]
+    ropes = [RopeSpec.from_model(model, li) for li in range(len(prefix.layers))]
     if together and parts:
-        done = iter(_recompute_together(model, prefix, branches, branch_ids, lens, P, parts, backend))
+        done = iter(_recompute_together(model, prefix, branches, branch_ids, lens, text_starts, parts, ropes,
+                                        backend))
     segments, starts, skips, seg_lens = [], [], [], []
 
     def cache(query_start=None, mapper=None):
@@ -140,7 +142,7 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
         else:
             own = cache(at)
             model(ids.to(next(model.parameters()).device)[None], use_cache=True, **{cache_kwarg(model): own})
-            segments.append(worker_cache(prefix, _own_kv(model, own, 0, 0, P - at)))
+            segments.append(worker_cache(prefix, _own_kv(own, 0, 0, P - at, ropes)))
         starts.append(at)
         skips.append(0)
         seg_lens.append(ids.numel())
@@ -158,11 +160,11 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
     return cache(mapper=mapper)
 
 
-def _own_kv(model, cache: ParallelCache, row: int, pad: int, shift: int) -> list:
-    """Row ``row``'s own tokens (after ``pad`` slots) of every layer, keys re-rotated by ``shift``: computed at
-    their text positions, they become a worker's tokens right after the prefix."""
-    return [(rotate_keys(layer.keys[row:row + 1, :, pad:], shift, RopeSpec.from_model(model, li)),
-             layer.values[row:row + 1, :, pad:]) for li, layer in enumerate(cache.layers)]
+def _own_kv(cache: ParallelCache, row: int, pad: int, shift: int, ropes) -> list:
+    """Row ``row``'s own tokens (after ``pad`` slots) of every layer, keys re-rotated by ``shift`` (``ropes``: each
+    layer's RoPE): computed at their text positions, they become a worker's tokens right after the prefix."""
+    return [(rotate_keys(layer.keys[row:row + 1, :, pad:], shift, rope), layer.values[row:row + 1, :, pad:])
+            for layer, rope in zip(cache.layers, ropes)]
 
 
 def _broadcast_worker(prefix, branch, rows: int) -> ParallelCache:
@@ -174,11 +176,10 @@ def _broadcast_worker(prefix, branch, rows: int) -> ParallelCache:
     return worker_cache(prefix, kv, pad=[pad] * rows)
 
 
-def _recompute_together(model, prefix, branches, branch_ids, lens, P: int, parts, backend) -> list:
+def _recompute_together(model, prefix, branches, branch_ids, lens, text_starts, parts, ropes, backend) -> list:
     """Every part ``(branch i, first token a, tokens r)`` recomputed in one forward, a left-padded batch row each,
     reading the prefix, branches ``< i`` and branch ``i``'s first ``a`` tokens as their workers computed them."""
-    B, N = len(parts), len(branches)
-    text_starts = [P + sum(lens[:i]) for i in range(N)]
+    B, N, P = len(parts), len(branches), text_starts[0]
     visible = torch.zeros(N, B, dtype=torch.int64)
     L = max(r for _, _, r in parts)
     ids = torch.zeros(B, L, dtype=torch.long)
@@ -194,4 +195,4 @@ def _recompute_together(model, prefix, branches, branch_ids, lens, P: int, parts
                         branch_starts=text_starts, branch_lengths=visible, query_start=at, backend=backend)
     dev = next(model.parameters()).device
     model(ids.to(dev), attention_mask=mask.to(dev), use_cache=True, **{cache_kwarg(model): own})
-    return [worker_cache(prefix, _own_kv(model, own, row, L - r, P - at[row])) for row, (_, _, r) in enumerate(parts)]
+    return [worker_cache(prefix, _own_kv(own, row, L - r, P - at[row], ropes)) for row, (_, _, r) in enumerate(parts)]
