@@ -56,8 +56,14 @@ def _stock_reference(model, prefix, workers, branch_ids, heads, tails, query):
         return model(query, past_key_values=cache).logits[0]
 
 
+def _per_branch(x, n):
+    return list(x) if isinstance(x, (list, tuple)) else [x] * n
+
+
+# the last case gives per-branch counts (a list and a tuple)
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
-@pytest.mark.parametrize("head, tail", [(0, 1), (0, 3), (2, 0), (5, 0), (1, 2), (4, 4), (0, 8)])
+@pytest.mark.parametrize("head, tail", [(0, 1), (0, 3), (2, 0), (5, 0), (1, 2), (4, 4), (0, 8),
+                                        ([2, 0, 5, 1], (1, 3, 0, 0))])
 def test_matches_stock_hf_over_the_same_recomputation(kv_heads, head, tail):
     model = _model(kv_heads)
     prefix, workers, ids, _ = _workflow(model, (6, 7, 3, 9, 1))
@@ -65,18 +71,8 @@ def test_matches_stock_hf_over_the_same_recomputation(kv_heads, head, tail):
     with torch.no_grad():
         cache = recompute_branches(model, prefix, workers, ids, head=head, tail=tail)
         got = model(query, past_key_values=cache).logits[0]
-    want = _stock_reference(model, prefix, workers, ids, [head] * len(ids), [tail] * len(ids), query)
-    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
-
-
-def test_per_branch_counts_match_stock_hf():
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (6, 7, 3, 9))
-    query = torch.randint(0, V, (1, 4))
-    with torch.no_grad():
-        cache = recompute_branches(model, prefix, workers, ids, head=[2, 0, 5], tail=(1, 3, 0))
-        got = model(query, past_key_values=cache).logits[0]
-    want = _stock_reference(model, prefix, workers, ids, [2, 0, 5], [1, 3, 0], query)
+    n = len(ids)
+    want = _stock_reference(model, prefix, workers, ids, _per_branch(head, n), _per_branch(tail, n), query)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 

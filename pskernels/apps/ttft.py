@@ -11,8 +11,8 @@ shared ``prefix_len``-token prefix, measured in one process, alternating, median
     (zero-copy) caches through a :class:`pskernels.ParallelCache`.
 ``recompute`` (with ``recompute_head``)
     Parallel-Synthesis after recomputing the first ``recompute_head`` tokens of each branch in text order
-    (:func:`pskernels.synthesis.recompute.recompute_branches`: ``N`` forwards of that many tokens), then the
-    prompt: the training-free fidelity knob's TTFT.
+    (:func:`pskernels.synthesis.recompute.recompute_branches`: ``N`` forwards of that many tokens, or one
+    forward of all with ``recompute_together``), then the prompt: the training-free fidelity knob's TTFT.
 ``floor``
     A stock forward of the same prompt over an ordinary contiguous ``DynamicCache`` already holding
     ``prefix_len + N * branch_len`` tokens: what a prompt prefill costs when the context is already one
