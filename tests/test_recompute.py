@@ -7,7 +7,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import pskernels
-from pskernels.synthesis.recompute import recompute_branches
+from pskernels.synthesis.recompute import recompute_branches, recomputed_segments
 
 V = 64
 
@@ -186,6 +186,29 @@ def test_the_synthesizers_mapper_reads_every_segment():
         plain, same, other = logits(None), logits(identity), logits(calibrated)
     torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(other, plain, atol=1e-3)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_recomputed_segments_serve_many_caches(together):
+    """The recomputation, done once, is read by several synthesizer caches (e.g. one per training step of a mapper):
+    each is the cache recompute_branches returns, and reading one leaves the segments as they were."""
+    from pskernels.synthesis import CacheMapper
+
+    model = _model()
+    prefix, workers, ids, _ = _workflow(model, (5, 6, 7, 4))
+    query = torch.randint(0, V, (1, 3))
+    calibrated = CacheMapper.for_model(model, calibrate=True, init_temperature=0.5, init_lse_scale=0.5)
+    with torch.no_grad():
+        view = recomputed_segments(model, prefix, workers, ids, head=2, tail=1, together=together)
+        want = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1,
+                                                               together=together)).logits
+        first = model(query, past_key_values=view.cache()).logits
+        mapped = model(query, past_key_values=view.cache(mapper=calibrated)).logits
+        again = model(query, past_key_values=view.cache()).logits
+        want_mapped = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1,
+                                                                      together=together, mapper=calibrated)).logits
+    assert torch.equal(first, want) and torch.equal(again, want)
+    assert torch.equal(mapped, want_mapped) and not torch.allclose(mapped, want, atol=1e-3)
 
 
 def _stock_together_reference(model, prefix, workers, branch_ids, heads, tails, query):

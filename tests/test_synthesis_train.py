@@ -247,6 +247,39 @@ def test_loss_decreases_within_a_few_steps():
     assert kl[0] > 1e-3 and max(kl[-3:]) < 0.5 * kl[0], kl
 
 
+def test_training_reads_the_recomputed_branches_and_recomputes_each_example_once(monkeypatch):
+    import pskernels.synthesis.train as recipe
+
+    ex = _small_examples(2, seed=4)
+    calls = []
+    real = recipe.recomputed_view
+    monkeypatch.setattr(recipe, "recomputed_view", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    cfg = dict(lr=0.0, seed=0, log_every=0, eval_examples=ex[:1], eval_every=2)
+    r = train(_model(), TOK, ex, TrainConfig(steps=4, recompute=(3, 2, False), **cfg))
+    assert len(calls) == 3  # two training examples and one held-out, over two epochs and two evaluations
+    assert r["config"]["recompute"] == [3, 2, False]
+    # lr 0: the identity mapper and the zero LoRA read the branches as the base model does, recomputed or not
+    tex = tokenize_examples(TOK, ex, "cpu")
+    model = r["model"]
+    with patched(model), torch.no_grad():
+        for h in r["history"][:2]:
+            idx = recipe._example_index(len(ex), h["step"] - 1, 0)
+            prefix, branches = branch_caches(model, tex[idx])
+            t = teacher_logits(model, tex[idx], prefix, tex[idx].target_ids)
+            kl = {rc: kl_per_token(t, student_logits(model, tex[idx], prefix, branches, tex[idx].target_ids,
+                                                     mapper=r["mapper"], recompute=rc)).mean().item()
+                  for rc in ((3, 2, False), None)}
+            assert h["kl"] == pytest.approx(kl[(3, 2, False)], rel=1e-4, abs=1e-7)
+            assert h["kl"] != pytest.approx(kl[None], rel=1e-3)
+    r = train(_model(), TOK, ex, TrainConfig(steps=4, recompute=(3, 2, False), cache_teacher=False, **cfg))
+    assert len(calls) == 3 + 4 + 3  # without the cache: every step and every evaluation recomputes
+    for bad in [("x", 0, False), (0, 0, False), (-1, 2, False), (2, True, False), (2, 0)]:
+        with pytest.raises(ValueError, match="recompute: expected"):
+            train(_model(), TOK, ex, TrainConfig(steps=1, recompute=bad))
+    with pytest.raises(ValueError, match="scheme 'sequential'"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, recompute=(2, 0, False), scheme="parallel"))
+
+
 def test_lr_schedules():
     assert [lr_factor(s, 8, "constant") for s in range(8)] == [1.0] * 8
     cos = [lr_factor(s, 8, "cosine", warmup_steps=2) for s in range(8)]
@@ -287,6 +320,16 @@ def test_evaluate_returns_all_metrics():
         assert m["kl"] >= -1e-6 and 0 <= m["top1"] <= 1 and 0 <= m["exact"] <= 1
     assert out["text_concat"]["kl"] == 0 and out["text_concat"]["top1"] == 1 and out["text_concat"]["exact"] == 1
     assert len(out["examples"]) == 2
+    # a synthesizer trained on recomputed branches is evaluated reading them so
+    rec = evaluate(r["model"], TOK, held, mapper=r["mapper"], gen_tokens=4, target_tokens=4,
+                   settings=("text_concat", "trained"), trained_recompute=(3, 1, False))
+    ex = tokenize_examples(TOK, held[:1], "cpu")[0]
+    with patched(r["model"]), torch.no_grad():
+        prefix, branches = branch_caches(r["model"], ex)
+        t = teacher_logits(r["model"], ex, prefix, ex.target_ids)
+        s = student_logits(r["model"], ex, prefix, branches, ex.target_ids, mapper=r["mapper"], recompute=(3, 1, False))
+    assert rec["examples"][0]["scores"]["trained"]["kl"] == pytest.approx(kl_per_token(t, s).sum().item(), rel=1e-5)
+    assert rec["trained"]["kl"] != pytest.approx(out["trained"]["kl"], rel=1e-3)
 
 
 def test_cli_train_and_eval(tmp_path, capsys):
@@ -303,6 +346,15 @@ def test_cli_train_and_eval(tmp_path, capsys):
                     "--target-tokens", "2"]) == 0
     text = capsys.readouterr().out
     assert "trained mapper + adapter" in text and "APE" in text
+    rec = tmp_path / "recomputed"
+    assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "1", "--steps", "1", "--out", str(rec),
+                    "--recompute", "2,1", "--recompute-together"]) == 0
+    assert json.loads((rec / "train_config.json").read_text())["recompute"] == [2, 1, True]
+    assert ev.main(["--model", "tiny", "--checkpoint", str(rec), "--data", str(data), "--gen-tokens", "1",
+                    "--target-tokens", "2", "--settings", "trained"]) == 0
+    assert "(iv) trained + recomputed 2,1" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--recompute: expected HEAD or HEAD,TAIL"):
+        tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(rec), "--recompute", "0"])
 
 
 def test_lora_targets_reach_the_mlp_and_the_checkpoint(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Workflow data (pskernels.synthesis.workflows), per-family evaluation and the APE calibration, on the tiny model."""
+import copy
 import math
 
 import pytest
@@ -27,6 +28,7 @@ from pskernels.synthesis.workflows import (
     OwnTokensRepetitionPenalty,
     build_workflows,
     draw_workflows,
+    recompute_counts,
     role_format,
     select_families,
     split_of,
@@ -447,6 +449,30 @@ def test_worker_turn_tokens_are_where_each_branch_starts(tiny, suite):
     forged = dict(ex, branches=["Z" + ex["branches"][0]] + ex["branches"][1:])
     with pytest.raises(ValueError, match=f"example {ex['id']!r}: branch 0 does not start with its worker's turn"):
         worker_turn_tokens(tok, forged)
+
+
+def test_recompute_counts_are_each_workers_turn_where_there_is_one(tiny, suite):
+    _, tok = tiny
+    ex = suite[0]
+    assert recompute_counts(tok, ex, ("prompt", 2, True)) == (worker_turn_tokens(tok, ex), 2, True)
+    assert recompute_counts(tok, ex, (5, 0, False)) == (5, 0, False)
+    natural = {"prefix": "a", "branches": ["b", "c"], "prompt": "d", "meta": {}}
+    assert recompute_counts(tok, natural, ("prompt", 1, False)) == (0, 1, False)  # no worker turn: nothing
+
+
+def test_training_with_each_workers_turn_recomputed(tiny, suite):
+    from pskernels.synthesis.train import TrainConfig, train
+
+    model, tok = tiny
+    exs = [suite[0], suite[-1]]
+    cfg = TrainConfig(steps=2, lr=1e-2, log_every=0, recompute=("prompt", 0, False))
+    r = train(copy.deepcopy(model), tok, exs, cfg)
+    assert r["config"]["recompute"] == ["prompt", 0, False] and all(h["kl"] > 0 for h in r["history"])
+    out = evaluation.evaluate(r["model"], tok, exs, mapper=r["mapper"], settings=("text_concat", "trained"),
+                              gen_tokens=1, target_tokens=2, trained_recompute=("prompt", 0, False))
+    plain = evaluation.evaluate(r["model"], tok, exs, mapper=r["mapper"], settings=("text_concat", "trained"),
+                                gen_tokens=1, target_tokens=2)
+    assert out["trained"]["kl"] != pytest.approx(plain["trained"]["kl"], rel=1e-3)
 
 
 def test_evaluate_recomputes_each_workers_turn(tiny, suite):

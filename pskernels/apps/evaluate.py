@@ -245,7 +245,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _recompute(text: str) -> tuple:
+def parse_recompute(text: str) -> tuple:
+    """``--recompute HEAD[,TAIL]`` as ``(head, tail)`` (head ``'prompt'`` or tokens)."""
     parts = text.split(",")
     try:
         head = parts[0] if parts[0] == "prompt" else int(parts[0])
@@ -295,7 +296,7 @@ def run_eval(args) -> int:
     bad = set(settings) - set(evaluation.SETTINGS)
     if bad:
         raise SystemExit(f"--settings: unknown {sorted(bad)}, expected some of {evaluation.SETTINGS}")
-    recompute = _recompute(args.recompute) if "recompute" in settings else evaluation.RECOMPUTE
+    recompute = parse_recompute(args.recompute) if "recompute" in settings else evaluation.RECOMPUTE
     checkpoint, checkpoint_how = resolve_checkpoint(args)
     try:
         cfg = checkpoints.checkpoint_train_config(checkpoint) if checkpoint else {}
@@ -338,6 +339,9 @@ def run_eval(args) -> int:
                                          max_examples=None)
         names["ape"] = f"(iii) APE calibrated (T={calibration['temperature']:g}, S={calibration['lse_scale']:g})"
     mapper, checkpoint_loaded = None, False
+    trained_recompute = tuple(cfg["recompute"]) if cfg.get("recompute") else None
+    if trained_recompute:  # the synthesizer was trained to read its branches so
+        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute)
     if checkpoint and "trained" in settings:
         model, mapper = checkpoints.load_checkpoint(model, checkpoint)
         checkpoint_loaded = True
@@ -346,7 +350,8 @@ def run_eval(args) -> int:
     r = evaluation.evaluate(model, tok, examples, mapper=mapper, trained=checkpoint_loaded, scheme=scheme,
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
-                            recompute=recompute, recompute_together=args.recompute_together)
+                            recompute=recompute, recompute_together=args.recompute_together,
+                            trained_recompute=trained_recompute)
     names["recompute"] = RECOMPUTE_NAME.format(*recompute) + (" (1 fwd)" if args.recompute_together else "")
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")

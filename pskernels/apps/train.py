@@ -12,6 +12,7 @@ import torch
 from ..synthesis import train as recipe
 from ..synthesis.data import build, load_jsonl
 from ..synthesis.models import load_model
+from .evaluate import parse_recompute
 
 
 def load_examples(args, n: int, seed: int, held_out: int = 0):
@@ -81,6 +82,12 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--recompute", default=None, metavar="HEAD[,TAIL]",
+                   help="train the synthesizer to read branches whose first HEAD (and last TAIL) tokens the base "
+                   "model recomputed in text order; HEAD 'prompt': each worker's own turn (nothing for examples "
+                   "without one); the checkpoint records it and `pskernels eval` applies it to the trained row")
+    p.add_argument("--recompute-together", action="store_true",
+                   help="(--recompute) all recomputed parts in one forward, each reading the workers' own K/V")
     p.add_argument("--no-cache-teacher", action="store_true", help="recompute base caches + teacher every step")
     p.add_argument("--out", required=True, help="checkpoint folder (mapper/, adapter/, trainer_state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from --out")
@@ -90,6 +97,7 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
+    recompute = (*parse_recompute(args.recompute), args.recompute_together) if args.recompute else None
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
@@ -105,6 +113,7 @@ def run_train(args) -> int:
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, mapper_rank=args.mapper_rank,
         grad_accum=args.grad_accum, target_tokens=args.target_tokens, log_every=args.log_every,
         cache_teacher=not args.no_cache_teacher,
+        recompute=recompute,
         log=lambda s: print(s, flush=True),
         config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,
                       "n_examples": args.n_examples, "mix": args.mix, "eval_data": args.eval_data,

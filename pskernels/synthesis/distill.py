@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from ..hf import ParallelCache, patch_model
 from .adapter import base_model, unwrap
 from .data import TokenizedExample, tokenize_example
-from .recompute import recompute_branches
+from .recompute import RecomputedBranches, recomputed_segments
 from .workflow import cache_kwarg, output_cache
 
 
@@ -55,17 +55,25 @@ def _cache_kwarg(model) -> str:
     return cache_kwarg(unwrap(model))
 
 
+@torch.no_grad()
+def recomputed_view(model, ex: TokenizedExample, prefix, branches, recompute, adapter: bool = True):
+    """The segments ``recompute=(head, tail, together)`` gives one example (:func:`recomputed_segments`), computed
+    by the base model (``adapter=True``: the adapter is disabled for it; False: the caller already did)."""
+    head, tail, together = recompute
+    # the recomputed K/V are the teacher's (the base model's); the synthesizer's mapper reads them as branches
+    with base_model(model) if adapter else contextlib.nullcontext():
+        return recomputed_segments(model, prefix, branches, ex.branch_ids, head=head, tail=tail, together=together)
+
+
 def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter):
     if not recompute:
         return ParallelCache(prefix, branches, scheme=scheme, mapper=mapper)
     if scheme != "sequential":
         raise ValueError(f"recompute: recomputed branch parts read the branches in text order (scheme 'sequential'), "
                          f"got scheme {scheme!r}")
-    head, tail, together = recompute
-    # the recomputed K/V are the teacher's (the base model's); the synthesizer's mapper reads them as branches
-    with base_model(model) if adapter else contextlib.nullcontext():
-        return recompute_branches(model, prefix, branches, ex.branch_ids, head=head, tail=tail, together=together,
-                                  mapper=mapper)
+    if not isinstance(recompute, RecomputedBranches):
+        recompute = recomputed_view(model, ex, prefix, branches, recompute, adapter)
+    return recompute.cache(mapper=mapper)
 
 
 @torch.no_grad()
@@ -100,7 +108,8 @@ def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.
     """Parallel synthesis: logits ``[T, V]`` predicting each target token from the branch caches.
     ``adapter=False`` runs the base model (untrained Parallel-Synthesis / APE settings); ``recompute=(head, tail,
     together)`` first recomputes that many tokens at each end of every branch in text order
-    (:func:`recompute_branches`)."""
+    (:func:`pskernels.synthesis.recompute.recompute_branches`), or reads those already recomputed
+    (:func:`recomputed_view`)."""
     dev = next(model.parameters()).device
     T = target.numel()
     ids = torch.cat([ex.prompt_ids, target]).to(dev)[None]

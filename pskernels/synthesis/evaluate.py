@@ -43,7 +43,7 @@ from .distill import (
     tokenize_examples,
 )
 from .mapper import CacheMapper
-from .workflows import split_of, worker_turn_tokens
+from .workflows import recompute_counts, split_of, worker_turn_tokens
 
 SETTINGS = ("text_concat", "parallel", "ape", "trained", "recompute")
 DEFAULT_SETTINGS = SETTINGS[:4]
@@ -63,13 +63,15 @@ def _decode(tokenizer, ids):
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: str = "sequential",
              settings=DEFAULT_SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
-             recompute: tuple = RECOMPUTE, recompute_together: bool = False) -> dict:
+             recompute: tuple = RECOMPUTE, recompute_together: bool = False, trained_recompute=None) -> dict:
     """Compare the settings on held-out ``examples`` (dicts or ``TokenizedExample``).
 
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
     the adapter disabled). ``mapper``: the trained mapper (None: none). ``trained=False`` drops the
     ``trained`` setting. ``recompute``: (head, tail) tokens per branch the ``recompute`` setting recomputes
     (head ``"prompt"``: each worker's turn, for workflow examples), in one forward with ``recompute_together``.
+    ``trained_recompute``: ``(head, tail, together)`` the trained synthesizer was trained with (its checkpoint's
+    ``recompute``; :func:`pskernels.synthesis.workflows.recompute_counts`), applied to its setting.
     Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
@@ -103,6 +105,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     agree, gen = tgt.numel(), t_gen
                 else:
                     kw = {"scheme": scheme, **cfg[s]}
+                    if s == "trained" and trained_recompute:
+                        kw["recompute"] = recompute_counts(tokenizer, ex.example, trained_recompute)
                     if s == "recompute":
                         kw["recompute"] = (worker_turn_tokens(tokenizer, ex.example) if head == "prompt" else head,
                                            tail, recompute_together)

@@ -16,6 +16,8 @@ Which end matters was measured (docs/FIDELITY.md): on the reference suite's held
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..hf import CacheRow, ParallelCache
@@ -46,6 +48,25 @@ def _per_branch(name: str, n, count: int) -> list[int]:
     if isinstance(n, (list, tuple)) and len(n) == count and all(ok(x) for x in n):
         return list(n)
     raise ValueError(f"{name}: expected an int >= 0 or one per branch ({count}), got {n!r}")
+
+
+class RecomputedBranches(NamedTuple):
+    """The segments :func:`recompute_branches` reads, in text order: recomputed parts and the workers' middles.
+    Computed once, they serve any number of synthesizer caches (:meth:`cache`), e.g. one per training step of a
+    mapper (the recomputation does not depend on it)."""
+
+    prefix: object
+    segments: list
+    starts: list
+    skips: list
+    lengths: list
+    backend: str
+
+    def cache(self, mapper=None, query_start=None) -> ParallelCache:
+        """A fresh ``ParallelCache`` (scheme ``custom``) over the segments, read through ``mapper``."""
+        return ParallelCache(self.prefix, self.segments, scheme="custom", branch_starts=self.starts,
+                             branch_skip=self.skips, branch_lengths=self.lengths, query_start=query_start,
+                             backend=self.backend, mapper=mapper)
 
 
 @torch.no_grad()
@@ -107,6 +128,14 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
     (6, torch.Size([1, 2, 64]))
     >>> handle.remove()
     """
+    return recomputed_segments(model, prefix, branches, branch_ids, head=head, tail=tail, together=together,
+                               backend=backend).cache(mapper=mapper)
+
+
+@torch.no_grad()
+def recomputed_segments(model, prefix, branches, branch_ids, *, head=0, tail=0, together: bool = False,
+                        backend: str = "auto") -> RecomputedBranches:
+    """What :func:`recompute_branches` computes (same arguments but the mapper), before any cache reads it."""
     branches, branch_ids = list(branches), [torch.as_tensor(t) for t in branch_ids]
     if len(branch_ids) != len(branches):
         raise ValueError(f"branch_ids: expected one id tensor per branch ({len(branches)}), got {len(branch_ids)}")
@@ -129,18 +158,15 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
     if together and parts:
         done = iter(_recompute_together(model, prefix, branches, branch_ids, lens, text_starts, parts, ropes,
                                         backend))
-    segments, starts, skips, seg_lens = [], [], [], []
-
-    def cache(query_start=None, mapper=None):
-        return ParallelCache(prefix, segments, scheme="custom", branch_starts=starts, branch_skip=skips,
-                             branch_lengths=seg_lens, query_start=query_start, backend=backend, mapper=mapper)
+    view = RecomputedBranches(prefix, [], [], [], [], backend)
+    segments, starts, skips, seg_lens = view.segments, view.starts, view.skips, view.lengths
 
     def recomputed(ids, at):
         """``ids`` at text position ``at`` as a segment of their new K/V (run here over the segments so far)."""
         if together:
             segments.append(next(done))
         else:
-            own = cache(at)
+            own = view.cache(query_start=at)
             model(ids.to(next(model.parameters()).device)[None], use_cache=True, **{cache_kwarg(model): own})
             segments.append(worker_cache(prefix, _own_kv(own, 0, 0, P - at, ropes)))
         starts.append(at)
@@ -157,7 +183,7 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
             seg_lens.append(n - t)
         if t:
             recomputed(ids[n - t:], pos + n - t)
-    return cache(mapper=mapper)
+    return view
 
 
 def _own_kv(cache: ParallelCache, row: int, pad: int, shift: int, ropes) -> list:

@@ -43,8 +43,18 @@ from .adapter import (
     peft_targets,
     unwrap,
 )
-from .distill import TargetCache, eos_ids, kl_per_token, patched, student_logits, teacher_pass, tokenize_examples
+from .distill import (
+    TargetCache,
+    eos_ids,
+    kl_per_token,
+    patched,
+    recomputed_view,
+    student_logits,
+    teacher_pass,
+    tokenize_examples,
+)
 from .mapper import CacheMapper
+from .workflows import recompute_counts
 
 STATE_NAME = "trainer_state.pt"
 CONFIG_NAME = "train_config.json"
@@ -84,7 +94,14 @@ class TrainConfig:
     cache_teacher
         Keep every example's base-model caches and teacher logits in memory after its first use (the base
         model is frozen, so they never change; ~4 MB per 100-token example on SmolLM2-135M plus
-        ``T x vocab`` floats of teacher logits); ``False`` recomputes them every step.
+        ``T x vocab`` floats of teacher logits, plus the recomputed parts with ``recompute``); ``False``
+        recomputes them every step.
+    recompute
+        ``(head, tail, together)``: the student reads the branches with that many tokens at each end recomputed in
+        text order by the base model (:func:`pskernels.synthesis.recompute.recompute_branches`), in training and in
+        the held-out evaluations; head ``"prompt"``: each worker's own turn
+        (:func:`pskernels.synthesis.workflows.worker_turn_tokens`; nothing for examples without worker turns,
+        e.g. natural text). The synthesizer trained so expects its branches recomputed the same way.
     log_every, log
         A progress line through ``log`` every ``log_every`` steps (0: none).
     config_extra
@@ -117,6 +134,7 @@ class TrainConfig:
     log: Callable[[str], None] = print
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    recompute: tuple | None = None
     config_extra: dict | None = None
 
 
@@ -138,16 +156,20 @@ def _example_index(n: int, micro: int, seed: int) -> int:
 
 
 @torch.no_grad()
-def quick_eval(model, examples, *, mapper=None, scheme="sequential", adapter=True, targets=None, store=None) -> dict:
+def quick_eval(model, examples, *, mapper=None, scheme="sequential", adapter=True, targets=None, store=None,
+               view=None) -> dict:
     """Mean KL to the teacher (nats/token) and top-1 agreement on the target tokens, overall and, under
     ``"splits"``, per ``split`` of the examples that carry one (workflow families: ``"train"`` /
     ``"held_out"``). ``store``: a dict keeping each example's base-model caches and teacher logits across
-    calls."""
+    calls. ``view(key, example, prefix, branches)``: the example's recomputed branch segments
+    (:func:`pskernels.synthesis.distill.recomputed_view`) the student reads, or None."""
     targets = targets or TargetCache(16, None)
     sums = {}  # split (None: overall) -> [kl_sum, agree, tokens]
     for j, ex in enumerate(examples):
         prefix, branches, tgt, t = teacher_pass(model, ex, targets, ("eval", j), store)
-        s = student_logits(model, ex, prefix, branches, tgt, mapper=mapper, scheme=scheme, adapter=adapter)
+        recompute = view(("eval", j), ex, prefix, branches) if view else None
+        s = student_logits(model, ex, prefix, branches, tgt, mapper=mapper, scheme=scheme, adapter=adapter,
+                           recompute=recompute)
         row = (kl_per_token(t, s).sum().item(), int((t.argmax(-1) == s.argmax(-1)).sum()), tgt.numel())
         split = ex.example.get("split") if isinstance(ex.example, dict) else None
         for key in {None, split}:
@@ -197,6 +219,19 @@ def _check(examples, config: TrainConfig) -> None:
         raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
     if config.warmup_steps < 0:
         raise ValueError(f"warmup_steps: expected >= 0, got {config.warmup_steps}")
+    if config.recompute is not None:
+        r = config.recompute
+        ok = isinstance(r, (tuple, list)) and len(r) == 3 and (r[0] == "prompt" or _count(r[0])) and _count(r[1])
+        if not ok or list(r[:2]) == [0, 0]:
+            raise ValueError(f"recompute: expected (head, tail, together) with head an int >= 0 or 'prompt', tail an "
+                             f"int >= 0, not both 0, got {r!r}")
+        if config.scheme != "sequential":
+            raise ValueError(f"recompute: recomputed branch parts read the branches in text order (scheme "
+                             f"'sequential'), got scheme {config.scheme!r}")
+
+
+def _count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
 def _trainable_model(model, config: TrainConfig):
@@ -278,7 +313,8 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                     "lr": cfg.lr, "mapper_lr": cfg.mapper_lr, "kl_weight": cfg.kl_weight, "ce_weight": cfg.ce_weight,
                     "seed": cfg.seed, "grad_accum": cfg.grad_accum, "target_tokens": cfg.target_tokens,
                     "train_examples": len(train_ex), "lr_schedule": cfg.lr_schedule,
-                    "warmup_steps": cfg.warmup_steps, **(cfg.config_extra or {})}
+                    "warmup_steps": cfg.warmup_steps,
+                    "recompute": list(cfg.recompute) if cfg.recompute else None, **(cfg.config_extra or {})}
     history, evals, step = [], [], 0
     if resuming:
         st = torch.load(state_path, weights_only=False)
@@ -294,9 +330,20 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
     save_every = cfg.save_every or cfg.eval_every or cfg.steps
 
     store = {} if cfg.cache_teacher else None
+    views = {}  # example key -> its recomputed branch segments (with cache_teacher: the base model is frozen)
+
+    def view(key, ex, prefix, branches):
+        if not cfg.recompute:
+            return None
+        if key in views:
+            return views[key]
+        v = recomputed_view(model, ex, prefix, branches, recompute_counts(tokenizer, ex.example, cfg.recompute))
+        if store is not None:
+            views[key] = v
+        return v
 
     def do_eval():
-        r = quick_eval(model, eval_ex, mapper=mapper, scheme=cfg.scheme, targets=targets, store=store)
+        r = quick_eval(model, eval_ex, mapper=mapper, scheme=cfg.scheme, targets=targets, store=store, view=view)
         evals.append({"step": step, **{k: r[k] for k in ("kl", "top1", "splits") if k in r}})
         per_split = "".join(f"; {k}: KL {m['kl']:.4f}, top-1 {m['top1']:.3f}" for k, m in r.get("splits", {}).items())
         cfg.log(f"eval step {step}: held-out KL {r['kl']:.4f} nats/token, top-1 agreement {r['top1']:.3f}"
@@ -314,7 +361,8 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                 idx = _example_index(len(train_ex), step * cfg.grad_accum + a, cfg.seed)
                 ex = train_ex[idx]
                 prefix, branches, tgt, t_logits = teacher_pass(model, ex, targets, ("train", idx), store)
-                s_logits = student_logits(model, ex, prefix, branches, tgt, mapper=mapper, scheme=cfg.scheme)
+                s_logits = student_logits(model, ex, prefix, branches, tgt, mapper=mapper, scheme=cfg.scheme,
+                                          recompute=view(("train", idx), ex, prefix, branches))
                 kl = kl_per_token(t_logits, s_logits).mean()
                 ce = F.cross_entropy(s_logits, tgt) if cfg.ce_weight else torch.zeros((), device=dev)
                 loss = cfg.kl_weight * kl + cfg.ce_weight * ce

@@ -985,3 +985,13 @@ def worker_turn_tokens(tokenizer, example: dict) -> list[int]:
                              "writes it")
         out.append(len(turn))
     return out
+
+
+def recompute_counts(tokenizer, example, recompute: tuple) -> tuple:
+    """``(head, tail, together)`` of one example for a synthesizer trained with ``TrainConfig.recompute``: head
+    ``"prompt"`` becomes its workers' turn lengths (0 per branch when it has no worker turns, e.g. natural text)."""
+    head, tail, together = recompute
+    if head == "prompt":
+        meta = example.get("meta") if isinstance(example, dict) else None
+        head = worker_turn_tokens(tokenizer, example) if (meta or {}).get("subtasks") else 0
+    return head, tail, together
