@@ -292,10 +292,12 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     monkeypatch.setattr(demo, "load_model", lambda name: (_tiny(), ByteTokenizer()))
     seen = []
 
-    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recompute_prompts=False):
+    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None):
         seen.append((model, mapper))
+        recomputes.append(synthesizer_recompute)
         return {"synthesizer": "trained" if mapper is not None else "base model"}
 
+    recomputes = []
     monkeypatch.setattr(demo, "run_agent_demo", fake_agent_demo)
     assert cli(["demo", "--json", "--repeats", "1"]) == 0
     model, mapper = seen[-1]
@@ -312,6 +314,17 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     with pytest.raises(SystemExit):
         cli(["demo", "--untrained", "--mapper", str(exported)])
     assert "not allowed with argument" in capsys.readouterr().err
+    assert recomputes == [None, None]
+    # a synthesizer trained on recomputed branches (train --recompute) reads its branches so in the demo
+    recomputing = tmp_path / "recomputing"
+    shutil.copytree(exported, recomputing)
+    manifest = json.loads((recomputing / checkpoints.MANIFEST_NAME).read_text())
+    manifest["train_config"]["recompute"] = ["prompt", 0, True]
+    (recomputing / checkpoints.MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert checkpoints.trained_recompute(recomputing) == ("prompt", 0, True)
+    assert checkpoints.trained_recompute(exported) is None and checkpoints.trained_recompute(None) is None
+    assert cli(["demo", "--json", "--repeats", "1", "--mapper", str(recomputing)]) == 0
+    assert recomputes[-1] == ("prompt", 0, True)
 
 
 def test_eval_recompute_setting(tmp_path, capsys):
@@ -345,4 +358,11 @@ def test_agent_demo_recompute_prompts_adds_a_third_synthesis(capsys):
     assert "(c) Parallel-Synthesis with the workers' instructions recomputed" in capsys.readouterr().out
     plain = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3,
                                 repeats=1)
-    assert "recompute_answer" not in plain
+    assert "recompute_answer" not in plain and plain["synthesizer_recompute"] is None
+    # a synthesizer trained on recomputed instructions: (b) reads them so (here the base model, hence (c)'s answer)
+    both = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+                               repeats=1, recompute_prompts=True, synthesizer_recompute=("prompt", 0, True))
+    assert both["parallel_answer"] == both["recompute_answer"] and both["synthesizer_recompute"] == ["prompt", 0, True]
+    once = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+                               repeats=1, recompute_prompts=True)
+    assert once["parallel_answer"] != once["recompute_answer"] == both["recompute_answer"]  # not the plain read

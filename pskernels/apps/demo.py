@@ -188,13 +188,16 @@ def load_default_synthesizer(model, model_name: str, untrained: bool = False):
 
 @torch.no_grad()
 def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, *, worker_tokens=64,
-                   answer_tokens=80, repeats=3, mapper=None, recompute_prompts=False):
+                   answer_tokens=80, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None):
     """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice (three times
     with ``recompute_prompts``: the base model over the branches with each worker's instruction recomputed in
     text order, all in one forward, :func:`pskernels.synthesis.recompute.recompute_branches`).
 
     ``model`` may be a PeftModel holding a synthesizer adapter (:func:`load_synthesizer`): only the
-    Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model."""
+    Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model.
+    ``synthesizer_recompute``: ``(head, tail, together)`` a synthesizer trained on recomputed branches
+    (:func:`pskernels.synthesis.checkpoints.trained_recompute`) reads them with (head ``"prompt"``: each worker's
+    instruction); its TTFT includes the recomputation."""
     from ..synthesis.adapter import base_model, is_peft_model, unwrap
     from ..synthesis.workflow import run_workers, text_concat_cache
 
@@ -208,7 +211,13 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
                             pad_token_id=pad, repetition_penalty=REPETITION_PENALTY)
 
         def parallel_cache():
-            return ParallelCache(w.prefix, w.branches(), branch_lengths=w.branch_lengths, mapper=mapper)
+            if synthesizer_recompute is None:
+                return ParallelCache(w.prefix, w.branches(), branch_lengths=w.branch_lengths, mapper=mapper)
+            head, tail, together = synthesizer_recompute
+            heads = [len(x) for x in worker_ids] if head == "prompt" else head
+            with base_model(model):
+                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, head=heads, tail=tail,
+                                          together=together, mapper=mapper)
 
         def ttft_text():
             with base_model(model):
@@ -269,6 +278,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         "branch_cache_mib": round(kv / 2**20, 2),
         "threads": torch.get_num_threads(),
         "synthesizer": "trained " + " + ".join(trained) if trained else "base model",
+        "synthesizer_recompute": list(synthesizer_recompute) if synthesizer_recompute else None,
         **recomputed,
     }
 
@@ -317,6 +327,12 @@ def print_agent_report(r: dict, model_name: str) -> None:
         if r.get("mapper_path"):
             source = (" from the shipped checkpoint " if r.get("shipped") else " from ") + r["mapper_path"]
         print(f"synthesizer (b): {r['synthesizer']}{source}; workers and (a): the base model.")
+        if r.get("synthesizer_recompute"):
+            head, tail, together = r["synthesizer_recompute"]
+            what = "each worker's instruction" if head == "prompt" else f"the first {head} tokens of each branch"
+            what += f" and its last {tail}" if tail else ""
+            print(f"It was trained to read the branches with {what} recomputed in text order (base model"
+                  f"{', one forward' if together else ''}); (b)'s TTFT includes that recomputation.")
         if r.get("shipped"):
             print("(`--untrained`: (b) runs the base model too.)")
 
@@ -346,7 +362,8 @@ def main(args) -> int:
         model, mapper, mapper_path = load_default_synthesizer(model, args.model, untrained)
         shipped = mapper_path is not None
     r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper,
-                       recompute_prompts=bool(getattr(args, "recompute_prompts", False)))
+                       recompute_prompts=bool(getattr(args, "recompute_prompts", False)),
+                       synthesizer_recompute=checkpoints.trained_recompute(mapper_path))
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained
     print(json.dumps(r, indent=2)) if args.json else print_agent_report(r, name)
     return 0

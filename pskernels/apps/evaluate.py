@@ -339,7 +339,7 @@ def run_eval(args) -> int:
                                          max_examples=None)
         names["ape"] = f"(iii) APE calibrated (T={calibration['temperature']:g}, S={calibration['lse_scale']:g})"
     mapper, checkpoint_loaded = None, False
-    trained_recompute = tuple(cfg["recompute"]) if cfg.get("recompute") else None
+    trained_recompute = checkpoints.trained_recompute(checkpoint)
     if trained_recompute:  # the synthesizer was trained to read its branches so
         names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute)
     if checkpoint and "trained" in settings:

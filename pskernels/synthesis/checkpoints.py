@@ -145,6 +145,14 @@ def checkpoint_train_config(path: str | os.PathLike) -> dict:
     return _read_json(p, f"checkpoint {path}") if p.is_file() else {}
 
 
+def trained_recompute(path: str | os.PathLike | None) -> tuple | None:
+    """``(head, tail, together)`` when the checkpoint's synthesizer was trained on branches with those tokens
+    recomputed in text order (``pskernels train --recompute``): it must read its branches so. None otherwise (also
+    for ``path`` None or a bare mapper folder)."""
+    r = checkpoint_train_config(path).get("recompute") if path is not None else None
+    return tuple(r) if r else None
+
+
 def shipped_checkpoint(model_name: str) -> Path | None:
     """The checkpoint shipped for ``model_name``, if it is on disk.
 
