@@ -247,7 +247,7 @@ def test_loss_decreases_within_a_few_steps():
     assert kl[0] > 1e-3 and max(kl[-3:]) < 0.5 * kl[0], kl
 
 
-def test_training_reads_the_recomputed_branches_and_recomputes_each_example_once(monkeypatch):
+def test_training_reads_the_recomputed_branches_and_recomputes_each_example_once(monkeypatch, tmp_path):
     import pskernels.synthesis.train as recipe
 
     ex = _small_examples(2, seed=4)
@@ -278,6 +278,12 @@ def test_training_reads_the_recomputed_branches_and_recomputes_each_example_once
             train(_model(), TOK, ex, TrainConfig(steps=1, recompute=bad))
     with pytest.raises(ValueError, match="scheme 'sequential'"):
         train(_model(), TOK, ex, TrainConfig(steps=1, recompute=(2, 0, False), scheme="parallel"))
+    run = dict(checkpoint_dir=str(tmp_path / "run"), log_every=0)
+    train(_model(), TOK, ex, TrainConfig(steps=1, recompute=(2, 0, False), **run))
+    with pytest.raises(ValueError, match=r"recompute: the run in .* was trained with recompute \[2, 0, False\], "
+                                         r"resumed with None"):
+        train(_model(), TOK, ex, TrainConfig(steps=2, resume=True, **run))
+    assert train(_model(), TOK, ex, TrainConfig(steps=2, resume=True, recompute=(2, 0, False), **run))["step"] == 2
 
 
 def test_lr_schedules():

@@ -212,6 +212,14 @@ def load_trained(model, checkpoint: str):
     return model, mapper
 
 
+def _saved_config(checkpoint_dir: str) -> dict:
+    path = os.path.join(checkpoint_dir, CONFIG_NAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def _check(examples, config: TrainConfig) -> None:
     if not examples:
         raise ValueError("examples: expected at least one training example")
@@ -317,6 +325,10 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                     "recompute": list(cfg.recompute) if cfg.recompute else None, **(cfg.config_extra or {})}
     history, evals, step = [], [], 0
     if resuming:
+        trained_with = _saved_config(cfg.checkpoint_dir).get("recompute")
+        if trained_with != saved_config["recompute"]:
+            raise ValueError(f"recompute: the run in {cfg.checkpoint_dir} was trained with recompute {trained_with}, "
+                             f"resumed with {saved_config['recompute']} (the synthesizer reads its branches one way)")
         st = torch.load(state_path, weights_only=False)
         mapper_dir = os.path.join(cfg.checkpoint_dir, MAPPER_DIR)
         if mapper is not None and os.path.isdir(mapper_dir):
