@@ -102,7 +102,7 @@ def test_worker_dead_after_its_cache_is_dropped_from_both_paths():
     assert time.monotonic() - t0 < LIMIT
 
 
-def test_cli_routes_processes_to_the_distributed_demo(monkeypatch, capsys):
+def test_cli_routes_processes_to_the_distributed_demo(monkeypatch, capsys, tmp_path):
     """`pskernels demo --processes 3 --model tiny ...` reaches spawn_demo with the flags (no processes started)."""
     from pskernels.apps.cli import main
 
@@ -121,6 +121,13 @@ def test_cli_routes_processes_to_the_distributed_demo(monkeypatch, capsys):
     assert (seen["processes"], c.model, c.timeout, c.worker_tokens, c.answer_tokens, c.untrained) == \
         (3, "tiny", 7.0, 5, 2, True)
     assert json.loads(capsys.readouterr().out)["missing"][0]["rank"] == 2
+    run = tmp_path / "run"  # a synthesizer trained on recomputed branches is refused before any process starts
+    run.mkdir()
+    (run / "train_config.json").write_text(json.dumps({"recompute": ["prompt", 0, True]}))
+    seen.clear()
+    with pytest.raises(ValueError, match=r"--mapper .*run: a synthesizer trained on recomputed branches"):
+        main(["demo", "--processes", "3", "--model", "tiny", "--mapper", str(run)])
+    assert not seen
 
 
 def test_torchrun_runs_the_same_module(tmp_path):

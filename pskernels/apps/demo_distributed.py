@@ -474,9 +474,15 @@ def main(args) -> int:
     """``pskernels demo --processes N`` (spawn) or the current rank under torchrun."""
     import json
 
+    from ..synthesis import checkpoints
+
     cfg = config_from_args(args)
     if cfg.mapper and cfg.untrained:
         raise ValueError("--mapper and --untrained: give one of them")
+    if cfg.mapper and checkpoints.trained_recompute(cfg.mapper):
+        raise ValueError(f"--mapper {cfg.mapper}: a synthesizer trained on recomputed branches (train --recompute "
+                         f"{checkpoints.trained_recompute(cfg.mapper)}); the multi-process demo reads the received "
+                         "branches as they are: run it in `pskernels demo` (one process)")
     if under_torchrun():
         rank, r = torchrun_demo(cfg)
         if rank == 0:
