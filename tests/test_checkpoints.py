@@ -188,6 +188,19 @@ def test_shipped_checkpoint_lookup(exported, tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", exported.parent)
     monkeypatch.setitem(checkpoints.SHIPPED, "tiny", exported.name)
     assert checkpoints.shipped_checkpoint("tiny") == exported
+    assert checkpoints.SHIPPED_RECOMPUTE["smollm2"] == "smollm2-135m-instruct-recompute"
+    assert checkpoints.shipped_checkpoint("tiny", recompute=True) is None
+    monkeypatch.setitem(checkpoints.SHIPPED_RECOMPUTE, "tiny", exported.name)
+    assert checkpoints.shipped_checkpoint("tiny", recompute=True) == exported
+
+
+def _recomputing(exported, folder):
+    """A copy of ``exported`` whose synthesizer was (as its manifest says) trained with ``--recompute 2,1``."""
+    shutil.copytree(exported, folder)
+    manifest = json.loads((folder / checkpoints.MANIFEST_NAME).read_text())
+    manifest["train_config"]["recompute"] = [2, 1, False]
+    (folder / checkpoints.MANIFEST_NAME).write_text(json.dumps(manifest))
+    return folder
 
 
 def test_docstring_examples():
@@ -234,6 +247,25 @@ def test_eval_uses_the_shipped_checkpoint_unless_untrained_or_another_is_named(r
     with pytest.raises(SystemExit):  # argparse: not allowed with --checkpoint
         ev.main([*EVAL, "--untrained", "--checkpoint", str(run["dir"])])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_eval_recompute_synthesizer_is_the_shipped_one_trained_on_recomputed_turns(shipped_tiny, tmp_path, capsys,
+                                                                                   monkeypatch):
+    from pskernels.apps import evaluate as ev
+
+    with pytest.raises(SystemExit, match="--recompute-synthesizer: no synthesizer trained on recomputed turns is "
+                                         "shipped for --model tiny"):
+        ev.main([*EVAL, "--recompute-synthesizer"])
+    recomputing = _recomputing(shipped_tiny, tmp_path / "recomputing")
+    monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", tmp_path)
+    monkeypatch.setitem(checkpoints.SHIPPED_RECOMPUTE, "tiny", recomputing.name)
+    r, text = _eval(["--settings", "trained", "--recompute-synthesizer"], tmp_path, capsys)
+    assert r["checkpoint"] == str(recomputing) and f"{recomputing} (--recompute-synthesizer)" in text
+    assert "(iv) trained + recomputed 2,1" in text
+    plain, _ = _eval(["--settings", "trained", "--checkpoint", str(shipped_tiny)], tmp_path, capsys)
+    assert r["trained"]["kl"] != pytest.approx(plain["trained"]["kl"], rel=1e-5)  # the same weights, read recomputed
+    with pytest.raises(SystemExit):  # argparse: not allowed with --untrained
+        ev.main([*EVAL, "--untrained", "--recompute-synthesizer"])
 
 
 def test_eval_refuses_a_shipped_checkpoint_of_another_model(shipped_tiny, tmp_path, monkeypatch):
@@ -292,12 +324,14 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     monkeypatch.setattr(demo, "load_model", lambda name: (_tiny(), ByteTokenizer()))
     seen = []
 
-    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None):
+    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None,
+                        recompute_synthesizer=None):
         seen.append((model, mapper))
         recomputes.append(synthesizer_recompute)
+        synthesizers_c.append(recompute_synthesizer)
         return {"synthesizer": "trained" if mapper is not None else "base model"}
 
-    recomputes = []
+    recomputes, synthesizers_c = [], []
     monkeypatch.setattr(demo, "run_agent_demo", fake_agent_demo)
     assert cli(["demo", "--json", "--repeats", "1"]) == 0
     model, mapper = seen[-1]
@@ -325,6 +359,17 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     assert checkpoints.trained_recompute(exported) is None and checkpoints.trained_recompute(None) is None
     assert cli(["demo", "--json", "--repeats", "1", "--mapper", str(recomputing)]) == 0
     assert recomputes[-1] == ("prompt", 0, True)
+    capsys.readouterr()
+    # --recompute-prompts: (c) is the synthesizer shipped for recomputed turns, on its own copy of the base weights
+    assert synthesizers_c == [None] * 3
+    monkeypatch.setitem(checkpoints.SHIPPED_RECOMPUTE, "smollm2", recomputing.name)
+    shutil.copytree(recomputing, root / recomputing.name)
+    assert cli(["demo", "--json", "--repeats", "1", "--recompute-prompts"]) == 0
+    (model, _), (model_c, mapper_c) = seen[-1], synthesizers_c[-1]
+    assert is_peft_model(model_c) and model_c is not model and mapper_c is not None
+    assert json.loads(capsys.readouterr().out)["recompute_path"] == str(root / recomputing.name)
+    assert cli(["demo", "--json", "--repeats", "1", "--recompute-prompts", "--untrained"]) == 0
+    assert synthesizers_c[-1] is None
 
 
 def test_eval_recompute_setting(tmp_path, capsys):
@@ -366,3 +411,13 @@ def test_agent_demo_recompute_prompts_adds_a_third_synthesis(capsys):
     once = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
                                repeats=1, recompute_prompts=True)
     assert once["parallel_answer"] != once["recompute_answer"] == both["recompute_answer"]  # not the plain read
+    assert once["recompute_synthesizer"] == "base model"
+    other = _tiny()  # (c)'s synthesizer: other weights of the same shapes
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p), alpha=0.05)
+    by_other = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+                                   repeats=1, recompute_prompts=True, recompute_synthesizer=(other, None))
+    assert by_other["recompute_synthesizer"] == "trained on recomputed turns"
+    assert by_other["parallel_answer"] == once["parallel_answer"]
+    assert by_other["recompute_answer"] != once["recompute_answer"]

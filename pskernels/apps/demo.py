@@ -14,6 +14,7 @@ Without ``--mapper`` the synthesizer uses the checkpoint shipped for the model, 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -188,10 +189,13 @@ def load_default_synthesizer(model, model_name: str, untrained: bool = False):
 
 @torch.no_grad()
 def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, *, worker_tokens=64,
-                   answer_tokens=80, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None):
+                   answer_tokens=80, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None,
+                   recompute_synthesizer=None):
     """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice (three times
-    with ``recompute_prompts``: the base model over the branches with each worker's instruction recomputed in
-    text order, all in one forward, :func:`pskernels.synthesis.recompute.recompute_branches`).
+    with ``recompute_prompts``: (c) reads the branches with each worker's instruction recomputed in text order by
+    the base model, all in one forward, :func:`pskernels.synthesis.recompute.recompute_branches`; the synthesizer
+    of (c) is ``recompute_synthesizer = (model, mapper)``, one trained on branches recomputed so
+    (:func:`pskernels.synthesis.checkpoints.shipped_checkpoint` with ``recompute=True``), else the base model).
 
     ``model`` may be a PeftModel holding a synthesizer adapter (:func:`load_synthesizer`): only the
     Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model.
@@ -205,6 +209,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, dev)
     kw = cache_kwarg(unwrap(model))
     handle = patch_model(model)
+    handle_c = patch_model(recompute_synthesizer[0]) if recompute_prompts and recompute_synthesizer else None
     try:
         with base_model(model):
             w = run_workers(model, prefix_ids, worker_ids, max_new_tokens=worker_tokens, eos_token_id=eos,
@@ -226,13 +231,19 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         def ttft_parallel():
             return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: parallel_cache()}).logits
 
+        synth_c, mapper_c = recompute_synthesizer or (None, None)
+
         def recompute_cache():
-            return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, head=[len(x) for x in worker_ids],
-                                      together=True)
+            with base_model(model):
+                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids,
+                                          head=[len(x) for x in worker_ids], together=True, mapper=mapper_c)
 
         def ttft_recompute():
+            cache = recompute_cache()  # outside base_model(): PEFT's disable_adapter() does not nest
+            if synth_c is not None:
+                return synth_c(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
             with base_model(model):
-                return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: recompute_cache()}).logits
+                return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
 
         paths = [ttft_text, ttft_parallel] + [ttft_recompute] * recompute_prompts
         times = {fn: [] for fn in paths}
@@ -250,10 +261,14 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
             text_out = model.generate(full, **gen, **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
         par_out = model.generate(query_ids, **gen, **{kw: parallel_cache()})[0, query_ids.shape[1]:]
         if recompute_prompts:
-            with base_model(model):
-                rec_out = model.generate(query_ids, **gen, **{kw: recompute_cache()})[0, query_ids.shape[1]:]
+            cache = recompute_cache()
+            with base_model(model) if synth_c is None else contextlib.nullcontext():
+                rec_out = (model if synth_c is None else synth_c).generate(query_ids, **gen, **{kw: cache})
+            rec_out = rec_out[0, query_ids.shape[1]:]
     finally:
         handle.remove()
+        if handle_c is not None:
+            handle_c.remove()
     dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     trained = ["cache mapper"] * (mapper is not None) + ["LoRA adapter"] * is_peft_model(model)
     kv = sum(t.numel() * t.element_size() for layer in w.cache.layers for t in (layer.keys, layer.values))
@@ -263,7 +278,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         rec_ms = statistics.median(times[ttft_recompute])
         recomputed = {"recompute_answer": dec(rec_out), "recompute_ttft_ms": round(rec_ms, 2),
                       "recompute_speedup": round(text_ms / rec_ms, 2),
-                      "recompute_tokens": sum(len(x) for x in worker_ids)}
+                      "recompute_tokens": sum(len(x) for x in worker_ids),
+                      "recompute_synthesizer": "base model" if synth_c is None else "trained on recomputed turns"}
     return {
         "task": task,
         "workers": [{"subtask": st, "answer": dec(a)} for st, a in zip(subtasks, w.answer_ids)],
@@ -314,9 +330,12 @@ def print_agent_report(r: dict, model_name: str) -> None:
     print(f"\nspeedup (time to first token): {r['speedup']:.1f}x; worker caches {r['branch_cache_mib']} MiB "
           "(prefix stored once, read in place)")
     if "recompute_answer" in r:
+        who = r.get("recompute_synthesizer", "base model")
+        if r.get("recompute_path"):
+            who += f", {r['recompute_path']}"
         print(f"\n(c) Parallel-Synthesis with the workers' instructions recomputed in text order "
-              f"({r['recompute_tokens']} tokens in one forward; base model): TTFT {r['recompute_ttft_ms']} ms, "
-              f"{r['recompute_speedup']:.1f}x faster than (a)")
+              f"({r['recompute_tokens']} tokens in one forward by the base model; synthesizer: {who}): "
+              f"TTFT {r['recompute_ttft_ms']} ms, {r['recompute_speedup']:.1f}x faster than (a)")
         print(textwrap.indent(textwrap.fill(r["recompute_answer"], 100), "    "))
     if r["synthesizer"] == "base model":
         why = "--untrained: " if r.get("untrained") else ""
@@ -355,15 +374,23 @@ def main(args) -> int:
         return 0
     model, tokenizer = load_model(args.model)
     name = "SmolLM2-135M-Instruct (fp32)" if args.model == "smollm2" else args.model
+    recompute_prompts = bool(getattr(args, "recompute_prompts", False))
+    recompute_path = checkpoints.shipped_checkpoint(args.model, recompute=True) \
+        if recompute_prompts and not untrained else None
+    recompute_synthesizer = None
+    if recompute_path is not None:  # its own copy of the base weights: (b)'s adapter stays where it is
+        recompute_synthesizer = checkpoints.load_checkpoint(copy.deepcopy(model), recompute_path)
     shipped = False
     if mapper_path:
         model, mapper = load_synthesizer(model, mapper_path)
     else:
         model, mapper, mapper_path = load_default_synthesizer(model, args.model, untrained)
         shipped = mapper_path is not None
-    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper,
-                       recompute_prompts=bool(getattr(args, "recompute_prompts", False)),
-                       synthesizer_recompute=checkpoints.trained_recompute(mapper_path))
+    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper, recompute_prompts=recompute_prompts,
+                       synthesizer_recompute=checkpoints.trained_recompute(mapper_path),
+                       recompute_synthesizer=recompute_synthesizer)
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained
+    if recompute_path is not None:
+        r["recompute_path"] = str(recompute_path)
     print(json.dumps(r, indent=2)) if args.json else print_agent_report(r, name)
     return 0

@@ -197,6 +197,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ck.add_argument("--checkpoint", default=None, help="the 'trained' row's checkpoint: a folder written by `pskernels "
                     "train --out` or export_checkpoint (omit: the checkpoint shipped for --model, if any)")
     ck.add_argument("--untrained", action="store_true", help="no 'trained' row (ignore the shipped checkpoint)")
+    ck.add_argument("--recompute-synthesizer", action="store_true",
+                    help="the 'trained' row is the synthesizer shipped for --model that was trained on branches with "
+                    "each worker's turn recomputed (it reads them so: more faithful, slower to its first token)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="held-out examples (JSONL); all lines are evaluated")
     src.add_argument("--builder", default="aggregation", help="aggregation | exposure | distill | mixed")
@@ -269,6 +272,12 @@ def resolve_checkpoint(args) -> tuple[str | None, str]:
         return None, "none (--untrained)"
     if args.checkpoint:
         return args.checkpoint, f"{args.checkpoint} (--checkpoint)"
+    if getattr(args, "recompute_synthesizer", False):
+        shipped = checkpoints.shipped_checkpoint(args.model, recompute=True)
+        if shipped is None:
+            raise SystemExit(f"--recompute-synthesizer: no synthesizer trained on recomputed turns is shipped for "
+                             f"--model {args.model}")
+        return str(shipped), f"{shipped} (--recompute-synthesizer)"
     shipped = checkpoints.shipped_checkpoint(args.model)
     if shipped is not None:
         return str(shipped), f"{shipped} (shipped for --model {args.model}; --untrained: none)"

@@ -35,6 +35,9 @@ CHECKPOINT_ROOT = PACKAGE_DIR / "checkpoints"
 """Where the shipped checkpoints live: ``pskernels/checkpoints/<folder>/``."""
 SHIPPED = {"smollm2": "smollm2-135m-instruct"}
 """Model name (as :func:`pskernels.synthesis.models.load_model` takes it) -> folder under :data:`CHECKPOINT_ROOT`."""
+SHIPPED_RECOMPUTE = {"smollm2": "smollm2-135m-instruct-recompute"}
+"""The same for the synthesizer trained on branches with each worker's turn recomputed (``train --recompute prompt
+--recompute-together``): more faithful, and it pays that recomputation at synthesis time (docs/FIDELITY.md)."""
 DEFAULT_SUITE = Path(__file__).resolve().parent / "suites" / "workflows-smollm2.jsonl"
 """The packaged workflow suite (``pskernels eval --suite`` without a file)."""
 MANIFEST_NAME = "checkpoint.json"
@@ -153,13 +156,15 @@ def trained_recompute(path: str | os.PathLike | None) -> tuple | None:
     return tuple(r) if r else None
 
 
-def shipped_checkpoint(model_name: str) -> Path | None:
+def shipped_checkpoint(model_name: str, recompute: bool = False) -> Path | None:
     """The checkpoint shipped for ``model_name``, if it is on disk.
 
     Parameters
     ----------
     model_name : str
         A name as :func:`pskernels.synthesis.models.load_model` takes it (``"smollm2"``).
+    recompute : bool
+        The synthesizer trained on recomputed worker turns (:data:`SHIPPED_RECOMPUTE`) instead of the default one.
 
     Returns
     -------
@@ -167,7 +172,7 @@ def shipped_checkpoint(model_name: str) -> Path | None:
         ``CHECKPOINT_ROOT / SHIPPED[model_name]`` when that folder holds a ``checkpoint.json``; None for a
         name without a shipped checkpoint (``"tiny"``, an HF folder) or when the files are absent.
     """
-    folder = SHIPPED.get(model_name)
+    folder = (SHIPPED_RECOMPUTE if recompute else SHIPPED).get(model_name)
     if folder is None:
         return None
     path = Path(CHECKPOINT_ROOT) / folder
