@@ -60,8 +60,9 @@ def main(argv=None) -> int:
     syn.add_argument("--untrained", action="store_true",
                      help="the synthesizer is the base model (ignore the shipped checkpoint)")
     d.add_argument("--recompute-prompts", action="store_true",
-                   help="also synthesize (c): the base model over the branches with each worker's instruction "
-                   "recomputed in text order (a training-free fidelity knob, docs/FIDELITY.md)")
+                   help="also synthesize (c): each worker's instruction recomputed in text order, read by the "
+                   "synthesizer shipped for that (trained on recomputed turns; --untrained or none shipped: the base "
+                   "model); more faithful, slower to its first token (docs/FIDELITY.md)")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.add_argument("--processes", type=int, metavar="N", help="workers in other processes: N local processes over "
                    "gloo (rank 0 synthesizes, ranks 1..N-1 are workers that send their branch caches); under torchrun "
