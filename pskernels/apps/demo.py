@@ -215,11 +215,13 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
             w = run_workers(model, prefix_ids, worker_ids, max_new_tokens=worker_tokens, eos_token_id=eos,
                             pad_token_id=pad, repetition_penalty=REPETITION_PENALTY)
 
+        turns = [len(x) for x in worker_ids]  # each worker's instruction: the head recomputed for its branch
+
         def parallel_cache():
             if synthesizer_recompute is None:
                 return ParallelCache(w.prefix, w.branches(), branch_lengths=w.branch_lengths, mapper=mapper)
             head, tail, together = synthesizer_recompute
-            heads = [len(x) for x in worker_ids] if head == "prompt" else head
+            heads = turns if head == "prompt" else head
             with base_model(model):
                 return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, head=heads, tail=tail,
                                           together=together, mapper=mapper)
@@ -235,8 +237,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
 
         def recompute_cache():
             with base_model(model):
-                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids,
-                                          head=[len(x) for x in worker_ids], together=True, mapper=mapper_c)
+                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, head=turns, together=True,
+                                          mapper=mapper_c)
 
         def ttft_recompute():
             cache = recompute_cache()  # outside base_model(): PEFT's disable_adapter() does not nest
@@ -278,7 +280,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         rec_ms = statistics.median(times[ttft_recompute])
         recomputed = {"recompute_answer": dec(rec_out), "recompute_ttft_ms": round(rec_ms, 2),
                       "recompute_speedup": round(text_ms / rec_ms, 2),
-                      "recompute_tokens": sum(len(x) for x in worker_ids),
+                      "recompute_tokens": sum(turns),
                       "recompute_synthesizer": "base model" if synth_c is None else "trained on recomputed turns"}
     return {
         "task": task,

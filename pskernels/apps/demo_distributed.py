@@ -479,10 +479,11 @@ def main(args) -> int:
     cfg = config_from_args(args)
     if cfg.mapper and cfg.untrained:
         raise ValueError("--mapper and --untrained: give one of them")
-    if cfg.mapper and checkpoints.trained_recompute(cfg.mapper):
+    trained_recompute = checkpoints.trained_recompute(cfg.mapper) if cfg.mapper else None
+    if trained_recompute:
         raise ValueError(f"--mapper {cfg.mapper}: a synthesizer trained on recomputed branches (train --recompute "
-                         f"{checkpoints.trained_recompute(cfg.mapper)}); the multi-process demo reads the received "
-                         "branches as they are: run it in `pskernels demo` (one process)")
+                         f"{trained_recompute}); the multi-process demo reads the received branches as they are: "
+                         "run it in `pskernels demo` (one process)")
     if under_torchrun():
         rank, r = torchrun_demo(cfg)
         if rank == 0:
