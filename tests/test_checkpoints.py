@@ -324,8 +324,8 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     monkeypatch.setattr(demo, "load_model", lambda name: (_tiny(), ByteTokenizer()))
     seen = []
 
-    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None,
-                        recompute_synthesizer=None):
+    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recomputed_synthesis=False,
+                        synthesizer_recompute=None, recompute_synthesizer=None):
         seen.append((model, mapper))
         recomputes.append(synthesizer_recompute)
         synthesizers_c.append(recompute_synthesizer)
@@ -360,15 +360,16 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     assert cli(["demo", "--json", "--repeats", "1", "--mapper", str(recomputing)]) == 0
     assert recomputes[-1] == ("prompt", 0, True)
     capsys.readouterr()
-    # --recompute-prompts: (c) is the synthesizer shipped for recomputed turns, on its own copy of the base weights
+    # --recompute-synthesizer: (c) is the synthesizer shipped for recomputed turns, on its own copy of the base weights
     assert synthesizers_c == [None] * 3
     monkeypatch.setitem(checkpoints.SHIPPED_RECOMPUTE, "smollm2", recomputing.name)
     shutil.copytree(recomputing, root / recomputing.name)
-    assert cli(["demo", "--json", "--repeats", "1", "--recompute-prompts"]) == 0
-    (model, _), (model_c, mapper_c) = seen[-1], synthesizers_c[-1]
+    assert cli(["demo", "--json", "--repeats", "1", "--recompute-synthesizer"]) == 0
+    (model, _), (model_c, mapper_c, how_c) = seen[-1], synthesizers_c[-1]
     assert is_peft_model(model_c) and model_c is not model and mapper_c is not None
+    assert how_c == ("prompt", 0, True)  # (c) reads the branches as its synthesizer was trained
     assert json.loads(capsys.readouterr().out)["recompute_path"] == str(root / recomputing.name)
-    assert cli(["demo", "--json", "--repeats", "1", "--recompute-prompts", "--untrained"]) == 0
+    assert cli(["demo", "--json", "--repeats", "1", "--recompute-synthesizer", "--untrained"]) == 0
     assert synthesizers_c[-1] is None
 
 
@@ -390,26 +391,28 @@ def test_eval_recompute_setting(tmp_path, capsys):
             ev.main([*EVAL, "--untrained", "--settings", "recompute", f"--recompute={bad}"])
 
 
-def test_agent_demo_recompute_prompts_adds_a_third_synthesis(capsys):
+def test_agent_demo_recomputed_synthesis_adds_a_third_synthesis(capsys, monkeypatch):
     from pskernels.apps import demo
+    from pskernels.synthesis.recompute import recompute_branches
 
     subtasks = ["Count the red ones.", "Count the blue ones and say so."]
     r = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3, repeats=1,
-                            recompute_prompts=True)
+                            recomputed_synthesis=True)
     tok = ByteTokenizer()
     assert r["recompute_tokens"] == sum(len(x) for x in demo.agent_prompts(tok, subtasks=subtasks)[1])
     assert r["recompute_ttft_ms"] > 0 and r["recompute_speedup"] > 0 and isinstance(r["recompute_answer"], str)
     demo.print_agent_report(r, "tiny")
-    assert "(c) Parallel-Synthesis with the workers' instructions recomputed" in capsys.readouterr().out
+    assert r["recompute"] == ["prompt", 0, True]
+    assert "(c) Parallel-Synthesis with each worker's instruction recomputed in text order" in capsys.readouterr().out
     plain = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3,
                                 repeats=1)
     assert "recompute_answer" not in plain and plain["synthesizer_recompute"] is None
     # a synthesizer trained on recomputed instructions: (b) reads them so (here the base model, hence (c)'s answer)
     both = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
-                               repeats=1, recompute_prompts=True, synthesizer_recompute=("prompt", 0, True))
+                               repeats=1, recomputed_synthesis=True, synthesizer_recompute=("prompt", 0, True))
     assert both["parallel_answer"] == both["recompute_answer"] and both["synthesizer_recompute"] == ["prompt", 0, True]
     once = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
-                               repeats=1, recompute_prompts=True)
+                               repeats=1, recomputed_synthesis=True)
     assert once["parallel_answer"] != once["recompute_answer"] == both["recompute_answer"]  # not the plain read
     assert once["recompute_synthesizer"] == "base model"
     other = _tiny()  # (c)'s synthesizer: other weights of the same shapes
@@ -417,7 +420,24 @@ def test_agent_demo_recompute_prompts_adds_a_third_synthesis(capsys):
         for p in other.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
     by_other = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
-                                   repeats=1, recompute_prompts=True, recompute_synthesizer=(other, None))
-    assert by_other["recompute_synthesizer"] == "trained on recomputed turns"
+                                   repeats=1, recomputed_synthesis=True,
+                                   recompute_synthesizer=(other, None, ("prompt", 0, True)))
+    assert by_other["recompute_synthesizer"] == "trained on recomputed branches"
     assert by_other["parallel_answer"] == once["parallel_answer"]
     assert by_other["recompute_answer"] != once["recompute_answer"]
+    # (c)'s synthesizer trained with another recomputation reads the branches so: the first 3 tokens and the last 1
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append((kwargs["head"], kwargs["tail"], kwargs["together"]))
+        return recompute_branches(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "recompute_branches", recording)
+    heads = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+                                repeats=1, recomputed_synthesis=True,
+                                recompute_synthesizer=(_tiny(), None, (3, 1, False)))
+    assert heads["recompute"] == [3, 1, False] and heads["recompute_tokens"] == 4 * len(subtasks)
+    assert calls and set(calls) == {(3, 1, False)}  # (b) reads its branches plainly: only (c) recomputes
+    demo.print_agent_report(heads, "tiny")
+    assert "with the first 3 tokens of each branch and its last 1 recomputed in text order (8 tokens by the base " \
+        "model; synthesizer: trained on recomputed branches)" in capsys.readouterr().out

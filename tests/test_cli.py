@@ -55,15 +55,15 @@ def test_demo_mapper_argument_errors(tmp_path):
         main(args)
 
 
-def test_demo_recompute_prompts_needs_a_real_single_process_demo():
+def test_demo_recomputed_synthesis_needs_a_real_single_process_demo():
     import argparse
 
     from pskernels.apps.cli import main as cli
     from pskernels.apps.demo import main
 
     args = argparse.Namespace(model="tiny", mapper=None, branches=2, branch_len=8, prefix_len=4, query_len=2,
-                              repeats=1, json=True, recompute_prompts=True)
-    with pytest.raises(ValueError, match="--recompute-prompts: the tiny demo has no workers' instructions"):
+                              repeats=1, json=True, recomputed_synthesis=True)
+    with pytest.raises(ValueError, match="--recompute-synthesizer: the tiny demo has no workers' instructions"):
         main(args)
-    with pytest.raises(SystemExit, match="--recompute-prompts: not available with --processes"):
-        cli(["demo", "--processes", "2", "--recompute-prompts"])
+    with pytest.raises(SystemExit, match="--recompute-synthesizer: not available with --processes"):
+        cli(["demo", "--processes", "2", "--recompute-synthesizer"])

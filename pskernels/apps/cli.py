@@ -59,10 +59,11 @@ def main(argv=None) -> int:
                      "omitted: the checkpoint shipped for --model, if any")
     syn.add_argument("--untrained", action="store_true",
                      help="the synthesizer is the base model (ignore the shipped checkpoint)")
-    d.add_argument("--recompute-prompts", action="store_true",
-                   help="also synthesize (c): each worker's instruction recomputed in text order, read by the "
-                   "synthesizer shipped for that (trained on recomputed turns; --untrained or none shipped: the base "
-                   "model); more faithful, slower to its first token (docs/FIDELITY.md)")
+    d.add_argument("--recompute-synthesizer", dest="recomputed_synthesis", action="store_true",
+                   help="also synthesize (c): the synthesizer shipped for recomputed branches, reading them as it "
+                   "was trained (some tokens of each branch recomputed in text order by the base model; --untrained "
+                   "or none shipped: the base model with each worker's instruction recomputed); more faithful, slower "
+                   "to its first token (docs/FIDELITY.md)")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.add_argument("--processes", type=int, metavar="N", help="workers in other processes: N local processes over "
                    "gloo (rank 0 synthesizes, ranks 1..N-1 are workers that send their branch caches); under torchrun "
@@ -124,8 +125,8 @@ def main(argv=None) -> int:
     from .demo_distributed import under_torchrun
 
     if args.processes is not None or under_torchrun():
-        if args.recompute_prompts:
-            raise SystemExit("--recompute-prompts: not available with --processes / torchrun (rank 0 does not hold "
+        if args.recomputed_synthesis:
+            raise SystemExit("--recompute-synthesizer: not available with --processes / torchrun (rank 0 does not hold "
                              "the workers' token ids split into instruction and answer)")
         from .demo_distributed import main as distributed_demo_main
 

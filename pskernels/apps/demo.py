@@ -187,15 +187,33 @@ def load_default_synthesizer(model, model_name: str, untrained: bool = False):
     return model, mapper, str(path)
 
 
+RECOMPUTE_TURNS = ("prompt", 0, True)  # (c) with the base model: each worker's instruction, in one forward
+
+
+def recomputed_tokens(how, branch_lengths, turns) -> int:
+    """How many branch tokens ``how = (head, tail, together)`` recomputes (head ``"prompt"``: ``turns``)."""
+    head, tail, _ = how
+    heads = turns if head == "prompt" else [head] * len(branch_lengths)
+    return sum(min(n, h + tail) for n, h in zip(branch_lengths, heads))
+
+
+def describe_recompute(how) -> str:
+    """``(head, tail, together)`` in words: which tokens of each branch are recomputed."""
+    head, tail, _ = how
+    what = "each worker's instruction" if head == "prompt" else f"the first {head} tokens of each branch"
+    return what + (f" and its last {tail}" if tail else "")
+
+
 @torch.no_grad()
 def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, *, worker_tokens=64,
-                   answer_tokens=80, repeats=3, mapper=None, recompute_prompts=False, synthesizer_recompute=None,
+                   answer_tokens=80, repeats=3, mapper=None, recomputed_synthesis=False, synthesizer_recompute=None,
                    recompute_synthesizer=None):
     """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice (three times
-    with ``recompute_prompts``: (c) reads the branches with each worker's instruction recomputed in text order by
-    the base model, all in one forward, :func:`pskernels.synthesis.recompute.recompute_branches`; the synthesizer
-    of (c) is ``recompute_synthesizer = (model, mapper)``, one trained on branches recomputed so
-    (:func:`pskernels.synthesis.checkpoints.shipped_checkpoint` with ``recompute=True``), else the base model).
+    with ``recomputed_synthesis``: (c) reads the branches with some of their tokens recomputed in text order by the
+    base model, :func:`pskernels.synthesis.recompute.recompute_branches`. Its synthesizer is
+    ``recompute_synthesizer = (model, mapper, (head, tail, together))``, one trained on branches recomputed so
+    (:func:`pskernels.synthesis.checkpoints.shipped_checkpoint` with ``recompute=True``), which reads them as it
+    was trained; None: the base model, reading each worker's instruction recomputed, all in one forward).
 
     ``model`` may be a PeftModel holding a synthesizer adapter (:func:`load_synthesizer`): only the
     Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model.
@@ -209,22 +227,24 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, dev)
     kw = cache_kwarg(unwrap(model))
     handle = patch_model(model)
-    handle_c = patch_model(recompute_synthesizer[0]) if recompute_prompts and recompute_synthesizer else None
+    handle_c = patch_model(recompute_synthesizer[0]) if recomputed_synthesis and recompute_synthesizer else None
     try:
         with base_model(model):
             w = run_workers(model, prefix_ids, worker_ids, max_new_tokens=worker_tokens, eos_token_id=eos,
                             pad_token_id=pad, repetition_penalty=REPETITION_PENALTY)
 
-        turns = [len(x) for x in worker_ids]  # each worker's instruction: the head recomputed for its branch
+        turns = [len(x) for x in worker_ids]  # each worker's instruction: head "prompt" of its branch
+
+        def recomputed_cache(how, cache_mapper):
+            head, tail, together = how
+            with base_model(model):
+                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, tail=tail, together=together,
+                                          head=turns if head == "prompt" else head, mapper=cache_mapper)
 
         def parallel_cache():
             if synthesizer_recompute is None:
                 return ParallelCache(w.prefix, w.branches(), branch_lengths=w.branch_lengths, mapper=mapper)
-            head, tail, together = synthesizer_recompute
-            heads = turns if head == "prompt" else head
-            with base_model(model):
-                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, head=heads, tail=tail,
-                                          together=together, mapper=mapper)
+            return recomputed_cache(synthesizer_recompute, mapper)
 
         def ttft_text():
             with base_model(model):
@@ -233,12 +253,10 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         def ttft_parallel():
             return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: parallel_cache()}).logits
 
-        synth_c, mapper_c = recompute_synthesizer or (None, None)
+        synth_c, mapper_c, how_c = recompute_synthesizer or (None, None, RECOMPUTE_TURNS)
 
         def recompute_cache():
-            with base_model(model):
-                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, head=turns, together=True,
-                                          mapper=mapper_c)
+            return recomputed_cache(how_c, mapper_c)
 
         def ttft_recompute():
             cache = recompute_cache()  # outside base_model(): PEFT's disable_adapter() does not nest
@@ -247,7 +265,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
             with base_model(model):
                 return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
 
-        paths = [ttft_text, ttft_parallel] + [ttft_recompute] * recompute_prompts
+        paths = [ttft_text, ttft_parallel] + [ttft_recompute] * recomputed_synthesis
         times = {fn: [] for fn in paths}
         for fn in paths:  # warm up
             fn()
@@ -262,7 +280,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         with base_model(model):
             text_out = model.generate(full, **gen, **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
         par_out = model.generate(query_ids, **gen, **{kw: parallel_cache()})[0, query_ids.shape[1]:]
-        if recompute_prompts:
+        if recomputed_synthesis:
             cache = recompute_cache()
             with base_model(model) if synth_c is None else contextlib.nullcontext():
                 rec_out = (model if synth_c is None else synth_c).generate(query_ids, **gen, **{kw: cache})
@@ -276,12 +294,12 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     kv = sum(t.numel() * t.element_size() for layer in w.cache.layers for t in (layer.keys, layer.values))
     text_ms, par_ms = statistics.median(t_text), statistics.median(t_par)
     recomputed = {}
-    if recompute_prompts:
+    if recomputed_synthesis:
         rec_ms = statistics.median(times[ttft_recompute])
         recomputed = {"recompute_answer": dec(rec_out), "recompute_ttft_ms": round(rec_ms, 2),
                       "recompute_speedup": round(text_ms / rec_ms, 2),
-                      "recompute_tokens": sum(turns),
-                      "recompute_synthesizer": "base model" if synth_c is None else "trained on recomputed turns"}
+                      "recompute": list(how_c), "recompute_tokens": recomputed_tokens(how_c, w.branch_lengths, turns),
+                      "recompute_synthesizer": "base model" if synth_c is None else "trained on recomputed branches"}
     return {
         "task": task,
         "workers": [{"subtask": st, "answer": dec(a)} for st, a in zip(subtasks, w.answer_ids)],
@@ -335,8 +353,10 @@ def print_agent_report(r: dict, model_name: str) -> None:
         who = r.get("recompute_synthesizer", "base model")
         if r.get("recompute_path"):
             who += f", {r['recompute_path']}"
-        print(f"\n(c) Parallel-Synthesis with the workers' instructions recomputed in text order "
-              f"({r['recompute_tokens']} tokens in one forward by the base model; synthesizer: {who}): "
+        together = r["recompute"][2]
+        print(f"\n(c) Parallel-Synthesis with {describe_recompute(r['recompute'])} recomputed in text order "
+              f"({r['recompute_tokens']} tokens{' in one forward' if together else ''} by the base model; "
+              f"synthesizer: {who}): "
               f"TTFT {r['recompute_ttft_ms']} ms, {r['recompute_speedup']:.1f}x faster than (a)")
         print(textwrap.indent(textwrap.fill(r["recompute_answer"], 100), "    "))
     if r["synthesizer"] == "base model":
@@ -349,11 +369,10 @@ def print_agent_report(r: dict, model_name: str) -> None:
             source = (" from the shipped checkpoint " if r.get("shipped") else " from ") + r["mapper_path"]
         print(f"synthesizer (b): {r['synthesizer']}{source}; workers and (a): the base model.")
         if r.get("synthesizer_recompute"):
-            head, tail, together = r["synthesizer_recompute"]
-            what = "each worker's instruction" if head == "prompt" else f"the first {head} tokens of each branch"
-            what += f" and its last {tail}" if tail else ""
-            print(f"It was trained to read the branches with {what} recomputed in text order (base model"
-                  f"{', one forward' if together else ''}); (b)'s TTFT includes that recomputation.")
+            together = r["synthesizer_recompute"][2]
+            print(f"It was trained to read the branches with {describe_recompute(r['synthesizer_recompute'])} "
+                  f"recomputed in text order (base model{', one forward' if together else ''}); (b)'s TTFT includes "
+                  "that recomputation.")
         if r.get("shipped"):
             print("(`--untrained`: (b) runs the base model too.)")
 
@@ -367,8 +386,8 @@ def main(args) -> int:
         if mapper_path:
             raise ValueError("--mapper: the tiny demo checks exactness against an oracle; use it with --model "
                              "smollm2 or an HF folder")
-        if getattr(args, "recompute_prompts", False):
-            raise ValueError("--recompute-prompts: the tiny demo has no workers' instructions; use it with --model "
+        if getattr(args, "recomputed_synthesis", False):
+            raise ValueError("--recompute-synthesizer: the tiny demo has no workers' instructions; use it with --model "
                              "smollm2 or an HF folder")
         r = run_demo(branches=args.branches, branch_len=args.branch_len, prefix_len=args.prefix_len,
                      query_len=args.query_len, repeats=args.repeats)
@@ -376,19 +395,20 @@ def main(args) -> int:
         return 0
     model, tokenizer = load_model(args.model)
     name = "SmolLM2-135M-Instruct (fp32)" if args.model == "smollm2" else args.model
-    recompute_prompts = bool(getattr(args, "recompute_prompts", False))
+    recomputed_synthesis = bool(getattr(args, "recomputed_synthesis", False))
     recompute_path = checkpoints.shipped_checkpoint(args.model, recompute=True) \
-        if recompute_prompts and not untrained else None
+        if recomputed_synthesis and not untrained else None
     recompute_synthesizer = None
     if recompute_path is not None:  # its own copy of the base weights: (b)'s adapter stays where it is
-        recompute_synthesizer = checkpoints.load_checkpoint(copy.deepcopy(model), recompute_path)
+        recompute_synthesizer = (*checkpoints.load_checkpoint(copy.deepcopy(model), recompute_path),
+                                 checkpoints.trained_recompute(recompute_path) or RECOMPUTE_TURNS)
     shipped = False
     if mapper_path:
         model, mapper = load_synthesizer(model, mapper_path)
     else:
         model, mapper, mapper_path = load_default_synthesizer(model, args.model, untrained)
         shipped = mapper_path is not None
-    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper, recompute_prompts=recompute_prompts,
+    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper, recomputed_synthesis=recomputed_synthesis,
                        synthesizer_recompute=checkpoints.trained_recompute(mapper_path),
                        recompute_synthesizer=recompute_synthesizer)
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained
