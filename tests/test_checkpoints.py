@@ -253,7 +253,7 @@ def test_eval_recompute_synthesizer_is_the_shipped_one_trained_on_recomputed_tur
                                                                                    monkeypatch):
     from pskernels.apps import evaluate as ev
 
-    with pytest.raises(SystemExit, match="--recompute-synthesizer: no synthesizer trained on recomputed turns is "
+    with pytest.raises(SystemExit, match="--recompute-synthesizer: no synthesizer trained on recomputed branches is "
                                          "shipped for --model tiny"):
         ev.main([*EVAL, "--recompute-synthesizer"])
     recomputing = _recomputing(shipped_tiny, tmp_path / "recomputing")
@@ -360,7 +360,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     assert cli(["demo", "--json", "--repeats", "1", "--mapper", str(recomputing)]) == 0
     assert recomputes[-1] == ("prompt", 0, True)
     capsys.readouterr()
-    # --recompute-synthesizer: (c) is the synthesizer shipped for recomputed turns, on its own copy of the base weights
+    # --recompute-synthesizer: (c) is the synthesizer shipped for recomputed branches, on its own copy of the weights
     assert synthesizers_c == [None] * 3
     monkeypatch.setitem(checkpoints.SHIPPED_RECOMPUTE, "smollm2", recomputing.name)
     shutil.copytree(recomputing, root / recomputing.name)

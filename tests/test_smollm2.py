@@ -140,7 +140,7 @@ def test_agent_demo_with_identity_mapper_and_adapter_matches_the_base_synthesize
 @pytest.mark.parametrize("recompute", [False, True])
 def test_shipped_checkpoint_loads_and_beats_the_untrained_synthesizer_on_held_out_families(smollm2, recompute):
     """The checkpoints under pskernels/checkpoints/ (the default of `pskernels eval` / `pskernels demo`, and the one
-    trained on recomputed worker turns, read so): each loads on SmolLM2, documents how it was made, and on the first
+    trained on recomputed branches, read so): each loads on SmolLM2, documents how it was made, and on the first
     packaged-suite example of every held-out family (families training never saw) reads the caches closer to the
     text-concatenation teacher than the base model."""
     pytest.importorskip("peft")
@@ -151,7 +151,7 @@ def test_shipped_checkpoint_loads_and_beats_the_untrained_synthesizer_on_held_ou
 
     path = checkpoints.shipped_checkpoint("smollm2", recompute=recompute)
     assert path is not None, "no checkpoint shipped under pskernels/checkpoints/"
-    assert (checkpoints.trained_recompute(path) == ("prompt", 0, True)) == recompute
+    assert (checkpoints.trained_recompute(path) == (48, 0, True)) == recompute
     manifest = checkpoints.read_manifest(path)
     assert {"command", "data", "figures"} <= set(manifest), sorted(manifest)
     model, tok = smollm2
@@ -161,5 +161,5 @@ def test_shipped_checkpoint_loads_and_beats_the_untrained_synthesizer_on_held_ou
     r = evaluate(synth, tok, firsts, mapper=mapper, settings=("text_concat", "parallel", "trained"), gen_tokens=1,
                  trained_recompute=checkpoints.trained_recompute(path))
     # suite evaluation (docs/FIDELITY.md): on all 24 held-out examples 0.75x with run D (0.81x on these four with
-    # run B), 0.54x with run T (recomputed turns)
+    # run B), 0.34x with run H48 (the first 48 tokens of each branch recomputed)
     assert r["trained"]["kl"] < 0.9 * r["parallel"]["kl"], (r["parallel"], r["trained"])

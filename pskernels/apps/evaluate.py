@@ -199,7 +199,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ck.add_argument("--untrained", action="store_true", help="no 'trained' row (ignore the shipped checkpoint)")
     ck.add_argument("--recompute-synthesizer", action="store_true",
                     help="the 'trained' row is the synthesizer shipped for --model that was trained on branches with "
-                    "each worker's turn recomputed (it reads them so: more faithful, slower to its first token)")
+                    "some of their tokens recomputed (it reads them so: more faithful, slower to its first token)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="held-out examples (JSONL); all lines are evaluated")
     src.add_argument("--builder", default="aggregation", help="aggregation | exposure | distill | mixed")
@@ -275,7 +275,7 @@ def resolve_checkpoint(args) -> tuple[str | None, str]:
     if getattr(args, "recompute_synthesizer", False):
         shipped = checkpoints.shipped_checkpoint(args.model, recompute=True)
         if shipped is None:
-            raise SystemExit(f"--recompute-synthesizer: no synthesizer trained on recomputed turns is shipped for "
+            raise SystemExit(f"--recompute-synthesizer: no synthesizer trained on recomputed branches is shipped for "
                              f"--model {args.model}")
         return str(shipped), f"{shipped} (--recompute-synthesizer)"
     shipped = checkpoints.shipped_checkpoint(args.model)

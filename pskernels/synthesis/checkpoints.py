@@ -36,8 +36,9 @@ CHECKPOINT_ROOT = PACKAGE_DIR / "checkpoints"
 SHIPPED = {"smollm2": "smollm2-135m-instruct"}
 """Model name (as :func:`pskernels.synthesis.models.load_model` takes it) -> folder under :data:`CHECKPOINT_ROOT`."""
 SHIPPED_RECOMPUTE = {"smollm2": "smollm2-135m-instruct-recompute"}
-"""The same for the synthesizer trained on branches with each worker's turn recomputed (``train --recompute prompt
---recompute-together``): more faithful, and it pays that recomputation at synthesis time (docs/FIDELITY.md)."""
+"""The same for the synthesizer trained on branches with their first tokens recomputed (run H48: ``train --recompute
+48 --recompute-together``; :func:`trained_recompute` reads the setting): more faithful, and it pays that
+recomputation at synthesis time (docs/FIDELITY.md)."""
 DEFAULT_SUITE = Path(__file__).resolve().parent / "suites" / "workflows-smollm2.jsonl"
 """The packaged workflow suite (``pskernels eval --suite`` without a file)."""
 MANIFEST_NAME = "checkpoint.json"
@@ -164,7 +165,7 @@ def shipped_checkpoint(model_name: str, recompute: bool = False) -> Path | None:
     model_name : str
         A name as :func:`pskernels.synthesis.models.load_model` takes it (``"smollm2"``).
     recompute : bool
-        The synthesizer trained on recomputed worker turns (:data:`SHIPPED_RECOMPUTE`) instead of the default one.
+        The synthesizer trained on recomputed branches (:data:`SHIPPED_RECOMPUTE`) instead of the default one.
 
     Returns
     -------
