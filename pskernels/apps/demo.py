@@ -255,11 +255,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
 
         synth_c, mapper_c, how_c = recompute_synthesizer or (None, None, RECOMPUTE_TURNS)
 
-        def recompute_cache():
-            return recomputed_cache(how_c, mapper_c)
-
         def ttft_recompute():
-            cache = recompute_cache()  # outside base_model(): PEFT's disable_adapter() does not nest
+            cache = recomputed_cache(how_c, mapper_c)  # outside base_model(): PEFT's disable_adapter() does not nest
             if synth_c is not None:
                 return synth_c(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
             with base_model(model):
@@ -281,7 +278,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
             text_out = model.generate(full, **gen, **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
         par_out = model.generate(query_ids, **gen, **{kw: parallel_cache()})[0, query_ids.shape[1]:]
         if recomputed_synthesis:
-            cache = recompute_cache()
+            cache = recomputed_cache(how_c, mapper_c)
             with base_model(model) if synth_c is None else contextlib.nullcontext():
                 rec_out = (model if synth_c is None else synth_c).generate(query_ids, **gen, **{kw: cache})
             rec_out = rec_out[0, query_ids.shape[1]:]

@@ -479,7 +479,7 @@ def main(args) -> int:
     cfg = config_from_args(args)
     if cfg.mapper and cfg.untrained:
         raise ValueError("--mapper and --untrained: give one of them")
-    trained_recompute = checkpoints.trained_recompute(cfg.mapper) if cfg.mapper else None
+    trained_recompute = checkpoints.trained_recompute(cfg.mapper)
     if trained_recompute:
         raise ValueError(f"--mapper {cfg.mapper}: a synthesizer trained on recomputed branches (train --recompute "
                          f"{trained_recompute}); the multi-process demo reads the received branches as they are: "
