@@ -32,6 +32,7 @@ def _single_process(cfg, ranks):
     import pskernels
     from pskernels.apps.demo import DEFAULT_SUBTASKS, DEFAULT_TASK, REPETITION_PENALTY, agent_prompts
     from pskernels.synthesis.models import load_model
+    from pskernels.synthesis.synthesizer import synthesizer_cache
     from pskernels.synthesis.workflow import output_cache
 
     model, tok = load_model("tiny")
@@ -46,7 +47,7 @@ def _single_process(cfg, ranks):
         branch_ids.append(b)
     gen = dict(max_new_tokens=cfg.answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
                repetition_penalty=REPETITION_PENALTY)
-    par = model.generate(query_ids, cache=pskernels.ParallelCache(prefix, workers), **gen)[0, query_ids.shape[1]:]
+    par = model.generate(query_ids, cache=synthesizer_cache(model, prefix, workers), **gen)[0, query_ids.shape[1]:]
     full = torch.cat([prefix_ids[0]] + branch_ids + [query_ids[0]])[None]
     text = model.generate(full, cache=copy.deepcopy(prefix), **gen)[0, full.shape[1]:]
     return par.tolist(), text.tolist(), [len(b) for b in branch_ids]

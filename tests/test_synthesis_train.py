@@ -286,6 +286,55 @@ def test_training_reads_the_recomputed_branches_and_recomputes_each_example_once
     assert train(_model(), TOK, ex, TrainConfig(steps=2, resume=True, recompute=(2, 0, False), **run))["step"] == 2
 
 
+def test_training_link_tokens_learns_them_and_evaluates_through_them(tmp_path, capsys):
+    """--link-tokens K: the mapper holds K trained link embeddings; training, the held-out evaluation and
+    `pskernels eval` of the checkpoint read the branches through linked_cache; bad combinations are named."""
+    from pskernels.apps import evaluate as ev
+    from pskernels.apps import train as tr
+    from pskernels.synthesis.links import linked_cache
+
+    ex = _small_examples(2, seed=5)
+    run = tmp_path / "linked"
+    r = train(_model(), TOK, ex, TrainConfig(steps=3, lr=3e-3, seed=0, log_every=0, link_tokens=2,
+                                             checkpoint_dir=str(run)))
+    mapper = r["mapper"]
+    assert mapper.link_tokens == 2 and r["config"]["link_tokens"] == 2
+    init = CacheMapper.for_model(_model(), link_tokens=2)  # a fresh one, from another seed of the global RNG
+    assert not torch.equal(mapper.link_embeddings, init.link_embeddings)
+    again = CacheMapper.from_pretrained(run / "mapper")
+    torch.testing.assert_close(again.link_embeddings, mapper.link_embeddings)
+    # the student reads the links: its logits are those of linked_cache
+    tex = tokenize_examples(TOK, ex, "cpu")
+    model = r["model"]
+    with patched(model), torch.no_grad():
+        prefix, branches = branch_caches(model, tex[0])
+        got = student_logits(model, tex[0], prefix, branches, tex[0].target_ids, mapper=mapper)
+        ids = torch.cat([tex[0].prompt_ids, tex[0].target_ids])[None]
+        cache = linked_cache(model, prefix, branches, [b.numel() for b in tex[0].branch_ids], mapper)
+        want = model(ids, past_key_values=cache).logits[0, tex[0].prompt_ids.numel() - 1:-1]
+        torch.testing.assert_close(got, want)
+        with pytest.raises(ValueError, match="recompute: a mapper with link tokens reads the branches as they were "
+                                             "cached"):
+            student_logits(model, tex[0], prefix, branches, tex[0].target_ids, mapper=mapper, recompute=(1, 0, False))
+    with pytest.raises(ValueError, match=r"link_tokens: the run in .* was trained with 2 link tokens, resumed with 0"):
+        train(_model(), TOK, ex, TrainConfig(steps=4, resume=True, checkpoint_dir=str(run), log_every=0))
+    with pytest.raises(ValueError, match="link_tokens: link tokens follow the branches in text order"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, link_tokens=2, recompute=(2, 0, False)))
+    with pytest.raises(ValueError, match="link_tokens: the link embeddings live in a fresh mapper"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, link_tokens=2, mapper=False))
+    with pytest.raises(ValueError, match=r"link_tokens: expected an int >= 0, got -1"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, link_tokens=-1))
+    data = tmp_path / "d.jsonl"
+    save_jsonl(aggregation_examples(3, seed=0, n_branches=(2, 2)), data)
+    cli = tmp_path / "cli"
+    assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "1", "--steps", "1", "--out", str(cli),
+                    "--link-tokens", "3"]) == 0
+    assert json.loads((cli / "mapper" / "mapper_config.json").read_text())["link_tokens"] == 3
+    assert ev.main(["--model", "tiny", "--checkpoint", str(cli), "--data", str(data), "--gen-tokens", "1",
+                    "--target-tokens", "2", "--settings", "trained"]) == 0
+    assert "trained mapper + adapter" in capsys.readouterr().out
+
+
 def test_lr_schedules():
     assert [lr_factor(s, 8, "constant") for s in range(8)] == [1.0] * 8
     cos = [lr_factor(s, 8, "cosine", warmup_steps=2) for s in range(8)]

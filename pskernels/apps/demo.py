@@ -27,6 +27,7 @@ from ..hf import ParallelCache, patch_model
 from ..synthesis import checkpoints
 from ..synthesis.models import load_model, tiny_llama
 from ..synthesis.recompute import recompute_branches
+from ..synthesis.synthesizer import synthesizer_cache
 from ..synthesis.workflow import cache_kwarg, output_cache
 
 
@@ -243,7 +244,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
 
         def parallel_cache():
             if synthesizer_recompute is None:
-                return ParallelCache(w.prefix, w.branches(), branch_lengths=w.branch_lengths, mapper=mapper)
+                return synthesizer_cache(model, w.prefix, w.branches(), mapper, lengths=w.branch_lengths)
             return recomputed_cache(synthesizer_recompute, mapper)
 
         def ttft_text():

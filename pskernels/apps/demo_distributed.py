@@ -172,7 +172,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         return {"rank": rank, "sent_bytes": sent, "send_ms": send_ms, "branch_tokens": len(branch_ids)}
 
     # ------------------------------------------------------------------------------------------- rank 0
-    from ..hf import ParallelCache
+    from ..synthesis.synthesizer import synthesizer_cache
     from ..synthesis.workflow import cache_kwarg, text_concat_cache
 
     kw = cache_kwarg(base)
@@ -183,7 +183,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     # warm up both paths while the workers generate (so the first measured token is not a cold start)
     with base_model(model):
         text_concat_cache(model, prefix, [worker_ids[0]], query_ids)
-    model(query_ids, use_cache=True, logits_to_keep=1, **{kw: ParallelCache(prefix, [], mapper=mapper)})
+    model(query_ids, use_cache=True, logits_to_keep=1, **{kw: synthesizer_cache(model, prefix, [], mapper)})
 
     pending, got, missing = set(range(1, world)), {}, []
     t_last_branch = None
@@ -218,7 +218,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         return r
 
     def first_parallel():
-        cache = ParallelCache(prefix, branches, mapper=mapper)
+        cache = synthesizer_cache(model, prefix, branches, mapper)
         return model(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].argmax(-1)
 
     def first_text(branch_ids):
@@ -259,7 +259,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         first_text(branch_ids)
         t_text.append(_elapsed_ms(t0))
 
-    par_out = model.generate(query_ids, **gen, **{kw: ParallelCache(prefix, branches, mapper=mapper)})
+    par_out = model.generate(query_ids, **gen, **{kw: synthesizer_cache(model, prefix, branches, mapper)})
     par_out = par_out[0, query_ids.shape[1]:].cpu()
     full = torch.cat([prefix_ids[0].cpu()] + branch_ids + [query_ids[0].cpu()])[None].to(device)
     with base_model(model):
@@ -297,9 +297,9 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
 def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, ranks, ids, branches, par_out, mapper,
                  cfg, eos, pad, gen):
     """Recompute every received worker in this process on this process's prefix; compare with what came over
-    the wire: the branch tokens, the query logits and the greedy answer of ``ParallelCache``."""
-    from ..hf import ParallelCache
+    the wire: the branch tokens, the query logits and the greedy answer of the synthesizer's cache."""
     from ..synthesis.adapter import base_model, unwrap
+    from ..synthesis.synthesizer import synthesizer_cache
     from ..synthesis.workflow import cache_kwarg
 
     kw = cache_kwarg(unwrap(model))
@@ -311,9 +311,9 @@ def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, rank
                                           pad=pad)
             same_ids &= torch.equal(b_ids, ids[s])
             local.append(w)
-    a = model(query_ids, **{kw: ParallelCache(prefix, local, mapper=mapper)}).logits
-    b = model(query_ids, **{kw: ParallelCache(prefix, branches, mapper=mapper)}).logits
-    ref = model.generate(query_ids, **gen, **{kw: ParallelCache(prefix, local, mapper=mapper)})
+    a = model(query_ids, **{kw: synthesizer_cache(model, prefix, local, mapper)}).logits
+    b = model(query_ids, **{kw: synthesizer_cache(model, prefix, branches, mapper)}).logits
+    ref = model.generate(query_ids, **gen, **{kw: synthesizer_cache(model, prefix, local, mapper)})
     ref = ref[0, query_ids.shape[1]:].cpu()
     return {"branch_tokens_equal": bool(same_ids), "logits_equal": bool(torch.equal(a, b)),
             "max_logit_diff": (a - b).abs().max().item(), "answer_equal": bool(torch.equal(ref, par_out))}
@@ -358,7 +358,7 @@ def print_report(r: dict, worker_errors=()) -> None:
         toks = "equal" if ex["branch_tokens_equal"] else "DIFFER"
         logits = "identical" if ex["logits_equal"] else f"differ by {ex['max_logit_diff']:.3e}"
         print(("exact: " if ok else "NOT exact: ") + "received branches vs the same workers recomputed in rank 0's "
-              f"process (single-process ParallelCache): branch tokens {toks}, logits {logits}, greedy answer "
+              f"process (single-process synthesis): branch tokens {toks}, logits {logits}, greedy answer "
               f"{'identical' if ex['answer_equal'] else 'DIFFERS'}")
 
 

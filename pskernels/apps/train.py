@@ -88,6 +88,9 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "without one); the checkpoint records it and `pskernels eval` applies it to the trained row")
     p.add_argument("--recompute-together", action="store_true",
                    help="(--recompute) all recomputed parts in one forward, each reading the workers' own K/V")
+    p.add_argument("--link-tokens", type=int, default=0, metavar="K",
+                   help="also train K link tokens the synthesizer runs after every branch with the branches before "
+                   "it in view (KVLink; kept in the mapper, so not with --no-mapper)")
     p.add_argument("--no-cache-teacher", action="store_true", help="recompute base caches + teacher every step")
     p.add_argument("--out", required=True, help="checkpoint folder (mapper/, adapter/, trainer_state.pt)")
     p.add_argument("--resume", action="store_true", help="continue from --out")
@@ -113,7 +116,7 @@ def run_train(args) -> int:
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, mapper_rank=args.mapper_rank,
         grad_accum=args.grad_accum, target_tokens=args.target_tokens, log_every=args.log_every,
         cache_teacher=not args.no_cache_teacher,
-        recompute=recompute,
+        recompute=recompute, link_tokens=args.link_tokens,
         log=lambda s: print(s, flush=True),
         config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,
                       "n_examples": args.n_examples, "mix": args.mix, "eval_data": args.eval_data,

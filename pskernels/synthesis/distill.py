@@ -7,7 +7,9 @@ Per example (batch 1), everything reads the same branch caches:
 * the **teacher** (:func:`teacher_logits`, :func:`teacher_greedy`) is the base model reading the *text
   concatenation* ``prefix + branches + prompt (+ target)`` (the prefix cache copied, the rest re-prefilled);
 * the **student** (:func:`student_logits`, :func:`student_greedy`) is the patched model, with or without its
-  adapter, reading ``prompt (+ target)`` over ``ParallelCache(prefix, branches, scheme=..., mapper=mapper)``;
+  adapter, reading ``prompt (+ target)`` over ``ParallelCache(prefix, branches, scheme=..., mapper=mapper)``
+  (:func:`pskernels.synthesis.synthesizer.synthesizer_cache`: for a mapper with link tokens, over
+  :func:`pskernels.synthesis.links.linked_cache`);
 * :func:`kl_per_token` compares their distributions on the target tokens. Examples without a ``target``
   (distillation) are scored on the teacher's greedy continuation (:class:`TargetCache`).
 """
@@ -24,6 +26,7 @@ from ..hf import ParallelCache, patch_model
 from .adapter import base_model, unwrap
 from .data import TokenizedExample, tokenize_example
 from .recompute import RecomputedBranches, recomputed_segments
+from .synthesizer import synthesizer_cache
 from .workflow import cache_kwarg, output_cache
 
 
@@ -67,7 +70,10 @@ def recomputed_view(model, ex: TokenizedExample, prefix, branches, recompute, ad
 
 def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter):
     if not recompute:
-        return ParallelCache(prefix, branches, scheme=scheme, mapper=mapper)
+        return synthesizer_cache(model, prefix, branches, mapper, scheme=scheme)
+    if getattr(mapper, "link_tokens", 0):
+        raise ValueError(f"recompute: a mapper with link tokens reads the branches as they were cached, got recompute "
+                         f"{recompute!r}")
     if scheme != "sequential":
         raise ValueError(f"recompute: recomputed branch parts read the branches in text order (scheme 'sequential'), "
                          f"got scheme {scheme!r}")

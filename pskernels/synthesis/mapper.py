@@ -5,6 +5,11 @@ positions) and values a low-rank residual, optionally gated; per layer and query
 calibration knobs (temperature ``T``, LSE scale ``S``, log-weight ``b``) rescale how much the branches
 weigh against the prefix and the synthesizer's own tokens. Identity at init: ``up`` projections are
 zero and the knobs are ``T = S = 1, b = 0``.
+
+Optionally (``link_tokens > 0``) it also holds trained input embeddings of ``link_tokens`` tokens that the
+synthesizer runs after every branch, with the branches before it in view (KVLink's link tokens,
+:mod:`pskernels.synthesis.links`); a mapper with link tokens is read through
+:func:`pskernels.synthesis.links.linked_cache`, which computes them, never by a bare ``ParallelCache``.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ class CacheMapperConfig:
     calibrate: bool = True
     init_temperature: float = 1.0
     init_lse_scale: float = 1.0
+    link_tokens: int = 0
+    hidden_size: int | None = None
 
 
 class CacheMapper(nn.Module):
@@ -57,6 +64,9 @@ class CacheMapper(nn.Module):
         Dv = c.value_dim or D
         if c.num_heads % H:
             raise ValueError(f"num_heads ({c.num_heads}) must be a multiple of num_kv_heads ({H})")
+        if c.link_tokens < 0 or (c.link_tokens and not c.hidden_size):
+            raise ValueError(f"link_tokens: expected 0, or > 0 with the model's hidden_size, got link_tokens "
+                             f"{c.link_tokens}, hidden_size {c.hidden_size}")
         self.k_down = nn.Parameter(torch.randn(NL, H, D, r) / math.sqrt(D))
         self.k_up = nn.Parameter(torch.zeros(NL, H, r, D))
         self.v_down = nn.Parameter(torch.randn(NL, H, Dv, r) / math.sqrt(Dv))
@@ -75,28 +85,52 @@ class CacheMapper(nn.Module):
         else:
             for n in ("log_temperature", "log_lse_scale", "log_weight"):
                 self.register_parameter(n, None)
+        if c.link_tokens:  # replaced by for_model with embeddings that look like the model's
+            self.link_embeddings = nn.Parameter(torch.zeros(c.link_tokens, c.hidden_size))
+        else:
+            self.register_parameter("link_embeddings", None)
 
     @classmethod
     def for_model(cls, model, **kwargs) -> "CacheMapper":
-        """Size a mapper from an HF causal LM (``rank``, ``gated``, ``calibrate``, ``init_*`` as kwargs)."""
+        """Size a mapper from an HF causal LM (``rank``, ``gated``, ``calibrate``, ``init_*``, ``link_tokens`` as
+        kwargs). Link tokens start as random embeddings with the mean and per-dimension spread of the model's
+        vocabulary (drawn from torch's global generator)."""
         cfg = model.config.get_text_config(decoder=True) if hasattr(model.config, "get_text_config") else model.config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        return cls(CacheMapperConfig(num_layers=cfg.num_hidden_layers,
-                                     num_kv_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
-                                     num_heads=cfg.num_attention_heads, head_dim=head_dim, **kwargs))
+        if kwargs.get("link_tokens"):
+            kwargs.setdefault("hidden_size", cfg.hidden_size)
+        mapper = cls(CacheMapperConfig(num_layers=cfg.num_hidden_layers,
+                                       num_kv_heads=getattr(cfg, "num_key_value_heads", cfg.num_attention_heads),
+                                       num_heads=cfg.num_attention_heads, head_dim=head_dim, **kwargs))
+        if mapper.link_embeddings is not None:
+            vocab = model.get_input_embeddings().weight.detach().float()
+            with torch.no_grad():
+                mapper.link_embeddings.copy_(vocab.mean(0) + vocab.std(0) * torch.randn_like(mapper.link_embeddings))
+        return mapper
+
+    @property
+    def link_tokens(self) -> int:
+        """Link tokens the synthesizer runs after each branch (0: none)."""
+        return self.config.link_tokens
 
     def is_identity(self) -> bool:
         c = self.config
-        ident = bool((self.k_up == 0).all() and (self.v_up == 0).all())
+        ident = not c.link_tokens and bool((self.k_up == 0).all() and (self.v_up == 0).all())
         if c.calibrate:
             ident &= bool((self.log_temperature == 0).all() and (self.log_lse_scale == 0).all()
                           and (self.log_weight == 0).all())
         return ident
 
-    def map(self, keys, values, orig_positions, new_positions, rope, layers=None):
+    def map(self, keys, values, orig_positions, new_positions, rope, layers=None, links_read: bool = False):
         """Map ``[layers][branches]`` caches (see :func:`pskernels.map_kv_caches`); differentiable when the
         mapper's parameters require grad (the op then runs its PyTorch backend). ``layers``: the model
-        layer index of each entry of ``keys`` (default: all layers in order)."""
+        layer index of each entry of ``keys`` (default: all layers in order). ``links_read``: the branches
+        include this mapper's link tokens (set by :func:`pskernels.synthesis.links.linked_cache`); a mapper with
+        link tokens refuses branches without them, which it was not trained to read."""
+        if self.config.link_tokens and not links_read:
+            raise ValueError(f"mapper: trained with {self.config.link_tokens} link tokens after each branch; build "
+                             "the synthesizer's cache with pskernels.synthesis.links.linked_cache(model, prefix, "
+                             "branches, lengths, mapper), not ParallelCache(..., mapper=mapper)")
         dev = keys[0][0].device
         idx = None if layers is None or list(layers) == list(range(self.config.num_layers)) else list(layers)
         p = {n: (None if t is None else (t if idx is None else t[idx]).to(dev)) for n, t in

@@ -96,6 +96,9 @@ class TrainConfig:
         model is frozen, so they never change; ~4 MB per 100-token example on SmolLM2-135M plus
         ``T x vocab`` floats of teacher logits, plus the recomputed parts with ``recompute``); ``False``
         recomputes them every step.
+    link_tokens
+        ``K > 0``: a fresh mapper also trains ``K`` link tokens the synthesizer runs after every branch with the
+        branches before it in view (:mod:`pskernels.synthesis.links`); their embeddings train at the mapper's lr.
     recompute
         ``(head, tail, together)``: the student reads the branches with that many tokens at each end recomputed in
         text order by the base model (:func:`pskernels.synthesis.recompute.recompute_branches`), in training and in
@@ -135,6 +138,7 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     recompute: tuple | None = None
+    link_tokens: int = 0
     config_extra: dict | None = None
 
 
@@ -236,6 +240,16 @@ def _check(examples, config: TrainConfig) -> None:
         if config.scheme != "sequential":
             raise ValueError(f"recompute: recomputed branch parts read the branches in text order (scheme "
                              f"'sequential'), got scheme {config.scheme!r}")
+    if not _count(config.link_tokens):
+        raise ValueError(f"link_tokens: expected an int >= 0, got {config.link_tokens!r}")
+    if config.link_tokens:
+        if config.mapper is not None:
+            raise ValueError("link_tokens: the link embeddings live in a fresh mapper (mapper=None), got a mapper "
+                             "passed in or mapper=False")
+        if config.recompute is not None or config.scheme != "sequential":
+            raise ValueError(f"link_tokens: link tokens follow the branches in text order, read as they were cached "
+                             f"(scheme 'sequential', no recompute), got scheme {config.scheme!r}, recompute "
+                             f"{config.recompute!r}")
 
 
 def _count(x) -> bool:
@@ -265,7 +279,7 @@ def _initial_mapper(model, config: TrainConfig, resuming: bool):
         if resuming and mapper_dir and os.path.isdir(mapper_dir):
             mapper = CacheMapper.from_pretrained(mapper_dir)
         else:
-            mapper = CacheMapper.for_model(unwrap(model), rank=config.mapper_rank)
+            mapper = CacheMapper.for_model(unwrap(model), rank=config.mapper_rank, link_tokens=config.link_tokens)
     return mapper or None
 
 
@@ -322,13 +336,18 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                     "seed": cfg.seed, "grad_accum": cfg.grad_accum, "target_tokens": cfg.target_tokens,
                     "train_examples": len(train_ex), "lr_schedule": cfg.lr_schedule,
                     "warmup_steps": cfg.warmup_steps,
-                    "recompute": list(cfg.recompute) if cfg.recompute else None, **(cfg.config_extra or {})}
+                    "recompute": list(cfg.recompute) if cfg.recompute else None, "link_tokens": cfg.link_tokens,
+                    **(cfg.config_extra or {})}
     history, evals, step = [], [], 0
     if resuming:
         trained_with = _saved_config(cfg.checkpoint_dir).get("recompute")
         if trained_with != saved_config["recompute"]:
             raise ValueError(f"recompute: the run in {cfg.checkpoint_dir} was trained with recompute {trained_with}, "
                              f"resumed with {saved_config['recompute']} (the synthesizer reads its branches one way)")
+        linked = _saved_config(cfg.checkpoint_dir).get("link_tokens") or 0
+        if linked != cfg.link_tokens:
+            raise ValueError(f"link_tokens: the run in {cfg.checkpoint_dir} was trained with {linked} link tokens, "
+                             f"resumed with {cfg.link_tokens}")
         st = torch.load(state_path, weights_only=False)
         mapper_dir = os.path.join(cfg.checkpoint_dir, MAPPER_DIR)
         if mapper is not None and os.path.isdir(mapper_dir):
