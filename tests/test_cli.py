@@ -3,9 +3,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from pskernels.apps.cli import info
-from pskernels.apps.demo import run_demo
+from pskernels.apps.demo import REPETITION_PENALTY, answer_generation, run_demo
 
 
 def test_info_lists_versions_and_backends():
@@ -20,6 +21,35 @@ def test_demo_is_exact_and_reports_timings():
     assert r["max_logit_error_vs_oracle"] < 1e-4
     assert r["text_concat_ttft_ms"] > 0 and r["parallel_ttft_ms"] > 0
     assert len(r["greedy_tokens"]) == 3
+
+
+@torch.no_grad()
+def test_answer_repetition_penalty_reads_the_answer_not_the_prompt():
+    """Answers (a) and (b) decode by one rule although (a)'s input holds the workers' text and (b)'s does not:
+    the penalty applies to the answer's own tokens, never to the prompt's."""
+    from pskernels.synthesis.models import load_model
+
+    model, _ = load_model("tiny")
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (1, 12), generator=torch.Generator().manual_seed(0))
+    first = int(model(ids).logits[0, -1].argmax())
+    prompt = torch.cat([torch.full((1, 6), first), ids], dim=1)  # the prompt holds the unpenalized first choice
+    n = 10
+    out = model.generate(prompt, **answer_generation(prompt, n, eos=None, pad=0), min_new_tokens=n)
+    answer = out[0, prompt.shape[1]:].tolist()
+    greedy, seq = [], prompt
+    for _ in range(n):
+        scores = model(seq).logits[0, -1]
+        if greedy:
+            own = torch.tensor(greedy)
+            s = scores[own]
+            scores[own] = torch.where(s < 0, s * REPETITION_PENALTY, s / REPETITION_PENALTY)
+        greedy.append(int(scores.argmax()))
+        seq = torch.cat([seq, torch.tensor([[greedy[-1]]])], dim=1)
+    assert answer == greedy
+    assert model(prompt).logits[0, -1].argmax() == answer[0]
+    stock = model.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0, repetition_penalty=1e4)
+    assert int(stock[0, -1]) != answer[0]  # transformers' own penalty would have steered away from the prompt
 
 
 def test_cli_info_runs_as_console_script():

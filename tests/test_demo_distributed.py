@@ -30,7 +30,7 @@ def _tiny_cfg(**kw):
 def _single_process(cfg, ranks):
     """The same workflow in this process: the workers of ``ranks`` on a local prefix, then both syntheses."""
     import pskernels
-    from pskernels.apps.demo import DEFAULT_SUBTASKS, DEFAULT_TASK, REPETITION_PENALTY, agent_prompts
+    from pskernels.apps.demo import DEFAULT_SUBTASKS, DEFAULT_TASK, agent_prompts, answer_generation
     from pskernels.synthesis.models import load_model
     from pskernels.synthesis.synthesizer import synthesizer_cache
     from pskernels.synthesis.workflow import output_cache
@@ -45,11 +45,11 @@ def _single_process(cfg, ranks):
         w, b, _ = dd.generate_branch(model, prefix, worker_ids[i], max_new_tokens=cfg.worker_tokens, eos=eos, pad=pad)
         workers.append(w)
         branch_ids.append(b)
-    gen = dict(max_new_tokens=cfg.answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-               repetition_penalty=REPETITION_PENALTY)
-    par = model.generate(query_ids, cache=synthesizer_cache(model, prefix, workers), **gen)[0, query_ids.shape[1]:]
+    par = model.generate(query_ids, cache=synthesizer_cache(model, prefix, workers),
+                         **answer_generation(query_ids, cfg.answer_tokens, eos, pad))[0, query_ids.shape[1]:]
     full = torch.cat([prefix_ids[0]] + branch_ids + [query_ids[0]])[None]
-    text = model.generate(full, cache=copy.deepcopy(prefix), **gen)[0, full.shape[1]:]
+    text = model.generate(full, cache=copy.deepcopy(prefix),
+                          **answer_generation(full, cfg.answer_tokens, eos, pad))[0, full.shape[1]:]
     return par.tolist(), text.tolist(), [len(b) for b in branch_ids]
 
 

@@ -29,6 +29,7 @@ from ..synthesis.models import load_model, tiny_llama
 from ..synthesis.recompute import recompute_branches
 from ..synthesis.synthesizer import synthesizer_cache
 from ..synthesis.workflow import cache_kwarg, output_cache
+from ..synthesis.workflows import OwnTokensRepetitionPenalty
 
 
 def _block_mask(P, lens, Q):
@@ -130,6 +131,20 @@ DEFAULT_SUBTASKS = [
 ]
 SYSTEM = "You are a helpful assistant."
 REPETITION_PENALTY = 1.3  # greedy decoding of a 135M model loops without it
+
+
+def answer_generation(input_ids, answer_tokens: int, eos, pad) -> dict:
+    """``generate`` kwargs of a synthesizer's answer after ``input_ids``: greedy, with the repetition penalty on
+    the answer's own tokens only.
+
+    transformers' ``repetition_penalty`` penalizes every token of ``input_ids`` too: text concatenation's input
+    holds the workers' whole text, Parallel-Synthesis's only the synthesis prompt, so the same setting would
+    push answer (a) away from every word the workers wrote and leave (b) free to repeat them."""
+    from transformers import LogitsProcessorList
+
+    penalty = OwnTokensRepetitionPenalty(REPETITION_PENALTY, [input_ids.shape[1]])
+    return dict(max_new_tokens=answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                logits_processor=LogitsProcessorList([penalty]))
 
 
 def _chatml(role: str, text: str) -> str:
@@ -273,15 +288,16 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         t_text, t_par = times[ttft_text], times[ttft_parallel]
 
         full = torch.cat([prefix_ids[0]] + [b.to(dev) for b in w.branch_ids] + [query_ids[0]])[None]
-        gen = dict(max_new_tokens=answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad,
-                   repetition_penalty=REPETITION_PENALTY)
+        gen = answer_generation(query_ids, answer_tokens, eos, pad)
         with base_model(model):
-            text_out = model.generate(full, **gen, **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
+            text_out = model.generate(full, **answer_generation(full, answer_tokens, eos, pad),
+                                      **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
         par_out = model.generate(query_ids, **gen, **{kw: parallel_cache()})[0, query_ids.shape[1]:]
         if recomputed_synthesis:
             cache = recomputed_cache(how_c, mapper_c)
             with base_model(model) if synth_c is None else contextlib.nullcontext():
-                rec_out = (model if synth_c is None else synth_c).generate(query_ids, **gen, **{kw: cache})
+                rec_out = (model if synth_c is None else synth_c).generate(query_ids, **answer_generation(
+                    query_ids, answer_tokens, eos, pad), **{kw: cache})
             rec_out = rec_out[0, query_ids.shape[1]:]
     finally:
         handle.remove()

@@ -208,10 +208,9 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
          "query_tokens": query_ids.shape[1], "bytes_per_token": psd.branch_bytes_per_token(base),
          "arrival_order": order, "missing": sorted(missing, key=lambda m: m["rank"]), "synthesizer": label,
          "mapper_path": path, "timeout_s": cfg.timeout, "receive_s": round(time.monotonic() - t_bcast, 3)}
-    gen = dict(max_new_tokens=cfg.answer_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad)
-    from .demo import REPETITION_PENALTY
+    from .demo import answer_generation
 
-    gen["repetition_penalty"] = REPETITION_PENALTY
+    gen = answer_generation(query_ids, cfg.answer_tokens, eos, pad)
     branches = [got[s]["branch"] for s in ranks]
     if not branches:
         r.update(workers=[], parallel_answer=None, text_answer=None)
@@ -263,7 +262,8 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     par_out = par_out[0, query_ids.shape[1]:].cpu()
     full = torch.cat([prefix_ids[0].cpu()] + branch_ids + [query_ids[0].cpu()])[None].to(device)
     with base_model(model):
-        text_out = model.generate(full, **gen, **{kw: copy.deepcopy(prefix)})[0, full.shape[1]:].cpu()
+        text_out = model.generate(full, **answer_generation(full, cfg.answer_tokens, eos, pad),
+                                  **{kw: copy.deepcopy(prefix)})[0, full.shape[1]:].cpu()
     dec = lambda t: tokenizer.decode(t, skip_special_tokens=True).strip()  # noqa: E731
     workers = []
     for s in ranks:
