@@ -4,32 +4,11 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from branch_workflows import V, small_llama, zero_copy_workflow
 
 import pskernels
 from pskernels.synthesis import CacheMapper
 from pskernels.synthesis.links import linked_cache
-
-V = 64
-
-
-def _model(kv_heads=2, seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=kv_heads)).eval()
-
-
-def _workflow(model, lens, seed=1):
-    """Prefix cache, zero-copy worker caches, branch ids; the model is patched on return."""
-    g = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(0, V, (n,), generator=g) for n in lens]
-    pskernels.patch_model(model)
-    with torch.no_grad():
-        prefix = model(ids[0][None], use_cache=True).past_key_values
-        workers = [pskernels.ParallelCache(prefix, []) for _ in ids[1:]]
-        for w, b in zip(workers, ids[1:]):
-            model(b[None], past_key_values=w)
-    return prefix, workers, ids
 
 
 def _stock_reference(model, prefix, workers, lens, links, query):
@@ -66,8 +45,8 @@ def _stock_reference(model, prefix, workers, lens, links, query):
 @pytest.mark.parametrize("kv_heads", [1, 2, 4])
 @pytest.mark.parametrize("K", [1, 3])
 def test_matches_stock_hf_with_the_links_in_the_sequence(kv_heads, K):
-    model = _model(kv_heads)
-    prefix, workers, ids = _workflow(model, (6, 7, 3, 9, 1))
+    model = small_llama(kv_heads)
+    prefix, workers, ids = zero_copy_workflow(model, (6, 7, 3, 9, 1))
     mapper = CacheMapper.for_model(model, link_tokens=K)
     query = torch.randint(0, V, (1, 5))
     lens = [7, 3, 9, 1]
@@ -81,8 +60,8 @@ def test_matches_stock_hf_with_the_links_in_the_sequence(kv_heads, K):
 
 def test_rows_of_a_batched_left_padded_worker_shorter_lengths_and_an_empty_branch():
     """Rows of a batched worker (left padding; tokens after a row's end are not read) and a branch of 0 tokens."""
-    model = _model()
-    prefix, workers, ids = _workflow(model, (5, 6, 3, 4))
+    model = small_llama()
+    prefix, workers, ids = zero_copy_workflow(model, (5, 6, 3, 4))
     L = max(t.numel() for t in ids[1:])
     batch = torch.zeros(3, L, dtype=torch.long)
     mask = torch.zeros(3, L, dtype=torch.long)
@@ -101,8 +80,8 @@ def test_rows_of_a_batched_left_padded_worker_shorter_lengths_and_an_empty_branc
 
 
 def test_greedy_generation_and_no_branches():
-    model = _model()
-    prefix, workers, ids = _workflow(model, (5, 6, 4))
+    model = small_llama()
+    prefix, workers, ids = zero_copy_workflow(model, (5, 6, 4))
     mapper = CacheMapper.for_model(model, link_tokens=2)
     with torch.no_grad():
         cache = linked_cache(model, prefix, workers, [6, 4], mapper)
@@ -116,8 +95,8 @@ def test_greedy_generation_and_no_branches():
 
 
 def test_gradients_reach_the_link_embeddings_and_the_mapper():
-    model = _model()
-    prefix, workers, ids = _workflow(model, (5, 6, 4))
+    model = small_llama()
+    prefix, workers, ids = zero_copy_workflow(model, (5, 6, 4))
     mapper = CacheMapper.for_model(model, link_tokens=3)
     cache = linked_cache(model, prefix, workers, [6, 4], mapper)
     logits = model(torch.tensor([[3, 4, 5]]), past_key_values=cache).logits
@@ -127,8 +106,8 @@ def test_gradients_reach_the_link_embeddings_and_the_mapper():
 
 
 def test_a_mapper_with_links_refuses_a_bare_parallel_cache_and_bad_arguments_are_named():
-    model = _model()
-    prefix, workers, ids = _workflow(model, (5, 6, 4))
+    model = small_llama()
+    prefix, workers, ids = zero_copy_workflow(model, (5, 6, 4))
     mapper = CacheMapper.for_model(model, link_tokens=2)
     with torch.no_grad(), pytest.raises(ValueError, match=r"mapper: trained with 2 link tokens after each branch; "
                                                           r"build the synthesizer's cache with .*linked_cache"):
@@ -146,7 +125,7 @@ def test_a_mapper_with_links_refuses_a_bare_parallel_cache_and_bad_arguments_are
 
 
 def test_link_embeddings_are_saved_and_look_like_the_vocabulary(tmp_path):
-    model = _model()
+    model = small_llama()
     mapper = CacheMapper.for_model(model, link_tokens=4)
     vocab = model.get_input_embeddings().weight.detach()
     assert mapper.link_embeddings.shape == (4, 64) and not mapper.is_identity()

@@ -4,31 +4,11 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from branch_workflows import V, small_llama, zero_copy_workflow
+from transformers import DynamicCache
 
 import pskernels
 from pskernels.synthesis.recompute import recompute_branches, recomputed_segments
-
-V = 64
-
-
-def _model(kv_heads=2, seed=0):
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                        num_attention_heads=4, num_key_value_heads=kv_heads)).eval()
-
-
-def _workflow(model, lens, seed=1):
-    """Prefix cache, zero-copy worker caches, branch ids and prefix ids; the model is patched on return."""
-    g = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(0, V, (n,), generator=g) for n in lens]
-    pskernels.patch_model(model)
-    with torch.no_grad():
-        prefix = model(ids[0][None], use_cache=True).past_key_values
-        workers = [pskernels.ParallelCache(prefix, []) for _ in ids[1:]]
-        for w, b in zip(workers, ids[1:]):
-            model(b[None], past_key_values=w)
-    return prefix, workers, ids[1:], ids[0]
 
 
 def _stock_reference(model, prefix, workers, branch_ids, heads, tails, query):
@@ -65,8 +45,8 @@ def _per_branch(x, n):
 @pytest.mark.parametrize("head, tail", [(0, 1), (0, 3), (2, 0), (5, 0), (1, 2), (4, 4), (0, 8),
                                         ([2, 0, 5, 1], (1, 3, 0, 0))])
 def test_matches_stock_hf_over_the_same_recomputation(kv_heads, head, tail):
-    model = _model(kv_heads)
-    prefix, workers, ids, _ = _workflow(model, (6, 7, 3, 9, 1))
+    model = small_llama(kv_heads)
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (6, 7, 3, 9, 1))
     query = torch.randint(0, V, (1, 5))
     with torch.no_grad():
         cache = recompute_branches(model, prefix, workers, ids, head=head, tail=tail)
@@ -77,8 +57,8 @@ def test_matches_stock_hf_over_the_same_recomputation(kv_heads, head, tail):
 
 
 def test_every_token_recomputed_is_the_text_concatenation():
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 4, 6, 2))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 4, 6, 2))
     query = torch.randint(0, V, (1, 3))
     with torch.no_grad():
         got = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=100)).logits[0]
@@ -88,8 +68,8 @@ def test_every_token_recomputed_is_the_text_concatenation():
 
 
 def test_nothing_recomputed_is_the_sequential_scheme_and_the_workers_stay_untouched():
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 4, 6))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 4, 6))
     before = [[(l.keys.clone(), l.values.clone(), l.keys.data_ptr()) for l in w.layers] for w in workers]
     query = torch.randint(0, V, (1, 3))
     with torch.no_grad():
@@ -104,8 +84,8 @@ def test_nothing_recomputed_is_the_sequential_scheme_and_the_workers_stay_untouc
 
 
 def test_greedy_generation_over_a_recomputed_cache():
-    model = _model()
-    prefix, workers, ids, prefix_ids = _workflow(model, (5, 4, 6))
+    model = small_llama()
+    prefix, workers, (prefix_ids, *ids) = zero_copy_workflow(model, (5, 4, 6))
     query = torch.randint(0, V, (1, 3))
     with torch.no_grad():
         out = model.generate(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=100),
@@ -118,8 +98,8 @@ def test_greedy_generation_over_a_recomputed_cache():
 
 
 def test_bad_arguments_are_named():
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 4, 6))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 4, 6))
     with pytest.raises(ValueError, match=r"head: expected an int >= 0 or one per branch \(2\), got -1"):
         recompute_branches(model, prefix, workers, ids, head=-1)
     with pytest.raises(ValueError, match=r"tail: expected an int >= 0 or one per branch \(2\), got 1.5"):
@@ -137,8 +117,8 @@ def test_bad_arguments_are_named():
 
 @pytest.mark.parametrize("together", [False, True])
 def test_rows_of_a_batched_left_padded_worker_cache(together):
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 6, 3, 4))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 6, 3, 4))
     L = max(t.numel() for t in ids)
     batch = torch.zeros(len(ids), L, dtype=torch.long)
     mask = torch.zeros(len(ids), L, dtype=torch.long)
@@ -159,8 +139,8 @@ def test_rows_of_a_batched_left_padded_worker_cache(together):
 
 def test_branch_ids_shorter_than_the_stored_tokens_cut_the_branch():
     """A batched worker stores tokens after its EOS: the ids say where its branch ends."""
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 6, 7))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 6, 7))
     query = torch.randint(0, V, (1, 3))
     short = [ids[0][:4], ids[1]]
     with torch.no_grad():
@@ -172,8 +152,8 @@ def test_branch_ids_shorter_than_the_stored_tokens_cut_the_branch():
 def test_the_synthesizers_mapper_reads_every_segment():
     from pskernels.synthesis import CacheMapper
 
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 6, 7))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 6, 7))
     query = torch.randint(0, V, (1, 3))
     identity = CacheMapper.for_model(model)
     calibrated = CacheMapper.for_model(model, calibrate=True, init_temperature=0.5, init_lse_scale=0.5)
@@ -194,8 +174,8 @@ def test_recomputed_segments_serve_many_caches(together):
     each is the cache recompute_branches returns, and reading one leaves the segments as they were."""
     from pskernels.synthesis import CacheMapper
 
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 6, 7, 4))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 6, 7, 4))
     query = torch.randint(0, V, (1, 3))
     calibrated = CacheMapper.for_model(model, calibrate=True, init_temperature=0.5, init_lse_scale=0.5)
     with torch.no_grad():
@@ -251,8 +231,8 @@ def _stock_together_reference(model, prefix, workers, branch_ids, heads, tails, 
 
 @pytest.mark.parametrize("head, tail", [(2, 0), (0, 3), (3, 2), (100, 0)])
 def test_together_matches_stock_hf_over_the_same_parts(head, tail):
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (6, 7, 3, 9, 1))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (6, 7, 3, 9, 1))
     query = torch.randint(0, V, (1, 4))
     with torch.no_grad():
         cache = recompute_branches(model, prefix, workers, ids, head=head, tail=tail, together=True)
@@ -263,8 +243,8 @@ def test_together_matches_stock_hf_over_the_same_parts(head, tail):
 
 
 def test_together_with_one_part_is_the_exact_recomputation():
-    model = _model()
-    prefix, workers, ids, _ = _workflow(model, (5, 4, 6, 3))
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 4, 6, 3))
     query = torch.randint(0, V, (1, 3))
     with torch.no_grad():
         one = [0, 0, 2]  # only the last branch's head: nothing recomputed before it
