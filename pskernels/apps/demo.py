@@ -296,8 +296,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         if recomputed_synthesis:
             cache = recomputed_cache(how_c, mapper_c)
             with base_model(model) if synth_c is None else contextlib.nullcontext():
-                rec_out = (model if synth_c is None else synth_c).generate(query_ids, **answer_generation(
-                    query_ids, answer_tokens, eos, pad), **{kw: cache})
+                rec_out = (model if synth_c is None else synth_c).generate(query_ids, **gen, **{kw: cache})
             rec_out = rec_out[0, query_ids.shape[1]:]
     finally:
         handle.remove()
