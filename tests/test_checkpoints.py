@@ -324,22 +324,26 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     monkeypatch.setattr(demo, "load_model", lambda name: (_tiny(), ByteTokenizer()))
     seen = []
 
-    def fake_agent_demo(model, tokenizer, repeats=3, mapper=None, recomputed_synthesis=False,
-                        synthesizer_recompute=None, recompute_synthesizer=None):
+    def fake_agent_demo(model, tokenizer, worker_tokens=64, answer_tokens=80, repeats=3, mapper=None,
+                        recomputed_synthesis=False, synthesizer_recompute=None, recompute_synthesizer=None):
         seen.append((model, mapper))
+        lengths.append((worker_tokens, answer_tokens))
         recomputes.append(synthesizer_recompute)
         synthesizers_c.append(recompute_synthesizer)
         return {"synthesizer": "trained" if mapper is not None else "base model"}
 
-    recomputes, synthesizers_c = [], []
+    recomputes, synthesizers_c, lengths = [], [], []
     monkeypatch.setattr(demo, "run_agent_demo", fake_agent_demo)
     assert cli(["demo", "--json", "--repeats", "1"]) == 0
+    assert lengths[-1] == (64, 80)
     model, mapper = seen[-1]
     assert is_peft_model(model) and mapper is not None and not mapper.is_identity()
     r = json.loads(capsys.readouterr().out)
     assert r["mapper_path"] == str(root / checkpoints.SHIPPED["smollm2"]) and r["shipped"] and not r["untrained"]
 
-    assert cli(["demo", "--json", "--repeats", "1", "--untrained"]) == 0
+    assert cli(["demo", "--json", "--repeats", "1", "--untrained", "--worker-tokens", "160",
+                "--answer-tokens", "5"]) == 0
+    assert lengths[-1] == (160, 5)
     model, mapper = seen[-1]
     assert mapper is None and _untouched(model)
     r = json.loads(capsys.readouterr().out)

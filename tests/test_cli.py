@@ -1,4 +1,5 @@
 """Smoke tests of the command line and the demo (small sizes)."""
+import argparse
 import subprocess
 import sys
 
@@ -83,6 +84,21 @@ def test_demo_mapper_argument_errors(tmp_path):
                               query_len=2, repeats=1, json=True)
     with pytest.raises(ValueError, match="--mapper"):
         main(args)
+
+
+def test_demo_token_counts_are_checked_and_not_given_to_the_tiny_demo():
+    """--worker-tokens / --answer-tokens drive the real demo; the single-process tiny demo (random branches of
+    --branch-len tokens) refuses them instead of ignoring them, and a count below 1 is named."""
+    from pskernels.apps.cli import main as cli
+    from pskernels.apps.demo import demo_tokens
+
+    for flag in ("--worker-tokens", "--answer-tokens"):
+        with pytest.raises(ValueError, match=f"{flag}: the tiny demo's branches are random tokens"):
+            cli(["demo", "--model", "tiny", flag, "8"])
+    with pytest.raises(ValueError, match="--worker-tokens: expected at least 1 token, got 0"):
+        demo_tokens(argparse.Namespace(worker_tokens=0), "worker_tokens")
+    assert demo_tokens(argparse.Namespace(worker_tokens=None), "worker_tokens") == 64
+    assert demo_tokens(argparse.Namespace(), "answer_tokens") == 80
 
 
 def test_demo_recomputed_synthesis_needs_a_real_single_process_demo():

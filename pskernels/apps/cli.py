@@ -70,8 +70,10 @@ def main(argv=None) -> int:
                    "the launcher's ranks are used instead (docs/DISTRIBUTED.md)")
     d.add_argument("--timeout", type=float, default=300.0, help="(--processes / torchrun) seconds rank 0 waits for "
                    "the workers' branches; a worker not heard from by then is listed as missing")
-    d.add_argument("--worker-tokens", type=int, default=64, help="(--processes / torchrun) new tokens per worker")
-    d.add_argument("--answer-tokens", type=int, default=80, help="(--processes / torchrun) tokens of each answer")
+    d.add_argument("--worker-tokens", type=int, default=None, help="new tokens per worker (default 64; the "
+                   "single-process --model tiny demo takes --branch-len instead)")
+    d.add_argument("--answer-tokens", type=int, default=None, help="tokens of each answer (default 80; not in the "
+                   "single-process --model tiny demo)")
     b = sub.add_parser("bench", help="benchmarks")
     bsub = b.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("ttft", help="time to first token: text concatenation vs Parallel-Synthesis vs floor")

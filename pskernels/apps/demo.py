@@ -390,12 +390,28 @@ def print_agent_report(r: dict, model_name: str) -> None:
             print("(`--untrained`: (b) runs the base model too.)")
 
 
+DEMO_TOKENS = {"worker_tokens": 64, "answer_tokens": 80}  # the defaults of `pskernels demo --worker/answer-tokens`
+
+
+def demo_tokens(args, flag: str) -> int:
+    """``args.<flag>`` (``worker_tokens`` or ``answer_tokens``), its default when not given; at least 1."""
+    n = getattr(args, flag, None)
+    n = DEMO_TOKENS[flag] if n is None else n
+    if n < 1:
+        raise ValueError(f"--{flag.replace('_', '-')}: expected at least 1 token, got {n}")
+    return n
+
+
 def main(args) -> int:
     mapper_path = getattr(args, "mapper", None)
     untrained = bool(getattr(args, "untrained", False))
     if mapper_path and untrained:
         raise ValueError("--mapper and --untrained: give one of them")
     if args.model == "tiny":
+        for flag in ("worker_tokens", "answer_tokens"):
+            if getattr(args, flag, None) is not None:
+                raise ValueError(f"--{flag.replace('_', '-')}: the tiny demo's branches are random tokens (give "
+                                 f"--branch-len); use it with --model smollm2 or an HF folder")
         if mapper_path:
             raise ValueError("--mapper: the tiny demo checks exactness against an oracle; use it with --model "
                              "smollm2 or an HF folder")
@@ -421,7 +437,9 @@ def main(args) -> int:
     else:
         model, mapper, mapper_path = load_default_synthesizer(model, args.model, untrained)
         shipped = mapper_path is not None
-    r = run_agent_demo(model, tokenizer, repeats=args.repeats, mapper=mapper, recomputed_synthesis=recomputed_synthesis,
+    r = run_agent_demo(model, tokenizer, worker_tokens=demo_tokens(args, "worker_tokens"),
+                       answer_tokens=demo_tokens(args, "answer_tokens"), repeats=args.repeats, mapper=mapper,
+                       recomputed_synthesis=recomputed_synthesis,
                        synthesizer_recompute=checkpoints.trained_recompute(mapper_path),
                        recompute_synthesizer=recompute_synthesizer)
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained

@@ -465,7 +465,10 @@ def torchrun_demo(cfg: DemoConfig):
 
 
 def config_from_args(args) -> DemoConfig:
-    return DemoConfig(model=args.model, worker_tokens=args.worker_tokens, answer_tokens=args.answer_tokens,
+    from .demo import demo_tokens
+
+    return DemoConfig(model=args.model, worker_tokens=demo_tokens(args, "worker_tokens"),
+                      answer_tokens=demo_tokens(args, "answer_tokens"),
                       timeout=args.timeout, repeats=args.repeats, mapper=getattr(args, "mapper", None),
                       untrained=bool(getattr(args, "untrained", False)))
 
