@@ -266,6 +266,9 @@ def test_eval_recompute_synthesizer_is_the_shipped_one_trained_on_recomputed_tur
     assert r["trained"]["kl"] != pytest.approx(plain["trained"]["kl"], rel=1e-5)  # the same weights, read recomputed
     with pytest.raises(SystemExit):  # argparse: not allowed with --untrained
         ev.main([*EVAL, "--untrained", "--recompute-synthesizer"])
+    grown, text = _eval(["--settings", "trained", "--recompute-synthesizer", "--head-share", "1"], tmp_path, capsys)
+    assert "(iv) trained + recomputed 2,1, head share 1" in text  # every branch token recomputed, then mapped
+    assert grown["trained"]["kl"] != pytest.approx(r["trained"]["kl"], rel=1e-5)
 
 
 def test_eval_refuses_a_shipped_checkpoint_of_another_model(shipped_tiny, tmp_path, monkeypatch):
@@ -325,9 +328,10 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     seen = []
 
     def fake_agent_demo(model, tokenizer, worker_tokens=64, answer_tokens=80, repeats=3, mapper=None,
-                        recomputed_synthesis=False, synthesizer_recompute=None, recompute_synthesizer=None):
+                        recomputed_synthesis=False, synthesizer_recompute=None, recompute_synthesizer=None,
+                        head_share=0.0):
         seen.append((model, mapper))
-        lengths.append((worker_tokens, answer_tokens))
+        lengths.append((worker_tokens, answer_tokens, head_share))
         recomputes.append(synthesizer_recompute)
         synthesizers_c.append(recompute_synthesizer)
         return {"synthesizer": "trained" if mapper is not None else "base model"}
@@ -335,7 +339,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     recomputes, synthesizers_c, lengths = [], [], []
     monkeypatch.setattr(demo, "run_agent_demo", fake_agent_demo)
     assert cli(["demo", "--json", "--repeats", "1"]) == 0
-    assert lengths[-1] == (64, 80)
+    assert lengths[-1] == (64, 80, 0.0)
     model, mapper = seen[-1]
     assert is_peft_model(model) and mapper is not None and not mapper.is_identity()
     r = json.loads(capsys.readouterr().out)
@@ -343,7 +347,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
 
     assert cli(["demo", "--json", "--repeats", "1", "--untrained", "--worker-tokens", "160",
                 "--answer-tokens", "5"]) == 0
-    assert lengths[-1] == (160, 5)
+    assert lengths[-1] == (160, 5, 0.0)
     model, mapper = seen[-1]
     assert mapper is None and _untouched(model)
     r = json.loads(capsys.readouterr().out)
@@ -361,8 +365,8 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     (recomputing / checkpoints.MANIFEST_NAME).write_text(json.dumps(manifest))
     assert checkpoints.trained_recompute(recomputing) == ("prompt", 0, True)
     assert checkpoints.trained_recompute(exported) is None and checkpoints.trained_recompute(None) is None
-    assert cli(["demo", "--json", "--repeats", "1", "--mapper", str(recomputing)]) == 0
-    assert recomputes[-1] == ("prompt", 0, True)
+    assert cli(["demo", "--json", "--repeats", "1", "--mapper", str(recomputing), "--head-share", "0.3"]) == 0
+    assert recomputes[-1] == ("prompt", 0, True) and lengths[-1][2] == 0.3  # (b) reads recomputed: a share applies
     capsys.readouterr()
     # --recompute-synthesizer: (c) is the synthesizer shipped for recomputed branches, on its own copy of the weights
     assert synthesizers_c == [None] * 3
@@ -393,6 +397,13 @@ def test_eval_recompute_setting(tmp_path, capsys):
     for bad in ("0", "a,b", "1,2,3", "-1,2", "prompt,-1"):
         with pytest.raises(SystemExit, match="--recompute: expected HEAD or HEAD,TAIL"):
             ev.main([*EVAL, "--untrained", "--settings", "recompute", f"--recompute={bad}"])
+    whole, text = _eval(["--untrained", "--settings", "recompute", "--recompute", "1", "--head-share", "1"], tmp_path,
+                        capsys)
+    assert "(v) recomputed head 1, tail 0, head share 1" in text and whole["recompute"]["kl"] < 1e-6  # the text
+    with pytest.raises(SystemExit, match=r"--head-share: expected a share in \[0, 1\], got 1.5"):
+        ev.main([*EVAL, "--untrained", "--settings", "recompute", "--head-share", "1.5"])
+    with pytest.raises(SystemExit, match="--head-share 0.5: nothing recomputes here"):
+        ev.main([*EVAL, "--untrained", "--settings", "parallel", "--head-share", "0.5"])
 
 
 def test_agent_demo_recomputed_synthesis_adds_a_third_synthesis(capsys, monkeypatch):
@@ -445,3 +456,10 @@ def test_agent_demo_recomputed_synthesis_adds_a_third_synthesis(capsys, monkeypa
     demo.print_agent_report(heads, "tiny")
     assert "with the first 3 tokens of each branch and its last 1 recomputed in text order (8 tokens by the base " \
         "model; synthesizer: trained on recomputed branches)" in capsys.readouterr().out
+    # a head that grows with its branch: a share of 1 recomputes every branch token
+    whole = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+                                repeats=1, recomputed_synthesis=True, head_share=1.0,
+                                recompute_synthesizer=(_tiny(), None, (3, 1, False)))
+    assert whole["head_share"] == 1.0 and whole["recompute_tokens"] == sum(whole["branch_tokens"]) > 8
+    demo.print_agent_report(whole, "tiny")
+    assert "the first 3 tokens of each branch (at least 100% of it) and its last 1" in capsys.readouterr().out

@@ -101,6 +101,20 @@ def test_demo_token_counts_are_checked_and_not_given_to_the_tiny_demo():
     assert demo_tokens(argparse.Namespace(), "answer_tokens") == 80
 
 
+def test_demo_head_share_needs_something_recomputed():
+    """--head-share is refused, before any model loads, where nothing recomputes or the share is out of [0, 1]."""
+    from pskernels.apps.cli import main as cli
+
+    with pytest.raises(ValueError, match="--head-share 0.4: nothing recomputes here"):
+        cli(["demo", "--untrained", "--head-share", "0.4"])
+    with pytest.raises(ValueError, match=r"head_share: expected a number in \[0, 1\], got 1.5"):
+        cli(["demo", "--recompute-synthesizer", "--head-share", "1.5"])
+    with pytest.raises(ValueError, match="--head-share: the tiny demo has no workers' instructions"):
+        cli(["demo", "--model", "tiny", "--head-share", "0.4"])
+    with pytest.raises(SystemExit, match="--head-share: not available with --processes"):
+        cli(["demo", "--processes", "2", "--head-share", "0.4"])
+
+
 def test_demo_recomputed_synthesis_needs_a_real_single_process_demo():
     import argparse
 

@@ -8,7 +8,7 @@ from branch_workflows import V, small_llama, zero_copy_workflow
 from transformers import DynamicCache
 
 import pskernels
-from pskernels.synthesis.recompute import recompute_branches, recomputed_segments
+from pskernels.synthesis.recompute import grown_heads, recompute_branches, recomputed_segments
 
 
 def _stock_reference(model, prefix, workers, branch_ids, heads, tails, query):
@@ -65,6 +65,42 @@ def test_every_token_recomputed_is_the_text_concatenation():
         pskernels.unpatch_model(model)
         text = model(torch.cat([*ids, query[0]])[None], past_key_values=copy.deepcopy(prefix)).logits[0, -3:]
     torch.testing.assert_close(got, text, atol=2e-5, rtol=1e-5)
+
+
+def test_grown_heads_keep_the_head_on_short_branches_and_a_share_of_long_ones():
+    assert grown_heads(48, [80, 120, 121, 220, 30], share=0.4) == [48, 48, 49, 88, 30]
+    assert grown_heads([2, 0, 9], [10, 10, 10], share=0.7) == [7, 7, 9]  # 0.7 x 10 is 7 tokens, not 8
+    assert grown_heads(3, [5, 0], share=0.0) == [3, 0] and grown_heads(0, [5, 8], share=1.0) == [5, 8]
+    for bad in (-0.1, 1.5, True, "0.4", float("nan")):
+        with pytest.raises(ValueError, match=r"head_share: expected a number in \[0, 1\], got"):
+            grown_heads(4, [8], share=bad)
+    with pytest.raises(ValueError, match=r"head: expected an int >= 0 or one per branch \(2\), got \[1\]"):
+        grown_heads([1], [8, 9], share=0.5)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_head_share_is_the_grown_per_branch_head(together):
+    """``head_share`` recomputes what the grown per-branch heads do (bit for bit), and a share of 1 the text."""
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (6, 3, 12, 5))
+    query = torch.randint(0, V, (1, 4))
+    lens = [t.numel() for t in ids]
+    with torch.no_grad():
+        grown = recompute_branches(model, prefix, workers, ids, head=2, tail=1, together=together, head_share=0.5)
+        given = recompute_branches(model, prefix, workers, ids, head=grown_heads(2, lens, 0.5), tail=1,
+                                   together=together)
+        fixed = recompute_branches(model, prefix, workers, ids, head=2, tail=1, together=together)
+        out = model(query, past_key_values=grown).logits
+        torch.testing.assert_close(out, model(query, past_key_values=given).logits, atol=0, rtol=0)
+        assert not torch.allclose(out, model(query, past_key_values=fixed).logits)  # heads 3, 2, 6, 3 against 2
+        if not together:
+            whole = model(query, past_key_values=recompute_branches(model, prefix, workers, ids,
+                                                                    head_share=1.0)).logits[0]
+            pskernels.unpatch_model(model)
+            text = model(torch.cat([*ids, query[0]])[None], past_key_values=copy.deepcopy(prefix)).logits[0, -4:]
+            torch.testing.assert_close(whole, text, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"head_share: expected a number in \[0, 1\], got 2"):
+        recompute_branches(model, prefix, workers, ids, head=2, head_share=2)
 
 
 def test_nothing_recomputed_is_the_sequential_scheme_and_the_workers_stay_untouched():

@@ -64,6 +64,9 @@ def main(argv=None) -> int:
                    "was trained (some tokens of each branch recomputed in text order by the base model; --untrained "
                    "or none shipped: the base model with each worker's instruction recomputed); more faithful, slower "
                    "to its first token (docs/FIDELITY.md)")
+    d.add_argument("--head-share", type=float, default=0.0, metavar="F",
+                   help="recomputed heads grow with long branches: at least the share F (0..1) of each branch "
+                   "(with --recompute-synthesizer or a --mapper trained on recomputed branches; docs/FIDELITY.md)")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.add_argument("--processes", type=int, metavar="N", help="workers in other processes: N local processes over "
                    "gloo (rank 0 synthesizes, ranks 1..N-1 are workers that send their branch caches); under torchrun "
@@ -127,8 +130,9 @@ def main(argv=None) -> int:
     from .demo_distributed import under_torchrun
 
     if args.processes is not None or under_torchrun():
-        if args.recomputed_synthesis:
-            raise SystemExit("--recompute-synthesizer: not available with --processes / torchrun (rank 0 does not hold "
+        if args.recomputed_synthesis or args.head_share:
+            flag = "--recompute-synthesizer" if args.recomputed_synthesis else "--head-share"
+            raise SystemExit(f"{flag}: not available with --processes / torchrun (rank 0 does not hold "
                              "the workers' token ids split into instruction and answer)")
         from .demo_distributed import main as distributed_demo_main
 

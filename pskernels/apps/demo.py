@@ -26,7 +26,7 @@ import torch
 from ..hf import ParallelCache, patch_model
 from ..synthesis import checkpoints
 from ..synthesis.models import load_model, tiny_llama
-from ..synthesis.recompute import recompute_branches
+from ..synthesis.recompute import grown_heads, recompute_branches
 from ..synthesis.synthesizer import synthesizer_cache
 from ..synthesis.workflow import cache_kwarg, output_cache
 from ..synthesis.workflows import OwnTokensRepetitionPenalty
@@ -206,24 +206,26 @@ def load_default_synthesizer(model, model_name: str, untrained: bool = False):
 RECOMPUTE_TURNS = ("prompt", 0, True)  # (c) with the base model: each worker's instruction, in one forward
 
 
-def recomputed_tokens(how, branch_lengths, turns) -> int:
-    """How many branch tokens ``how = (head, tail, together)`` recomputes (head ``"prompt"``: ``turns``)."""
+def recomputed_tokens(how, branch_lengths, turns, head_share: float = 0.0) -> int:
+    """How many branch tokens ``how = (head, tail, together)`` recomputes (head ``"prompt"``: ``turns``; the
+    heads grown to ``head_share`` of their branch)."""
     head, tail, _ = how
-    heads = turns if head == "prompt" else [head] * len(branch_lengths)
+    heads = grown_heads(turns if head == "prompt" else head, branch_lengths, head_share)
     return sum(min(n, h + tail) for n, h in zip(branch_lengths, heads))
 
 
-def describe_recompute(how) -> str:
+def describe_recompute(how, head_share: float = 0.0) -> str:
     """``(head, tail, together)`` in words: which tokens of each branch are recomputed."""
     head, tail, _ = how
     what = "each worker's instruction" if head == "prompt" else f"the first {head} tokens of each branch"
+    what += f" (at least {head_share:.0%} of it)" if head_share else ""
     return what + (f" and its last {tail}" if tail else "")
 
 
 @torch.no_grad()
 def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, *, worker_tokens=64,
                    answer_tokens=80, repeats=3, mapper=None, recomputed_synthesis=False, synthesizer_recompute=None,
-                   recompute_synthesizer=None):
+                   recompute_synthesizer=None, head_share=0.0):
     """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice (three times
     with ``recomputed_synthesis``: (c) reads the branches with some of their tokens recomputed in text order by the
     base model, :func:`pskernels.synthesis.recompute.recompute_branches`. Its synthesizer is
@@ -235,7 +237,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model.
     ``synthesizer_recompute``: ``(head, tail, together)`` a synthesizer trained on recomputed branches
     (:func:`pskernels.synthesis.checkpoints.trained_recompute`) reads them with (head ``"prompt"``: each worker's
-    instruction); its TTFT includes the recomputation."""
+    instruction); its TTFT includes the recomputation. ``head_share``: every recomputed head grows with its branch,
+    at least that share of it (:func:`pskernels.synthesis.recompute.grown_heads`)."""
     from ..synthesis.adapter import base_model, is_peft_model, unwrap
     from ..synthesis.workflow import run_workers, text_concat_cache
 
@@ -255,7 +258,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
             head, tail, together = how
             with base_model(model):
                 return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, tail=tail, together=together,
-                                          head=turns if head == "prompt" else head, mapper=cache_mapper)
+                                          head=turns if head == "prompt" else head, mapper=cache_mapper,
+                                          head_share=head_share)
 
         def parallel_cache():
             if synthesizer_recompute is None:
@@ -311,7 +315,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         rec_ms = statistics.median(times[ttft_recompute])
         recomputed = {"recompute_answer": dec(rec_out), "recompute_ttft_ms": round(rec_ms, 2),
                       "recompute_speedup": round(text_ms / rec_ms, 2),
-                      "recompute": list(how_c), "recompute_tokens": recomputed_tokens(how_c, w.branch_lengths, turns),
+                      "recompute": list(how_c),
+                      "recompute_tokens": recomputed_tokens(how_c, w.branch_lengths, turns, head_share),
                       "recompute_synthesizer": "base model" if synth_c is None else "trained on recomputed branches"}
     return {
         "task": task,
@@ -328,6 +333,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         "threads": torch.get_num_threads(),
         "synthesizer": "trained " + " + ".join(trained) if trained else "base model",
         "synthesizer_recompute": list(synthesizer_recompute) if synthesizer_recompute else None,
+        "head_share": head_share,
         **recomputed,
     }
 
@@ -367,7 +373,8 @@ def print_agent_report(r: dict, model_name: str) -> None:
         if r.get("recompute_path"):
             who += f", {r['recompute_path']}"
         together = r["recompute"][2]
-        print(f"\n(c) Parallel-Synthesis with {describe_recompute(r['recompute'])} recomputed in text order "
+        print(f"\n(c) Parallel-Synthesis with {describe_recompute(r['recompute'], r.get('head_share', 0.0))} "
+              "recomputed in text order "
               f"({r['recompute_tokens']} tokens{' in one forward' if together else ''} by the base model; "
               f"synthesizer: {who}): "
               f"TTFT {r['recompute_ttft_ms']} ms, {r['recompute_speedup']:.1f}x faster than (a)")
@@ -383,7 +390,8 @@ def print_agent_report(r: dict, model_name: str) -> None:
         print(f"synthesizer (b): {r['synthesizer']}{source}; workers and (a): the base model.")
         if r.get("synthesizer_recompute"):
             together = r["synthesizer_recompute"][2]
-            print(f"It was trained to read the branches with {describe_recompute(r['synthesizer_recompute'])} "
+            how = describe_recompute(r["synthesizer_recompute"], r.get("head_share", 0.0))
+            print(f"It was trained to read the branches with {how} "
                   f"recomputed in text order (base model{', one forward' if together else ''}); (b)'s TTFT includes "
                   "that recomputation.")
         if r.get("shipped"):
@@ -415,16 +423,22 @@ def main(args) -> int:
         if mapper_path:
             raise ValueError("--mapper: the tiny demo checks exactness against an oracle; use it with --model "
                              "smollm2 or an HF folder")
-        if getattr(args, "recomputed_synthesis", False):
-            raise ValueError("--recompute-synthesizer: the tiny demo has no workers' instructions; use it with --model "
+        if getattr(args, "recomputed_synthesis", False) or getattr(args, "head_share", 0.0):
+            flag = "--recompute-synthesizer" if getattr(args, "recomputed_synthesis", False) else "--head-share"
+            raise ValueError(f"{flag}: the tiny demo has no workers' instructions; use it with --model "
                              "smollm2 or an HF folder")
         r = run_demo(branches=args.branches, branch_len=args.branch_len, prefix_len=args.prefix_len,
                      query_len=args.query_len, repeats=args.repeats)
         print(json.dumps(r, indent=2)) if args.json else print_report(r)
         return 0
+    recomputed_synthesis = bool(getattr(args, "recomputed_synthesis", False))
+    head_share = float(getattr(args, "head_share", 0.0) or 0.0)
+    if head_share and not (recomputed_synthesis or checkpoints.trained_recompute(mapper_path)):
+        raise ValueError(f"--head-share {head_share:g}: nothing recomputes here; it applies to (c) "
+                         "(--recompute-synthesizer) and to a synthesizer trained on recomputed branches (--mapper)")
+    grown_heads(0, [], head_share)  # a share outside [0, 1] is named before the model loads
     model, tokenizer = load_model(args.model)
     name = "SmolLM2-135M-Instruct (fp32)" if args.model == "smollm2" else args.model
-    recomputed_synthesis = bool(getattr(args, "recomputed_synthesis", False))
     recompute_path = checkpoints.shipped_checkpoint(args.model, recompute=True) \
         if recomputed_synthesis and not untrained else None
     recompute_synthesizer = None
@@ -441,7 +455,7 @@ def main(args) -> int:
                        answer_tokens=demo_tokens(args, "answer_tokens"), repeats=args.repeats, mapper=mapper,
                        recomputed_synthesis=recomputed_synthesis,
                        synthesizer_recompute=checkpoints.trained_recompute(mapper_path),
-                       recompute_synthesizer=recompute_synthesizer)
+                       recompute_synthesizer=recompute_synthesizer, head_share=head_share)
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained
     if recompute_path is not None:
         r["recompute_path"] = str(recompute_path)

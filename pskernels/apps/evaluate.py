@@ -238,6 +238,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recompute", default="{},{}".format(*evaluation.RECOMPUTE), metavar="HEAD[,TAIL]",
                    help="(setting recompute) tokens recomputed in text order at the start (and end) of each branch; "
                    "HEAD 'prompt': each worker's own turn (workflow examples)")
+    p.add_argument("--head-share", type=float, default=0.0, metavar="F",
+                   help="the recompute setting and a synthesizer trained on recomputed branches recompute at least "
+                   "the share F (0..1) of each branch: the head grows with long branches, max(HEAD, ceil(F x "
+                   "tokens)); 0: the head as given / as trained")
     p.add_argument("--recompute-together", action="store_true",
                    help="(setting recompute) all recomputed parts in one forward, each reading the workers' own "
                    "K/V before it (not the exact text-order recomputation)")
@@ -246,6 +250,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
     p.add_argument("--threads", type=int, default=None)
     return p
+
+
+def _share_label(args) -> str:
+    return f", head share {args.head_share:g}" if args.head_share else ""
 
 
 def parse_recompute(text: str) -> tuple:
@@ -306,6 +314,8 @@ def run_eval(args) -> int:
     if bad:
         raise SystemExit(f"--settings: unknown {sorted(bad)}, expected some of {evaluation.SETTINGS}")
     recompute = parse_recompute(args.recompute) if "recompute" in settings else evaluation.RECOMPUTE
+    if not 0.0 <= args.head_share <= 1.0:
+        raise SystemExit(f"--head-share: expected a share in [0, 1], got {args.head_share:g}")
     checkpoint, checkpoint_how = resolve_checkpoint(args)
     try:
         cfg = checkpoints.checkpoint_train_config(checkpoint) if checkpoint else {}
@@ -350,7 +360,11 @@ def run_eval(args) -> int:
     mapper, checkpoint_loaded = None, False
     trained_recompute = checkpoints.trained_recompute(checkpoint)
     if trained_recompute:  # the synthesizer was trained to read its branches so
-        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute)
+        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute) + _share_label(args)
+    if args.head_share and "recompute" not in settings and not (trained_recompute and "trained" in settings):
+        raise SystemExit(f"--head-share {args.head_share:g}: nothing recomputes here; it applies to the recompute "
+                         "setting (--settings ...,recompute) and to a synthesizer trained on recomputed branches "
+                         "(--recompute-synthesizer or such a --checkpoint)")
     if checkpoint and "trained" in settings:
         model, mapper = checkpoints.load_checkpoint(model, checkpoint)
         checkpoint_loaded = True
@@ -360,8 +374,9 @@ def run_eval(args) -> int:
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
                             recompute=recompute, recompute_together=args.recompute_together,
-                            trained_recompute=trained_recompute)
-    names["recompute"] = RECOMPUTE_NAME.format(*recompute) + (" (1 fwd)" if args.recompute_together else "")
+                            trained_recompute=trained_recompute, head_share=args.head_share)
+    names["recompute"] = RECOMPUTE_NAME.format(*recompute) + _share_label(args) + \
+        (" (1 fwd)" if args.recompute_together else "")
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:

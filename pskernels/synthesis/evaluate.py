@@ -43,6 +43,7 @@ from .distill import (
     tokenize_examples,
 )
 from .mapper import CacheMapper
+from .recompute import grown_heads
 from .workflows import recompute_counts, split_of, worker_turn_tokens
 
 SETTINGS = ("text_concat", "parallel", "ape", "trained", "recompute")
@@ -63,7 +64,8 @@ def _decode(tokenizer, ids):
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: str = "sequential",
              settings=DEFAULT_SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
-             recompute: tuple = RECOMPUTE, recompute_together: bool = False, trained_recompute=None) -> dict:
+             recompute: tuple = RECOMPUTE, recompute_together: bool = False, trained_recompute=None,
+             head_share: float = 0.0) -> dict:
     """Compare the settings on held-out ``examples`` (dicts or ``TokenizedExample``).
 
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
@@ -72,9 +74,12 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     (head ``"prompt"``: each worker's turn, for workflow examples), in one forward with ``recompute_together``.
     ``trained_recompute``: ``(head, tail, together)`` the trained synthesizer was trained with (its checkpoint's
     ``recompute``; :func:`pskernels.synthesis.workflows.recompute_counts`), applied to its setting.
+    ``head_share``: both recomputing settings recompute at least that share of each branch (the head grows with
+    the branch, :func:`pskernels.synthesis.recompute.grown_heads`).
     Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
+    grown_heads(0, [], head_share)  # a bad share is refused before any example runs
     dev = next(model.parameters()).device
     exs = tokenize_examples(tokenizer, examples, dev)
     eos = eos_ids(tokenizer)
@@ -105,11 +110,13 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     agree, gen = tgt.numel(), t_gen
                 else:
                     kw = {"scheme": scheme, **cfg[s]}
+                    lens = [ids.numel() for ids in ex.branch_ids]
                     if s == "trained" and trained_recompute:
-                        kw["recompute"] = recompute_counts(tokenizer, ex.example, trained_recompute)
+                        h, t, together = recompute_counts(tokenizer, ex.example, trained_recompute)
+                        kw["recompute"] = (grown_heads(h, lens, head_share), t, together)
                     if s == "recompute":
-                        kw["recompute"] = (worker_turn_tokens(tokenizer, ex.example) if head == "prompt" else head,
-                                           tail, recompute_together)
+                        h = worker_turn_tokens(tokenizer, ex.example) if head == "prompt" else head
+                        kw["recompute"] = (grown_heads(h, lens, head_share), tail, recompute_together)
                     s_logits = student_logits(model, ex, prefix, branches, tgt, **kw)
                     kl = kl_per_token(t_logits, s_logits)
                     agree = int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())

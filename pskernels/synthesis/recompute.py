@@ -16,6 +16,7 @@ Which end matters was measured (docs/FIDELITY.md): on the reference suite's held
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -50,6 +51,23 @@ def _per_branch(name: str, n, count: int) -> list[int]:
     raise ValueError(f"{name}: expected an int >= 0 or one per branch ({count}), got {n!r}")
 
 
+def grown_heads(head, lengths, share: float = 0.0) -> list[int]:
+    """Per branch, the head recomputed when it grows with the branch: ``max(head, ceil(share * n))`` tokens of a
+    branch of ``n`` (at most ``n``). ``head``: an int or one per branch; ``share`` in [0, 1] (0: ``head`` as is).
+
+    A fixed head recomputes most of a short branch and little of a long one; a share keeps the recomputed part
+    of long worker outputs in proportion (docs/FIDELITY.md, "Long worker outputs").
+
+    >>> grown_heads(48, [80, 120, 220], share=0.4)
+    [48, 48, 88]
+    """
+    lengths = list(lengths)
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"head_share: expected a number in [0, 1], got {share!r}")
+    heads = _per_branch("head", head, len(lengths))
+    return [min(n, max(h, math.ceil(share * n - 1e-9))) for h, n in zip(heads, lengths)]  # 0.7 * 10 is 7, not 8
+
+
 class RecomputedBranches(NamedTuple):
     """The segments :func:`recompute_branches` reads, in text order: recomputed parts and the workers' middles.
     Computed once, they serve any number of synthesizer caches (:meth:`cache`), e.g. one per training step of a
@@ -71,7 +89,7 @@ class RecomputedBranches(NamedTuple):
 
 @torch.no_grad()
 def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, together: bool = False,
-                       mapper=None, backend: str = "auto") -> ParallelCache:
+                       mapper=None, backend: str = "auto", head_share: float = 0.0) -> ParallelCache:
     """The synthesizer's cache over ``prefix`` and ``branches`` in text order, with the first ``head`` and the
     last ``tail`` tokens of every branch recomputed with the branches before it in view.
 
@@ -99,6 +117,9 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
     mapper : pskernels.synthesis.CacheMapper, optional
         The synthesizer's trained mapper, applied by the returned cache to every segment (not used while
         recomputing).
+    head_share : float
+        In [0, 1]: the head grows with the branch, at least ``ceil(head_share * n)`` tokens of a branch of ``n``
+        (:func:`grown_heads`); 0 keeps ``head`` as given.
 
     Returns
     -------
@@ -129,12 +150,12 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
     >>> handle.remove()
     """
     return recomputed_segments(model, prefix, branches, branch_ids, head=head, tail=tail, together=together,
-                               backend=backend).cache(mapper=mapper)
+                               backend=backend, head_share=head_share).cache(mapper=mapper)
 
 
 @torch.no_grad()
 def recomputed_segments(model, prefix, branches, branch_ids, *, head=0, tail=0, together: bool = False,
-                        backend: str = "auto") -> RecomputedBranches:
+                        backend: str = "auto", head_share: float = 0.0) -> RecomputedBranches:
     """What :func:`recompute_branches` computes (same arguments but the mapper), before any cache reads it."""
     branches, branch_ids = list(branches), [torch.as_tensor(t) for t in branch_ids]
     if len(branch_ids) != len(branches):
@@ -147,6 +168,7 @@ def recomputed_segments(model, prefix, branches, branch_ids, *, head=0, tail=0, 
             raise ValueError(f"branch_ids[{i}]: expected a 1-D tensor of at most the branch's {stored} stored tokens, "
                              f"got shape {tuple(ids.shape)}")
         lens.append(ids.numel())
+    heads = grown_heads(heads, lens, head_share)
     P = ParallelCache(prefix, []).prefix_len
     text_starts = [P + sum(lens[:i]) for i in range(len(lens))]
     cuts = []  # per branch: (head, tail) recomputed
