@@ -203,6 +203,26 @@ def _recomputing(exported, folder):
     return folder
 
 
+def test_trained_head_share_is_the_manifests_for_a_synthesizer_trained_on_recomputed_branches(shipped_tiny,
+                                                                                                 tmp_path):
+    recomputing = _recomputing(shipped_tiny, tmp_path / "recomputing")
+    assert checkpoints.trained_head_share(recomputing) == 0.0 and checkpoints.trained_head_share(None) == 0.0
+    manifest = json.loads((recomputing / checkpoints.MANIFEST_NAME).read_text())
+    for share in (0.4, 1):
+        (recomputing / checkpoints.MANIFEST_NAME).write_text(json.dumps({**manifest, "head_share": share}))
+        assert checkpoints.trained_head_share(recomputing) == share
+    plain = tmp_path / "plain"  # a synthesizer that reads its branches as cached has no head to grow
+    shutil.copytree(shipped_tiny, plain)
+    (plain / checkpoints.MANIFEST_NAME).write_text(json.dumps({**json.loads(
+        (plain / checkpoints.MANIFEST_NAME).read_text()), "head_share": 0.4}))
+    assert checkpoints.trained_head_share(plain) == 0.0
+    for bad in (1.5, -0.1, "0.4", True):
+        (recomputing / checkpoints.MANIFEST_NAME).write_text(json.dumps({**manifest, "head_share": bad}))
+        with pytest.raises(ValueError, match=r"checkpoint .*recomputing: checkpoint.json has head_share .*, expected a "
+                                             r"number in \[0, 1\]"):
+            checkpoints.trained_head_share(recomputing)
+
+
 def test_docstring_examples():
     result = doctest.testmod(checkpoints, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
@@ -269,6 +289,11 @@ def test_eval_recompute_synthesizer_is_the_shipped_one_trained_on_recomputed_tur
     grown, text = _eval(["--settings", "trained", "--recompute-synthesizer", "--head-share", "1"], tmp_path, capsys)
     assert "(iv) trained + recomputed 2,1, head share 1" in text  # every branch token recomputed, then mapped
     assert grown["trained"]["kl"] != pytest.approx(r["trained"]["kl"], rel=1e-5)
+    assert grown["head_share"] == {"recompute": 1.0, "trained": 1.0} and r["head_share"]["trained"] == 0.0
+    manifest = json.loads((recomputing / checkpoints.MANIFEST_NAME).read_text())
+    (recomputing / checkpoints.MANIFEST_NAME).write_text(json.dumps({**manifest, "head_share": 1.0}))
+    own, text = _eval(["--settings", "trained", "--recompute-synthesizer"], tmp_path, capsys)
+    assert "(iv) trained + recomputed 2,1, head share 1" in text and own["trained"] == grown["trained"]
 
 
 def test_eval_refuses_a_shipped_checkpoint_of_another_model(shipped_tiny, tmp_path, monkeypatch):
@@ -329,9 +354,9 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
 
     def fake_agent_demo(model, tokenizer, worker_tokens=64, answer_tokens=80, repeats=3, mapper=None,
                         recomputed_synthesis=False, synthesizer_recompute=None, recompute_synthesizer=None,
-                        head_share=0.0):
+                        head_share=0.0, synthesizer_head_share=0.0):
         seen.append((model, mapper))
-        lengths.append((worker_tokens, answer_tokens, head_share))
+        lengths.append((worker_tokens, answer_tokens, head_share, synthesizer_head_share))
         recomputes.append(synthesizer_recompute)
         synthesizers_c.append(recompute_synthesizer)
         return {"synthesizer": "trained" if mapper is not None else "base model"}
@@ -339,7 +364,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     recomputes, synthesizers_c, lengths = [], [], []
     monkeypatch.setattr(demo, "run_agent_demo", fake_agent_demo)
     assert cli(["demo", "--json", "--repeats", "1"]) == 0
-    assert lengths[-1] == (64, 80, 0.0)
+    assert lengths[-1] == (64, 80, 0.0, 0.0)
     model, mapper = seen[-1]
     assert is_peft_model(model) and mapper is not None and not mapper.is_identity()
     r = json.loads(capsys.readouterr().out)
@@ -347,7 +372,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
 
     assert cli(["demo", "--json", "--repeats", "1", "--untrained", "--worker-tokens", "160",
                 "--answer-tokens", "5"]) == 0
-    assert lengths[-1] == (160, 5, 0.0)
+    assert lengths[-1] == (160, 5, 0.0, 0.0)
     model, mapper = seen[-1]
     assert mapper is None and _untouched(model)
     r = json.loads(capsys.readouterr().out)
@@ -366,7 +391,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     assert checkpoints.trained_recompute(recomputing) == ("prompt", 0, True)
     assert checkpoints.trained_recompute(exported) is None and checkpoints.trained_recompute(None) is None
     assert cli(["demo", "--json", "--repeats", "1", "--mapper", str(recomputing), "--head-share", "0.3"]) == 0
-    assert recomputes[-1] == ("prompt", 0, True) and lengths[-1][2] == 0.3  # (b) reads recomputed: a share applies
+    assert recomputes[-1] == ("prompt", 0, True) and lengths[-1][2:] == (0.3, 0.3)  # (b) reads recomputed
     capsys.readouterr()
     # --recompute-synthesizer: (c) is the synthesizer shipped for recomputed branches, on its own copy of the weights
     assert synthesizers_c == [None] * 3
@@ -377,8 +402,17 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     assert is_peft_model(model_c) and model_c is not model and mapper_c is not None
     assert how_c == ("prompt", 0, True)  # (c) reads the branches as its synthesizer was trained
     assert json.loads(capsys.readouterr().out)["recompute_path"] == str(root / recomputing.name)
+    assert lengths[-1][2:] == (0.0, 0.0)  # no head share in its manifest: a fixed head
+    # a head share in the shipped manifest is (c)'s default reading; --head-share overrides it
+    manifest = json.loads((root / recomputing.name / checkpoints.MANIFEST_NAME).read_text())
+    (root / recomputing.name / checkpoints.MANIFEST_NAME).write_text(json.dumps({**manifest, "head_share": 0.4}))
+    assert cli(["demo", "--json", "--repeats", "1", "--recompute-synthesizer"]) == 0
+    assert lengths[-1][2:] == (0.4, 0.0)  # (b), run D's kind, recomputes nothing
+    assert cli(["demo", "--json", "--repeats", "1", "--recompute-synthesizer", "--head-share", "0"]) == 0
+    assert lengths[-1][2:] == (0.0, 0.0)
+    capsys.readouterr()
     assert cli(["demo", "--json", "--repeats", "1", "--recompute-synthesizer", "--untrained"]) == 0
-    assert synthesizers_c[-1] is None
+    assert synthesizers_c[-1] is None and lengths[-1][2] == 0.0  # (c) is the base model: nothing of its own
 
 
 def test_eval_recompute_setting(tmp_path, capsys):

@@ -64,9 +64,10 @@ def main(argv=None) -> int:
                    "was trained (some tokens of each branch recomputed in text order by the base model; --untrained "
                    "or none shipped: the base model with each worker's instruction recomputed); more faithful, slower "
                    "to its first token (docs/FIDELITY.md)")
-    d.add_argument("--head-share", type=float, default=0.0, metavar="F",
+    d.add_argument("--head-share", type=float, default=None, metavar="F",
                    help="recomputed heads grow with long branches: at least the share F (0..1) of each branch "
-                   "(with --recompute-synthesizer or a --mapper trained on recomputed branches; docs/FIDELITY.md)")
+                   "(with --recompute-synthesizer or a --mapper trained on recomputed branches; default: the "
+                   "synthesizer's own, 0.4 for the shipped recompute synthesizer; docs/FIDELITY.md)")
     d.add_argument("--json", action="store_true", help="print the results as JSON")
     d.add_argument("--processes", type=int, metavar="N", help="workers in other processes: N local processes over "
                    "gloo (rank 0 synthesizes, ranks 1..N-1 are workers that send their branch caches); under torchrun "

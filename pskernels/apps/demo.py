@@ -225,7 +225,7 @@ def describe_recompute(how, head_share: float = 0.0) -> str:
 @torch.no_grad()
 def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASKS, *, worker_tokens=64,
                    answer_tokens=80, repeats=3, mapper=None, recomputed_synthesis=False, synthesizer_recompute=None,
-                   recompute_synthesizer=None, head_share=0.0):
+                   recompute_synthesizer=None, head_share=0.0, synthesizer_head_share=0.0):
     """Fan out ``subtasks`` to workers sharing the prefix (system + task), then synthesize twice (three times
     with ``recomputed_synthesis``: (c) reads the branches with some of their tokens recomputed in text order by the
     base model, :func:`pskernels.synthesis.recompute.recompute_branches`. Its synthesizer is
@@ -237,8 +237,9 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model.
     ``synthesizer_recompute``: ``(head, tail, together)`` a synthesizer trained on recomputed branches
     (:func:`pskernels.synthesis.checkpoints.trained_recompute`) reads them with (head ``"prompt"``: each worker's
-    instruction); its TTFT includes the recomputation. ``head_share``: every recomputed head grows with its branch,
-    at least that share of it (:func:`pskernels.synthesis.recompute.grown_heads`)."""
+    instruction); its TTFT includes the recomputation. ``head_share`` / ``synthesizer_head_share``: (c)'s / (b)'s
+    recomputed heads grow with their branch, at least that share of it
+    (:func:`pskernels.synthesis.recompute.grown_heads`)."""
     from ..synthesis.adapter import base_model, is_peft_model, unwrap
     from ..synthesis.workflow import run_workers, text_concat_cache
 
@@ -254,17 +255,17 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
 
         turns = [len(x) for x in worker_ids]  # each worker's instruction: head "prompt" of its branch
 
-        def recomputed_cache(how, cache_mapper):
+        def recomputed_cache(how, cache_mapper, share):
             head, tail, together = how
             with base_model(model):
                 return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, tail=tail, together=together,
                                           head=turns if head == "prompt" else head, mapper=cache_mapper,
-                                          head_share=head_share)
+                                          head_share=share)
 
         def parallel_cache():
             if synthesizer_recompute is None:
                 return synthesizer_cache(model, w.prefix, w.branches(), mapper, lengths=w.branch_lengths)
-            return recomputed_cache(synthesizer_recompute, mapper)
+            return recomputed_cache(synthesizer_recompute, mapper, synthesizer_head_share)
 
         def ttft_text():
             with base_model(model):
@@ -276,7 +277,8 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         synth_c, mapper_c, how_c = recompute_synthesizer or (None, None, RECOMPUTE_TURNS)
 
         def ttft_recompute():
-            cache = recomputed_cache(how_c, mapper_c)  # outside base_model(): PEFT's disable_adapter() does not nest
+            # outside base_model(): PEFT's disable_adapter() does not nest
+            cache = recomputed_cache(how_c, mapper_c, head_share)
             if synth_c is not None:
                 return synth_c(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
             with base_model(model):
@@ -298,7 +300,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
                                       **{kw: copy.deepcopy(w.prefix)})[0, full.shape[1]:]
         par_out = model.generate(query_ids, **gen, **{kw: parallel_cache()})[0, query_ids.shape[1]:]
         if recomputed_synthesis:
-            cache = recomputed_cache(how_c, mapper_c)
+            cache = recomputed_cache(how_c, mapper_c, head_share)
             with base_model(model) if synth_c is None else contextlib.nullcontext():
                 rec_out = (model if synth_c is None else synth_c).generate(query_ids, **gen, **{kw: cache})
             rec_out = rec_out[0, query_ids.shape[1]:]
@@ -315,7 +317,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         rec_ms = statistics.median(times[ttft_recompute])
         recomputed = {"recompute_answer": dec(rec_out), "recompute_ttft_ms": round(rec_ms, 2),
                       "recompute_speedup": round(text_ms / rec_ms, 2),
-                      "recompute": list(how_c),
+                      "recompute": list(how_c), "head_share": head_share,
                       "recompute_tokens": recomputed_tokens(how_c, w.branch_lengths, turns, head_share),
                       "recompute_synthesizer": "base model" if synth_c is None else "trained on recomputed branches"}
     return {
@@ -333,7 +335,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         "threads": torch.get_num_threads(),
         "synthesizer": "trained " + " + ".join(trained) if trained else "base model",
         "synthesizer_recompute": list(synthesizer_recompute) if synthesizer_recompute else None,
-        "head_share": head_share,
+        "synthesizer_head_share": synthesizer_head_share,
         **recomputed,
     }
 
@@ -390,7 +392,7 @@ def print_agent_report(r: dict, model_name: str) -> None:
         print(f"synthesizer (b): {r['synthesizer']}{source}; workers and (a): the base model.")
         if r.get("synthesizer_recompute"):
             together = r["synthesizer_recompute"][2]
-            how = describe_recompute(r["synthesizer_recompute"], r.get("head_share", 0.0))
+            how = describe_recompute(r["synthesizer_recompute"], r.get("synthesizer_head_share", 0.0))
             print(f"It was trained to read the branches with {how} "
                   f"recomputed in text order (base model{', one forward' if together else ''}); (b)'s TTFT includes "
                   "that recomputation.")
@@ -432,11 +434,12 @@ def main(args) -> int:
         print(json.dumps(r, indent=2)) if args.json else print_report(r)
         return 0
     recomputed_synthesis = bool(getattr(args, "recomputed_synthesis", False))
-    head_share = float(getattr(args, "head_share", 0.0) or 0.0)
+    head_share = getattr(args, "head_share", None)
     if head_share and not (recomputed_synthesis or checkpoints.trained_recompute(mapper_path)):
         raise ValueError(f"--head-share {head_share:g}: nothing recomputes here; it applies to (c) "
                          "(--recompute-synthesizer) and to a synthesizer trained on recomputed branches (--mapper)")
-    grown_heads(0, [], head_share)  # a share outside [0, 1] is named before the model loads
+    if head_share is not None:
+        grown_heads(0, [], head_share)  # a share outside [0, 1] is named before the model loads
     model, tokenizer = load_model(args.model)
     name = "SmolLM2-135M-Instruct (fp32)" if args.model == "smollm2" else args.model
     recompute_path = checkpoints.shipped_checkpoint(args.model, recompute=True) \
@@ -455,7 +458,10 @@ def main(args) -> int:
                        answer_tokens=demo_tokens(args, "answer_tokens"), repeats=args.repeats, mapper=mapper,
                        recomputed_synthesis=recomputed_synthesis,
                        synthesizer_recompute=checkpoints.trained_recompute(mapper_path),
-                       recompute_synthesizer=recompute_synthesizer, head_share=head_share)
+                       recompute_synthesizer=recompute_synthesizer,
+                       head_share=checkpoints.trained_head_share(recompute_path) if head_share is None else head_share,
+                       synthesizer_head_share=checkpoints.trained_head_share(mapper_path) if head_share is None
+                       else head_share)
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained
     if recompute_path is not None:
         r["recompute_path"] = str(recompute_path)

@@ -238,10 +238,11 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recompute", default="{},{}".format(*evaluation.RECOMPUTE), metavar="HEAD[,TAIL]",
                    help="(setting recompute) tokens recomputed in text order at the start (and end) of each branch; "
                    "HEAD 'prompt': each worker's own turn (workflow examples)")
-    p.add_argument("--head-share", type=float, default=0.0, metavar="F",
+    p.add_argument("--head-share", type=float, default=None, metavar="F",
                    help="the recompute setting and a synthesizer trained on recomputed branches recompute at least "
                    "the share F (0..1) of each branch: the head grows with long branches, max(HEAD, ceil(F x "
-                   "tokens)); 0: the head as given / as trained")
+                   "tokens)); 0: the head as given / as trained; default: the checkpoint's own (0.4 for the shipped "
+                   "recompute synthesizer), 0 for the recompute setting")
     p.add_argument("--recompute-together", action="store_true",
                    help="(setting recompute) all recomputed parts in one forward, each reading the workers' own "
                    "K/V before it (not the exact text-order recomputation)")
@@ -252,8 +253,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
-def _share_label(args) -> str:
-    return f", head share {args.head_share:g}" if args.head_share else ""
+def _share_label(share: float) -> str:
+    return f", head share {share:g}" if share else ""
 
 
 def parse_recompute(text: str) -> tuple:
@@ -314,7 +315,7 @@ def run_eval(args) -> int:
     if bad:
         raise SystemExit(f"--settings: unknown {sorted(bad)}, expected some of {evaluation.SETTINGS}")
     recompute = parse_recompute(args.recompute) if "recompute" in settings else evaluation.RECOMPUTE
-    if not 0.0 <= args.head_share <= 1.0:
+    if args.head_share is not None and not 0.0 <= args.head_share <= 1.0:
         raise SystemExit(f"--head-share: expected a share in [0, 1], got {args.head_share:g}")
     checkpoint, checkpoint_how = resolve_checkpoint(args)
     try:
@@ -359,8 +360,10 @@ def run_eval(args) -> int:
         names["ape"] = f"(iii) APE calibrated (T={calibration['temperature']:g}, S={calibration['lse_scale']:g})"
     mapper, checkpoint_loaded = None, False
     trained_recompute = checkpoints.trained_recompute(checkpoint)
+    trained_share = 0.0
     if trained_recompute:  # the synthesizer was trained to read its branches so
-        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute) + _share_label(args)
+        trained_share = checkpoints.trained_head_share(checkpoint) if args.head_share is None else args.head_share
+        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute) + _share_label(trained_share)
     if args.head_share and "recompute" not in settings and not (trained_recompute and "trained" in settings):
         raise SystemExit(f"--head-share {args.head_share:g}: nothing recomputes here; it applies to the recompute "
                          "setting (--settings ...,recompute) and to a synthesizer trained on recomputed branches "
@@ -374,8 +377,9 @@ def run_eval(args) -> int:
                             settings=["text_concat"] + [x for x in settings if x != "text_concat"],
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
                             recompute=recompute, recompute_together=args.recompute_together,
-                            trained_recompute=trained_recompute, head_share=args.head_share)
-    names["recompute"] = RECOMPUTE_NAME.format(*recompute) + _share_label(args) + \
+                            trained_recompute=trained_recompute, head_share=args.head_share or 0.0,
+                            trained_head_share=trained_share)
+    names["recompute"] = RECOMPUTE_NAME.format(*recompute) + _share_label(args.head_share or 0.0) + \
         (" (1 fwd)" if args.recompute_together else "")
     print(f"model {args.model}, scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
@@ -393,6 +397,7 @@ def run_eval(args) -> int:
         r["by_family"] = bf
     if args.json:
         r["checkpoint"] = checkpoint
+        r["head_share"] = {"recompute": args.head_share or 0.0, "trained": trained_share}
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
     return 0

@@ -65,7 +65,7 @@ def _decode(tokenizer, ids):
 def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: str = "sequential",
              settings=DEFAULT_SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
              recompute: tuple = RECOMPUTE, recompute_together: bool = False, trained_recompute=None,
-             head_share: float = 0.0) -> dict:
+             head_share: float = 0.0, trained_head_share: float = 0.0) -> dict:
     """Compare the settings on held-out ``examples`` (dicts or ``TokenizedExample``).
 
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
@@ -74,12 +74,14 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     (head ``"prompt"``: each worker's turn, for workflow examples), in one forward with ``recompute_together``.
     ``trained_recompute``: ``(head, tail, together)`` the trained synthesizer was trained with (its checkpoint's
     ``recompute``; :func:`pskernels.synthesis.workflows.recompute_counts`), applied to its setting.
-    ``head_share``: both recomputing settings recompute at least that share of each branch (the head grows with
-    the branch, :func:`pskernels.synthesis.recompute.grown_heads`).
+    ``head_share`` / ``trained_head_share``: the ``recompute`` setting / the trained synthesizer reading recomputed
+    branches recompute at least that share of each branch (the head grows with the branch,
+    :func:`pskernels.synthesis.recompute.grown_heads`; the checkpoint's own:
+    :func:`pskernels.synthesis.checkpoints.trained_head_share`).
     Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
-    grown_heads(0, [], head_share)  # a bad share is refused before any example runs
+    grown_heads(0, [], head_share), grown_heads(0, [], trained_head_share)  # refused before any example runs
     dev = next(model.parameters()).device
     exs = tokenize_examples(tokenizer, examples, dev)
     eos = eos_ids(tokenizer)
@@ -113,7 +115,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     lens = [ids.numel() for ids in ex.branch_ids]
                     if s == "trained" and trained_recompute:
                         h, t, together = recompute_counts(tokenizer, ex.example, trained_recompute)
-                        kw["recompute"] = (grown_heads(h, lens, head_share), t, together)
+                        kw["recompute"] = (grown_heads(h, lens, trained_head_share), t, together)
                     if s == "recompute":
                         h = worker_turn_tokens(tokenizer, ex.example) if head == "prompt" else head
                         kw["recompute"] = (grown_heads(h, lens, head_share), tail, recompute_together)
