@@ -337,6 +337,16 @@ def test_eval_suite_without_a_file_is_the_packaged_suite(tmp_path, capsys, monke
                     "--gen-tokens", "1", "--target-tokens", "1"]) == 0
     text = capsys.readouterr().out
     assert "(2 held-out examples" in text and "training families" not in text and "\nall" in text
+    # --suite long: the packaged suite of long worker outputs (a file named "long" would win)
+    assert checkpoints.LONG_SUITE == ROOT / "pskernels" / "synthesis" / "suites" / "workflows-long-smollm2.jsonl"
+    long_suite = tmp_path / "suites" / "workflows-long-smollm2.jsonl"
+    monkeypatch.setattr(checkpoints, "LONG_SUITE", long_suite)
+    with pytest.raises(SystemExit, match=f"--suite: the packaged suite {long_suite} is missing"):
+        ev.main(["--model", "tiny", "--suite", "long", "--untrained"])
+    save_jsonl(_examples(3, seed=2), long_suite)
+    assert ev.main(["--model", "tiny", "--threads", "1", "--suite", "long", "--untrained", "--settings", "parallel",
+                    "--gen-tokens", "1", "--target-tokens", "1"]) == 0
+    assert "(3 held-out examples" in capsys.readouterr().out
 
 
 # ---- pskernels demo -----------------------------------------------------------------------------------------------

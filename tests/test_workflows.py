@@ -269,6 +269,24 @@ def test_packaged_suite_is_the_documented_draw_of_every_family():
     assert {f for f in HELD_OUT_FAMILIES} == {ex["meta"]["family"] for ex in suite if ex["split"] == "held_out"}
 
 
+def test_packaged_long_suite_is_the_documented_draw_with_long_worker_outputs():
+    from pskernels.synthesis.checkpoints import LONG_SUITE
+
+    suite = load_jsonl(LONG_SUITE)
+    for ex in suite:
+        validate_example(ex)
+    # docs/FIDELITY.md "Long worker outputs": seed 7100, 3 per held-out family, 2 per family the shipped
+    # synthesizers trained on, 192 generated tokens per worker
+    trained_on = "sum,rank,retrieve,vote,merge_lists,summary,plan,freeform,attribution,timeline"
+    want = {s.id: s for s in draw_workflows("held_out", 3, seed=7100) + draw_workflows(trained_on, 2, seed=7100)}
+    assert [ex["id"] for ex in suite] == list(want)
+    for ex in suite:
+        spec = want[ex["id"]]
+        assert ex["split"] == spec.split and ex["meta"]["subtasks"] == spec.task.subtasks
+        assert ex["meta"]["worker_tokens"] == 192 and len(ex["branches"]) == len(spec.task.subtasks)
+    assert sum(ex["split"] == "held_out" for ex in suite) == 12 and len(suite) == 32
+
+
 # ---- APE calibration --------------------------------------------------------------------------------
 def test_calibrate_ape_picks_the_grid_point_with_the_lowest_kl(tiny, suite):
     model, tok = tiny

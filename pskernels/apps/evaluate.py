@@ -205,7 +205,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--builder", default="aggregation", help="aggregation | exposure | distill | mixed")
     src.add_argument("--suite", metavar="FILE", nargs="?", const=str(checkpoints.DEFAULT_SUITE),
                      help="a workflow suite (JSONL, see --make-suite; no FILE: the packaged suite "
-                     f"{checkpoints.DEFAULT_SUITE}): all lines are "
+                     f"{checkpoints.DEFAULT_SUITE}; 'long': the packaged suite of long worker outputs, "
+                     f"{checkpoints.LONG_SUITE.name}): all lines are "
                      "evaluated; per-family, training-family, held-out-family and overall rows are printed")
     src.add_argument("--make-suite", metavar="OUT", help="write a workflow suite (the model plays the workers) to "
                      "OUT (JSONL) and exit without evaluating")
@@ -293,10 +294,13 @@ def resolve_checkpoint(args) -> tuple[str | None, str]:
     return None, f"none (no checkpoint shipped for --model {args.model}; --checkpoint DIR)"
 
 
-def _check_suite(suite: str) -> None:
+def _resolve_suite(suite: str) -> str:
+    """``--suite`` as a path: a file by that name, else ``long`` is the packaged suite of long worker outputs."""
+    if suite == "long" and not os.path.exists(suite):
+        suite = str(checkpoints.LONG_SUITE)
     if os.path.isfile(suite):
-        return
-    if os.path.abspath(suite) == os.path.abspath(checkpoints.DEFAULT_SUITE):
+        return suite
+    if os.path.abspath(suite) in {os.path.abspath(checkpoints.DEFAULT_SUITE), os.path.abspath(checkpoints.LONG_SUITE)}:
         raise SystemExit(f"--suite: the packaged suite {suite} is missing (this installation has no workflow "
                          "suite; give --suite FILE, or write one with --make-suite FILE)")
     raise SystemExit(f"--suite: no such file {suite}")
@@ -307,7 +311,7 @@ def run_eval(args) -> int:
         return make_suite(args)
     suite = getattr(args, "suite", None)
     if suite:
-        _check_suite(suite)
+        suite = _resolve_suite(suite)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = [x.strip() for x in args.settings.split(",") if x.strip()]

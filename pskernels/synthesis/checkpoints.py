@@ -12,7 +12,8 @@ that it was trained for that model: ``base_model`` against :func:`model_fingerpr
 the mapper's layers, heads and head dim (:func:`check_mapper`, every folder). ``pskernels eval`` and
 ``pskernels demo`` use :func:`shipped_checkpoint` when no checkpoint is named (``--untrained``: none).
 
-:data:`DEFAULT_SUITE` is the workflow suite shipped with the package (``pskernels eval --suite``).
+:data:`DEFAULT_SUITE` is the workflow suite shipped with the package (``pskernels eval --suite``), :data:`LONG_SUITE`
+one of long worker outputs (``pskernels eval --suite long``).
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ SHIPPED_RECOMPUTE = {"smollm2": "smollm2-135m-instruct-recompute"}
 48 --recompute-together``; :func:`trained_recompute` reads the setting): more faithful, and it pays that
 recomputation at synthesis time (docs/FIDELITY.md)."""
 DEFAULT_SUITE = Path(__file__).resolve().parent / "suites" / "workflows-smollm2.jsonl"
+# long worker outputs (192 generated tokens, branches of ~210 tokens): `pskernels eval --suite long`
+LONG_SUITE = DEFAULT_SUITE.with_name("workflows-long-smollm2.jsonl")
 """The packaged workflow suite (``pskernels eval --suite`` without a file)."""
 MANIFEST_NAME = "checkpoint.json"
 FORMAT = 1
