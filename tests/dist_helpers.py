@@ -180,6 +180,22 @@ def _same_synthesis(model, q, ref, rcv, scheme, tag):
     assert torch.equal(ga, gb), f"{tag}/{scheme}: greedy tokens {ga.tolist()} vs {gb.tolist()}"
 
 
+def _same_recomputation(model, q, ref, rcv, lens, seed, tag):
+    """``recompute_branches`` (growing heads, a tail; exact and in one forward) over received branches gives the
+    logits it gives over the workers' own caches, bit for bit. Returns the settings checked."""
+    from pskernels.synthesis.recompute import recompute_branches
+
+    branch_ids = [ids(n, seed + 60 + i)[0] for i, n in enumerate(lens)]
+    done = []
+    for together in (False, True):
+        kw = dict(head=1, tail=1, head_share=0.5, together=together)
+        a = model(q, cache=recompute_branches(model, *ref, branch_ids, **kw)).logits
+        b = model(q, cache=recompute_branches(model, *rcv, branch_ids, **kw)).logits
+        assert torch.equal(a, b), f"{tag}/recompute together={together}: logits differ by {(a - b).abs().max():.3e}"
+        done.append(together)
+    return done
+
+
 def _schemes(n, lens):
     starts = [P + 3 * i + 1 for i in range(n)]
     return [("parallel", {}), ("sequential", {}), ("right_aligned", {}),
@@ -244,6 +260,9 @@ def round_trip(rank, world):
             _same_synthesis(model, q, (local_prefix, mine, dict(kw, branch_lengths=lens)), (prefix, received, kw),
                             scheme, tag)
             stats.setdefault("schemes", []).append(scheme)
+        if arch == "llama":  # the fidelity synthesizer's reading: heads recomputed over received branches
+            stats["recomputed"] = _same_recomputation(model, q, (local_prefix, mine[:3]), (prefix, received[:3]),
+                                                      lens[:3], seed, tag)
         # the comparison is not vacuous: dropping a branch changes the logits
         fewer = model(q, cache=pskernels.ParallelCache(prefix, received[:-1])).logits
         stats["sensitivity"] = (fewer - model(q, cache=pskernels.ParallelCache(prefix, received)).logits

@@ -187,7 +187,8 @@ def test_round_trip_exact_in_place_every_scheme(spawned):
     3 workers (a batched worker's CacheRows with left padding and trimmed lengths, a zero-copy worker, an ordinary
     cache whose sliding layers dropped slots) -> rank 0 in arrival order; every layer bit-exact, one buffer per
     branch, and the synthesizer's logits and greedy tokens equal the single-process ParallelCache for every
-    scheme."""
+    scheme; heads and tails recomputed over the received branches (recompute_branches) equal the same over the
+    workers' own caches."""
     out = {r: v["round_trip"] for r, v in spawned.items()}
     for arch, dtype in dh.CONFIGS:
         tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
@@ -199,6 +200,7 @@ def test_round_trip_exact_in_place_every_scheme(spawned):
         assert r0["kinds"] == ["ParallelCache"] * 3 + (["DynamicCache"] if sliding else ["ParallelCache"])
         assert (min(r0["stored_full"]) < dh.FULL) == sliding, r0["stored_full"]
         assert out[1][tag]["prefix_dropped"] == sliding
+        assert r0.get("recomputed") == ([False, True] if arch == "llama" else None)
         bpt = out[2][tag]["bytes_per_token"]
         assert out[2][tag]["sent"] == [(dh.SOLO * bpt, dh.SOLO)]
         pads = [max(dh.ROW_INSTR) - n for n in dh.ROW_INSTR]
