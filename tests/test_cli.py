@@ -111,19 +111,16 @@ def test_demo_head_share_needs_something_recomputed():
         cli(["demo", "--recompute-synthesizer", "--head-share", "1.5"])
     with pytest.raises(ValueError, match="--head-share: the tiny demo has no workers' instructions"):
         cli(["demo", "--model", "tiny", "--head-share", "0.4"])
-    with pytest.raises(SystemExit, match="--head-share: not available with --processes"):
-        cli(["demo", "--processes", "2", "--head-share", "0.4"])
+    with pytest.raises(ValueError, match=r"--head-share 0.4: nothing recomputes here; it applies to \(c\)"):
+        cli(["demo", "--processes", "2", "--head-share", "0.4"])  # refused before any process starts
+    with pytest.raises(ValueError, match=r"head_share: expected a number in \[0, 1\], got -1"):
+        cli(["demo", "--processes", "2", "--recompute-synthesizer", "--head-share", "-1"])
 
 
-def test_demo_recomputed_synthesis_needs_a_real_single_process_demo():
-    import argparse
-
-    from pskernels.apps.cli import main as cli
+def test_demo_recomputed_synthesis_needs_workers_instructions():
     from pskernels.apps.demo import main
 
     args = argparse.Namespace(model="tiny", mapper=None, branches=2, branch_len=8, prefix_len=4, query_len=2,
                               repeats=1, json=True, recomputed_synthesis=True)
     with pytest.raises(ValueError, match="--recompute-synthesizer: the tiny demo has no workers' instructions"):
         main(args)
-    with pytest.raises(SystemExit, match="--recompute-synthesizer: not available with --processes"):
-        cli(["demo", "--processes", "2", "--recompute-synthesizer"])

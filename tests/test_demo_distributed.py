@@ -32,6 +32,7 @@ def _single_process(cfg, ranks):
     import pskernels
     from pskernels.apps.demo import DEFAULT_SUBTASKS, DEFAULT_TASK, agent_prompts, answer_generation
     from pskernels.synthesis.models import load_model
+    from pskernels.synthesis.recompute import recompute_branches
     from pskernels.synthesis.synthesizer import synthesizer_cache
     from pskernels.synthesis.workflow import output_cache
 
@@ -50,13 +51,18 @@ def _single_process(cfg, ranks):
     full = torch.cat([prefix_ids[0]] + branch_ids + [query_ids[0]])[None]
     text = model.generate(full, cache=copy.deepcopy(prefix),
                           **answer_generation(full, cfg.answer_tokens, eos, pad))[0, full.shape[1]:]
-    return par.tolist(), text.tolist(), [len(b) for b in branch_ids]
+    turns = [len(worker_ids[DEFAULT_SUBTASKS.index(dd.worker_subtask(r, DEFAULT_SUBTASKS))]) for r in ranks]
+    recomputed = recompute_branches(model, prefix, workers, branch_ids, head=turns, together=True)
+    rec = model.generate(query_ids, cache=recomputed,
+                         **answer_generation(query_ids, cfg.answer_tokens, eos, pad))[0, query_ids.shape[1]:]
+    return par.tolist(), text.tolist(), [len(b) for b in branch_ids], rec.tolist()
 
 
 def test_tiny_three_processes_end_to_end(one_thread):
-    """N=3 (rank 0 + 2 workers): both answers, per-worker bytes (= tokens x bytes per token) and transfer times,
-    both first-token times; the answers equal the same workflow run in this single process."""
-    cfg = _tiny_cfg()
+    """N=3 (rank 0 + 2 workers): the three answers ((c): --recompute-synthesizer, the base model reading each
+    worker's instruction recomputed), per-worker bytes (= tokens x bytes per token) and transfer times, the
+    first-token times; the answers equal the same workflow run in this single process."""
+    cfg = _tiny_cfg(recompute_synthesizer=True)
     r, errors = dd.spawn_demo(cfg, 3, limit=LIMIT)
     assert errors == [] and r["missing"] == [], (errors, r["missing"])
     assert (r["world"], r["backend"], sorted(r["arrival_order"])) == (3, "gloo", [1, 2])
@@ -68,10 +74,12 @@ def test_tiny_three_processes_end_to_end(one_thread):
     assert isinstance(r["parallel_answer"], str) and isinstance(r["text_answer"], str)
     assert len(r["parallel_answer_ids"]) == len(r["text_answer_ids"]) == cfg.answer_tokens
     assert r["exact"] == {"branch_tokens_equal": True, "logits_equal": True, "max_logit_diff": 0.0,
-                          "answer_equal": True}
-    par, text, lens = _single_process(cfg, [1, 2])
+                          "answer_equal": True, "recompute_logits_equal": True}
+    par, text, lens, rec = _single_process(cfg, [1, 2])
     assert [w["branch_tokens"] for w in r["workers"]] == lens
     assert r["parallel_answer_ids"] == par and r["text_answer_ids"] == text
+    assert r["recompute_answer_ids"] == rec and r["recompute"] == ["prompt", 0, True] and r["head_share"] == 0.0
+    assert r["recompute_synthesizer"] == "base model" and r["recompute_ttft_ms"] > 0
     dd.print_report(r)  # the report prints without error
 
 
@@ -98,7 +106,7 @@ def test_worker_dead_after_its_cache_is_dropped_from_both_paths():
     assert [m["rank"] for m in r["missing"]] == [2] and "token ids" in r["missing"][0]["why"], r["missing"]
     assert [w["rank"] for w in r["workers"]] == [1]
     assert r["exact"]["logits_equal"] and r["exact"]["answer_equal"], r["exact"]
-    par, text, _ = _single_process(cfg, [1])
+    par, text, _, _ = _single_process(cfg, [1])
     assert r["parallel_answer_ids"] == par and r["text_answer_ids"] == text
     assert time.monotonic() - t0 < LIMIT
 
@@ -117,16 +125,18 @@ def test_cli_routes_processes_to_the_distributed_demo(monkeypatch, capsys, tmp_p
 
     monkeypatch.setattr(dd, "spawn_demo", fake)
     assert main(["demo", "--processes", "3", "--model", "tiny", "--timeout", "7", "--worker-tokens", "5",
-                 "--answer-tokens", "2", "--untrained", "--json"]) == 0
+                 "--answer-tokens", "2", "--untrained", "--recompute-synthesizer", "--head-share", "0.5",
+                 "--json"]) == 0
     c = seen["cfg"]
-    assert (seen["processes"], c.model, c.timeout, c.worker_tokens, c.answer_tokens, c.untrained) == \
-        (3, "tiny", 7.0, 5, 2, True)
+    assert (seen["processes"], c.model, c.timeout, c.worker_tokens, c.answer_tokens, c.untrained,
+            c.recompute_synthesizer, c.head_share) == (3, "tiny", 7.0, 5, 2, True, True, 0.5)
     assert json.loads(capsys.readouterr().out)["missing"][0]["rank"] == 2
     run = tmp_path / "run"  # a synthesizer trained on recomputed branches is refused before any process starts
     run.mkdir()
     (run / "train_config.json").write_text(json.dumps({"recompute": ["prompt", 0, True]}))
     seen.clear()
-    with pytest.raises(ValueError, match=r"--mapper .*run: a synthesizer trained on recomputed branches"):
+    with pytest.raises(ValueError, match=r"--mapper .*run: a synthesizer trained on recomputed branches .* or as \(c\) "
+                                         r"with --recompute-synthesizer"):
         main(["demo", "--processes", "3", "--model", "tiny", "--mapper", str(run)])
     assert not seen
 

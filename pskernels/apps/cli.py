@@ -131,10 +131,6 @@ def main(argv=None) -> int:
     from .demo_distributed import under_torchrun
 
     if args.processes is not None or under_torchrun():
-        if args.recomputed_synthesis or args.head_share:
-            flag = "--recompute-synthesizer" if args.recomputed_synthesis else "--head-share"
-            raise SystemExit(f"{flag}: not available with --processes / torchrun (rank 0 does not hold "
-                             "the workers' token ids split into instruction and answer)")
         from .demo_distributed import main as distributed_demo_main
 
         return distributed_demo_main(args)

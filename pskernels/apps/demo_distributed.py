@@ -25,6 +25,7 @@ or ``--mapper PATH``); workers and path (a) run the base model, as in the single
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import multiprocessing as mp
@@ -55,6 +56,8 @@ class DemoConfig:
     dead: tuple = ()  # worker ranks that exit right after the prefix broadcast (tests: a dead worker)
     dead_after_branch: tuple = ()  # worker ranks that exit after their cache, before their token ids (tests)
     threads: int | None = None  # torch threads per process (None: keep the process's setting)
+    recompute_synthesizer: bool = False  # also (c): the branches read with some tokens recomputed on rank 0
+    head_share: float | None = None  # (c)'s heads grow to this share of a branch (None: its synthesizer's own)
     task: str | None = None
     subtasks: list = field(default_factory=list)
 
@@ -109,8 +112,10 @@ def _store():
 
 
 def _load(cfg: DemoConfig, rank: int, device):
-    """``(model, base, tokenizer, mapper, synthesizer label, mapper path)``; rank 0 loads first (a first SmolLM2
-    load converts the weights into a shared cache folder), the workers once it is done."""
+    """``(model, base, tokenizer, mapper, synthesizer label, mapper path, recompute)``; rank 0 loads first (a first
+    SmolLM2 load converts the weights into a shared cache folder), the workers once it is done. ``recompute``
+    (rank 0 with ``cfg.recompute_synthesizer``, else None): ``(synthesizer, mapper, (head, tail, together),
+    head share, checkpoint path)`` of answer (c), the synthesizer None for the base model."""
     from ..hf import patch_model
     from ..synthesis.adapter import is_peft_model, unwrap
     from ..synthesis.models import load_model
@@ -121,8 +126,10 @@ def _load(cfg: DemoConfig, rank: int, device):
         store.wait([f"{NS}/loaded"], datetime.timedelta(seconds=max(cfg.timeout, 600)))
     model, tokenizer = load_model(cfg.model)
     model = model.to(device)
-    mapper, path = None, None
+    mapper, path, recompute = None, None, None
     if rank == 0:
+        if cfg.recompute_synthesizer:  # its own copy of the base weights, loaded before (b)'s adapter wraps them
+            recompute = _recompute_synthesizer(cfg, model, device)
         if cfg.mapper:
             model, mapper = load_synthesizer(model, cfg.mapper)
             path = cfg.mapper
@@ -134,7 +141,25 @@ def _load(cfg: DemoConfig, rank: int, device):
     patch_model(model)
     trained = ["cache mapper"] * (mapper is not None) + ["LoRA adapter"] * is_peft_model(model)
     label = "trained " + " + ".join(trained) if trained else "base model"
-    return model, unwrap(model), tokenizer, mapper, label, path
+    return model, unwrap(model), tokenizer, mapper, label, path, recompute
+
+
+def _recompute_synthesizer(cfg: DemoConfig, base, device):
+    """Answer (c)'s synthesizer as ``pskernels demo --recompute-synthesizer`` has it: the one shipped for
+    recomputed branches, reading them as it was trained (its head share unless ``cfg.head_share``); without one
+    (or ``--untrained``) the base model with each worker's instruction recomputed in one forward."""
+    from ..hf import patch_model
+    from ..synthesis import checkpoints
+    from .demo import RECOMPUTE_TURNS
+
+    path = None if cfg.untrained else checkpoints.shipped_checkpoint(cfg.model, recompute=True)
+    synth, mapper, how, share = None, None, RECOMPUTE_TURNS, 0.0
+    if path is not None:
+        synth, mapper = checkpoints.load_checkpoint(copy.deepcopy(base), path)
+        synth, mapper = synth.to(device), mapper.to(device) if mapper is not None else None
+        patch_model(synth)
+        how, share = checkpoints.trained_recompute(path) or RECOMPUTE_TURNS, checkpoints.trained_head_share(path)
+    return synth, mapper, how, share if cfg.head_share is None else cfg.head_share, path
 
 
 @torch.no_grad()
@@ -150,7 +175,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
 
     device = torch.device(device or "cpu")
     task, subtasks = cfg.task or DEFAULT_TASK, list(cfg.subtasks or DEFAULT_SUBTASKS)
-    model, base, tokenizer, mapper, label, path = _load(cfg, rank, device)
+    model, base, tokenizer, mapper, label, path, recompute = _load(cfg, rank, device)
     prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, device)
     store = _store()
     t_bcast = time.monotonic()
@@ -172,6 +197,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         return {"rank": rank, "sent_bytes": sent, "send_ms": send_ms, "branch_tokens": len(branch_ids)}
 
     # ------------------------------------------------------------------------------------------- rank 0
+    from ..synthesis.recompute import recompute_branches
     from ..synthesis.synthesizer import synthesizer_cache
     from ..synthesis.workflow import cache_kwarg, text_concat_cache
 
@@ -249,14 +275,31 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     branch_ids = [ids[s] for s in ranks]
     first_text(branch_ids)
     text_after_last = _elapsed_ms(t_last_ids)  # last token ids received -> first token of (a)
-    t_par, t_text = [], []
-    for _ in range(cfg.repeats):  # alternate (b) and (a) on a noisy machine
-        t0 = time.perf_counter()
-        first_parallel()
-        t_par.append(_elapsed_ms(t0))
-        t0 = time.perf_counter()
-        first_text(branch_ids)
-        t_text.append(_elapsed_ms(t0))
+    turns = [len(worker_ids[subtasks.index(worker_subtask(s, subtasks))]) for s in ranks]
+
+    def recomputed_logits(brs, **generate):
+        """(c): ``brs`` read with some of their tokens recomputed by the base model, then (c)'s synthesizer on the
+        query (its logits; with ``generate`` kwargs its greedy answer)."""
+        synth, mapper_c, (head, tail, together), share, _ = recompute
+        with base_model(model):
+            cache = recompute_branches(model, prefix, brs, branch_ids, head=turns if head == "prompt" else head,
+                                       tail=tail, together=together, mapper=mapper_c, head_share=share)
+        with base_model(model) if synth is None else contextlib.nullcontext():
+            if generate:
+                return (synth or model).generate(query_ids, **generate, **{kw: cache})
+            return (synth or model)(query_ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits
+
+    paths = {"parallel": first_parallel, "text": lambda: first_text(branch_ids)}
+    if recompute is not None:
+        recomputed_logits(branches)  # warm up
+        paths["recompute"] = lambda: recomputed_logits(branches)[:, -1].argmax(-1)
+    times = {name: [] for name in paths}
+    for _ in range(cfg.repeats):  # alternate the paths on a noisy machine
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(_elapsed_ms(t0))
+    t_par, t_text = times["parallel"], times["text"]
 
     par_out = model.generate(query_ids, **gen, **{kw: synthesizer_cache(model, prefix, branches, mapper)})
     par_out = par_out[0, query_ids.shape[1]:].cpu()
@@ -282,10 +325,18 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         parallel_after_last_branch_ms=round(parallel_after_last, 2), text_after_last_ids_ms=round(text_after_last, 2),
         parallel_ttft_ms=round(statistics.median(t_par), 2) if t_par else None,
         text_concat_ttft_ms=round(statistics.median(t_text), 2) if t_text else None)
+    if recompute is not None:
+        synth, _, how, share, rpath = recompute
+        rec_out = recomputed_logits(branches, **gen)[0, query_ids.shape[1]:].cpu()
+        r.update(recompute_answer=dec(rec_out), recompute_answer_ids=rec_out.tolist(), recompute=list(how),
+                 head_share=share, recompute_path=str(rpath) if rpath else None,
+                 recompute_synthesizer="base model" if synth is None else "trained on recomputed branches",
+                 recompute_ttft_ms=round(statistics.median(times["recompute"]), 2) if times["recompute"] else None)
     check = cfg.check if cfg.check is not None else cfg.model == "tiny"
     if check:
         r["exact"] = _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, ranks, ids, branches,
-                                  par_out, mapper, cfg, eos, pad, gen)
+                                  par_out, mapper, cfg, eos, pad, gen,
+                                  recomputed_logits if recompute is not None else None)
     # let the workers that sent finish their bookkeeping on rank 0's store before rank 0 leaves
     t_end = time.monotonic() + 30
     while int(store.add(f"{NS}/done", 0)) < len(ranks) and time.monotonic() < t_end:
@@ -295,9 +346,10 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
 
 @torch.no_grad()
 def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, ranks, ids, branches, par_out, mapper,
-                 cfg, eos, pad, gen):
+                 cfg, eos, pad, gen, recomputed_logits=None):
     """Recompute every received worker in this process on this process's prefix; compare with what came over
-    the wire: the branch tokens, the query logits and the greedy answer of the synthesizer's cache."""
+    the wire: the branch tokens, the query logits and the greedy answer of the synthesizer's cache (and, with
+    ``recomputed_logits``, answer (c)'s logits over the local workers against the received branches)."""
     from ..synthesis.adapter import base_model, unwrap
     from ..synthesis.synthesizer import synthesizer_cache
     from ..synthesis.workflow import cache_kwarg
@@ -315,15 +367,18 @@ def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, rank
     b = model(query_ids, **{kw: synthesizer_cache(model, prefix, branches, mapper)}).logits
     ref = model.generate(query_ids, **gen, **{kw: synthesizer_cache(model, prefix, local, mapper)})
     ref = ref[0, query_ids.shape[1]:].cpu()
-    return {"branch_tokens_equal": bool(same_ids), "logits_equal": bool(torch.equal(a, b)),
-            "max_logit_diff": (a - b).abs().max().item(), "answer_equal": bool(torch.equal(ref, par_out))}
+    out = {"branch_tokens_equal": bool(same_ids), "logits_equal": bool(torch.equal(a, b)),
+           "max_logit_diff": (a - b).abs().max().item(), "answer_equal": bool(torch.equal(ref, par_out))}
+    if recomputed_logits is not None:
+        out["recompute_logits_equal"] = bool(torch.equal(recomputed_logits(local), recomputed_logits(branches)))
+    return out
 
 
 # ---- reports -----------------------------------------------------------------------------------------------
 def print_report(r: dict, worker_errors=()) -> None:
     import textwrap
 
-    from .demo import print_answers
+    from .demo import describe_recompute, print_answers
 
     print(f"pskernels demo, {r['world']} processes — {r['model']}, backend {r['backend']} on {r['device']}, "
           f"{r['threads']} threads on rank 0")
@@ -351,15 +406,27 @@ def print_report(r: dict, worker_errors=()) -> None:
           f"{r['text_concat_ttft_ms'] or float('nan'):>17.1f} ms")
     print(f"{'(b) Parallel-Synthesis (received KV caches)':<44}{r['parallel_after_last_branch_ms']:>17.1f} ms"
           f"{r['parallel_ttft_ms'] or float('nan'):>17.1f} ms")
+    if "recompute_answer" in r:
+        print(f"{'(c) the same, some branch tokens recomputed':<44}{'':>20}"
+              f"{r['recompute_ttft_ms'] or float('nan'):>17.1f} ms")
     print_answers(r["text_answer"], r["parallel_answer"], f"(b) Parallel-Synthesis ({r['synthesizer']})")
+    if "recompute_answer" in r:
+        who = r["recompute_synthesizer"] + (f", {r['recompute_path']}" if r.get("recompute_path") else "")
+        what = describe_recompute(r["recompute"], r["head_share"])
+        print(f"\n(c) Parallel-Synthesis over the received caches with {what} recomputed in text order on rank 0 "
+              f"(synthesizer: {who}):")
+        print(textwrap.indent(textwrap.fill(r["recompute_answer"] or "(empty)", 100), "    "))
     ex = r.get("exact")
     if ex is not None:
-        ok = ex["branch_tokens_equal"] and ex["logits_equal"] and ex["answer_equal"]
+        ok = ex["branch_tokens_equal"] and ex["logits_equal"] and ex["answer_equal"] and \
+            ex.get("recompute_logits_equal", True)
         toks = "equal" if ex["branch_tokens_equal"] else "DIFFER"
         logits = "identical" if ex["logits_equal"] else f"differ by {ex['max_logit_diff']:.3e}"
         print(("exact: " if ok else "NOT exact: ") + "received branches vs the same workers recomputed in rank 0's "
               f"process (single-process synthesis): branch tokens {toks}, logits {logits}, greedy answer "
-              f"{'identical' if ex['answer_equal'] else 'DIFFERS'}")
+              f"{'identical' if ex['answer_equal'] else 'DIFFERS'}" + (
+                  "" if "recompute_logits_equal" not in ex else
+                  f"; (c) logits {'identical' if ex['recompute_logits_equal'] else 'DIFFER'}"))
 
 
 # ---- process start-up ---------------------------------------------------------------------------------------
@@ -469,6 +536,8 @@ def config_from_args(args) -> DemoConfig:
 
     return DemoConfig(model=args.model, worker_tokens=demo_tokens(args, "worker_tokens"),
                       answer_tokens=demo_tokens(args, "answer_tokens"),
+                      recompute_synthesizer=bool(getattr(args, "recomputed_synthesis", False)),
+                      head_share=getattr(args, "head_share", None),
                       timeout=args.timeout, repeats=args.repeats, mapper=getattr(args, "mapper", None),
                       untrained=bool(getattr(args, "untrained", False)))
 
@@ -485,8 +554,15 @@ def main(args) -> int:
     trained_recompute = checkpoints.trained_recompute(cfg.mapper)
     if trained_recompute:
         raise ValueError(f"--mapper {cfg.mapper}: a synthesizer trained on recomputed branches (train --recompute "
-                         f"{trained_recompute}); the multi-process demo reads the received branches as they are: "
-                         "run it in `pskernels demo` (one process)")
+                         f"{trained_recompute}); the multi-process demo's (b) reads the received branches as they "
+                         "are: run it in `pskernels demo` (one process), or as (c) with --recompute-synthesizer")
+    if cfg.head_share and not cfg.recompute_synthesizer:
+        raise ValueError(f"--head-share {cfg.head_share:g}: nothing recomputes here; it applies to (c) "
+                         "(--recompute-synthesizer)")
+    if cfg.head_share is not None:
+        from ..synthesis.recompute import grown_heads
+
+        grown_heads(0, [], cfg.head_share)  # a share outside [0, 1] is named before any process starts
     if under_torchrun():
         rank, r = torchrun_demo(cfg)
         if rank == 0:
