@@ -26,7 +26,7 @@ import torch
 from ..hf import ParallelCache, patch_model
 from ..synthesis import checkpoints
 from ..synthesis.models import load_model, tiny_llama
-from ..synthesis.recompute import grown_heads, recompute_branches
+from ..synthesis.recompute import check_head_share, grown_heads, recompute_branches
 from ..synthesis.synthesizer import synthesizer_cache
 from ..synthesis.workflow import cache_kwarg, output_cache
 from ..synthesis.workflows import OwnTokensRepetitionPenalty
@@ -204,6 +204,20 @@ def load_default_synthesizer(model, model_name: str, untrained: bool = False):
 
 
 RECOMPUTE_TURNS = ("prompt", 0, True)  # (c) with the base model: each worker's instruction, in one forward
+
+
+def load_recompute_synthesizer(model, model_name: str, untrained: bool = False):
+    """Answer (c)'s synthesizer (``--recompute-synthesizer``): ``(path, (synthesizer, mapper, (head, tail,
+    together)), head share)`` of the one shipped for ``model_name`` trained on recomputed branches, on its own copy
+    of ``model``'s weights (load it before another adapter wraps ``model``), reading them as it was trained;
+    ``(None, None, 0.0)`` with ``untrained`` or none shipped: (c) is then the base model reading
+    :data:`RECOMPUTE_TURNS`."""
+    path = None if untrained else checkpoints.shipped_checkpoint(model_name, recompute=True)
+    if path is None:
+        return None, None, 0.0
+    synth, mapper = checkpoints.load_checkpoint(copy.deepcopy(model), path)
+    how = checkpoints.trained_recompute(path) or RECOMPUTE_TURNS
+    return path, (synth, mapper, how), checkpoints.trained_head_share(path)
 
 
 def recomputed_tokens(how, branch_lengths, turns, head_share: float = 0.0) -> int:
@@ -439,15 +453,11 @@ def main(args) -> int:
         raise ValueError(f"--head-share {head_share:g}: nothing recomputes here; it applies to (c) "
                          "(--recompute-synthesizer) and to a synthesizer trained on recomputed branches (--mapper)")
     if head_share is not None:
-        grown_heads(0, [], head_share)  # a share outside [0, 1] is named before the model loads
+        check_head_share(head_share)  # named before the model loads
     model, tokenizer = load_model(args.model)
     name = "SmolLM2-135M-Instruct (fp32)" if args.model == "smollm2" else args.model
-    recompute_path = checkpoints.shipped_checkpoint(args.model, recompute=True) \
-        if recomputed_synthesis and not untrained else None
-    recompute_synthesizer = None
-    if recompute_path is not None:  # its own copy of the base weights: (b)'s adapter stays where it is
-        recompute_synthesizer = (*checkpoints.load_checkpoint(copy.deepcopy(model), recompute_path),
-                                 checkpoints.trained_recompute(recompute_path) or RECOMPUTE_TURNS)
+    recompute_path, recompute_synthesizer, recompute_share = (
+        load_recompute_synthesizer(model, args.model, untrained) if recomputed_synthesis else (None, None, 0.0))
     shipped = False
     if mapper_path:
         model, mapper = load_synthesizer(model, mapper_path)
@@ -459,7 +469,7 @@ def main(args) -> int:
                        recomputed_synthesis=recomputed_synthesis,
                        synthesizer_recompute=checkpoints.trained_recompute(mapper_path),
                        recompute_synthesizer=recompute_synthesizer,
-                       head_share=checkpoints.trained_head_share(recompute_path) if head_share is None else head_share,
+                       head_share=recompute_share if head_share is None else head_share,
                        synthesizer_head_share=checkpoints.trained_head_share(mapper_path) if head_share is None
                        else head_share)
     r["model"], r["mapper_path"], r["shipped"], r["untrained"] = name, mapper_path, shipped, untrained

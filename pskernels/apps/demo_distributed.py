@@ -149,16 +149,13 @@ def _recompute_synthesizer(cfg: DemoConfig, base, device):
     recomputed branches, reading them as it was trained (its head share unless ``cfg.head_share``); without one
     (or ``--untrained``) the base model with each worker's instruction recomputed in one forward."""
     from ..hf import patch_model
-    from ..synthesis import checkpoints
-    from .demo import RECOMPUTE_TURNS
+    from .demo import RECOMPUTE_TURNS, load_recompute_synthesizer
 
-    path = None if cfg.untrained else checkpoints.shipped_checkpoint(cfg.model, recompute=True)
-    synth, mapper, how, share = None, None, RECOMPUTE_TURNS, 0.0
-    if path is not None:
-        synth, mapper = checkpoints.load_checkpoint(copy.deepcopy(base), path)
+    path, synthesizer, share = load_recompute_synthesizer(base, cfg.model, cfg.untrained)
+    synth, mapper, how = synthesizer or (None, None, RECOMPUTE_TURNS)
+    if synth is not None:
         synth, mapper = synth.to(device), mapper.to(device) if mapper is not None else None
         patch_model(synth)
-        how, share = checkpoints.trained_recompute(path) or RECOMPUTE_TURNS, checkpoints.trained_head_share(path)
     return synth, mapper, how, share if cfg.head_share is None else cfg.head_share, path
 
 
@@ -560,9 +557,9 @@ def main(args) -> int:
         raise ValueError(f"--head-share {cfg.head_share:g}: nothing recomputes here; it applies to (c) "
                          "(--recompute-synthesizer)")
     if cfg.head_share is not None:
-        from ..synthesis.recompute import grown_heads
+        from ..synthesis.recompute import check_head_share
 
-        grown_heads(0, [], cfg.head_share)  # a share outside [0, 1] is named before any process starts
+        check_head_share(cfg.head_share)  # named before any process starts
     if under_torchrun():
         rank, r = torchrun_demo(cfg)
         if rank == 0:

@@ -41,9 +41,9 @@ SHIPPED_RECOMPUTE = {"smollm2": "smollm2-135m-instruct-recompute"}
 48 --recompute-together``; :func:`trained_recompute` reads the setting): more faithful, and it pays that
 recomputation at synthesis time (docs/FIDELITY.md)."""
 DEFAULT_SUITE = Path(__file__).resolve().parent / "suites" / "workflows-smollm2.jsonl"
-# long worker outputs (192 generated tokens, branches of ~210 tokens): `pskernels eval --suite long`
-LONG_SUITE = DEFAULT_SUITE.with_name("workflows-long-smollm2.jsonl")
 """The packaged workflow suite (``pskernels eval --suite`` without a file)."""
+LONG_SUITE = DEFAULT_SUITE.with_name("workflows-long-smollm2.jsonl")
+"""The packaged suite of long worker outputs, 192 generated tokens per worker (``pskernels eval --suite long``)."""
 MANIFEST_NAME = "checkpoint.json"
 FORMAT = 1
 FINGERPRINT_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",

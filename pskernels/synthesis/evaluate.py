@@ -43,7 +43,7 @@ from .distill import (
     tokenize_examples,
 )
 from .mapper import CacheMapper
-from .recompute import grown_heads
+from .recompute import check_head_share, grown_heads
 from .workflows import recompute_counts, split_of, worker_turn_tokens
 
 SETTINGS = ("text_concat", "parallel", "ape", "trained", "recompute")
@@ -81,7 +81,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
-    grown_heads(0, [], head_share), grown_heads(0, [], trained_head_share)  # refused before any example runs
+    check_head_share(head_share), check_head_share(trained_head_share)  # refused before any example runs
     dev = next(model.parameters()).device
     exs = tokenize_examples(tokenizer, examples, dev)
     eos = eos_ids(tokenizer)
@@ -99,6 +99,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     with patched(model):
         for j, ex in enumerate(exs):
             prefix, branches, tgt, t_logits = teacher_pass(model, ex, targets, j)
+            lens = [ids.numel() for ids in ex.branch_ids]  # what a growing head is a share of
             # the stored continuation's first target_tokens were just checked against the teacher's logits
             t_gen = stored_teacher_ids(ex, gen_tokens, eos) if j in targets.stored and gen_tokens <= target_tokens \
                 else None
@@ -112,7 +113,6 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     agree, gen = tgt.numel(), t_gen
                 else:
                     kw = {"scheme": scheme, **cfg[s]}
-                    lens = [ids.numel() for ids in ex.branch_ids]
                     if s == "trained" and trained_recompute:
                         h, t, together = recompute_counts(tokenizer, ex.example, trained_recompute)
                         kw["recompute"] = (grown_heads(h, lens, trained_head_share), t, together)

@@ -51,6 +51,13 @@ def _per_branch(name: str, n, count: int) -> list[int]:
     raise ValueError(f"{name}: expected an int >= 0 or one per branch ({count}), got {n!r}")
 
 
+def check_head_share(share) -> float:
+    """``share`` as a float, or a ValueError naming ``head_share`` unless it is a number in [0, 1]."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+        raise ValueError(f"head_share: expected a number in [0, 1], got {share!r}")
+    return float(share)
+
+
 def grown_heads(head, lengths, share: float = 0.0) -> list[int]:
     """Per branch, the head recomputed when it grows with the branch: ``max(head, ceil(share * n))`` tokens of a
     branch of ``n`` (at most ``n``). ``head``: an int or one per branch; ``share`` in [0, 1] (0: ``head`` as is).
@@ -62,8 +69,7 @@ def grown_heads(head, lengths, share: float = 0.0) -> list[int]:
     [48, 48, 88]
     """
     lengths = list(lengths)
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-        raise ValueError(f"head_share: expected a number in [0, 1], got {share!r}")
+    share = check_head_share(share)
     heads = _per_branch("head", head, len(lengths))
     return [min(n, max(h, math.ceil(share * n - 1e-9))) for h, n in zip(heads, lengths)]  # 0.7 * 10 is 7, not 8
 
