@@ -156,6 +156,25 @@ def test_transform_against_oracle(backend, gated, which):
                 assert torch.equal(vo[l][n], values[l][n])
 
 
+def test_repeated_positions_across_branches_and_layers(backend):
+    """The CPU kernel shares rotation tables between mappings with equal positions: branches with the same
+    positions but other lengths, and layers whose positions differ, must each get their own rotation."""
+    dev = device_for(backend)
+    D, r = 64, 4
+    rope = make_rope(D)
+    NL, lens, B, H = 3, (5, 12, 5, 0), 2, 3
+    keys, values = make_caches(NL, lens, B, H, D, D, device=dev)
+    params = make_params(NL, H, D, D, r, device=dev)
+    orig = torch.tensor([[[7, 7], [7, 7], [7, 2], [7, 7]]] * NL)
+    new = torch.stack([torch.tensor([[9, 9], [9, 9], [9, 4], [9, 9]]) + 5 * l for l in range(NL)])
+    for p in (params, {}):
+        ko, vo = pskernels.map_kv_caches(keys, values, rope=rope, orig_positions=orig, new_positions=new,
+                                         backend=backend, **p)
+        rk, rv = oracle(keys, values, rope, orig, new, p)
+        check_nested(ko, rk, rot_rtol(rope, orig, new, extra=12), "keys")
+        check_nested(vo, rv, 1e-5, "values")
+
+
 @pytest.mark.parametrize("style", ["neox", "gptj"])
 def test_transform_partial_rotary_dv_eq_d(backend, style):
     dev = device_for(backend)

@@ -3,34 +3,67 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <tuple>
 #include <vector>
 
 #include "../map_kv_caches_checks.h"
 #include "../ops.h"
-#include "pskernels/math.h"
 
 namespace pskernels {
 namespace cpu {
 
 namespace {
-// x <- x + sigmoid(gate) * (x @ down) @ up, for one head: down [D, r], up [r, D] (float32, contiguous).
-inline void low_rank(float* x, float* tmp, const float* down, const float* up, float gate, int64_t D, int64_t r) {
-  for (int64_t c = 0; c < r; ++c) {
-    float acc = 0.f;
-    for (int64_t d = 0; d < D; ++d) acc += x[d] * down[d * r + c];
-    tmp[c] = acc;
-  }
+// x <- x + sigmoid(gate) * (x @ down) @ up, for one head: down [D, r], up [r, D] (float32, contiguous). The loops
+// run along the contiguous dimension so they vectorise; each sum still adds its terms in index order.
+inline void low_rank(float* x, float* tmp, float* acc, const float* down, const float* up, float gate, int64_t D,
+                     int64_t r) {
+  std::fill(tmp, tmp + r, 0.f);
   for (int64_t d = 0; d < D; ++d) {
-    float acc = 0.f;
-    for (int64_t c = 0; c < r; ++c) acc += tmp[c] * up[c * D + d];
-    x[d] += gate * acc;
+    const float xd = x[d];
+    const float* row = down + d * r;
+    for (int64_t c = 0; c < r; ++c) tmp[c] += xd * row[c];
+  }
+  std::fill(acc, acc + D, 0.f);
+  for (int64_t c = 0; c < r; ++c) {
+    const float t = tmp[c];
+    const float* row = up + c * D;
+    for (int64_t d = 0; d < D; ++d) acc[d] += t * row[d];
+  }
+  for (int64_t d = 0; d < D; ++d) x[d] += gate * acc[d];
+}
+
+// x <- R(angle) x with the angle's cos/sin per frequency precomputed (rope_rotate's arithmetic, table-driven).
+inline void rotate(float* x, int half, bool neox, const float* c, const float* s) {
+  for (int i = 0; i < half; ++i) {
+    const int a = neox ? i : 2 * i;
+    const int b = neox ? i + half : 2 * i + 1;
+    const float x1 = x[a], x2 = x[b];
+    x[a] = x1 * c[i] - x2 * s[i];
+    x[b] = x2 * c[i] + x1 * s[i];
   }
 }
 
-inline float gate_of(const c10::optional<at::Tensor>& g, int64_t l, int64_t h) {
-  if (!g.has_value()) return 1.f;
-  return 1.f / (1.f + expf(-g->index({l, h}).item<float>()));
+// cos/sin of pos(j) * inv_freq[i] for j < rows, i < half: [rows, half] each.
+void fill_table(std::vector<float>& cs, std::vector<float>& sn, int64_t rows, int half, const float* inv_freq,
+                float (*pos)(int64_t, int64_t, int64_t), int64_t o, int64_t p) {
+  cs.resize(rows * half);
+  sn.resize(rows * half);
+  for (int64_t j = 0; j < rows; ++j)
+    for (int i = 0; i < half; ++i) {
+      const float ang = pos(o, p, j) * inv_freq[i];
+      cs[j * half + i] = cosf(ang);
+      sn[j * half + i] = sinf(ang);
+    }
 }
+
+// Rotation tables of one (orig, new, slots) mapping. RoPE depends on the position only, so one table serves every
+// head, batch row and layer with the same positions (the trig was most of this op's time when done per element).
+struct RotationTables {
+  std::vector<float> to_raw_c, to_raw_s;  // angle -(o + j): the key as if at position 0 (mapped keys)
+  std::vector<float> to_new_c, to_new_s;  // angle p + j (mapped keys), or the delta p - o (one row: plain keys)
+};
+
 }  // namespace
 
 // keys[l * N + n] / values[l * N + n]: [B, H, L_n, D]; orig/new_pos: int64 [NL, N, B].
@@ -43,66 +76,118 @@ std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values
                                       const c10::optional<at::Tensor>& v_gate) {
   const int64_t total = static_cast<int64_t>(keys.size());
   const int64_t N = check_map_kv_caches_args(keys, values, num_layers, orig_pos, new_pos, k_down, k_up, v_down, v_up);
-  const int rd = static_cast<int>(2 * inv_freq.size(0));
-  auto inv = inv_freq.contiguous();
+  const int half = static_cast<int>(inv_freq.size(0));
+  auto inv = inv_freq.contiguous().to(at::kFloat);
   auto op_ = orig_pos.contiguous(), np_ = new_pos.contiguous();
   auto prep = [](const c10::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous().to(at::kFloat) : at::Tensor(); };
   at::Tensor kd = prep(k_down), ku = prep(k_up), vd = prep(v_down), vu = prep(v_up);
+  const bool mapped_keys = kd.defined();
+  const int64_t B = orig_pos.size(2);
+  const int64_t H = total ? keys[0].size(1) : 0;
   std::vector<at::Tensor> result;
   for (int64_t idx = 0; idx < total; ++idx) {
     const int64_t l = idx / N, n = idx % N;
     const at::Tensor &k = keys[idx], &v = values[idx];
     TORCH_CHECK(k.dim() == 4 && v.dim() == 4 && k.size(0) == v.size(0) && k.size(1) == v.size(1) &&
-                    k.size(2) == v.size(2) && k.size(0) == orig_pos.size(2),
-                "keys[", l, "][", n, "]/values: expected [B, H, L, D] pairs with B = ", orig_pos.size(2));
+                    k.size(2) == v.size(2) && k.size(0) == B,
+                "keys[", l, "][", n, "]/values: expected [B, H, L, D] pairs with B = ", B);
     TORCH_CHECK(k.device().is_cpu() && v.device().is_cpu(), "map_kv_caches (cpu): expected CPU tensors");
     TORCH_CHECK((k.size(3) <= 1 || k.stride(3) == 1) && (v.size(3) <= 1 || v.stride(3) == 1),
                 "keys/values: expected a contiguous last dimension");
-    const int64_t B = k.size(0), H = k.size(1), L = k.size(2), D = k.size(3), Dv = v.size(3);
-    TORCH_CHECK(rd <= D, "inv_freq: rotary_dim exceeds head_dim");
-    auto ko = at::empty({B, H, L, D}, k.options());
-    auto vo = at::empty({B, H, L, Dv}, v.options());
-    std::vector<float> kg(H, 1.f), vg(H, 1.f);
-    for (int64_t h = 0; h < H; ++h) {
-      kg[h] = gate_of(k_gate, l, h);
-      vg[h] = gate_of(v_gate, l, h);
+    TORCH_CHECK(k.size(1) == H, "keys[", l, "][", n, "]: expected ", H, " kv heads as keys[0][0], got ", k.size(1));
+    TORCH_CHECK(2 * half <= k.size(3), "inv_freq: rotary_dim exceeds head_dim");
+    TORCH_CHECK(!mapped_keys || (kd.size(0) == num_layers && kd.size(1) == k.size(1) && kd.size(2) == k.size(3)),
+                "k_down: expected [layers, H, D, r] = [", num_layers, ", ", k.size(1), ", ", k.size(3), ", r]");
+    TORCH_CHECK(!vd.defined() || (vd.size(0) == num_layers && vd.size(1) == v.size(1) && vd.size(2) == v.size(3)),
+                "v_down: expected [layers, H, Dv, r] = [", num_layers, ", ", v.size(1), ", ", v.size(3), ", r]");
+    result.push_back(at::empty(k.sizes(), k.options()));
+    result.push_back(at::empty(v.sizes(), v.options()));
+  }
+
+  // One table per distinct (orig, new, slots), built before the parallel region.
+  const int64_t* o = op_.data_ptr<int64_t>();
+  const int64_t* p = np_.data_ptr<int64_t>();
+  const float* fp = inv.data_ptr<float>();
+  std::map<std::tuple<int64_t, int64_t, int64_t>, int64_t> table_of;
+  std::vector<RotationTables> tables;
+  std::vector<int64_t> table_idx(total * B);
+  for (int64_t idx = 0; idx < total; ++idx)
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t L = mapped_keys ? keys[idx].size(2) : 1;
+      const auto key = std::make_tuple(o[idx * B + b], p[idx * B + b], L);
+      auto it = table_of.find(key);
+      if (it == table_of.end()) {
+        RotationTables t;
+        if (mapped_keys) {
+          fill_table(t.to_raw_c, t.to_raw_s, L, half, fp,
+                     [](int64_t o, int64_t, int64_t j) { return -static_cast<float>(o + j); }, o[idx * B + b], 0);
+          fill_table(t.to_new_c, t.to_new_s, L, half, fp,
+                     [](int64_t, int64_t p, int64_t j) { return static_cast<float>(p + j); }, 0, p[idx * B + b]);
+        } else {
+          fill_table(t.to_new_c, t.to_new_s, 1, half, fp,
+                     [](int64_t o, int64_t p, int64_t) { return static_cast<float>(p - o); }, o[idx * B + b],
+                     p[idx * B + b]);
+        }
+        it = table_of.emplace(key, static_cast<int64_t>(tables.size())).first;
+        tables.push_back(std::move(t));
+      }
+      table_idx[idx * B + b] = it->second;
     }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "map_kv_caches_cpu", [&] {
-      const scalar_t* kp = k.data_ptr<scalar_t>();
-      const scalar_t* vp = v.data_ptr<scalar_t>();
-      scalar_t* kop = ko.data_ptr<scalar_t>();
-      scalar_t* vop = vo.data_ptr<scalar_t>();
-      const int64_t* o = op_.data_ptr<int64_t>() + (l * N + n) * B;
-      const int64_t* p = np_.data_ptr<int64_t>() + (l * N + n) * B;
-      const float* fp = inv.data_ptr<float>();
-      const int64_t rk = kd.defined() ? kd.size(3) : 0, rv = vd.defined() ? vd.size(3) : 0;
-      at::parallel_for(0, B * H * L, 16, [&](int64_t begin, int64_t end) {
-        std::vector<float> x(std::max(D, Dv)), tmp(std::max<int64_t>(std::max(rk, rv), 1));
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t j = r % L, h = (r / L) % H, b = r / L / H;
-          const scalar_t* src = kp + b * k.stride(0) + h * k.stride(1) + j * k.stride(2);
+
+  // Sigmoid of every gate, read once (item() per element is a dispatcher call).
+  auto gates = [&](const c10::optional<at::Tensor>& g, int64_t H) {
+    std::vector<float> out(num_layers * H, 1.f);
+    if (!g.has_value()) return out;
+    auto gf = g->to(at::kFloat).contiguous();
+    for (int64_t i = 0; i < num_layers * H; ++i) out[i] = 1.f / (1.f + expf(-gf.data_ptr<float>()[i]));
+    return out;
+  };
+  const std::vector<float> kg = gates(k_gate, H), vg = gates(v_gate, H);
+
+  // Work items: (layer x branch, row, head), each mapping one head's slots.
+  const int64_t items = total * B * H;
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> x, tmp, acc;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item % H, b = (item / H) % B, idx = item / H / B;
+      const int64_t l = idx / N;
+      const at::Tensor &k = keys[idx], &v = values[idx];
+      at::Tensor &ko = result[2 * idx], &vo = result[2 * idx + 1];
+      const int64_t L = k.size(2), D = k.size(3), Dv = v.size(3);
+      const int64_t rk = mapped_keys ? kd.size(3) : 0, rv = vd.defined() ? vd.size(3) : 0;
+      x.resize(std::max(D, Dv));
+      tmp.resize(std::max<int64_t>(std::max(rk, rv), 1));
+      acc.resize(std::max(D, Dv));
+      const RotationTables& t = tables[table_idx[idx * B + b]];
+      const float* kdp = mapped_keys ? kd.data_ptr<float>() + (l * H + h) * D * rk : nullptr;
+      const float* kup = mapped_keys ? ku.data_ptr<float>() + (l * H + h) * rk * D : nullptr;
+      const float* vdp = vd.defined() ? vd.data_ptr<float>() + (l * H + h) * Dv * rv : nullptr;
+      const float* vup = vd.defined() ? vu.data_ptr<float>() + (l * H + h) * rv * Dv : nullptr;
+      const float kgate = kg[l * H + h], vgate = vg[l * H + h];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "map_kv_caches_cpu", [&] {
+        const scalar_t* kp = k.data_ptr<scalar_t>() + b * k.stride(0) + h * k.stride(1);
+        const scalar_t* vp = v.data_ptr<scalar_t>() + b * v.stride(0) + h * v.stride(1);
+        scalar_t* kop = ko.data_ptr<scalar_t>() + (b * H + h) * L * D;
+        scalar_t* vop = vo.data_ptr<scalar_t>() + (b * H + h) * L * Dv;
+        for (int64_t j = 0; j < L; ++j) {
+          const scalar_t* src = kp + j * k.stride(2);
           for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(src[d]);
-          if (kd.defined()) {
-            rope_rotate(x.data(), rd, neox, fp, -static_cast<float>(o[b] + j));
-            low_rank(x.data(), tmp.data(), kd.data_ptr<float>() + (l * H + h) * D * rk,
-                     ku.data_ptr<float>() + (l * H + h) * rk * D, kg[h], D, rk);
-            rope_rotate(x.data(), rd, neox, fp, static_cast<float>(p[b] + j));
+          if (mapped_keys) {
+            rotate(x.data(), half, neox, &t.to_raw_c[j * half], &t.to_raw_s[j * half]);
+            low_rank(x.data(), tmp.data(), acc.data(), kdp, kup, kgate, D, rk);
+            rotate(x.data(), half, neox, &t.to_new_c[j * half], &t.to_new_s[j * half]);
           } else {
-            rope_rotate(x.data(), rd, neox, fp, static_cast<float>(p[b] - o[b]));
+            rotate(x.data(), half, neox, t.to_new_c.data(), t.to_new_s.data());
           }
-          for (int64_t d = 0; d < D; ++d) kop[r * D + d] = static_cast<scalar_t>(x[d]);
-          const scalar_t* vs = vp + b * v.stride(0) + h * v.stride(1) + j * v.stride(2);
+          for (int64_t d = 0; d < D; ++d) kop[j * D + d] = static_cast<scalar_t>(x[d]);
+          const scalar_t* vs = vp + j * v.stride(2);
           for (int64_t d = 0; d < Dv; ++d) x[d] = static_cast<float>(vs[d]);
-          if (vd.defined())
-            low_rank(x.data(), tmp.data(), vd.data_ptr<float>() + (l * H + h) * Dv * rv,
-                     vu.data_ptr<float>() + (l * H + h) * rv * Dv, vg[h], Dv, rv);
-          for (int64_t d = 0; d < Dv; ++d) vop[r * Dv + d] = static_cast<scalar_t>(x[d]);
+          if (vdp != nullptr) low_rank(x.data(), tmp.data(), acc.data(), vdp, vup, vgate, Dv, rv);
+          for (int64_t d = 0; d < Dv; ++d) vop[j * Dv + d] = static_cast<scalar_t>(x[d]);
         }
       });
-    });
-    result.push_back(ko);
-    result.push_back(vo);
-  }
+    }
+  });
   return result;
 }
 
