@@ -13,11 +13,12 @@ import torch
 
 pytest.importorskip("peft")
 
+from tiny_checkpoint import export, short_examples, tiny, train_run  # noqa: E402
+
 from pskernels.synthesis import checkpoints  # noqa: E402
 from pskernels.synthesis.adapter import is_peft_model  # noqa: E402
-from pskernels.synthesis.data import ByteTokenizer, aggregation_examples, save_jsonl  # noqa: E402
-from pskernels.synthesis.models import load_model, tiny_llama  # noqa: E402
-from pskernels.synthesis.train import TrainConfig, train  # noqa: E402
+from pskernels.synthesis.data import ByteTokenizer, save_jsonl  # noqa: E402
+from pskernels.synthesis.models import tiny_llama  # noqa: E402
 
 pytestmark = [pytest.mark.hf, pytest.mark.usefixtures("one_thread_module")]
 
@@ -28,33 +29,15 @@ EVAL = ["--model", "tiny", "--builder", "aggregation", "--n-examples", "2", "--g
         "--threads", "1"]
 
 
-
-
-def _examples(n, seed):
-    # short pieces keep the byte-level sequences small
-    return [{**ex, "prefix": ex["prefix"][:40], "branches": [b[:32] for b in ex["branches"]],
-             "prompt": ex["prompt"][-24:], "target": ex["target"][:8]}
-            for ex in aggregation_examples(n, seed=seed, n_branches=(2, 2))]
-
-
-def _tiny():
-    return load_model("tiny")[0]
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real `pskernels train --out`-style folder: 2 steps of mapper + LoRA training of load_model('tiny')."""
-    folder = tmp_path_factory.mktemp("run")
-    r = train(_tiny(), ByteTokenizer(), _examples(2, seed=0),
-              TrainConfig(steps=2, lr=5e-2, log_every=0, lora_r=4, mapper_rank=4, seed=0, checkpoint_dir=str(folder),
-                          config_extra={"model": "tiny"}))
-    return {"dir": folder, "model": r["model"], "mapper": r["mapper"]}
+    return train_run(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
 def exported(run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "tiny-test"
-    return checkpoints.export_checkpoint(run["dir"], out, _tiny(), extra={"command": "train --steps 2", "seed": 0})
+    return export(run["dir"], tmp_path_factory.mktemp("export") / "tiny-test")
 
 
 def _lora(model):
@@ -78,7 +61,7 @@ def test_export_writes_only_the_loadable_files_and_the_manifest(run, exported):
     assert files == EXPORTED
     manifest = json.loads((exported / "checkpoint.json").read_text())
     assert manifest["format"] == 1
-    assert manifest["base_model"] == checkpoints.model_fingerprint(_tiny())
+    assert manifest["base_model"] == checkpoints.model_fingerprint(tiny())
     assert manifest["base_model"]["num_hidden_layers"] == 2 and manifest["base_model"]["hidden_size"] == 128
     assert manifest["base_model"]["rope_theta"] == 10000.0 and manifest["base_model"]["model_type"] == "llama"
     assert manifest["train_config"] == json.loads((run["dir"] / "train_config.json").read_text())
@@ -93,7 +76,7 @@ def test_export_writes_only_the_loadable_files_and_the_manifest(run, exported):
 
 
 def test_load_checkpoint_restores_the_runs_mapper_and_adapter(run, exported):
-    model, mapper = checkpoints.load_checkpoint(_tiny(), exported)
+    model, mapper = checkpoints.load_checkpoint(tiny(), exported)
     assert is_peft_model(model)
     want, got = run["mapper"].state_dict(), mapper.state_dict()
     assert want.keys() == got.keys()
@@ -125,14 +108,14 @@ def test_a_checkpoint_of_another_model_is_refused_before_the_model_is_touched(ex
 
 
 def test_a_train_out_folder_is_loaded_with_the_shape_check(run):
-    model, mapper = checkpoints.load_checkpoint(_tiny(), run["dir"])
+    model, mapper = checkpoints.load_checkpoint(tiny(), run["dir"])
     assert is_peft_model(model) and mapper is not None
     other = tiny_llama(hidden=128, layers=3, heads=4, kv_heads=2, vocab=259)
     with pytest.raises(ValueError, match=r"num_layers = 2, but the model has 3 \(a mapper trained for another model"):
         checkpoints.load_checkpoint(other, run["dir"])
     assert _untouched(other)
     with pytest.raises(FileNotFoundError, match="expected a folder"):
-        checkpoints.load_checkpoint(_tiny(), run["dir"] / "mapper")
+        checkpoints.load_checkpoint(tiny(), run["dir"] / "mapper")
 
 
 @pytest.mark.parametrize("missing", ["mapper", "adapter"])
@@ -140,7 +123,7 @@ def test_export_refuses_a_run_without_mapper_or_adapter(run, tmp_path, missing):
     src = _copy_run(run, tmp_path)
     shutil.rmtree(src / missing)
     with pytest.raises(ValueError, match=f"run_dir: .* has no {missing}/"):
-        checkpoints.export_checkpoint(src, tmp_path / "out", _tiny(), extra={})
+        checkpoints.export_checkpoint(src, tmp_path / "out", tiny(), extra={})
     assert not (tmp_path / "out").exists()
 
 
@@ -155,23 +138,23 @@ def test_export_refuses_non_finite_weights(run, tmp_path, weights):
     state[name].view(-1)[0] = float("nan")
     save_file(state, str(src / weights))
     with pytest.raises(ValueError, match=f"run_dir: tensor '{name}' .*non-finite"):
-        checkpoints.export_checkpoint(src, tmp_path / "out", _tiny(), extra={})
+        checkpoints.export_checkpoint(src, tmp_path / "out", tiny(), extra={})
     assert not (tmp_path / "out").exists()
 
 
 def test_export_argument_errors(run, exported, tmp_path):
     with pytest.raises(ValueError, match=r"extra: may not redefine \['base_model'\]"):
-        checkpoints.export_checkpoint(run["dir"], tmp_path / "o", _tiny(), extra={"base_model": {}})
+        checkpoints.export_checkpoint(run["dir"], tmp_path / "o", tiny(), extra={"base_model": {}})
     with pytest.raises(ValueError, match="extra: not JSON"):
-        checkpoints.export_checkpoint(run["dir"], tmp_path / "o", _tiny(), extra={"x": object()})
+        checkpoints.export_checkpoint(run["dir"], tmp_path / "o", tiny(), extra={"x": object()})
     with pytest.raises(ValueError, match="out_dir: .* exists"):
-        checkpoints.export_checkpoint(run["dir"], exported, _tiny(), extra={})
+        checkpoints.export_checkpoint(run["dir"], exported, tiny(), extra={})
     with pytest.raises(ValueError, match="run_dir: .*num_layers = 2, but the model has 3"):
         checkpoints.export_checkpoint(run["dir"], tmp_path / "o", tiny_llama(hidden=128, layers=3, heads=4,
                                                                              kv_heads=2, vocab=259), extra={})
     assert not (tmp_path / "o").exists()
-    again = checkpoints.export_checkpoint(run["dir"], tmp_path / "o", _tiny(), extra={"v": 2})
-    assert checkpoints.export_checkpoint(run["dir"], again, _tiny(), extra={"v": 3}, overwrite=True) == again
+    again = checkpoints.export_checkpoint(run["dir"], tmp_path / "o", tiny(), extra={"v": 2})
+    assert checkpoints.export_checkpoint(run["dir"], again, tiny(), extra={"v": 3}, overwrite=True) == again
     assert json.loads((again / "checkpoint.json").read_text())["v"] == 3
 
 
@@ -332,7 +315,7 @@ def test_eval_suite_without_a_file_is_the_packaged_suite(tmp_path, capsys, monke
     with pytest.raises(SystemExit, match="--suite: no such file"):
         ev.main(["--model", "tiny", "--suite", str(tmp_path / "nope.jsonl")])
     suite.parent.mkdir()
-    save_jsonl(_examples(2, seed=1), suite)
+    save_jsonl(short_examples(2, seed=1), suite)
     assert ev.main(["--model", "tiny", "--threads", "1", "--suite", "--untrained", "--settings", "parallel",
                     "--gen-tokens", "1", "--target-tokens", "1"]) == 0
     text = capsys.readouterr().out
@@ -343,7 +326,7 @@ def test_eval_suite_without_a_file_is_the_packaged_suite(tmp_path, capsys, monke
     monkeypatch.setattr(checkpoints, "LONG_SUITE", long_suite)
     with pytest.raises(SystemExit, match=f"--suite: the packaged suite {long_suite} is missing"):
         ev.main(["--model", "tiny", "--suite", "long", "--untrained"])
-    save_jsonl(_examples(3, seed=2), long_suite)
+    save_jsonl(short_examples(3, seed=2), long_suite)
     assert ev.main(["--model", "tiny", "--threads", "1", "--suite", "long", "--untrained", "--settings", "parallel",
                     "--gen-tokens", "1", "--target-tokens", "1"]) == 0
     assert "(3 held-out examples" in capsys.readouterr().out
@@ -359,7 +342,7 @@ def test_demo_uses_the_shipped_checkpoint_unless_untrained(exported, tmp_path, m
     root = tmp_path / "root"
     shutil.copytree(exported, root / checkpoints.SHIPPED["smollm2"])
     monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", root)
-    monkeypatch.setattr(demo, "load_model", lambda name: (_tiny(), ByteTokenizer()))
+    monkeypatch.setattr(demo, "load_model", lambda name: (tiny(), ByteTokenizer()))
     seen = []
 
     def fake_agent_demo(model, tokenizer, worker_tokens=64, answer_tokens=80, repeats=3, mapper=None,
@@ -455,7 +438,7 @@ def test_agent_demo_recomputed_synthesis_adds_a_third_synthesis(capsys, monkeypa
     from pskernels.synthesis.recompute import recompute_branches
 
     subtasks = ["Count the red ones.", "Count the blue ones and say so."]
-    r = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3, repeats=1,
+    r = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3, repeats=1,
                             recomputed_synthesis=True)
     tok = ByteTokenizer()
     assert r["recompute_tokens"] == sum(len(x) for x in demo.agent_prompts(tok, subtasks=subtasks)[1])
@@ -463,22 +446,22 @@ def test_agent_demo_recomputed_synthesis_adds_a_third_synthesis(capsys, monkeypa
     demo.print_agent_report(r, "tiny")
     assert r["recompute"] == ["prompt", 0, True]
     assert "(c) Parallel-Synthesis with each worker's instruction recomputed in text order" in capsys.readouterr().out
-    plain = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3,
+    plain = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=3,
                                 repeats=1)
     assert "recompute_answer" not in plain and plain["synthesizer_recompute"] is None
     # a synthesizer trained on recomputed instructions: (b) reads them so (here the base model, hence (c)'s answer)
-    both = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+    both = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
                                repeats=1, recomputed_synthesis=True, synthesizer_recompute=("prompt", 0, True))
     assert both["parallel_answer"] == both["recompute_answer"] and both["synthesizer_recompute"] == ["prompt", 0, True]
-    once = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+    once = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
                                repeats=1, recomputed_synthesis=True)
     assert once["parallel_answer"] != once["recompute_answer"] == both["recompute_answer"]  # not the plain read
     assert once["recompute_synthesizer"] == "base model"
-    other = _tiny()  # (c)'s synthesizer: other weights of the same shapes
+    other = tiny()  # (c)'s synthesizer: other weights of the same shapes
     with torch.no_grad():
         for p in other.parameters():
             p.add_(torch.randn_like(p), alpha=0.05)
-    by_other = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+    by_other = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
                                    repeats=1, recomputed_synthesis=True,
                                    recompute_synthesizer=(other, None, ("prompt", 0, True)))
     assert by_other["recompute_synthesizer"] == "trained on recomputed branches"
@@ -492,18 +475,18 @@ def test_agent_demo_recomputed_synthesis_adds_a_third_synthesis(capsys, monkeypa
         return recompute_branches(*args, **kwargs)
 
     monkeypatch.setattr(demo, "recompute_branches", recording)
-    heads = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+    heads = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
                                 repeats=1, recomputed_synthesis=True,
-                                recompute_synthesizer=(_tiny(), None, (3, 1, False)))
+                                recompute_synthesizer=(tiny(), None, (3, 1, False)))
     assert heads["recompute"] == [3, 1, False] and heads["recompute_tokens"] == 4 * len(subtasks)
     assert calls and set(calls) == {(3, 1, False)}  # (b) reads its branches plainly: only (c) recomputes
     demo.print_agent_report(heads, "tiny")
     assert "with the first 3 tokens of each branch and its last 1 recomputed in text order (8 tokens by the base " \
         "model; synthesizer: trained on recomputed branches)" in capsys.readouterr().out
     # a head that grows with its branch: a share of 1 recomputes every branch token
-    whole = demo.run_agent_demo(_tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
+    whole = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
                                 repeats=1, recomputed_synthesis=True, head_share=1.0,
-                                recompute_synthesizer=(_tiny(), None, (3, 1, False)))
+                                recompute_synthesizer=(tiny(), None, (3, 1, False)))
     assert whole["head_share"] == 1.0 and whole["recompute_tokens"] == sum(whole["branch_tokens"]) > 8
     demo.print_agent_report(whole, "tiny")
     assert "the first 3 tokens of each branch (at least 100% of it) and its last 1" in capsys.readouterr().out

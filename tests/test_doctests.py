@@ -14,6 +14,7 @@ MODULES = [
     "pskernels.hf.cache",
     "pskernels.synthesis.mapper",
     "pskernels.synthesis.recompute",
+    "pskernels.synthesis.synthesize",
 ]
 
 
