@@ -95,6 +95,11 @@ def test_load_reads_a_checkpoint_as_load_checkpoint_does(exported, patched):
     prefix, workers, ids = _workflow(synth.model)
     got = _logits(synth.model, synth.cache(prefix, workers, ids))
     assert torch.equal(got, _logits(manual, synthesizer_cache(manual, prefix, workers, mapper)))
+    out = synth.generate(PROMPT, prefix, workers, ids, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        ref = manual.generate(PROMPT, past_key_values=synthesizer_cache(manual, prefix, workers, mapper),
+                              max_new_tokens=3, do_sample=False)
+    assert torch.equal(out, ref)
     plain = patched(tiny())
     with torch.no_grad(), synth.base():  # the workers' weights: the adapter off
         assert torch.equal(synth.model(PROMPT).logits, plain(PROMPT).logits)
