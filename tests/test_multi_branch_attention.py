@@ -885,6 +885,51 @@ def test_plan_run_with_a_non_unit_last_stride(backend):
             plan.run(q, strided, vs)
 
 
+def _knobs(G, Hq, seed):
+    g = torch.Generator().manual_seed(seed)
+    return dict(temperature=0.5 + torch.rand(G, Hq, generator=g), lse_scale=0.5 + torch.rand(G, Hq, generator=g),
+                log_weight=torch.randn(G, Hq, generator=g))
+
+
+def test_plan_runs_with_per_call_calibration(backend):
+    """One plan, calibrated per run (a mapper's per-layer knobs): each run equals the one-shot call with its knobs;
+    a knob not given keeps the plan's."""
+    dev = device_for(backend)
+    ks, vs, kw = _plan_case(dev)
+    kw["segment_groups"] = [0, 1, 1, 0]
+    q = rnd(2, 4, 3, 16, device=dev)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, backend=backend, **kw, **_knobs(2, 4, 0))
+    for layer in range(1, 4):
+        knobs = {n: t.to(dev) for n, t in _knobs(2, 4, layer).items()}
+        out, lse = plan.run(q, ks, vs, **knobs)
+        ref_out, ref_lse = pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw, **knobs)
+        assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    only_t = plan.run(q, ks, vs, temperature=knobs["temperature"])
+    ref = pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw, **dict(_knobs(2, 4, 0),
+                                           temperature=knobs["temperature"].cpu()))
+    assert torch.equal(only_t[0], ref[0])
+    assert torch.equal(plan.run(q, ks, vs)[0], pskernels.multi_branch_attention(q, ks, vs, backend=backend, **kw,
+                                                                                **_knobs(2, 4, 0))[0])
+
+
+@pytest.mark.parametrize("knobs, match", [
+    (dict(temperature=torch.ones(3, 4)), r"temperature: expected shape \[G\] = \[2\] or \[G, Hq\] = \[2, 4\], got "
+                                         r"\(3, 4\)"),
+    (dict(lse_scale=torch.zeros(2, 4)), r"lse_scale: expected values > 0, got min 0"),
+    (dict(log_weight=torch.full((2, 4), float("nan"))), r"log_weight: expected finite values"),
+    (dict(temperature=torch.ones(2, 4, dtype=torch.int64)), r"temperature: expected a floating tensor"),
+], ids=["shape", "not_positive", "not_finite", "integer"])
+def test_plan_run_checks_its_calibration(knobs, match):
+    ks, vs, kw = _plan_case("cpu")
+    q = rnd(2, 4, 3, 16)
+    plan = pskernels.plan_multi_branch_attention(q, ks, vs, segment_groups=[0, 1, 1, 0], **kw, **_knobs(2, 4, 0))
+    with pytest.raises((ValueError, TypeError), match=match):
+        plan.run(q, ks, vs, **knobs)
+    bare = pskernels.plan_multi_branch_attention(q, ks, vs, **kw)
+    with pytest.raises(ValueError, match=r"temperature: the plan was made without it; give it when planning"):
+        bare.run(q, ks, vs, temperature=torch.ones(4, 4))
+
+
 def test_plan_falls_back_to_the_reference_when_grad_is_needed():
     ks, vs, kw = _plan_case("cpu")
     q = rnd(2, 4, 3, 16)

@@ -9,38 +9,53 @@
 
 #include "../map_kv_caches_checks.h"
 #include "../ops.h"
+#include "blas.h"
 
 namespace pskernels {
 namespace cpu {
 
 namespace {
-// x <- x + sigmoid(gate) * (x @ down) @ up, for one head: down [D, r], up [r, D] (float32, contiguous). The loops
-// run along the contiguous dimension so they vectorise; each sum still adds its terms in index order.
-inline void low_rank(float* x, float* tmp, float* acc, const float* down, const float* up, float gate, int64_t D,
-                     int64_t r) {
-  std::fill(tmp, tmp + r, 0.f);
-  for (int64_t d = 0; d < D; ++d) {
-    const float xd = x[d];
-    const float* row = down + d * r;
-    for (int64_t c = 0; c < r; ++c) tmp[c] += xd * row[c];
+constexpr int64_t kRowBlock = 256;  // slots mapped together (their low-rank products are two sgemm calls)
+
+// x[n, D] <- x + gate * (x @ down) @ up for one head: down [D, r], up [r, D] (float32, contiguous); t [n, r] and
+// acc [n, D] are scratch. Through BLAS sgemm where libtorch has one (see blas.h), else loops along the contiguous
+// dimension.
+void low_rank(float* x, float* t, float* acc, const float* down, const float* up, float gate, int64_t n, int64_t D,
+              int64_t r, SgemmFn sgemm) {
+  if (sgemm != nullptr) {
+    gemm_row_major(sgemm, false, static_cast<int>(n), static_cast<int>(r), static_cast<int>(D), x,
+                   static_cast<int>(D), down, static_cast<int>(r), 0.f, t, static_cast<int>(r));
+    gemm_row_major(sgemm, false, static_cast<int>(n), static_cast<int>(D), static_cast<int>(r), t,
+                   static_cast<int>(r), up, static_cast<int>(D), 0.f, acc, static_cast<int>(D));
+  } else {
+    std::fill(t, t + n * r, 0.f);
+    std::fill(acc, acc + n * D, 0.f);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int64_t d = 0; d < D; ++d)
+        for (int64_t c = 0; c < r; ++c) t[j * r + c] += x[j * D + d] * down[d * r + c];
+      for (int64_t c = 0; c < r; ++c)
+        for (int64_t d = 0; d < D; ++d) acc[j * D + d] += t[j * r + c] * up[c * D + d];
+    }
   }
-  std::fill(acc, acc + D, 0.f);
-  for (int64_t c = 0; c < r; ++c) {
-    const float t = tmp[c];
-    const float* row = up + c * D;
-    for (int64_t d = 0; d < D; ++d) acc[d] += t * row[d];
-  }
-  for (int64_t d = 0; d < D; ++d) x[d] += gate * acc[d];
+  for (int64_t i = 0; i < n * D; ++i) x[i] += gate * acc[i];
 }
 
-// x <- R(angle) x with the angle's cos/sin per frequency precomputed (rope_rotate's arithmetic, table-driven).
+// x <- R(angle) x with the angle's cos/sin per frequency precomputed (rope_rotate's arithmetic, table-driven; the
+// layouts in separate loops so that each vectorises).
 inline void rotate(float* x, int half, bool neox, const float* c, const float* s) {
-  for (int i = 0; i < half; ++i) {
-    const int a = neox ? i : 2 * i;
-    const int b = neox ? i + half : 2 * i + 1;
-    const float x1 = x[a], x2 = x[b];
-    x[a] = x1 * c[i] - x2 * s[i];
-    x[b] = x2 * c[i] + x1 * s[i];
+  if (neox) {
+#pragma omp simd
+    for (int i = 0; i < half; ++i) {
+      const float x1 = x[i], x2 = x[i + half];
+      x[i] = x1 * c[i] - x2 * s[i];
+      x[i + half] = x2 * c[i] + x1 * s[i];
+    }
+  } else {
+    for (int i = 0; i < half; ++i) {
+      const float x1 = x[2 * i], x2 = x[2 * i + 1];
+      x[2 * i] = x1 * c[i] - x2 * s[i];
+      x[2 * i + 1] = x2 * c[i] + x1 * s[i];
+    }
   }
 }
 
@@ -146,19 +161,21 @@ std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values
 
   // Work items: (layer x branch, row, head), each mapping one head's slots.
   const int64_t items = total * B * H;
+  const SgemmFn sgemm = blas_sgemm();
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> x, tmp, acc;
+    std::vector<float> x, t, acc;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item % H, b = (item / H) % B, idx = item / H / B;
       const int64_t l = idx / N;
       const at::Tensor &k = keys[idx], &v = values[idx];
       at::Tensor &ko = result[2 * idx], &vo = result[2 * idx + 1];
-      const int64_t L = k.size(2), D = k.size(3), Dv = v.size(3);
+      const int64_t L = k.size(2), D = k.size(3), Dv = v.size(3), W = std::max(D, Dv);
       const int64_t rk = mapped_keys ? kd.size(3) : 0, rv = vd.defined() ? vd.size(3) : 0;
-      x.resize(std::max(D, Dv));
-      tmp.resize(std::max<int64_t>(std::max(rk, rv), 1));
-      acc.resize(std::max(D, Dv));
-      const RotationTables& t = tables[table_idx[idx * B + b]];
+      const int64_t rows = std::min(L, kRowBlock);
+      x.resize(rows * W);
+      t.resize(rows * std::max<int64_t>(std::max(rk, rv), 1));
+      acc.resize(rows * W);
+      const RotationTables& tab = tables[table_idx[idx * B + b]];
       const float* kdp = mapped_keys ? kd.data_ptr<float>() + (l * H + h) * D * rk : nullptr;
       const float* kup = mapped_keys ? ku.data_ptr<float>() + (l * H + h) * rk * D : nullptr;
       const float* vdp = vd.defined() ? vd.data_ptr<float>() + (l * H + h) * Dv * rv : nullptr;
@@ -169,21 +186,29 @@ std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values
         const scalar_t* vp = v.data_ptr<scalar_t>() + b * v.stride(0) + h * v.stride(1);
         scalar_t* kop = ko.data_ptr<scalar_t>() + (b * H + h) * L * D;
         scalar_t* vop = vo.data_ptr<scalar_t>() + (b * H + h) * L * Dv;
-        for (int64_t j = 0; j < L; ++j) {
-          const scalar_t* src = kp + j * k.stride(2);
-          for (int64_t d = 0; d < D; ++d) x[d] = static_cast<float>(src[d]);
-          if (mapped_keys) {
-            rotate(x.data(), half, neox, &t.to_raw_c[j * half], &t.to_raw_s[j * half]);
-            low_rank(x.data(), tmp.data(), acc.data(), kdp, kup, kgate, D, rk);
-            rotate(x.data(), half, neox, &t.to_new_c[j * half], &t.to_new_s[j * half]);
-          } else {
-            rotate(x.data(), half, neox, t.to_new_c.data(), t.to_new_s.data());
+        for (int64_t j0 = 0; j0 < L; j0 += kRowBlock) {
+          const int64_t n = std::min(kRowBlock, L - j0);
+          for (int64_t j = 0; j < n; ++j) {  // keys: to position 0 (mapped) or by the delta (plain)
+            const scalar_t* src = kp + (j0 + j) * k.stride(2);
+            float* xr = x.data() + j * D;
+            for (int64_t d = 0; d < D; ++d) xr[d] = static_cast<float>(src[d]);
+            if (mapped_keys)
+              rotate(xr, half, neox, &tab.to_raw_c[(j0 + j) * half], &tab.to_raw_s[(j0 + j) * half]);
+            else
+              rotate(xr, half, neox, tab.to_new_c.data(), tab.to_new_s.data());
           }
-          for (int64_t d = 0; d < D; ++d) kop[j * D + d] = static_cast<scalar_t>(x[d]);
-          const scalar_t* vs = vp + j * v.stride(2);
-          for (int64_t d = 0; d < Dv; ++d) x[d] = static_cast<float>(vs[d]);
-          if (vdp != nullptr) low_rank(x.data(), tmp.data(), acc.data(), vdp, vup, vgate, Dv, rv);
-          for (int64_t d = 0; d < Dv; ++d) vop[j * Dv + d] = static_cast<scalar_t>(x[d]);
+          if (mapped_keys) {
+            low_rank(x.data(), t.data(), acc.data(), kdp, kup, kgate, n, D, rk, sgemm);
+            for (int64_t j = 0; j < n; ++j)
+              rotate(x.data() + j * D, half, neox, &tab.to_new_c[(j0 + j) * half], &tab.to_new_s[(j0 + j) * half]);
+          }
+          for (int64_t i = 0; i < n * D; ++i) kop[j0 * D + i] = static_cast<scalar_t>(x[i]);
+          for (int64_t j = 0; j < n; ++j) {
+            const scalar_t* src = vp + (j0 + j) * v.stride(2);
+            for (int64_t d = 0; d < Dv; ++d) x[j * Dv + d] = static_cast<float>(src[d]);
+          }
+          if (vdp != nullptr) low_rank(x.data(), t.data(), acc.data(), vdp, vup, vgate, n, Dv, rv, sgemm);
+          for (int64_t i = 0; i < n * Dv; ++i) vop[j0 * Dv + i] = static_cast<scalar_t>(x[i]);
         }
       });
     }

@@ -6,6 +6,7 @@ is recognised by its interface (this leaf layer does not import ``pskernels.rope
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
@@ -173,6 +174,25 @@ def _check_rope(rope, head_dim, device):
     if rope.rotary_dim > head_dim:
         raise ValueError(f"rope.rotary_dim: expected <= head_dim {head_dim}, got {rope.rotary_dim}")
     return rope.on(device, "q")
+
+
+KNOBS = ("temperature", "lse_scale", "log_weight")
+"""The calibration arguments, per (segment group, query head); only ``log_weight`` may be <= 0."""
+
+
+def with_knobs(params: SegmentParams, device, **knobs) -> SegmentParams:
+    """``params`` with other values of calibration knobs it already has (the same checks as when it was made):
+    one layout, e.g. the layers of a forward, calibrated per call."""
+    changed = {}
+    for name, x in knobs.items():
+        if x is None:
+            continue
+        had = getattr(params, name)
+        if had is None:
+            raise ValueError(f"{name}: the plan was made without it; give it when planning to set it per run")
+        changed[name] = _knob(name, x, *had.shape, device, positive=name != "log_weight")
+    # a fresh memo: what a backend derived from the knobs (Triton's setup) must not outlive them
+    return dataclasses.replace(params, memo={}, **changed) if changed else params
 
 
 def _knob(name, x, G, Hq, device, positive):

@@ -13,6 +13,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .._core.segments import KNOBS
 from ..ops import plan_multi_branch_attention
 
 NAME = "pskernels"
@@ -61,19 +62,16 @@ def pskernels_attention(module, query, key, value, attention_mask, dropout=0.0, 
     backend = cache.backend if cache.backend != "auto" else handle.backend
     rope = handle.rope(layer)
     # Layers of one forward share the segment layout: plan it once, run it on every layer whose shapes, dtype,
-    # RoPE and scaling match (per-layer mapper knobs have no layout key and are planned every time). The handle
-    # keeps each layer's RopeSpec alive, so its id identifies it.
-    plans = cache.plans if layout is not None else None
-    plan = key_ = None
-    if plans is not None:
-        key_ = (layout, query.shape, key.shape, value.shape, query.dtype, id(rope), scaling, softcap)
-        plan = plans.get(key_)
+    # RoPE and scaling match, with the layer's own calibration knobs (a mapper's). The handle keeps each layer's
+    # RopeSpec alive, so its id identifies it.
+    key_ = (layout, query.shape, key.shape, value.shape, query.dtype, id(rope), scaling, softcap)
+    plan = cache.plans.get(key_)
     if plan is None:
-        plan = plan_multi_branch_attention(query, keys, values, rope=rope, scale=scaling, softcap=softcap,
-                                           backend=backend, **meta)
-        if plans is not None:
-            plans[key_] = plan
-    out, _ = plan.run(query, keys, values)
+        plan = cache.plans[key_] = plan_multi_branch_attention(query, keys, values, rope=rope, scale=scaling,
+                                                               softcap=softcap, backend=backend, **meta)
+        out, _ = plan.run(query, keys, values)
+    else:
+        out, _ = plan.run(query, keys, values, **{k: meta[k] for k in KNOBS if k in meta})
     return out.transpose(1, 2).contiguous(), None
 
 

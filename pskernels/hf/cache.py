@@ -416,8 +416,8 @@ class ParallelCache(Cache):
     def segments(self, layer_idx: int, own_k: torch.Tensor, own_v: torch.Tensor, sliding_window: int | None,
                  rope_of=None):
         """Keys, values and keyword arguments of :func:`multi_branch_attention` for this layer's
-        [prefix, branches, own], plus a layout key shared by the layers whose arguments are identical
-        (None when per-layer mapper knobs make them differ)."""
+        [prefix, branches, own], plus a layout key shared by the layers whose arguments are identical but for a
+        mapper's per-layer calibration knobs (``temperature``, ``lse_scale``, ``log_weight``, given per run)."""
         st = self._active
         keys, values, offs, stored = self._views(layer_idx)
         first = len(keys) - len(self.branches)
@@ -437,7 +437,8 @@ class ParallelCache(Cache):
             knobs = self.mapper.knobs(layer_idx, own_k.device)
             if knobs and self.branches:
                 groups = [0] * first + [1] * len(self.branches) + [0]
-                return keys, values, dict(meta, segment_groups=groups, **knobs), None
+                # the knobs differ per layer, the layout does not: one plan, calibrated per run
+                return keys, values, dict(meta, segment_groups=groups, **knobs), (sig, "calibrated")
         return keys, values, meta, sig
 
     def _segment_meta(self, stored, offs, own_len, window, layer_idx):

@@ -14,7 +14,7 @@ import torch
 from .. import ref
 from .._core import finite
 from .._core.registry import register
-from .._core.segments import SegmentParams, normalize_segments
+from .._core.segments import SegmentParams, normalize_segments, with_knobs
 from ..rope import RopeSpec
 from .dispatch import needs_grad, resolve, select
 
@@ -222,12 +222,16 @@ class AttentionPlan:
                     raise ValueError(f"{name}[{s}]: expected shape {tuple(shape)}, dtype {dt}, device {dev} (the "
                                      f"plan's), got {_desc(t)}")
 
-    def run(self, q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]):
+    def run(self, q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], *,
+            temperature=None, lse_scale=None, log_weight=None):
         """Attend with the plan's layout.
 
         Parameters
         ----------
         q, keys, values : Tensors with the shapes, dtype and device the plan was made with.
+        temperature, lse_scale, log_weight : optional
+            This call's calibration, for a plan made with these knobs (checked as when planning): e.g. a mapper's
+            per-layer knobs over the layers of a forward. None: the plan's.
 
         Returns
         -------
@@ -237,6 +241,8 @@ class AttentionPlan:
         keys, values = list(keys), list(values)
         self._check(q, keys, values)
         p = self.params
+        if temperature is not None or lse_scale is not None or log_weight is not None:
+            p = with_knobs(p, self._device, temperature=temperature, lse_scale=lse_scale, log_weight=log_weight)
         if self._scan_finite:
             finite.check_finite("q", q)
             for s, (k, v) in enumerate(zip(keys, values)):
@@ -246,7 +252,8 @@ class AttentionPlan:
             B, Hq, Lq, _ = q.shape
             return q.new_zeros(B, Hq, Lq, values[0].shape[-1]), q.new_zeros(B, Hq, Lq, dtype=torch.float32)
         impl = self._impl
-        if self.backend != "torch" and torch.is_grad_enabled() and needs_grad(q, *keys, *values):
+        if self.backend != "torch" and torch.is_grad_enabled() and needs_grad(q, *keys, *values, p.temperature,
+                                                                               p.lse_scale, p.log_weight):
             impl = resolve(OP, self._requested, q.device, True)
         return impl(q, keys, values, p)
 
