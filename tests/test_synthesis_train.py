@@ -286,6 +286,54 @@ def test_training_reads_the_recomputed_branches_and_recomputes_each_example_once
     assert train(_model(), TOK, ex, TrainConfig(steps=2, resume=True, recompute=(2, 0, False), **run))["step"] == 2
 
 
+def test_training_grows_the_heads_of_long_branches(monkeypatch, tmp_path):
+    """head_share: every recomputed view of training and evaluation grows its heads (grown_heads); the run records
+    the share and a checkpoint of it is read with it; resuming with another share is refused."""
+    import pskernels.synthesis.distill as distill
+    from pskernels.synthesis import checkpoints
+
+    ex = _small_examples(2, seed=4)
+    shares = []
+    real = distill.recomputed_segments
+    monkeypatch.setattr(distill, "recomputed_segments", lambda *a, **k: shares.append(k["head_share"]) or real(*a, **k))
+    run = dict(checkpoint_dir=str(tmp_path / "run"), log_every=0, eval_examples=ex[:1], eval_every=2)
+    r = train(_model(), TOK, ex, TrainConfig(steps=2, recompute=(2, 0, True), head_share=0.5, **run))
+    assert shares == [0.5] * 3 and r["config"]["head_share"] == 0.5
+    assert checkpoints.trained_head_share(tmp_path / "run") == 0.5
+    with pytest.raises(ValueError, match=r"head_share: the run in .* was trained with head_share 0.5, resumed with "
+                                         r"0.25"):
+        train(_model(), TOK, ex, TrainConfig(steps=3, resume=True, recompute=(2, 0, True), head_share=0.25, **run))
+    with pytest.raises(ValueError, match=r"head_share: a head grows only where branches are recomputed "
+                                         r"\(recompute=None\), got 0.5"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, head_share=0.5))
+    with pytest.raises(ValueError, match=r"head_share: expected a number in \[0, 1\]"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, recompute=(2, 0, True), head_share=1.5))
+
+
+def test_training_starts_from_a_checkpoint(tmp_path):
+    """init: the mapper and the adapter start as the checkpoint's (its LoRA rank, not lora_r), the optimizer and the
+    schedule fresh; a run at lr 0 saves them unchanged. A folder without either, or new link tokens, are refused."""
+    ex = _small_examples(3, seed=5)
+    first = tmp_path / "first"
+    a = train(_model(), TOK, ex, TrainConfig(steps=2, lr=5e-2, lora_r=4, mapper_rank=4, log_every=0,
+                                             checkpoint_dir=str(first)))
+    again = train(_model(), TOK, ex, TrainConfig(steps=1, lr=0.0, log_every=0, init=str(first),
+                                                 checkpoint_dir=str(tmp_path / "again")))
+    pa, pb = _params(a["model"], a["mapper"]), _params(again["model"], again["mapper"])
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert again["config"]["lora_r"] == 4 and again["config"]["mapper_rank"] == 4
+    assert again["config"]["init"] == str(first)
+    assert all(p.requires_grad for n, p in again["model"].named_parameters() if "lora_" in n)
+    moved = train(_model(), TOK, ex, TrainConfig(steps=1, lr=5e-2, log_every=0, init=str(first)))
+    pc = _params(moved["model"], moved["mapper"])
+    assert any(not torch.equal(pa[k], pc[k]) for k in pa if k.startswith("lora.")), "the adapter trains on"
+    with pytest.raises(FileNotFoundError, match=r"init: expected a checkpoint folder with mapper/ and/or adapter/, "
+                                                r"got '.*nothing'"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, init=str(tmp_path / "nothing")))
+    with pytest.raises(ValueError, match=r"init: the mapper starts from the checkpoint's"):
+        train(_model(), TOK, ex, TrainConfig(steps=1, init=str(first), link_tokens=2))
+
+
 def test_training_link_tokens_learns_them_and_evaluates_through_them(tmp_path, capsys):
     """--link-tokens K: the mapper holds K trained link embeddings; training, the held-out evaluation and
     `pskernels eval` of the checkpoint read the branches through linked_cache; bad combinations are named."""
@@ -410,6 +458,24 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert "(iv) trained + recomputed 2,1" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--recompute: expected HEAD or HEAD,TAIL"):
         tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(rec), "--recompute", "0"])
+    grown = tmp_path / "grown"  # --init: a run trained so goes on with the same recompute, its heads growing now
+    assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "1", "--steps", "1", "--out",
+                    str(grown), "--recompute", "2,1", "--recompute-together", "--init", str(rec),
+                    "--head-share", "0.5"]) == 0
+    saved = json.loads((grown / "train_config.json").read_text())
+    assert saved["init"] == str(rec) and saved["head_share"] == 0.5 and saved["recompute"] == [2, 1, True]
+    with pytest.raises(ValueError, match=r"--init .*recomputed: trained with recompute \(2, 1, True\), this run None"):
+        tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "x"), "--init",
+                 str(rec)])
+    with pytest.raises(ValueError, match=r"--head-share: a head grows only where branches are recomputed"):
+        tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "x"),
+                 "--head-share", "0.5"])
+    other = tmp_path / "other"  # trained for another model: refused, the differing fields named
+    tiny_run = train(_model(), TOK, _small_examples(2), TrainConfig(steps=1, log_every=0, checkpoint_dir=str(other)))
+    assert tiny_run["step"] == 1
+    with pytest.raises(ValueError, match=r"--init .*other"):
+        tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "x"), "--init",
+                 str(other)])
 
 
 def test_lora_targets_reach_the_mlp_and_the_checkpoint(tmp_path, capsys):

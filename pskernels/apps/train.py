@@ -9,9 +9,11 @@ import sys
 
 import torch
 
+from ..synthesis import checkpoints
 from ..synthesis import train as recipe
 from ..synthesis.data import build, load_jsonl
 from ..synthesis.models import load_model
+from ..synthesis.recompute import check_head_share
 from .evaluate import parse_recompute
 
 
@@ -88,6 +90,13 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "without one); the checkpoint records it and `pskernels eval` applies it to the trained row")
     p.add_argument("--recompute-together", action="store_true",
                    help="(--recompute) all recomputed parts in one forward, each reading the workers' own K/V")
+    p.add_argument("--head-share", type=float, default=0.0, metavar="F",
+                   help="(--recompute) each branch's head grows to at least the share F (0..1) of it, for long worker "
+                   "outputs; recorded in the checkpoint, which eval and demo then read with it")
+    p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's mapper and adapter (a folder "
+                   "written by train --out or export_checkpoint, e.g. a shipped one under pskernels/checkpoints/) "
+                   "instead of fresh ones; fresh optimizer and lr schedule; it must have been trained for --model "
+                   "with the same --recompute")
     p.add_argument("--link-tokens", type=int, default=0, metavar="K",
                    help="also train K link tokens the synthesizer runs after every branch with the branches before "
                    "it in view (KVLink; kept in the mapper, so not with --no-mapper)")
@@ -99,11 +108,25 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return p
 
 
+def check_init(model, path: str, recompute) -> None:
+    """Refuse ``--init`` unless the checkpoint was made for ``model`` and reads its branches as this run will."""
+    checkpoints.check_checkpoint(model, path, label=f"--init {path}")
+    trained_with = checkpoints.trained_recompute(path)
+    if trained_with != recompute:
+        raise ValueError(f"--init {path}: trained with recompute {trained_with}, this run {recompute} (give the same "
+                         "--recompute / --recompute-together: the synthesizer reads its branches one way)")
+
+
 def run_train(args) -> int:
     recompute = (*parse_recompute(args.recompute), args.recompute_together) if args.recompute else None
+    if check_head_share(args.head_share) and recompute is None:
+        raise ValueError(f"--head-share: a head grows only where branches are recomputed (give --recompute), got "
+                         f"{args.head_share}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
+    if args.init:
+        check_init(model, args.init, recompute)
     train_ex, eval_ex = load_examples(args, args.n_examples, args.seed, args.eval_examples)
     source = " + ".join(args.data or [args.builder]) + "".join(f" + {m}" for m in args.mix or [])
     print(f"training on {len(train_ex)} examples ({source}), {len(eval_ex)} held out; "
@@ -116,7 +139,7 @@ def run_train(args) -> int:
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, mapper_rank=args.mapper_rank,
         grad_accum=args.grad_accum, target_tokens=args.target_tokens, log_every=args.log_every,
         cache_teacher=not args.no_cache_teacher,
-        recompute=recompute, link_tokens=args.link_tokens,
+        recompute=recompute, head_share=args.head_share, init=args.init, link_tokens=args.link_tokens,
         log=lambda s: print(s, flush=True),
         config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,
                       "n_examples": args.n_examples, "mix": args.mix, "eval_data": args.eval_data,

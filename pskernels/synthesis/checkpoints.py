@@ -163,12 +163,17 @@ def trained_recompute(path: str | os.PathLike | None) -> tuple | None:
 def trained_head_share(path: str | os.PathLike | None) -> float:
     """The share of each branch a synthesizer trained on recomputed branches recomputes at least when it reads
     them (its heads grow with long branches, :func:`pskernels.synthesis.recompute.grown_heads`): the manifest's
-    ``head_share``, chosen after training on long worker outputs (docs/FIDELITY.md); 0.0 when absent (a fixed
-    head), for ``path`` None and for a checkpoint not trained on recomputed branches."""
-    manifest = read_manifest(path) if path is not None and trained_recompute(path) else None
-    share = (manifest or {}).get("head_share", 0.0)
+    ``head_share`` (chosen after training, docs/FIDELITY.md), else the one it was trained with (``train
+    --head-share``); 0.0 when neither is set (a fixed head), for ``path`` None and for a checkpoint not trained on
+    recomputed branches."""
+    if path is None or not trained_recompute(path):
+        return 0.0
+    manifest = read_manifest(path) or {}
+    where = MANIFEST_NAME if "head_share" in manifest else "its training configuration"
+    share = manifest["head_share"] if "head_share" in manifest else checkpoint_train_config(path).get("head_share")
+    share = 0.0 if share is None else share
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
-        raise ValueError(f"checkpoint {path}: {MANIFEST_NAME} has head_share {share!r}, expected a number in [0, 1]")
+        raise ValueError(f"checkpoint {path}: {where} has head_share {share!r}, expected a number in [0, 1]")
     return float(share)
 
 

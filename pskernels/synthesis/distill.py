@@ -59,13 +59,16 @@ def _cache_kwarg(model) -> str:
 
 
 @torch.no_grad()
-def recomputed_view(model, ex: TokenizedExample, prefix, branches, recompute, adapter: bool = True):
-    """The segments ``recompute=(head, tail, together)`` gives one example (:func:`recomputed_segments`), computed
-    by the base model (``adapter=True``: the adapter is disabled for it; False: the caller already did)."""
+def recomputed_view(model, ex: TokenizedExample, prefix, branches, recompute, adapter: bool = True,
+                    head_share: float = 0.0):
+    """The segments ``recompute=(head, tail, together)`` gives one example (:func:`recomputed_segments`, heads
+    growing to ``head_share`` of a branch), computed by the base model (``adapter=True``: the adapter is disabled
+    for it; False: the caller already did)."""
     head, tail, together = recompute
     # the recomputed K/V are the teacher's (the base model's); the synthesizer's mapper reads them as branches
     with base_model(model) if adapter else contextlib.nullcontext():
-        return recomputed_segments(model, prefix, branches, ex.branch_ids, head=head, tail=tail, together=together)
+        return recomputed_segments(model, prefix, branches, ex.branch_ids, head=head, tail=tail, together=together,
+                                   head_share=head_share)
 
 
 def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter):

@@ -54,6 +54,7 @@ from .distill import (
     tokenize_examples,
 )
 from .mapper import CacheMapper
+from .recompute import check_head_share
 from .workflows import recompute_counts
 
 STATE_NAME = "trainer_state.pt"
@@ -105,6 +106,14 @@ class TrainConfig:
         the held-out evaluations; head ``"prompt"``: each worker's own turn
         (:func:`pskernels.synthesis.workflows.worker_turn_tokens`; nothing for examples without worker turns,
         e.g. natural text). The synthesizer trained so expects its branches recomputed the same way.
+    head_share
+        With ``recompute``: each branch's head grows to at least that share of it
+        (:func:`pskernels.synthesis.recompute.grown_heads`), for long branches; recorded as ``head_share``.
+    init
+        A checkpoint folder (``mapper/`` and/or ``adapter/``, e.g. a shipped synthesizer) to start from instead of
+        a fresh mapper and adapter; the optimizer and the lr schedule start fresh. ``model`` must be plain; check
+        first that the checkpoint was made for it (:func:`pskernels.synthesis.checkpoints.check_checkpoint`, as
+        ``pskernels train --init`` does). Ignored when resuming (the run's own weights are restored).
     log_every, log
         A progress line through ``log`` every ``log_every`` steps (0: none).
     config_extra
@@ -138,6 +147,8 @@ class TrainConfig:
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     recompute: tuple | None = None
+    head_share: float = 0.0
+    init: str | None = None
     link_tokens: int = 0
     config_extra: dict | None = None
 
@@ -240,6 +251,17 @@ def _check(examples, config: TrainConfig) -> None:
         if config.scheme != "sequential":
             raise ValueError(f"recompute: recomputed branch parts read the branches in text order (scheme "
                              f"'sequential'), got scheme {config.scheme!r}")
+    if check_head_share(config.head_share) and config.recompute is None:
+        raise ValueError(f"head_share: a head grows only where branches are recomputed (recompute=None), got "
+                         f"{config.head_share}")
+    if config.init is not None:
+        if not os.path.isdir(os.path.join(config.init, MAPPER_DIR)) and \
+                not os.path.isdir(os.path.join(config.init, ADAPTER_DIR)):
+            raise FileNotFoundError(f"init: expected a checkpoint folder with {MAPPER_DIR}/ and/or {ADAPTER_DIR}/, got "
+                                    f"{config.init!r}")
+        if config.mapper is not None or config.link_tokens:
+            raise ValueError("init: the mapper starts from the checkpoint's (mapper=None, no new link tokens), got "
+                             f"mapper={config.mapper!r}, link_tokens={config.link_tokens}")
     if not _count(config.link_tokens):
         raise ValueError(f"link_tokens: expected an int >= 0, got {config.link_tokens!r}")
     if config.link_tokens:
@@ -256,9 +278,15 @@ def _count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= 0
 
 
-def _trainable_model(model, config: TrainConfig):
-    """``model`` with the LoRA adapter (when ``config.lora``) as the only trainable parameters, in eval mode."""
-    if config.lora and not is_peft_model(model):
+def _trainable_model(model, config: TrainConfig, resuming: bool):
+    """``model`` with the LoRA adapter (when ``config.lora``; ``config.init``'s when it has one) as the only
+    trainable parameters, in eval mode."""
+    init_adapter = os.path.join(config.init, ADAPTER_DIR) if config.init and not resuming else None
+    if config.lora and init_adapter and os.path.isdir(init_adapter):
+        if is_peft_model(model):
+            raise ValueError(f"model: already a PeftModel; init {config.init!r} holds an adapter to start from")
+        model = load_synthesizer_adapter(model, init_adapter, is_trainable=True)
+    elif config.lora and not is_peft_model(model):
         model = add_synthesizer_adapter(model, r=config.lora_r, alpha=config.lora_alpha,
                                         target_modules=config.lora_targets)
     for n, p in model.named_parameters():
@@ -276,8 +304,11 @@ def _initial_mapper(model, config: TrainConfig, resuming: bool):
     mapper = config.mapper
     if mapper is None:
         mapper_dir = os.path.join(config.checkpoint_dir, MAPPER_DIR) if config.checkpoint_dir else None
+        init_dir = os.path.join(config.init, MAPPER_DIR) if config.init else None
         if resuming and mapper_dir and os.path.isdir(mapper_dir):
             mapper = CacheMapper.from_pretrained(mapper_dir)
+        elif not resuming and init_dir and os.path.isdir(init_dir):
+            mapper = CacheMapper.from_pretrained(init_dir)
         else:
             mapper = CacheMapper.for_model(unwrap(model), rank=config.mapper_rank, link_tokens=config.link_tokens)
     return mapper or None
@@ -307,10 +338,10 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
     cfg = config or TrainConfig()
     torch.manual_seed(cfg.seed)
     _check(examples, cfg)
-    model = _trainable_model(model, cfg)
-    dev = next(model.parameters()).device
     state_path = os.path.join(cfg.checkpoint_dir, STATE_NAME) if cfg.checkpoint_dir else None
     resuming = bool(cfg.resume and state_path and os.path.isfile(state_path))
+    model = _trainable_model(model, cfg, resuming)
+    dev = next(model.parameters()).device
     mapper = _initial_mapper(model, cfg, resuming)
     if mapper is not None:
         mapper.to(dev)
@@ -329,21 +360,29 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
     train_ex = tokenize_examples(tokenizer, examples, dev)
     eval_ex = tokenize_examples(tokenizer, cfg.eval_examples or [], dev)
     targets = TargetCache(cfg.target_tokens, eos_ids(tokenizer))
-    saved_config = {"scheme": cfg.scheme, "lora": bool(cfg.lora), "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+    lora_cfg = model.peft_config[model.active_adapter] if lp else None  # init's adapter: its own r and alpha
+    saved_config = {"scheme": cfg.scheme, "lora": bool(cfg.lora),
+                    "lora_r": lora_cfg.r if lora_cfg else cfg.lora_r,
+                    "lora_alpha": lora_cfg.lora_alpha if lora_cfg else cfg.lora_alpha,
                     "lora_targets": list(peft_targets(model)) if lp else None,
                     "mapper": mapper is not None, "mapper_rank": mapper.config.rank if mapper is not None else None,
                     "lr": cfg.lr, "mapper_lr": cfg.mapper_lr, "kl_weight": cfg.kl_weight, "ce_weight": cfg.ce_weight,
                     "seed": cfg.seed, "grad_accum": cfg.grad_accum, "target_tokens": cfg.target_tokens,
                     "train_examples": len(train_ex), "lr_schedule": cfg.lr_schedule,
                     "warmup_steps": cfg.warmup_steps,
-                    "recompute": list(cfg.recompute) if cfg.recompute else None, "link_tokens": cfg.link_tokens,
-                    **(cfg.config_extra or {})}
+                    "recompute": list(cfg.recompute) if cfg.recompute else None, "head_share": cfg.head_share,
+                    "init": cfg.init, "link_tokens": cfg.link_tokens, **(cfg.config_extra or {})}
     history, evals, step = [], [], 0
     if resuming:
         trained_with = _saved_config(cfg.checkpoint_dir).get("recompute")
         if trained_with != saved_config["recompute"]:
             raise ValueError(f"recompute: the run in {cfg.checkpoint_dir} was trained with recompute {trained_with}, "
                              f"resumed with {saved_config['recompute']} (the synthesizer reads its branches one way)")
+        grown = _saved_config(cfg.checkpoint_dir).get("head_share") or 0.0
+        if grown != cfg.head_share:
+            raise ValueError(f"head_share: the run in {cfg.checkpoint_dir} was trained with head_share {grown}, "
+                             f"resumed with {cfg.head_share}")
+        saved_config["init"] = _saved_config(cfg.checkpoint_dir).get("init")
         linked = _saved_config(cfg.checkpoint_dir).get("link_tokens") or 0
         if linked != cfg.link_tokens:
             raise ValueError(f"link_tokens: the run in {cfg.checkpoint_dir} was trained with {linked} link tokens, "
@@ -368,7 +407,8 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
             return None
         if key in views:
             return views[key]
-        v = recomputed_view(model, ex, prefix, branches, recompute_counts(tokenizer, ex.example, cfg.recompute))
+        v = recomputed_view(model, ex, prefix, branches, recompute_counts(tokenizer, ex.example, cfg.recompute),
+                            head_share=cfg.head_share)
         if store is not None:
             views[key] = v
         return v
