@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("peft")
 
-from tiny_checkpoint import export, short_examples, tiny, train_run  # noqa: E402
+from tiny_checkpoint import export, recomputing_copy, short_examples, tiny, train_run  # noqa: E402
 
 from pskernels.synthesis import checkpoints  # noqa: E402
 from pskernels.synthesis.adapter import is_peft_model  # noqa: E402
@@ -177,18 +177,9 @@ def test_shipped_checkpoint_lookup(exported, tmp_path, monkeypatch):
     assert checkpoints.shipped_checkpoint("tiny", recompute=True) == exported
 
 
-def _recomputing(exported, folder):
-    """A copy of ``exported`` whose synthesizer was (as its manifest says) trained with ``--recompute 2,1``."""
-    shutil.copytree(exported, folder)
-    manifest = json.loads((folder / checkpoints.MANIFEST_NAME).read_text())
-    manifest["train_config"]["recompute"] = [2, 1, False]
-    (folder / checkpoints.MANIFEST_NAME).write_text(json.dumps(manifest))
-    return folder
-
-
 def test_trained_head_share_is_the_manifests_for_a_synthesizer_trained_on_recomputed_branches(shipped_tiny,
                                                                                                  tmp_path):
-    recomputing = _recomputing(shipped_tiny, tmp_path / "recomputing")
+    recomputing = recomputing_copy(shipped_tiny, tmp_path / "recomputing")
     assert checkpoints.trained_head_share(recomputing) == 0.0 and checkpoints.trained_head_share(None) == 0.0
     manifest = json.loads((recomputing / checkpoints.MANIFEST_NAME).read_text())
     for share in (0.4, 1):
@@ -259,7 +250,7 @@ def test_eval_recompute_synthesizer_is_the_shipped_one_trained_on_recomputed_tur
     with pytest.raises(SystemExit, match="--recompute-synthesizer: no synthesizer trained on recomputed branches is "
                                          "shipped for --model tiny"):
         ev.main([*EVAL, "--recompute-synthesizer"])
-    recomputing = _recomputing(shipped_tiny, tmp_path / "recomputing")
+    recomputing = recomputing_copy(shipped_tiny, tmp_path / "recomputing")
     monkeypatch.setattr(checkpoints, "CHECKPOINT_ROOT", tmp_path)
     monkeypatch.setitem(checkpoints.SHIPPED_RECOMPUTE, "tiny", recomputing.name)
     r, text = _eval(["--settings", "trained", "--recompute-synthesizer"], tmp_path, capsys)
@@ -474,7 +465,9 @@ def test_agent_demo_recomputed_synthesis_adds_a_third_synthesis(capsys, monkeypa
         calls.append((kwargs["head"], kwargs["tail"], kwargs["together"]))
         return recompute_branches(*args, **kwargs)
 
-    monkeypatch.setattr(demo, "recompute_branches", recording)
+    from pskernels.synthesis import synthesize
+
+    monkeypatch.setattr(synthesize, "recompute_branches", recording)  # the demo recomputes through Synthesizer
     heads = demo.run_agent_demo(tiny(), ByteTokenizer(), subtasks=subtasks, worker_tokens=4, answer_tokens=6,
                                 repeats=1, recomputed_synthesis=True,
                                 recompute_synthesizer=(tiny(), None, (3, 1, False)))

@@ -1,15 +1,13 @@
 """pskernels.synthesis.Synthesizer: a synthesizer loaded once (base model, checkpoint folder, shipped by model name)
 builds the same cache as the pieces it is made of (synthesizer_cache, recompute_branches), bit for bit."""
 import importlib.util
-import json
-import shutil
 
 import pytest
 import torch
 
 pytest.importorskip("peft")
 
-from tiny_checkpoint import export, tiny, train_run  # noqa: E402
+from tiny_checkpoint import export, recomputing_copy, tiny, train_run  # noqa: E402
 
 import pskernels  # noqa: E402
 from pskernels.synthesis import Synthesizer, checkpoints, models  # noqa: E402
@@ -32,12 +30,7 @@ def exported(tmp_path_factory):
 @pytest.fixture(scope="module")
 def recomputing(exported, tmp_path_factory):
     """``exported`` as if trained with ``--recompute 2,1`` and shipped with heads growing to 0.4 of a branch."""
-    folder = tmp_path_factory.mktemp("recomputing") / "tiny-recompute"
-    shutil.copytree(exported, folder)
-    manifest = json.loads((folder / checkpoints.MANIFEST_NAME).read_text())
-    manifest["train_config"]["recompute"] = [2, 1, False]
-    (folder / checkpoints.MANIFEST_NAME).write_text(json.dumps({**manifest, "head_share": 0.4}))
-    return folder
+    return recomputing_copy(exported, tmp_path_factory.mktemp("recomputing") / "tiny-recompute", head_share=0.4)
 
 
 def _workflow(model, lens=(9, 5, 12), seed=0):

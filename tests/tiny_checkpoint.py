@@ -1,6 +1,9 @@
 """A real synthesizer checkpoint of the tiny model for tests: 2 steps of mapper + LoRA training, exported."""
 from __future__ import annotations
 
+import json
+import shutil
+
 from pskernels.synthesis import checkpoints
 from pskernels.synthesis.data import ByteTokenizer, aggregation_examples
 from pskernels.synthesis.models import load_model
@@ -28,3 +31,14 @@ def train_run(folder) -> dict:
 
 def export(run_dir, out):
     return checkpoints.export_checkpoint(run_dir, out, tiny(), extra={"command": "train --steps 2", "seed": 0})
+
+
+def recomputing_copy(exported, folder, **manifest):
+    """A copy of ``exported`` whose synthesizer was (as its manifest says) trained with ``--recompute 2,1``; more
+    ``manifest`` entries (e.g. ``head_share``) are written beside."""
+    shutil.copytree(exported, folder)
+    path = folder / checkpoints.MANIFEST_NAME
+    saved = json.loads(path.read_text())
+    saved["train_config"]["recompute"] = [2, 1, False]
+    path.write_text(json.dumps({**saved, **manifest}))
+    return folder

@@ -26,7 +26,8 @@ import torch
 from ..hf import ParallelCache, patch_model
 from ..synthesis import checkpoints
 from ..synthesis.models import load_model, tiny_llama
-from ..synthesis.recompute import check_head_share, grown_heads, recompute_branches
+from ..synthesis.recompute import check_head_share, grown_heads
+from ..synthesis.synthesize import Synthesizer
 from ..synthesis.synthesizer import synthesizer_cache
 from ..synthesis.workflow import cache_kwarg, output_cache
 from ..synthesis.workflows import OwnTokensRepetitionPenalty
@@ -270,11 +271,9 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         turns = [len(x) for x in worker_ids]  # each worker's instruction: head "prompt" of its branch
 
         def recomputed_cache(how, cache_mapper, share):
-            head, tail, together = how
-            with base_model(model):
-                return recompute_branches(model, w.prefix, w.branches(), w.branch_ids, tail=tail, together=together,
-                                          head=turns if head == "prompt" else head, mapper=cache_mapper,
-                                          head_share=share)
+            # the recomputation runs the base weights (Synthesizer.cache disables the adapter)
+            return Synthesizer(model, cache_mapper, recompute=how, head_share=share).cache(
+                w.prefix, w.branches(), w.branch_ids, turns=turns)
 
         def parallel_cache():
             if synthesizer_recompute is None:

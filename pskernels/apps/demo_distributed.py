@@ -194,7 +194,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         return {"rank": rank, "sent_bytes": sent, "send_ms": send_ms, "branch_tokens": len(branch_ids)}
 
     # ------------------------------------------------------------------------------------------- rank 0
-    from ..synthesis.recompute import recompute_branches
+    from ..synthesis.synthesize import Synthesizer
     from ..synthesis.synthesizer import synthesizer_cache
     from ..synthesis.workflow import cache_kwarg, text_concat_cache
 
@@ -277,10 +277,9 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     def recomputed_logits(brs, **generate):
         """(c): ``brs`` read with some of their tokens recomputed by the base model, then (c)'s synthesizer on the
         query (its logits; with ``generate`` kwargs its greedy answer)."""
-        synth, mapper_c, (head, tail, together), share, _ = recompute
-        with base_model(model):
-            cache = recompute_branches(model, prefix, brs, branch_ids, head=turns if head == "prompt" else head,
-                                       tail=tail, together=together, mapper=mapper_c, head_share=share)
+        synth, mapper_c, how, share, _ = recompute
+        cache = Synthesizer(model, mapper_c, recompute=how, head_share=share).cache(prefix, brs, branch_ids,
+                                                                                   turns=turns)
         with base_model(model) if synth is None else contextlib.nullcontext():
             if generate:
                 return (synth or model).generate(query_ids, **generate, **{kw: cache})
