@@ -59,14 +59,14 @@ inline void rotate(float* x, int half, bool neox, const float* c, const float* s
   }
 }
 
-// cos/sin of pos(j) * inv_freq[i] for j < rows, i < half: [rows, half] each.
+// cos/sin of sign * (first + j) * inv_freq[i] for j < rows, i < half: [rows, half] each.
 void fill_table(std::vector<float>& cs, std::vector<float>& sn, int64_t rows, int half, const float* inv_freq,
-                float (*pos)(int64_t, int64_t, int64_t), int64_t o, int64_t p) {
+                int64_t first, float sign) {
   cs.resize(rows * half);
   sn.resize(rows * half);
   for (int64_t j = 0; j < rows; ++j)
     for (int i = 0; i < half; ++i) {
-      const float ang = pos(o, p, j) * inv_freq[i];
+      const float ang = sign * static_cast<float>(first + j) * inv_freq[i];
       cs[j * half + i] = cosf(ang);
       sn[j * half + i] = sinf(ang);
     }
@@ -133,15 +133,12 @@ std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values
       auto it = table_of.find(key);
       if (it == table_of.end()) {
         RotationTables t;
+        const int64_t ob = o[idx * B + b], pb = p[idx * B + b];
         if (mapped_keys) {
-          fill_table(t.to_raw_c, t.to_raw_s, L, half, fp,
-                     [](int64_t o, int64_t, int64_t j) { return -static_cast<float>(o + j); }, o[idx * B + b], 0);
-          fill_table(t.to_new_c, t.to_new_s, L, half, fp,
-                     [](int64_t, int64_t p, int64_t j) { return static_cast<float>(p + j); }, 0, p[idx * B + b]);
+          fill_table(t.to_raw_c, t.to_raw_s, L, half, fp, ob, -1.f);
+          fill_table(t.to_new_c, t.to_new_s, L, half, fp, pb, 1.f);
         } else {
-          fill_table(t.to_new_c, t.to_new_s, 1, half, fp,
-                     [](int64_t o, int64_t p, int64_t) { return static_cast<float>(p - o); }, o[idx * B + b],
-                     p[idx * B + b]);
+          fill_table(t.to_new_c, t.to_new_s, 1, half, fp, pb - ob, 1.f);
         }
         it = table_of.emplace(key, static_cast<int64_t>(tables.size())).first;
         tables.push_back(std::move(t));
@@ -150,14 +147,14 @@ std::vector<at::Tensor> map_kv_caches(at::TensorList keys, at::TensorList values
     }
 
   // Sigmoid of every gate, read once (item() per element is a dispatcher call).
-  auto gates = [&](const c10::optional<at::Tensor>& g, int64_t H) {
+  auto gates = [&](const c10::optional<at::Tensor>& g) {
     std::vector<float> out(num_layers * H, 1.f);
     if (!g.has_value()) return out;
     auto gf = g->to(at::kFloat).contiguous();
     for (int64_t i = 0; i < num_layers * H; ++i) out[i] = 1.f / (1.f + expf(-gf.data_ptr<float>()[i]));
     return out;
   };
-  const std::vector<float> kg = gates(k_gate, H), vg = gates(v_gate, H);
+  const std::vector<float> kg = gates(k_gate), vg = gates(v_gate);
 
   // Work items: (layer x branch, row, head), each mapping one head's slots.
   const int64_t items = total * B * H;

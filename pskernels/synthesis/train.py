@@ -374,16 +374,17 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                     "init": cfg.init, "link_tokens": cfg.link_tokens, **(cfg.config_extra or {})}
     history, evals, step = [], [], 0
     if resuming:
-        trained_with = _saved_config(cfg.checkpoint_dir).get("recompute")
+        before = _saved_config(cfg.checkpoint_dir)
+        trained_with = before.get("recompute")
         if trained_with != saved_config["recompute"]:
             raise ValueError(f"recompute: the run in {cfg.checkpoint_dir} was trained with recompute {trained_with}, "
                              f"resumed with {saved_config['recompute']} (the synthesizer reads its branches one way)")
-        grown = _saved_config(cfg.checkpoint_dir).get("head_share") or 0.0
+        grown = before.get("head_share") or 0.0
         if grown != cfg.head_share:
             raise ValueError(f"head_share: the run in {cfg.checkpoint_dir} was trained with head_share {grown}, "
                              f"resumed with {cfg.head_share}")
-        saved_config["init"] = _saved_config(cfg.checkpoint_dir).get("init")
-        linked = _saved_config(cfg.checkpoint_dir).get("link_tokens") or 0
+        saved_config["init"] = before.get("init")
+        linked = before.get("link_tokens") or 0
         if linked != cfg.link_tokens:
             raise ValueError(f"link_tokens: the run in {cfg.checkpoint_dir} was trained with {linked} link tokens, "
                              f"resumed with {cfg.link_tokens}")
