@@ -362,13 +362,14 @@ def faults(rank, world):
         bf16 = setup("llama", torch.bfloat16)
         bad = [(yarn, _solo(yarn, yarn(ids(P, 1), use_cache=True).past_key_values, 31)),
                (bf16, _solo(bf16, bf16(ids(P, 1), use_cache=True).past_key_values, 32)),
-               (model, _solo(model, prefix, 33)),  # sent as format version 2
+               (model, _solo(model, prefix, 33)),  # sent as the next format version
                (model, _solo(model, model(ids(P + 1, 1), use_cache=True).past_key_values, 34))]
         for i, (m, w) in enumerate(bad):
+            version = wire.VERSION
             if i == 2:
-                wire.VERSION = 2
+                wire.VERSION = version + 1
             sent.append(_raises(psd.BranchRefused, psd.send_branch, w, 0, model=m, timeout=STEP_TIMEOUT))
-            wire.VERSION = 1
+            wire.VERSION = version
         psd.send_branch(_solo(model, prefix, 35), 0, model=model, timeout=STEP_TIMEOUT)
         out["refused"] = sent
         return out

@@ -30,7 +30,7 @@ def _worker(model, P=5, T=6, rows=1, seed=0):
 
 
 def _message(model, cache, **kw):
-    h, kv = caches.branch_parts(cache, fingerprint(model), **kw)
+    h, kv, _ = caches.branch_parts(cache, fingerprint(model), **kw)
     return wire.encode(h), wire.pack(h, kv), kv
 
 
@@ -75,15 +75,16 @@ def test_malformed_headers_are_refused_before_any_allocation(llama):
     cases = [
         (raw[:-8], "length"),  # truncated header
         (raw + raw[-8:], "length"),  # one int64 too many
-        (raw[:40], ">= 80"),
+        (raw[:40], ">= 88"),
         (raw[:12], "multiple of 8"),
         (_patch_header(raw, 0, 1234), "magic"),
-        (_patch_header(raw, 1, 2), r"format version: sender 2, receiver 1"),
+        (_patch_header(raw, 1, wire.VERSION + 1), rf"format version: sender {wire.VERSION + 1}, receiver {wire.VERSION}"),
         (_patch_header(raw, 9, 10**12), "payload bytes"),  # oversized declared payload
         (_patch_header(raw, 7, 1 << 40), "out of range"),
         (_patch_header(raw, 6, 0), "rows"),
         (_patch_header(raw, 4, 99), "dtype"),
-        (_patch_header(raw, 10 + 7, 7), "stored slots"),  # layer 0 stores more than T
+        (_patch_header(raw, 10, 2), "layout 2"),
+        (_patch_header(raw, 11 + 7, 7), "stored slots"),  # layer 0 stores more than T
         (_patch_header(raw, len(raw) // 8 - 1, 7), "row 0"),  # length past the tokens
     ]
     for data, match in cases:
@@ -143,13 +144,52 @@ def test_sender_checks_its_own_cache(llama):
         caches.branch_parts(w, fingerprint(make_model("gemma3")))
 
 
-def test_pieces_tile_the_payload_in_order(llama):
-    """The transfer pieces are every non-empty K and V range, back to back: together exactly the payload."""
-    _, w = _worker(llama, T=7)
-    h = wire.decode(_message(llama, w)[0])
-    pieces = h.pieces()
-    assert [a for a, *_ in pieces] == [0] + [b for _, b, *_ in pieces[:-1]] and pieces[-1][1] == h.payload_bytes
-    assert [(l, v) for *_, l, v in pieces] == [(l, v) for l in range(len(h.stored)) for v in (False, True)]
+def test_a_worker_sends_one_piece_per_row_straight_from_its_buffer(llama):
+    """A zero-copy worker's own tokens live in one token-major buffer: its branch is token-major, one piece per row
+    that IS the buffer's memory (no copy), and a CacheRow of a batched worker is one piece too."""
+    _, w = _worker(llama, T=7, rows=3)
+    h, kv, pieces = caches.branch_parts(w, fingerprint(llama))
+    assert h.layout == wire.TOKEN_MAJOR and len(pieces) == len(h.ranges()) == 3
+    buf = w.layers[0].slab.buf
+    assert [p.data_ptr() for p in pieces] == [buf[b].data_ptr() for b in range(3)]
+    assert [(a, b) for a, b in h.ranges()] == [(i * len(pieces[0]), (i + 1) * len(pieces[0])) for i in range(3)]
+    assert torch.equal(torch.cat(pieces), wire.pack(h, kv))
+    h1, kv1, pieces1 = caches.branch_parts(pskernels.CacheRow(w, 1), fingerprint(llama), length=5)
+    assert (h1.rows, h1.tokens, h1.layout, len(pieces1)) == (1, 5, wire.TOKEN_MAJOR, 1)
+    assert pieces1[0].data_ptr() == buf[1].data_ptr() and pieces1[0].numel() == h1.payload_bytes
+    views = wire.unpack(h1, torch.cat(pieces1))
+    for (k, v), (k0, v0) in zip(views, kv1):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+
+
+def test_ordinary_caches_send_layer_major_pieces_in_order(llama):
+    """An ordinary [prefix | branch] cache (and a worker whose layer left the buffer) sends every non-empty K and V
+    range, back to back: together exactly the payload."""
+    prefix, w = _worker(llama, T=7)
+    ordinary = llama(dh.ids(12, 3), use_cache=True).past_key_values
+    for cache, kw in ((ordinary, {"prefix_len": 5}), (w, {})):
+        if cache is w:
+            w.layers[1]._leave()  # e.g. a layer whose shape differs from the buffer's
+        h, kv, pieces = caches.branch_parts(cache, fingerprint(llama), **kw)
+        assert h.layout == wire.LAYER_MAJOR
+        ranges = h.ranges()
+        assert [a for a, _ in ranges] == [0] + [b for _, b in ranges[:-1]] and ranges[-1][1] == h.payload_bytes
+        assert len(ranges) == len(pieces) == 2 * len(h.stored)
+        assert [p.numel() for p in pieces] == [b - a for a, b in ranges]
+        assert torch.equal(torch.cat(pieces), wire.pack(h, kv))
+        h2 = wire.decode(wire.encode(h))
+        assert h2.layout == wire.LAYER_MAJOR and h2.ranges() == ranges
+
+
+def test_token_major_header_needs_uniform_layers(llama):
+    _, w = _worker(llama)
+    raw, payload, kv = _message(llama, w)
+    h = wire.decode(raw)
+    assert h.layout == wire.TOKEN_MAJOR
+    with pytest.raises(ValueError, match="token-major payload needs every layer alike"):
+        wire.decode(_patch_header(raw, 11 + 9, 7))  # layer 1 with 7 kv heads
+    br = caches.build_branch(h, wire.unpack(h, payload), None, wire.token_rows(h, payload))
+    assert br.layers[0].slab.buf.data_ptr() == payload.data_ptr()  # the payload adopted as the own-token buffer
 
 
 def test_payload_pool_reuses_a_buffer_only_when_nothing_holds_it():
@@ -224,7 +264,8 @@ def test_faults_leave_the_group_usable(spawned):
     msg, secs, ranks = out[2]["withdrawn"]
     assert "rank 0" in msg and "withdrawn" in msg and ranks == [0] and secs < 3.5, (msg, secs)
     expected = ["layer 0 rope_type: sender yarn, receiver default", "dtype: sender torch.bfloat16, receiver "
-                "torch.float32", "format version: sender 2, receiver 1", "prefix length: sender 9, receiver 8"]
+                "torch.float32", f"format version: sender {wire.VERSION + 1}, receiver {wire.VERSION}",
+                "prefix length: sender 9, receiver 8"]
     assert len(out[0]["refusals"]) == len(out[3]["refused"]) == len(expected)
     for want, (got, _, src), (sent, _, dst) in zip(expected, out[0]["refusals"], out[3]["refused"]):
         assert "rank 3" in got and want in got and src == 3, got

@@ -236,13 +236,14 @@ def run_pskernels(model, inp: WorkflowInputs, backend: str = "auto") -> PathRun:
         with t("prefill"):
             prefix = output_cache(model(inp.prefix_ids, use_cache=True))
         with t("workers"):
-            workers = ParallelCache(prefix, [], backend=backend)
             ids, mask = left_padded(inp.worker_ids, inp.pad_token_id, device)
+            workers = ParallelCache(prefix, [], backend=backend, reserve=ids.shape[1] + inp.tokens - 1)
             gen = _generate(model, ids, mask, inp, workers)
         kv = {"workers": kv_storage_bytes(workers)}
         w = Workers(prefix, workers, _branch_ids(inp, gen), list(gen.cpu()))
         with t("ttft"):
-            synth = ParallelCache(prefix, w.branches(), branch_lengths=w.branch_lengths, backend=backend)
+            synth = ParallelCache(prefix, w.branches(), branch_lengths=w.branch_lengths, backend=backend,
+                                  reserve=inp.query_ids.shape[1] + inp.answer - 1)
         kv["handover"] = kv_storage_bytes(synth)
         with t("ttft"):
             logits = model(inp.query_ids, use_cache=True, logits_to_keep=1, **{kw: synth}).logits

@@ -83,7 +83,7 @@ def generate_branch(model, prefix, instruction_ids, *, max_new_tokens: int, eos,
     from .demo import REPETITION_PENALTY
 
     ids = instruction_ids[None]
-    w = ParallelCache(prefix, [])
+    w = ParallelCache(prefix, [], reserve=ids.shape[1] + max_new_tokens - 1)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=eos, pad_token_id=pad, repetition_penalty=REPETITION_PENALTY,
                          **{cache_kwarg(model): w})

@@ -95,17 +95,16 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
         No verdict within ``timeout``.
     """
     fp = fingerprint(model)
-    h, kv = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length)
+    h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length)
     wire.check_layers(h, kv)
     base = transport.announce(wire.encode(h), dst, group)
     verdict = transport.await_verdict(base, dst, timeout)
     if verdict != "ok":
         why = verdict.removeprefix("reject:")
         raise BranchRefused(f"send_branch: rank {dst} refused the branch: {why}", rank=dst, reason=why)
-    # Each piece leaves straight from the cache (a byte view, no packing copy) and lands in its place in the
-    # receiver's one payload buffer; only a non-contiguous piece (a slice of an ordinary cache) is copied.
-    transport.send_payload([kv[l][is_v].contiguous().view(-1).view(torch.uint8) for _, _, l, is_v in h.pieces()],
-                           dst, group, base)
+    # Each piece leaves straight from the cache (a byte view, no packing copy: one per row of a token-major worker
+    # buffer, else one per layer's K and V) and lands in its place in the receiver's one payload buffer.
+    transport.send_payload(pieces, dst, group, base)
     return h.payload_bytes
 
 
@@ -163,12 +162,12 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         if not transport.decide(base, "ok"):
             continue  # the sender withdrew it (its own timeout): wait for the next one
         t0 = time.perf_counter()
-        buf = transport.recv_payload(h.payload_bytes, [(a, b) for a, b, _, _ in h.pieces()], src, group,
-                                     _device(model, prefix), base)
+        buf = transport.recv_payload(h.payload_bytes, h.ranges(), src, group, _device(model, prefix), base)
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
         seconds = time.perf_counter() - t0
-        branch = build_branch(h, wire.unpack(h, buf), prefix)
+        rows = wire.token_rows(h, buf) if h.layout == wire.TOKEN_MAJOR else None
+        branch = build_branch(h, wire.unpack(h, buf), prefix, rows)
         branch.payload_bytes, branch.recv_seconds = h.payload_bytes, seconds
         return src, branch
 

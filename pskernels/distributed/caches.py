@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicS
 
 from ..hf import CacheRow, ParallelCache
 from ..hf.cache import worker_cache
+from ..hf.slab import SlabLayer
 from . import wire
 from .fingerprint import Fingerprint, dtype_code
 
@@ -37,9 +38,22 @@ def _layer_kv(cache: Cache, l: int):
     return layer.keys, layer.values
 
 
+def _own_rows(c: ParallelCache):
+    """A worker's own tokens as its token-major buffer ``[B, T, L, 2, H, D]``, if every layer is in it."""
+    slab = getattr(c.layers[0], "slab", None) if c.layers and isinstance(c.layers[0], SlabLayer) else None
+    return slab.rows(c.get_seq_length()) if slab is not None else None
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
 def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None):
-    """``(header, [(k, v), ...])`` of a branch: the tensors to pack (views of the cache, not copies)."""
-    row = None
+    """``(header, [(k, v), ...], pieces)`` of a branch: its layers' K/V (views of the cache, not copies) and the
+    1-D uint8 tensors that make up its payload, one per ``header.ranges()`` entry. A worker whose own tokens are
+    in one token-major buffer sends a token-major payload: one piece per row, straight from that buffer; any
+    other cache a layer-major one (a piece per layer's K and V, copied only where not contiguous)."""
+    row, token_rows = None, None
     if isinstance(worker_cache, CacheRow):
         worker_cache, row = worker_cache.cache, worker_cache.row
     c = worker_cache
@@ -56,6 +70,7 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None)
                              f"got prefix_len={prefix_len}")
         P, T = c.prefix_len, c.get_seq_length()
         kv = [_layer_kv(c, l) for l in range(fp.n_layers)]
+        token_rows = _own_rows(c)
         B = kv[0][0].shape[0]
         pad = c._own_pad if c._own_pad is not None else torch.zeros(1, dtype=torch.int64)
         pad = pad.to("cpu", torch.int64).expand(B)
@@ -86,6 +101,7 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None)
             raise ValueError(f"worker_cache: row {row} is outside the cache's batch of {B}")
         kv = [(k[row:row + 1], v[row:row + 1]) for k, v in kv]
         pad, B = pad[row:row + 1], 1
+        token_rows = token_rows[row:row + 1] if token_rows is not None else None
     pad = pad.clone()
     lens = T - pad
     if length is not None:
@@ -95,13 +111,19 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None)
                              f", got {lens.tolist()}")
         T = int((pad + lens).max())  # trailing slots past every row's last real token are not sent
         kv = [(k[:, :, :T], v[:, :, :T]) for k, v in kv]
+        token_rows = token_rows[:, :T] if token_rows is not None else None
     for l, (k, _) in enumerate(kv):
         if k.shape[1] != fp.layers[l][0] or k.shape[3] != fp.layers[l][1]:
             raise ValueError(f"worker_cache: layer {l} keys {tuple(k.shape)} do not match the model's "
                              f"{fp.layers[l][0]} kv heads x head dim {fp.layers[l][1]}")
+    layout = wire.TOKEN_MAJOR if token_rows is not None else wire.LAYER_MAJOR
     h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P,
-                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()))
-    return h, kv
+                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout)
+    if layout == wire.TOKEN_MAJOR:
+        pieces = [_bytes(r) for r in token_rows] if T else []
+    else:
+        pieces = [_bytes(t) for k, v in kv if k.shape[2] for t in (k, v)]
+    return h, kv, pieces
 
 
 def prefix_parts(prefix: Cache, fp: Fingerprint):
@@ -143,10 +165,12 @@ def _ordinary(layers) -> DynamicCache:
     return c
 
 
-def build_branch(h: wire.Header, kv, prefix: Cache | None) -> Cache:
-    """The received branch as a cache ``ParallelCache(prefix, [branch])`` reads in place (see the module doc)."""
+def build_branch(h: wire.Header, kv, prefix: Cache | None, rows=None) -> Cache:
+    """The received branch as a cache ``ParallelCache(prefix, [branch])`` reads in place (see the module doc);
+    ``rows``: the token-major payload (:func:`wire.token_rows`) the ``kv`` views come from, adopted as the
+    worker's own-token buffer."""
     if all(s == h.tokens for s in h.stored):
-        pc = worker_cache(prefix, kv, h.pad)
+        pc = worker_cache(prefix, kv, h.pad, rows=rows)
         pc.lengths = torch.tensor(h.lengths, dtype=torch.int64)
         return pc
     c = _ordinary(_layers(h, kv, h.prefix_len + h.tokens))

@@ -8,13 +8,19 @@ Header (int64, little endian as torch stores it; ``F = 9`` fields per layer)::
 
     [0] MAGIC  [1] VERSION  [2] header length (int64 count)  [3] kind (0 prefix, 1 branch)  [4] dtype code
     [5] layers L  [6] rows B  [7] tokens T (slots per row after the prefix; P for a prefix)
-    [8] prefix length P  [9] payload bytes
-    [10 + F*l ...] layer l: kv heads, head dim, sliding window, rotary dim, rope type, rope theta (f64 bits),
+    [8] prefix length P  [9] payload bytes  [10] layout (0 layer-major, 1 token-major)
+    [11 + F*l ...] layer l: kv heads, head dim, sliding window, rotary dim, rope type, rope theta (f64 bits),
                    rope crc, stored slots S_l, cache window (0: the layer stores every slot)
-    [10 + F*L ...] B left pads, then B real lengths
+    [11 + F*L ...] B left pads, then B real lengths
 
-Payload: for l in 0..L-1: K_l then V_l, each ``[B, kv_heads_l, S_l, head_dim_l]`` contiguous, in the header's
-dtype. A layer stores the LAST ``S_l`` of its ``T`` slots (a sliding layer of an ordinary cache drops the oldest).
+Payload, in the header's dtype:
+
+- layer-major: for l in 0..L-1: K_l then V_l, each ``[B, kv_heads_l, S_l, head_dim_l]`` contiguous. A layer
+  stores the LAST ``S_l`` of its ``T`` slots (a sliding layer of an ordinary cache drops the oldest). Moved as
+  ``2 L`` messages, each straight from its cache tensor.
+- token-major: ``[B, T, L, 2, kv_heads, head_dim]``, every layer alike and storing all ``T`` slots: how a
+  ``ParallelCache`` stores its own tokens (:mod:`pskernels.hf.slab`), so a row is ONE message straight from the
+  worker's buffer. Layer ``l``'s keys are the strided view ``[:, :, l, 0].transpose(1, 2)``.
 """
 from __future__ import annotations
 
@@ -26,10 +32,12 @@ import torch
 from .fingerprint import DTYPES, LAYER_FIELDS, Fingerprint, dtype_of
 
 MAGIC = 0x5053_4B56  # "PSKV"
-VERSION = 1
+VERSION = 2
 PREFIX, BRANCH = 0, 1
 KINDS = {PREFIX: "prefix", BRANCH: "branch"}
-_FIXED = 10
+LAYER_MAJOR, TOKEN_MAJOR = 0, 1
+LAYOUTS = {LAYER_MAJOR: "layer-major", TOKEN_MAJOR: "token-major"}
+_FIXED = 11
 _ELEMENT_SIZE = tuple(torch.empty(0, dtype=d).element_size() for d in DTYPES)
 _F = len(LAYER_FIELDS) + 2
 MAX_LAYERS, MAX_ROWS, MAX_TOKENS, MAX_DIM = 1 << 12, 1 << 16, 1 << 31, 1 << 16
@@ -46,6 +54,7 @@ class Header:
     cache_windows: tuple  # [L] 0, or the window of a sliding cache layer
     pad: tuple  # [B] leading masked slots per row
     lengths: tuple  # [B] real tokens per row
+    layout: int = LAYER_MAJOR
     version: int = VERSION  # decoded: the sender's; encode() always writes this module's VERSION
 
     @property
@@ -77,20 +86,19 @@ class Header:
             object.__setattr__(self, "_offsets", cached)  # frozen dataclass: a memo, not a field
         return cached
 
-    def pieces(self) -> list:
-        """``[(start, end, layer, is_values), ...]``: the non-empty byte ranges of every layer's K and V, in payload
-        order. The transport moves a payload piece by piece (see :mod:`.transport`): each piece straight from the
-        sender's cache tensor into its place in the receiver's one buffer."""
-        out = []
-        for l, (k0, v0, end) in enumerate(self.layer_offsets()):
-            if v0 > k0:
-                out += [(k0, v0, l, False), (v0, end, l, True)]
-        return out
+    def ranges(self) -> list:
+        """``[(start, end), ...]``: the payload's messages, back to back: every non-empty K and V of a layer-major
+        payload, every non-empty row of a token-major one. The transport moves each straight from the sender's
+        cache into its place in the receiver's one buffer (see :mod:`.transport`)."""
+        if self.layout == TOKEN_MAJOR:
+            row = self.payload_bytes // self.rows
+            return [(b * row, (b + 1) * row) for b in range(self.rows)] if row else []
+        return [r for k0, v0, end in self.layer_offsets() if v0 > k0 for r in ((k0, v0), (v0, end))]
 
 
 def encode(h: Header) -> bytes:
     vals = [MAGIC, VERSION, 0, h.kind, h.fingerprint.dtype, h.fingerprint.n_layers, h.rows, h.tokens,
-            h.prefix_len, h.payload_bytes]
+            h.prefix_len, h.payload_bytes, h.layout]
     for layer, s, w in zip(h.fingerprint.layers, h.stored, h.cache_windows):
         vals += [*layer, s, w]
     vals += [*h.pad, *h.lengths]
@@ -111,8 +119,9 @@ def decode(data: bytes) -> Header:
     _check(v[0] == MAGIC, f"bad magic {v[0]:#x} (expected {MAGIC:#x}): not a pskernels cache message")
     if v[1] != VERSION:
         raise ValueError(f"format version: sender {v[1]}, receiver {VERSION}")
-    hlen, kind, dtype, L, B, T, P, nbytes = v[2:10]
+    hlen, kind, dtype, L, B, T, P, nbytes, layout = v[2:_FIXED]
     _check(kind in KINDS, f"kind {kind} is not one of {sorted(KINDS)}")
+    _check(layout in LAYOUTS, f"layout {layout} is not one of {sorted(LAYOUTS)}")
     _check(dtype_of(dtype) is not dtype, f"unknown dtype code {dtype}")
     _check(1 <= L <= MAX_LAYERS, f"layer count {L} outside [1, {MAX_LAYERS}]")
     _check(1 <= B <= MAX_ROWS, f"rows {B} outside [1, {MAX_ROWS}]")
@@ -135,7 +144,11 @@ def decode(data: bytes) -> Header:
     for b in range(B):
         _check(0 <= pad[b] and 0 <= lengths[b] and pad[b] + lengths[b] <= T,
                f"row {b}: left pad {pad[b]} + length {lengths[b]} outside [0, tokens {T}]")
-    h = Header(kind, Fingerprint(dtype, tuple(layers)), B, T, P, tuple(stored), tuple(windows), pad, lengths, v[1])
+    if layout == TOKEN_MAJOR:
+        _check(len({f[:2] for f in layers}) == 1 and all(s == T for s in stored),
+               "a token-major payload needs every layer alike (kv heads, head dim) and storing all its slots")
+    h = Header(kind, Fingerprint(dtype, tuple(layers)), B, T, P, tuple(stored), tuple(windows), pad, lengths, layout,
+               v[1])
     _check(nbytes == h.payload_bytes, f"payload bytes {nbytes} do not match the layout's {h.payload_bytes}")
     return h
 
@@ -152,11 +165,14 @@ def check_layers(h: Header, layers) -> None:
 
 
 def pack(h: Header, layers, device=None) -> torch.Tensor:
-    """Copy ``[(k, v), ...]`` (each ``[B, kv_heads, S_l, head_dim]``, as ``h`` describes) into one uint8 payload."""
+    """Copy ``[(k, v), ...]`` (each ``[B, kv_heads, S_l, head_dim]``, as ``h`` describes) into one uint8 payload
+    laid out as ``h.layout``."""
     check_layers(h, layers)
     buf = torch.empty(h.payload_bytes, dtype=torch.uint8, device=device if device is not None else layers[0][0].device)
-    for a, b, l, is_v in h.pieces():
-        buf[a:b].view(h.dtype).view(h.layer_shape(l)).copy_(layers[l][is_v])
+    with torch.no_grad():  # a data move; unpack's views of one unbind may only be written without autograd
+        for (k, v), (k0, v0) in zip(unpack(h, buf), layers):
+            k.copy_(k0)
+            v.copy_(v0)
     return buf
 
 
@@ -173,6 +189,9 @@ def unpack(h: Header, payload: torch.Tensor) -> list:
     if not payload.is_contiguous():
         raise ValueError("payload: expected a contiguous tensor")
     flat = payload.view(h.dtype)
+    if h.layout == TOKEN_MAJOR:
+        x = token_rows(h, payload)
+        return [(x[:, :, l, 0].transpose(1, 2), x[:, :, l, 1].transpose(1, 2)) for l in range(len(h.stored))]
     shapes = {h.layer_shape(l) for l in range(len(h.stored))}
     if len(shapes) == 1:  # every layer alike (the common case): all 2 L views from one C++ call
         kv = flat.view(2 * len(h.stored), *shapes.pop()).unbind(0)
@@ -182,3 +201,12 @@ def unpack(h: Header, payload: torch.Tensor) -> list:
         shape = h.layer_shape(l)
         out.append((flat[k0 // el:v0 // el].view(shape), flat[v0 // el:end // el].view(shape)))
     return out
+
+
+def token_rows(h: Header, payload: torch.Tensor) -> torch.Tensor:
+    """A token-major payload as ``[B, T, L, 2, kv_heads, head_dim]`` (a view; ``payload`` as :func:`unpack` takes
+    it, checked there)."""
+    if h.layout != TOKEN_MAJOR:
+        raise ValueError(f"layout: expected a token-major payload, the header says {LAYOUTS[h.layout]}")
+    kv_heads, head_dim = h.fingerprint.layers[0][:2]
+    return payload.view(h.dtype).view(h.rows, h.tokens, len(h.stored), 2, kv_heads, head_dim)

@@ -13,6 +13,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .._core.devices import host_to_device
+from .slab import adopt_rows, slab_layers
 
 SCHEMES = ("parallel", "sequential", "right_aligned", "custom")
 
@@ -114,6 +115,11 @@ class ParallelCache(Cache):
         Learned calibration of the branch caches: on the first forward every (layer, branch) cache is
         mapped in one :func:`pskernels.map_kv_caches` call (keys re-rotated at their virtual positions),
         and the mapper's per-layer knobs calibrate the branches against the prefix and own tokens.
+    reserve : int, optional
+        Own-token slots (per row) to allocate at the first forward, e.g. a worker's prompt +
+        ``max_new_tokens - 1``: no regrowth copy and no spare slots. The own tokens of every layer live in
+        one token-major buffer (a row's branch is one contiguous byte range, sent as one message by
+        :func:`pskernels.distributed.send_branch`); beyond ``reserve`` it grows by half its size.
 
     Examples
     --------
@@ -139,9 +145,12 @@ class ParallelCache(Cache):
     """
 
     def __init__(self, prefix: Cache | None = None, branches=(), scheme: str = "parallel", branch_starts=None,
-                 query_start=None, branch_lengths=None, branch_skip=None, backend: str = "auto", mapper=None):
+                 query_start=None, branch_lengths=None, branch_skip=None, backend: str = "auto", mapper=None,
+                 reserve: int | None = None):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
+        if reserve is not None and (isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0):
+            raise ValueError(f"reserve: expected an int >= 0 (own-token slots), got {reserve!r}")
         if (branch_starts is not None) != (scheme == "custom"):
             raise ValueError("branch_starts: required with scheme='custom' and only allowed there")
         if prefix is not None and not isinstance(prefix, Cache):
@@ -241,8 +250,8 @@ class ParallelCache(Cache):
         self._source_rows: _SourceRows | None = None
         self._reshaped: list[int] = []  # indices of the sources that need a view per layer (see _views)
         self._active = None  # per-forward state set by the patched model's pre-hook
-        if NL:
-            super().__init__(layers=[DynamicLayer() for _ in range(NL)])
+        if NL:  # own tokens token-major in one buffer: a worker's branch is one contiguous range per row
+            super().__init__(layers=slab_layers(NL, reserve or 0))
         else:
             super().__init__(layer_class_to_replicate=DynamicLayer)
 
@@ -477,19 +486,24 @@ class ParallelCache(Cache):
         return meta
 
 
-def worker_cache(prefix: Cache | None, kv, pad=None) -> ParallelCache:
+def worker_cache(prefix: Cache | None, kv, pad=None, rows=None) -> ParallelCache:
     """A worker's zero-copy cache ``ParallelCache(prefix, [])`` whose own tokens are the given per-layer
     ``kv`` (``[(keys, values)]``, each ``[B, kv_heads, S, head_dim]``, keys rotated at positions ``P + slot``),
-    held in place (no copy), as if the worker had run them. ``pad``: ``[B]`` leading masked slots (default 0)."""
+    held in place (no copy), as if the worker had run them. ``pad``: ``[B]`` leading masked slots (default 0).
+    ``rows``: instead of ``kv``, one token-major buffer ``[B, S, L, 2, kv_heads, head_dim]`` (how a
+    ``ParallelCache`` stores its own tokens), adopted as it is."""
     pc = ParallelCache(prefix, [])
-    layers = []
-    for k, v in kv:
-        layer = DynamicLayer()
-        # what lazy_initialization sets, without its two throw-away tensors
-        layer.device, layer.is_initialized, layer.keys, layer.values = k.device, True, k, v
-        layers.append(layer)
+    if rows is not None:
+        layers = adopt_rows(rows)
+    else:
+        layers = []
+        for k, v in kv:
+            layer = DynamicLayer()
+            # what lazy_initialization sets, without its two throw-away tensors
+            layer.device, layer.is_initialized, layer.keys, layer.values = k.device, True, k, v
+            layers.append(layer)
     pc.layers = layers
-    pc.batch = kv[0][0].shape[0] if kv else 1
+    pc.batch = layers[0].keys.shape[0] if layers else 1
     pc._own_pad = (torch.zeros(pc.batch, dtype=torch.int64) if pad is None
                    else torch.as_tensor(pad, dtype=torch.int64).clone())
     return pc
