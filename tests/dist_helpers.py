@@ -208,6 +208,10 @@ def round_trip(rank, world):
     from pskernels import distributed as psd
 
     report = {}
+    if rank == 2:  # this worker's payloads travel as 4 KiB messages (the receiver follows the header)
+        from pskernels.distributed import transport
+
+        transport.message_bytes = lambda device: 4096
     for c, (arch, dtype) in enumerate(CONFIGS):
         tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
         model = setup(arch, dtype)
@@ -238,7 +242,8 @@ def round_trip(rank, world):
             order.append(src)
         received = got[1] + got[2] + got[3]
         local = [x for r in (1, 2, 3) for x in worker_caches(model, local_prefix, r, seed)]
-        stats = {"order": order, "kinds": [type(b).__name__ for b in received]}
+        stats = {"order": order, "kinds": [type(b).__name__ for b in received],
+                 "layers": [type(b.layers[0]).__name__ for b in received]}
         for i, (br, (_, _, ref, n)) in enumerate(zip(received, local)):
             assert len(storages(br)) == 1, f"{tag} branch {i}: K/V are not views of one received buffer"
             row = ref.row if isinstance(ref, pskernels.CacheRow) else None

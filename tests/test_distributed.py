@@ -75,16 +75,18 @@ def test_malformed_headers_are_refused_before_any_allocation(llama):
     cases = [
         (raw[:-8], "length"),  # truncated header
         (raw + raw[-8:], "length"),  # one int64 too many
-        (raw[:40], ">= 88"),
+        (raw[:40], ">= 96"),
         (raw[:12], "multiple of 8"),
         (_patch_header(raw, 0, 1234), "magic"),
-        (_patch_header(raw, 1, wire.VERSION + 1), rf"format version: sender {wire.VERSION + 1}, receiver {wire.VERSION}"),
+        (_patch_header(raw, 1, wire.VERSION + 1),
+         rf"format version: sender {wire.VERSION + 1}, receiver {wire.VERSION}"),
         (_patch_header(raw, 9, 10**12), "payload bytes"),  # oversized declared payload
         (_patch_header(raw, 7, 1 << 40), "out of range"),
         (_patch_header(raw, 6, 0), "rows"),
         (_patch_header(raw, 4, 99), "dtype"),
         (_patch_header(raw, 10, 2), "layout 2"),
-        (_patch_header(raw, 11 + 7, 7), "stored slots"),  # layer 0 stores more than T
+        (_patch_header(raw, 11, 100), "message bytes 100"),
+        (_patch_header(raw, 12 + 7, 7), "stored slots"),  # layer 0 stores more than T
         (_patch_header(raw, len(raw) // 8 - 1, 7), "row 0"),  # length past the tokens
     ]
     for data, match in cases:
@@ -154,6 +156,12 @@ def test_a_worker_sends_one_piece_per_row_straight_from_its_buffer(llama):
     assert [p.data_ptr() for p in pieces] == [buf[b].data_ptr() for b in range(3)]
     assert [(a, b) for a, b in h.ranges()] == [(i * len(pieces[0]), (i + 1) * len(pieces[0])) for i in range(3)]
     assert torch.equal(torch.cat(pieces), wire.pack(h, kv))
+    hm, _, msgs = caches.branch_parts(w, fingerprint(llama), message_bytes=4096)  # rows of 5376 B: 4096 + 1280
+    assert wire.decode(wire.encode(hm)).ranges() == hm.ranges() == [(0, 4096), (4096, 5376), (5376, 9472),
+                                                                     (9472, 10752), (10752, 14848), (14848, 16128)]
+    assert [m.numel() for m in msgs] == [b - a for a, b in hm.ranges()]
+    assert msgs[1].data_ptr() == buf[0].data_ptr() + 4096
+    assert torch.equal(torch.cat(msgs), wire.pack(h, kv))
     h1, kv1, pieces1 = caches.branch_parts(pskernels.CacheRow(w, 1), fingerprint(llama), length=5)
     assert (h1.rows, h1.tokens, h1.layout, len(pieces1)) == (1, 5, wire.TOKEN_MAJOR, 1)
     assert pieces1[0].data_ptr() == buf[1].data_ptr() and pieces1[0].numel() == h1.payload_bytes
@@ -179,6 +187,8 @@ def test_ordinary_caches_send_layer_major_pieces_in_order(llama):
         assert torch.equal(torch.cat(pieces), wire.pack(h, kv))
         h2 = wire.decode(wire.encode(h))
         assert h2.layout == wire.LAYER_MAJOR and h2.ranges() == ranges
+        hm, _, msgs = caches.branch_parts(cache, fingerprint(llama), message_bytes=4096, **kw)
+        assert hm.ranges() == ranges and len(msgs) == len(pieces)  # every piece smaller than a message
 
 
 def test_token_major_header_needs_uniform_layers(llama):
@@ -187,7 +197,7 @@ def test_token_major_header_needs_uniform_layers(llama):
     h = wire.decode(raw)
     assert h.layout == wire.TOKEN_MAJOR
     with pytest.raises(ValueError, match="token-major payload needs every layer alike"):
-        wire.decode(_patch_header(raw, 11 + 9, 7))  # layer 1 with 7 kv heads
+        wire.decode(_patch_header(raw, 12 + 9, 7))  # layer 1 with 7 kv heads
     br = caches.build_branch(h, wire.unpack(h, payload), None, wire.token_rows(h, payload))
     assert br.layers[0].slab.buf.data_ptr() == payload.data_ptr()  # the payload adopted as the own-token buffer
 
@@ -225,10 +235,11 @@ def spawned():
 def test_round_trip_exact_in_place_every_scheme(spawned):
     """4 ranks, 4 model configs (GQA, sliding-window layers, fp32, bf16): broadcast prefix == local prefill;
     3 workers (a batched worker's CacheRows with left padding and trimmed lengths, a zero-copy worker, an ordinary
-    cache whose sliding layers dropped slots) -> rank 0 in arrival order; every layer bit-exact, one buffer per
-    branch, and the synthesizer's logits and greedy tokens equal the single-process ParallelCache for every
-    scheme; heads and tails recomputed over the received branches (recompute_branches) equal the same over the
-    workers' own caches."""
+    cache whose sliding layers dropped slots) -> rank 0 in arrival order (the workers token-major, the ordinary
+    cache layer-major, rank 2's payloads cut into 4 KiB messages); every layer bit-exact, one buffer per branch,
+    and the synthesizer's logits and greedy tokens equal the single-process ParallelCache for every scheme; heads
+    and tails recomputed over the received branches (recompute_branches) equal the same over the workers' own
+    caches."""
     out = {r: v["round_trip"] for r, v in spawned.items()}
     for arch, dtype in dh.CONFIGS:
         tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
@@ -238,6 +249,9 @@ def test_round_trip_exact_in_place_every_scheme(spawned):
         assert r0["sensitivity"] > 1e-3, f"{tag}: dropping a branch does not change the logits"
         sliding = arch != "llama"
         assert r0["kinds"] == ["ParallelCache"] * 3 + (["DynamicCache"] if sliding else ["ParallelCache"])
+        # the workers' branches came token-major (the payload is their own-token buffer), the ordinary cache
+        # layer-major
+        assert r0["layers"][:3] == ["SlabLayer"] * 3 and r0["layers"][3] != "SlabLayer", r0["layers"]
         assert (min(r0["stored_full"]) < dh.FULL) == sliding, r0["stored_full"]
         assert out[1][tag]["prefix_dropped"] == sliding
         assert r0.get("recomputed") == ([False, True] if arch == "llama" else None)

@@ -68,7 +68,7 @@ def test_a_row_of_every_layer_is_one_contiguous_range(patched):
     model(_ids(7, 1, rows=3), past_key_values=w)
     slab = w.layers[0].slab
     rows = slab.rows(7)
-    L, (B, H, _, D) = len(w.layers), w.layers[0].keys.shape
+    L, (_, H, _, D) = len(w.layers), w.layers[0].keys.shape
     assert rows.shape == (3, 7, L, 2, H, D) and all(rows[b].is_contiguous() for b in range(3))
     for l, layer in enumerate(w.layers):
         assert torch.equal(rows[:, :, l, 0].transpose(1, 2), layer.keys)

@@ -24,6 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from ..hf import CacheRow
 from . import transport, wire
 from .caches import branch_parts, build_branch, build_prefix, prefix_parts
 from .errors import BranchRefused, BranchTimeout
@@ -43,6 +44,14 @@ def _device(model, prefix):
             if layer.keys is not None and layer.keys.ndim == 4:
                 return layer.keys.device
     return next(model.parameters()).device
+
+
+def _cache_device(cache):
+    c = cache.cache if isinstance(cache, CacheRow) else cache
+    for layer in getattr(c, "layers", ()):
+        if getattr(layer, "keys", None) is not None and layer.keys.ndim == 4:
+            return layer.keys.device
+    return torch.device("cpu")
 
 
 def _judge(h: wire.Header, model, kind: int, prefix_len: int | None) -> str | None:
@@ -95,7 +104,8 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
         No verdict within ``timeout``.
     """
     fp = fingerprint(model)
-    h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length)
+    h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length,
+                                 message_bytes=transport.message_bytes(_cache_device(worker_cache)))
     wire.check_layers(h, kv)
     base = transport.announce(wire.encode(h), dst, group)
     verdict = transport.await_verdict(base, dst, timeout)
@@ -132,8 +142,8 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         cache dropped slots, an ordinary cache of the branch's stored slots). Every layer's ``keys``/``values``
         ``[B, kv_heads, S, head_dim]`` is a view into the one received buffer. ``branch.lengths`` ([B] int64) are
         the real tokens per row; pass them as ``branch_lengths`` when the rows of a multi-row branch differ.
-        ``branch.payload_bytes`` and ``branch.recv_seconds`` (the payload receive alone, after the verdict) are
-        there for reports.
+        ``branch.payload_bytes`` and ``branch.recv_seconds`` (the payload receive, after the verdict, with the
+        branch's views built meanwhile) are there for reports.
 
     Raises
     ------
@@ -162,13 +172,15 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         if not transport.decide(base, "ok"):
             continue  # the sender withdrew it (its own timeout): wait for the next one
         t0 = time.perf_counter()
-        buf = transport.recv_payload(h.payload_bytes, h.ranges(), src, group, _device(model, prefix), base)
+        buf, works = transport.post_payload(h.payload_bytes, h.ranges(), src, group, _device(model, prefix), base)
+        try:  # the branch's views are built while the bytes move (they do not read them)
+            rows = wire.token_rows(h, buf) if h.layout == wire.TOKEN_MAJOR else None
+            branch = build_branch(h, wire.unpack(h, buf), prefix, rows)
+        finally:  # never leave a receive posted
+            transport.wait_payload(works)
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
-        seconds = time.perf_counter() - t0
-        rows = wire.token_rows(h, buf) if h.layout == wire.TOKEN_MAJOR else None
-        branch = build_branch(h, wire.unpack(h, buf), prefix, rows)
-        branch.payload_bytes, branch.recv_seconds = h.payload_bytes, seconds
+        branch.payload_bytes, branch.recv_seconds = h.payload_bytes, time.perf_counter() - t0
         return src, branch
 
 

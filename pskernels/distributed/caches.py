@@ -48,11 +48,12 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None):
-    """``(header, [(k, v), ...], pieces)`` of a branch: its layers' K/V (views of the cache, not copies) and the
-    1-D uint8 tensors that make up its payload, one per ``header.ranges()`` entry. A worker whose own tokens are
-    in one token-major buffer sends a token-major payload: one piece per row, straight from that buffer; any
-    other cache a layer-major one (a piece per layer's K and V, copied only where not contiguous)."""
+def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None, message_bytes=0):
+    """``(header, [(k, v), ...], messages)`` of a branch: its layers' K/V (views of the cache, not copies) and the
+    1-D uint8 tensors that make up its payload, one per ``header.ranges()`` entry (pieces cut into parts of at
+    most ``message_bytes``; 0: whole). A worker whose own tokens are in one token-major buffer sends a
+    token-major payload: one piece per row, straight from that buffer; any other cache a layer-major one (a
+    piece per layer's K and V, copied only where not contiguous)."""
     row, token_rows = None, None
     if isinstance(worker_cache, CacheRow):
         worker_cache, row = worker_cache.cache, worker_cache.row
@@ -118,12 +119,13 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None)
                              f"{fp.layers[l][0]} kv heads x head dim {fp.layers[l][1]}")
     layout = wire.TOKEN_MAJOR if token_rows is not None else wire.LAYER_MAJOR
     h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P,
-                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout)
+                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout,
+                    message_bytes)
     if layout == wire.TOKEN_MAJOR:
         pieces = [_bytes(r) for r in token_rows] if T else []
     else:
         pieces = [_bytes(t) for k, v in kv if k.shape[2] for t in (k, v)]
-    return h, kv, pieces
+    return h, kv, wire.split(pieces, message_bytes)
 
 
 def prefix_parts(prefix: Cache, fp: Fingerprint):

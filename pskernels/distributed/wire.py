@@ -1,6 +1,6 @@
 """The wire format of one cache message: an int64 header and ONE contiguous byte payload.
 
-Pure torch, no processes: :func:`encode` / :func:`decode` turn a :class:`Header` into bytes and back (every
+No processes: :func:`encode` / :func:`decode` turn a :class:`Header` into bytes and back (every
 size and range checked before anything is allocated), :func:`pack` copies the layers' keys and values into one
 payload, :func:`unpack` returns per-layer views into a received payload (no copy).
 
@@ -9,18 +9,20 @@ Header (int64, little endian as torch stores it; ``F = 9`` fields per layer)::
     [0] MAGIC  [1] VERSION  [2] header length (int64 count)  [3] kind (0 prefix, 1 branch)  [4] dtype code
     [5] layers L  [6] rows B  [7] tokens T (slots per row after the prefix; P for a prefix)
     [8] prefix length P  [9] payload bytes  [10] layout (0 layer-major, 1 token-major)
-    [11 + F*l ...] layer l: kv heads, head dim, sliding window, rotary dim, rope type, rope theta (f64 bits),
+    [11] message bytes M (0: one message per K/V piece or row; else each cut into messages of at most M bytes)
+    [12 + F*l ...] layer l: kv heads, head dim, sliding window, rotary dim, rope type, rope theta (f64 bits),
                    rope crc, stored slots S_l, cache window (0: the layer stores every slot)
-    [11 + F*L ...] B left pads, then B real lengths
+    [12 + F*L ...] B left pads, then B real lengths
 
 Payload, in the header's dtype:
 
 - layer-major: for l in 0..L-1: K_l then V_l, each ``[B, kv_heads_l, S_l, head_dim_l]`` contiguous. A layer
-  stores the LAST ``S_l`` of its ``T`` slots (a sliding layer of an ordinary cache drops the oldest). Moved as
-  ``2 L`` messages, each straight from its cache tensor.
+  stores the LAST ``S_l`` of its ``T`` slots (a sliding layer of an ordinary cache drops the oldest). Its pieces
+  are the ``2 L`` K and V, each straight from its cache tensor.
 - token-major: ``[B, T, L, 2, kv_heads, head_dim]``, every layer alike and storing all ``T`` slots: how a
-  ``ParallelCache`` stores its own tokens (:mod:`pskernels.hf.slab`), so a row is ONE message straight from the
-  worker's buffer. Layer ``l``'s keys are the strided view ``[:, :, l, 0].transpose(1, 2)``.
+  ``ParallelCache`` stores its own tokens (:mod:`pskernels.hf.slab`), so a row is ONE piece straight from the
+  worker's buffer, cut into messages of any size. Layer ``l``'s keys are the strided view
+  ``[:, :, l, 0].transpose(1, 2)``.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..hf.slab import layer_views
 from .fingerprint import DTYPES, LAYER_FIELDS, Fingerprint, dtype_of
 
 MAGIC = 0x5053_4B56  # "PSKV"
@@ -37,7 +40,7 @@ PREFIX, BRANCH = 0, 1
 KINDS = {PREFIX: "prefix", BRANCH: "branch"}
 LAYER_MAJOR, TOKEN_MAJOR = 0, 1
 LAYOUTS = {LAYER_MAJOR: "layer-major", TOKEN_MAJOR: "token-major"}
-_FIXED = 11
+_FIXED = 12
 _ELEMENT_SIZE = tuple(torch.empty(0, dtype=d).element_size() for d in DTYPES)
 _F = len(LAYER_FIELDS) + 2
 MAX_LAYERS, MAX_ROWS, MAX_TOKENS, MAX_DIM = 1 << 12, 1 << 16, 1 << 31, 1 << 16
@@ -55,6 +58,7 @@ class Header:
     pad: tuple  # [B] leading masked slots per row
     lengths: tuple  # [B] real tokens per row
     layout: int = LAYER_MAJOR
+    message_bytes: int = 0
     version: int = VERSION  # decoded: the sender's; encode() always writes this module's VERSION
 
     @property
@@ -86,19 +90,27 @@ class Header:
             object.__setattr__(self, "_offsets", cached)  # frozen dataclass: a memo, not a field
         return cached
 
-    def ranges(self) -> list:
-        """``[(start, end), ...]``: the payload's messages, back to back: every non-empty K and V of a layer-major
-        payload, every non-empty row of a token-major one. The transport moves each straight from the sender's
-        cache into its place in the receiver's one buffer (see :mod:`.transport`)."""
+    def pieces(self) -> list:
+        """``[(start, end), ...]``: the payload's contiguous pieces in the sender's cache, back to back: every
+        non-empty K and V of a layer-major payload, every non-empty row of a token-major one."""
         if self.layout == TOKEN_MAJOR:
             row = self.payload_bytes // self.rows
             return [(b * row, (b + 1) * row) for b in range(self.rows)] if row else []
         return [r for k0, v0, end in self.layer_offsets() if v0 > k0 for r in ((k0, v0), (v0, end))]
 
+    def ranges(self) -> list:
+        """``[(start, end), ...]``: the payload's messages, back to back: each piece, cut into parts of at most
+        ``message_bytes``. The transport moves each straight from the sender's cache into its place in the
+        receiver's one buffer (see :mod:`.transport`); :func:`split` cuts the sender's pieces alike."""
+        m = self.message_bytes
+        if not m:
+            return self.pieces()
+        return [(a, min(a + m, b)) for a0, b in self.pieces() for a in range(a0, b, m)]
+
 
 def encode(h: Header) -> bytes:
     vals = [MAGIC, VERSION, 0, h.kind, h.fingerprint.dtype, h.fingerprint.n_layers, h.rows, h.tokens,
-            h.prefix_len, h.payload_bytes, h.layout]
+            h.prefix_len, h.payload_bytes, h.layout, h.message_bytes]
     for layer, s, w in zip(h.fingerprint.layers, h.stored, h.cache_windows):
         vals += [*layer, s, w]
     vals += [*h.pad, *h.lengths]
@@ -119,9 +131,11 @@ def decode(data: bytes) -> Header:
     _check(v[0] == MAGIC, f"bad magic {v[0]:#x} (expected {MAGIC:#x}): not a pskernels cache message")
     if v[1] != VERSION:
         raise ValueError(f"format version: sender {v[1]}, receiver {VERSION}")
-    hlen, kind, dtype, L, B, T, P, nbytes, layout = v[2:_FIXED]
+    hlen, kind, dtype, L, B, T, P, nbytes, layout, message_bytes = v[2:_FIXED]
     _check(kind in KINDS, f"kind {kind} is not one of {sorted(KINDS)}")
     _check(layout in LAYOUTS, f"layout {layout} is not one of {sorted(LAYOUTS)}")
+    _check(message_bytes == 0 or 1 << 12 <= message_bytes <= 1 << 40,
+           f"message bytes {message_bytes} outside 0 or [4096, 2^40]")
     _check(dtype_of(dtype) is not dtype, f"unknown dtype code {dtype}")
     _check(1 <= L <= MAX_LAYERS, f"layer count {L} outside [1, {MAX_LAYERS}]")
     _check(1 <= B <= MAX_ROWS, f"rows {B} outside [1, {MAX_ROWS}]")
@@ -148,7 +162,7 @@ def decode(data: bytes) -> Header:
         _check(len({f[:2] for f in layers}) == 1 and all(s == T for s in stored),
                "a token-major payload needs every layer alike (kv heads, head dim) and storing all its slots")
     h = Header(kind, Fingerprint(dtype, tuple(layers)), B, T, P, tuple(stored), tuple(windows), pad, lengths, layout,
-               v[1])
+               message_bytes, v[1])
     _check(nbytes == h.payload_bytes, f"payload bytes {nbytes} do not match the layout's {h.payload_bytes}")
     return h
 
@@ -190,8 +204,7 @@ def unpack(h: Header, payload: torch.Tensor) -> list:
         raise ValueError("payload: expected a contiguous tensor")
     flat = payload.view(h.dtype)
     if h.layout == TOKEN_MAJOR:
-        x = token_rows(h, payload)
-        return [(x[:, :, l, 0].transpose(1, 2), x[:, :, l, 1].transpose(1, 2)) for l in range(len(h.stored))]
+        return layer_views(token_rows(h, payload))
     shapes = {h.layer_shape(l) for l in range(len(h.stored))}
     if len(shapes) == 1:  # every layer alike (the common case): all 2 L views from one C++ call
         kv = flat.view(2 * len(h.stored), *shapes.pop()).unbind(0)
@@ -201,6 +214,14 @@ def unpack(h: Header, payload: torch.Tensor) -> list:
         shape = h.layer_shape(l)
         out.append((flat[k0 // el:v0 // el].view(shape), flat[v0 // el:end // el].view(shape)))
     return out
+
+
+def split(pieces, message_bytes: int) -> list:
+    """The sender's pieces (1-D uint8 tensors, one per ``Header.pieces()`` entry) cut as ``Header.ranges()``
+    cuts the payload: views, no copy."""
+    if not message_bytes:
+        return list(pieces)
+    return [p[a:a + message_bytes] for p in pieces for a in range(0, p.numel(), message_bytes)]
 
 
 def token_rows(h: Header, payload: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,11 @@ are strided views ``[B, kv_heads, n, head_dim]`` with ``stride(-1) == 1``, which
 
 The first write allocates ``max(reserve, tokens)`` slots; growing adds half the capacity (one copy of the slots
 written), so a decode step writes its token in place where a ``DynamicLayer`` concatenates the layer's whole
-cache. A caller that knows its budget (prompt + ``max_new_tokens - 1``) reserves it: no copy, no spare slots. A layer whose shape, dtype or device differs from the
-buffer's (a model whose layers differ), or whose tokens carry gradients (training), leaves it and stores its
-tokens as a ``DynamicLayer`` does.
+cache. A caller that knows its budget (prompt + ``max_new_tokens - 1``) reserves it: no copy, no spare slots.
+
+A layer whose shape, dtype or device differs from the buffer's (a model whose layers differ), or whose tokens
+carry gradients (training, or a forward outside ``torch.no_grad()``), leaves it and stores its tokens as a
+``DynamicLayer`` does; such a cache is sent layer-major.
 """
 from __future__ import annotations
 
@@ -68,13 +70,24 @@ class TokenSlab:
         if written:
             new[:, :written].copy_(self.buf[:, :written])
         self.buf = new
-        for layer in layers:
-            if layer.slab is self and layer.length:
-                layer.keys, layer.values = self.views(layer.index, layer.length)
+        self.point([layer for layer in layers if layer.slab is self])
 
     def views(self, l: int, n: int) -> tuple:
         kv = self.buf[:, :n, l]  # [B, n, 2, H, D]
         return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
+    def point(self, layers) -> None:
+        """Set ``layers``' keys/values to their slots in the buffer (all layers of the same length at once)."""
+        by_len = {}
+        for layer in layers:
+            by_len.setdefault(layer.length, []).append(layer)
+        for n, group in by_len.items():
+            if n and len(group) > 1:
+                kv = layer_views(self.buf[:, :n])
+                for layer in group:
+                    layer.keys, layer.values = kv[layer.index]
+            elif n:
+                group[0].keys, group[0].values = self.views(group[0].index, n)
 
     def rows(self, n: int):
         """The buffer's first ``n`` slots of every row, ``[B, n, L, 2, H, D]``, if every layer stores exactly ``n``
@@ -166,10 +179,16 @@ def adopt_rows(rows: torch.Tensor) -> list:
     slab.buf = rows
     layers = [SlabLayer(slab, l) for l in range(rows.shape[2])]
     for layer in layers:
-        layer.lazy_initialization(rows, rows)
-        layer.length = rows.shape[1]
-        layer.keys, layer.values = slab.views(layer.index, layer.length)
+        layer.device, layer.is_initialized, layer.length = rows.device, True, rows.shape[1]
+    slab.point(layers)
     return layers
+
+
+def layer_views(rows: torch.Tensor) -> list:
+    """``[(keys, values)]`` of every layer of a token-major ``[B, n, L, 2, H, D]`` buffer, each ``[B, H, n, D]``
+    (strided views; one ``unbind`` for all of them)."""
+    kv = rows.permute(2, 3, 0, 4, 1, 5).flatten(0, 1).unbind(0)  # 2 L x [B, H, n, D]
+    return list(zip(kv[0::2], kv[1::2]))
 
 
 def slab_layers(n_layers: int, reserve: int = 0) -> list:
