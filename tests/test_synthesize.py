@@ -108,10 +108,11 @@ def test_a_synthesizer_trained_on_recomputed_branches_reads_them_recomputed(reco
         manual = recompute_branches(synth.model, prefix, workers, ids, head=2, tail=1, together=False,
                                     mapper=synth.mapper, head_share=0.4)
     assert torch.equal(_logits(synth.model, synth.cache(prefix, workers, ids)), _logits(synth.model, manual))
-    assert "head 2, tail 1, heads growing to 0.4 of a branch" in repr(synth)
-    with pytest.raises(ValueError, match=r"branch_ids: this synthesizer reads its branches with tokens recomputed "
-                                         r"\(head 2, tail 1, heads growing to 0.4 of a branch\) and needs each "
-                                         r"branch's token ids, got None"):
+    assert "branches read with the first 2 tokens of each branch (at least 40% of it) and its last 1 recomputed)" \
+        in repr(synth)
+    with pytest.raises(ValueError, match=r"branch_ids: this synthesizer reads its branches with the first 2 tokens of "
+                                         r"each branch \(at least 40% of it\) and its last 1 recomputed, and needs "
+                                         r"each branch's token ids, got None"):
         synth.cache(prefix, workers)
     with pytest.raises(ValueError, match=r"branch_ids: expected one id tensor per branch \(3\), got 2"):
         synth.cache(prefix, workers, ids[:2])
@@ -177,4 +178,4 @@ def test_the_shipped_smollm2_synthesizers_load_by_name():
     assert fast.recompute is None and fast.path == checkpoints.shipped_checkpoint("smollm2")
     faithful = Synthesizer.load(models.load_model("smollm2")[0], "smollm2", recompute=True)
     assert faithful.recompute == (48, 0, True) and faithful.head_share == 0.4
-    assert "head 48, in one forward, heads growing to 0.4 of a branch" in repr(faithful)
+    assert "the first 48 tokens of each branch (at least 40% of it) recomputed in one forward" in repr(faithful)

@@ -26,7 +26,7 @@ import torch
 from ..hf import ParallelCache, patch_model
 from ..synthesis import checkpoints
 from ..synthesis.models import load_model, tiny_llama
-from ..synthesis.recompute import check_head_share, grown_heads
+from ..synthesis.recompute import check_head_share, describe_recompute, grown_heads
 from ..synthesis.synthesize import Synthesizer
 from ..synthesis.synthesizer import synthesizer_cache
 from ..synthesis.workflow import cache_kwarg, output_cache
@@ -227,14 +227,6 @@ def recomputed_tokens(how, branch_lengths, turns, head_share: float = 0.0) -> in
     head, tail, _ = how
     heads = grown_heads(turns if head == "prompt" else head, branch_lengths, head_share)
     return sum(min(n, h + tail) for n, h in zip(branch_lengths, heads))
-
-
-def describe_recompute(how, head_share: float = 0.0) -> str:
-    """``(head, tail, together)`` in words: which tokens of each branch are recomputed."""
-    head, tail, _ = how
-    what = "each worker's instruction" if head == "prompt" else f"the first {head} tokens of each branch"
-    what += f" (at least {head_share:.0%} of it)" if head_share else ""
-    return what + (f" and its last {tail}" if tail else "")
 
 
 @torch.no_grad()

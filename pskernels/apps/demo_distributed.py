@@ -374,7 +374,8 @@ def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, rank
 def print_report(r: dict, worker_errors=()) -> None:
     import textwrap
 
-    from .demo import describe_recompute, print_answers
+    from ..synthesis.recompute import describe_recompute
+    from .demo import print_answers
 
     print(f"pskernels demo, {r['world']} processes — {r['model']}, backend {r['backend']} on {r['device']}, "
           f"{r['threads']} threads on rank 0")

@@ -58,6 +58,15 @@ def check_head_share(share) -> float:
     return float(share)
 
 
+def describe_recompute(how, head_share: float = 0.0) -> str:
+    """``(head, tail, together)`` in words: which tokens of each branch are recomputed (``head`` ``"prompt"``: each
+    worker's instruction; ``head_share``: heads grown to that share of a longer branch)."""
+    head, tail, _ = how
+    what = "each worker's instruction" if head == "prompt" else f"the first {head} tokens of each branch"
+    what += f" (at least {head_share:.0%} of it)" if head_share else ""
+    return what + (f" and its last {tail}" if tail else "")
+
+
 def grown_heads(head, lengths, share: float = 0.0) -> list[int]:
     """Per branch, the head recomputed when it grows with the branch: ``max(head, ceil(share * n))`` tokens of a
     branch of ``n`` (at most ``n``). ``head``: an int or one per branch; ``share`` in [0, 1] (0: ``head`` as is).

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import checkpoints
 from .adapter import base_model, unwrap
-from .recompute import check_head_share, recompute_branches
+from .recompute import check_head_share, describe_recompute, recompute_branches
 from .synthesizer import synthesizer_cache
 from .workflow import cache_kwarg
 
@@ -160,8 +160,8 @@ class Synthesizer:
             return synthesizer_cache(self.model, prefix, branches, self.mapper, lengths=lengths)
         head, tail, together = self.recompute
         if branch_ids is None:
-            raise ValueError(f"branch_ids: this synthesizer reads its branches with tokens recomputed ({self._how()}) "
-                             "and needs each branch's token ids, got None")
+            raise ValueError(f"branch_ids: this synthesizer reads its branches with {self._how()}, and needs each "
+                             "branch's token ids, got None")
         if head == "prompt":
             if turns is None or len(turns) != len(branches):
                 raise ValueError(f"turns: this synthesizer recomputes each worker's instruction; expected one length "
@@ -178,12 +178,11 @@ class Synthesizer:
         return self.model.generate(input_ids, **{cache_kwarg(unwrap(self.model)): cache}, **generate_kwargs)
 
     def _how(self) -> str:
-        head, tail, together = self.recompute
-        what = f"head {head}" + (f", tail {tail}" if tail else "") + (", in one forward" if together else "")
-        return what + (f", heads growing to {self.head_share:g} of a branch" if self.head_share else "")
+        one = " in one forward" if self.recompute[2] else ""
+        return f"{describe_recompute(self.recompute, self.head_share)} recomputed{one}"
 
     def __repr__(self) -> str:
         src = f"checkpoint {str(self.path)!r}" if self.path is not None else "base model"
-        reads = f"recomputed ({self._how()})" if self.recompute else "as cached"
+        reads = f"with {self._how()}" if self.recompute else "as cached"
         mapper = "a mapper" if self.mapper is not None else "no mapper"
         return f"Synthesizer({src}, {mapper}, branches read {reads})"
