@@ -63,7 +63,7 @@ def run_workers(model, prefix_ids: torch.Tensor, worker_ids: list, *, max_new_to
     prefix = output_cache(model(prefix_ids, use_cache=True))
     ids, mask = left_padded(worker_ids, pad_token_id, prefix_ids.device)
     L = ids.shape[1]
-    workers = ParallelCache(prefix, [])
+    workers = ParallelCache(prefix, [], reserve=L + max_new_tokens - 1)  # every slot generate can write
     out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **generate_kwargs, **{kw: workers})
     gen = out[:, L:]
