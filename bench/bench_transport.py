@@ -172,6 +172,7 @@ class PairState:
         self.prefix = output_cache(self.model(_ids(PREFIX, 0, self.model.config.vocab_size), use_cache=True))
         self.rank = rank
         self.nbytes = {n: n * psd.branch_bytes_per_token(self.model) for n in SIZES}
+        self.layout = {}  # rank 0: how each size's branch arrived
         # rank 1: the tensors to send; rank 0: the buffers
         self.raw = {n: torch.zeros(b, dtype=torch.uint8) for n, b in self.nbytes.items()}
         if rank == 1:
@@ -188,7 +189,8 @@ class PairState:
             if self.rank == 1:
                 psd.send_branch(self.branch[n], 0, model=self.model, timeout=STEP_TIMEOUT)
             else:
-                psd.recv_branch(1, model=self.model, prefix=self.prefix, timeout=STEP_TIMEOUT)
+                br = psd.recv_branch(1, model=self.model, prefix=self.prefix, timeout=STEP_TIMEOUT)
+                self.layout[n] = "token-major" if type(br.layers[0]).__name__ == "SlabLayer" else "layer-major"
         elif self.rank == 1:
             dist.send(self.raw[n], 0)
         else:
@@ -198,7 +200,7 @@ class PairState:
     def run(self, cmd):
         cmd, n = cmd
         out = {k: self._one(k, n) for k in (("branch", "raw") if cmd == "pair" else (cmd,))}
-        return dict(out, bytes=self.nbytes[n])
+        return dict(out, bytes=self.nbytes[n], layout=self.layout.get(n))
 
 
 class FanoutState:
@@ -334,8 +336,9 @@ def test_branch_vs_raw_ratio(benchmark, pair, tokens):
     """Branch and raw alternated within each round: the throughput ratio (goal >= 0.9)."""
     rows = _bench(benchmark, pair, ("pair", tokens), f"transport-{MODEL}-{tokens}tok")
     b, r, nbytes = _med(rows, "branch"), _med(rows, "raw"), rows[0]["bytes"]
-    _info(benchmark, bytes=nbytes, branch_ms_p50=b * 1e3, raw_ms_p50=r * 1e3, branch_GBps=nbytes / b / 1e9,
-          raw_GBps=nbytes / r / 1e9, throughput_ratio=r / b, goal="throughput_ratio >= 0.9", tokens=tokens)
+    _info(benchmark, bytes=nbytes, layout=rows[-1]["layout"], branch_ms_p50=b * 1e3, raw_ms_p50=r * 1e3,
+          branch_GBps=nbytes / b / 1e9, raw_GBps=nbytes / r / 1e9, throughput_ratio=r / b,
+          goal="throughput_ratio >= 0.9", tokens=tokens)
 
 
 @pytest.mark.parametrize("path", ["cache", "text", "local"])
