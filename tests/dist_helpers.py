@@ -360,6 +360,8 @@ def faults(rank, world):
             if i + 1 in (10, ROUNDS):
                 gc.collect()
                 out[f"rss_{i + 1}"] = rss_kib()
+        store.wait(["t/gather"])  # after rank 0 counted the store's keys
+        psd.send_branch(_solo(model, prefix, 25), 0, model=model, timeout=STEP_TIMEOUT)  # for gather_branches
         return out
     if rank == 3:
         sent = []
@@ -377,6 +379,9 @@ def faults(rank, world):
             wire.VERSION = version
         psd.send_branch(_solo(model, prefix, 35), 0, model=model, timeout=STEP_TIMEOUT)
         out["refused"] = sent
+        store.wait(["t/gather"])
+        out["gather_refused"] = _raises(psd.BranchRefused, psd.send_branch, bad[0][1], 0, model=yarn,
+                                        timeout=STEP_TIMEOUT)
         return out
     # rank 0 -------------------------------------------------------------------------------------------------
     store.wait(["t/1-exiting"])
@@ -407,6 +412,12 @@ def faults(rank, world):
             out[f"rss_{i + 1}"] = rss_kib()
             out[f"keys_{i + 1}"] = store.num_keys()
     out["payload_kib"] = RSS_TOKENS * psd.branch_bytes_per_token(model) // 1024
+    # one branch from each of ranks 1-3 within 2.5 s: rank 2's arrives, rank 3's is refused, rank 1 is dead
+    store.set("t/gather", "1")
+    t0 = time.monotonic()
+    got, missing = psd.gather_branches([1, 2, 3], model=model, prefix=prefix, timeout=2.5)
+    out["gather"] = {"got": list(got), "missing": missing, "seconds": time.monotonic() - t0}
+    _same_branch(got[2], _solo(model, local_prefix, 25), "gathered branch of rank 2")
     return out
 
 

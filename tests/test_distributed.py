@@ -202,6 +202,11 @@ def test_token_major_header_needs_uniform_layers(llama):
     assert br.layers[0].slab.buf.data_ptr() == payload.data_ptr()  # the payload adopted as the own-token buffer
 
 
+def test_gather_branches_needs_distinct_ranks(llama):
+    with pytest.raises(ValueError, match=r"srcs: expected distinct ranks, got \[1, 2, 1\]"):
+        pskernels.distributed.gather_branches([1, 2, 1], model=llama, prefix=None, timeout=1)
+
+
 def test_payload_pool_reuses_a_buffer_only_when_nothing_holds_it():
     from pskernels.distributed.transport import PayloadPool
 
@@ -265,7 +270,8 @@ def test_round_trip_exact_in_place_every_scheme(spawned):
 def test_faults_leave_the_group_usable(spawned):
     """A refused broadcast, a dead worker and a slow one (TimeoutError naming the rank, then the live branches
     still arrive), a withdrawn send, four refused branches (other model, dtype, format version, prefix length: the
-    field and both values named on both sides, the sender not hung), then 100 rounds with flat RSS and store."""
+    field and both values named on both sides, the sender not hung), then 100 rounds with flat RSS and store, and
+    gather_branches over a live, a refused and a dead worker."""
     out = {r: v["faults"] for r, v in spawned.items()}
     for r in range(4):
         assert "refused the prefix of rank 0" in out[r]["bcast_refused"] if r == 3 else \
@@ -284,6 +290,11 @@ def test_faults_leave_the_group_usable(spawned):
     for want, (got, _, src), (sent, _, dst) in zip(expected, out[0]["refusals"], out[3]["refused"]):
         assert "rank 3" in got and want in got and src == 3, got
         assert "rank 0 refused" in sent and want in sent and dst == 0, sent
+    g = out[0]["gather"]
+    assert g["got"] == [2] and sorted(g["missing"]) == [1, 3] and 2.4 <= g["seconds"] < 6.0, g
+    assert g["missing"][1] == "timeout: no branch within 2.5 s", g
+    assert g["missing"][3].startswith("refused: ") and "rope_type: sender yarn, receiver default" in g["missing"][3]
+    assert "rank 0 refused" in out[3]["gather_refused"][0], out[3]["gather_refused"]
     grow = {r: out[r]["rss_100"] - out[r]["rss_10"] for r in (0, 2)}
     # 90 more rounds of a payload_kib message: a leak of one buffer per round would be 90 x that
     assert all(g < 4 * out[0]["payload_kib"] for g in grow.values()), (grow, out[0]["payload_kib"])

@@ -175,7 +175,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     model, base, tokenizer, mapper, label, path, recompute = _load(cfg, rank, device)
     prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, device)
     store = _store()
-    t_bcast = time.monotonic()
+    t_bcast, t_bcast_perf = time.monotonic(), time.perf_counter()
     if rank != 0:  # ------------------------------------------------------------------------------ a worker
         prefix = psd.broadcast_prefix(None, 0, model=base, timeout=cfg.timeout)
         if rank in cfg.dead:
@@ -208,22 +208,12 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
         text_concat_cache(model, prefix, [worker_ids[0]], query_ids)
     model(query_ids, use_cache=True, logits_to_keep=1, **{kw: synthesizer_cache(model, prefix, [], mapper)})
 
-    pending, got, missing = set(range(1, world)), {}, []
-    t_last_branch = None
-    while pending:
-        try:
-            src, br = psd.recv_any(sorted(pending), model=base, prefix=prefix,
-                                   timeout=max(0.0, deadline - time.monotonic()))
-        except psd.BranchRefused as e:
-            pending.discard(e.rank)
-            missing.append({"rank": e.rank, "why": f"refused: {e.reason}"})
-            continue
-        except psd.BranchTimeout as e:
-            missing += [{"rank": r, "why": f"no branch within --timeout {cfg.timeout:g} s"} for r in e.ranks]
-            break
-        t_last_branch = time.perf_counter()
-        pending.discard(src)
-        got[src] = {"branch": br, "arrival_s": round(time.monotonic() - t_bcast, 3)}
+    received, why = psd.gather_branches(range(1, world), model=base, prefix=prefix,
+                                        timeout=max(0.0, deadline - time.monotonic()))
+    missing = [{"rank": r, "why": w if w.startswith("refused") else f"no branch within --timeout {cfg.timeout:g} s"}
+               for r, w in why.items()]
+    got = {s: {"branch": br, "arrival_s": round(br.received_at - t_bcast_perf, 3)} for s, br in received.items()}
+    t_last_branch = max((br.received_at for br in received.values()), default=None)
     order = list(got)
     ranks = sorted(got)
     r = {"model": cfg.model, "world": world, "backend": dist.get_backend(), "device": str(device),

@@ -6,6 +6,7 @@ broadcast_prefix(cache_or_None, src, *, model, group=None, timeout=None) -> pref
 send_branch(worker_cache, dst, *, model, group=None, prefix_len=None, length=None, timeout=None) -> bytes sent
 recv_branch(src, *, model, prefix, group=None, timeout=None) -> branch for ``ParallelCache(prefix, [...])``
 recv_any(srcs, *, model, prefix, group=None, timeout=None) -> (src, branch), in the order workers finish
+gather_branches(srcs, *, model, prefix, group=None, timeout=None) -> ({src: branch}, {src: why missing})
 branch_bytes_per_token(model) -> bytes one branch token costs on the wire
 BranchRefused (a ValueError with ``.rank``, ``.reason``), BranchTimeout (a TimeoutError with ``.ranks``)
 
@@ -30,8 +31,8 @@ from .caches import branch_parts, build_branch, build_prefix, prefix_parts
 from .errors import BranchRefused, BranchTimeout
 from .fingerprint import compare, fingerprint, model_dtype
 
-__all__ = ["broadcast_prefix", "send_branch", "recv_branch", "recv_any", "branch_bytes_per_token", "BranchRefused",
-           "BranchTimeout"]
+__all__ = ["broadcast_prefix", "send_branch", "recv_branch", "recv_any", "gather_branches", "branch_bytes_per_token",
+           "BranchRefused", "BranchTimeout"]
 
 
 def _prefix_len(prefix) -> int:
@@ -142,8 +143,9 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         cache dropped slots, an ordinary cache of the branch's stored slots). Every layer's ``keys``/``values``
         ``[B, kv_heads, S, head_dim]`` is a view into the one received buffer. ``branch.lengths`` ([B] int64) are
         the real tokens per row; pass them as ``branch_lengths`` when the rows of a multi-row branch differ.
-        ``branch.payload_bytes`` and ``branch.recv_seconds`` (the payload receive, after the verdict, with the
-        branch's views built meanwhile) are there for reports.
+        ``branch.payload_bytes``, ``branch.recv_seconds`` (the payload receive, after the verdict, with the
+        branch's views built meanwhile) and ``branch.received_at`` (``time.perf_counter()`` when it was complete)
+        are there for reports.
 
     Raises
     ------
@@ -180,8 +182,59 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
             transport.wait_payload(works)
         if buf.is_cuda:
             torch.cuda.synchronize(buf.device)
-        branch.payload_bytes, branch.recv_seconds = h.payload_bytes, time.perf_counter() - t0
+        branch.received_at = time.perf_counter()
+        branch.payload_bytes, branch.recv_seconds = h.payload_bytes, branch.received_at - t0
         return src, branch
+
+
+def gather_branches(srcs, *, model, prefix, group=None, timeout=None):
+    """One branch from each of ``srcs``, taken in the order the workers finish, within ``timeout`` seconds in all:
+    a synthesizer that goes on with the branches it has.
+
+    Parameters
+    ----------
+    srcs : iterable of int
+        Global ranks of the workers, each sending one branch (distinct).
+    model, prefix, group
+        As for :func:`recv_any`.
+    timeout : float or timedelta, optional
+        Seconds for all of them (default: forever). Branches announced after it stay announced: a later
+        :func:`recv_branch` from that rank takes them.
+
+    Returns
+    -------
+    (dict, dict)
+        ``{src: branch}`` in arrival order (each as :func:`recv_any` returns it; ``branch.received_at`` tells when)
+        and ``{src: why}`` for the others: ``"refused: <field and both values>"`` (the sender got the same reason
+        and sent nothing) or ``"timeout: no branch within <t> s"``.
+
+    Examples
+    --------
+    ::
+
+        branches, missing = psd.gather_branches(range(1, world), model=model, prefix=prefix, timeout=60)
+        cache = pskernels.ParallelCache(prefix, [branches[r] for r in sorted(branches)])
+    """
+    pending = [int(s) for s in srcs]
+    if len(set(pending)) != len(pending):
+        raise ValueError(f"srcs: expected distinct ranks, got {pending}")
+    t = transport._seconds(timeout)
+    deadline = None if t is None else time.monotonic() + t
+    got, missing = {}, {}
+    while pending:
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            src, branch = recv_any(pending, model=model, prefix=prefix, group=group, timeout=left)
+        except BranchRefused as e:
+            pending.remove(e.rank)
+            missing[e.rank] = f"refused: {e.reason}"
+            continue
+        except BranchTimeout as e:
+            missing.update((r, f"timeout: no branch within {t:g} s") for r in e.ranks)
+            break
+        pending.remove(src)
+        got[src] = branch
+    return got, missing
 
 
 def recv_branch(src: int, *, model, prefix, group=None, timeout=None):
