@@ -159,3 +159,15 @@ def test_reserve_is_checked():
     for bad in (-1, 2.5, True):
         with pytest.raises(ValueError, match="reserve: expected an int >= 0"):
             pskernels.ParallelCache(None, [], reserve=bad)
+
+
+def test_layer_views_are_views_whatever_the_strides():
+    from pskernels.hf.slab import layer_views
+
+    base = torch.randn(2, 5, 3, 2, 4, 8)
+    odd = torch.randn(2, 5, 2, 3, 4, 8).transpose(2, 3)  # (L, 2) not mergeable into one dim
+    for rows in (base, odd):
+        kv = layer_views(rows)
+        for l, (k, v) in enumerate(kv):
+            assert k.data_ptr() == rows[:, :, l, 0].data_ptr() and v.data_ptr() == rows[:, :, l, 1].data_ptr()
+            assert torch.equal(k, rows[:, :, l, 0].transpose(1, 2)) and torch.equal(v, rows[:, :, l, 1].transpose(1, 2))

@@ -1,10 +1,11 @@
 """Own tokens of a ``ParallelCache`` in one token-major buffer shared by every layer.
 
 The buffer is ``[B, capacity, L, 2, kv_heads, head_dim]``: the first ``n`` slots of a row, every layer's keys and
-values, are one contiguous byte range. A worker's branch therefore leaves its process as one message per row
-(:func:`pskernels.distributed.send_branch`), with no packing copy, where a per-layer cache takes ``2 L`` messages
-(gloo pays ~30 us per message: a third of the time of a 256-token SmolLM2 branch). Layer ``l``'s keys and values
-are strided views ``[B, kv_heads, n, head_dim]`` with ``stride(-1) == 1``, which every kernel reads as they are.
+values, are one contiguous byte range. A worker's branch therefore leaves its process as one piece per row
+(:func:`pskernels.distributed.send_branch`), with no packing copy, cut into messages of whatever size the
+transport moves best, where a per-layer cache takes ``2 L`` pieces (gloo pays ~30 us per message: 60 of them
+cost a 256-token SmolLM2 branch ~1 ms). Layer ``l``'s keys and values are strided views
+``[B, kv_heads, n, head_dim]`` with ``stride(-1) == 1``, which every kernel reads as they are.
 
 The first write allocates ``max(reserve, tokens)`` slots; growing adds half the capacity (one copy of the slots
 written), so a decode step writes its token in place where a ``DynamicLayer`` concatenates the layer's whole
@@ -187,8 +188,11 @@ def adopt_rows(rows: torch.Tensor) -> list:
 def layer_views(rows: torch.Tensor) -> list:
     """``[(keys, values)]`` of every layer of a token-major ``[B, n, L, 2, H, D]`` buffer, each ``[B, H, n, D]``
     (strided views; one ``unbind`` for all of them)."""
-    kv = rows.permute(2, 3, 0, 4, 1, 5).flatten(0, 1).unbind(0)  # 2 L x [B, H, n, D]
-    return list(zip(kv[0::2], kv[1::2]))
+    x = rows.permute(2, 3, 0, 4, 1, 5)  # [L, 2, B, H, n, D]
+    if rows.stride(2) == 2 * rows.stride(3):  # (L, 2) merge into one dim of views, as in every buffer made here
+        kv = x.flatten(0, 1).unbind(0)
+        return list(zip(kv[0::2], kv[1::2]))
+    return [tuple(layer.unbind(0)) for layer in x.unbind(0)]
 
 
 def slab_layers(n_layers: int, reserve: int = 0) -> list:
