@@ -216,18 +216,22 @@ def test_sliding_window_tokens_dropped_by_right_padding_raise():
         handle.remove()
 
 
+@pytest.mark.parametrize("zero_copy", [False, True], ids=["deepcopy", "zero_copy"])
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.interpreter), "cpu"])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_forced_kernel_backends_through_hf(arch, backend):
-    """The HF path with a forced kernel backend (Triton runs in its interpreter here) matches the oracle."""
+def test_forced_kernel_backends_through_hf(arch, backend, zero_copy):
+    """The HF path with a forced kernel backend (Triton runs in its interpreter here) matches the oracle; zero-copy
+    workers' branches are strided views of their token-major own-token buffers."""
     if backend not in pskernels.available_backends("multi_branch_attention"):
         pytest.skip(f"{backend} backend not available on this machine")
     model = make_model(arch)
     case = make_case(2, 5, [[4, 2], [7, 0], [3, 5]], [4, 2], VOCAB, seed=2)
-    prefix, branches = branch_caches(model, case)
     handle = pskernels.patch_model(model, backend=backend)
     try:
         with torch.no_grad():
+            prefix, branches = branch_caches(model, case, zero_copy=zero_copy)
+            if zero_copy:
+                assert all(b.layers[0].slab.rows(b.get_seq_length()) is not None for b in branches)
             cache = pskernels.ParallelCache(prefix, branches, branch_lengths=case.lengths)
             logits = model(case.query, attention_mask=case.query_mask, past_key_values=cache).logits
     finally:
