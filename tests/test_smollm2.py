@@ -163,3 +163,17 @@ def test_shipped_checkpoint_loads_and_beats_the_untrained_synthesizer_on_held_ou
     # suite evaluation (docs/FIDELITY.md): on all 24 held-out examples 0.75x with run D (0.81x on these four with
     # run B), 0.34x with runs H48 and H48L (the first 48 tokens of each branch recomputed)
     assert r["trained"]["kl"] < 0.9 * r["parallel"]["kl"], (r["parallel"], r["trained"])
+
+
+@needs_smollm2
+def test_demo_answers_drop_a_cut_off_character(smollm2):
+    """An answer cut inside a multi-byte character (its first byte generated, the rest not) is shown without the
+    broken character; whole answers are unchanged."""
+    from pskernels.apps.demo import decode_text
+
+    tok = smollm2[1]
+    ids = tok.encode("options which aren’t famous", add_special_tokens=False)
+    assert decode_text(tok, ids) == "options which aren’t famous"
+    first_byte = tok.convert_tokens_to_ids("â")  # byte 0xE2, the first of three in "’"
+    assert tok.decode(ids[:3] + [first_byte]).endswith("\ufffd")
+    assert decode_text(tok, ids[:3] + [first_byte]) == "options which aren"

@@ -313,7 +313,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
         handle.remove()
         if handle_c is not None:
             handle_c.remove()
-    dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
+    dec = lambda ids: decode_text(tokenizer, ids)  # noqa: E731
     trained = ["cache mapper"] * (mapper is not None) + ["LoRA adapter"] * is_peft_model(model)
     kv = sum(t.numel() * t.element_size() for layer in w.cache.layers for t in (layer.keys, layer.values))
     text_ms, par_ms = statistics.median(t_text), statistics.median(t_par)
@@ -346,6 +346,19 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
 
 
 ANSWER_WIDTH = 58
+
+
+def decode_text(tokenizer, ids) -> str:
+    """Token ids as text, without the broken character a cut-off answer can end with (the first bytes of a
+    multi-byte character whose last bytes were never generated decode to U+FFFD)."""
+    ids = [int(i) for i in ids]
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    for _ in range(3):  # a character is at most 4 bytes: at most 3 tokens of a cut one
+        if not (text.endswith("\ufffd") and ids):
+            break
+        ids = ids[:-1]
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+    return text.strip()
 
 
 def print_answers(text_answer: str, parallel_answer: str, parallel_title: str) -> None:

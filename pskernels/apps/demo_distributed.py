@@ -221,7 +221,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
          "query_tokens": query_ids.shape[1], "bytes_per_token": psd.branch_bytes_per_token(base),
          "arrival_order": order, "missing": sorted(missing, key=lambda m: m["rank"]), "synthesizer": label,
          "mapper_path": path, "timeout_s": cfg.timeout, "receive_s": round(time.monotonic() - t_bcast, 3)}
-    from .demo import answer_generation
+    from .demo import answer_generation, decode_text
 
     gen = answer_generation(query_ids, cfg.answer_tokens, eos, pad)
     branches = [got[s]["branch"] for s in ranks]
@@ -293,7 +293,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     with base_model(model):
         text_out = model.generate(full, **answer_generation(full, cfg.answer_tokens, eos, pad),
                                   **{kw: copy.deepcopy(prefix)})[0, full.shape[1]:].cpu()
-    dec = lambda t: tokenizer.decode(t, skip_special_tokens=True).strip()  # noqa: E731
+    dec = lambda t: decode_text(tokenizer, t)  # noqa: E731
     workers = []
     for s in ranks:
         st = worker_subtask(s, subtasks)
