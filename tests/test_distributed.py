@@ -46,7 +46,7 @@ def test_header_round_trip_and_in_place_unpack(llama):
     for (k, v), (k0, v0) in zip(views, kv):
         assert torch.equal(k, k0) and torch.equal(v, v0)
         assert k.untyped_storage().data_ptr() == ptr == v.untyped_storage().data_ptr()
-    branch = caches.build_branch(h, views, prefix)
+    branch = caches.build_branch(h, payload, prefix)
     assert all(layer.keys.untyped_storage().data_ptr() == ptr for layer in branch.layers)
 
 
@@ -58,8 +58,9 @@ def test_payload_of_the_wrong_size_builds_nothing(llama, delta, monkeypatch):
     bad = torch.zeros(payload.numel() + delta, dtype=torch.uint8)
     built = []
     monkeypatch.setattr(torch.Tensor, "view", lambda *a, **k: built.append(1) or pytest.fail("a view was built"))
-    with pytest.raises(ValueError, match="truncated" if delta < 0 else "oversized"):
-        wire.unpack(h, bad)
+    for build in (wire.unpack, wire.token_rows, lambda h, p: caches.build_branch(h, p, None)):
+        with pytest.raises(ValueError, match="truncated" if delta < 0 else "oversized"):
+            build(h, bad)
     assert not built
 
 
@@ -123,7 +124,7 @@ def test_multi_row_branch_for_a_batched_synthesizer(llama):
     raw, payload, _ = _message(llama, w)
     h = wire.decode(raw)
     assert (h.rows, h.pad, h.lengths) == (2, (0, 2), (6, 4))
-    br = caches.build_branch(h, wire.unpack(h, payload), prefix)
+    br = caches.build_branch(h, payload, prefix)
     assert br.lengths.tolist() == [6, 4]
     q = dh.ids(3, 2, rows=2)
     a = llama(q, cache=pskernels.ParallelCache(prefix, [w, w])).logits
@@ -198,7 +199,7 @@ def test_token_major_header_needs_uniform_layers(llama):
     assert h.layout == wire.TOKEN_MAJOR
     with pytest.raises(ValueError, match="token-major payload needs every layer alike"):
         wire.decode(_patch_header(raw, 12 + 9, 7))  # layer 1 with 7 kv heads
-    br = caches.build_branch(h, wire.unpack(h, payload), None, wire.token_rows(h, payload))
+    br = caches.build_branch(h, payload, None)
     assert br.layers[0].slab.buf.data_ptr() == payload.data_ptr()  # the payload adopted as the own-token buffer
 
 

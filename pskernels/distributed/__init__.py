@@ -39,20 +39,13 @@ def _prefix_len(prefix) -> int:
     return max((layer.get_seq_length() for layer in prefix.layers), default=0) if prefix is not None else 0
 
 
-def _device(model, prefix):
-    if prefix is not None:
-        for layer in prefix.layers:
-            if layer.keys is not None and layer.keys.ndim == 4:
-                return layer.keys.device
-    return next(model.parameters()).device
-
-
-def _cache_device(cache):
-    c = cache.cache if isinstance(cache, CacheRow) else cache
-    for layer in getattr(c, "layers", ()):
+def _device(model, cache):
+    """Where ``cache`` (a prefix, a worker's cache or a CacheRow of one) holds its K/V; else the model's device."""
+    cache = cache.cache if isinstance(cache, CacheRow) else cache
+    for layer in getattr(cache, "layers", ()):  # anything else is refused by name where it is read
         if getattr(layer, "keys", None) is not None and layer.keys.ndim == 4:
             return layer.keys.device
-    return torch.device("cpu")
+    return next(model.parameters()).device
 
 
 def _judge(h: wire.Header, model, kind: int, prefix_len: int | None) -> str | None:
@@ -106,7 +99,7 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
     """
     fp = fingerprint(model)
     h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length,
-                                 message_bytes=transport.message_bytes(_cache_device(worker_cache)))
+                                 message_bytes=transport.message_bytes(_device(model, worker_cache)))
     wire.check_layers(h, kv)
     base = transport.announce(wire.encode(h), dst, group)
     verdict = transport.await_verdict(base, dst, timeout)
@@ -176,8 +169,7 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         t0 = time.perf_counter()
         buf, works = transport.post_payload(h.payload_bytes, h.ranges(), src, group, _device(model, prefix), base)
         try:  # the branch's views are built while the bytes move (they do not read them)
-            rows = wire.token_rows(h, buf) if h.layout == wire.TOKEN_MAJOR else None
-            branch = build_branch(h, wire.unpack(h, buf), prefix, rows)
+            branch = build_branch(h, buf, prefix)
         finally:  # never leave a receive posted
             transport.wait_payload(works)
         if buf.is_cuda:

@@ -167,17 +167,17 @@ def _ordinary(layers) -> DynamicCache:
     return c
 
 
-def build_branch(h: wire.Header, kv, prefix: Cache | None, rows=None) -> Cache:
-    """The received branch as a cache ``ParallelCache(prefix, [branch])`` reads in place (see the module doc);
-    ``rows``: the token-major payload (:func:`wire.token_rows`) the ``kv`` views come from, adopted as the
-    worker's own-token buffer."""
-    if all(s == h.tokens for s in h.stored):
-        pc = worker_cache(prefix, kv, h.pad, rows=rows)
-        pc.lengths = torch.tensor(h.lengths, dtype=torch.int64)
-        return pc
-    c = _ordinary(_layers(h, kv, h.prefix_len + h.tokens))
-    c.lengths = torch.tensor(h.lengths, dtype=torch.int64)
-    return c
+def build_branch(h: wire.Header, payload: torch.Tensor, prefix: Cache | None) -> Cache:
+    """The received branch as a cache ``ParallelCache(prefix, [branch])`` reads in place (see the module doc): views
+    of ``payload`` (a token-major one becomes the worker's own-token buffer as it is)."""
+    if h.layout == wire.TOKEN_MAJOR:
+        pc = worker_cache(prefix, pad=h.pad, rows=wire.token_rows(h, payload))
+    elif all(s == h.tokens for s in h.stored):
+        pc = worker_cache(prefix, wire.unpack(h, payload), h.pad)
+    else:
+        pc = _ordinary(_layers(h, wire.unpack(h, payload), h.prefix_len + h.tokens))
+    pc.lengths = torch.tensor(h.lengths, dtype=torch.int64)
+    return pc
 
 
 def build_prefix(h: wire.Header, kv) -> DynamicCache:

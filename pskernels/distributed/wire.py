@@ -190,10 +190,8 @@ def pack(h: Header, layers, device=None) -> torch.Tensor:
     return buf
 
 
-def unpack(h: Header, payload: torch.Tensor) -> list:
-    """Per-layer ``(k, v)`` views into ``payload`` (uint8, 1-D, exactly ``h.payload_bytes``): no copy.
-
-    The size is checked before any view is built, so a truncated or oversized payload builds nothing."""
+def _check_payload(h: Header, payload) -> None:
+    """Before any view is built: a truncated or oversized payload builds nothing."""
     if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.ndim != 1:
         raise ValueError(f"payload: expected a 1-D uint8 tensor, got "
                          f"{getattr(payload, 'dtype', type(payload).__name__)} {tuple(getattr(payload, 'shape', ()))}")
@@ -202,9 +200,16 @@ def unpack(h: Header, payload: torch.Tensor) -> list:
         raise ValueError(f"payload: {what}: expected {h.payload_bytes} bytes, got {payload.numel()}")
     if not payload.is_contiguous():
         raise ValueError("payload: expected a contiguous tensor")
-    flat = payload.view(h.dtype)
+
+
+def unpack(h: Header, payload: torch.Tensor) -> list:
+    """Per-layer ``(k, v)`` views into ``payload`` (uint8, 1-D, exactly ``h.payload_bytes``): no copy.
+
+    The size is checked before any view is built, so a truncated or oversized payload builds nothing."""
     if h.layout == TOKEN_MAJOR:
         return layer_views(token_rows(h, payload))
+    _check_payload(h, payload)
+    flat = payload.view(h.dtype)
     shapes = {h.layer_shape(l) for l in range(len(h.stored))}
     if len(shapes) == 1:  # every layer alike (the common case): all 2 L views from one C++ call
         kv = flat.view(2 * len(h.stored), *shapes.pop()).unbind(0)
@@ -225,9 +230,10 @@ def split(pieces, message_bytes: int) -> list:
 
 
 def token_rows(h: Header, payload: torch.Tensor) -> torch.Tensor:
-    """A token-major payload as ``[B, T, L, 2, kv_heads, head_dim]`` (a view; ``payload`` as :func:`unpack` takes
-    it, checked there)."""
+    """A token-major payload as ``[B, T, L, 2, kv_heads, head_dim]`` (a view; ``payload`` checked as by
+    :func:`unpack`)."""
     if h.layout != TOKEN_MAJOR:
         raise ValueError(f"layout: expected a token-major payload, the header says {LAYOUTS[h.layout]}")
+    _check_payload(h, payload)
     kv_heads, head_dim = h.fingerprint.layers[0][:2]
     return payload.view(h.dtype).view(h.rows, h.tokens, len(h.stored), 2, kv_heads, head_dim)

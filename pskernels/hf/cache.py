@@ -486,12 +486,14 @@ class ParallelCache(Cache):
         return meta
 
 
-def worker_cache(prefix: Cache | None, kv, pad=None, rows=None) -> ParallelCache:
+def worker_cache(prefix: Cache | None, kv=None, pad=None, rows=None) -> ParallelCache:
     """A worker's zero-copy cache ``ParallelCache(prefix, [])`` whose own tokens are the given per-layer
     ``kv`` (``[(keys, values)]``, each ``[B, kv_heads, S, head_dim]``, keys rotated at positions ``P + slot``),
     held in place (no copy), as if the worker had run them. ``pad``: ``[B]`` leading masked slots (default 0).
     ``rows``: instead of ``kv``, one token-major buffer ``[B, S, L, 2, kv_heads, head_dim]`` (how a
     ``ParallelCache`` stores its own tokens), adopted as it is."""
+    if (kv is None) == (rows is None):
+        raise ValueError("worker_cache: expected either kv or rows")
     pc = ParallelCache(prefix, [])
     if rows is not None:
         layers = adopt_rows(rows)
