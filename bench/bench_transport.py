@@ -183,6 +183,7 @@ class PairState:
         import torch.distributed as dist
 
         from pskernels import distributed as psd
+        from pskernels.distributed.transport import message_bytes
 
         dist.barrier()
         t0 = time.perf_counter()
@@ -198,8 +199,6 @@ class PairState:
             else:
                 dist.recv(self.raw[n], 1)
         else:  # raw_chunked: the same bytes as the messages a branch travels in (transport.message_bytes)
-            from pskernels.distributed.transport import message_bytes
-
             m, t = message_bytes("cpu"), self.raw[n]
             op = dist.isend if self.rank == 1 else dist.irecv
             for w in [op(t[a:a + m], 1 - self.rank) for a in range(0, t.numel(), m)]:
