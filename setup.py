@@ -46,6 +46,8 @@ def cpu_flags():
             cpu = f.read()
         if " avx2" in cpu and " fma" in cpu:
             flags += ["-mavx2", "-mfma", "-mf16c"]
+        if " avx512f" in cpu and " avx512vl" in cpu and " avx512bw" in cpu and " avx512dq" in cpu:
+            flags += ["-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512dq", "-mprefer-vector-width=512"]
     except OSError:
         pass
     return flags

@@ -295,6 +295,36 @@ def test_all_rows_empty_no_nan(backend):
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
 
 
+@pytest.mark.parametrize("Lq", [1, 5])
+def test_nan_key_poisons_exactly_the_rows_that_see_it(backend, Lq):
+    """A NaN in a key is never dropped: every query that sees it gets NaN (out and lse), as softmax gives it, also
+    where it is the only key a row sees in a block; queries that do not see it are untouched. A shared (cascade)
+    prefix and per-row segments, with the NaN inside a block whose other keys are finite."""
+    dev = device_for(backend)
+    B, Hq, Hkv, D = 4, 6, 2, 32
+    gen = torch.Generator().manual_seed(11)
+    pk = torch.randn(1, Hkv, 300, D, generator=gen)
+    pk[0, 1, 123, 5] = float("nan")  # kv head 1 of the shared prefix
+    pv = torch.randn(1, Hkv, 300, D, generator=gen)
+    own_k, own_v = torch.randn(B, Hkv, 40, D, generator=gen), torch.randn(B, Hkv, 40, D, generator=gen)
+    own_k[2, 0, 7, 3] = float("nan")  # row 2, kv head 0
+    own_k[3, 0, 0, 0] = float("nan")  # row 3 sees no prefix: this key is all kv head 0 sees
+    ks = [pk.expand(B, -1, -1, -1).to(dev), own_k.to(dev)]
+    vs = [pv.expand(B, -1, -1, -1).to(dev), own_v.to(dev)]
+    lens = torch.tensor([[300, 300, 100, 0], [40, 40, 40, 1]])
+    q = torch.randn(B, Hq, Lq, D, generator=gen).to(dev)
+    out, lse = pskernels.multi_branch_attention(q, ks, vs, seq_lens=lens, backend=backend, causal_last=False)
+    ro, rl = oracle(q, ks, vs, seq_lens=lens, causal_last=False)
+    poisoned = torch.zeros(B, Hq, dtype=torch.bool)
+    poisoned[[0, 1], 3:] = True  # rows seeing prefix key 123: their kv head 1's query heads
+    poisoned[2, :3] = True
+    poisoned[3, :3] = True
+    assert torch.equal(lse.isnan().cpu().all(-1), poisoned) and torch.equal(lse.isnan().cpu().any(-1), poisoned)
+    assert out.isnan().cpu().all(-1).all(-1)[poisoned].all() and not out.isnan().cpu()[~poisoned].any()
+    keep = ~poisoned
+    check_close(out.cpu()[keep], lse.cpu()[keep], ro[keep], rl[keep])
+
+
 def test_left_pad(backend):
     dev = device_for(backend)
     B, Lq = 3, 4

@@ -213,21 +213,21 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
       const int64_t vlo = std::clamp<int64_t>(jlo[r] - jb, 0, nb), vend = std::clamp<int64_t>(jhi[r] + 1 - jb, vlo, nb);
       std::fill(x, x + vlo, kNegInf);
       std::fill(x + vend, x + nb, kNegInf);
+      // The block's max skips NaN scores (a compare, so it vectorises: a NaN test in the same loop kept GCC
+      // scalar, 18% of a decode step); a NaN score still poisons the row below, through l or the scan.
       float mb = kNegInf;
-      int nan = 0;
-#pragma omp simd reduction(max : mb) reduction(| : nan)
-      for (int64_t jj = vlo; jj < vend; ++jj) {
-        mb = std::max(mb, x[jj]);
-        nan |= x[jj] != x[jj];
-      }
+#pragma omp simd reduction(max : mb)
+      for (int64_t jj = vlo; jj < vend; ++jj) mb = x[jj] > mb ? x[jj] : mb;
       float* so = st + r * row_stride;
-      if (nan) {  // a NaN score (NaN/Inf in q or k): the row's state becomes NaN, never a dropped key
+      const auto poison = [&] {  // a NaN score (NaN/Inf in q or k): the row's state becomes NaN, never a dropped key
         std::fill(so, so + kAcc + Dv, std::numeric_limits<float>::quiet_NaN());
         std::fill(x, x + nb, 0.f);
-        continue;
-      }
-      if (mb == kNegInf) {  // nothing visible in this block: p = 0 leaves the state unchanged
-        std::fill(x, x + nb, 0.f);
+      };
+      if (mb == kNegInf) {  // nothing visible in this block (p = 0 leaves the state unchanged), or only NaN
+        if (std::any_of(x + vlo, x + vend, [](float y) { return y != y; }))
+          poison();
+        else
+          std::fill(x, x + nb, 0.f);
         continue;
       }
       const float m = std::max(so[0], mb);
@@ -237,6 +237,10 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
       for (int64_t jj = 0; jj < nb; ++jj) {
         x[jj] = exp_nonpos(x[jj] - m);
         l += x[jj];
+      }
+      if (l != l) {  // exp_nonpos(NaN) is NaN: a NaN score reaches the sum
+        poison();
+        continue;
       }
       float* acc = so + kAcc;
 #pragma omp simd
