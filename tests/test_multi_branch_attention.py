@@ -507,20 +507,29 @@ def test_ape_setting(backend):
 # ----------------------------------------------------------------------------------------------
 # Strided views, low precision
 # ----------------------------------------------------------------------------------------------
-def test_strided_views(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_strided_views(backend, dtype):
+    """Every operand a strided view (the CPU kernel's BLAS reads K/V in place with their row strides); bf16 too."""
     dev = device_for(backend)
     B, Hq, Hkv, Lq, D = 2, 6, 3, 5, 64
-    q = rnd(B, Lq, Hq, D, device=dev).transpose(1, 2)  # HF [B, L, H, D] -> [B, H, L, D]
-    k0 = rnd(B, 19, Hkv, D, device=dev).transpose(1, 2)
-    v0 = rnd(B, 19, Hkv, D, device=dev).transpose(1, 2)
-    big_k = rnd(B, Hkv, 50, D, device=dev)
-    big_v = rnd(B, Hkv, 50, 2 * D, device=dev)
+    r = lambda *shape: rnd(*shape, dtype=dtype, device=dev)  # noqa: E731
+    q = r(B, Lq, Hq, D).transpose(1, 2)  # HF [B, L, H, D] -> [B, H, L, D]
+    k0 = r(B, 19, Hkv, D).transpose(1, 2)
+    v0 = r(B, 19, Hkv, D).transpose(1, 2)
+    big_k = r(B, Hkv, 50, D)
+    big_v = r(B, Hkv, 50, 2 * D)
     k1, v1 = big_k[:, :, 7:30], big_v[:, :, 7:30, :D]  # slice along L and along the value dim
-    k2 = rnd(B, Hkv, 5, 2 * D, device=dev)[..., D:]  # second half of the last dim (row stride 2D)
-    v2 = rnd(B, 2 * Hkv, 5, D, device=dev)[:, ::2]  # every other head
+    k2 = r(B, Hkv, 5, 2 * D)[..., D:]  # second half of the last dim (row stride 2D)
+    v2 = r(B, 2 * Hkv, 5, D)[:, ::2]  # every other head
     ks, vs = [k0, k1, k2], [v0, v1, v2]
     assert not any(t.is_contiguous() for t in (q, k0, v1, k2, v2))
-    out, lse = run_and_check(backend, q, ks, vs)
+    if dtype == torch.float32:
+        out, lse = run_and_check(backend, q, ks, vs)
+    else:  # against the fp64 oracle as test_low_precision: within twice the error of same-dtype SDPA (+ floor)
+        out, lse = pskernels.multi_branch_attention(q, ks, vs, backend=backend)
+        ro, _ = oracle(q, ks, vs)
+        err_base = (_sdpa_same_dtype(q, ks, vs).cpu().double() - ro).abs().max().item()
+        assert (out.cpu().double() - ro).abs().max().item() <= 2 * err_base + 1e-2
     out_c, lse_c = pskernels.multi_branch_attention(q.contiguous(), [k.contiguous() for k in ks],
                                                     [v.contiguous() for v in vs], backend=backend)
     torch.testing.assert_close(out, out_c, rtol=1e-6, atol=1e-6)

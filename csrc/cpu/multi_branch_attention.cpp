@@ -4,8 +4,10 @@
 //
 // Work item = (batch row, kv head, chunk of up to kRowChunk query rows, key split). The rows of a chunk
 // are the (query head, query) pairs of one kv head, so each K/V block is read once for all of them.
-// Scores and P.V are BLAS sgemm calls (libtorch's MKL) on the cache memory itself for fp32, on one
-// converted block for bf16/fp16; decode-sized chunks and BLAS-less builds use the loops below.
+// Scores and P.V are BLAS calls (libtorch's MKL) on the cache memory itself: sgemm for fp32, gemm_bf16bf16f32
+// for bf16 (P rounded to bf16 for P.V, as flash attention does; fp32 accumulation); fp16, bf16 rows whose query
+// was rotated (position shifts) and BLAS-less builds convert one block to fp32 for sgemm or the loops below, which
+// also take decode-sized fp32 chunks.
 //
 // Cascade: a segment broadcast over the batch (K and V with batch stride 0, e.g. a shared prefix cache
 // expanded to the B worker rows) is attended first, in a pass of its own whose work item is (kv head, chunk
@@ -18,6 +20,7 @@
 #include <bit>
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -34,7 +37,7 @@ namespace {
 constexpr int64_t kRowChunk = 128;  // query rows sharing each K/V block
 constexpr int64_t kKeyBlock = 256;  // keys per block (scores of a chunk: kRowChunk x kKeyBlock floats)
 constexpr int64_t kSplitKeys = 256;  // fewest keys per split-KV part of the per-row pass
-constexpr int64_t kGemmMinRows = 8;  // fewer rows (decode): BLAS call overhead exceeds the loops' cost
+constexpr int64_t kGemmMinRows = 8;  // fewer fp32 rows (decode): sgemm's call overhead exceeds the loops' cost
 constexpr int kRows = 4, kCols = 16;  // register tile of the fallback loops
 
 struct Segment {
@@ -168,35 +171,61 @@ inline RowView row_view(const Meta& mt, int64_t s, int64_t b, int64_t i, int64_t
   return {lo, hi, mt.temperature ? 1.f / mt.temperature[g * Hq + hq] : 1.f};
 }
 
+// A work item's scratch: scores sc [rows, kKeyBlock], their bf16 copy pb, one fp32 K and V block (kf, vf).
+struct Scratch {
+  std::vector<float> sc, kf, vf;
+  std::vector<uint16_t> pb;
+  Scratch(int64_t rows, int64_t D, int64_t Dv, bool bf16)
+      : sc(rows * kKeyBlock), kf(kKeyBlock * D), vf(kKeyBlock * Dv), pb(bf16 ? rows * kKeyBlock : 0) {}
+};
+
+struct Blas {
+  SgemmFn sgemm;
+  Bf16GemmFn gemm_bf16;
+};
+
 // Folds keys [j0, j1) of one segment into the online-softmax states of nr query rows: q is [nr, D] (already
 // rotated for this segment), row r sees slots [jlo[r], jhi[r]] and divides its scores by temperature
 // (inv_t[r]); its state of the segment's group sits at st + r * row_stride. Blocks outside every row's
 // range are never read. Used by the per-row pass and by the cascade, whose rows come from several batch rows.
+// qh: the same rows as bf16 bits where they are exactly q (bf16 input, not rotated), else null.
 template <typename T>
-void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, const float* q, int64_t nr, int64_t D,
-            int64_t Dv, const int64_t* jlo, const int64_t* jhi, const float* inv_t, const Meta& mt, float* st,
-            int64_t row_stride, SgemmFn sgemm, float* sc, float* kf, float* vf) {
+void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, const float* q, const uint16_t* qh,
+            int64_t nr, int64_t D, int64_t Dv, const int64_t* jlo, const int64_t* jhi, const float* inv_t,
+            const Meta& mt, float* st, int64_t row_stride, const Blas& blas, Scratch& w) {
   constexpr int64_t kAcc = 2;  // offset of the accumulator in a row's state (m, l, acc)
   int64_t lo = j1, hi = j0;
   for (int64_t r = 0; r < nr; ++r)
     if (jlo[r] <= jhi[r]) lo = std::min(lo, jlo[r]), hi = std::max(hi, jhi[r] + 1);
   lo = std::max(lo, j0), hi = std::min(hi, j1);
-  const bool use_gemm = sgemm != nullptr && nr >= kGemmMinRows;
-  const bool direct = std::is_same_v<T, float> && sg.skl <= INT_MAX && sg.svl <= INT_MAX;  // BLAS reads in place
+  const bool in_place = sg.skl <= INT_MAX && sg.svl <= INT_MAX;  // BLAS reads the cache where it is
+  // bf16 through its BLAS at any row count: even a decode chunk's gemm beats converting the block for the loops
+  // (SmolLM2 heads, 4161 keys, 3 rows: 0.57 -> 0.37 ms)
+  const bool use_bf16 = std::is_same_v<T, c10::BFloat16> && qh != nullptr && blas.gemm_bf16 != nullptr && in_place;
+  const bool use_gemm = use_bf16 || (blas.sgemm != nullptr && nr >= kGemmMinRows);
+  const bool direct = std::is_same_v<T, float> && in_place;
+  float* sc = w.sc.data();
   for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
     const int64_t nb = std::min<int64_t>(kKeyBlock, hi - jb);
-    const float *kp, *vp;
+    const float *kp = nullptr, *vp = nullptr;
+    const uint16_t *kh = nullptr, *vh = nullptr;
     int64_t ldk, ldv;
-    if (direct) {
+    if (use_bf16) {
+      kh = static_cast<const uint16_t*>(sg.k) + kb + jb * sg.skl, ldk = sg.skl;
+      vh = static_cast<const uint16_t*>(sg.v) + vb + jb * sg.svl, ldv = sg.svl;
+    } else if (direct) {
       kp = static_cast<const float*>(sg.k) + kb + jb * sg.skl, ldk = sg.skl;
       vp = static_cast<const float*>(sg.v) + vb + jb * sg.svl, ldv = sg.svl;
     } else {
-      load_rows<T>(static_cast<const T*>(sg.k) + kb + jb * sg.skl, sg.skl, nb, D, kf);
-      load_rows<T>(static_cast<const T*>(sg.v) + vb + jb * sg.svl, sg.svl, nb, Dv, vf);
-      kp = kf, ldk = D, vp = vf, ldv = Dv;
+      load_rows<T>(static_cast<const T*>(sg.k) + kb + jb * sg.skl, sg.skl, nb, D, w.kf.data());
+      load_rows<T>(static_cast<const T*>(sg.v) + vb + jb * sg.svl, sg.svl, nb, Dv, w.vf.data());
+      kp = w.kf.data(), ldk = D, vp = w.vf.data(), ldv = Dv;
     }
-    if (use_gemm)
-      gemm_row_major(sgemm, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), q,
+    if (use_bf16)
+      gemm_row_major(blas.gemm_bf16, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), qh,
+                     static_cast<int>(D), kh, static_cast<int>(ldk), 0.f, sc, static_cast<int>(kKeyBlock));
+    else if (use_gemm)
+      gemm_row_major(blas.sgemm, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), q,
                      static_cast<int>(D), kp, static_cast<int>(ldk), 0.f, sc, static_cast<int>(kKeyBlock));
     else
       scores_loops(q, kp, ldk, sc, nr, nb, D);
@@ -248,12 +277,22 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
       so[0] = m;
       so[1] = so[1] * f + l;
     }
-    if (use_gemm)
-      gemm_row_major(sgemm, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), sc,
+    if (use_bf16) {
+      uint16_t* pb = w.pb.data();
+      for (int64_t r = 0; r < nr; ++r)
+#pragma omp simd
+        for (int64_t jj = 0; jj < nb; ++jj)
+          pb[r * kKeyBlock + jj] = std::bit_cast<uint16_t>(c10::BFloat16(sc[r * kKeyBlock + jj]));
+      gemm_row_major(blas.gemm_bf16, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), pb,
+                     static_cast<int>(kKeyBlock), vh, static_cast<int>(ldv), 1.f, st + kAcc,
+                     static_cast<int>(row_stride));
+    } else if (use_gemm) {
+      gemm_row_major(blas.sgemm, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), sc,
                      static_cast<int>(kKeyBlock), vp, static_cast<int>(ldv), 1.f, st + kAcc,
                      static_cast<int>(row_stride));
-    else
+    } else {
       accumulate_loops(sc, vp, ldv, st + kAcc, row_stride, nr, nb, Dv);
+    }
   }
 }
 
@@ -287,7 +326,12 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
   const int64_t row_stride = Gc * state;
   const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
   const T* qp = q.data_ptr<T>();
-  const SgemmFn sgemm = blas_sgemm();
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const Blas blas{blas_sgemm(), kBf16 ? blas_gemm_bf16() : nullptr};
+  // q rows as bf16 bits, for the bf16 BLAS: exactly the input (the fp32 copies qf are exact too)
+  auto load_bits = [&](const T* src, uint16_t* dst) {
+    if constexpr (kBf16) std::memcpy(dst, src, D * sizeof(uint16_t));
+  };
 
   // Cascade (Hydragen / FlashInfer): a segment stored once for all rows (K and V broadcast over the batch,
   // batch stride 0) is attended by the queries of every row together: the M = B * R rows of a kv head are
@@ -344,8 +388,9 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
   if (ctotal > 0) {
     RECORD_FUNCTION("pskernels::multi_branch_attention::cpu_cascade", std::vector<c10::IValue>());
     at::parallel_for(0, citems0 * n_csplit, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> qf(cchunk * D), qr(cchunk * D), sc(cchunk * kKeyBlock), inv_t(cchunk);
-      std::vector<float> kf(kKeyBlock * D), vf(kKeyBlock * Dv);
+      std::vector<float> qf(cchunk * D), qr(cchunk * D), inv_t(cchunk);
+      std::vector<uint16_t> qh(blas.gemm_bf16 ? cchunk * D : 0);
+      Scratch w(cchunk, D, Dv, blas.gemm_bf16 != nullptr);
       std::vector<int64_t> jlo(cchunk), jhi(cchunk), rb(cchunk), rq(cchunk), ri(cchunk);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t split = item % n_csplit;
@@ -357,7 +402,9 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
         for (int64_t r = 0; r < nr; ++r) {  // stacked row m = (batch row b, query head hq, query i)
           const int64_t m = m0 + r, b = m / R, hq = hkv * G + (m % R) / Lq, i = (m % R) % Lq;
           rb[r] = b, rq[r] = hq, ri[r] = i;
-          for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qp[b * sqb + hq * sqh + i * sql + d]);
+          const T* src = qp + b * sqb + hq * sqh + i * sql;
+          for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]);
+          if (!qh.empty()) load_bits(src, qh.data() + r * D);
         }
         const int64_t per = (ctotal + n_csplit - 1) / n_csplit;
         const int64_t lo = split * per, hi = std::min(ctotal, lo + per);
@@ -370,13 +417,16 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
           flat += n;
           if (j0 >= j1) continue;
           const float* qrow = qf.data();
+          const uint16_t* qbits = qh.empty() ? nullptr : qh.data();
           if (mt.shifts) {  // the rotation by -shift is per batch row: only the rows of shifted rows change
             std::copy(qf.begin(), qf.begin() + nr * D, qr.begin());
             for (int64_t r = 0; r < nr; ++r) {
               const int64_t shift = mt.shifts[s * B + rb[r]];
-              if (shift != 0)
+              if (shift != 0) {
                 rope_rotate(qr.data() + r * D, static_cast<int>(mt.rotary_dim), mt.neox, mt.inv_freq,
                             -static_cast<float>(shift));
+                qbits = nullptr;  // a rotated query is not a bf16 value: this segment takes the fp32 path
+              }
             }
             qrow = qr.data();
           }
@@ -389,16 +439,17 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
             inv_t[r] = v.inv_t;
           }
           const Segment& sg = segs[s];
-          attend<T>(sg, hkv * sg.skh, hkv * sg.svh, j0, j1, qrow, nr, D, Dv, jlo.data(), jhi.data(), inv_t.data(), mt,
-                    st + g * state, row_stride, sgemm, sc.data(), kf.data(), vf.data());
+          attend<T>(sg, hkv * sg.skh, hkv * sg.svh, j0, j1, qrow, qbits, nr, D, Dv, jlo.data(), jhi.data(),
+                    inv_t.data(), mt, st + g * state, row_stride, blas, w);
         }
       }
     });
   }
 
   at::parallel_for(0, items0 * n_split, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(chunk * D, 0.f), qr(chunk * D, 0.f), sc(chunk * kKeyBlock), inv_t(chunk);
-    std::vector<float> kf(kKeyBlock * D), vf(kKeyBlock * Dv);
+    std::vector<float> qf(chunk * D, 0.f), qr(chunk * D, 0.f), inv_t(chunk);
+    std::vector<uint16_t> qh(blas.gemm_bf16 ? chunk * D : 0);
+    Scratch w(chunk, D, Dv, blas.gemm_bf16 != nullptr);
     std::vector<int64_t> jlo(chunk), jhi(chunk);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t split = item % n_split;
@@ -410,7 +461,9 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
       const int64_t r0 = ck * chunk, nr = std::min(chunk, R - r0);
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t hq = hkv * G + (r0 + r) / Lq, i = (r0 + r) % Lq;
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(qp[b * sqb + hq * sqh + i * sql + d]);
+        const T* src = qp + b * sqb + hq * sqh + i * sql;
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]);
+        if (!qh.empty()) load_bits(src, qh.data() + r * D);
       }
       const int64_t per = (total[b] + n_split - 1) / n_split;
       const int64_t lo = split * per, hi = std::min(total[b], lo + per);
@@ -442,8 +495,9 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
           jhi[r] = v.hi;
           inv_t[r] = v.inv_t;
         }
-        attend<T>(sg, b * sg.skb + hkv * sg.skh, b * sg.svb + hkv * sg.svh, j0, j1, qrow, nr, D, Dv, jlo.data(),
-                  jhi.data(), inv_t.data(), mt, st + g * state, row_stride, sgemm, sc.data(), kf.data(), vf.data());
+        attend<T>(sg, b * sg.skb + hkv * sg.skh, b * sg.svb + hkv * sg.svh, j0, j1, qrow,
+                  shift != 0 || qh.empty() ? nullptr : qh.data(), nr, D, Dv, jlo.data(), jhi.data(), inv_t.data(), mt,
+                  st + g * state, row_stride, blas, w);
       }
     }
   });
