@@ -1066,6 +1066,17 @@ def test_cascade_shared_prefix(B, Hq, Hkv, Lq, dtype, cbackend):
     _check_cascade(q, ks, vs, backend=cbackend, seq_lens=lens, left_pad=pads)
 
 
+@cpu_kernel
+@pytest.mark.parametrize("Lq", [1, 7], ids=["decode", "prefill"])
+@pytest.mark.parametrize("B", [2, 16])
+def test_cascade_shared_prefix_fp16_cpu(B, Lq):
+    """fp16 through the CPU kernel's 16-bit BLAS path (MKL's gemm_f16f16f32), cascade and per-row passes."""
+    gen = torch.Generator().manual_seed(B * 10 + Lq)
+    ks, vs, lens, pads = _cascade_segments(B, 3, 64, [("shared", 600), ("row", 23)], torch.float16, gen)
+    q = torch.randn(B, 9, Lq, 64, generator=gen).to(torch.float16)
+    _check_cascade(q, ks, vs, backend="cpu", seq_lens=lens, left_pad=pads)
+
+
 def _feature_case(feature, B, Lq, gen):
     """(layout, op kwargs) of one cascade feature test; kwargs that depend on the segments come as callables."""
     S2 = [("shared", 300), ("row", 19)]

@@ -26,19 +26,27 @@ inline SgemmFn blas_sgemm() {
   return fn;
 }
 
-// MKL's gemm_bf16bf16f32 (bf16 operands as their uint16 bits, fp32 accumulation and result; AMX or AVX-512 BF16
-// where the CPU has them), same Fortran ABI as sgemm_. Absent (another BLAS, or PSKERNELS_CPU_BLAS=0): nullptr.
-using Bf16GemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
+// MKL's gemm_bf16bf16f32 / gemm_f16f16f32: 16-bit operands (as their uint16 bits), fp32 accumulation and result
+// (AMX / AVX-512 BF16 / AVX512-FP16 where the CPU has them), the Fortran ABI of sgemm_. Absent (another BLAS, or
+// PSKERNELS_CPU_BLAS=0): nullptr.
+using HalfGemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                             const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*, const int*);
 
-inline Bf16GemmFn blas_gemm_bf16() {
-  static const Bf16GemmFn fn = []() -> Bf16GemmFn {
-    if (blas_sgemm() == nullptr) return nullptr;
-    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-    void* sym = lib != nullptr ? dlsym(lib, "gemm_bf16bf16f32") : nullptr;
-    if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "gemm_bf16bf16f32");
-    return reinterpret_cast<Bf16GemmFn>(sym);
-  }();
+inline HalfGemmFn find_half_gemm(const char* name) {
+  if (blas_sgemm() == nullptr) return nullptr;
+  void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  void* sym = lib != nullptr ? dlsym(lib, name) : nullptr;
+  if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, name);
+  return reinterpret_cast<HalfGemmFn>(sym);
+}
+
+inline HalfGemmFn blas_gemm_bf16() {
+  static const HalfGemmFn fn = find_half_gemm("gemm_bf16bf16f32");
+  return fn;
+}
+
+inline HalfGemmFn blas_gemm_f16() {
+  static const HalfGemmFn fn = find_half_gemm("gemm_f16f16f32");
   return fn;
 }
 

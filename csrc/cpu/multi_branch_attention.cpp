@@ -4,10 +4,10 @@
 //
 // Work item = (batch row, kv head, chunk of up to kRowChunk query rows, key split). The rows of a chunk
 // are the (query head, query) pairs of one kv head, so each K/V block is read once for all of them.
-// Scores and P.V are BLAS calls (libtorch's MKL) on the cache memory itself: sgemm for fp32, gemm_bf16bf16f32
-// for bf16 (P rounded to bf16 for P.V, as flash attention does; fp32 accumulation); fp16, bf16 rows whose query
-// was rotated (position shifts) and BLAS-less builds convert one block to fp32 for sgemm or the loops below, which
-// also take decode-sized fp32 chunks.
+// Scores and P.V are BLAS calls (libtorch's MKL) on the cache memory itself: sgemm for fp32, gemm_bf16bf16f32 /
+// gemm_f16f16f32 for bf16 / fp16 (P rounded to the input's dtype for P.V, as flash attention does; fp32
+// accumulation); 16-bit rows whose query was rotated (position shifts) and BLAS-less builds convert one block to
+// fp32 for sgemm or the loops below, which also take decode-sized fp32 chunks.
 //
 // Cascade: a segment broadcast over the batch (K and V with batch stride 0, e.g. a shared prefix cache
 // expanded to the B worker rows) is attended first, in a pass of its own whose work item is (kv head, chunk
@@ -171,24 +171,24 @@ inline RowView row_view(const Meta& mt, int64_t s, int64_t b, int64_t i, int64_t
   return {lo, hi, mt.temperature ? 1.f / mt.temperature[g * Hq + hq] : 1.f};
 }
 
-// A work item's scratch: scores sc [rows, kKeyBlock], their bf16 copy pb, one fp32 K and V block (kf, vf).
+// A work item's scratch: scores sc [rows, kKeyBlock], their 16-bit copy pb, one fp32 K and V block (kf, vf).
 struct Scratch {
   std::vector<float> sc, kf, vf;
   std::vector<uint16_t> pb;
-  Scratch(int64_t rows, int64_t D, int64_t Dv, bool bf16)
-      : sc(rows * kKeyBlock), kf(kKeyBlock * D), vf(kKeyBlock * Dv), pb(bf16 ? rows * kKeyBlock : 0) {}
+  Scratch(int64_t rows, int64_t D, int64_t Dv, bool half)
+      : sc(rows * kKeyBlock), kf(kKeyBlock * D), vf(kKeyBlock * Dv), pb(half ? rows * kKeyBlock : 0) {}
 };
 
 struct Blas {
   SgemmFn sgemm;
-  Bf16GemmFn gemm_bf16;
+  HalfGemmFn gemm_half;  // for T = bf16 / fp16, else null
 };
 
 // Folds keys [j0, j1) of one segment into the online-softmax states of nr query rows: q is [nr, D] (already
 // rotated for this segment), row r sees slots [jlo[r], jhi[r]] and divides its scores by temperature
 // (inv_t[r]); its state of the segment's group sits at st + r * row_stride. Blocks outside every row's
 // range are never read. Used by the per-row pass and by the cascade, whose rows come from several batch rows.
-// qh: the same rows as bf16 bits where they are exactly q (bf16 input, not rotated), else null.
+// qh: the same rows as 16-bit patterns where they are exactly q (bf16 / fp16 input, not rotated), else null.
 template <typename T>
 void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, const float* q, const uint16_t* qh,
             int64_t nr, int64_t D, int64_t Dv, const int64_t* jlo, const int64_t* jhi, const float* inv_t,
@@ -199,10 +199,10 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
     if (jlo[r] <= jhi[r]) lo = std::min(lo, jlo[r]), hi = std::max(hi, jhi[r] + 1);
   lo = std::max(lo, j0), hi = std::min(hi, j1);
   const bool in_place = sg.skl <= INT_MAX && sg.svl <= INT_MAX;  // BLAS reads the cache where it is
-  // bf16 through its BLAS at any row count: even a decode chunk's gemm beats converting the block for the loops
-  // (SmolLM2 heads, 4161 keys, 3 rows: 0.57 -> 0.37 ms)
-  const bool use_bf16 = std::is_same_v<T, c10::BFloat16> && qh != nullptr && blas.gemm_bf16 != nullptr && in_place;
-  const bool use_gemm = use_bf16 || (blas.sgemm != nullptr && nr >= kGemmMinRows);
+  // 16-bit types through their BLAS at any row count: even a decode chunk's gemm beats converting the block for
+  // the loops (bf16, SmolLM2 heads, 4161 keys, 3 rows: 0.57 -> 0.37 ms)
+  const bool use_half = qh != nullptr && blas.gemm_half != nullptr && in_place;
+  const bool use_gemm = use_half || (blas.sgemm != nullptr && nr >= kGemmMinRows);
   const bool direct = std::is_same_v<T, float> && in_place;
   float* sc = w.sc.data();
   for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
@@ -210,7 +210,7 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
     const float *kp = nullptr, *vp = nullptr;
     const uint16_t *kh = nullptr, *vh = nullptr;
     int64_t ldk, ldv;
-    if (use_bf16) {
+    if (use_half) {
       kh = static_cast<const uint16_t*>(sg.k) + kb + jb * sg.skl, ldk = sg.skl;
       vh = static_cast<const uint16_t*>(sg.v) + vb + jb * sg.svl, ldv = sg.svl;
     } else if (direct) {
@@ -221,8 +221,8 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
       load_rows<T>(static_cast<const T*>(sg.v) + vb + jb * sg.svl, sg.svl, nb, Dv, w.vf.data());
       kp = w.kf.data(), ldk = D, vp = w.vf.data(), ldv = Dv;
     }
-    if (use_bf16)
-      gemm_row_major(blas.gemm_bf16, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), qh,
+    if (use_half)
+      gemm_row_major(blas.gemm_half, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), qh,
                      static_cast<int>(D), kh, static_cast<int>(ldk), 0.f, sc, static_cast<int>(kKeyBlock));
     else if (use_gemm)
       gemm_row_major(blas.sgemm, true, static_cast<int>(nr), static_cast<int>(nb), static_cast<int>(D), q,
@@ -277,16 +277,20 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
       so[0] = m;
       so[1] = so[1] * f + l;
     }
-    if (use_bf16) {
-      uint16_t* pb = w.pb.data();
-      for (int64_t r = 0; r < nr; ++r)
+    if constexpr (std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>) {
+      if (use_half) {
+        uint16_t* pb = w.pb.data();
+        for (int64_t r = 0; r < nr; ++r)
 #pragma omp simd
-        for (int64_t jj = 0; jj < nb; ++jj)
-          pb[r * kKeyBlock + jj] = std::bit_cast<uint16_t>(c10::BFloat16(sc[r * kKeyBlock + jj]));
-      gemm_row_major(blas.gemm_bf16, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), pb,
-                     static_cast<int>(kKeyBlock), vh, static_cast<int>(ldv), 1.f, st + kAcc,
-                     static_cast<int>(row_stride));
-    } else if (use_gemm) {
+          for (int64_t jj = 0; jj < nb; ++jj)
+            pb[r * kKeyBlock + jj] = std::bit_cast<uint16_t>(T(sc[r * kKeyBlock + jj]));
+        gemm_row_major(blas.gemm_half, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), pb,
+                       static_cast<int>(kKeyBlock), vh, static_cast<int>(ldv), 1.f, st + kAcc,
+                       static_cast<int>(row_stride));
+        continue;
+      }
+    }
+    if (use_gemm) {
       gemm_row_major(blas.sgemm, false, static_cast<int>(nr), static_cast<int>(Dv), static_cast<int>(nb), sc,
                      static_cast<int>(kKeyBlock), vp, static_cast<int>(ldv), 1.f, st + kAcc,
                      static_cast<int>(row_stride));
@@ -326,11 +330,13 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
   const int64_t row_stride = Gc * state;
   const int64_t sqb = q.stride(0), sqh = q.stride(1), sql = q.stride(2);
   const T* qp = q.data_ptr<T>();
-  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
-  const Blas blas{blas_sgemm(), kBf16 ? blas_gemm_bf16() : nullptr};
-  // q rows as bf16 bits, for the bf16 BLAS: exactly the input (the fp32 copies qf are exact too)
+  constexpr bool kHalf = std::is_same_v<T, c10::BFloat16> || std::is_same_v<T, c10::Half>;
+  const Blas blas{blas_sgemm(), std::is_same_v<T, c10::BFloat16> ? blas_gemm_bf16()
+                                : std::is_same_v<T, c10::Half>   ? blas_gemm_f16()
+                                                                 : nullptr};
+  // q rows as 16-bit patterns, for the 16-bit BLAS: exactly the input (the fp32 copies qf are exact too)
   auto load_bits = [&](const T* src, uint16_t* dst) {
-    if constexpr (kBf16) std::memcpy(dst, src, D * sizeof(uint16_t));
+    if constexpr (kHalf) std::memcpy(dst, src, D * sizeof(uint16_t));
   };
 
   // Cascade (Hydragen / FlashInfer): a segment stored once for all rows (K and V broadcast over the batch,
@@ -389,8 +395,8 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
     RECORD_FUNCTION("pskernels::multi_branch_attention::cpu_cascade", std::vector<c10::IValue>());
     at::parallel_for(0, citems0 * n_csplit, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> qf(cchunk * D), qr(cchunk * D), inv_t(cchunk);
-      std::vector<uint16_t> qh(blas.gemm_bf16 ? cchunk * D : 0);
-      Scratch w(cchunk, D, Dv, blas.gemm_bf16 != nullptr);
+      std::vector<uint16_t> qh(blas.gemm_half ? cchunk * D : 0);
+      Scratch w(cchunk, D, Dv, blas.gemm_half != nullptr);
       std::vector<int64_t> jlo(cchunk), jhi(cchunk), rb(cchunk), rq(cchunk), ri(cchunk);
       for (int64_t item = begin; item < end; ++item) {
         const int64_t split = item % n_csplit;
@@ -425,7 +431,7 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
               if (shift != 0) {
                 rope_rotate(qr.data() + r * D, static_cast<int>(mt.rotary_dim), mt.neox, mt.inv_freq,
                             -static_cast<float>(shift));
-                qbits = nullptr;  // a rotated query is not a bf16 value: this segment takes the fp32 path
+                qbits = nullptr;  // a rotated query is not a 16-bit value: this segment takes the fp32 path
               }
             }
             qrow = qr.data();
@@ -448,8 +454,8 @@ void run(const at::Tensor& q, const std::vector<Segment>& segs, const Meta& mt, 
 
   at::parallel_for(0, items0 * n_split, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(chunk * D, 0.f), qr(chunk * D, 0.f), inv_t(chunk);
-    std::vector<uint16_t> qh(blas.gemm_bf16 ? chunk * D : 0);
-    Scratch w(chunk, D, Dv, blas.gemm_bf16 != nullptr);
+    std::vector<uint16_t> qh(blas.gemm_half ? chunk * D : 0);
+    Scratch w(chunk, D, Dv, blas.gemm_half != nullptr);
     std::vector<int64_t> jlo(chunk), jhi(chunk);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t split = item % n_split;
