@@ -167,7 +167,7 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         if not transport.decide(base, "ok"):
             continue  # the sender withdrew it (its own timeout): wait for the next one
         t0 = time.perf_counter()
-        buf, works = transport.post_payload(h.payload_bytes, h.ranges(), src, group, _device(model, prefix), base)
+        buf, works = transport.post_payload(h.payload_bytes, h.ranges(), src, group, _device(model, prefix))
         try:  # the branch's views are built while the bytes move (they do not read them)
             branch = build_branch(h, buf, prefix)
         finally:  # never leave a receive posted
