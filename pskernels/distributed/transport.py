@@ -252,7 +252,7 @@ def bcast_publish(base: str, header: bytes, ranks, timeout) -> str | None:
         if not _wait(store, f"{base}/v/{r}", deadline):
             missing.append(r)
             continue
-        v = store.get(f"{base}/v/{r}").decode()
+        v = _read(store, f"{base}/v/{r}").decode()
         store.delete_key(f"{base}/v/{r}")
         if v != "ok":
             refusals.append(f"rank {r}: {v.removeprefix('reject:')}")
@@ -268,7 +268,7 @@ def bcast_header(base: str, src: int, timeout) -> bytes:
     t = _seconds(timeout)
     if not _wait(_store(), f"{base}/h", None if t is None else time.monotonic() + t):
         raise TimeoutError(f"broadcast_prefix: rank {src} published no prefix within {t:g} s")
-    return _store().get(f"{base}/h")
+    return _read(_store(), f"{base}/h")
 
 
 def bcast_answer(base: str, verdict: str, src: int, timeout) -> str:
@@ -278,7 +278,7 @@ def bcast_answer(base: str, verdict: str, src: int, timeout) -> str:
     t = _seconds(timeout)
     if not _wait(store, f"{base}/d", None if t is None else time.monotonic() + t):
         raise TimeoutError(f"broadcast_prefix: rank {src} gave no decision within {t:g} s")
-    return store.get(f"{base}/d").decode()
+    return _read(store, f"{base}/d").decode()
 
 
 def bcast_done(base: str, n_readers: int) -> None:
