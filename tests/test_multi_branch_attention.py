@@ -536,6 +536,33 @@ def test_strided_views(backend, dtype):
     torch.testing.assert_close(lse, lse_c, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_keys_broadcast_or_overlapping_along_the_sequence(backend, dtype):
+    """K/V views whose rows along the keys are less than a row apart (expanded: stride 0; overlapping windows of one
+    buffer) are read correctly: a BLAS cannot take them as its matrix (MKL refuses the call), so the CPU kernel
+    copies such blocks first."""
+    dev = device_for(backend)
+    gen = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, D, L, Lq = 2, 6, 3, 64, 300, 9
+    def rnd_(*shape):
+        return torch.randn(*shape, generator=gen).to(dev, dtype)
+
+    def overlapping():  # row j = buffer[j : j + D] (views made in the final dtype: .to() would copy them)
+        return rnd_(B * Hkv * (L + D)).as_strided((B, Hkv, L, D), (Hkv * (L + D), L + D, 1, 1))
+
+    k0, v0 = overlapping(), rnd_(B, Hkv, L, D)  # distinct scores weigh distinct values
+    k1, v1 = rnd_(B, Hkv, 1, D).expand(B, Hkv, L, D), overlapping()  # one key repeated: stride 0
+    assert k0.stride(2) == 1 and k1.stride(2) == 0 and v1.stride(2) == 1
+    q = rnd_(B, Hq, Lq, D)
+    ks, vs = [k0, k1], [v0, v1]
+    out, lse = pskernels.multi_branch_attention(q, ks, vs, backend=backend)
+    ref_out, ref_lse = pskernels.multi_branch_attention(q.float(), [k.float().contiguous() for k in ks],
+                                                        [v.float().contiguous() for v in vs], backend="torch")
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(out.float(), ref_out, rtol=tol, atol=tol)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+
+
 def _sdpa_same_dtype(q, ks, vs):
     """torch.cat + SDPA (bottom-right causal own segment) in q's dtype: the error yardstick."""
     Lq = q.shape[2]
