@@ -25,6 +25,7 @@ inline HostLengths check_segments(const at::Tensor& q, at::TensorList keys, at::
                            int64_t window, const at::Tensor& groups, const c10::optional<at::Tensor>& temperature,
                            const c10::optional<at::Tensor>& lse_scale, const c10::optional<at::Tensor>& log_weight) {
   TORCH_CHECK(q.dim() == 4, "q: expected 4 dims [B, Hq, Lq, D], got ", q.sizes());
+  TORCH_CHECK(q.size(3) >= 1, "q: expected a head dim (last dimension) >= 1, got shape ", q.sizes());
   TORCH_CHECK(q.size(3) <= 1 || q.stride(3) == 1, "q: expected a contiguous last dimension, got strides ", q.strides());
   const int64_t S = static_cast<int64_t>(keys.size());
   TORCH_CHECK(S >= 1, "keys: expected at least one segment");

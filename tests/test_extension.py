@@ -7,6 +7,8 @@ import shutil
 import pytest
 import torch
 
+import pskernels
+
 loader = pytest.importorskip("pskernels._ext.loader", reason="pskernels._C is not built (PSKERNELS_NO_EXT=1?)",
                              exc_type=ImportError)
 OPS = ("multi_branch_attention", "merge_states", "rotate_keys", "map_kv_caches")
@@ -85,6 +87,18 @@ def test_cuda_kernels_do_not_spill():
     spills = [(int(a), int(b)) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", text)]
     assert all(a == 0 and b == 0 for a, b in spills), f"register spills in CUDA device functions: {spills}"
     assert max(regs for *_, regs in entries) <= 255
+
+
+def test_cpu_kernel_refuses_a_zero_head_dim_itself():
+    """The C++ op's own check (callers that skip the Python checks, e.g. torch.ops): a head dim of 0 would hand BLAS
+    a leading dimension of 0, which MKL refuses while leaving the output unwritten."""
+    if "cpu" not in pskernels.available_backends("multi_branch_attention"):
+        pytest.skip("the compiled extension (backend 'cpu') is not built")
+    q, k, v = torch.randn(1, 2, 3, 0), torch.randn(1, 2, 5, 0), torch.randn(1, 2, 5, 4)
+    lens, pads = torch.tensor([[5]]), torch.tensor([[0]])
+    with pytest.raises(RuntimeError, match=r"q: expected a head dim \(last dimension\) >= 1"):
+        torch.ops.pskernels.multi_branch_attention(q, [k], [v], lens, pads, None, None, None, None, True, True, 1.0,
+                                                   0.0, 0, torch.zeros(1, dtype=torch.int64), None, None, None)
 
 
 _CPU_ATTENTION_CHECK = r"""

@@ -60,6 +60,7 @@ MBA_CASES = [
     ("q_rank", mba(q=lambda: torch.randn(HQ, LQ, D)), ARG_ERRORS, "q"),
     ("q_not_tensor", mba(q=lambda: [[1.0]]), ARG_ERRORS, "q"),
     ("q_int_dtype", mba(q=lambda: torch.ones(B, HQ, LQ, D, dtype=torch.int64)), ARG_ERRORS, "q"),
+    ("q_head_dim_zero", mba(q=lambda: torch.randn(B, HQ, LQ, 0), kv=lambda: kv_(d=0)), ARG_ERRORS, "q"),
     ("keys_tensor", mba(kv=lambda: _single("keys")), ARG_ERRORS, "keys"),
     ("values_tensor", mba(kv=lambda: _single("values")), ARG_ERRORS, "values"),
     ("keys_empty", mba(kv=lambda: ([], [])), ARG_ERRORS, "keys"),

@@ -243,6 +243,8 @@ def normalize_segments(
     if q.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"q: expected dtype float16, bfloat16, float32 or float64, got {q.dtype}")
     B, Hq, Lq, D = q.shape
+    if D < 1:
+        raise ValueError(f"q: expected a head dim (last dimension) >= 1, got shape {tuple(q.shape)}")
     if isinstance(keys, torch.Tensor) or isinstance(values, torch.Tensor):
         raise TypeError("keys/values: expected sequences (list/tuple) of per-segment tensors, got a single tensor")
     keys, values = list(keys), list(values)
