@@ -200,7 +200,7 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
   lo = std::max(lo, j0), hi = std::min(hi, j1);
   // BLAS reads the cache where it is when its rows are BLAS rows: at least a row apart (a view expanded or
   // overlapping along the keys is not; MKL would refuse the call and leave the scores unwritten)
-  const bool in_place = sg.skl >= D && sg.svl >= Dv && sg.skl <= INT_MAX && sg.svl <= INT_MAX;
+  const bool in_place = sg.skl >= D && sg.svl >= std::max<int64_t>(Dv, 1) && sg.skl <= INT_MAX && sg.svl <= INT_MAX;
   // 16-bit types through their BLAS at any row count: even a decode chunk's gemm beats converting the block for
   // the loops (bf16, SmolLM2 heads, 4161 keys, 3 rows: 0.57 -> 0.37 ms)
   const bool use_half = qh != nullptr && blas.gemm_half != nullptr && in_place;
