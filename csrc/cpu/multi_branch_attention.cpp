@@ -6,8 +6,8 @@
 // are the (query head, query) pairs of one kv head, so each K/V block is read once for all of them.
 // Scores and P.V are BLAS calls (libtorch's MKL) on the cache memory itself: sgemm for fp32, gemm_bf16bf16f32 /
 // gemm_f16f16f32 for bf16 / fp16 (P rounded to the input's dtype for P.V, as flash attention does; fp32
-// accumulation); 16-bit rows whose query was rotated (position shifts) and BLAS-less builds convert one block to
-// fp32 for sgemm or the loops below, which also take decode-sized fp32 chunks.
+// accumulation); 16-bit rows whose query was rotated (position shifts) convert one block to fp32 for sgemm, and
+// BLAS-less builds use the loops below.
 //
 // Cascade: a segment broadcast over the batch (K and V with batch stride 0, e.g. a shared prefix cache
 // expanded to the B worker rows) is attended first, in a pass of its own whose work item is (kv head, chunk
@@ -37,7 +37,6 @@ namespace {
 constexpr int64_t kRowChunk = 128;  // query rows sharing each K/V block
 constexpr int64_t kKeyBlock = 256;  // keys per block (scores of a chunk: kRowChunk x kKeyBlock floats)
 constexpr int64_t kSplitKeys = 256;  // fewest keys per split-KV part of the per-row pass
-constexpr int64_t kGemmMinRows = 8;  // fewer fp32 rows (decode): sgemm's call overhead exceeds the loops' cost
 constexpr int kRows = 4, kCols = 16;  // register tile of the fallback loops
 
 struct Segment {
@@ -204,7 +203,9 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
   // 16-bit types through their BLAS at any row count: even a decode chunk's gemm beats converting the block for
   // the loops (bf16, SmolLM2 heads, 4161 keys, 3 rows: 0.57 -> 0.37 ms)
   const bool use_half = qh != nullptr && blas.gemm_half != nullptr && in_place;
-  const bool use_gemm = use_half || (blas.sgemm != nullptr && nr >= kGemmMinRows);
+  // BLAS at any row count (fp32 decode, 1-4 rows, 300-4161 keys: up to a third faster than the loops, which are
+  // for BLAS-less builds; one exception measured, 1 row of D = 64, 6% slower)
+  const bool use_gemm = use_half || blas.sgemm != nullptr;
   const bool direct = std::is_same_v<T, float> && in_place;
   float* sc = w.sc.data();
   for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
