@@ -14,39 +14,35 @@ namespace cpu {
 using SgemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
                          const int*, const float*, const int*, const float*, float*, const int*);
 
+// A BLAS function of libtorch (else of the process) by name; null with PSKERNELS_CPU_BLAS=0 or where absent.
+inline void* blas_symbol(const char* name) {
+  const char* env = std::getenv("PSKERNELS_CPU_BLAS");
+  if (env != nullptr && env[0] == '0') return nullptr;
+  void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
+  void* sym = lib != nullptr ? dlsym(lib, name) : nullptr;
+  return sym != nullptr ? sym : dlsym(RTLD_DEFAULT, name);
+}
+
 inline SgemmFn blas_sgemm() {
-  static const SgemmFn fn = []() -> SgemmFn {
-    const char* env = std::getenv("PSKERNELS_CPU_BLAS");
-    if (env != nullptr && env[0] == '0') return nullptr;
-    void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-    void* sym = lib != nullptr ? dlsym(lib, "sgemm_") : nullptr;
-    if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, "sgemm_");
-    return reinterpret_cast<SgemmFn>(sym);
-  }();
+  static const SgemmFn fn = reinterpret_cast<SgemmFn>(blas_symbol("sgemm_"));
   return fn;
 }
 
 // MKL's gemm_bf16bf16f32 / gemm_f16f16f32: 16-bit operands (as their uint16 bits), fp32 accumulation and result
 // (AMX / AVX-512 BF16 / AVX512-FP16 where the CPU has them), the Fortran ABI of sgemm_. Absent (another BLAS, or
-// PSKERNELS_CPU_BLAS=0): nullptr.
+// PSKERNELS_CPU_BLAS=0): nullptr. Only taken where sgemm_ is found too, so callers that have one have both.
 using HalfGemmFn = void (*)(const char*, const char*, const int*, const int*, const int*, const float*,
                             const uint16_t*, const int*, const uint16_t*, const int*, const float*, float*, const int*);
 
-inline HalfGemmFn find_half_gemm(const char* name) {
-  if (blas_sgemm() == nullptr) return nullptr;
-  void* lib = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
-  void* sym = lib != nullptr ? dlsym(lib, name) : nullptr;
-  if (sym == nullptr) sym = dlsym(RTLD_DEFAULT, name);
-  return reinterpret_cast<HalfGemmFn>(sym);
-}
-
 inline HalfGemmFn blas_gemm_bf16() {
-  static const HalfGemmFn fn = find_half_gemm("gemm_bf16bf16f32");
+  static const HalfGemmFn fn =
+      blas_sgemm() != nullptr ? reinterpret_cast<HalfGemmFn>(blas_symbol("gemm_bf16bf16f32")) : nullptr;
   return fn;
 }
 
 inline HalfGemmFn blas_gemm_f16() {
-  static const HalfGemmFn fn = find_half_gemm("gemm_f16f16f32");
+  static const HalfGemmFn fn =
+      blas_sgemm() != nullptr ? reinterpret_cast<HalfGemmFn>(blas_symbol("gemm_f16f16f32")) : nullptr;
   return fn;
 }
 

@@ -204,8 +204,8 @@ void attend(const Segment& sg, int64_t kb, int64_t vb, int64_t j0, int64_t j1, c
   // the loops (bf16, SmolLM2 heads, 4161 keys, 3 rows: 0.57 -> 0.37 ms)
   const bool use_half = qh != nullptr && blas.gemm_half != nullptr && in_place;
   // BLAS at any row count (fp32 decode, 1-4 rows, 300-4161 keys: up to a third faster than the loops, which are
-  // for BLAS-less builds; one exception measured, 1 row of D = 64, 6% slower)
-  const bool use_gemm = use_half || blas.sgemm != nullptr;
+  // for BLAS-less builds; one exception measured, 1 row of D = 64, 6% slower). The 16-bit GEMM implies sgemm.
+  const bool use_gemm = blas.sgemm != nullptr;
   const bool direct = std::is_same_v<T, float> && in_place;
   float* sc = w.sc.data();
   for (int64_t jb = lo; jb < hi; jb += kKeyBlock) {
