@@ -106,7 +106,7 @@ import torch, pskernels
 torch.manual_seed(0)
 worst = 0.0
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
-    for Lq, G in ((32, 3), (5, 4), (1, 8)):   # BLAS-sized chunks and the decode loops
+    for Lq, G in ((32, 3), (5, 4), (1, 8)):   # chunks of 96, 20 and 8 query rows
         q = torch.randn(2, 2 * G, Lq, 40, dtype=dtype)
         lens = (17, 300, 0, Lq)
         ks = [torch.randn(2, 2, n, 40, dtype=dtype) for n in lens]

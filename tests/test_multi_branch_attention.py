@@ -525,11 +525,9 @@ def test_strided_views(backend, dtype):
     assert not any(t.is_contiguous() for t in (q, k0, v1, k2, v2))
     if dtype == torch.float32:
         out, lse = run_and_check(backend, q, ks, vs)
-    else:  # against the fp64 oracle as test_low_precision: within twice the error of same-dtype SDPA (+ floor)
+    else:
         out, lse = pskernels.multi_branch_attention(q, ks, vs, backend=backend)
-        ro, _ = oracle(q, ks, vs)
-        err_base = (_sdpa_same_dtype(q, ks, vs).cpu().double() - ro).abs().max().item()
-        assert (out.cpu().double() - ro).abs().max().item() <= 2 * err_base + 1e-2
+        _check_low_precision(out, oracle(q, ks, vs)[0], _sdpa_same_dtype(q, ks, vs), dtype)
     out_c, lse_c = pskernels.multi_branch_attention(q.contiguous(), [k.contiguous() for k in ks],
                                                     [v.contiguous() for v in vs], backend=backend)
     torch.testing.assert_close(out, out_c, rtol=1e-6, atol=1e-6)
@@ -542,18 +540,15 @@ def test_keys_broadcast_or_overlapping_along_the_sequence(backend, dtype):
     buffer) are read correctly: a BLAS cannot take them as its matrix (MKL refuses the call), so the CPU kernel
     copies such blocks first."""
     dev = device_for(backend)
-    gen = torch.Generator().manual_seed(3)
     B, Hq, Hkv, D, L, Lq = 2, 6, 3, 64, 300, 9
-    def rnd_(*shape):
-        return torch.randn(*shape, generator=gen).to(dev, dtype)
 
     def overlapping():  # row j = buffer[j : j + D] (views made in the final dtype: .to() would copy them)
-        return rnd_(B * Hkv * (L + D)).as_strided((B, Hkv, L, D), (Hkv * (L + D), L + D, 1, 1))
+        return rnd(B * Hkv * (L + D), dtype=dtype, device=dev).as_strided((B, Hkv, L, D), (Hkv * (L + D), L + D, 1, 1))
 
-    k0, v0 = overlapping(), rnd_(B, Hkv, L, D)  # distinct scores weigh distinct values
-    k1, v1 = rnd_(B, Hkv, 1, D).expand(B, Hkv, L, D), overlapping()  # one key repeated: stride 0
+    k0, v0 = overlapping(), rnd(B, Hkv, L, D, dtype=dtype, device=dev)  # distinct scores weigh distinct values
+    k1, v1 = rnd(B, Hkv, 1, D, dtype=dtype, device=dev).expand(B, Hkv, L, D), overlapping()  # one key: stride 0
     assert k0.stride(2) == 1 and k1.stride(2) == 0 and v1.stride(2) == 1
-    q = rnd_(B, Hq, Lq, D)
+    q = rnd(B, Hq, Lq, D, dtype=dtype, device=dev)
     ks, vs = [k0, k1], [v0, v1]
     out, lse = pskernels.multi_branch_attention(q, ks, vs, backend=backend)
     ref_out, ref_lse = pskernels.multi_branch_attention(q.float(), [k.float().contiguous() for k in ks],
@@ -561,6 +556,14 @@ def test_keys_broadcast_or_overlapping_along_the_sequence(backend, dtype):
     tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(out.float(), ref_out, rtol=tol, atol=tol)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-4, atol=1e-4)
+
+
+def _check_low_precision(out, ref_out, base, dtype):
+    """A 16-bit result against the fp64 oracle: within twice the error of ``base`` (same-dtype SDPA) plus a floor."""
+    err_base = (base.cpu().double() - ref_out).abs().max().item()
+    err = (out.cpu().double() - ref_out).abs().max().item()
+    floor = 1e-2 if dtype == torch.bfloat16 else 1e-3
+    assert err <= 2 * err_base + floor, f"err {err:.3g} vs same-dtype SDPA err {err_base:.3g} (floor {floor})"
 
 
 def _sdpa_same_dtype(q, ks, vs):
@@ -587,11 +590,7 @@ def test_low_precision(backend, dtype, shape):
     out, lse = pskernels.multi_branch_attention(q, ks, vs, backend=backend)
     assert out.dtype == dtype and lse.dtype == torch.float32
     ro, rl = oracle(q, ks, vs)
-    base = _sdpa_same_dtype(q, ks, vs)
-    err_base = (base.cpu().double() - ro).abs().max().item()
-    err = (out.cpu().double() - ro).abs().max().item()
-    floor = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    assert err <= 2 * err_base + floor, f"err {err:.3g} vs same-dtype SDPA err {err_base:.3g} (floor {floor})"
+    _check_low_precision(out, ro, _sdpa_same_dtype(q, ks, vs), dtype)
     # lse is fp32 computed from low-precision inputs: compare against the oracle loosely
     assert (lse.cpu().double() - rl).abs().max().item() <= 2e-2 * max(1.0, rl.abs().max().item())
 
@@ -607,11 +606,7 @@ def test_low_precision_shifted(backend, dtype):
     ro, rl = oracle(q, ks, vs, shifts=shifts, rope=rope)
     # yardstick: same-dtype SDPA over keys rotated in fp32 then cast back
     ks_rot = [ks[0], rotate(ks[1].float(), torch.tensor(300.0), rope).to(dtype), ks[2]]
-    base = _sdpa_same_dtype(q, ks_rot, vs)
-    err_base = (base.cpu().double() - ro).abs().max().item()
-    err = (out.cpu().double() - ro).abs().max().item()
-    floor = 1e-2 if dtype == torch.bfloat16 else 1e-3
-    assert err <= 2 * err_base + floor, f"err {err:.3g} vs same-dtype SDPA err {err_base:.3g}"
+    _check_low_precision(out, ro, _sdpa_same_dtype(q, ks_rot, vs), dtype)
 
 
 # ----------------------------------------------------------------------------------------------

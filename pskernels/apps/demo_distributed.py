@@ -175,7 +175,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     model, base, tokenizer, mapper, label, path, recompute = _load(cfg, rank, device)
     prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, device)
     store = _store()
-    t_bcast, t_bcast_perf = time.monotonic(), time.perf_counter()
+    t_bcast = time.perf_counter()  # monotonic, and the clock of branch.received_at
     if rank != 0:  # ------------------------------------------------------------------------------ a worker
         prefix = psd.broadcast_prefix(None, 0, model=base, timeout=cfg.timeout)
         if rank in cfg.dead:
@@ -209,10 +209,10 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     model(query_ids, use_cache=True, logits_to_keep=1, **{kw: synthesizer_cache(model, prefix, [], mapper)})
 
     received, why = psd.gather_branches(range(1, world), model=base, prefix=prefix,
-                                        timeout=max(0.0, deadline - time.monotonic()))
+                                        timeout=max(0.0, deadline - time.perf_counter()))
     missing = [{"rank": r, "why": w if w.startswith("refused") else f"no branch within --timeout {cfg.timeout:g} s"}
                for r, w in why.items()]
-    got = {s: {"branch": br, "arrival_s": round(br.received_at - t_bcast_perf, 3)} for s, br in received.items()}
+    got = {s: {"branch": br, "arrival_s": round(br.received_at - t_bcast, 3)} for s, br in received.items()}
     t_last_branch = max((br.received_at for br in received.values()), default=None)
     order = list(got)
     ranks = sorted(got)
@@ -220,7 +220,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
          "threads": torch.get_num_threads(), "task": task, "prefix_tokens": prefix_ids.shape[1],
          "query_tokens": query_ids.shape[1], "bytes_per_token": psd.branch_bytes_per_token(base),
          "arrival_order": order, "missing": sorted(missing, key=lambda m: m["rank"]), "synthesizer": label,
-         "mapper_path": path, "timeout_s": cfg.timeout, "receive_s": round(time.monotonic() - t_bcast, 3)}
+         "mapper_path": path, "timeout_s": cfg.timeout, "receive_s": round(time.perf_counter() - t_bcast, 3)}
     from .demo import answer_generation, decode_text
 
     gen = answer_generation(query_ids, cfg.answer_tokens, eos, pad)
@@ -242,7 +242,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     ids = {}
     for s in list(ranks):  # the token ids of the same branches (the workers sent them after their cache)
         t0 = time.perf_counter()
-        if not _announced(store, f"{NS}/ids/{s}", max(1.0, deadline - time.monotonic())):
+        if not _announced(store, f"{NS}/ids/{s}", max(1.0, deadline - time.perf_counter())):
             # a worker that died after its cache: both paths drop it, so the answers compare like for like
             missing.append({"rank": s, "why": f"token ids not announced within --timeout {cfg.timeout:g} s"})
             ranks.remove(s)

@@ -84,6 +84,11 @@ def _read(store, key: str) -> bytes:
     return store.compare_set(key, "\x00", "\x00")
 
 
+def _await(store, key: str, deadline: float | None) -> bytes | None:
+    """The value of ``key`` once it is set (before ``deadline``, as :func:`_wait`), else None."""
+    return _read(store, key) if _wait(store, key, deadline) else None
+
+
 def announce(header: bytes, dst: int, group) -> tuple:
     """Sender: publish ``header`` for ``dst`` (in the queue entry itself); returns the keys of this message."""
     store, ns, src = _store(), _ns(group), _rank()
@@ -98,12 +103,13 @@ def await_verdict(base: str, dst: int, timeout) -> str:
     """Sender: "ok", or "reject:<why>"; raises TimeoutError (and withdraws the branch) after ``timeout`` s."""
     store = _store()
     t = _seconds(timeout)
-    if not _wait(store, f"{base}/a", None if t is None else time.monotonic() + t):
-        verdict = store.compare_set(f"{base}/a", "", "withdrawn").decode()
-        if verdict == "withdrawn":  # the receiver deletes the keys when it comes to this announcement
+    verdict = _await(store, f"{base}/a", None if t is None else time.monotonic() + t)
+    if verdict is None:  # first writer wins: our withdrawal, or the receiver's verdict written meanwhile
+        verdict = store.compare_set(f"{base}/a", "", "withdrawn")
+        if verdict == b"withdrawn":  # the receiver deletes the keys when it comes to this announcement
             raise BranchTimeout(f"send_branch: rank {dst} did not take the branch within {t:g} s (withdrawn; the "
                                 "group is usable)", ranks=[dst])
-    verdict = _read(store, f"{base}/a").decode()
+    verdict = verdict.decode()
     if verdict != "ok":
         store.delete_key(f"{base}/a")
     return verdict  # "ok": the caller sends the payload (send_payload releases the verdict key meanwhile)
@@ -122,11 +128,12 @@ def next_announced(srcs, group, deadline: float | None, t: float | None) -> tupl
                 return s, f"{ns}/b/{s}/{me}/{n}", seen.pop((s, n))
         c = _state.cursor.get((ns, me), 0) + 1
         key = f"{ns}/q/{me}/{c}"
-        if not _wait(store, key, deadline):
+        entry = _await(store, key, deadline)
+        if entry is None:
             who = ", ".join(str(s) for s in srcs)
             raise BranchTimeout(f"recv_branch: no branch from rank{'s' if len(srcs) > 1 else ''} {who} within "
                                 f"{t:g} s (nothing was posted; the group is usable)", ranks=srcs)
-        who, header = _read(store, key).split(b"\n", 1)
+        who, header = entry.split(b"\n", 1)
         s, n = map(int, who.split())
         _state.cursor[(ns, me)] = c
         _state.spent.append(key)  # deleted after this message's payload (off the critical path)
@@ -249,10 +256,11 @@ def bcast_publish(base: str, header: bytes, ranks, timeout) -> str | None:
     deadline = None if t is None else time.monotonic() + t
     refusals, missing = [], []
     for r in ranks:
-        if not _wait(store, f"{base}/v/{r}", deadline):
+        v = _await(store, f"{base}/v/{r}", deadline)
+        if v is None:
             missing.append(r)
             continue
-        v = _read(store, f"{base}/v/{r}").decode()
+        v = v.decode()
         store.delete_key(f"{base}/v/{r}")
         if v != "ok":
             refusals.append(f"rank {r}: {v.removeprefix('reject:')}")
@@ -266,9 +274,10 @@ def bcast_publish(base: str, header: bytes, ranks, timeout) -> str | None:
 
 def bcast_header(base: str, src: int, timeout) -> bytes:
     t = _seconds(timeout)
-    if not _wait(_store(), f"{base}/h", None if t is None else time.monotonic() + t):
+    header = _await(_store(), f"{base}/h", None if t is None else time.monotonic() + t)
+    if header is None:
         raise TimeoutError(f"broadcast_prefix: rank {src} published no prefix within {t:g} s")
-    return _read(_store(), f"{base}/h")
+    return header
 
 
 def bcast_answer(base: str, verdict: str, src: int, timeout) -> str:
@@ -276,9 +285,10 @@ def bcast_answer(base: str, verdict: str, src: int, timeout) -> str:
     store = _store()
     store.set(f"{base}/v/{_rank()}", verdict)
     t = _seconds(timeout)
-    if not _wait(store, f"{base}/d", None if t is None else time.monotonic() + t):
+    decision = _await(store, f"{base}/d", None if t is None else time.monotonic() + t)
+    if decision is None:
         raise TimeoutError(f"broadcast_prefix: rank {src} gave no decision within {t:g} s")
-    return _read(store, f"{base}/d").decode()
+    return decision.decode()
 
 
 def bcast_done(base: str, n_readers: int) -> None:
