@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import queue
 import socket
+import tempfile
 import time
 import traceback
 
@@ -28,13 +29,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world, port, results):
+def _entry(fn, rank, world, init, results):
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
         out = fn(rank, world)
         results.put((rank, "ok", out))
@@ -61,11 +62,18 @@ def _finish(rank, world):
     os._exit(0)  # skip interpreter teardown of gloo threads (a dead peer may make it slow)
 
 
-def spawn(fn, world: int, timeout: float = 90.0) -> dict:
+def spawn(fn, world: int, timeout: float = 90.0, store: str = "tcp") -> dict:
+    """``store``: "tcp" (``tcp://`` init: a TCPStore, libuv backend) or "file" (``file://``: a FileStore)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world, port, results), daemon=True) for r in range(world)]
+    if store == "tcp":
+        init = f"tcp://127.0.0.1:{_free_port()}"
+    else:
+        fd, path = tempfile.mkstemp(prefix="pskernels-store-")
+        os.close(fd)
+        os.unlink(path)  # FileStore creates it
+        init = f"file://{path}"
+    procs = [ctx.Process(target=_entry, args=(fn, r, world, init, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
     out, errors = {}, []
@@ -87,6 +95,8 @@ def spawn(fn, world: int, timeout: float = 90.0) -> dict:
     for r in hung:
         procs[r].kill()
         procs[r].join(5)
+    if store == "file" and os.path.exists(path):
+        os.unlink(path)
     missing = sorted(set(range(world)) - set(out))
     if errors or missing:
         raise AssertionError(f"spawned run failed (no result from ranks {missing}; still running after {timeout:g} s: "
@@ -206,11 +216,10 @@ def _schemes(n, lens):
 def round_trip(rank, world):
     import pskernels
     from pskernels import distributed as psd
+    from pskernels.distributed import transport
 
-    report = {}
+    report = {"queues": transport._has_queues(_store(), transport._ns(None))}  # a tcp:// store has queues
     if rank == 2:  # this worker's payloads travel as 4 KiB messages (the receiver follows the header)
-        from pskernels.distributed import transport
-
         transport.message_bytes = lambda device: 4096
     for c, (arch, dtype) in enumerate(CONFIGS):
         tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
@@ -428,3 +437,44 @@ def all_scenarios(rank, world):
     t1 = time.monotonic()
     b = faults(rank, world)
     return {"round_trip": a, "faults": b, "seconds": (t1 - t0, time.monotonic() - t1)}
+
+
+# ---- scenario C: a store without queues -------------------------------------------------------------------------
+@torch.no_grad()
+def numbered_keys(rank, world):
+    """A ``file://`` group (FileStore: no queues, so announcements take numbered keys): ranks 1 and 2 each send
+    one branch, then two more once rank 0 has timed out on the silent rank 1; rank 0 takes them in arrival order,
+    and the store holds as many keys after the second round as after the first (counted with the senders done)."""
+    from pskernels import distributed as psd
+    from pskernels.distributed import transport
+
+    store = _store()
+    model = setup("llama")
+    prefix = model(ids(P, 1), use_cache=True).past_key_values
+    out = {"queues": transport._has_queues(store, transport._ns(None))}
+    if rank:
+        for i in range(3):
+            if i == 1:
+                store.set(f"t/first/{rank}", "1")
+                store.wait(["t/go"])
+            psd.send_branch(_solo(model, prefix, 40 + 10 * rank + i), 0, model=model, timeout=STEP_TIMEOUT)
+        store.set(f"t/done/{rank}", "1")
+        return out
+    got, missing = psd.gather_branches([1, 2], model=model, prefix=prefix, timeout=STEP_TIMEOUT)
+    assert not missing and sorted(got) == [1, 2], (list(got), missing)
+    for r, br in got.items():
+        _same_branch(br, _solo(model, prefix, 40 + 10 * r), f"rank {r}'s first branch")
+    store.wait(["t/first/1", "t/first/2"])
+    out["keys_before"] = store.num_keys()
+    out["timeout"] = _raises(psd.BranchTimeout, psd.recv_branch, 1, model=model, prefix=prefix, timeout=0.5)
+    store.set("t/go", "1")
+    taken = {1: 1, 2: 1}
+    for _ in range(4):
+        src, br = psd.recv_any([r for r in (1, 2) if taken[r] < 3], model=model, prefix=prefix,
+                               timeout=STEP_TIMEOUT)
+        _same_branch(br, _solo(model, prefix, 40 + 10 * src + taken[src]), f"rank {src}'s branch {taken[src]}")
+        taken[src] += 1
+    store.wait(["t/done/1", "t/done/2"])
+    # less t/go, t/done/1, t/done/2 and the runner's test/done (once a sender has finished)
+    out["keys_after"] = store.num_keys() - 3 - store.check(["test/done"])
+    return out

@@ -266,6 +266,17 @@ def test_round_trip_exact_in_place_every_scheme(spawned):
         pads = [max(dh.ROW_INSTR) - n for n in dh.ROW_INSTR]
         assert out[1][tag]["sent"] == [((p + n) * bpt, n) for p, n in zip(pads, dh.ROW_LEN)]
     assert out[0]["subgroup"]
+    assert all(out[r]["queues"] for r in range(4))  # announcements went through the store's queues
+
+
+def test_stores_without_queues_take_numbered_keys():
+    """A FileStore (``file://`` init) has no queues: the announcements take numbered keys, with the same
+    guarantees (arrival order, exact branches, a timeout that leaves the group usable, a flat store)."""
+    out = dh.spawn(dh.numbered_keys, world=3, timeout=120, store="file")
+    assert not any(out[r]["queues"] for r in range(3))
+    msg, secs, ranks = out[0]["timeout"]
+    assert "rank 1" in msg and ranks == [1] and 0.4 <= secs < 3.5, (msg, secs)
+    assert out[0]["keys_after"] <= out[0]["keys_before"], out[0]
 
 
 def test_faults_leave_the_group_usable(spawned):

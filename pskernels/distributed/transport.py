@@ -2,8 +2,10 @@
 
 Keys (``ns`` = ``pskv/<group name>``; ``s``/``d`` global ranks; ``n`` the ``s -> d`` sequence number)::
 
-    ns/q/d/k       the k-th announcement to d (value ``b"s n\n" + header``; counter ns/q/d/count), so a receiver
-                   can wait for the first of several senders with one store.wait; deleted by the receiver once read
+    ns/q/d         the announcements to d, a store queue (value ``b"s n\n" + header``), so a receiver can wait
+                   for the first of several senders with one store.wait; popped by the receiver. Stores without
+                   queues (FileStore, TCPStore's legacy backend) take numbered keys instead: ns/q/d/k, the k-th
+                   announcement (counter ns/q/d/count), deleted by the receiver once read
     ns/b/s/d/n/a   the verdict, written once (store.compare_set: first writer wins):
                    "ok" / "reject:<why>" by the receiver, or "withdrawn" by a sender that stopped waiting
 
@@ -33,6 +35,7 @@ class _State:
         self.cursor = {}  # (ns, d) -> announcements read from the queue
         self.announced = {}  # (ns, d) -> {(s, n): header} read from the queue, not yet taken
         self.bcast = {}  # ns -> broadcasts done
+        self.queues = {}  # ns -> whether the store has queues
         self.spent = []  # queue keys read, to delete once the current payload has moved
 
 
@@ -73,9 +76,17 @@ def _wait(store, key: str, deadline: float | None) -> bool:
         try:
             store.wait([key], max(left, timedelta(milliseconds=1)))  # returns at once for a key already set
             return True
-        except dist.DistStoreError:
+        except RuntimeError as e:
+            if not _timed_out(e):
+                raise
             if deadline is not None and time.monotonic() >= deadline:
                 return store.check([key])
+
+
+def _timed_out(e: RuntimeError) -> bool:
+    """A store.wait that timed out: TCPStore raises DistStoreError, FileStore a plain RuntimeError("Wait timeout");
+    anything else (a lost connection to the store: DistNetworkError) is not a timeout."""
+    return isinstance(e, dist.DistStoreError) or (type(e) is RuntimeError and "timeout" in str(e).lower())
 
 
 def _read(store, key: str) -> bytes:
@@ -89,13 +100,43 @@ def _await(store, key: str, deadline: float | None) -> bytes | None:
     return _read(store, key) if _wait(store, key, deadline) else None
 
 
+def _pop(store, queue: str, deadline: float | None) -> bytes | None:
+    """The first entry of the store queue ``queue`` once it has one (before ``deadline``, as :func:`_wait`), else
+    None. (``store.queue_pop(block=True)`` would wait with the store's own timeout, not ours.)"""
+    while _wait(store, queue, deadline):  # a queue "exists" while it holds an entry
+        try:
+            return store.queue_pop(queue, False)
+        except dist.QueueEmptyError:  # another reader of this queue took the entry first: wait for the next
+            continue
+    return None
+
+
+def _has_queues(store, ns: str) -> bool:
+    """Whether the store has queues (TCPStore's libuv backend: the default of ``torchrun`` and ``tcp://``; not
+    FileStore nor TCPStore's legacy backend); asked once per group."""
+    if ns not in _state.queues:
+        try:
+            store.queue_len(f"{ns}/q/probe")
+            _state.queues[ns] = True
+        except NotImplementedError:
+            _state.queues[ns] = False
+    return _state.queues[ns]
+
+
 def announce(header: bytes, dst: int, group) -> tuple:
     """Sender: publish ``header`` for ``dst`` (in the queue entry itself); returns the keys of this message."""
     store, ns, src = _store(), _ns(group), _rank()
     n = _state.sent.get((ns, src, dst), 0)
     _state.sent[(ns, src, dst)] = n + 1
-    k = store.add(f"{ns}/q/{dst}/count", 1)
-    store.set(f"{ns}/q/{dst}/{k}", f"{src} {n}\n".encode() + header)
+    entry = f"{src} {n}\n".encode() + header
+    if _has_queues(store, ns):
+        # one message, no reply awaited: a sender killed at any point has announced all or nothing
+        store.queue_push(f"{ns}/q/{dst}", entry)
+    else:
+        # a numbered key: a sender killed between these two writes leaves key k missing, and the receiver, which
+        # reads the keys in order, waits on it until each call's timeout (docs/DISTRIBUTED.md, "Limits")
+        k = store.add(f"{ns}/q/{dst}/count", 1)
+        store.set(f"{ns}/q/{dst}/{k}", entry)
     return f"{ns}/b/{src}/{dst}/{n}"
 
 
@@ -126,17 +167,21 @@ def next_announced(srcs, group, deadline: float | None, t: float | None) -> tupl
             if (s, n) in seen:
                 _state.taken[(ns, s, me)] = n + 1
                 return s, f"{ns}/b/{s}/{me}/{n}", seen.pop((s, n))
-        c = _state.cursor.get((ns, me), 0) + 1
-        key = f"{ns}/q/{me}/{c}"
-        entry = _await(store, key, deadline)
+        if _has_queues(store, ns):
+            entry = _pop(store, f"{ns}/q/{me}", deadline)
+        else:
+            c = _state.cursor.get((ns, me), 0) + 1
+            key = f"{ns}/q/{me}/{c}"
+            entry = _await(store, key, deadline)
+            if entry is not None:
+                _state.cursor[(ns, me)] = c
+                _state.spent.append(key)  # deleted after this message's payload (off the critical path)
         if entry is None:
             who = ", ".join(str(s) for s in srcs)
             raise BranchTimeout(f"recv_branch: no branch from rank{'s' if len(srcs) > 1 else ''} {who} within "
                                 f"{t:g} s (nothing was posted; the group is usable)", ranks=srcs)
         who, header = entry.split(b"\n", 1)
         s, n = map(int, who.split())
-        _state.cursor[(ns, me)] = c
-        _state.spent.append(key)  # deleted after this message's payload (off the critical path)
         seen[(s, n)] = header
 
 
