@@ -311,16 +311,20 @@ def test_eval_suite_without_a_file_is_the_packaged_suite(tmp_path, capsys, monke
                     "--gen-tokens", "1", "--target-tokens", "1"]) == 0
     text = capsys.readouterr().out
     assert "(2 held-out examples" in text and "training families" not in text and "\nall" in text
-    # --suite long: the packaged suite of long worker outputs (a file named "long" would win)
-    assert checkpoints.LONG_SUITE == ROOT / "pskernels" / "synthesis" / "suites" / "workflows-long-smollm2.jsonl"
-    long_suite = tmp_path / "suites" / "workflows-long-smollm2.jsonl"
-    monkeypatch.setattr(checkpoints, "LONG_SUITE", long_suite)
-    with pytest.raises(SystemExit, match=f"--suite: the packaged suite {long_suite} is missing"):
-        ev.main(["--model", "tiny", "--suite", "long", "--untrained"])
-    save_jsonl(short_examples(3, seed=2), long_suite)
-    assert ev.main(["--model", "tiny", "--threads", "1", "--suite", "long", "--untrained", "--settings", "parallel",
-                    "--gen-tokens", "1", "--target-tokens", "1"]) == 0
-    assert "(3 held-out examples" in capsys.readouterr().out
+    # --suite long / held-out: the other packaged suites, by name (a file of that name would win)
+    named = {"long": ("workflows-long-smollm2.jsonl", checkpoints.LONG_SUITE, 3),
+             "held-out": ("workflows-held-out-smollm2.jsonl", checkpoints.HELD_OUT_SUITE, 4)}
+    assert checkpoints.NAMED_SUITES == {name: shipped for name, (_, shipped, _) in named.items()}
+    for name, (file, shipped, n) in named.items():
+        assert shipped == ROOT / "pskernels" / "synthesis" / "suites" / file
+        stand_in = tmp_path / "suites" / file
+        monkeypatch.setitem(checkpoints.NAMED_SUITES, name, stand_in)
+        with pytest.raises(SystemExit, match=f"--suite: the packaged suite {stand_in} is missing"):
+            ev.main(["--model", "tiny", "--suite", name, "--untrained"])
+        save_jsonl(short_examples(n, seed=n), stand_in)
+        assert ev.main(["--model", "tiny", "--threads", "1", "--suite", name, "--untrained", "--settings", "parallel",
+                        "--gen-tokens", "1", "--target-tokens", "1"]) == 0
+        assert f"({n} held-out examples" in capsys.readouterr().out
 
 
 # ---- pskernels demo -----------------------------------------------------------------------------------------------

@@ -287,6 +287,22 @@ def test_packaged_long_suite_is_the_documented_draw_with_long_worker_outputs():
     assert sum(ex["split"] == "held_out" for ex in suite) == 12 and len(suite) == 32
 
 
+def test_packaged_held_out_suite_is_the_documented_draw_of_the_held_out_families():
+    from pskernels.synthesis.checkpoints import HELD_OUT_SUITE
+
+    suite = load_jsonl(HELD_OUT_SUITE)
+    for ex in suite:
+        validate_example(ex)
+    # docs/FIDELITY.md "A larger held-out sample": seed 9000, 12 per held-out family, 48 generated tokens per worker
+    want = {s.id: s for s in draw_workflows("held_out", 12, seed=9000)}
+    assert [ex["id"] for ex in suite] == list(want)
+    for ex in suite:
+        spec = want[ex["id"]]
+        assert ex["split"] == spec.split == "held_out" and ex["meta"]["subtasks"] == spec.task.subtasks
+        assert ex["meta"]["worker_tokens"] == 48 and len(ex["branches"]) == len(spec.task.subtasks)
+    assert {ex["meta"]["family"] for ex in suite} == set(HELD_OUT_FAMILIES) and len(suite) == 48
+
+
 # ---- APE calibration --------------------------------------------------------------------------------
 def test_calibrate_ape_picks_the_grid_point_with_the_lowest_kl(tiny, suite):
     model, tok = tiny

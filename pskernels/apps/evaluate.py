@@ -11,7 +11,8 @@ Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
 * ``--make-suite OUT.jsonl`` writes workflow examples (the model plays the workers) and exits:
   ``--per-family N --seed S --families all|train|held_out|NAME,... --worker-tokens K --workers LO,HI``
   (``--jobs N``: N processes, the same file);
-* ``--suite FILE`` (``--suite`` alone: the packaged suite, :data:`pskernels.synthesis.checkpoints.DEFAULT_SUITE`)
+* ``--suite FILE`` (``--suite`` alone: the packaged suite, :data:`pskernels.synthesis.checkpoints.DEFAULT_SUITE`;
+  ``--suite long`` / ``--suite held-out``: the other packaged ones, :data:`~pskernels.synthesis.checkpoints.NAMED_SUITES`)
   evaluates such a file and prints, after the overall table, one block per family and the training-family,
   held-out-family and overall rows (``--by-family`` prints them for ``--data`` / ``--builder`` too;
   ``--families`` keeps only some families);
@@ -206,7 +207,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--suite", metavar="FILE", nargs="?", const=str(checkpoints.DEFAULT_SUITE),
                      help="a workflow suite (JSONL, see --make-suite; no FILE: the packaged suite "
                      f"{checkpoints.DEFAULT_SUITE}; 'long': the packaged suite of long worker outputs, "
-                     f"{checkpoints.LONG_SUITE.name}): all lines are "
+                     f"{checkpoints.LONG_SUITE.name}; 'held-out': 12 workflows of each held-out family, "
+                     f"{checkpoints.HELD_OUT_SUITE.name}): all lines are "
                      "evaluated; per-family, training-family, held-out-family and overall rows are printed")
     src.add_argument("--make-suite", metavar="OUT", help="write a workflow suite (the model plays the workers) to "
                      "OUT (JSONL) and exit without evaluating")
@@ -295,12 +297,13 @@ def resolve_checkpoint(args) -> tuple[str | None, str]:
 
 
 def _resolve_suite(suite: str) -> str:
-    """``--suite`` as a path: a file by that name, else ``long`` is the packaged suite of long worker outputs."""
-    if suite == "long" and not os.path.exists(suite):
-        suite = str(checkpoints.LONG_SUITE)
+    """``--suite`` as a path: a file by that name, else a packaged suite's name (``long``, ``held-out``)."""
+    if suite in checkpoints.NAMED_SUITES and not os.path.exists(suite):
+        suite = str(checkpoints.NAMED_SUITES[suite])
+    packaged = [checkpoints.DEFAULT_SUITE, *checkpoints.NAMED_SUITES.values()]
     if os.path.isfile(suite):
         return suite
-    if os.path.abspath(suite) in {os.path.abspath(checkpoints.DEFAULT_SUITE), os.path.abspath(checkpoints.LONG_SUITE)}:
+    if os.path.abspath(suite) in {os.path.abspath(p) for p in packaged}:
         raise SystemExit(f"--suite: the packaged suite {suite} is missing (this installation has no workflow "
                          "suite; give --suite FILE, or write one with --make-suite FILE)")
     raise SystemExit(f"--suite: no such file {suite}")

@@ -13,7 +13,8 @@ the mapper's layers, heads and head dim (:func:`check_mapper`, every folder). ``
 ``pskernels demo`` use :func:`shipped_checkpoint` when no checkpoint is named (``--untrained``: none).
 
 :data:`DEFAULT_SUITE` is the workflow suite shipped with the package (``pskernels eval --suite``), :data:`LONG_SUITE`
-one of long worker outputs (``pskernels eval --suite long``).
+one of long worker outputs (``pskernels eval --suite long``), :data:`HELD_OUT_SUITE` 12 workflows of each held-out
+family (``pskernels eval --suite held-out``); :data:`NAMED_SUITES` maps those names to them.
 """
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ DEFAULT_SUITE = Path(__file__).resolve().parent / "suites" / "workflows-smollm2.
 """The packaged workflow suite (``pskernels eval --suite`` without a file)."""
 LONG_SUITE = DEFAULT_SUITE.with_name("workflows-long-smollm2.jsonl")
 """The packaged suite of long worker outputs, 192 generated tokens per worker (``pskernels eval --suite long``)."""
+HELD_OUT_SUITE = DEFAULT_SUITE.with_name("workflows-held-out-smollm2.jsonl")
+"""The packaged suite of the held-out families alone, 12 workflows each (``pskernels eval --suite held-out``): built
+after every shipped synthesizer, chosen on nothing (docs/FIDELITY.md, "A larger held-out sample")."""
+NAMED_SUITES = {"long": LONG_SUITE, "held-out": HELD_OUT_SUITE}
+"""``pskernels eval --suite NAME`` -> a packaged suite (a file of that name in the working directory wins)."""
 MANIFEST_NAME = "checkpoint.json"
 FORMAT = 1
 FINGERPRINT_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
