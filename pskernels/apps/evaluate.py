@@ -12,7 +12,7 @@ Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
   ``--per-family N --seed S --families all|train|held_out|NAME,... --worker-tokens K --workers LO,HI``
   (``--jobs N``: N processes, the same file);
 * ``--suite FILE`` (``--suite`` alone: the packaged suite, :data:`pskernels.synthesis.checkpoints.DEFAULT_SUITE`;
-  ``--suite long`` / ``--suite held-out``: the other packaged ones, :data:`~pskernels.synthesis.checkpoints.NAMED_SUITES`)
+  ``--suite long`` / ``--suite held-out``: the others, :data:`pskernels.synthesis.checkpoints.NAMED_SUITES`)
   evaluates such a file and prints, after the overall table, one block per family and the training-family,
   held-out-family and overall rows (``--by-family`` prints them for ``--data`` / ``--builder`` too;
   ``--families`` keeps only some families);
