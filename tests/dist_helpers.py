@@ -442,39 +442,48 @@ def all_scenarios(rank, world):
 # ---- scenario C: a store without queues -------------------------------------------------------------------------
 @torch.no_grad()
 def numbered_keys(rank, world):
-    """A ``file://`` group (FileStore: no queues, so announcements take numbered keys): ranks 1 and 2 each send
-    one branch, then two more once rank 0 has timed out on the silent rank 1; rank 0 takes them in arrival order,
-    and the store holds as many keys after the second round as after the first (counted with the senders done)."""
+    """A ``file://`` group (FileStore: no queues, so announcements take numbered keys): rank 0 broadcasts the prefix;
+    ranks 1 and 2 each send one branch, rank 2 then one it withdraws (its timeout), and both two more once rank 0 has
+    timed out on the silent rank 1; rank 0 takes them in arrival order, skipping the withdrawn one, and the store
+    holds as many keys after the second round as after the first (counted with the senders waiting)."""
     from pskernels import distributed as psd
     from pskernels.distributed import transport
 
     store = _store()
     model = setup("llama")
-    prefix = model(ids(P, 1), use_cache=True).past_key_values
+    local_prefix = model(ids(P, 1), use_cache=True).past_key_values
     out = {"queues": transport._has_queues(store, transport._ns(None))}
+    prefix = psd.broadcast_prefix(local_prefix if rank == 0 else None, 0, model=model, timeout=STEP_TIMEOUT)
     if rank:
         for i in range(3):
             if i == 1:
                 store.set(f"t/first/{rank}", "1")
+                if rank == 2:  # nobody takes it within 0.5 s: withdrawn
+                    store.wait(["t/counted"])
+                    out["withdrawn"] = _raises(psd.BranchTimeout, psd.send_branch, _solo(model, prefix, 99), 0,
+                                               model=model, timeout=0.5)
+                    store.set("t/withdrawn", "1")
                 store.wait(["t/go"])
             psd.send_branch(_solo(model, prefix, 40 + 10 * rank + i), 0, model=model, timeout=STEP_TIMEOUT)
         store.set(f"t/done/{rank}", "1")
         return out
     got, missing = psd.gather_branches([1, 2], model=model, prefix=prefix, timeout=STEP_TIMEOUT)
     assert not missing and sorted(got) == [1, 2], (list(got), missing)
-    for r, br in got.items():
-        _same_branch(br, _solo(model, prefix, 40 + 10 * r), f"rank {r}'s first branch")
+    for r, br in got.items():  # the broadcast prefix is the local prefill, so the branches are the local workers'
+        _same_branch(br, _solo(model, local_prefix, 40 + 10 * r), f"rank {r}'s first branch")
     store.wait(["t/first/1", "t/first/2"])
     out["keys_before"] = store.num_keys()
+    store.set("t/counted", "1")
     out["timeout"] = _raises(psd.BranchTimeout, psd.recv_branch, 1, model=model, prefix=prefix, timeout=0.5)
+    store.wait(["t/withdrawn"])
     store.set("t/go", "1")
     taken = {1: 1, 2: 1}
     for _ in range(4):
         src, br = psd.recv_any([r for r in (1, 2) if taken[r] < 3], model=model, prefix=prefix,
                                timeout=STEP_TIMEOUT)
-        _same_branch(br, _solo(model, prefix, 40 + 10 * src + taken[src]), f"rank {src}'s branch {taken[src]}")
+        _same_branch(br, _solo(model, local_prefix, 40 + 10 * src + taken[src]), f"rank {src}'s branch {taken[src]}")
         taken[src] += 1
     store.wait(["t/done/1", "t/done/2"])
-    # less t/go, t/done/1, t/done/2 and the runner's test/done (once a sender has finished)
-    out["keys_after"] = store.num_keys() - 3 - store.check(["test/done"])
+    # less t/counted, t/withdrawn, t/go, t/done/1, t/done/2 and the runner's test/done (once a sender has finished)
+    out["keys_after"] = store.num_keys() - 5 - store.check(["test/done"])
     return out

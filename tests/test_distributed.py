@@ -271,11 +271,14 @@ def test_round_trip_exact_in_place_every_scheme(spawned):
 
 def test_stores_without_queues_take_numbered_keys():
     """A FileStore (``file://`` init) has no queues: the announcements take numbered keys, with the same
-    guarantees (arrival order, exact branches, a timeout that leaves the group usable, a flat store)."""
+    guarantees (a broadcast prefix, arrival order, exact branches, a receive timeout and a withdrawn send that leave
+    the group usable, a flat store)."""
     out = dh.spawn(dh.numbered_keys, world=3, timeout=120, store="file")
     assert not any(out[r]["queues"] for r in range(3))
     msg, secs, ranks = out[0]["timeout"]
     assert "rank 1" in msg and ranks == [1] and 0.4 <= secs < 3.5, (msg, secs)
+    msg, secs, ranks = out[2]["withdrawn"]
+    assert "rank 0" in msg and "withdrawn" in msg and ranks == [0] and secs < 3.5, (msg, secs)
     assert out[0]["keys_after"] <= out[0]["keys_before"], out[0]
 
 
