@@ -220,7 +220,7 @@ def round_trip(rank, world):
 
     report = {"queues": transport._has_queues(_store(), transport._ns(None))}  # a tcp:// store has queues
     if rank == 2:  # this worker's payloads travel as 4 KiB messages (the receiver follows the header)
-        transport.message_bytes = lambda device: 4096
+        transport.message_bytes = lambda device, nbytes: 4096
     for c, (arch, dtype) in enumerate(CONFIGS):
         tag = f"{arch}/{str(dtype).removeprefix('torch.')}"
         model = setup(arch, dtype)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..hf import CacheRow
 from . import transport, wire
-from .caches import branch_parts, build_branch, build_prefix, prefix_parts
+from .caches import branch_parts, build_branch, build_prefix, cut, prefix_parts
 from .errors import BranchRefused, BranchTimeout
 from .fingerprint import compare, fingerprint, model_dtype
 
@@ -98,8 +98,8 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
         No verdict within ``timeout``.
     """
     fp = fingerprint(model)
-    h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length,
-                                 message_bytes=transport.message_bytes(_device(model, worker_cache)))
+    h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length)
+    h, pieces = cut(h, pieces, transport.message_bytes(_device(model, worker_cache), h.payload_bytes))
     wire.check_layers(h, kv)
     base = transport.announce(wire.encode(h), dst, group)
     verdict = transport.await_verdict(base, dst, timeout)

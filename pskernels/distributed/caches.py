@@ -12,6 +12,8 @@ still stores) or a prefix cache. Built: views into the received payload, no copy
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
@@ -119,13 +121,21 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None,
                              f"{fp.layers[l][0]} kv heads x head dim {fp.layers[l][1]}")
     layout = wire.TOKEN_MAJOR if token_rows is not None else wire.LAYER_MAJOR
     h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P,
-                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout,
-                    message_bytes)
+                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout)
     if layout == wire.TOKEN_MAJOR:
         pieces = [_bytes(r) for r in token_rows] if T else []
     else:
         pieces = [_bytes(t) for k, v in kv if k.shape[2] for t in (k, v)]
-    return h, kv, wire.split(pieces, message_bytes)
+    h, messages = cut(h, pieces, message_bytes)
+    return h, kv, messages
+
+
+def cut(h: wire.Header, pieces, message_bytes: int):
+    """``(header, messages)``: the payload's pieces cut into parts of at most ``message_bytes`` (0: whole), and the
+    header that says so (the receiver follows it)."""
+    if not message_bytes:
+        return h, list(pieces)
+    return dataclasses.replace(h, message_bytes=message_bytes), wire.split(pieces, message_bytes)
 
 
 def prefix_parts(prefix: Cache, fp: Fingerprint):

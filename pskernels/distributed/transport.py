@@ -207,12 +207,20 @@ def release(key: str | None = None) -> None:
         store.delete_key(_state.spent.pop())
 
 
-def message_bytes(device) -> int:
-    """The largest message a payload is cut into on ``device``: 1 MiB for gloo (CPU tensors), whole pieces for
-    NCCL. gloo moves one large message slower than the same bytes as 1 MiB messages posted at once (2 processes,
-    one thread each, medians of 15: 45 MiB 18.8 vs 12.8 ms, 180 MiB 72.6 vs 45.4 ms, 11 MiB 3.25 vs 3.15 ms);
-    NCCL pays a launch per message instead."""
-    return 1 << 20 if torch.device(device).type == "cpu" else 0
+WHOLE_BYTES = 8 << 20
+"""gloo payloads of at most this many bytes travel as their pieces, uncut (see :func:`message_bytes`)."""
+
+
+def message_bytes(device, nbytes: int) -> int:
+    """The largest message a payload of ``nbytes`` is cut into on ``device`` (0: its pieces whole): 1 MiB for gloo
+    (CPU tensors) beyond :data:`WHOLE_BYTES`, whole pieces below it and for NCCL. gloo moves one large message
+    slower than the same bytes as 1 MiB messages posted at once (2 processes, one thread each, medians of 15:
+    45 MiB 18.8 vs 12.8 ms, 180 MiB 72.6 vs 45.4 ms, 11 MiB 3.25 vs 3.15 ms), but below ~8 MiB each message's post
+    and wait cost more than they save (``bench/bench_transport.py``, SmolLM2 fp32, old and new code alternated): a
+    64-token branch (2.9 MB) 2.05-2.69 ms (median of 4 runs 2.44) in three messages, 2.02-2.19 ms (2.09) whole; a
+    128-token one (5.9 MB) 3.24-4.21 ms (3.97) in six, 3.28-3.65 ms (3.59) whole. NCCL pays a launch per message
+    instead."""
+    return 1 << 20 if torch.device(device).type == "cpu" and nbytes > WHOLE_BYTES else 0
 
 
 def send_payload(pieces, dst: int, group, base: str) -> None:
