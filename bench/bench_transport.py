@@ -3,7 +3,7 @@
 * ``test_branch_*`` (2 ranks): one branch of each of ``SIZES`` tokens with ``send_branch`` / ``recv_branch`` (store
   announcement + verdict + one payload) vs a raw ``dist.send`` / ``dist.recv`` of one uint8 tensor of the same
   bytes. Goal: branch throughput >= 0.9x raw (``extra_info["throughput_ratio"]``). Also against the same bytes
-  as the raw messages a branch travels in (``transport.message_bytes``: 1 MiB beyond 4 MiB, else whole;
+  as the raw messages a branch travels in (``transport.message_bytes``: 1 MiB beyond 8 MiB, else whole;
   ``throughput_ratio_chunked``: what the transport adds to the messages it sends).
 * ``test_fanout_*`` (1 + ``WORKERS`` ranks, SmolLM2 by default): every worker holds a ``TOKENS``-token branch on
   the broadcast prefix. ``cache`` path: the workers send their branches, rank 0 receives them in arrival order

@@ -123,8 +123,8 @@ def _has_queues(store, ns: str) -> bool:
     return _state.queues[ns]
 
 
-def announce(header: bytes, dst: int, group) -> tuple:
-    """Sender: publish ``header`` for ``dst`` (in the queue entry itself); returns the keys of this message."""
+def announce(header: bytes, dst: int, group) -> str:
+    """Sender: publish ``header`` for ``dst`` (in the queue entry itself); returns the base of this message's keys."""
     store, ns, src = _store(), _ns(group), _rank()
     n = _state.sent.get((ns, src, dst), 0)
     _state.sent[(ns, src, dst)] = n + 1
