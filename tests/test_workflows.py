@@ -210,6 +210,18 @@ def test_branches_are_the_models_own_greedy_continuation(tiny, penalty):
 
 
 # ---- per-family evaluation --------------------------------------------------------------------------
+@pytest.mark.parametrize("answer, text, found", [
+    ("2", "The phone is sold out in 12 shops", False),  # a substring test counted this one right
+    ("2", "sold out in 2 shops.", True), ("2", "2.5 km", False), ("2", "1.2 km", False), ("2", "at 2:30", False),
+    ("10", "100 people", False), ("1978", "(in 1978),", True), ("20:30", "opens at 20:30.", True),
+    ("18:30", "118:30", False), ("reject", "Reject.", True), ("reject", "the committee rejected it", True),
+    ("accept", "that is unacceptable", False), ("in favour", "voted In Favour", True), ("Alice", "Malice", False),
+    ("names.py", "the file `names.py` needs", True), ("Ines", "Agnes", False), ("", "anything", False),
+])
+def test_answer_found_matches_whole_numbers_and_word_starts(answer, text, found):
+    assert evaluation.answer_found(answer, text) is found
+
+
 def _row(kind, split, kl, agree, tokens, exact, answered, correct):
     s = {"kl": kl, "agree": agree, "tokens": tokens, "exact": exact, "answered": answered, "correct": correct}
     return {"id": kind, "kind": kind, "split": split, "scores": {"parallel": s}}

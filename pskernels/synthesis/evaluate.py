@@ -17,7 +17,7 @@ Settings (all read the same branch caches, computed by the base model):
 Metrics per setting, on the target tokens (the example's ``target``, else the teacher's greedy
 continuation): ``kl`` mean KL(teacher || setting) in nats/token (token-weighted), ``top1`` agreement of the
 argmax with the teacher's, ``exact`` greedy continuation (``gen_tokens`` tokens) equal to the teacher's,
-``accuracy`` on examples with an ``answer``: the answer string contained in the greedy output.
+``accuracy`` on examples with an ``answer``: the answer found in the greedy output (:func:`answer_found`).
 
 Per family: each per-example row keeps its ``kind``, ``split`` and raw ``scores`` (KL sum, agreeing and
 target tokens, exact, correct, answered per setting); :func:`aggregate` sums them over any group of rows with
@@ -26,6 +26,8 @@ held-out families (``split``) and all examples.
 Command line: ``pskernels eval`` (:mod:`pskernels.apps.evaluate`).
 """
 from __future__ import annotations
+
+import re
 
 import torch
 
@@ -55,6 +57,24 @@ APE_INIT = {"calibrate": True, "init_temperature": 0.9, "init_lse_scale": 0.9}
 def ape_mapper(model, **overrides) -> CacheMapper:
     """An untrained APE-calibrated mapper (temperature 0.9, LSE scale 0.9 on the branches)."""
     return CacheMapper.for_model(unwrap(model), **{"rank": 1, **APE_INIT, **overrides})
+
+
+def answer_found(answer: str, text: str) -> bool:
+    """Whether ``text`` states ``answer``: case-insensitive, not inside a longer word or number. A number is matched
+    whole (``"2"`` is not in ``"12 shops"``, ``"2.5"`` nor ``"1.2"``); a word may take an ending (``"reject"`` in
+    ``"rejected"``), not a beginning (``"accept"`` is not in ``"unacceptable"``).
+
+    >>> answer_found("2", "sold out in 12 shops"), answer_found("2", "in 2 shops."), answer_found("20:30", "at 20:30.")
+    (False, True, True)
+    >>> answer_found("reject", "They rejected it"), answer_found("Ines", "INES won"), answer_found("Alice", "Malice")
+    (True, True, False)
+    """
+    answer = answer.strip()
+    if not answer:
+        return False
+    left = (r"(?<![^\W_])" if answer[0].isalnum() else "") + (r"(?<![0-9][.,:])" if answer[0].isdigit() else "")
+    right = r"(?![0-9]|[.,:][0-9])" if answer[-1].isdigit() else ""
+    return re.search(left + re.escape(answer) + right, text, re.IGNORECASE) is not None
 
 
 def _decode(tokenizer, ids):
@@ -131,7 +151,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                 row[s] = text
                 if ex.answer:
                     a["answered"] += 1
-                    a["correct"] += int(ex.answer in text)
+                    a["correct"] += int(answer_found(ex.answer, text))
             per_example.append(row)
     model.train(was_training)
     out = aggregate(per_example, settings)
