@@ -218,7 +218,7 @@ def round_trip(rank, world):
     from pskernels import distributed as psd
     from pskernels.distributed import transport
 
-    report = {"queues": transport._has_queues(_store(), transport._ns(None))}  # a tcp:// store has queues
+    report = {"queues": transport._has_queues(_store(), None)}  # a tcp:// store has queues
     if rank == 2:  # this worker's payloads travel as 4 KiB messages (the receiver follows the header)
         transport.message_bytes = lambda device, nbytes: 4096
     for c, (arch, dtype) in enumerate(CONFIGS):
@@ -452,7 +452,7 @@ def numbered_keys(rank, world):
     store = _store()
     model = setup("llama")
     local_prefix = model(ids(P, 1), use_cache=True).past_key_values
-    out = {"queues": transport._has_queues(store, transport._ns(None))}
+    out = {"queues": transport._has_queues(store, None)}
     prefix = psd.broadcast_prefix(local_prefix if rank == 0 else None, 0, model=model, timeout=STEP_TIMEOUT)
     if rank:
         for i in range(3):
@@ -486,4 +486,36 @@ def numbered_keys(rank, world):
     store.wait(["t/done/1", "t/done/2"])
     # less t/counted, t/withdrawn, t/go, t/done/1, t/done/2 and the runner's test/done (once a sender has finished)
     out["keys_after"] = store.num_keys() - 5 - store.check(["test/done"])
+    return out
+
+
+# ---- scenario D: a group made anew in the same processes ----------------------------------------------------------
+@torch.no_grad()
+def regroup(rank, world):
+    """``destroy_process_group`` then ``init_process_group`` in the same two processes (as when a dead worker is
+    replaced): rank 1's send withdrawn in the old group left the ranks' sequence numbers apart (1 sent, 0 taken);
+    the new group starts them from 0 on both, so its first branch arrives."""
+    import torch.distributed as dist
+
+    from pskernels import distributed as psd
+
+    model = setup("llama")
+    prefix = model(ids(P, 1), use_cache=True).past_key_values
+    out = {}
+    if rank == 1:
+        out["withdrawn"] = _raises(psd.BranchTimeout, psd.send_branch, _solo(model, prefix, 60), 0, model=model,
+                                   timeout=0.5)
+    if rank == 0:
+        _store().set("t/port", str(_free_port()))
+    port = int(_store().get("t/port"))
+    dist.barrier()
+    dist.destroy_process_group()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    if rank == 1:
+        psd.send_branch(_solo(model, prefix, 61), 0, model=model, timeout=STEP_TIMEOUT)
+    else:
+        br = psd.recv_branch(1, model=model, prefix=prefix, timeout=STEP_TIMEOUT)
+        _same_branch(br, _solo(model, prefix, 61), "the first branch of a group made anew")
+        out["received"] = True
     return out

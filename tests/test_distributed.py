@@ -314,3 +314,13 @@ def test_faults_leave_the_group_usable(spawned):
     # 90 more rounds of a payload_kib message: a leak of one buffer per round would be 90 x that
     assert all(g < 4 * out[0]["payload_kib"] for g in grow.values()), (grow, out[0]["payload_kib"])
     assert out[0]["keys_100"] <= out[0]["keys_10"], (out[0]["keys_10"], out[0]["keys_100"])  # store keys: flat
+
+
+def test_a_group_made_anew_starts_its_sequence_numbers_again():
+    """destroy_process_group + init_process_group in the same processes (replacing a dead worker means a new
+    group): the protocol state belongs to the group object, so a send withdrawn in the old group does not leave
+    the new group's first branch waiting for a sequence number nobody sends."""
+    out = dh.spawn(dh.regroup, world=2, timeout=90)
+    msg, secs, ranks = out[1]["withdrawn"]
+    assert "withdrawn" in msg and ranks == [0], msg
+    assert out[0]["received"]

@@ -16,6 +16,7 @@ store.wait leaves the group untouched; no receive is ever left posted.
 from __future__ import annotations
 
 import time
+import weakref
 from datetime import timedelta
 
 import torch
@@ -27,19 +28,29 @@ _LONG = timedelta(days=365)
 
 
 class _State:
-    """Per-process protocol state: sequence numbers and announcements seen, per group."""
+    """This process's protocol state in one process group: sequence numbers and announcements seen."""
 
     def __init__(self):
-        self.sent = {}  # (ns, s, d) -> next n to send
-        self.taken = {}  # (ns, s, d) -> next n to receive
-        self.cursor = {}  # (ns, d) -> announcements read from the queue
-        self.announced = {}  # (ns, d) -> {(s, n): header} read from the queue, not yet taken
-        self.bcast = {}  # ns -> broadcasts done
-        self.queues = {}  # ns -> whether the store has queues
-        self.spent = []  # queue keys read, to delete once the current payload has moved
+        self.sent = {}  # (s, d) -> next n to send
+        self.taken = {}  # (s, d) -> next n to receive
+        self.cursor = {}  # d -> numbered announcement keys read (stores without queues)
+        self.announced = {}  # d -> {(s, n): header} read from the queue, not yet taken
+        self.bcast = 0  # broadcasts done
+        self.queues = None  # whether the store has queues (asked once)
 
 
-_state = _State()
+# One state per process group object, so that a group made anew (destroy_process_group + init_process_group, e.g.
+# to replace a dead worker) starts from sequence number 0 on every rank, old and new processes alike.
+_states = weakref.WeakKeyDictionary()
+_spent = []  # announcement keys read, to delete once the current payload has moved
+
+
+def _state(group) -> _State:
+    g = group if group is not None else dist.group.WORLD
+    st = _states.get(g)
+    if st is None:
+        st = _states[g] = _State()
+    return st
 
 
 def _ns(group) -> str:
@@ -111,25 +122,26 @@ def _pop(store, queue: str, deadline: float | None) -> bytes | None:
     return None
 
 
-def _has_queues(store, ns: str) -> bool:
+def _has_queues(store, group) -> bool:
     """Whether the store has queues (TCPStore's libuv backend: the default of ``torchrun`` and ``tcp://``; not
     FileStore nor TCPStore's legacy backend); asked once per group."""
-    if ns not in _state.queues:
+    st = _state(group)
+    if st.queues is None:
         try:
-            store.queue_len(f"{ns}/q/probe")
-            _state.queues[ns] = True
+            store.queue_len(f"{_ns(group)}/q/probe")
+            st.queues = True
         except NotImplementedError:
-            _state.queues[ns] = False
-    return _state.queues[ns]
+            st.queues = False
+    return st.queues
 
 
 def announce(header: bytes, dst: int, group) -> str:
     """Sender: publish ``header`` for ``dst`` (in the queue entry itself); returns the base of this message's keys."""
-    store, ns, src = _store(), _ns(group), _rank()
-    n = _state.sent.get((ns, src, dst), 0)
-    _state.sent[(ns, src, dst)] = n + 1
+    store, ns, src, st = _store(), _ns(group), _rank(), _state(group)
+    n = st.sent.get((src, dst), 0)
+    st.sent[(src, dst)] = n + 1
     entry = f"{src} {n}\n".encode() + header
-    if _has_queues(store, ns):
+    if _has_queues(store, group):
         # one message, no reply awaited: a sender killed at any point has announced all or nothing
         store.queue_push(f"{ns}/q/{dst}", entry)
     else:
@@ -159,23 +171,23 @@ def await_verdict(base: str, dst: int, timeout) -> str:
 def next_announced(srcs, group, deadline: float | None, t: float | None) -> tuple:
     """Receiver: ``(src, base, header bytes)`` of the first branch announced by any of ``srcs`` before ``deadline``
     (time.monotonic(); None: forever); ``t`` is the caller's timeout, for the message."""
-    store, ns, me = _store(), _ns(group), _rank()
-    seen = _state.announced.setdefault((ns, me), {})
+    store, ns, me, st = _store(), _ns(group), _rank(), _state(group)
+    seen = st.announced.setdefault(me, {})
     while True:
         for s in srcs:
-            n = _state.taken.get((ns, s, me), 0)
+            n = st.taken.get((s, me), 0)
             if (s, n) in seen:
-                _state.taken[(ns, s, me)] = n + 1
+                st.taken[(s, me)] = n + 1
                 return s, f"{ns}/b/{s}/{me}/{n}", seen.pop((s, n))
-        if _has_queues(store, ns):
+        if _has_queues(store, group):
             entry = _pop(store, f"{ns}/q/{me}", deadline)
         else:
-            c = _state.cursor.get((ns, me), 0) + 1
+            c = st.cursor.get(me, 0) + 1
             key = f"{ns}/q/{me}/{c}"
             entry = _await(store, key, deadline)
             if entry is not None:
-                _state.cursor[(ns, me)] = c
-                _state.spent.append(key)  # deleted after this message's payload (off the critical path)
+                st.cursor[me] = c
+                _spent.append(key)  # deleted after this message's payload (off the critical path)
         if entry is None:
             who = ", ".join(str(s) for s in srcs)
             raise BranchTimeout(f"recv_branch: no branch from rank{'s' if len(srcs) > 1 else ''} {who} within "
@@ -203,8 +215,8 @@ def release(key: str | None = None) -> None:
     store = _store()
     if key is not None:
         store.delete_key(key)
-    while _state.spent:
-        store.delete_key(_state.spent.pop())
+    while _spent:
+        store.delete_key(_spent.pop())
 
 
 WHOLE_BYTES = 8 << 20
@@ -295,10 +307,9 @@ def wait_payload(works) -> None:
 
 # ---- broadcast (a collective: every rank of the group takes part) -------------------------------------------
 def bcast_keys(group) -> str:
-    ns = _ns(group)
-    n = _state.bcast.get(ns, 0)
-    _state.bcast[ns] = n + 1
-    return f"{ns}/p/{n}"
+    st = _state(group)
+    st.bcast += 1
+    return f"{_ns(group)}/p/{st.bcast - 1}"
 
 
 def bcast_publish(base: str, header: bytes, ranks, timeout) -> str | None:
