@@ -231,6 +231,39 @@ def test_payload_pool_reuses_a_buffer_only_when_nothing_holds_it():
     assert [b.numel() for b, _ in pool.buffers] == [200] and pool.buffers[0][0].data_ptr() == held.data_ptr()
 
 
+@pytest.fixture
+def solo_group():
+    """A one-process gloo group in this process (destroyed after the test)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{dh._free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=30))
+    yield
+    dist.destroy_process_group()
+
+
+def test_a_peer_outside_the_group_or_this_rank_is_refused_before_anything_moves(llama, solo_group):
+    """A message to a rank outside the group, or to this one, would wait forever: refused at once, by name."""
+    from pskernels import distributed as psd
+
+    prefix, w = _worker(llama)
+    keys = psd.transport._store().num_keys()
+    for dst in (5, 0, 1.0, True, "1"):
+        with pytest.raises(ValueError, match="^dst: expected (a global rank of the group \\[0\\]|another rank)"):
+            psd.send_branch(w, dst, model=llama, timeout=1)
+    with pytest.raises(ValueError, match=r"^src: expected a global rank of the group \[0\], got 3"):
+        psd.recv_branch(3, model=llama, prefix=prefix, timeout=1)
+    with pytest.raises(ValueError, match=r"^src: expected another rank than this one \(0\)"):
+        psd.recv_branch(0, model=llama, prefix=prefix, timeout=1)
+    with pytest.raises(ValueError, match=r"^srcs: expected a global rank of the group \[0\], got 2.5"):
+        psd.recv_any([2.5], model=llama, prefix=prefix, timeout=1)
+    with pytest.raises(ValueError, match=r"^srcs: expected another rank than this one"):
+        psd.gather_branches([0], model=llama, prefix=prefix, timeout=1)
+    assert psd.transport._store().num_keys() == keys  # nothing was announced
+
+
 # ---- real transfers between processes ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def spawned():

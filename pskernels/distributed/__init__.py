@@ -20,6 +20,7 @@ Ranks (``src``, ``dst``) are global ranks, as in ``torch.distributed``.
 """
 from __future__ import annotations
 
+import operator
 import time
 
 import torch
@@ -48,6 +49,21 @@ def _device(model, cache):
     return next(model.parameters()).device
 
 
+def _check_peer(name: str, rank, group) -> int:
+    """``rank`` as an int, or a ValueError naming ``name`` unless it is another rank of ``group`` (a message to a rank
+    outside the group, or to this one, would wait forever)."""
+    ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
+    try:
+        r = None if isinstance(rank, bool) else operator.index(rank)  # ints, numpy ints; not floats nor bools
+    except TypeError:
+        r = None
+    if r not in ranks:
+        raise ValueError(f"{name}: expected a global rank of the group {ranks}, got {rank!r}")
+    if r == dist.get_rank():
+        raise ValueError(f"{name}: expected another rank than this one ({r})")
+    return r
+
+
 def _judge(h: wire.Header, model, kind: int, prefix_len: int | None) -> str | None:
     if h.kind != kind:
         return f"kind: sender {wire.KINDS[h.kind]}, receiver expects {wire.KINDS[kind]}"
@@ -70,7 +86,8 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
         ``copy.deepcopy(prefix)`` extended by the worker; needs ``prefix_len``; a sliding-window layer sends the
         slots it still stores). Keys/values ``[B, kv_heads, T, head_dim]`` of the model's dtype.
     dst : int
-        Global rank of the receiver (it calls :func:`recv_branch` or :func:`recv_any`).
+        Global rank of the receiver (it calls :func:`recv_branch` or :func:`recv_any`): another rank of ``group``
+        (anything else raises ValueError before anything is announced).
     model : transformers PreTrainedModel
         The model the worker ran; its fingerprint goes into the header.
     group : ProcessGroup, optional
@@ -97,6 +114,7 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
     BranchTimeout (TimeoutError)
         No verdict within ``timeout``.
     """
+    dst = _check_peer("dst", dst, group)
     fp = fingerprint(model)
     h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length)
     h, pieces = cut(h, pieces, transport.message_bytes(_device(model, worker_cache), h.payload_bytes))
@@ -118,7 +136,8 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
     Parameters
     ----------
     srcs : sequence of int
-        Global ranks of the senders to wait for.
+        Global ranks of the senders to wait for: other ranks of ``group`` (anything else raises ValueError before
+        anything is read).
     model : transformers PreTrainedModel
         The synthesizer's model: a branch whose fingerprint differs is refused.
     prefix : transformers Cache or None
@@ -149,7 +168,7 @@ def recv_any(srcs, *, model, prefix, group=None, timeout=None):
         The announced header was refused (``.rank``; ``.reason``: the field and both values; the sender gets
         the same reason and sends nothing); its sender's next branch can still be received.
     """
-    srcs = [int(s) for s in srcs]
+    srcs = [_check_peer("srcs", s, group) for s in srcs]
     if not srcs:
         raise ValueError("srcs: expected at least one rank")
     t = transport._seconds(timeout)
@@ -207,9 +226,10 @@ def gather_branches(srcs, *, model, prefix, group=None, timeout=None):
         branches, missing = psd.gather_branches(range(1, world), model=model, prefix=prefix, timeout=60)
         cache = pskernels.ParallelCache(prefix, [branches[r] for r in sorted(branches)])
     """
-    pending = [int(s) for s in srcs]
+    pending = list(srcs)
     if len(set(pending)) != len(pending):
         raise ValueError(f"srcs: expected distinct ranks, got {pending}")
+    pending = [_check_peer("srcs", s, group) for s in pending]
     t = transport._seconds(timeout)
     deadline = None if t is None else time.monotonic() + t
     got, missing = {}, {}
@@ -241,7 +261,7 @@ def recv_branch(src: int, *, model, prefix, group=None, timeout=None):
         cache = pskernels.ParallelCache(prefix, branches)
         out = model.generate(query_ids, past_key_values=cache, max_new_tokens=32)
     """
-    return recv_any([src], model=model, prefix=prefix, group=group, timeout=timeout)[1]
+    return recv_any([_check_peer("src", src, group)], model=model, prefix=prefix, group=group, timeout=timeout)[1]
 
 
 def broadcast_prefix(cache_or_None, src: int, *, model, group=None, timeout=None):
