@@ -117,6 +117,9 @@ def test_cli_routes_processes_to_the_distributed_demo(monkeypatch, capsys, tmp_p
 
     with pytest.raises(ValueError, match="--processes"):
         dd.spawn_demo(_tiny_cfg(), 1)
+    for n in ("1", "0", "-2"):  # named before any process starts (0 used to divide the cores by zero)
+        with pytest.raises(ValueError, match=f"--processes: expected >= 2 .*got {n}"):
+            main(["demo", "--processes", n, "--model", "tiny"])
     seen = {}
 
     def fake(cfg, processes, limit=None):

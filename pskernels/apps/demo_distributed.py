@@ -443,12 +443,16 @@ def _spawned(rank, world, port, cfg, results):
     os._exit(0)  # skip the teardown of gloo threads (a dead peer may make it slow)
 
 
+def check_processes(processes: int) -> None:
+    if processes < 2:
+        raise ValueError(f"--processes: expected >= 2 (rank 0 synthesizes, ranks 1.. are workers), got {processes}")
+
+
 def spawn_demo(cfg: DemoConfig, processes: int, limit: float | None = None):
     """Run the demo in ``processes`` local processes (gloo, 127.0.0.1). Returns ``(rank 0's report, worker
     errors)``; raises RuntimeError if rank 0 fails or gives no report within ``limit`` seconds (None: no limit:
     rank 0 bounds its own waits with ``cfg.timeout``)."""
-    if processes < 2:
-        raise ValueError(f"--processes: expected >= 2 (rank 0 synthesizes, ranks 1.. are workers), got {processes}")
+    check_processes(processes)
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
@@ -555,6 +559,7 @@ def main(args) -> int:
         if rank == 0:
             print(json.dumps(r, indent=2)) if args.json else print_report(r)
         return 0
+    check_processes(args.processes)
     cfg.threads = max(1, (os.cpu_count() or 1) // args.processes)
     r, errors = spawn_demo(cfg, args.processes)
     if args.json:
