@@ -124,3 +124,30 @@ def test_demo_recomputed_synthesis_needs_workers_instructions():
                               repeats=1, json=True, recomputed_synthesis=True)
     with pytest.raises(ValueError, match="--recompute-synthesizer: the tiny demo has no workers' instructions"):
         main(args)
+
+
+@pytest.mark.parametrize("argv, flag, message", [
+    (["demo", "--model", "tiny", "--repeats", "0"], "--repeats", "expected an int >= 1, got 0"),
+    (["demo", "--model", "tiny", "--branch-len", "0"], "--branch-len", "expected an int >= 1, got 0"),
+    (["demo", "--processes", "3", "--timeout", "0"], "--timeout", "expected seconds > 0, got 0"),
+    (["demo", "--timeout", "nan"], "--timeout", "expected seconds > 0, got nan"),
+    (["bench", "ttft", "--query-len", "-1"], "--query-len", "expected an int >= 1, got -1"),
+    (["bench", "ttft", "--recompute", "-2"], "--recompute", "expected an int >= 0, got -2"),
+    (["eval", "--model", "tiny", "--n-examples", "-3"], "--n-examples", "expected an int >= 1, got -3"),
+    (["eval", "--model", "tiny", "--make-suite", "x.jsonl", "--per-family", "0"], "--per-family",
+     "expected an int >= 1, got 0"),
+    (["eval", "--model", "tiny", "--target-tokens", "0"], "--target-tokens", "expected an int >= 1, got 0"),
+    (["eval", "--model", "tiny", "--gen-tokens", "two"], "--gen-tokens", "expected an int >= 1, got 'two'"),
+    (["train", "--model", "tiny", "--steps", "-1", "--out", "x"], "--steps", "expected an int >= 1, got -1"),
+    (["train", "--model", "tiny", "--grad-accum", "0", "--out", "x"], "--grad-accum", "expected an int >= 1, got 0"),
+    (["train", "--model", "tiny", "--lora-r", "0", "--out", "x"], "--lora-r", "expected an int >= 1, got 0"),
+    (["train", "--model", "tiny", "--eval-every", "-1", "--out", "x"], "--eval-every", "expected an int >= 0, got -1"),
+])
+def test_bad_counts_are_named_by_the_parser_before_anything_runs(argv, flag, message, capsys):
+    """Counts and durations that used to crash deep inside (a median of no runs, an empty branch through the model,
+    a timeout of 0 failing rank 0) or to run silently on nothing (no examples, no steps) stop at the parser."""
+    from pskernels.apps.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import importlib
 import platform
 import sys
 
+from .argtypes import int_at_least, positive_seconds
+
 
 def info() -> dict:
     import torch
@@ -48,11 +50,11 @@ def main(argv=None) -> int:
     d = sub.add_parser("demo", help="Parallel-Synthesis vs text concatenation (answers, TTFT)")
     d.add_argument("--model", default="smollm2",
                    help="'smollm2' (default, real model), 'tiny' (random Llama + oracle check) or an HF model folder")
-    d.add_argument("--branches", type=int, default=4, help="(tiny) number of branches")
-    d.add_argument("--branch-len", type=int, default=256, help="(tiny) tokens per branch")
-    d.add_argument("--prefix-len", type=int, default=64, help="(tiny) prefix tokens")
-    d.add_argument("--query-len", type=int, default=16, help="(tiny) synthesis prompt tokens")
-    d.add_argument("--repeats", type=int, default=3)
+    d.add_argument("--branches", type=int_at_least(1), default=4, help="(tiny) number of branches")
+    d.add_argument("--branch-len", type=int_at_least(1), default=256, help="(tiny) tokens per branch")
+    d.add_argument("--prefix-len", type=int_at_least(1), default=64, help="(tiny) prefix tokens")
+    d.add_argument("--query-len", type=int_at_least(1), default=16, help="(tiny) synthesis prompt tokens")
+    d.add_argument("--repeats", type=int_at_least(1), default=3)
     syn = d.add_mutually_exclusive_group()
     syn.add_argument("--mapper", metavar="PATH", help="synthesizer reads the caches through this trained mapper: a "
                      "CacheMapper.save_pretrained folder or a `pskernels train --out` folder (mapper + LoRA adapter); "
@@ -72,8 +74,8 @@ def main(argv=None) -> int:
     d.add_argument("--processes", type=int, metavar="N", help="workers in other processes: N local processes over "
                    "gloo (rank 0 synthesizes, ranks 1..N-1 are workers that send their branch caches); under torchrun "
                    "the launcher's ranks are used instead (docs/DISTRIBUTED.md)")
-    d.add_argument("--timeout", type=float, default=300.0, help="(--processes / torchrun) seconds rank 0 waits for "
-                   "the workers' branches; a worker not heard from by then is listed as missing")
+    d.add_argument("--timeout", type=positive_seconds, default=300.0, help="(--processes / torchrun) seconds rank 0 "
+                   "waits for the workers' branches; a worker not heard from by then is listed as missing")
     d.add_argument("--worker-tokens", type=int, default=None, help="new tokens per worker (default 64; the "
                    "single-process --model tiny demo takes --branch-len instead)")
     d.add_argument("--answer-tokens", type=int, default=None, help="tokens of each answer (default 80; not in the "
@@ -83,12 +85,12 @@ def main(argv=None) -> int:
     t = bsub.add_parser("ttft", help="time to first token: text concatenation vs Parallel-Synthesis vs floor")
     t.add_argument("--model", default="smollm2", help="'smollm2' (default), 'tiny' or an HF model folder")
     t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    t.add_argument("--branches", type=int, default=4)
-    t.add_argument("--branch-len", type=int, default=256)
-    t.add_argument("--prefix-len", type=int, default=64)
-    t.add_argument("--query-len", type=int, default=32)
-    t.add_argument("--repeats", type=int, default=5)
-    t.add_argument("--recompute", type=int, default=0, metavar="HEAD",
+    t.add_argument("--branches", type=int_at_least(1), default=4)
+    t.add_argument("--branch-len", type=int_at_least(1), default=256)
+    t.add_argument("--prefix-len", type=int_at_least(1), default=64)
+    t.add_argument("--query-len", type=int_at_least(1), default=32)
+    t.add_argument("--repeats", type=int_at_least(1), default=5)
+    t.add_argument("--recompute", type=int_at_least(0), default=0, metavar="HEAD",
                    help="also time Parallel-Synthesis with the first HEAD tokens of each branch recomputed in text "
                    "order (the training-free fidelity knob, docs/FIDELITY.md)")
     t.add_argument("--recompute-together", action="store_true",

@@ -36,6 +36,7 @@ from ..synthesis import checkpoints
 from ..synthesis import evaluate as evaluation
 from ..synthesis.data import build, load_jsonl, save_jsonl
 from ..synthesis.models import load_model
+from .argtypes import int_at_least
 
 # the recompute setting's label, by what is recomputed at each end of a branch
 RECOMPUTE_NAME = "(v) recomputed head {}, tail {}"
@@ -166,8 +167,6 @@ def make_suite(args) -> int:
     kwargs = dict(families=args.families or "all", n_per_family=args.per_family, seed=seed,
                   worker_tokens=args.worker_tokens, n_workers=_pair(args.workers, "--workers"),
                   teacher_tokens=args.store_teacher)
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs: expected >= 1, got {args.jobs}")
     try:  # the draw alone (no model): bad families / worker ranges are reported before any process starts
         n_examples = len(draw_workflows(kwargs["families"], args.per_family, seed=seed, n_workers=kwargs["n_workers"]))
     except ValueError as e:
@@ -212,16 +211,18 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      "evaluated; per-family, training-family, held-out-family and overall rows are printed")
     src.add_argument("--make-suite", metavar="OUT", help="write a workflow suite (the model plays the workers) to "
                      "OUT (JSONL) and exit without evaluating")
-    p.add_argument("--n-examples", type=int, default=32, help="(builder) held-out examples")
+    p.add_argument("--n-examples", type=int_at_least(1), default=32, help="(builder) held-out examples")
     p.add_argument("--seed", type=int, default=None,
                    help="(builder) seed; default: the training seed + 1. (--make-suite) default 0")
     p.add_argument("--families", default=None, help="'all', 'train', 'held_out' or comma-separated family "
                    "names: (--make-suite) the families to build, default all; (--suite, --data) keep only those")
     p.add_argument("--by-family", action="store_true", help="(--data, --builder) also print the per-kind table")
-    p.add_argument("--per-family", type=int, default=4, help="(--make-suite) examples per family")
-    p.add_argument("--jobs", type=int, default=1, help="(--make-suite) processes building the examples (each loads "
-                   "the model; give --threads too, e.g. --jobs 2 --threads 1 on 2 cores); the file is the same")
-    p.add_argument("--worker-tokens", type=int, default=48, help="(--make-suite) tokens each worker generates")
+    p.add_argument("--per-family", type=int_at_least(1), default=4, help="(--make-suite) examples per family")
+    p.add_argument("--jobs", type=int_at_least(1), default=1, help="(--make-suite) processes building the examples "
+                   "(each loads the model; give --threads too, e.g. --jobs 2 --threads 1 on 2 cores); the file is "
+                   "the same")
+    p.add_argument("--worker-tokens", type=int_at_least(1), default=48,
+                   help="(--make-suite) tokens each worker generates")
     p.add_argument("--workers", default="2,8", help="(--make-suite) LO,HI workers per example (inclusive)")
     p.add_argument("--store-teacher", type=int, default=16, metavar="N",
                    help="(--make-suite) also store the teacher's greedy continuation (N tokens at most) with each "
@@ -231,7 +232,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="calibrate the APE setting's T and S on the first --calibrate-n examples of FILE (JSONL; "
                    "never the evaluated examples) instead of T = S = 0.9; without FILE on training-family workflows "
                    "the model builds itself (seed 1)")
-    p.add_argument("--calibrate-n", type=int, default=8, help="(--calibrate-ape) calibration examples")
+    p.add_argument("--calibrate-n", type=int_at_least(1), default=8, help="(--calibrate-ape) calibration examples")
     p.add_argument("--ape-grid", default=None, help="(--calibrate-ape) T,T,.../S,S,... "
                    "(default 0.7,0.8,0.9,1.0/0.7,0.8,0.9,1.0)")
     p.add_argument("--scheme", default=None, help="default: the checkpoint's scheme, else sequential")
@@ -249,8 +250,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--recompute-together", action="store_true",
                    help="(setting recompute) all recomputed parts in one forward, each reading the workers' own "
                    "K/V before it (not the exact text-order recomputation)")
-    p.add_argument("--gen-tokens", type=int, default=12)
-    p.add_argument("--target-tokens", type=int, default=16)
+    p.add_argument("--gen-tokens", type=int_at_least(1), default=12)
+    p.add_argument("--target-tokens", type=int_at_least(1), default=16)
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
     p.add_argument("--threads", type=int, default=None)
     return p

@@ -14,6 +14,7 @@ from ..synthesis import train as recipe
 from ..synthesis.data import build, load_jsonl
 from ..synthesis.models import load_model
 from ..synthesis.recompute import check_head_share
+from .argtypes import int_at_least
 from .evaluate import parse_recompute
 
 
@@ -56,34 +57,35 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--data", nargs="+", metavar="FILE",
                      help="training examples (JSONL, see pskernels.synthesis.data); several files are concatenated")
     src.add_argument("--builder", default="aggregation", help="aggregation | exposure | natural | distill | mixed")
-    p.add_argument("--n-examples", type=int, default=128, help="(builder) training examples")
+    p.add_argument("--n-examples", type=int_at_least(1), default=128, help="(builder) training examples")
     p.add_argument("--mix", action="append", metavar="BUILDER:N",
                    help="add N examples of BUILDER (seed --seed) to the training examples; repeatable")
     p.add_argument("--eval-data", metavar="FILE", help="held-out examples (JSONL) evaluated during training; "
                    "with it --eval-examples counts its first lines (0: all) and no training line is held out")
-    p.add_argument("--eval-examples", type=int, default=16,
+    p.add_argument("--eval-examples", type=int_at_least(0), default=16,
                    help="held-out examples (builder: seed+1; data: last lines; --eval-data: its first lines)")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int_at_least(1), default=200)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--mapper-lr", type=float, default=None)
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0)
-    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--grad-accum", type=int_at_least(1), default=1)
     p.add_argument("--lr-schedule", default="constant", choices=list(recipe.LR_SCHEDULES),
                    help="cosine: decay to 0 at --steps")
-    p.add_argument("--warmup-steps", type=int, default=0, help="linear lr warmup")
+    p.add_argument("--warmup-steps", type=int_at_least(0), default=0, help="linear lr warmup")
     p.add_argument("--scheme", default="sequential", choices=["parallel", "sequential", "right_aligned"])
-    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-r", type=int_at_least(1), default=8)
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-targets", default="attn", help="modules the LoRA adapter wraps: comma-separated Linear "
                    "names (q_proj, ..., down_proj) or groups: attn (q,k,v,o), mlp (gate,up,down); e.g. attn,mlp")
     p.add_argument("--no-lora", action="store_true", help="train the mapper only")
-    p.add_argument("--mapper-rank", type=int, default=8)
+    p.add_argument("--mapper-rank", type=int_at_least(0), default=8)
     p.add_argument("--no-mapper", action="store_true", help="train the adapter only")
-    p.add_argument("--target-tokens", type=int, default=16, help="teacher greedy tokens for examples without target")
-    p.add_argument("--eval-every", type=int, default=50)
-    p.add_argument("--save-every", type=int, default=None)
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--target-tokens", type=int_at_least(1), default=16,
+                   help="teacher greedy tokens for examples without target")
+    p.add_argument("--eval-every", type=int_at_least(0), default=50)
+    p.add_argument("--save-every", type=int_at_least(1), default=None)
+    p.add_argument("--log-every", type=int_at_least(0), default=10)
     p.add_argument("--recompute", default=None, metavar="HEAD[,TAIL]",
                    help="train the synthesizer to read branches whose first HEAD (and last TAIL) tokens the base "
                    "model recomputed in text order; HEAD 'prompt': each worker's own turn (nothing for examples "
@@ -97,7 +99,7 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "written by train --out or export_checkpoint, e.g. a shipped one under pskernels/checkpoints/) "
                    "instead of fresh ones; fresh optimizer and lr schedule; it must have been trained for --model "
                    "with the same --recompute")
-    p.add_argument("--link-tokens", type=int, default=0, metavar="K",
+    p.add_argument("--link-tokens", type=int_at_least(0), default=0, metavar="K",
                    help="also train K link tokens the synthesizer runs after every branch with the branches before "
                    "it in view (KVLink; kept in the mapper, so not with --no-mapper)")
     p.add_argument("--no-cache-teacher", action="store_true", help="recompute base caches + teacher every step")
