@@ -264,6 +264,18 @@ def test_a_peer_outside_the_group_or_this_rank_is_refused_before_anything_moves(
     assert psd.transport._store().num_keys() == keys  # nothing was announced
 
 
+def test_timeouts_are_seconds_a_timedelta_or_none():
+    import datetime
+
+    from pskernels.distributed import transport
+
+    assert transport._seconds(None) is None and transport._seconds(2) == 2.0
+    assert transport._seconds(datetime.timedelta(milliseconds=1500)) == 1.5
+    for bad in ("soon", float("nan"), -1, True, [1]):
+        with pytest.raises(ValueError, match=r"^timeout: expected seconds >= 0, a timedelta or None, got "):
+            transport._seconds(bad)
+
+
 # ---- real transfers between processes ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def spawned():

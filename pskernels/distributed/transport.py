@@ -69,9 +69,12 @@ def _rank() -> int:
 def _seconds(timeout) -> float | None:
     if timeout is None:
         return None
-    t = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
-    if t < 0:
-        raise ValueError(f"timeout: expected seconds >= 0 or None, got {timeout}")
+    try:
+        t = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout)
+    except (TypeError, ValueError):
+        t = None
+    if isinstance(timeout, bool) or t is None or not t >= 0:  # NaN too
+        raise ValueError(f"timeout: expected seconds >= 0, a timedelta or None, got {timeout!r}")
     return t
 
 
