@@ -107,7 +107,7 @@ class RopeSpec:
 # Reading a Hugging Face decoder's RoPE needs only torch.nn: the modules are found by their attributes.
 def find_decoder(model: nn.Module) -> nn.Module:
     """The base decoder: the module that owns ``layers`` and ``rotary_emb`` (e.g. ``LlamaModel``)."""
-    for m in model.modules():
+    for m in model.modules() if isinstance(model, nn.Module) else ():
         if isinstance(getattr(m, "layers", None), nn.ModuleList) and hasattr(m, "rotary_emb"):
             return m
     raise TypeError(

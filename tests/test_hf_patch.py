@@ -100,6 +100,9 @@ def test_cache_from_other_model_is_rejected():
     ({"branch_lengths": [9]}, "branch_lengths"),
     ({"branch_lengths": [[1, 2]]}, "branch_lengths"),
     ({"query_start": -1}, "query_start"),
+    ({"branch_lengths": [2.5]}, "branch_lengths: expected integers, got torch.float32"),  # was truncated to 2
+    ({"branch_lengths": torch.tensor([True])}, "branch_lengths: expected integers, got torch.bool"),
+    ({"branch_starts": [3.0], "scheme": "custom"}, "branch_starts: expected integers"),
 ])
 def test_parallel_cache_argument_errors(kwargs, match):
     model = make_model("llama")
@@ -107,6 +110,16 @@ def test_parallel_cache_argument_errors(kwargs, match):
     prefix, branches = branch_caches(model, case)
     with pytest.raises((ValueError, TypeError), match=match):
         pskernels.ParallelCache(prefix, branches, **kwargs)
+
+
+def test_branches_and_model_of_the_wrong_kind_are_named():
+    model = make_model("llama")
+    case = make_case(1, 3, [[4]], [2], VOCAB)
+    prefix, branches = branch_caches(model, case)
+    with pytest.raises(TypeError, match="branches: expected a sequence of caches .*got ParallelCache"):
+        pskernels.ParallelCache(prefix, pskernels.ParallelCache(prefix, []))  # one cache, not a list of one
+    with pytest.raises(TypeError, match="model: expected a Hugging Face decoder .* got NoneType"):
+        pskernels.patch_model(None)
 
 
 def test_right_padded_query_mask_is_rejected():

@@ -75,7 +75,10 @@ def _batch(cache: Cache) -> int | None:
 
 def _rows(name, x, N, B):
     """Per-branch per-row ints: None, [N] ints, [N][B] nested or an [N, B] / [N] tensor -> int64 [N, B] (cpu)."""
-    t = torch.as_tensor(x, dtype=torch.int64) if not isinstance(x, torch.Tensor) else x.to("cpu", torch.int64)
+    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
+    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):  # no truncation
+        raise ValueError(f"{name}: expected integers, got {t.dtype} values")
+    t = t.to("cpu", torch.int64)
     if t.ndim == 1 and t.shape[0] == N:
         t = t[:, None].expand(N, B)
     if t.ndim != 2 or tuple(t.shape) != (N, B):
@@ -157,6 +160,9 @@ class ParallelCache(Cache):
             raise TypeError(f"prefix: expected a transformers Cache or None, got {type(prefix).__name__}")
         if isinstance(prefix, ParallelCache):
             raise TypeError("prefix: expected an ordinary cache (e.g. DynamicCache), got a ParallelCache")
+        if isinstance(branches, Cache) or not hasattr(branches, "__iter__"):
+            raise TypeError(f"branches: expected a sequence of caches (e.g. [worker_cache]), got "
+                            f"{type(branches).__name__}")
         branches = list(branches)
         rows = [None] * len(branches)
         for i, c in enumerate(branches):
