@@ -81,6 +81,8 @@ MBA_CASES = [
     ("seq_lens_shape", mba(seq_lens=torch.tensor([5, 3])), ARG_ERRORS, "seq_lens"),
     ("seq_lens_shape_T", mba(seq_lens=torch.tensor([[5, 3], [5, 3]]).T.contiguous()[:, :1]), ARG_ERRORS, "seq_lens"),
     ("seq_lens_float", mba(seq_lens=torch.tensor([[5.0, 3.0], [3.0, 3.0]])), ARG_ERRORS, "seq_lens"),
+    # a nested list of floats was converted with an int64 dtype: 4.5 silently became 4
+    ("seq_lens_float_list", mba(seq_lens=[[5, 3], [2.5, 3]]), ARG_ERRORS, "seq_lens"),
     ("seq_lens_negative", mba(seq_lens=torch.tensor([[5, -1], [3, 3]])), ARG_ERRORS, "seq_lens"),
     ("seq_lens_too_long", mba(seq_lens=torch.tensor([[5, 6], [3, 3]])), ARG_ERRORS, "seq_lens"),
     ("left_pad_gt_lens", mba(seq_lens=torch.tensor([[5, 2], [3, 3]]), left_pad=torch.tensor([[0, 3], [0, 0]])),
@@ -89,6 +91,7 @@ MBA_CASES = [
     ("left_pad_shape", mba(left_pad=torch.zeros(3, B, dtype=torch.int64)), ARG_ERRORS, "left_pad"),
     ("shift_without_rope", mba(position_shifts=torch.tensor([0, 4])), ARG_ERRORS, "rope"),
     ("shift_float", mba(position_shifts=torch.tensor([0.0, 4.0]), rope=rope()), ARG_ERRORS, "position_shifts"),
+    ("shift_float_list", mba(position_shifts=[0, 1.5], rope=rope()), ARG_ERRORS, "position_shifts"),
     ("shift_shape", mba(position_shifts=torch.tensor([0, 4, 1]), rope=rope()), ARG_ERRORS, "position_shifts"),
     ("rope_not_spec", mba(position_shifts=torch.tensor([0, 4]), rope="llama"), ARG_ERRORS, "rope"),
     ("rope_rotary_dim_gt_D", mba(rope=rope(D=2 * D)), ARG_ERRORS, "rope"),
@@ -103,6 +106,7 @@ MBA_CASES = [
     ("softcap_negative", mba(softcap=-5.0), ARG_ERRORS, "softcap"),
     ("softcap_inf", mba(softcap=float("inf")), ARG_ERRORS, "softcap"),  # inf * tanh(x / inf) = NaN outputs
     ("scale_inf", mba(scale=float("inf")), ARG_ERRORS, "scale"),
+    ("scale_str", mba(scale="x"), ARG_ERRORS, "scale"),
     ("window_without_segment_positions", mba(sliding_window=4), ARG_ERRORS, "segment_positions"),
     ("window_zero", mba(sliding_window=0, segment_positions=torch.tensor([0, 5])), ARG_ERRORS, "sliding_window"),
     ("window_float", mba(sliding_window=2.5, segment_positions=torch.tensor([0, 5])), ARG_ERRORS, "sliding_window"),

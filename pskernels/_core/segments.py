@@ -136,6 +136,14 @@ def _diagnose_segments(q, keys, values) -> None:
             raise ValueError(f"values[{s}]: expected value head_dim {Dv} (values[0]'s), got shape {tuple(v.shape)}")
 
 
+def _finite_float(name, x) -> float:
+    """``x`` as a float, or a ValueError naming ``name`` (the range is checked by the caller)."""
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a finite positive float, got {x!r}") from None
+
+
 def _int_table(name, t, S, B, device, allow_1d=True):
     """Accept an ``[S, B]`` (or ``[S]``, broadcast over rows) integer tensor / nested list.
 
@@ -143,10 +151,12 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     and its copy on ``device``.
     """
     if not isinstance(t, torch.Tensor):
-        try:
-            t = torch.as_tensor(t, dtype=torch.int64)
+        try:  # without a dtype: floats stay floats and are refused below, not truncated
+            t = torch.as_tensor(t)
         except (TypeError, ValueError) as e:
             raise TypeError(f"{name}: expected an integer tensor of shape [S, B] = [{S}, {B}], got {_desc(t)}") from e
+        if t.dtype in (torch.int8, torch.int16, torch.uint8) or t.numel() == 0:
+            t = t.to(torch.int64)
     if t.dtype not in _INT_DTYPES:
         raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
     if t.ndim == 1 and allow_1d:
@@ -301,11 +311,11 @@ def normalize_segments(
 
     if scale is None:
         scale = D ** -0.5
-    scale = float(scale)
+    scale = _finite_float("scale", scale)
     if not (0 < scale < float("inf")):
         raise ValueError(f"scale: expected a finite positive float, got {scale}")
     if softcap is not None:
-        softcap = float(softcap)
+        softcap = _finite_float("softcap", softcap)
         if not (0 < softcap < float("inf")):
             raise ValueError(f"softcap: expected None or a finite positive float, got {softcap}")
 
