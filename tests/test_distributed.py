@@ -139,8 +139,12 @@ def test_sender_checks_its_own_cache(llama):
         caches.branch_parts(pskernels.CacheRow(w, 2), fp)
     with pytest.raises(ValueError, match="length"):
         caches.branch_parts(pskernels.CacheRow(w, 0), fp, length=7)
+    with pytest.raises(TypeError, match="length: expected integers, got torch.float32"):  # not truncated to 2
+        caches.branch_parts(w, fp, length=[2.5, 3])
     with pytest.raises(ValueError, match="prefix_len: required"):
         caches.branch_parts(prefix, fp)
+    with pytest.raises(TypeError, match="prefix_len: expected integers"):
+        caches.branch_parts(prefix, fp, prefix_len=4.7)
     with pytest.raises(ValueError, match="synthesizer"):
         caches.branch_parts(pskernels.ParallelCache(prefix, [w]), fp)
     with pytest.raises(ValueError, match="layers"):

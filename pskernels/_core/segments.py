@@ -13,6 +13,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from .devices import check_same_or_cpu, host_to_device
+from .integers import int_tensor
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -151,12 +152,10 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     and its copy on ``device``.
     """
     if not isinstance(t, torch.Tensor):
-        try:  # without a dtype: floats stay floats and are refused below, not truncated
-            t = torch.as_tensor(t)
-        except (TypeError, ValueError) as e:
+        try:
+            t = int_tensor(name, t)
+        except TypeError as e:
             raise TypeError(f"{name}: expected an integer tensor of shape [S, B] = [{S}, {B}], got {_desc(t)}") from e
-        if t.dtype in (torch.int8, torch.int16, torch.uint8) or t.numel() == 0:
-            t = t.to(torch.int64)
     if t.dtype not in _INT_DTYPES:
         raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
     if t.ndim == 1 and allow_1d:

@@ -13,6 +13,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from .._core.devices import host_to_device
+from .._core.integers import int_tensor
 from .slab import adopt_rows, slab_layers
 
 SCHEMES = ("parallel", "sequential", "right_aligned", "custom")
@@ -75,10 +76,7 @@ def _batch(cache: Cache) -> int | None:
 
 def _rows(name, x, N, B):
     """Per-branch per-row ints: None, [N] ints, [N][B] nested or an [N, B] / [N] tensor -> int64 [N, B] (cpu)."""
-    t = x if isinstance(x, torch.Tensor) else torch.as_tensor(x)
-    if t.numel() and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):  # no truncation
-        raise ValueError(f"{name}: expected integers, got {t.dtype} values")
-    t = t.to("cpu", torch.int64)
+    t = int_tensor(name, x).cpu()
     if t.ndim == 1 and t.shape[0] == N:
         t = t[:, None].expand(N, B)
     if t.ndim != 2 or tuple(t.shape) != (N, B):
@@ -246,7 +244,7 @@ class ParallelCache(Cache):
             ends = torch.where(lens > 0, first + lens, torch.full_like(first, P))
             qs = ends.amax(0) if N else torch.full((B,), P, dtype=torch.int64)
         else:
-            qs = torch.as_tensor(query_start, dtype=torch.int64).expand(B).clone()
+            qs = int_tensor("query_start", query_start).cpu().expand(B).clone()
             if (qs < 0).any():
                 raise ValueError(f"query_start: expected non-negative positions, got {qs.tolist()}")
         self.query_start = qs  # [B]
