@@ -99,3 +99,14 @@ def test_from_pretrained_refuses_non_finite_weights(tmp_path):
     m.save_pretrained(tmp_path / "diverged")
     with pytest.raises(ValueError, match=rf"parameter '{re.escape(name)}'.*non-finite"):
         CacheMapper.from_pretrained(tmp_path / "diverged")
+
+
+@pytest.mark.parametrize("field, value", [("rank", -1), ("num_layers", 0), ("init_temperature", 0.0),
+                                          ("init_temperature", float("nan")), ("init_lse_scale", -1.0)])
+def test_config_values_without_a_mapper_are_named(field, value):
+    """A negative rank made a tensor of negative size; a temperature of 0 died in math.log, and NaN built a mapper
+    whose every output was NaN."""
+    kw = dict(num_layers=2, num_kv_heads=2, num_heads=4, head_dim=16)
+    kw[field] = value
+    with pytest.raises(ValueError, match=f"^{field}: expected"):
+        CacheMapper(CacheMapperConfig(**kw))

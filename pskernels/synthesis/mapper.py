@@ -62,6 +62,15 @@ class CacheMapper(nn.Module):
         self.config = c = config
         NL, H, D, r = c.num_layers, c.num_kv_heads, c.head_dim, c.rank
         Dv = c.value_dim or D
+        for name in ("num_layers", "num_kv_heads", "num_heads", "head_dim"):
+            if not isinstance(getattr(c, name), int) or getattr(c, name) < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {getattr(c, name)!r}")
+        if not isinstance(r, int) or r < 0:
+            raise ValueError(f"rank: expected an int >= 0, got {r!r}")
+        for name in ("init_temperature", "init_lse_scale"):  # they start as logs: NaN or <= 0 has none
+            v = getattr(c, name)
+            if not (isinstance(v, (int, float)) and 0 < v < math.inf):
+                raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
         if c.num_heads % H:
             raise ValueError(f"num_heads ({c.num_heads}) must be a multiple of num_kv_heads ({H})")
         if c.link_tokens < 0 or (c.link_tokens and not c.hidden_size):
