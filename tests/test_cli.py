@@ -151,3 +151,21 @@ def test_bad_counts_are_named_by_the_parser_before_anything_runs(argv, flag, mes
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_the_command_reports_a_bad_flag_combination_without_a_traceback():
+    """`pskernels ...` (the console script is cli.run) prints a flag error as argparse does, exit status 2; main()
+    itself still raises, for callers and tests."""
+    from pathlib import Path
+
+    from pskernels.apps.cli import main, run
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert '\npskernels = "pskernels.apps.cli:run"\n' in pyproject  # [project.scripts]
+    argv = ["demo", "--model", "tiny", "--mapper", "x"]
+    with pytest.raises(ValueError, match="--mapper: the tiny demo checks exactness"):
+        main(argv)
+    r = subprocess.run([sys.executable, "-m", "pskernels.apps.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "pskernels: error: --mapper: the tiny demo checks exactness" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert run(["demo", "--model", "tiny", "--processes", "0"]) == 2  # a ValueError naming --processes

@@ -141,5 +141,18 @@ def main(argv=None) -> int:
     return demo_main(args)
 
 
+def run(argv=None) -> int:
+    """The ``pskernels`` command: :func:`main`, with a bad flag combination (a ValueError whose message names the
+    flag, ``--...``) reported as ``pskernels: error: ...`` and exit status 2, as argparse reports its own, instead of
+    a traceback. Any other exception keeps its traceback."""
+    try:
+        return main(argv)
+    except ValueError as e:
+        if not str(e).startswith("--"):
+            raise
+        print(f"pskernels: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

@@ -573,4 +573,4 @@ if __name__ == "__main__":  # torchrun --nproc-per-node N -m pskernels.apps.demo
     import importlib
 
     # the `pskernels demo` parser (cli imports this module: by name, not as an import cycle)
-    sys.exit(importlib.import_module("pskernels.apps.cli").main(["demo", *sys.argv[1:]]))
+    sys.exit(importlib.import_module("pskernels.apps.cli").run(["demo", *sys.argv[1:]]))
