@@ -143,7 +143,7 @@ def test_sender_checks_its_own_cache(llama):
         caches.branch_parts(w, fp, length=[2.5, 3])
     with pytest.raises(ValueError, match="prefix_len: required"):
         caches.branch_parts(prefix, fp)
-    with pytest.raises(TypeError, match="prefix_len: expected integers"):
+    with pytest.raises(TypeError, match="prefix_len: expected an int, got float 4.7"):
         caches.branch_parts(prefix, fp, prefix_len=4.7)
     with pytest.raises(ValueError, match="synthesizer"):
         caches.branch_parts(pskernels.ParallelCache(prefix, [w]), fp)

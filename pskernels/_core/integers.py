@@ -1,7 +1,20 @@
 """Integer arguments given as lists, numbers or tensors: converted without truncation."""
 from __future__ import annotations
 
+import operator
+
 import torch
+
+
+def int_scalar(name: str, x) -> int:
+    """``x`` (an int, a numpy or 0-d torch integer) as an int. Floats and bools raise TypeError naming ``name``
+    (``int(8.7)`` would read 8)."""
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        return operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name}: expected an int, got {type(x).__name__} {x!r:.60}") from None
 
 
 def int_tensor(name: str, x) -> torch.Tensor:

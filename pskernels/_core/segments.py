@@ -137,12 +137,15 @@ def _diagnose_segments(q, keys, values) -> None:
             raise ValueError(f"values[{s}]: expected value head_dim {Dv} (values[0]'s), got shape {tuple(v.shape)}")
 
 
-def _finite_float(name, x) -> float:
-    """``x`` as a float, or a ValueError naming ``name`` (the range is checked by the caller)."""
+def _positive_float(name, x, expected: str = "a finite positive float") -> float:
+    """``x`` as a float in (0, inf), or a ValueError naming ``name`` (not a number, <= 0, inf or NaN)."""
     try:
-        return float(x)
+        v = float(x)
     except (TypeError, ValueError):
-        raise ValueError(f"{name}: expected a finite positive float, got {x!r}") from None
+        v = float("nan")
+    if not (0 < v < float("inf")):
+        raise ValueError(f"{name}: expected {expected}, got {x!r}")
+    return v
 
 
 def _int_table(name, t, S, B, device, allow_1d=True):
@@ -310,13 +313,9 @@ def normalize_segments(
 
     if scale is None:
         scale = D ** -0.5
-    scale = _finite_float("scale", scale)
-    if not (0 < scale < float("inf")):
-        raise ValueError(f"scale: expected a finite positive float, got {scale}")
+    scale = _positive_float("scale", scale)
     if softcap is not None:
-        softcap = _finite_float("softcap", softcap)
-        if not (0 < softcap < float("inf")):
-            raise ValueError(f"softcap: expected None or a finite positive float, got {softcap}")
+        softcap = _positive_float("softcap", softcap, "None or a finite positive float")
 
     host_seg_pos = seg_pos = qpos = None
     if sliding_window is not None:

@@ -20,12 +20,12 @@ Ranks (``src``, ``dst``) are global ranks, as in ``torch.distributed``.
 """
 from __future__ import annotations
 
-import operator
 import time
 
 import torch
 import torch.distributed as dist
 
+from .._core.integers import int_scalar
 from ..hf import CacheRow
 from . import transport, wire
 from .caches import branch_parts, build_branch, build_prefix, cut, prefix_parts
@@ -54,7 +54,7 @@ def _check_peer(name: str, rank, group) -> int:
     outside the group, or to this one, would wait forever)."""
     ranks = dist.get_process_group_ranks(group if group is not None else dist.group.WORLD)
     try:
-        r = None if isinstance(rank, bool) else operator.index(rank)  # ints, numpy ints; not floats nor bools
+        r = int_scalar(name, rank)
     except TypeError:
         r = None
     if r not in ranks:

@@ -17,7 +17,7 @@ import dataclasses
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .._core.integers import int_tensor
+from .._core.integers import int_scalar, int_tensor
 from ..hf import CacheRow, ParallelCache
 from ..hf.cache import worker_cache
 from ..hf.slab import SlabLayer
@@ -85,7 +85,7 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None,
                              "not sent)")
         if length is not None:
             raise ValueError("length: only for a worker's ParallelCache (an ordinary cache has no padding)")
-        P = int(int_tensor("prefix_len", prefix_len))  # refuses 8.7 instead of reading 8
+        P = int_scalar("prefix_len", prefix_len)
         cum = max(layer.get_seq_length() for layer in c.layers)
         T = cum - P
         if T < 0:

@@ -31,10 +31,10 @@ class _State:
     """This process's protocol state in one process group: sequence numbers and announcements seen."""
 
     def __init__(self):
-        self.sent = {}  # (s, d) -> next n to send
-        self.taken = {}  # (s, d) -> next n to receive
-        self.cursor = {}  # d -> numbered announcement keys read (stores without queues)
-        self.announced = {}  # d -> {(s, n): header} read from the queue, not yet taken
+        self.sent = {}  # d -> next n to send to rank d
+        self.taken = {}  # s -> next n to receive from rank s
+        self.cursor = 0  # numbered announcement keys read (stores without queues)
+        self.announced = {}  # (s, n) -> header read from the queue, not yet taken
         self.bcast = 0  # broadcasts done
         self.queues = None  # whether the store has queues (asked once)
 
@@ -141,8 +141,8 @@ def _has_queues(store, group) -> bool:
 def announce(header: bytes, dst: int, group) -> str:
     """Sender: publish ``header`` for ``dst`` (in the queue entry itself); returns the base of this message's keys."""
     store, ns, src, st = _store(), _ns(group), _rank(), _state(group)
-    n = st.sent.get((src, dst), 0)
-    st.sent[(src, dst)] = n + 1
+    n = st.sent.get(dst, 0)
+    st.sent[dst] = n + 1
     entry = f"{src} {n}\n".encode() + header
     if _has_queues(store, group):
         # one message, no reply awaited: a sender killed at any point has announced all or nothing
@@ -175,21 +175,21 @@ def next_announced(srcs, group, deadline: float | None, t: float | None) -> tupl
     """Receiver: ``(src, base, header bytes)`` of the first branch announced by any of ``srcs`` before ``deadline``
     (time.monotonic(); None: forever); ``t`` is the caller's timeout, for the message."""
     store, ns, me, st = _store(), _ns(group), _rank(), _state(group)
-    seen = st.announced.setdefault(me, {})
+    seen = st.announced
     while True:
         for s in srcs:
-            n = st.taken.get((s, me), 0)
+            n = st.taken.get(s, 0)
             if (s, n) in seen:
-                st.taken[(s, me)] = n + 1
+                st.taken[s] = n + 1
                 return s, f"{ns}/b/{s}/{me}/{n}", seen.pop((s, n))
         if _has_queues(store, group):
             entry = _pop(store, f"{ns}/q/{me}", deadline)
         else:
-            c = st.cursor.get(me, 0) + 1
+            c = st.cursor + 1
             key = f"{ns}/q/{me}/{c}"
             entry = _await(store, key, deadline)
             if entry is not None:
-                st.cursor[me] = c
+                st.cursor = c
                 _spent.append(key)  # deleted after this message's payload (off the critical path)
         if entry is None:
             who = ", ".join(str(s) for s in srcs)
