@@ -163,6 +163,9 @@ def _worker(model, prefix, seed, tokens=TOKENS):
     return w, ids[0]
 
 
+KINDS = ("branch", "raw", "raw_chunked")
+
+
 class PairState:
     """Rank 1 sends one branch of each size in ``SIZES`` (or the same bytes raw) to rank 0."""
 
@@ -175,6 +178,7 @@ class PairState:
         self.rank = rank
         self.nbytes = {n: n * psd.branch_bytes_per_token(self.model) for n in SIZES}
         self.layout = {}  # rank 0: how each size's branch arrived
+        self.pairs = 0  # "pair" rounds run (both ranks count alike)
         # rank 1: the tensors to send; rank 0: the buffers
         self.raw = {n: torch.zeros(b, dtype=torch.uint8) for n, b in self.nbytes.items()}
         if rank == 1:
@@ -209,7 +213,12 @@ class PairState:
 
     def run(self, cmd):
         cmd, n = cmd
-        out = {k: self._one(k, n) for k in (("branch", "raw", "raw_chunked") if cmd == "pair" else (cmd,))}
+        kinds = (cmd,)
+        if cmd == "pair":  # each kind opens a round as often as the others: no kind always takes the first step
+            # after the ranks idled on their pipes
+            self.pairs += 1
+            kinds = KINDS[self.pairs % 3:] + KINDS[:self.pairs % 3]
+        out = {k: self._one(k, n) for k in kinds}
         return dict(out, bytes=self.nbytes[n], layout=self.layout.get(n))
 
 

@@ -88,6 +88,8 @@ def test_malformed_headers_are_refused_before_any_allocation(llama):
         (_patch_header(raw, 10, 2), "layout 2"),
         (_patch_header(raw, 11, 100), "message bytes 100"),
         (_patch_header(raw, 12 + 7, 7), "stored slots"),  # layer 0 stores more than T
+        # two bad layers: the first is named (layers alike are checked once)
+        (_patch_header(_patch_header(raw, 12 + 2 * 9, 0), 12 + 9, 1 << 17), "layer 1: kv heads 131072"),
         (_patch_header(raw, len(raw) // 8 - 1, 7), "row 0"),  # length past the tokens
     ]
     for data, match in cases:

@@ -8,7 +8,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 import pskernels
-from pskernels.hf.slab import SlabLayer, TokenSlab, adopt_rows
+from pskernels.hf.slab import SlabLayer, TokenSlab, adopt_rows, slab_layers
 
 from tiny_models import VOCAB, make_model
 
@@ -153,6 +153,10 @@ def test_adopted_rows_are_read_in_place_and_grow_on_write():
                                                                             rows[:, :, 1, 0].transpose(1, 2))
     with pytest.raises(ValueError, match="rows: expected"):
         adopt_rows(torch.zeros(2, 3, 4))
+    fresh = slab_layers(2)  # the empty layers of one slab (a fresh ParallelCache's) take the rows themselves
+    assert adopt_rows(rows, fresh) == fresh and fresh[1].keys.data_ptr() == rows[:, :, 1].data_ptr()
+    again = adopt_rows(rows, fresh)  # layers already holding tokens are left alone: new ones
+    assert all(a is not b for a, b in zip(again, fresh)) and fresh[0].slab.buf is rows
 
 
 def test_reserve_is_checked():

@@ -116,13 +116,16 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None,
         T = int((pad + lens).max())  # trailing slots past every row's last real token are not sent
         kv = [(k[:, :, :T], v[:, :, :T]) for k, v in kv]
         token_rows = token_rows[:, :T] if token_rows is not None else None
-    for l, (k, _) in enumerate(kv):
-        if k.shape[1] != fp.layers[l][0] or k.shape[3] != fp.layers[l][1]:
-            raise ValueError(f"worker_cache: layer {l} keys {tuple(k.shape)} do not match the model's "
-                             f"{fp.layers[l][0]} kv heads x head dim {fp.layers[l][1]}")
+    # a token-major buffer holds every layer alike: one look at its shape checks them all
+    if token_rows is None or {f[:2] for f in fp.layers} != {tuple(token_rows.shape[-2:])}:
+        for l, (k, _) in enumerate(kv):
+            if k.shape[1] != fp.layers[l][0] or k.shape[3] != fp.layers[l][1]:
+                raise ValueError(f"worker_cache: layer {l} keys {tuple(k.shape)} do not match the model's "
+                                 f"{fp.layers[l][0]} kv heads x head dim {fp.layers[l][1]}")
     layout = wire.TOKEN_MAJOR if token_rows is not None else wire.LAYER_MAJOR
-    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P,
-                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout)
+    stored = (T,) * len(kv) if token_rows is not None else tuple(k.shape[2] for k, _ in kv)
+    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P, stored,
+                    tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout)
     if layout == wire.TOKEN_MAJOR:
         pieces = [_bytes(r) for r in token_rows] if T else []
     else:

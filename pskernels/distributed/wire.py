@@ -75,6 +75,9 @@ class Header:
 
     @property
     def payload_bytes(self) -> int:
+        if self.layout == TOKEN_MAJOR:  # every layer alike, storing all T slots
+            kv, hd = self.fingerprint.layers[0][:2]
+            return self.element_size * self.rows * self.tokens * len(self.stored) * 2 * kv * hd
         return self.layer_offsets()[-1][2] if self.stored else 0
 
     def layer_offsets(self) -> tuple:
@@ -118,63 +121,82 @@ def encode(h: Header) -> bytes:
     return array("q", vals).tobytes()
 
 
-def _check(cond: bool, msg: str) -> None:
-    if not cond:
-        raise ValueError(f"wire header: {msg}")
+def _fail(msg: str):
+    raise ValueError(f"wire header: {msg}")
 
 
 def decode(data: bytes) -> Header:
     """Parse and check a header; raises ValueError naming what is wrong (nothing is allocated from it here)."""
-    _check(len(data) % 8 == 0 and len(data) >= 8 * _FIXED, f"expected a multiple of 8 bytes >= {8 * _FIXED}, "
-           f"got {len(data)}")
+    if not (len(data) % 8 == 0 and len(data) >= 8 * _FIXED):
+        _fail(f"expected a multiple of 8 bytes >= {8 * _FIXED}, got {len(data)}")
     v = array("q", data).tolist()
-    _check(v[0] == MAGIC, f"bad magic {v[0]:#x} (expected {MAGIC:#x}): not a pskernels cache message")
+    if v[0] != MAGIC:
+        _fail(f"bad magic {v[0]:#x} (expected {MAGIC:#x}): not a pskernels cache message")
     if v[1] != VERSION:
         raise ValueError(f"format version: sender {v[1]}, receiver {VERSION}")
     hlen, kind, dtype, L, B, T, P, nbytes, layout, message_bytes = v[2:_FIXED]
-    _check(kind in KINDS, f"kind {kind} is not one of {sorted(KINDS)}")
-    _check(layout in LAYOUTS, f"layout {layout} is not one of {sorted(LAYOUTS)}")
-    _check(message_bytes == 0 or 1 << 12 <= message_bytes <= 1 << 40,
-           f"message bytes {message_bytes} outside 0 or [4096, 2^40]")
-    _check(dtype_of(dtype) is not dtype, f"unknown dtype code {dtype}")
-    _check(1 <= L <= MAX_LAYERS, f"layer count {L} outside [1, {MAX_LAYERS}]")
-    _check(1 <= B <= MAX_ROWS, f"rows {B} outside [1, {MAX_ROWS}]")
-    _check(0 <= T <= MAX_TOKENS and 0 <= P <= MAX_TOKENS, f"tokens {T} / prefix length {P} out of range")
-    _check(kind == BRANCH or T == P, f"a prefix message must have tokens == prefix length, got {T} and {P}")
-    _check(hlen == _FIXED + _F * L + 2 * B == len(v), f"length {len(v)} int64, field says {hlen}, layout needs "
-           f"{_FIXED + _F * L + 2 * B} for {L} layers and {B} rows")
-    layers, stored, windows = [], [], []
-    for l in range(L):
-        f = v[_FIXED + _F * l: _FIXED + _F * (l + 1)]
-        kv, hd, s, w = f[0], f[1], f[-2], f[-1]
-        _check(1 <= kv <= MAX_DIM and 1 <= hd <= MAX_DIM, f"layer {l}: kv heads {kv} / head dim {hd} out of range")
-        _check(0 <= s <= T, f"layer {l}: stored slots {s} outside [0, tokens {T}]")
-        _check(w >= 0 and (s == T or w > 0), f"layer {l}: stores {s} of {T} slots without a sliding cache window")
-        layers.append(tuple(f[:-2]))
-        stored.append(s)
-        windows.append(w)
+    # each message is formatted only on failure: decode is on every branch's critical path
+    if kind not in KINDS:
+        _fail(f"kind {kind} is not one of {sorted(KINDS)}")
+    if layout not in LAYOUTS:
+        _fail(f"layout {layout} is not one of {sorted(LAYOUTS)}")
+    if not (message_bytes == 0 or 1 << 12 <= message_bytes <= 1 << 40):
+        _fail(f"message bytes {message_bytes} outside 0 or [4096, 2^40]")
+    if dtype_of(dtype) is dtype:
+        _fail(f"unknown dtype code {dtype}")
+    if not 1 <= L <= MAX_LAYERS:
+        _fail(f"layer count {L} outside [1, {MAX_LAYERS}]")
+    if not 1 <= B <= MAX_ROWS:
+        _fail(f"rows {B} outside [1, {MAX_ROWS}]")
+    if not (0 <= T <= MAX_TOKENS and 0 <= P <= MAX_TOKENS):
+        _fail(f"tokens {T} / prefix length {P} out of range")
+    if not (kind == BRANCH or T == P):
+        _fail(f"a prefix message must have tokens == prefix length, got {T} and {P}")
+    if not hlen == _FIXED + _F * L + 2 * B == len(v):
+        _fail(f"length {len(v)} int64, field says {hlen}, layout needs {_FIXED + _F * L + 2 * B} for {L} layers and "
+              f"{B} rows")
+    fields = [tuple(v[i:i + _F]) for i in range(_FIXED, _FIXED + _F * L, _F)]
+    first = {}  # each distinct layer once, named by the first layer that has it
+    for l, f in enumerate(fields):
+        first.setdefault(f, l)
+    for f, l in first.items():
+        _check_layer(l, f, T)
+    layers = tuple(f[:-2] for f in fields)
+    stored, windows = tuple(f[-2] for f in fields), tuple(f[-1] for f in fields)
     rows = v[_FIXED + _F * L:]
     pad, lengths = tuple(rows[:B]), tuple(rows[B:])
-    for b in range(B):
-        _check(0 <= pad[b] and 0 <= lengths[b] and pad[b] + lengths[b] <= T,
-               f"row {b}: left pad {pad[b]} + length {lengths[b]} outside [0, tokens {T}]")
-    if layout == TOKEN_MAJOR:
-        _check(len({f[:2] for f in layers}) == 1 and all(s == T for s in stored),
-               "a token-major payload needs every layer alike (kv heads, head dim) and storing all its slots")
-    h = Header(kind, Fingerprint(dtype, tuple(layers)), B, T, P, tuple(stored), tuple(windows), pad, lengths, layout,
-               message_bytes, v[1])
-    _check(nbytes == h.payload_bytes, f"payload bytes {nbytes} do not match the layout's {h.payload_bytes}")
+    for b, (p, n) in enumerate(zip(pad, lengths)):
+        if not (0 <= p and 0 <= n and p + n <= T):
+            _fail(f"row {b}: left pad {p} + length {n} outside [0, tokens {T}]")
+    if layout == TOKEN_MAJOR and not (len({f[:2] for f in layers}) == 1 and all(s == T for s in stored)):
+        _fail("a token-major payload needs every layer alike (kv heads, head dim) and storing all its slots")
+    h = Header(kind, Fingerprint(dtype, layers), B, T, P, stored, windows, pad, lengths, layout, message_bytes, v[1])
+    if nbytes != h.payload_bytes:
+        _fail(f"payload bytes {nbytes} do not match the layout's {h.payload_bytes}")
     return h
+
+
+def _check_layer(l: int, f: tuple, T: int) -> None:
+    kv, hd, s, w = f[0], f[1], f[-2], f[-1]
+    if not (1 <= kv <= MAX_DIM and 1 <= hd <= MAX_DIM):
+        _fail(f"layer {l}: kv heads {kv} / head dim {hd} out of range")
+    if not 0 <= s <= T:
+        _fail(f"layer {l}: stored slots {s} outside [0, tokens {T}]")
+    if not (w >= 0 and (s == T or w > 0)):
+        _fail(f"layer {l}: stores {s} of {T} slots without a sliding cache window")
 
 
 def check_layers(h: Header, layers) -> None:
     """Raise ValueError unless ``[(k, v), ...]`` has the shapes and dtype ``h`` describes (before anything is sent)."""
     if len(layers) != len(h.stored):
         raise ValueError(f"pack: {len(layers)} layers given, the header describes {len(h.stored)}")
+    dtype = h.dtype
     for l, (k, v) in enumerate(layers):
         shape = h.layer_shape(l)
+        if k.shape == shape and v.shape == shape and k.dtype == dtype and v.dtype == dtype:
+            continue
         for name, t in (("keys", k), ("values", v)):
-            if tuple(t.shape) != shape or t.dtype != h.dtype:
+            if tuple(t.shape) != shape or t.dtype != dtype:
                 raise ValueError(f"pack: layer {l} {name}: expected {shape} {h.dtype}, got {tuple(t.shape)} {t.dtype}")
 
 

@@ -500,7 +500,7 @@ def worker_cache(prefix: Cache | None, kv=None, pad=None, rows=None) -> Parallel
         raise ValueError("worker_cache: expected either kv or rows")
     pc = ParallelCache(prefix, [])
     if rows is not None:
-        layers = adopt_rows(rows)
+        layers = adopt_rows(rows, pc.layers)
     else:
         layers = []
         for k, v in kv:

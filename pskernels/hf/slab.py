@@ -170,15 +170,20 @@ class SlabLayer(DynamicLayer):
         super().batch_select_indices(indices)
 
 
-def adopt_rows(rows: torch.Tensor) -> list:
+def adopt_rows(rows: torch.Tensor, layers=None) -> list:
     """:class:`SlabLayer` s over an existing token-major buffer ``[B, n, L, 2, kv_heads, head_dim]`` (e.g. a received
-    branch), each holding its ``n`` slots in place; a later write beyond ``n`` moves them to a larger buffer."""
+    branch), each holding its ``n`` slots in place; a later write beyond ``n`` moves them to a larger buffer.
+    ``layers``: the ``L`` empty layers of one slab to hold them (e.g. a fresh ``ParallelCache``'s), else new ones."""
     if rows.ndim != 6 or rows.shape[3] != 2 or (rows.shape[-1] > 1 and rows.stride(-1) != 1):
         raise ValueError(f"rows: expected a [B, n, L, 2, kv_heads, head_dim] buffer with stride(-1) == 1, got shape "
                          f"{tuple(rows.shape)} strides {rows.stride()}")
-    slab = TokenSlab(rows.shape[2])
+    slab = layers[0].slab if layers else None
+    if not (slab is not None and slab.buf is None and len(layers) == slab.n_layers == rows.shape[2]
+            and all(isinstance(layer, SlabLayer) and layer.slab is slab and layer.index == l
+                    for l, layer in enumerate(layers))):
+        slab = TokenSlab(rows.shape[2])
+        layers = [SlabLayer(slab, l) for l in range(rows.shape[2])]
     slab.buf = rows
-    layers = [SlabLayer(slab, l) for l in range(rows.shape[2])]
     for layer in layers:
         layer.device, layer.is_initialized, layer.length = rows.device, True, rows.shape[1]
     slab.point(layers)
