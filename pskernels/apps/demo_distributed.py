@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import ipaddress
 import multiprocessing as mp
 import os
 import queue
@@ -500,11 +501,42 @@ def under_torchrun() -> bool:
     return all(k in env for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")) and int(env["WORLD_SIZE"]) > 1
 
 
+def gloo_interface_problem(env, resolve=socket.gethostbyname) -> str | None:
+    """Why gloo ranks on other machines could not connect to this one, or None.
+
+    Unless ``GLOO_SOCKET_IFNAME`` names an interface, gloo gives its peers the address this host's name resolves to;
+    a name that resolves to a loopback address (the default ``/etc/hosts`` of many distributions, and of this VM)
+    sends every other machine's connections back to itself. Measured in two network namespaces joined by a veth
+    pair (``tools/two_hosts.sh``): node 1's ranks died in gloo's connect retries ("Connection refused" from
+    127.0.0.1), node 0's waited on. A world on one machine (``LOCAL_WORLD_SIZE == WORLD_SIZE``) needs nothing."""
+    try:
+        world, local = int(env["WORLD_SIZE"]), int(env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]))
+    except (KeyError, ValueError):
+        return None
+    if local >= world or env.get("GLOO_SOCKET_IFNAME"):
+        return None
+    host = socket.gethostname()
+    try:
+        address = resolve(host)
+    except OSError:
+        address = "127.0.0.1"  # what torch falls back to
+    if not ipaddress.ip_address(address).is_loopback:
+        return None
+    return (f"this job spans several machines (WORLD_SIZE {world}, LOCAL_WORLD_SIZE {local}) but this host's name "
+            f"{host!r} resolves to {address}, a loopback address, which gloo would give the other machines to connect "
+            "to: set GLOO_SOCKET_IFNAME to the network interface that reaches them (e.g. GLOO_SOCKET_IFNAME=eth0) "
+            "or map the host name to that interface's address in /etc/hosts")
+
+
 def torchrun_demo(cfg: DemoConfig):
     """This process's rank under torchrun: NCCL with one GPU per rank when CUDA is available, gloo otherwise."""
     import torch.distributed as dist
 
     cuda = torch.cuda.is_available()
+    if not cuda:  # before the rendezvous: else the other machine's ranks fail and this one's wait
+        problem = gloo_interface_problem(os.environ)
+        if problem:
+            raise SystemExit(f"pskernels demo, rank {os.environ.get('RANK')}: {problem}")
     device = None
     if cuda:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
