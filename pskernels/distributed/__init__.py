@@ -116,9 +116,9 @@ def send_branch(worker_cache, dst: int, *, model, group=None, prefix_len=None, l
     """
     dst = _check_peer("dst", dst, group)
     fp = fingerprint(model)
-    h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length)
+    h, kv, pieces = branch_parts(worker_cache, fp, prefix_len=prefix_len, length=length, views=False)
     h, pieces = cut(h, pieces, transport.message_bytes(_device(model, worker_cache), h.payload_bytes))
-    if h.layout != wire.TOKEN_MAJOR:  # a token-major header was read off the very buffer that is sent
+    if kv is not None:  # a token-major header (no views) was read off the very buffer that is sent
         wire.check_layers(h, kv)
     base = transport.announce(wire.encode(h), dst, group)
     verdict = transport.await_verdict(base, dst, timeout)

@@ -41,23 +41,23 @@ def _layer_kv(cache: Cache, l: int):
     return layer.keys, layer.values
 
 
-def _own_rows(c: ParallelCache):
-    """A worker's own tokens as its token-major buffer ``[B, T, L, 2, H, D]``, if every layer is in it."""
+def _own_rows(c: ParallelCache, n: int):
+    """A worker's own tokens as its token-major buffer ``[B, n, L, 2, H, D]``, if every layer is in it."""
     slab = getattr(c.layers[0], "slab", None) if c.layers and isinstance(c.layers[0], SlabLayer) else None
-    return slab.rows(c.get_seq_length()) if slab is not None else None
+    return slab.rows(n) if slab is not None else None
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
-def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None, message_bytes=0):
-    """``(header, [(k, v), ...], messages)`` of a branch: its layers' K/V (views of the cache, not copies) and the
-    1-D uint8 tensors that make up its payload, one per ``header.ranges()`` entry (pieces cut into parts of at
-    most ``message_bytes``; 0: whole). A worker whose own tokens are in one token-major buffer sends a
-    token-major payload: one piece per row, straight from that buffer; any other cache a layer-major one (a
-    piece per layer's K and V, copied only where not contiguous)."""
-    row, token_rows = None, None
+def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None, message_bytes=0, views=True):
+    """``(header, [(k, v), ...], messages)`` of a branch: its layers' K/V (views of the cache, not copies; None for
+    a token-major payload unless ``views``) and the 1-D uint8 tensors that make up its payload, one per
+    ``header.ranges()`` entry (pieces cut into parts of at most ``message_bytes``; 0: whole). A worker whose own
+    tokens are in one token-major buffer sends a token-major payload: one piece per row, straight from that
+    buffer; any other cache a layer-major one (a piece per layer's K and V, copied only where not contiguous)."""
+    row = None
     if isinstance(worker_cache, CacheRow):
         worker_cache, row = worker_cache.cache, worker_cache.row
     c = worker_cache
@@ -73,8 +73,13 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None,
             raise ValueError(f"prefix_len: the worker cache was run on a prefix of {c.prefix_len} tokens, "
                              f"got prefix_len={prefix_len}")
         P, T = c.prefix_len, c.get_seq_length()
+        token_rows = _own_rows(c, T)
+        if token_rows is not None:
+            h, pieces = _token_major(token_rows, c._own_pad, fp, P, T, row, length)
+            kv = _token_views(c, h, row) if views else None
+            h, messages = cut(h, pieces, message_bytes)
+            return h, kv, messages
         kv = [_layer_kv(c, l) for l in range(fp.n_layers)]
-        token_rows = _own_rows(c)
         B = kv[0][0].shape[0]
         pad = c._own_pad if c._own_pad is not None else torch.zeros(1, dtype=torch.int64)
         pad = pad.to("cpu", torch.int64).expand(B)
@@ -101,37 +106,72 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None,
         B = kv[0][0].shape[0]
         pad = torch.zeros(B, dtype=torch.int64)
     if row is not None:
-        if not 0 <= row < B:
-            raise ValueError(f"worker_cache: row {row} is outside the cache's batch of {B}")
+        _check_row(row, B)
         kv = [(k[row:row + 1], v[row:row + 1]) for k, v in kv]
         pad, B = pad[row:row + 1], 1
-        token_rows = token_rows[row:row + 1] if token_rows is not None else None
     pad = pad.clone()
     lens = T - pad
     if length is not None:
         lens = _ints("length", length, B)
-        if (lens < 0).any() or (lens > T - pad).any():
-            raise ValueError(f"length: expected per-row values in [0, tokens after the left pad {(T - pad).tolist()}]"
-                             f", got {lens.tolist()}")
+        _check_lengths(lens.tolist(), pad.tolist(), T)
         T = int((pad + lens).max())  # trailing slots past every row's last real token are not sent
         kv = [(k[:, :, :T], v[:, :, :T]) for k, v in kv]
-        token_rows = token_rows[:, :T] if token_rows is not None else None
-    # a token-major buffer holds every layer alike: one look at its shape checks them all
-    if token_rows is None or {f[:2] for f in fp.layers} != {tuple(token_rows.shape[-2:])}:
-        for l, (k, _) in enumerate(kv):
-            if k.shape[1] != fp.layers[l][0] or k.shape[3] != fp.layers[l][1]:
-                raise ValueError(f"worker_cache: layer {l} keys {tuple(k.shape)} do not match the model's "
-                                 f"{fp.layers[l][0]} kv heads x head dim {fp.layers[l][1]}")
-    layout = wire.TOKEN_MAJOR if token_rows is not None else wire.LAYER_MAJOR
-    stored = (T,) * len(kv) if token_rows is not None else tuple(k.shape[2] for k, _ in kv)
-    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P, stored,
-                    tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()), layout)
-    if layout == wire.TOKEN_MAJOR:
-        pieces = [_bytes(r) for r in token_rows] if T else []
-    else:
-        pieces = [_bytes(t) for k, v in kv if k.shape[2] for t in (k, v)]
+    for l, (k, _) in enumerate(kv):
+        if k.shape[1] != fp.layers[l][0] or k.shape[3] != fp.layers[l][1]:
+            _layer_mismatch(l, tuple(k.shape), fp)
+    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P,
+                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()))
+    pieces = [_bytes(t) for k, v in kv if k.shape[2] for t in (k, v)]
     h, messages = cut(h, pieces, message_bytes)
     return h, kv, messages
+
+
+def _check_row(row: int, B: int) -> None:
+    if not 0 <= row < B:
+        raise ValueError(f"worker_cache: row {row} is outside the cache's batch of {B}")
+
+
+def _check_lengths(lens: list, pad: list, T: int) -> None:
+    if any(n < 0 or n > T - p for n, p in zip(lens, pad)):
+        raise ValueError(f"length: expected per-row values in [0, tokens after the left pad {[T - p for p in pad]}]"
+                         f", got {lens}")
+
+
+def _layer_mismatch(l: int, shape: tuple, fp: Fingerprint):
+    raise ValueError(f"worker_cache: layer {l} keys {shape} do not match the model's {fp.layers[l][0]} kv heads x "
+                     f"head dim {fp.layers[l][1]}")
+
+
+def _token_major(rows: torch.Tensor, own_pad, fp: Fingerprint, P: int, T: int, row, length):
+    """``(header, pieces)`` of a worker's token-major buffer ``rows`` ``[B, T, L, 2, H, D]``: one piece per row,
+    a view of the buffer. Python ints where the layer-major path uses tensors: this runs before every send, with
+    the caches cold from the last transfer (a small tensor op then costs 10-20 us)."""
+    B, _, L, _, H, D = rows.shape
+    pad = own_pad.tolist() if own_pad is not None else [0]
+    pad = pad * B if len(pad) == 1 else pad
+    if row is not None:
+        _check_row(row, B)
+        rows, pad, B = rows[row:row + 1], pad[row:row + 1], 1
+    lens = [T - p for p in pad]
+    if length is not None:
+        asked = _ints("length", length, B).tolist()
+        _check_lengths(asked, pad, T)
+        lens, T = asked, max(p + n for p, n in zip(pad, asked))  # slots past every row's last token are not sent
+        rows = rows[:, :T]
+    for l, f in enumerate(fp.layers):  # one buffer: every layer has its shape
+        if f[:2] != (H, D):
+            _layer_mismatch(l, (B, H, T, D), fp)
+            break
+    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(rows.dtype), fp.layers), B, T, P, (T,) * L, (0,) * L,
+                    tuple(pad), tuple(lens), wire.TOKEN_MAJOR)
+    # each row's slots are contiguous in the buffer (rows lie `capacity` slots apart): a byte view per row
+    pieces = list(rows.reshape(B, -1).view(torch.uint8).unbind(0)) if T else []
+    return h, pieces
+
+
+def _token_views(c: ParallelCache, h: wire.Header, row) -> list:
+    rows = slice(row, row + 1) if row is not None else slice(None)
+    return [(layer.keys[rows, :, :h.tokens], layer.values[rows, :, :h.tokens]) for layer in c.layers]
 
 
 def cut(h: wire.Header, pieces, message_bytes: int):

@@ -297,7 +297,8 @@ def post_payload(nbytes: int, ranges, src: int, group, device) -> tuple:
     ONE buffer (from :data:`payload_pool`); returns ``(buffer, works)``: the caller may build views of the buffer
     while the bytes move, then :func:`wait_payload`. The queue entries read are released meanwhile."""
     buf = payload_pool.take(nbytes, device)
-    works = [dist.irecv(buf[a:b], src, group=group) for a, b in ranges]
+    # the messages tile the payload back to back (wire.Header.ranges): one split, not one slice per message
+    works = [dist.irecv(m, src, group=group) for m in buf.split([b - a for a, b in ranges])] if ranges else []
     release()
     return buf, works
 

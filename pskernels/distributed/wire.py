@@ -248,7 +248,7 @@ def split(pieces, message_bytes: int) -> list:
     cuts the payload: views, no copy."""
     if not message_bytes:
         return list(pieces)
-    return [p[a:a + message_bytes] for p in pieces for a in range(0, p.numel(), message_bytes)]
+    return [m for p in pieces for m in p.split(message_bytes)]  # one op per piece, not one slice per message
 
 
 def token_rows(h: Header, payload: torch.Tensor) -> torch.Tensor:

@@ -228,7 +228,9 @@ class ParallelCache(Cache):
                 br.skip = skips[i]
         lens = torch.stack([br.length for br in self.branches]) if N else torch.zeros(0, B, dtype=torch.int64)
 
-        if scheme == "parallel":
+        if not N and scheme != "custom":  # a worker's cache: no branch to place (a tensor op costs ~10 us here)
+            first = lens
+        elif scheme == "parallel":
             first = torch.full((N, B), P, dtype=torch.int64)
         elif scheme == "sequential":
             first = P + torch.cumsum(lens, 0) - lens
@@ -239,10 +241,11 @@ class ParallelCache(Cache):
             if (first < 0).any():
                 raise ValueError(f"branch_starts: expected non-negative positions, got {first.tolist()}")
         self.branch_first = first  # [N, B] virtual position of each branch's first real token
-        self.deltas = first - P  # [N, B] re-indexing shift of each branch
-        if query_start is None:
-            ends = torch.where(lens > 0, first + lens, torch.full_like(first, P))
-            qs = ends.amax(0) if N else torch.full((B,), P, dtype=torch.int64)
+        self.deltas = first - P if N else lens  # [N, B] re-indexing shift of each branch
+        if query_start is None and not N:
+            qs = torch.full((B,), P, dtype=torch.int64)
+        elif query_start is None:
+            qs = torch.where(lens > 0, first + lens, torch.full_like(first, P)).amax(0)
         else:
             qs = int_tensor("query_start", query_start).cpu().expand(B).clone()
             if (qs < 0).any():
