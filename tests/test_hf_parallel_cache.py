@@ -306,3 +306,19 @@ def test_branch_skip_out_of_range_is_named():
         pskernels.ParallelCache(prefix, branches, branch_skip=[0, 4])
     with pytest.raises(ValueError, match=r"branch_skip\[0\]: expected values in \[0, branch length \[2\]\], got \[3\]"):
         pskernels.ParallelCache(prefix, branches, branch_lengths=[2, 3], branch_skip=[3, 0])
+
+
+def test_a_cache_without_branches_places_its_queries_after_the_prefix():
+    """A worker's ``ParallelCache(prefix, [])`` skips the branch placement (no tensor op for branches it does not
+    have) and holds the same empty tables; a custom scheme's starts are still checked."""
+    model = make_model("llama")
+    case = make_case(2, 4, [[3, 3]], [2, 2], VOCAB, seed=13)
+    with torch.no_grad():
+        prefix, _ = branch_caches(model, case)
+    for scheme in ("parallel", "sequential", "right_aligned"):
+        c = pskernels.ParallelCache(prefix, [], scheme=scheme)
+        assert c.branch_first.shape == c.deltas.shape == (0, 2) and c.query_start.tolist() == [4, 4]
+    c = pskernels.ParallelCache(prefix, [], scheme="custom", branch_starts=torch.zeros(0, 2, dtype=torch.int64))
+    assert c.branch_first.shape == (0, 2) and c.query_start.tolist() == [4, 4]
+    with pytest.raises(ValueError, match="branch_starts"):
+        pskernels.ParallelCache(prefix, [], scheme="custom", branch_starts=[[1, 2]])
