@@ -80,9 +80,7 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None,
             h, messages = cut(h, pieces, message_bytes)
             return h, kv, messages
         kv = [_layer_kv(c, l) for l in range(fp.n_layers)]
-        B = kv[0][0].shape[0]
-        pad = c._own_pad if c._own_pad is not None else torch.zeros(1, dtype=torch.int64)
-        pad = pad.to("cpu", torch.int64).expand(B)
+        pad = _pads(c._own_pad, kv[0][0].shape[0])
         windows = [0] * fp.n_layers
     else:
         if prefix_len is None:
@@ -103,38 +101,46 @@ def branch_parts(worker_cache, fp: Fingerprint, *, prefix_len=None, length=None,
                 k, v = k[:, :, P - first:], v[:, :, P - first:]
             kv.append((k, v))
             windows.append(int(getattr(c.layers[l], "sliding_window", 0) or 0) if k.shape[2] < T else 0)
-        B = kv[0][0].shape[0]
-        pad = torch.zeros(B, dtype=torch.int64)
+        pad = [0] * kv[0][0].shape[0]
+    pad, lens, T = _select(pad, T, row, length)
     if row is not None:
-        _check_row(row, B)
         kv = [(k[row:row + 1], v[row:row + 1]) for k, v in kv]
-        pad, B = pad[row:row + 1], 1
-    pad = pad.clone()
-    lens = T - pad
     if length is not None:
-        lens = _ints("length", length, B)
-        _check_lengths(lens.tolist(), pad.tolist(), T)
-        T = int((pad + lens).max())  # trailing slots past every row's last real token are not sent
         kv = [(k[:, :, :T], v[:, :, :T]) for k, v in kv]
     for l, (k, _) in enumerate(kv):
         if k.shape[1] != fp.layers[l][0] or k.shape[3] != fp.layers[l][1]:
             _layer_mismatch(l, tuple(k.shape), fp)
-    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), B, T, P,
-                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad.tolist()), tuple(lens.tolist()))
+    h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(kv[0][0].dtype), fp.layers), len(pad), T, P,
+                    tuple(k.shape[2] for k, _ in kv), tuple(windows), tuple(pad), tuple(lens))
     pieces = [_bytes(t) for k, v in kv if k.shape[2] for t in (k, v)]
     h, messages = cut(h, pieces, message_bytes)
     return h, kv, messages
 
 
-def _check_row(row: int, B: int) -> None:
-    if not 0 <= row < B:
-        raise ValueError(f"worker_cache: row {row} is outside the cache's batch of {B}")
+def _pads(own_pad, B: int) -> list:
+    """A worker's left pads as ``B`` Python ints (``own_pad``: None, one for every row, or ``[B]``)."""
+    pad = own_pad.tolist() if own_pad is not None else [0]
+    if len(pad) not in (1, B):
+        raise ValueError(f"worker_cache: {len(pad)} left pads for a batch of {B}")
+    return pad * B if len(pad) == 1 else pad
 
 
-def _check_lengths(lens: list, pad: list, T: int) -> None:
-    if any(n < 0 or n > T - p for n, p in zip(lens, pad)):
-        raise ValueError(f"length: expected per-row values in [0, tokens after the left pad {[T - p for p in pad]}]"
-                         f", got {lens}")
+def _select(pad: list, T: int, row, length) -> tuple:
+    """``(pads, real lengths, slots)`` of the rows sent: row ``row`` alone (None: every row); with ``length``, the
+    real tokens per row, and the slots up to the last real token of any row (trailing ones are not sent). Python
+    ints, not tensors: this runs before every send, with the caches cold from the last transfer (a small tensor op
+    then costs 10-20 us)."""
+    if row is not None:
+        if not 0 <= row < len(pad):
+            raise ValueError(f"worker_cache: row {row} is outside the cache's batch of {len(pad)}")
+        pad = pad[row:row + 1]
+    lens = [T - p for p in pad]
+    if length is not None:
+        asked = _ints("length", length, len(pad)).tolist()
+        if any(n < 0 or n > T - p for n, p in zip(asked, pad)):
+            raise ValueError(f"length: expected per-row values in [0, tokens after the left pad {lens}], got {asked}")
+        lens, T = asked, max(p + n for p, n in zip(pad, asked))
+    return pad, lens, T
 
 
 def _layer_mismatch(l: int, shape: tuple, fp: Fingerprint):
@@ -144,24 +150,17 @@ def _layer_mismatch(l: int, shape: tuple, fp: Fingerprint):
 
 def _token_major(rows: torch.Tensor, own_pad, fp: Fingerprint, P: int, T: int, row, length):
     """``(header, pieces)`` of a worker's token-major buffer ``rows`` ``[B, T, L, 2, H, D]``: one piece per row,
-    a view of the buffer. Python ints where the layer-major path uses tensors: this runs before every send, with
-    the caches cold from the last transfer (a small tensor op then costs 10-20 us)."""
-    B, _, L, _, H, D = rows.shape
-    pad = own_pad.tolist() if own_pad is not None else [0]
-    pad = pad * B if len(pad) == 1 else pad
+    a view of the buffer."""
+    _, _, L, _, H, D = rows.shape
+    pad, lens, T = _select(_pads(own_pad, rows.shape[0]), T, row, length)
     if row is not None:
-        _check_row(row, B)
-        rows, pad, B = rows[row:row + 1], pad[row:row + 1], 1
-    lens = [T - p for p in pad]
+        rows = rows[row:row + 1]
     if length is not None:
-        asked = _ints("length", length, B).tolist()
-        _check_lengths(asked, pad, T)
-        lens, T = asked, max(p + n for p, n in zip(pad, asked))  # slots past every row's last token are not sent
         rows = rows[:, :T]
+    B = len(pad)
     for l, f in enumerate(fp.layers):  # one buffer: every layer has its shape
         if f[:2] != (H, D):
             _layer_mismatch(l, (B, H, T, D), fp)
-            break
     h = wire.Header(wire.BRANCH, Fingerprint(dtype_code(rows.dtype), fp.layers), B, T, P, (T,) * L, (0,) * L,
                     tuple(pad), tuple(lens), wire.TOKEN_MAJOR)
     # each row's slots are contiguous in the buffer (rows lie `capacity` slots apart): a byte view per row
