@@ -21,7 +21,7 @@ earlier branch whole in view, not recomputed over the workers' stale neighbours 
     python bench/selection_oracle.py --budgets 48,1000 --strategies head --layers all,0:15,15:30   # which layers
     python bench/selection_oracle.py --budgets 48,1000 --strategies head --start-layer 8   # from a worker's state
 
-Figures: docs/FIDELITY.md ("Which tokens to recompute").
+Figures: docs/FIDELITY.md ("Which tokens, which layers").
 """
 from __future__ import annotations
 
@@ -76,8 +76,8 @@ def text_kv(model, ex, prefix, branches, ropes, start: int = 0):
         if hook is not None:
             hook.remove()
     P, out, at = branches[0].prefix_len, [], branches[0].prefix_len
-    for ids in ex.branch_ids:
-        n = ids.numel()
+    for branch_ids in ex.branch_ids:
+        n = branch_ids.numel()
         out.append([(rotate_keys(layer.keys[:, :, at:at + n], P - at, rope), layer.values[:, :, at:at + n])
                     for layer, rope in zip(full.layers, ropes)])
         at += n
