@@ -18,9 +18,9 @@ import torch
 from pskernels.synthesis import checkpoints
 from pskernels.synthesis.data import load_jsonl
 from pskernels.synthesis.distill import (
+    Tally,
     TargetCache,
     eos_ids,
-    kl_per_token,
     patched,
     student_logits,
     teacher_pass,
@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     raw = load_jsonl(args.suite)
     exs = tokenize_examples(tok, raw, next(model.parameters()).device)
     targets = TargetCache(args.target_tokens, eos_ids(tok))
-    sums = {}  # (split, pair) -> [kl sum, agreeing, tokens]
+    tally = Tally()  # keys: (split, pair)
     t0 = time.perf_counter()
     with patched(model), torch.no_grad():
         for j, ex in enumerate(exs):
@@ -61,14 +61,9 @@ def main(argv=None) -> int:
                     h = worker_turn_tokens(tok, raw[j])
                 s = student_logits(model, ex, prefix, branches, tgt, adapter=False,
                                    recompute=(h, t, args.together) if h or t else None)
-                kl, agree = kl_per_token(t_logits, s).sum().item(), int((t_logits.argmax(-1) == s.argmax(-1)).sum())
-                for split in (split_of(raw[j]), "all"):
-                    acc = sums.setdefault((split, pair), [0.0, 0, 0])
-                    acc[0] += kl
-                    acc[1] += agree
-                    acc[2] += tgt.numel()
-    rows = [{"split": split, "head": h, "tail": t, "kl": a[0] / a[2], "top1": a[1] / a[2], "tokens": a[2]}
-            for (split, (h, t)), a in sorted(sums.items(), key=lambda kv: (kv[0][0], str(kv[0][1])))]
+                tally.add([(split_of(raw[j]), pair), ("all", pair)], t_logits, s)
+    rows = [{"split": split, "head": h, "tail": t, **tally.metrics((split, (h, t)))}
+            for split, (h, t) in sorted(tally.sums, key=lambda k: (k[0], str(k[1])))]
     print(f"{len(exs)} examples of {args.suite}, {time.perf_counter() - t0:.0f} s")
     print(f"{'split':<10}{'head':>6}{'tail':>6}{'KL':>10}{'x untrained':>13}{'top-1':>8}")
     base = {r["split"]: r["kl"] for r in rows if r["head"] == 0 and r["tail"] == 0}

@@ -38,9 +38,9 @@ from pskernels.rope import RopeSpec
 from pskernels.synthesis import checkpoints
 from pskernels.synthesis.data import load_jsonl
 from pskernels.synthesis.distill import (
+    Tally,
     TargetCache,
     eos_ids,
-    kl_per_token,
     patched,
     student_logits,
     teacher_pass,
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         spans[r] = range(max(span.start, args.start_layer), span.stop)
     if not 0 <= args.start_layer < num_layers:
         p.error(f"--start-layer: expected a layer in [0, {num_layers}), got {args.start_layer}")
-    sums = {}  # (split, selection) -> [kl sum, agreeing, tokens]
+    tally = Tally()  # keys: (split, selection)
     t0 = time.perf_counter()
     with patched(model), torch.no_grad():
         for j, ex in enumerate(exs):
@@ -185,18 +185,12 @@ def main(argv=None) -> int:
                 caches = repaired(prefix, branches, texts, picks, spans.get(span, range(0)))
                 logits = student_logits(model, ex, prefix, caches, tgt, adapter=False)
                 name = s if not k else f"{s} {k}" + (f" layers {span}" if span not in (None, "all") else "")
-                kl = kl_per_token(t_logits, logits).sum().item()
-                agree = int((t_logits.argmax(-1) == logits.argmax(-1)).sum())
-                for split in (split_of(ex.example) or "train", "all"):
-                    acc = sums.setdefault((split, name), [0.0, 0, 0])
-                    acc[0] += kl
-                    acc[1] += agree
-                    acc[2] += tgt.numel()
+                tally.add([(split_of(ex.example) or "train", name), ("all", name)], t_logits, logits)
             print(f"[{j + 1}/{len(exs)}] {time.perf_counter() - t0:.0f} s", flush=True)
     table = {}
-    for (split, sel), (kl, agree, n) in sums.items():
-        base = sums[(split, "none")][0]
-        table.setdefault(split, {})[sel] = {"kl": kl / n, "ratio": kl / base if base else 0.0, "top1": agree / n}
+    for split, sel in tally.sums:
+        m, base = tally.metrics((split, sel)), tally.metrics((split, "none"))["kl"]
+        table.setdefault(split, {})[sel] = {"kl": m["kl"], "ratio": m["kl"] / base if base else 0.0, "top1": m["top1"]}
     for split, rows in table.items():
         print(f"\n{split}")
         for sel, r in rows.items():

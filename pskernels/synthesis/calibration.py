@@ -25,7 +25,7 @@ from itertools import product
 
 import torch
 
-from .distill import TargetCache, eos_ids, kl_per_token, patched, student_logits, teacher_pass, tokenize_examples
+from .distill import Tally, TargetCache, eos_ids, patched, student_logits, teacher_pass, tokenize_examples
 from .evaluate import ape_mapper
 from .mapper import CacheMapper
 
@@ -129,14 +129,13 @@ def calibrate_ape(model, tokenizer, examples=None, *, grid=DEFAULT_GRID, scheme:
             tokens = sum(p.target_ids.numel() for p in passes)
             for t, s in points:
                 mapper = ape_mapper(model, init_temperature=t, init_lse_scale=s).to(dev)
-                kl, agree = 0.0, 0
+                tally = Tally()
                 for ex, p in zip(exs, passes):
                     logits = student_logits(model, ex, p.prefix, p.branches, p.target_ids, mapper=mapper,
                                             scheme=scheme, adapter=False)
-                    kl += kl_per_token(p.teacher_logits, logits).sum().item()
-                    agree += int((p.teacher_logits.argmax(-1) == logits.argmax(-1)).sum())
-                rows.append({"temperature": t, "lse_scale": s, "kl": kl / max(tokens, 1),
-                             "top1": agree / max(tokens, 1)})
+                    tally.add([None], p.teacher_logits, logits)
+                m = tally.metrics(None)
+                rows.append({"temperature": t, "lse_scale": s, "kl": m["kl"], "top1": m["top1"]})
     finally:
         model.train(was_training)
     best = min(range(len(rows)), key=lambda i: rows[i]["kl"])

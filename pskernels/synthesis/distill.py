@@ -172,6 +172,29 @@ def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return (t.exp() * (t - s)).sum(-1)
 
 
+class Tally:
+    """KL to the teacher and top-1 agreement summed per key (a split; a split and a setting), read back per target
+    token: what every fidelity table averages (validation, evaluation sweeps)."""
+
+    def __init__(self):
+        self.sums = {}  # key -> [KL sum, agreeing tokens, tokens]
+
+    def add(self, keys, teacher: torch.Tensor, student: torch.Tensor) -> None:
+        """Count logits ``[T, V]`` of one example under each of ``keys``."""
+        kl = kl_per_token(teacher, student).sum().item()
+        agree = int((teacher.argmax(-1) == student.argmax(-1)).sum())
+        for key in keys:
+            acc = self.sums.setdefault(key, [0.0, 0, 0])
+            acc[0] += kl
+            acc[1] += agree
+            acc[2] += teacher.shape[0]
+
+    def metrics(self, key) -> dict:
+        """``{kl, top1, tokens}`` of ``key``: KL in nats per token, the share of tokens whose top-1 agrees."""
+        kl, agree, tokens = self.sums.get(key, (0.0, 0, 0))
+        return {"kl": kl / max(tokens, 1), "top1": agree / max(tokens, 1), "tokens": tokens}
+
+
 def _eos_set(eos) -> set:
     return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
 

@@ -44,6 +44,7 @@ from .adapter import (
     unwrap,
 )
 from .distill import (
+    Tally,
     TargetCache,
     eos_ids,
     kl_per_token,
@@ -179,25 +180,18 @@ def quick_eval(model, examples, *, mapper=None, scheme="sequential", adapter=Tru
     calls. ``view(key, example, prefix, branches)``: the example's recomputed branch segments
     (:func:`pskernels.synthesis.distill.recomputed_view`) the student reads, or None."""
     targets = targets or TargetCache(16, None)
-    sums = {}  # split (None: overall) -> [kl_sum, agree, tokens]
+    tally = Tally()  # keys: None (overall) and each example's split
     for j, ex in enumerate(examples):
         prefix, branches, tgt, t = teacher_pass(model, ex, targets, ("eval", j), store)
         recompute = view(("eval", j), ex, prefix, branches) if view else None
         s = student_logits(model, ex, prefix, branches, tgt, mapper=mapper, scheme=scheme, adapter=adapter,
                            recompute=recompute)
-        row = (kl_per_token(t, s).sum().item(), int((t.argmax(-1) == s.argmax(-1)).sum()), tgt.numel())
         split = ex.example.get("split") if isinstance(ex.example, dict) else None
-        for key in {None, split}:
-            acc = sums.setdefault(key, [0.0, 0, 0])
-            for i, v in enumerate(row):
-                acc[i] += v
-
-    def metrics(kl_sum, agree, tokens):
-        return {"kl": kl_sum / max(tokens, 1), "top1": agree / max(tokens, 1), "tokens": tokens}
-
-    out = metrics(*sums.pop(None, [0.0, 0, 0]))
-    if sums:
-        out["splits"] = {k: metrics(*v) for k, v in sorted(sums.items())}
+        tally.add({None, split}, t, s)
+    out = tally.metrics(None)
+    splits = sorted(k for k in tally.sums if k is not None)
+    if splits:
+        out["splits"] = {k: tally.metrics(k) for k in splits}
     return out
 
 
