@@ -12,6 +12,7 @@ MODULES = [
     "pskernels.ops.rotate_keys",
     "pskernels.ops.map_kv_caches",
     "pskernels.hf.cache",
+    "pskernels.synthesis.answers",
     "pskernels.synthesis.mapper",
     "pskernels.synthesis.recompute",
     "pskernels.synthesis.synthesize",

@@ -531,3 +531,98 @@ def test_smollm2_training_reduces_kl():
     with patched(r["model"]):
         after = quick_eval(r["model"], held, mapper=r["mapper"])
     assert after["kl"] < 0.8 * before["kl"], (before, after)
+
+
+# ---- answer-weighted distillation -------------------------------------------------------------------------
+@pytest.mark.parametrize("answer,target,weighed", [
+    ("12", "It is 12.", "12"),
+    ("Paris", "paris, then Paris", "paris"),  # the first place, case-insensitive
+    ("2", "in 25 boxes", ""),  # not stated: a number is matched whole
+    ("", "It is 12.", ""),
+    (None, "It is 12.", ""),
+])
+def test_answer_token_weights_mark_the_tokens_stating_the_answer(answer, target, weighed):
+    from pskernels.synthesis.answers import answer_token_weights
+
+    ids = torch.tensor(TOK.encode(target))
+    w = answer_token_weights(TOK, answer, ids, 5.0)
+    assert w.dtype == torch.float32 and w.shape == ids.shape
+    assert set(w.tolist()) <= {1.0, 5.0}
+    assert TOK.decode(ids[w == 5.0]) == weighed
+    assert torch.equal(answer_token_weights(TOK, answer, ids, 1.0), torch.ones(len(ids)))
+
+
+def test_answer_token_weights_skip_special_tokens():
+    from pskernels.synthesis.answers import answer_token_weights
+
+    ids = torch.tensor([1] + TOK.encode("is 7") + [1])  # eos ids decode to nothing, as evaluation decodes
+    assert answer_token_weights(TOK, "7", ids, 3.0).tolist() == [1.0, 1.0, 1.0, 1.0, 3.0, 1.0]
+
+
+def _answer_examples():
+    out = []
+    for ex in aggregation_examples(2, seed=0, n_branches=(2, 2)):
+        out.append({**ex, "prefix": ex["prefix"][:24], "branches": [b[:20] for b in ex["branches"]],
+                    "prompt": ex["prompt"][-12:], "target": f"It is {ex['answer']}."})
+    return out
+
+
+def _first_kl(examples, answer_weight):
+    r = train(_model(), TOK, examples, TrainConfig(steps=1, lr=1e-2, log_every=0, answer_weight=answer_weight))
+    return r["history"][0]["kl"], r["config"]["answer_weight"]
+
+
+def test_answer_weight_weighs_the_kl_of_the_answer_tokens():
+    from pskernels.synthesis.answers import answer_token_weights
+
+    ex = _answer_examples()[:1]
+    # at step 0 the mapper is the identity and LoRA's B is zero: the student is the untrained base model
+    model = _model()
+    tok_ex = tokenize_examples(TOK, ex, "cpu")[0]
+    with patched(model), torch.no_grad():
+        prefix, branches = branch_caches(model, tok_ex)
+        t = teacher_logits(model, tok_ex, prefix, tok_ex.target_ids)
+        s = student_logits(model, tok_ex, prefix, branches, tok_ex.target_ids, adapter=False)
+    kl = kl_per_token(t, s)
+    w = answer_token_weights(TOK, ex[0]["answer"], tok_ex.target_ids, 4.0)
+    assert int((w == 4.0).sum()) == len(ex[0]["answer"])
+    plain, weighed = _first_kl(ex, 1.0), _first_kl(ex, 4.0)
+    # the training step runs the differentiable backends: equal up to float rounding
+    assert plain == (pytest.approx(kl.mean().item(), rel=1e-4), 1.0)
+    assert weighed == (pytest.approx((kl * w).mean().item(), rel=1e-4), 4.0)
+    assert weighed[0] > plain[0] * 1.01
+    # an example whose target does not state its answer trains as without weights
+    unstated = [{**ex[0], "target": "It is not known."}]
+    assert _first_kl(unstated, 4.0)[0] == _first_kl(unstated, 1.0)[0]
+
+
+@pytest.mark.parametrize("bad", [0.5, float("nan"), float("inf"), True, "2"])
+def test_answer_weight_refused_by_name(bad):
+    with pytest.raises(ValueError, match=r"answer_weight: expected a finite number >= 1, got"):
+        train(_model(), TOK, _answer_examples(), TrainConfig(steps=1, answer_weight=bad))
+
+
+def test_answer_weight_is_resumed_as_trained(tmp_path):
+    ck = str(tmp_path / "ck")
+    kw = dict(lr=1e-2, log_every=0, checkpoint_dir=ck, answer_weight=3.0)
+    train(_model(), TOK, _answer_examples(), TrainConfig(steps=1, **kw))
+    assert json.loads((tmp_path / "ck" / "train_config.json").read_text())["answer_weight"] == 3.0
+    with pytest.raises(ValueError, match="answer_weight: the run in .* was trained with answer_weight 3.0, resumed "
+                                         "with 1.0"):
+        train(_model(), TOK, _answer_examples(), TrainConfig(steps=2, resume=True, **{**kw, "answer_weight": 1.0}))
+    assert train(_model(), TOK, _answer_examples(), TrainConfig(steps=2, resume=True, **kw))["step"] == 2
+
+
+def test_cli_answer_weight(tmp_path, capsys):
+    from pskernels.apps import train as tr
+
+    data = tmp_path / "d.jsonl"
+    save_jsonl(_answer_examples(), data)
+    out = tmp_path / "run"
+    assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "0", "--steps", "1", "--out", str(out),
+                    "--answer-weight", "4"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["answer_weight"] == 4.0
+    for bad in ("0.5", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(out), "--answer-weight", bad])
+        assert "argument --answer-weight: expected a finite number >= 1, got" in capsys.readouterr().err

@@ -29,3 +29,18 @@ def positive_seconds(text: str) -> float:
     if not value > 0:  # NaN too
         raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text}")
     return value
+
+
+def number_at_least(lo: float):
+    """An argparse type: a finite number >= ``lo``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {lo:g}, got {text!r}") from None
+        if not lo <= value < float("inf"):  # NaN too
+            raise argparse.ArgumentTypeError(f"expected a finite number >= {lo:g}, got {text}")
+        return value
+
+    return parse

@@ -14,7 +14,7 @@ from ..synthesis import train as recipe
 from ..synthesis.data import build, load_jsonl
 from ..synthesis.models import load_model
 from ..synthesis.recompute import check_head_share
-from .argtypes import int_at_least
+from .argtypes import int_at_least, number_at_least
 from .evaluate import parse_recompute
 
 
@@ -69,6 +69,9 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--mapper-lr", type=float, default=None)
     p.add_argument("--kl-weight", type=float, default=1.0)
     p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--answer-weight", type=number_at_least(1), default=1.0, metavar="W",
+                   help="answer-weighted distillation: the KL of the target tokens stating an example's ground-truth "
+                   "answer (where the teacher's continuation states it) counts W times (>= 1)")
     p.add_argument("--grad-accum", type=int_at_least(1), default=1)
     p.add_argument("--lr-schedule", default="constant", choices=list(recipe.LR_SCHEDULES),
                    help="cosine: decay to 0 at --steps")
@@ -135,7 +138,8 @@ def run_train(args) -> int:
           f"model {args.model}, scheme {args.scheme}", flush=True)
     config = recipe.TrainConfig(
         mapper=False if args.no_mapper else None, lora=not args.no_lora, steps=args.steps, lr=args.lr,
-        mapper_lr=args.mapper_lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight, lr_schedule=args.lr_schedule,
+        mapper_lr=args.mapper_lr, kl_weight=args.kl_weight, ce_weight=args.ce_weight,
+        answer_weight=args.answer_weight, lr_schedule=args.lr_schedule,
         warmup_steps=args.warmup_steps, eval_examples=eval_ex, eval_every=args.eval_every, checkpoint_dir=args.out,
         save_every=args.save_every, resume=args.resume, seed=args.seed, scheme=args.scheme, lora_r=args.lora_r,
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, mapper_rank=args.mapper_rank,

@@ -27,11 +27,10 @@ Command line: ``pskernels eval`` (:mod:`pskernels.apps.evaluate`).
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .adapter import unwrap
+from .answers import answer_found
 from .distill import (
     TargetCache,
     eos_ids,
@@ -57,24 +56,6 @@ APE_INIT = {"calibrate": True, "init_temperature": 0.9, "init_lse_scale": 0.9}
 def ape_mapper(model, **overrides) -> CacheMapper:
     """An untrained APE-calibrated mapper (temperature 0.9, LSE scale 0.9 on the branches)."""
     return CacheMapper.for_model(unwrap(model), **{"rank": 1, **APE_INIT, **overrides})
-
-
-def answer_found(answer: str, text: str) -> bool:
-    """Whether ``text`` states ``answer``: case-insensitive, not inside a longer word or number. A number is matched
-    whole (``"2"`` is not in ``"12 shops"``, ``"2.5"`` nor ``"1.2"``); a word may take an ending (``"reject"`` in
-    ``"rejected"``), not a beginning (``"accept"`` is not in ``"unacceptable"``).
-
-    >>> answer_found("2", "sold out in 12 shops"), answer_found("2", "in 2 shops."), answer_found("20:30", "at 20:30.")
-    (False, True, True)
-    >>> answer_found("reject", "They rejected it"), answer_found("Ines", "INES won"), answer_found("Alice", "Malice")
-    (True, True, False)
-    """
-    answer = answer.strip()
-    if not answer:
-        return False
-    left = (r"(?<![^\W_])" if answer[0].isalnum() else "") + (r"(?<![0-9][.,:])" if answer[0].isdigit() else "")
-    right = r"(?![0-9]|[.,:][0-9])" if answer[-1].isdigit() else ""
-    return re.search(left + re.escape(answer) + right, text, re.IGNORECASE) is not None
 
 
 def _decode(tokenizer, ids):

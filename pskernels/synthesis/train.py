@@ -11,7 +11,8 @@ Per example (batch 1), with the building blocks of :mod:`pskernels.synthesis.dis
 3. the **student** is the patched model *with* its adapter reading ``prompt + target`` over
    ``ParallelCache(prefix, branches, scheme=..., mapper=mapper)``;
 4. loss = ``kl_weight * KL(teacher || student) + ce_weight * CE(student, target)``, averaged over the
-   target tokens. Only the mapper and the LoRA parameters are trained (autograd makes the patched
+   target tokens (with ``answer_weight``, the KL of the tokens stating the example's ground-truth answer counts
+   that many times). Only the mapper and the LoRA parameters are trained (autograd makes the patched
    attention and the mapper run their differentiable PyTorch backends).
 
 ``train(model, tokenizer, examples, TrainConfig(...))`` prints a line every ``log_every`` steps, evaluates
@@ -43,6 +44,7 @@ from .adapter import (
     peft_targets,
     unwrap,
 )
+from .answers import answer_token_weights
 from .distill import (
     Tally,
     TargetCache,
@@ -79,6 +81,11 @@ class TrainConfig:
         ``lora_alpha`` on ``lora_targets``: module names or the groups ``attn`` / ``mlp``).
     steps, lr, kl_weight, ce_weight, grad_accum, max_grad_norm
         Optimisation (AdamW; ``mapper_lr`` overrides the mapper's lr).
+    answer_weight
+        Answer-weighted distillation: in an example with an ``answer`` whose target (the teacher's continuation)
+        states it, the KL of the tokens stating it counts ``answer_weight`` times
+        (:func:`pskernels.synthesis.answers.answer_token_weights`; the loss is still divided by the target's
+        length); 1: every target token alike.
     lr_schedule, warmup_steps
         ``"constant"`` or ``"cosine"`` (decay to 0 at ``steps``), after a linear warmup of ``warmup_steps``; a
         function of the step only, so a resumed run follows the same curve.
@@ -127,6 +134,7 @@ class TrainConfig:
     lr: float = 1e-3
     kl_weight: float = 1.0
     ce_weight: float = 0.0
+    answer_weight: float = 1.0
     eval_examples: list | None = None
     eval_every: int = 0
     checkpoint_dir: str | None = None
@@ -234,6 +242,9 @@ def _check(examples, config: TrainConfig) -> None:
         raise ValueError("examples: expected at least one training example")
     if config.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule: expected one of {LR_SCHEDULES}, got {config.lr_schedule!r}")
+    w = config.answer_weight
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 1:
+        raise ValueError(f"answer_weight: expected a finite number >= 1, got {w!r}")
     if config.warmup_steps < 0:
         raise ValueError(f"warmup_steps: expected >= 0, got {config.warmup_steps}")
     if config.recompute is not None:
@@ -361,6 +372,7 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                     "lora_targets": list(peft_targets(model)) if lp else None,
                     "mapper": mapper is not None, "mapper_rank": mapper.config.rank if mapper is not None else None,
                     "lr": cfg.lr, "mapper_lr": cfg.mapper_lr, "kl_weight": cfg.kl_weight, "ce_weight": cfg.ce_weight,
+                    "answer_weight": cfg.answer_weight,
                     "seed": cfg.seed, "grad_accum": cfg.grad_accum, "target_tokens": cfg.target_tokens,
                     "train_examples": len(train_ex), "lr_schedule": cfg.lr_schedule,
                     "warmup_steps": cfg.warmup_steps,
@@ -377,6 +389,10 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
         if grown != cfg.head_share:
             raise ValueError(f"head_share: the run in {cfg.checkpoint_dir} was trained with head_share {grown}, "
                              f"resumed with {cfg.head_share}")
+        weighed = before.get("answer_weight", 1.0)
+        if weighed != cfg.answer_weight:
+            raise ValueError(f"answer_weight: the run in {cfg.checkpoint_dir} was trained with answer_weight "
+                             f"{weighed}, resumed with {cfg.answer_weight}")
         saved_config["init"] = before.get("init")
         linked = before.get("link_tokens") or 0
         if linked != cfg.link_tokens:
@@ -395,6 +411,7 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
     save_every = cfg.save_every or cfg.eval_every or cfg.steps
 
     store = {} if cfg.cache_teacher else None
+    weights = {}  # example index -> its target tokens' KL weights (the targets never change)
     views = {}  # example key -> its recomputed branch segments (with cache_teacher: the base model is frozen)
 
     def view(key, ex, prefix, branches):
@@ -429,7 +446,9 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                 prefix, branches, tgt, t_logits = teacher_pass(model, ex, targets, ("train", idx), store)
                 s_logits = student_logits(model, ex, prefix, branches, tgt, mapper=mapper, scheme=cfg.scheme,
                                           recompute=view(("train", idx), ex, prefix, branches))
-                kl = kl_per_token(t_logits, s_logits).mean()
+                if idx not in weights:
+                    weights[idx] = answer_token_weights(tokenizer, ex.answer, tgt, cfg.answer_weight)
+                kl = (kl_per_token(t_logits, s_logits) * weights[idx]).mean()
                 ce = F.cross_entropy(s_logits, tgt) if cfg.ce_weight else torch.zeros((), device=dev)
                 loss = cfg.kl_weight * kl + cfg.ce_weight * ce
                 (loss / cfg.grad_accum).backward()
