@@ -27,7 +27,9 @@ from pskernels.synthesis.distill import (  # noqa: E402
     branch_caches,
     kl_per_token,
     patched,
+    student_greedy,
     student_logits,
+    teacher_greedy,
     teacher_logits,
     tokenize_examples,
 )
@@ -626,3 +628,80 @@ def test_cli_answer_weight(tmp_path, capsys):
         with pytest.raises(SystemExit):
             tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(out), "--answer-weight", bad])
         assert "argument --answer-weight: expected a finite number >= 1, got" in capsys.readouterr().err
+
+
+# ---- answers sampled -----------------------------------------------------------------------------------------
+def _stated_answer_examples():
+    """Held-out examples whose answer is the first character of the teacher's greedy continuation."""
+    r = train(_model(), TOK, _small_examples(2, seed=0), TrainConfig(steps=1, lr=1e-2, log_every=0))
+    held = [{k: v for k, v in ex.items() if k != "target"} for ex in _small_examples(3, seed=1)]
+    greedy = evaluate(r["model"], TOK, held, mapper=r["mapper"], gen_tokens=4, target_tokens=4,
+                      settings=("text_concat",))
+    out = []
+    for ex, row in zip(held, greedy["examples"]):
+        first = next((c for c in row["text_concat"] if c.isalnum()), None)
+        if first is not None:
+            out.append({**ex, "answer": first})
+    assert out, "the tiny teacher wrote no letter or digit"
+    return r, out
+
+
+def test_sampled_answers_at_a_low_temperature_are_the_greedy_ones():
+    r, held = _stated_answer_examples()
+    kw = dict(mapper=r["mapper"], gen_tokens=4, target_tokens=4)
+    cold = evaluate(r["model"], TOK, held, answer_samples=3, temperature=1e-4, **kw)
+    for s in DEFAULT_SETTINGS:
+        assert cold[s]["sampled_accuracy"] == pytest.approx(cold[s]["accuracy"]), s
+        for row in cold["examples"]:
+            assert row["scores"][s]["samples"] == 3
+    assert cold["text_concat"]["accuracy"] == 1.0  # the answer is what the teacher's greedy text begins with
+    # at temperature 1 the same seeds give the same samples; each setting's rate is a share of its samples
+    warm = [evaluate(r["model"], TOK, held, answer_samples=4, **kw) for _ in range(2)]
+    assert [w["examples"][0]["scores"] for w in warm][0] == warm[1]["examples"][0]["scores"]
+    assert all(0 <= warm[0][s]["sampled_accuracy"] <= 1 for s in DEFAULT_SETTINGS)
+    plain = evaluate(r["model"], TOK, held, **kw)
+    assert all(plain[s]["sampled_accuracy"] is None for s in DEFAULT_SETTINGS)
+    assert plain["examples"][0]["scores"]["text_concat"]["samples"] == 0
+
+
+def test_sampling_reproduces_with_its_generator():
+    model = _model()
+    ex = tokenize_examples(TOK, _small_examples(1), "cpu")[0]
+    with patched(model), torch.no_grad():
+        prefix, branches = branch_caches(model, ex)
+        draws = [teacher_greedy(model, ex, prefix, 6, temperature=1.0,
+                                generator=torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)]
+        student = [student_greedy(model, ex, prefix, branches, 6, adapter=False, temperature=1.0,
+                                  generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    assert torch.equal(student[0], student[1])
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"answer_samples": -1}, "answer_samples: expected an int >= 0, got -1"),
+    ({"answer_samples": True}, "answer_samples: expected an int >= 0, got True"),
+    ({"answer_samples": 2, "temperature": 0.0}, "temperature: expected a finite number > 0"),
+    ({"answer_samples": 2, "temperature": float("nan")}, "temperature: expected a finite number > 0"),
+])
+def test_sampling_arguments_refused_by_name(kw, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate(_model(), TOK, _small_examples(1), trained=False, **kw)
+
+
+def test_cli_eval_answer_samples(tmp_path, capsys):
+    from pskernels.apps import evaluate as ev
+
+    data = tmp_path / "d.jsonl"
+    save_jsonl(_answer_examples(), data)
+    out = tmp_path / "r.json"
+    assert ev.main(["--model", "tiny", "--untrained", "--data", str(data), "--gen-tokens", "2", "--target-tokens", "2",
+                    "--settings", "text_concat,parallel", "--answer-samples", "2", "--temperature", "0.5",
+                    "--json", str(out)]) == 0
+    assert "sampled" in capsys.readouterr().out.splitlines()[2]
+    r = json.loads(out.read_text())
+    assert r["parallel"]["sampled_accuracy"] is not None and r["examples"][0]["scores"]["parallel"]["samples"] == 2
+    for bad in ("0", "-1", "nan"):
+        with pytest.raises(SystemExit):
+            ev.main(["--model", "tiny", "--untrained", "--data", str(data), "--answer-samples", "1", "--temperature",
+                     bad])
+        assert "argument --temperature: expected a finite number > 0, got" in capsys.readouterr().err

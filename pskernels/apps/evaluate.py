@@ -36,7 +36,7 @@ from ..synthesis import checkpoints
 from ..synthesis import evaluate as evaluation
 from ..synthesis.data import build, load_jsonl, save_jsonl
 from ..synthesis.models import load_model
-from .argtypes import int_at_least
+from .argtypes import int_at_least, positive_number
 
 # the recompute setting's label, by what is recomputed at each end of a branch
 RECOMPUTE_NAME = "(v) recomputed head {}, tail {}"
@@ -45,16 +45,28 @@ SETTING_NAMES = {"text_concat": "(i) text concatenation (teacher)", "parallel": 
                  "recompute": RECOMPUTE_NAME.format(*evaluation.RECOMPUTE)}
 
 
+def _share(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _sampled(metrics) -> bool:
+    """Whether any of ``metrics`` (per setting) has a sampled answer accuracy: its column is shown."""
+    return any(m.get("sampled_accuracy") is not None for m in metrics)
+
+
 def format_table(r: dict, names: dict | None = None) -> str:
     """The result of :func:`pskernels.synthesis.evaluate.evaluate` as a table, one row per setting
-    (``names``: row labels replacing :data:`SETTING_NAMES` entries)."""
+    (``names``: row labels replacing :data:`SETTING_NAMES` entries); a ``sampled`` column (answer accuracy over
+    sampled continuations) where answers were sampled."""
     names = {**SETTING_NAMES, **(names or {})}
-    lines = [f"{'setting':<36}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"]
-    for s in evaluation.SETTINGS:
-        if s in r:
-            m = r[s]
-            accs = "-" if m["accuracy"] is None else f"{m['accuracy']:.3f}"
-            lines.append(f"{names[s]:<36}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{accs:>10}")
+    rows = [s for s in evaluation.SETTINGS if s in r]
+    sampled = _sampled(r[s] for s in rows)
+    lines = [f"{'setting':<36}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"
+             + (f"{'sampled':>9}" if sampled else "")]
+    for s in rows:
+        m = r[s]
+        lines.append(f"{names[s]:<36}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{_share(m['accuracy']):>10}"
+                     + (f"{_share(m.get('sampled_accuracy')):>9}" if sampled else ""))
     any_s = next(v for k, v in r.items() if k != "examples")
     lines.append(f"({any_s['n']} held-out examples, {any_s['tokens']} target tokens)")
     return "\n".join(lines)
@@ -70,16 +82,18 @@ def format_family_table(bf: dict, settings=None) -> str:
     from ..synthesis.workflows import FAMILIES
 
     settings = [s for s in (settings or evaluation.SETTINGS) if s in bf["all"]]
+    sampled = _sampled(bf["all"][s] for s in settings)
     head = (f"{'family':<22}{'split':<10}{'n':>4}  {'setting':<13}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}"
-            f"{'accuracy':>10}")
+            f"{'accuracy':>10}" + (f"{'sampled':>9}" if sampled else ""))
     lines = [head, "-" * len(head)]
 
     def block(label, split, m):
         for i, s in enumerate(settings):
             x = m[s]
-            accs = "-" if x["accuracy"] is None else f"{x['accuracy']:.3f}"
             left = f"{label:<22}{split:<10}{x['n']:>4}" if i == 0 else " " * 36
-            lines.append(f"{left}  {s:<13}{x['kl']:>12.4f}{x['top1']:>8.3f}{x['exact']:>8.3f}{accs:>10}")
+            extra = f"{_share(x.get('sampled_accuracy')):>9}" if sampled else ""
+            lines.append(f"{left}  {s:<13}{x['kl']:>12.4f}{x['top1']:>8.3f}{x['exact']:>8.3f}"
+                         f"{_share(x['accuracy']):>10}{extra}")
 
     def split_of_kind(kind):
         fam = FAMILIES.get(_family_name(kind))
@@ -251,6 +265,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="(setting recompute) all recomputed parts in one forward, each reading the workers' own "
                    "K/V before it (not the exact text-order recomputation)")
     p.add_argument("--gen-tokens", type=int_at_least(1), default=12)
+    p.add_argument("--answer-samples", type=int_at_least(0), default=0, metavar="N",
+                   help="also sample N continuations per setting and example with an answer (the same seeds for "
+                   "every setting) and report the share that state it ('sampled' column)")
+    p.add_argument("--temperature", type=positive_number, default=1.0,
+                   help="(--answer-samples) sampling temperature")
+    p.add_argument("--sample-seed", type=int, default=0, help="(--answer-samples) seed of the samples")
     p.add_argument("--target-tokens", type=int_at_least(1), default=16)
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
     p.add_argument("--threads", type=int, default=None)
@@ -386,7 +406,8 @@ def run_eval(args) -> int:
                             gen_tokens=args.gen_tokens, target_tokens=args.target_tokens, ape=ape,
                             recompute=recompute, recompute_together=args.recompute_together,
                             trained_recompute=trained_recompute, head_share=args.head_share or 0.0,
-                            trained_head_share=trained_share)
+                            trained_head_share=trained_share, answer_samples=args.answer_samples,
+                            temperature=args.temperature, sample_seed=args.sample_seed)
     names["recompute"] = RECOMPUTE_NAME.format(*recompute) + _share_label(args.head_share or 0.0) + \
         (" (1 fwd)" if args.recompute_together else "")
     print(f"model {args.model}, scheme {scheme}")

@@ -130,8 +130,10 @@ def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.
 
 
 @torch.no_grad()
-def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Tensor:
-    """Greedy continuation of ``first_ids`` (1-D) over ``cache`` (stops after ``eos``, which is kept)."""
+def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None, *, temperature: float = 0.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Greedy continuation of ``first_ids`` (1-D) over ``cache`` (stops after ``eos``, which is kept);
+    ``temperature > 0``: sampled from ``softmax(logits / temperature)`` with ``generator`` instead."""
     dev = next(model.parameters()).device
     kw = _cache_kwarg(model)
     ids = first_ids.to(dev)[None]
@@ -139,7 +141,11 @@ def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Ten
     eos = _eos_set(eos)
     for _ in range(n):
         logits = model(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[0, -1]
-        tok = int(logits.argmax())
+        if temperature > 0:
+            probs = torch.softmax(logits.float() / temperature, -1)
+            tok = int(torch.multinomial(probs, 1, generator=generator))
+        else:
+            tok = int(logits.argmax())
         out.append(tok)
         if tok in eos:
             break
@@ -148,21 +154,23 @@ def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Ten
 
 
 @torch.no_grad()
-def teacher_greedy(model, ex: TokenizedExample, prefix, n: int, eos=None) -> torch.Tensor:
-    """The teacher's greedy continuation (``n`` tokens at most) of ``branches + prompt`` after ``prefix``."""
+def teacher_greedy(model, ex: TokenizedExample, prefix, n: int, eos=None, **sampling) -> torch.Tensor:
+    """The teacher's greedy continuation (``n`` tokens at most) of ``branches + prompt`` after ``prefix``
+    (``sampling``: :func:`greedy`'s ``temperature`` and ``generator``)."""
     with base_model(model):
         first = torch.cat(list(ex.branch_ids) + [ex.prompt_ids])
-        return greedy(model, first, copy.deepcopy(prefix), n, eos)
+        return greedy(model, first, copy.deepcopy(prefix), n, eos, **sampling)
 
 
 @torch.no_grad()
 def student_greedy(model, ex, prefix, branches, n, eos=None, *, mapper=None, scheme="sequential", adapter=True,
-                   recompute=None):
-    """The student's greedy continuation (``n`` tokens at most) of the prompt over the branch caches."""
+                   recompute=None, **sampling):
+    """The student's greedy continuation (``n`` tokens at most) of the prompt over the branch caches
+    (``sampling``: :func:`greedy`'s ``temperature`` and ``generator``)."""
     ctx = contextlib.nullcontext() if adapter else base_model(model)
     with ctx:
         cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter)
-        return greedy(model, ex.prompt_ids, cache, n, eos)
+        return greedy(model, ex.prompt_ids, cache, n, eos, **sampling)
 
 
 def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,11 @@ Settings (all read the same branch caches, computed by the base model):
 Metrics per setting, on the target tokens (the example's ``target``, else the teacher's greedy
 continuation): ``kl`` mean KL(teacher || setting) in nats/token (token-weighted), ``top1`` agreement of the
 argmax with the teacher's, ``exact`` greedy continuation (``gen_tokens`` tokens) equal to the teacher's,
-``accuracy`` on examples with an ``answer``: the answer found in the greedy output (:func:`answer_found`).
+``accuracy`` on examples with an ``answer``: the answer found in the greedy output (:func:`answer_found`);
+``sampled_accuracy`` (with ``answer_samples``): the share of sampled continuations that state it, each example's
+samples drawn with the same seeds for every setting (common random numbers: where two settings' distributions
+agree, so do their samples), so a setting's rate estimates the probability that it states the answer without
+turning on greedy decoding's near ties.
 
 Per family: each per-example row keeps its ``kind``, ``split`` and raw ``scores`` (KL sum, agreeing and
 target tokens, exact, correct, answered per setting); :func:`aggregate` sums them over any group of rows with
@@ -26,6 +30,8 @@ held-out families (``split``) and all examples.
 Command line: ``pskernels eval`` (:mod:`pskernels.apps.evaluate`).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -66,7 +72,8 @@ def _decode(tokenizer, ids):
 def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: str = "sequential",
              settings=DEFAULT_SETTINGS, gen_tokens: int = 12, target_tokens: int = 16, ape=None,
              recompute: tuple = RECOMPUTE, recompute_together: bool = False, trained_recompute=None,
-             head_share: float = 0.0, trained_head_share: float = 0.0) -> dict:
+             head_share: float = 0.0, trained_head_share: float = 0.0, answer_samples: int = 0,
+             temperature: float = 1.0, sample_seed: int = 0) -> dict:
     """Compare the settings on held-out ``examples`` (dicts or ``TokenizedExample``).
 
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
@@ -79,9 +86,15 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     branches recompute at least that share of each branch (the head grows with the branch,
     :func:`pskernels.synthesis.recompute.grown_heads`; the checkpoint's own:
     :func:`pskernels.synthesis.checkpoints.trained_head_share`).
-    Returns ``{setting: {kl, top1, exact, accuracy, tokens, n}, "examples": [...]}``.
+    ``answer_samples``: continuations (``gen_tokens`` tokens at most) sampled at ``temperature`` per setting and
+    example with an answer, seeds from ``sample_seed`` and the example's index (0: none).
+    Returns ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
+    if isinstance(answer_samples, bool) or not isinstance(answer_samples, int) or answer_samples < 0:
+        raise ValueError(f"answer_samples: expected an int >= 0, got {answer_samples!r}")
+    if answer_samples and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
+        raise ValueError(f"temperature: expected a finite number > 0 to sample answers at, got {temperature!r}")
     check_head_share(head_share), check_head_share(trained_head_share)  # refused before any example runs
     dev = next(model.parameters()).device
     exs = tokenize_examples(tokenizer, examples, dev)
@@ -112,6 +125,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                 if s == "text_concat":
                     kl = torch.zeros(tgt.numel())
                     agree, gen = tgt.numel(), t_gen
+                    continuation = functools.partial(teacher_greedy, model, ex, prefix, gen_tokens, eos)
                 else:
                     kw = {"scheme": scheme, **cfg[s]}
                     if s == "trained" and trained_recompute:
@@ -123,7 +137,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     s_logits = student_logits(model, ex, prefix, branches, tgt, **kw)
                     kl = kl_per_token(t_logits, s_logits)
                     agree = int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
-                    gen = student_greedy(model, ex, prefix, branches, gen_tokens, eos, **kw)
+                    continuation = functools.partial(student_greedy, model, ex, prefix, branches, gen_tokens, eos, **kw)
+                    gen = continuation()
                 a["kl"] += kl.sum().item()
                 a["agree"] += agree
                 a["tokens"] += tgt.numel()
@@ -133,6 +148,11 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                 if ex.answer:
                     a["answered"] += 1
                     a["correct"] += int(answer_found(ex.answer, text))
+                    for k in range(answer_samples):
+                        g = torch.Generator(device=dev).manual_seed(hash((sample_seed, j, k)) % 2**63)
+                        text = _decode(tokenizer, continuation(temperature=temperature, generator=g))
+                        a["samples"] += 1
+                        a["sampled_correct"] += int(answer_found(ex.answer, text))
             per_example.append(row)
     model.train(was_training)
     out = aggregate(per_example, settings)
@@ -140,18 +160,20 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     return out
 
 
-SCORE_KEYS = ("kl", "agree", "tokens", "exact", "correct", "answered")
+SCORE_KEYS = ("kl", "agree", "tokens", "exact", "correct", "answered", "sampled_correct", "samples")
 
 
 def _zero() -> dict:
-    return {"kl": 0.0, "agree": 0, "tokens": 0, "exact": 0, "correct": 0, "answered": 0}
+    return {"kl": 0.0, "agree": 0, "tokens": 0, "exact": 0, "correct": 0, "answered": 0, "sampled_correct": 0,
+            "samples": 0}
 
 
 def aggregate(rows, settings=None) -> dict:
     """Metrics of a group of per-example rows (``evaluate(...)["examples"]`` or a subset):
-    ``{setting: {kl, top1, exact, accuracy, tokens, n}}``. ``kl`` and ``top1`` are token-weighted (sums over
-    the rows divided by their target tokens), ``exact`` per example, ``accuracy`` over the rows with an answer
-    (None without any). ``settings``: default, those of the first row."""
+    ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, tokens, n}}``. ``kl`` and ``top1`` are
+    token-weighted (sums over the rows divided by their target tokens), ``exact`` per example, ``accuracy`` over
+    the rows with an answer (None without any), ``sampled_accuracy`` over their samples (None without any; rows
+    stored without sample counts have none). ``settings``: default, those of the first row."""
     rows = list(rows)
     if settings is None:
         settings = list(rows[0]["scores"]) if rows else []
@@ -160,11 +182,12 @@ def aggregate(rows, settings=None) -> dict:
         a = _zero()
         for r in rows:
             for k in SCORE_KEYS:
-                a[k] += r["scores"][s][k]
+                a[k] += r["scores"][s].get(k, 0)
         n = len(rows)
         out[s] = {"kl": a["kl"] / max(a["tokens"], 1), "top1": a["agree"] / max(a["tokens"], 1),
                   "exact": a["exact"] / max(n, 1),
                   "accuracy": a["correct"] / a["answered"] if a["answered"] else None,
+                  "sampled_accuracy": a["sampled_correct"] / a["samples"] if a["samples"] else None,
                   "tokens": a["tokens"], "n": n}
     return out
 
