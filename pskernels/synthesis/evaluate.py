@@ -20,7 +20,7 @@ argmax with the teacher's, ``exact`` greedy continuation (``gen_tokens`` tokens)
 ``accuracy`` on examples with an ``answer``: the answer found in the greedy output (:func:`answer_found`);
 ``sampled_accuracy`` (with ``answer_samples``): the share of sampled continuations that state it, each example's
 samples drawn with the same seeds for every setting (common random numbers: where two settings' distributions
-agree, so do their samples), so a setting's rate estimates the probability that it states the answer without
+agree, so mostly do their samples), so a setting's rate estimates the probability that it states the answer without
 turning on greedy decoding's near ties.
 
 Per family: each per-example row keeps its ``kind``, ``split`` and raw ``scores`` (KL sum, agreeing and
