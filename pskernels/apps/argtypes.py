@@ -20,38 +20,29 @@ def int_at_least(lo: int):
     return parse
 
 
-def positive_seconds(text: str) -> float:
-    """An argparse type: a number of seconds > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
-    if not value > 0:  # NaN too
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text}")
-    return value
-
-
-def number_at_least(lo: float):
-    """An argparse type: a finite number >= ``lo``."""
+def _number(accepts, expected: str):
+    """An argparse type: a float for which ``accepts(value)`` holds (NaN fails every comparison), refused as
+    ``expected {expected}, got ...`` otherwise."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a finite number >= {lo:g}, got {text!r}") from None
-        if not lo <= value < float("inf"):  # NaN too
-            raise argparse.ArgumentTypeError(f"expected a finite number >= {lo:g}, got {text}")
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accepts(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
         return value
 
     return parse
 
 
-def positive_number(text: str) -> float:
-    """An argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
-    if not 0 < value < float("inf"):  # NaN too
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
+positive_seconds = _number(lambda v: v > 0, "seconds > 0")
+"""An argparse type: a number of seconds > 0."""
+
+positive_number = _number(lambda v: 0 < v < float("inf"), "a finite number > 0")
+"""An argparse type: a finite number > 0."""
+
+
+def number_at_least(lo: float):
+    """An argparse type: a finite number >= ``lo``."""
+    return _number(lambda v: lo <= v < float("inf"), f"a finite number >= {lo:g}")
