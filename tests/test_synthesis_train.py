@@ -27,10 +27,10 @@ from pskernels.synthesis.distill import (  # noqa: E402
     branch_caches,
     kl_per_token,
     patched,
-    student_greedy,
     student_logits,
-    teacher_greedy,
+    student_samples,
     teacher_logits,
+    teacher_samples,
     tokenize_examples,
 )
 from pskernels.synthesis.evaluate import DEFAULT_SETTINGS, evaluate  # noqa: E402
@@ -667,14 +667,51 @@ def test_sampled_answers_at_a_low_temperature_are_the_greedy_ones():
 def test_sampling_reproduces_with_its_generator():
     model = _model()
     ex = tokenize_examples(TOK, _small_examples(1), "cpu")[0]
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
     with patched(model), torch.no_grad():
         prefix, branches = branch_caches(model, ex)
-        draws = [teacher_greedy(model, ex, prefix, 6, temperature=1.0,
-                                generator=torch.Generator().manual_seed(seed)) for seed in (5, 5, 6)]
-        student = [student_greedy(model, ex, prefix, branches, 6, adapter=False, temperature=1.0,
-                                  generator=torch.Generator().manual_seed(5)) for _ in range(2)]
-    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
-    assert torch.equal(student[0], student[1])
+        draws = [teacher_samples(model, ex, prefix, 6, 4, generator=gen(seed)) for seed in (5, 5, 6)]
+        alone = teacher_samples(model, ex, prefix, 6, 1, generator=gen(5))
+        student = [student_samples(model, ex, prefix, branches, 6, 3, adapter=False, generator=gen(5))
+                   for _ in range(2)]
+    assert len(draws[0]) == 4 and all(1 <= d.numel() <= 6 for d in draws[0])
+    assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
+    assert not all(torch.equal(a, b) for a, b in zip(draws[0], draws[2]))
+    assert torch.equal(alone[0], draws[0][0])  # a continuation does not depend on the others decoded beside it
+    assert all(torch.equal(a, b) for a, b in zip(*student))
+
+
+def test_samples_of_agreeing_distributions_agree():
+    """One branch read in place is exactly the text: the teacher and the untrained student sample the same tokens
+    from the same uniforms (common random numbers), also where the student reads recomputed heads."""
+    model = _model()
+    ex = tokenize_examples(TOK, [dict(_small_examples(1)[0], branches=_small_examples(1)[0]["branches"][:1])],
+                           "cpu")[0]
+    gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    with patched(model), torch.no_grad():
+        prefix, branches = branch_caches(model, ex)
+        text = teacher_samples(model, ex, prefix, 8, 6, temperature=1.5, generator=gen())
+        for recompute in (None, (2, 0, True)):
+            read = student_samples(model, ex, prefix, branches, 8, 6, adapter=False, recompute=recompute,
+                                   temperature=1.5, generator=gen())
+            assert [t.tolist() for t in read] == [t.tolist() for t in text], recompute
+    assert len({tuple(t.tolist()) for t in text}) > 1  # they are samples, not one greedy text six times
+
+
+def test_sample_stops_each_row_at_eos():
+    model = _model()
+    ex = tokenize_examples(TOK, _small_examples(1), "cpu")[0]
+    with patched(model), torch.no_grad():
+        prefix, _ = branch_caches(model, ex)
+        free = teacher_samples(model, ex, prefix, 8, 6, temperature=2.0, generator=torch.Generator().manual_seed(1))
+        eos = int(free[0][1])  # the second token row 0 drew: that row stops there
+        cut = teacher_samples(model, ex, prefix, 8, 6, eos, temperature=2.0, generator=torch.Generator().manual_seed(1))
+        with pytest.raises(ValueError, match="samples: expected an int >= 1, got 0"):
+            teacher_samples(model, ex, prefix, 8, 0)
+    for f, c in zip(free, cut):
+        stop = next((i + 1 for i, t in enumerate(f.tolist()) if t == eos), f.numel())
+        assert c.tolist() == f[:stop].tolist()
+    assert cut[0].numel() <= 2
 
 
 @pytest.mark.parametrize("kw,match", [

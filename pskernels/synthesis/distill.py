@@ -4,10 +4,12 @@ Per example (batch 1), everything reads the same branch caches:
 
 * :func:`branch_caches`: the frozen *base* model (adapter disabled) computes the shared prefix cache and
   one zero-copy cache per worker (``ParallelCache(prefix, [])``: only the branch tokens are stored);
-* the **teacher** (:func:`teacher_logits`, :func:`teacher_greedy`) is the base model reading the *text
-  concatenation* ``prefix + branches + prompt (+ target)`` (the prefix cache copied, the rest re-prefilled);
-* the **student** (:func:`student_logits`, :func:`student_greedy`) is the patched model, with or without its
-  adapter, reading ``prompt (+ target)`` over ``ParallelCache(prefix, branches, scheme=..., mapper=mapper)``
+* the **teacher** (:func:`teacher_logits`, :func:`teacher_greedy`, :func:`teacher_samples`) is the base model
+  reading the *text concatenation* ``prefix + branches + prompt (+ target)`` (the prefix cache copied, the rest
+  re-prefilled);
+* the **student** (:func:`student_logits`, :func:`student_greedy`, :func:`student_samples`) is the patched model,
+  with or without its adapter, reading ``prompt (+ target)`` over ``ParallelCache(prefix, branches, scheme=...,
+  mapper=mapper)``
   (:func:`pskernels.synthesis.synthesizer.synthesizer_cache`: for a mapper with link tokens, over
   :func:`pskernels.synthesis.links.linked_cache`);
 * :func:`kl_per_token` compares their distributions on the target tokens. Examples without a ``target``
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 from typing import NamedTuple
 
 import torch
@@ -122,30 +125,21 @@ def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.
     dev = next(model.parameters()).device
     T = target.numel()
     ids = torch.cat([ex.prompt_ids, target]).to(dev)[None]
-    ctx = contextlib.nullcontext() if adapter else base_model(model)
-    with ctx:
-        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter)
+    with _student_cache(model, ex, prefix, branches, mapper, scheme, adapter, recompute) as cache:
         out = model(ids, use_cache=True, logits_to_keep=T + 1, **{_cache_kwarg(model): cache})
     return out.logits[0, :-1].float()
 
 
 @torch.no_grad()
-def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None, *, temperature: float = 0.0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy continuation of ``first_ids`` (1-D) over ``cache`` (stops after ``eos``, which is kept);
-    ``temperature > 0``: sampled from ``softmax(logits / temperature)`` with ``generator`` instead."""
+def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Tensor:
+    """Greedy continuation of ``first_ids`` (1-D) over ``cache`` (stops after ``eos``, which is kept)."""
     dev = next(model.parameters()).device
     kw = _cache_kwarg(model)
     ids = first_ids.to(dev)[None]
     out = []
     eos = _eos_set(eos)
     for _ in range(n):
-        logits = model(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[0, -1]
-        if temperature > 0:
-            probs = torch.softmax(logits.float() / temperature, -1)
-            tok = int(torch.multinomial(probs, 1, generator=generator))
-        else:
-            tok = int(logits.argmax())
+        tok = int(model(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[0, -1].argmax())
         out.append(tok)
         if tok in eos:
             break
@@ -154,23 +148,85 @@ def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None, *, temperatu
 
 
 @torch.no_grad()
-def teacher_greedy(model, ex: TokenizedExample, prefix, n: int, eos=None, **sampling) -> torch.Tensor:
-    """The teacher's greedy continuation (``n`` tokens at most) of ``branches + prompt`` after ``prefix``
-    (``sampling``: :func:`greedy`'s ``temperature`` and ``generator``)."""
+def sample(model, first_ids: torch.Tensor, cache, n: int, samples: int, eos=None, *, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    """``samples`` continuations of ``first_ids`` (1-D) over ``cache``, decoded as one batch (``cache`` holds
+    ``samples`` rows, or one that broadcasts, as a :class:`ParallelCache`'s prefix and branches do); each stops after
+    ``eos`` (kept) or ``n`` tokens.
+
+    Token ``t`` of continuation ``k`` is the first whose cumulative probability under ``softmax(logits /
+    temperature)`` (vocabulary order) exceeds ``u[k, t]``, ``u = torch.rand(samples, n, generator=generator)``
+    drawn up front (inverse-CDF sampling): callers seeding the generator alike draw with the same uniforms, so
+    where their distributions agree they draw the same tokens (common random numbers), and continuation ``k``
+    does not depend on how many others are decoded beside it."""
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    dev = next(model.parameters()).device
+    kw = _cache_kwarg(model)
+    u = torch.rand(samples, n, generator=generator, device=dev if generator is None else generator.device).to(dev)
+    ids = first_ids.to(dev)[None].expand(samples, -1)
+    toks = torch.zeros(samples, n, dtype=torch.long, device=dev)
+    lengths = torch.full((samples,), n)
+    eos = torch.tensor(sorted(_eos_set(eos)), dtype=torch.long, device=dev)
+    for t in range(n):
+        logits = model(ids, use_cache=True, logits_to_keep=1, **{kw: cache}).logits[:, -1].float()
+        cdf = torch.softmax(logits / temperature, -1).cumsum(-1)  # [samples, V]
+        # scaled by the last entry: a sum that rounds below 1 never leaves u past the end
+        toks[:, t] = torch.searchsorted(cdf, (u[:, t] * cdf[:, -1])[:, None], right=True)[:, 0]
+        ended = torch.isin(toks[:, t], eos).cpu() & (lengths == n)
+        lengths[ended] = t + 1
+        if bool((lengths <= t + 1).all()):
+            break
+        ids = toks[:, t : t + 1]
+    return [toks[k, : int(lengths[k])].cpu() for k in range(samples)]
+
+
+@torch.no_grad()
+def teacher_greedy(model, ex: TokenizedExample, prefix, n: int, eos=None) -> torch.Tensor:
+    """The teacher's greedy continuation (``n`` tokens at most) of ``branches + prompt`` after ``prefix``."""
     with base_model(model):
         first = torch.cat(list(ex.branch_ids) + [ex.prompt_ids])
-        return greedy(model, first, copy.deepcopy(prefix), n, eos, **sampling)
+        return greedy(model, first, copy.deepcopy(prefix), n, eos)
+
+
+@torch.no_grad()
+def teacher_samples(model, ex: TokenizedExample, prefix, n: int, samples: int, eos=None, **sampling):
+    """``samples`` continuations (:func:`sample`, ``sampling``: its ``temperature`` and ``generator``) the teacher
+    samples after ``prefix + branches + prompt``; the branches are prefilled once, the prompt on every row."""
+    dev = next(model.parameters()).device
+    with base_model(model):
+        cache = copy.deepcopy(prefix)
+        if ex.branch_ids:
+            model(torch.cat(list(ex.branch_ids)).to(dev)[None], use_cache=True, logits_to_keep=1,
+                  **{_cache_kwarg(model): cache})
+        cache.batch_repeat_interleave(samples)
+        return sample(model, ex.prompt_ids, cache, n, samples, eos, **sampling)
+
+
+@contextlib.contextmanager
+def _student_cache(model, ex, prefix, branches, mapper, scheme, adapter, recompute):
+    """The student's cache over the branches, inside the adapter's context (``adapter=False``: the base model)."""
+    with contextlib.nullcontext() if adapter else base_model(model):
+        yield _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter)
 
 
 @torch.no_grad()
 def student_greedy(model, ex, prefix, branches, n, eos=None, *, mapper=None, scheme="sequential", adapter=True,
-                   recompute=None, **sampling):
-    """The student's greedy continuation (``n`` tokens at most) of the prompt over the branch caches
-    (``sampling``: :func:`greedy`'s ``temperature`` and ``generator``)."""
-    ctx = contextlib.nullcontext() if adapter else base_model(model)
-    with ctx:
-        cache = _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, adapter)
-        return greedy(model, ex.prompt_ids, cache, n, eos, **sampling)
+                   recompute=None):
+    """The student's greedy continuation (``n`` tokens at most) of the prompt over the branch caches."""
+    with _student_cache(model, ex, prefix, branches, mapper, scheme, adapter, recompute) as cache:
+        return greedy(model, ex.prompt_ids, cache, n, eos)
+
+
+@torch.no_grad()
+def student_samples(model, ex, prefix, branches, n, samples, eos=None, *, mapper=None, scheme="sequential",
+                    adapter=True, recompute=None, **sampling):
+    """``samples`` continuations (:func:`sample`) the student samples after the prompt over the branch caches, one
+    batch reading them once."""
+    with _student_cache(model, ex, prefix, branches, mapper, scheme, adapter, recompute) as cache:
+        return sample(model, ex.prompt_ids, cache, n, samples, eos, **sampling)
 
 
 def kl_per_token(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:

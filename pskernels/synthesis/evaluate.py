@@ -19,9 +19,9 @@ continuation): ``kl`` mean KL(teacher || setting) in nats/token (token-weighted)
 argmax with the teacher's, ``exact`` greedy continuation (``gen_tokens`` tokens) equal to the teacher's,
 ``accuracy`` on examples with an ``answer``: the answer found in the greedy output (:func:`answer_found`);
 ``sampled_accuracy`` (with ``answer_samples``): the share of sampled continuations that state it, each example's
-samples drawn with the same seeds for every setting (common random numbers: where two settings' distributions
-agree, so mostly do their samples), so a setting's rate estimates the probability that it states the answer without
-turning on greedy decoding's near ties.
+samples drawn with the same uniforms for every setting (:func:`pskernels.synthesis.distill.sample`, common random
+numbers: where two settings' distributions agree, so do their samples), so a setting's rate estimates the
+probability that it states the answer without turning on greedy decoding's near ties.
 
 Per family: each per-example row keeps its ``kind``, ``split`` and raw ``scores`` (KL sum, agreeing and
 target tokens, exact, correct, answered per setting); :func:`aggregate` sums them over any group of rows with
@@ -45,8 +45,10 @@ from .distill import (
     stored_teacher_ids,
     student_greedy,
     student_logits,
+    student_samples,
     teacher_greedy,
     teacher_pass,
+    teacher_samples,
     tokenize_examples,
 )
 from .mapper import CacheMapper
@@ -87,7 +89,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     :func:`pskernels.synthesis.recompute.grown_heads`; the checkpoint's own:
     :func:`pskernels.synthesis.checkpoints.trained_head_share`).
     ``answer_samples``: continuations (``gen_tokens`` tokens at most) sampled at ``temperature`` per setting and
-    example with an answer, seeds from ``sample_seed`` and the example's index (0: none).
+    example with an answer, decoded as one batch per setting, the generator seeded from ``sample_seed`` and the
+    example's index (0: none).
     Returns ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, tokens, n}, "examples": [...]}``.
     """
     settings = [s for s in settings if s != "trained" or trained]
@@ -125,7 +128,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                 if s == "text_concat":
                     kl = torch.zeros(tgt.numel())
                     agree, gen = tgt.numel(), t_gen
-                    continuation = functools.partial(teacher_greedy, model, ex, prefix, gen_tokens, eos)
+                    draw = functools.partial(teacher_samples, model, ex, prefix, gen_tokens, answer_samples, eos)
                 else:
                     kw = {"scheme": scheme, **cfg[s]}
                     if s == "trained" and trained_recompute:
@@ -137,8 +140,9 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     s_logits = student_logits(model, ex, prefix, branches, tgt, **kw)
                     kl = kl_per_token(t_logits, s_logits)
                     agree = int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
-                    continuation = functools.partial(student_greedy, model, ex, prefix, branches, gen_tokens, eos, **kw)
-                    gen = continuation()
+                    gen = student_greedy(model, ex, prefix, branches, gen_tokens, eos, **kw)
+                    draw = functools.partial(student_samples, model, ex, prefix, branches, gen_tokens, answer_samples,
+                                             eos, **kw)
                 a["kl"] += kl.sum().item()
                 a["agree"] += agree
                 a["tokens"] += tgt.numel()
@@ -148,11 +152,11 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                 if ex.answer:
                     a["answered"] += 1
                     a["correct"] += int(answer_found(ex.answer, text))
-                    for k in range(answer_samples):
-                        g = torch.Generator(device=dev).manual_seed(hash((sample_seed, j, k)) % 2**63)
-                        text = _decode(tokenizer, continuation(temperature=temperature, generator=g))
+                if ex.answer and answer_samples:
+                    g = torch.Generator(device=dev).manual_seed(hash((sample_seed, j)) % 2**63)
+                    for ids in draw(temperature=temperature, generator=g):
                         a["samples"] += 1
-                        a["sampled_correct"] += int(answer_found(ex.answer, text))
+                        a["sampled_correct"] += int(answer_found(ex.answer, _decode(tokenizer, ids)))
             per_example.append(row)
     model.train(was_training)
     out = aggregate(per_example, settings)
