@@ -168,8 +168,7 @@ SCORE_KEYS = ("kl", "agree", "tokens", "exact", "correct", "answered", "sampled_
 
 
 def _zero() -> dict:
-    return {"kl": 0.0, "agree": 0, "tokens": 0, "exact": 0, "correct": 0, "answered": 0, "sampled_correct": 0,
-            "samples": 0}
+    return {k: 0.0 if k == "kl" else 0 for k in SCORE_KEYS}  # KL sums are floats, the rest counts
 
 
 def aggregate(rows, settings=None) -> dict:
