@@ -147,6 +147,12 @@ def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Ten
     return torch.tensor(out, dtype=torch.long)
 
 
+def check_temperature(temperature) -> None:
+    """Refuse a sampling temperature that is not a finite number > 0 (NaN, 0, inf, a bool), naming it."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+
+
 @torch.no_grad()
 def sample(model, first_ids: torch.Tensor, cache, n: int, samples: int, eos=None, *, temperature: float = 1.0,
            generator: torch.Generator | None = None) -> list[torch.Tensor]:
@@ -161,8 +167,7 @@ def sample(model, first_ids: torch.Tensor, cache, n: int, samples: int, eos=None
     does not depend on how many others are decoded beside it."""
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature < math.inf:
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    check_temperature(temperature)
     dev = next(model.parameters()).device
     kw = _cache_kwarg(model)
     u = torch.rand(samples, n, generator=generator, device=dev if generator is None else generator.device).to(dev)

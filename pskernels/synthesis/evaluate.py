@@ -39,6 +39,7 @@ from .adapter import unwrap
 from .answers import answer_found
 from .distill import (
     TargetCache,
+    check_temperature,
     eos_ids,
     kl_per_token,
     patched,
@@ -96,8 +97,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     settings = [s for s in settings if s != "trained" or trained]
     if isinstance(answer_samples, bool) or not isinstance(answer_samples, int) or answer_samples < 0:
         raise ValueError(f"answer_samples: expected an int >= 0, got {answer_samples!r}")
-    if answer_samples and not (isinstance(temperature, (int, float)) and 0 < temperature < float("inf")):
-        raise ValueError(f"temperature: expected a finite number > 0 to sample answers at, got {temperature!r}")
+    if answer_samples:
+        check_temperature(temperature)
     check_head_share(head_share), check_head_share(trained_head_share)  # refused before any example runs
     dev = next(model.parameters()).device
     exs = tokenize_examples(tokenizer, examples, dev)
