@@ -288,3 +288,26 @@ def test_together_with_one_part_is_the_exact_recomputation():
         b = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=one,
                                                             together=True)).logits
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_peft_synthesizer_passes_the_cache_by_the_name_its_model_takes(together):
+    """A PEFT model forwards keyword arguments unchanged: the recomputation passes the cache under the wrapped
+    model's own name (no deprecated ``past_key_values`` warning) and, with the adapter disabled, computes the base
+    model's recomputation."""
+    import warnings
+
+    from pskernels.synthesis.adapter import add_synthesizer_adapter, base_model
+
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 6, 7, 4))
+    query = torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        want = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1,
+                                                               together=together)).logits
+        peft_model = add_synthesizer_adapter(model, r=2)
+        with base_model(peft_model), warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            cache = recompute_branches(peft_model, prefix, workers, ids, head=2, tail=1, together=together)
+        got = model(query, past_key_values=cache).logits
+    assert torch.equal(got, want)

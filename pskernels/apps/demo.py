@@ -247,12 +247,12 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     instruction); its TTFT includes the recomputation. ``head_share`` / ``synthesizer_head_share``: (c)'s / (b)'s
     recomputed heads grow with their branch, at least that share of it
     (:func:`pskernels.synthesis.recompute.grown_heads`)."""
-    from ..synthesis.adapter import base_model, is_peft_model, unwrap
+    from ..synthesis.adapter import base_model, is_peft_model
     from ..synthesis.workflow import run_workers, text_concat_cache
 
     dev = next(model.parameters()).device
     prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, dev)
-    kw = cache_kwarg(unwrap(model))
+    kw = cache_kwarg(model)
     handle = patch_model(model)
     handle_c = patch_model(recompute_synthesizer[0]) if recomputed_synthesis and recompute_synthesizer else None
     try:

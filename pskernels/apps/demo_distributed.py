@@ -337,11 +337,11 @@ def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, rank
     """Recompute every received worker in this process on this process's prefix; compare with what came over
     the wire: the branch tokens, the query logits and the greedy answer of the synthesizer's cache (and, with
     ``recomputed_logits``, answer (c)'s logits over the local workers against the received branches)."""
-    from ..synthesis.adapter import base_model, unwrap
+    from ..synthesis.adapter import base_model
     from ..synthesis.synthesizer import synthesizer_cache
     from ..synthesis.workflow import cache_kwarg
 
-    kw = cache_kwarg(unwrap(model))
+    kw = cache_kwarg(model)
     local, same_ids = [], True
     with base_model(model):
         for s in ranks:

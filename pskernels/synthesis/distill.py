@@ -57,10 +57,6 @@ def eos_ids(tokenizer):
     return getattr(tokenizer, "eos_token_id", None)
 
 
-def _cache_kwarg(model) -> str:
-    return cache_kwarg(unwrap(model))
-
-
 @torch.no_grad()
 def recomputed_view(model, ex: TokenizedExample, prefix, branches, recompute, adapter: bool = True,
                     head_share: float = 0.0):
@@ -92,7 +88,7 @@ def _synthesis_cache(model, ex, prefix, branches, mapper, scheme, recompute, ada
 def branch_caches(model, ex: TokenizedExample):
     """Prefix cache and zero-copy worker caches, computed by the base model (adapter disabled).
     ``model`` must be patched."""
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     dev = next(model.parameters()).device
     with base_model(model):
         prefix = output_cache(model(ex.prefix_ids.to(dev)[None], use_cache=True))
@@ -111,7 +107,7 @@ def teacher_logits(model, ex: TokenizedExample, prefix, target: torch.Tensor) ->
     T = target.numel()
     ids = torch.cat(list(ex.branch_ids) + [ex.prompt_ids, target]).to(dev)[None]
     with base_model(model):
-        out = model(ids, use_cache=True, logits_to_keep=T + 1, **{_cache_kwarg(model): copy.deepcopy(prefix)})
+        out = model(ids, use_cache=True, logits_to_keep=T + 1, **{cache_kwarg(model): copy.deepcopy(prefix)})
     return out.logits[0, :-1].float()
 
 
@@ -126,7 +122,7 @@ def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.
     T = target.numel()
     ids = torch.cat([ex.prompt_ids, target]).to(dev)[None]
     with _student_cache(model, ex, prefix, branches, mapper, scheme, adapter, recompute) as cache:
-        out = model(ids, use_cache=True, logits_to_keep=T + 1, **{_cache_kwarg(model): cache})
+        out = model(ids, use_cache=True, logits_to_keep=T + 1, **{cache_kwarg(model): cache})
     return out.logits[0, :-1].float()
 
 
@@ -134,7 +130,7 @@ def student_logits(model, ex: TokenizedExample, prefix, branches, target: torch.
 def greedy(model, first_ids: torch.Tensor, cache, n: int, eos=None) -> torch.Tensor:
     """Greedy continuation of ``first_ids`` (1-D) over ``cache`` (stops after ``eos``, which is kept)."""
     dev = next(model.parameters()).device
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     ids = first_ids.to(dev)[None]
     out = []
     eos = _eos_set(eos)
@@ -169,7 +165,7 @@ def sample(model, first_ids: torch.Tensor, cache, n: int, samples: int, eos=None
         raise ValueError(f"samples: expected an int >= 1, got {samples!r}")
     check_temperature(temperature)
     dev = next(model.parameters()).device
-    kw = _cache_kwarg(model)
+    kw = cache_kwarg(model)
     u = torch.rand(samples, n, generator=generator, device=dev if generator is None else generator.device).to(dev)
     ids = first_ids.to(dev)[None].expand(samples, -1)
     toks = torch.zeros(samples, n, dtype=torch.long, device=dev)
@@ -205,7 +201,7 @@ def teacher_samples(model, ex: TokenizedExample, prefix, n: int, samples: int, e
         cache = copy.deepcopy(prefix)
         if ex.branch_ids:
             model(torch.cat(list(ex.branch_ids)).to(dev)[None], use_cache=True, logits_to_keep=1,
-                  **{_cache_kwarg(model): cache})
+                  **{cache_kwarg(model): cache})
         cache.batch_repeat_interleave(samples)
         return sample(model, ex.prompt_ids, cache, n, samples, eos, **sampling)
 

@@ -18,7 +18,6 @@ import torch
 from ..hf import ParallelCache
 from ..hf.cache import worker_cache
 from ..rope import RopeSpec
-from .adapter import unwrap
 from .recompute import _branch_length, _broadcast_worker, _own_kv
 from .workflow import cache_kwarg
 
@@ -112,7 +111,7 @@ def linked_cache(model, prefix, branches, lengths, mapper, *, backend: str = "au
                             branch_starts=starts, branch_lengths=visible, query_start=links_at, backend=backend)
         param = next(model.parameters())
         x = mapper.link_embeddings.to(param.device, param.dtype)[None].expand(N, K, -1)  # [N, K, hidden]
-        model(inputs_embeds=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(unwrap(model)): own})
+        model(inputs_embeds=x, use_cache=True, logits_to_keep=1, **{cache_kwarg(model): own})
         ropes = [RopeSpec.from_model(model, li) for li in range(len(own.layers))]
     segments, seg_starts, seg_lens = [], [], []
     for i, b in enumerate(branches):

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from . import checkpoints
-from .adapter import base_model, unwrap
+from .adapter import base_model
 from .recompute import check_head_share, describe_recompute, recompute_branches
 from .synthesizer import synthesizer_cache
 from .workflow import cache_kwarg
@@ -175,7 +175,7 @@ class Synthesizer:
         """``model.generate(input_ids, ...)`` over :meth:`cache` (same arguments): the synthesis prompt's tokens
         and the answer, as Hugging Face ``generate`` returns them."""
         cache = self.cache(prefix, branches, branch_ids, lengths=lengths, turns=turns)
-        return self.model.generate(input_ids, **{cache_kwarg(unwrap(self.model)): cache}, **generate_kwargs)
+        return self.model.generate(input_ids, **{cache_kwarg(self.model): cache}, **generate_kwargs)
 
     def _how(self) -> str:
         one = " in one forward" if self.recompute[2] else ""

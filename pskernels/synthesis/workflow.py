@@ -13,11 +13,13 @@ from dataclasses import dataclass
 import torch
 
 from ..hf import CacheRow, ParallelCache
+from .adapter import unwrap
 
 
 def cache_kwarg(model) -> str:
-    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; the name this version takes."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    """transformers renamed ``past_key_values`` to ``cache`` during 5.x; the name this version takes. A PEFT model
+    forwards its keyword arguments as they are, so the name is read from the model it wraps."""
+    return "cache" if "cache" in inspect.signature(unwrap(model).forward).parameters else "past_key_values"
 
 
 def output_cache(out):
