@@ -725,6 +725,56 @@ def test_sampling_arguments_refused_by_name(kw, match):
         evaluate(_model(), TOK, _small_examples(1), trained=False, **kw)
 
 
+def test_sampled_difference_is_paired_per_example():
+    from pskernels.synthesis.evaluate import aggregate, sampled_difference
+
+    def row(text, parallel, samples=4):
+        return {"scores": {"text_concat": {"sampled_correct": text, "samples": samples},
+                           "parallel": {"sampled_correct": parallel, "samples": samples}}}
+
+    rows = [row(1, 2), row(0, 3), row(2, 1), row(0, 0, samples=0)]  # the last one was not sampled
+    mean, se = sampled_difference(rows, "parallel")
+    assert mean == pytest.approx(0.25) and se == pytest.approx(0.5 / 3 ** 0.5)  # differences 1/4, 3/4, -1/4
+    m = aggregate(rows)
+    assert m["parallel"]["sampled_vs_text"] == pytest.approx([0.25, 0.5 / 3 ** 0.5])
+    assert m["text_concat"]["sampled_vs_text"] is None
+    assert sampled_difference(rows[:1], "parallel") == (0.25, None)
+    assert sampled_difference(rows[3:], "parallel") is None and aggregate(rows[3:])["parallel"]["sampled_vs_text"] \
+        is None
+
+
+def test_cli_eval_results_pools_stored_results(tmp_path, capsys):
+    from pskernels.apps import evaluate as ev
+
+    examples = _answer_examples()
+    stored = []
+    for i, ex in enumerate(examples):
+        data, out = tmp_path / f"d{i}.jsonl", tmp_path / f"r{i}.json"
+        save_jsonl([ex], data)
+        assert ev.main(["--model", "tiny", "--untrained", "--data", str(data), "--gen-tokens", "2", "--target-tokens",
+                        "2", "--settings", "text_concat,parallel", "--answer-samples", "2", "--json", str(out)]) == 0
+        stored.append(out)
+    alone = capsys.readouterr().out
+    assert ev.main(["--results", str(stored[0])]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1:5] == alone.splitlines()[2:6]  # one file: the table its evaluation printed
+    assert ev.main(["--results", *map(str, stored)]) == 0
+    pooled = capsys.readouterr().out
+    rs = [json.loads(p.read_text()) for p in stored]
+    kl = sum(r["parallel"]["kl"] * r["parallel"]["tokens"] for r in rs) / sum(r["parallel"]["tokens"] for r in rs)
+    line = next(x for x in pooled.splitlines() if x.startswith("(ii) parallel"))
+    assert line.split()[3] == f"{kl:.4f}"
+    assert f"({len(examples)} held-out examples" in pooled
+    bad = json.loads(stored[1].read_text())
+    bad["checkpoint"] = "/elsewhere/other-synthesizer"
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    for argv, message in [([stored[0], stored[0]], "is also in"), ([stored[0], tmp_path / "bad.json"],
+                                                                      "expected the checkpoint of"),
+                          ([tmp_path / "d0.jsonl"], "expected a file written by `pskernels eval --json`")]:
+        with pytest.raises(SystemExit, match=message):
+            ev.main(["--results", *map(str, argv)])
+
+
 def test_cli_eval_answer_samples(tmp_path, capsys):
     from pskernels.apps import evaluate as ev
 

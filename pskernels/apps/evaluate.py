@@ -18,7 +18,9 @@ Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
   ``--families`` keeps only some families);
 * ``--calibrate-ape [FILE]`` replaces the fixed APE setting (T = S = 0.9) by the one
   :func:`pskernels.synthesis.calibration.calibrate_ape` picks on the first ``--calibrate-n`` examples of FILE
-  (without FILE: training-family workflows built by the model, seed 1).
+  (without FILE: training-family workflows built by the model, seed 1);
+* ``--results A.json B.json ...`` prints the tables of results stored with ``--json`` again, their examples pooled
+  (:func:`load_results`), without loading a model.
 
 Also ``python -m pskernels.apps.evaluate ...`` (the same flags).
 """
@@ -50,23 +52,35 @@ def _share(x) -> str:
 
 
 def _sampled(metrics) -> bool:
-    """Whether any of ``metrics`` (per setting) has a sampled answer accuracy: its column is shown."""
+    """Whether any of ``metrics`` (per setting) has a sampled answer accuracy: its columns are shown."""
     return any(m.get("sampled_accuracy") is not None for m in metrics)
+
+
+SAMPLED_HEAD = f"{'sampled':>9}{'vs text, pts (se)':>19}"
+
+
+def _sampled_cells(m) -> str:
+    """The sampled answer accuracy and, in points, its paired difference to text concatenation's (standard
+    error in brackets)."""
+    d = m.get("sampled_vs_text")
+    diff = "-" if d is None else f"{100 * d[0]:+.2f}" + ("" if d[1] is None else f" ({100 * d[1]:.2f})")
+    return f"{_share(m.get('sampled_accuracy')):>9}{diff:>19}"
 
 
 def format_table(r: dict, names: dict | None = None) -> str:
     """The result of :func:`pskernels.synthesis.evaluate.evaluate` as a table, one row per setting
-    (``names``: row labels replacing :data:`SETTING_NAMES` entries); a ``sampled`` column (answer accuracy over
-    sampled continuations) where answers were sampled."""
+    (``names``: row labels replacing :data:`SETTING_NAMES` entries); where answers were sampled, a ``sampled``
+    column (answer accuracy over sampled continuations) and ``vs text``: per example, the setting's share minus text
+    concatenation's, averaged, in points (its standard error in brackets)."""
     names = {**SETTING_NAMES, **(names or {})}
     rows = [s for s in evaluation.SETTINGS if s in r]
     sampled = _sampled(r[s] for s in rows)
     lines = [f"{'setting':<36}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"
-             + (f"{'sampled':>9}" if sampled else "")]
+             + (SAMPLED_HEAD if sampled else "")]
     for s in rows:
         m = r[s]
         lines.append(f"{names[s]:<36}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{_share(m['accuracy']):>10}"
-                     + (f"{_share(m.get('sampled_accuracy')):>9}" if sampled else ""))
+                     + (_sampled_cells(m) if sampled else ""))
     any_s = next(v for k, v in r.items() if k != "examples")
     lines.append(f"({any_s['n']} held-out examples, {any_s['tokens']} target tokens)")
     return "\n".join(lines)
@@ -84,14 +98,14 @@ def format_family_table(bf: dict, settings=None) -> str:
     settings = [s for s in (settings or evaluation.SETTINGS) if s in bf["all"]]
     sampled = _sampled(bf["all"][s] for s in settings)
     head = (f"{'family':<22}{'split':<10}{'n':>4}  {'setting':<13}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}"
-            f"{'accuracy':>10}" + (f"{'sampled':>9}" if sampled else ""))
+            f"{'accuracy':>10}" + (SAMPLED_HEAD if sampled else ""))
     lines = [head, "-" * len(head)]
 
     def block(label, split, m):
         for i, s in enumerate(settings):
             x = m[s]
             left = f"{label:<22}{split:<10}{x['n']:>4}" if i == 0 else " " * 36
-            extra = f"{_share(x.get('sampled_accuracy')):>9}" if sampled else ""
+            extra = _sampled_cells(x) if sampled else ""
             lines.append(f"{left}  {s:<13}{x['kl']:>12.4f}{x['top1']:>8.3f}{x['exact']:>8.3f}"
                          f"{_share(x['accuracy']):>10}{extra}")
 
@@ -223,6 +237,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      f"{checkpoints.LONG_SUITE.name}; 'held-out': 12 workflows of each held-out family, "
                      f"{checkpoints.HELD_OUT_SUITE.name}): all lines are "
                      "evaluated; per-family, training-family, held-out-family and overall rows are printed")
+    src.add_argument("--results", nargs="+", metavar="JSON", help="print the tables of results stored with --json "
+                     "instead of evaluating (several files: their examples pooled, e.g. the suites of one "
+                     "synthesizer; each with the same settings, no example twice)")
     src.add_argument("--make-suite", metavar="OUT", help="write a workflow suite (the model plays the workers) to "
                      "OUT (JSONL) and exit without evaluating")
     p.add_argument("--n-examples", type=int_at_least(1), default=32, help="(builder) held-out examples")
@@ -267,7 +284,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--gen-tokens", type=int_at_least(1), default=12)
     p.add_argument("--answer-samples", type=int_at_least(0), default=0, metavar="N",
                    help="also sample N continuations per setting and example with an answer (the same seeds for "
-                   "every setting) and report the share that state it ('sampled' column)")
+                   "every setting) and report the share that state it ('sampled' column) and, paired per example, its "
+                   "difference to text concatenation's ('vs text' column, points and standard error)")
     p.add_argument("--temperature", type=positive_number, default=1.0,
                    help="(--answer-samples) sampling temperature")
     p.add_argument("--sample-seed", type=int, default=0, help="(--answer-samples) seed of the samples")
@@ -330,9 +348,54 @@ def _resolve_suite(suite: str) -> str:
     raise SystemExit(f"--suite: no such file {suite}")
 
 
+def load_results(paths) -> dict:
+    """The :func:`pskernels.synthesis.evaluate.evaluate` results stored in ``paths`` (``--json`` files) as one:
+    their examples pooled and aggregated again, with the row labels stored (``names``). Refuses, naming the file,
+    files whose settings, row labels or checkpoint (its folder's name) differ from the first's and an example (its
+    ``id``) stored twice."""
+    rows, first, seen = [], None, {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                stored = json.load(f)
+            examples = stored["examples"]
+            what = {"settings": list(examples[0]["scores"]) if examples else [],
+                    "row labels": stored.get("names"),
+                    "checkpoint": os.path.basename(os.path.normpath(stored["checkpoint"]))
+                    if stored.get("checkpoint") else None}
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            raise SystemExit(f"--results {path}: expected a file written by `pskernels eval --json` ({e!r})") from None
+        first = first or what
+        for k, v in what.items():
+            if v != first[k]:
+                raise SystemExit(f"--results {path}: expected the {k} of {paths[0]}, {first[k]}, got {v}")
+        for r in examples:
+            if r.get("id") and r["id"] in seen:
+                raise SystemExit(f"--results {path}: example {r['id']!r} is also in {seen[r['id']]}; "
+                                 "pool each example once")
+            seen[r.get("id") or object()] = path
+        rows.extend(examples)
+    out = evaluation.aggregate(rows, first["settings"])
+    out["examples"] = rows
+    out["names"] = first["row labels"] or {}
+    return out
+
+
+def print_results(args) -> int:
+    r = load_results(args.results)
+    names = r.pop("names")
+    print(f"{len(args.results)} stored result(s): {', '.join(args.results)}")
+    print(format_table(r, names))
+    print()
+    print(format_family_table(evaluation.by_family(r)))
+    return 0
+
+
 def run_eval(args) -> int:
     if getattr(args, "make_suite", None):
         return make_suite(args)
+    if getattr(args, "results", None):
+        return print_results(args)
     suite = getattr(args, "suite", None)
     if suite:
         suite = _resolve_suite(suite)
@@ -427,6 +490,7 @@ def run_eval(args) -> int:
     if args.json:
         r["checkpoint"] = checkpoint
         r["head_share"] = {"recompute": args.head_share or 0.0, "trained": trained_share}
+        r["names"] = {s: names.get(s, SETTING_NAMES[s]) for s in evaluation.SETTINGS if s in r}
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
     return 0

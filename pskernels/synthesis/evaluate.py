@@ -21,7 +21,8 @@ argmax with the teacher's, ``exact`` greedy continuation (``gen_tokens`` tokens)
 ``sampled_accuracy`` (with ``answer_samples``): the share of sampled continuations that state it, each example's
 samples drawn with the same uniforms for every setting (:func:`pskernels.synthesis.distill.sample`, common random
 numbers: where two settings' distributions agree, so do their samples), so a setting's rate estimates the
-probability that it states the answer without turning on greedy decoding's near ties.
+probability that it states the answer without turning on greedy decoding's near ties; ``sampled_vs_text``: that
+share minus text concatenation's, paired per example, with its standard error (:func:`sampled_difference`).
 
 Per family: each per-example row keeps its ``kind``, ``split`` and raw ``scores`` (KL sum, agreeing and
 target tokens, exact, correct, answered per setting); :func:`aggregate` sums them over any group of rows with
@@ -32,6 +33,7 @@ Command line: ``pskernels eval`` (:mod:`pskernels.apps.evaluate`).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -43,6 +45,7 @@ from .distill import (
     eos_ids,
     kl_per_token,
     patched,
+    recomputed_view,
     stored_teacher_ids,
     student_greedy,
     student_logits,
@@ -92,7 +95,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     ``answer_samples``: continuations (``gen_tokens`` tokens at most) sampled at ``temperature`` per setting and
     example with an answer, decoded as one batch per setting, the generator seeded from ``sample_seed`` and the
     example's index (0: none).
-    Returns ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, tokens, n}, "examples": [...]}``.
+    Returns ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, sampled_vs_text, tokens, n}, "examples":
+    [...]}`` (:func:`aggregate`).
     """
     settings = [s for s in settings if s != "trained" or trained]
     if isinstance(answer_samples, bool) or not isinstance(answer_samples, int) or answer_samples < 0:
@@ -138,6 +142,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
                     if s == "recompute":
                         h = worker_turn_tokens(tokenizer, ex.example) if head == "prompt" else head
                         kw["recompute"] = (grown_heads(h, lens, head_share), tail, recompute_together)
+                    if kw.get("recompute"):  # computed once for the logits, the greedy answer and the samples
+                        kw["recompute"] = recomputed_view(model, ex, prefix, branches, kw["recompute"])
                     s_logits = student_logits(model, ex, prefix, branches, tgt, **kw)
                     kl = kl_per_token(t_logits, s_logits)
                     agree = int((t_logits.argmax(-1) == s_logits.argmax(-1)).sum())
@@ -172,12 +178,33 @@ def _zero() -> dict:
     return {k: 0.0 if k == "kl" else 0 for k in SCORE_KEYS}  # KL sums are floats, the rest counts
 
 
+def sampled_difference(rows, setting: str, baseline: str = "text_concat"):
+    """How much more often ``setting`` states the answer than ``baseline`` does, paired per example.
+
+    Per row sampled in both, the share of ``setting``'s samples that state the answer minus the share of
+    ``baseline``'s (both drawn with the same uniforms, so the difference is paired). Returns ``(mean, standard
+    error)`` over those rows, the standard error None for one row; None without any row sampled in both."""
+    d = []
+    for r in rows:
+        a, b = r["scores"].get(setting, {}), r["scores"].get(baseline, {})
+        if a.get("samples") and b.get("samples"):
+            d.append(a["sampled_correct"] / a["samples"] - b["sampled_correct"] / b["samples"])
+    if not d:
+        return None
+    mean = sum(d) / len(d)
+    if len(d) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+
+
 def aggregate(rows, settings=None) -> dict:
     """Metrics of a group of per-example rows (``evaluate(...)["examples"]`` or a subset):
-    ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, tokens, n}}``. ``kl`` and ``top1`` are
-    token-weighted (sums over the rows divided by their target tokens), ``exact`` per example, ``accuracy`` over
-    the rows with an answer (None without any), ``sampled_accuracy`` over their samples (None without any; rows
-    stored without sample counts have none). ``settings``: default, those of the first row."""
+    ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, sampled_vs_text, tokens, n}}``. ``kl`` and ``top1``
+    are token-weighted (sums over the rows divided by their target tokens), ``exact`` per example, ``accuracy``
+    over the rows with an answer (None without any), ``sampled_accuracy`` over their samples (None without any;
+    rows stored without sample counts have none), ``sampled_vs_text`` the setting's sampled answer share minus
+    text concatenation's per example, ``[mean, standard error]`` (:func:`sampled_difference`; None for text
+    concatenation itself and without samples). ``settings``: default, those of the first row."""
     rows = list(rows)
     if settings is None:
         settings = list(rows[0]["scores"]) if rows else []
@@ -192,8 +219,13 @@ def aggregate(rows, settings=None) -> dict:
                   "exact": a["exact"] / max(n, 1),
                   "accuracy": a["correct"] / a["answered"] if a["answered"] else None,
                   "sampled_accuracy": a["sampled_correct"] / a["samples"] if a["samples"] else None,
+                  "sampled_vs_text": None if s == "text_concat" else _listed(sampled_difference(rows, s)),
                   "tokens": a["tokens"], "n": n}
     return out
+
+
+def _listed(pair):
+    return None if pair is None else list(pair)  # as JSON stores it, so that a stored result reads the same
 
 
 def by_family(result_or_rows, settings=None) -> dict:
