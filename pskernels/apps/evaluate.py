@@ -348,9 +348,9 @@ def _resolve_suite(suite: str) -> str:
     raise SystemExit(f"--suite: no such file {suite}")
 
 
-def load_results(paths) -> dict:
-    """The :func:`pskernels.synthesis.evaluate.evaluate` results stored in ``paths`` (``--json`` files) as one:
-    their examples pooled and aggregated again, with the row labels stored (``names``). Refuses, naming the file,
+def load_results(paths) -> tuple[dict, dict]:
+    """The :func:`pskernels.synthesis.evaluate.evaluate` results stored in ``paths`` (``--json`` files) as one,
+    their examples pooled and aggregated again, and the row labels stored with them. Refuses, naming the file,
     files whose settings, row labels or checkpoint (its folder's name) differ from the first's and an example (its
     ``id``) stored twice."""
     rows, first, seen = [], None, {}
@@ -369,21 +369,18 @@ def load_results(paths) -> dict:
         for k, v in what.items():
             if v != first[k]:
                 raise SystemExit(f"--results {path}: expected the {k} of {paths[0]}, {first[k]}, got {v}")
-        for r in examples:
-            if r.get("id") and r["id"] in seen:
-                raise SystemExit(f"--results {path}: example {r['id']!r} is also in {seen[r['id']]}; "
-                                 "pool each example once")
-            seen[r.get("id") or object()] = path
+        for key in filter(None, (r.get("id") for r in examples)):
+            if key in seen:
+                raise SystemExit(f"--results {path}: example {key!r} is also in {seen[key]}; pool each example once")
+            seen[key] = path
         rows.extend(examples)
     out = evaluation.aggregate(rows, first["settings"])
     out["examples"] = rows
-    out["names"] = first["row labels"] or {}
-    return out
+    return out, first["row labels"] or {}
 
 
 def print_results(args) -> int:
-    r = load_results(args.results)
-    names = r.pop("names")
+    r, names = load_results(args.results)
     print(f"{len(args.results)} stored result(s): {', '.join(args.results)}")
     print(format_table(r, names))
     print()
