@@ -408,6 +408,17 @@ def test_error_before_compute_for_bad_later_segment():
     assert "keys[2]" in str(ei.value)
 
 
+@pytest.mark.parametrize("kw, name, shapes", [
+    (dict(left_pad=torch.zeros(3, B, dtype=torch.int64)), "left_pad", f"[S] = [2] or [S, B] = [2, {B}]"),
+    (dict(position_shifts=[0, 1.5], rope=rope()), "position_shifts", f"[S] = [2] or [S, B] = [2, {B}]"),
+    (dict(seq_lens=torch.tensor([5, 3])), "seq_lens", f"[S, B] = [2, {B}]"),  # no per-segment form
+])
+def test_per_segment_tables_name_the_shapes_they_accept(kw, name, shapes):
+    with pytest.raises(ARG_ERRORS) as ei:
+        mba(**kw)("torch")
+    assert str(ei.value).startswith(f"{name}: expected") and shapes in str(ei.value), str(ei.value)
+
+
 # ----------------------------------------------------------------------------------------------
 # NaN / Inf in the data tensors: named errors under PSKERNELS_CHECK_FINITE=1, confined propagation without
 # ----------------------------------------------------------------------------------------------

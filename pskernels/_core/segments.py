@@ -154,19 +154,18 @@ def _int_table(name, t, S, B, device, allow_1d=True):
     Returns its host copy (what the checks read: no device-to-host copy when the caller passes it on the host)
     and its copy on ``device``.
     """
+    shapes = f"[S] = [{S}] or [S, B] = [{S}, {B}]" if allow_1d else f"[S, B] = [{S}, {B}]"
     if not isinstance(t, torch.Tensor):
         try:
             t = int_tensor(name, t)
         except TypeError as e:
-            raise TypeError(f"{name}: expected an integer tensor of shape [S, B] = [{S}, {B}], got {_desc(t)}") from e
+            raise TypeError(f"{name}: expected an integer tensor of shape {shapes}, got {_desc(t)}") from e
     if t.dtype not in _INT_DTYPES:
         raise TypeError(f"{name}: expected dtype int32 or int64, got {t.dtype}")
-    if t.ndim == 1 and allow_1d:
-        if t.shape[0] != S:
-            raise ValueError(f"{name}: expected shape [S] = [{S}] or [S, B] = [{S}, {B}], got {tuple(t.shape)}")
+    if t.ndim == 1 and allow_1d and t.shape[0] == S:
         t = t[:, None].expand(S, B)
     elif t.ndim != 2 or tuple(t.shape) != (S, B):
-        raise ValueError(f"{name}: expected shape [S, B] = [{S}, {B}], got {tuple(t.shape)}")
+        raise ValueError(f"{name}: expected shape {shapes}, got {tuple(t.shape)}")
     check_same_or_cpu(name, t, device, "q")
     return t.to("cpu", torch.int64, copy=True).contiguous(), _on_device(t, device)
 
