@@ -185,7 +185,7 @@ def main(argv=None) -> int:
                 caches = repaired(prefix, branches, texts, picks, spans.get(span, range(0)))
                 logits = student_logits(model, ex, prefix, caches, tgt, adapter=False)
                 name = s if not k else f"{s} {k}" + (f" layers {span}" if span not in (None, "all") else "")
-                tally.add([(split_of(ex.example) or "train", name), ("all", name)], t_logits, logits)
+                tally.add([(split_of(ex.example) or "(no split)", name), ("all", name)], t_logits, logits)
             print(f"[{j + 1}/{len(exs)}] {time.perf_counter() - t0:.0f} s", flush=True)
     table = {}
     for split, sel in tally.sums:

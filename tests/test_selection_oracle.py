@@ -60,3 +60,13 @@ def test_from_the_last_layer_a_workers_state_changes_nothing(suite, tmp_path):
     rows = json.loads(out.read_text())["table"]["all"]
     assert rows["head 100000"]["kl"] == pytest.approx(rows["none"]["kl"], rel=1e-4)
     assert rows["head 100000"]["top1"] == rows["none"]["top1"]
+
+
+def test_a_workflow_of_no_split_is_reported_as_such(suite, tmp_path):
+    rows = [json.loads(line) for line in suite.read_text().splitlines()]
+    own = tmp_path / "own.jsonl"  # a user's workflow: no split field, a kind of no packaged family
+    own.write_text(json.dumps({**{k: v for k, v in rows[0].items() if k != "split"}, "kind": "mine"}) + "\n")
+    out = tmp_path / "oracle.json"
+    assert _oracle().main(["--model", "tiny", "--suite", str(own), "--budgets", "3", "--strategies", "head",
+                           "--target-tokens", "6", "--json", str(out)]) == 0
+    assert set(json.loads(out.read_text())["table"]) == {"(no split)", "all"}
