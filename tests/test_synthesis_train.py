@@ -743,6 +743,23 @@ def test_sampled_difference_is_paired_per_example():
         is None
 
 
+def test_answer_discordance_pairs_the_greedy_answers():
+    from pskernels.synthesis.evaluate import aggregate, answer_discordance
+
+    def row(text, trained, answered=1):
+        return {"scores": {"text_concat": {"correct": text, "answered": answered},
+                           "trained": {"correct": trained, "answered": answered}}}
+
+    rows = [row(1, 0)] * 10 + [row(0, 1)] * 3 + [row(1, 1)] * 4 + [row(0, 0)] * 5 + [row(0, 0, answered=0)]
+    only, only_text, p = answer_discordance(rows, "trained")
+    assert (only, only_text) == (3, 10)
+    assert p == pytest.approx(2 * (1 + 13 + 78 + 286) / 2 ** 13)  # binomial(13, 1/2) at most 3, both tails
+    assert aggregate(rows)["trained"]["answers_vs_text"] == pytest.approx([3, 10, p])
+    assert aggregate(rows)["text_concat"]["answers_vs_text"] is None
+    assert answer_discordance([row(1, 1), row(0, 0)], "trained") == (0, 0, 1.0)
+    assert answer_discordance([row(1, 0, answered=0)], "trained") is None
+
+
 def test_cli_eval_results_pools_stored_results(tmp_path, capsys):
     from pskernels.apps import evaluate as ev
 

@@ -67,19 +67,27 @@ def _sampled_cells(m) -> str:
     return f"{_share(m.get('sampled_accuracy')):>9}{diff:>19}"
 
 
+def _discordance(d) -> str:
+    return "-" if d is None else f"{d[0]} / {d[1]} ({d[2]:.3f})"
+
+
 def format_table(r: dict, names: dict | None = None) -> str:
     """The result of :func:`pskernels.synthesis.evaluate.evaluate` as a table, one row per setting
-    (``names``: row labels replacing :data:`SETTING_NAMES` entries); where answers were sampled, a ``sampled``
+    (``names``: row labels replacing :data:`SETTING_NAMES` entries); where examples have an answer, ``only it /
+    only text (p)``: the examples only the setting's greedy answer states it in, those only text concatenation's
+    does, and the exact McNemar p-value of that split; where answers were sampled, a ``sampled``
     column (answer accuracy over sampled continuations) and ``vs text``: per example, the setting's share minus text
     concatenation's, averaged, in points (its standard error in brackets)."""
     names = {**SETTING_NAMES, **(names or {})}
     rows = [s for s in evaluation.SETTINGS if s in r]
     sampled = _sampled(r[s] for s in rows)
+    paired = any(r[s].get("answers_vs_text") for s in rows)
     lines = [f"{'setting':<36}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"
-             + (SAMPLED_HEAD if sampled else "")]
+             + (f"{'only it / only text (p)':>25}" if paired else "") + (SAMPLED_HEAD if sampled else "")]
     for s in rows:
         m = r[s]
         lines.append(f"{names[s]:<36}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{_share(m['accuracy']):>10}"
+                     + (f"{_discordance(m.get('answers_vs_text')):>25}" if paired else "")
                      + (_sampled_cells(m) if sampled else ""))
     any_s = next(v for k, v in r.items() if k != "examples")
     lines.append(f"({any_s['n']} held-out examples, {any_s['tokens']} target tokens)")

@@ -18,6 +18,7 @@ Metrics per setting, on the target tokens (the example's ``target``, else the te
 continuation): ``kl`` mean KL(teacher || setting) in nats/token (token-weighted), ``top1`` agreement of the
 argmax with the teacher's, ``exact`` greedy continuation (``gen_tokens`` tokens) equal to the teacher's,
 ``accuracy`` on examples with an ``answer``: the answer found in the greedy output (:func:`answer_found`);
+``answers_vs_text``: those answers paired with text concatenation's (:func:`answer_discordance`);
 ``sampled_accuracy`` (with ``answer_samples``): the share of sampled continuations that state it, each example's
 samples drawn with the same uniforms for every setting (:func:`pskernels.synthesis.distill.sample`, common random
 numbers: where two settings' distributions agree, so do their samples), so a setting's rate estimates the
@@ -197,14 +198,33 @@ def sampled_difference(rows, setting: str, baseline: str = "text_concat"):
     return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
+def answer_discordance(rows, setting: str, baseline: str = "text_concat"):
+    """Greedy answers of ``setting`` against ``baseline``'s, paired per example with an answer.
+
+    Returns ``(only_setting, only_baseline, p)``: the examples only ``setting``'s greedy continuation states the
+    answer in, those only ``baseline``'s does, and the exact two-sided McNemar p-value of that split (a binomial
+    test of the discordant examples at one half; 1.0 without any). None without an example answered in both."""
+    pairs = [(r["scores"][setting]["correct"], r["scores"][baseline]["correct"]) for r in rows
+             if r["scores"].get(setting, {}).get("answered") and r["scores"].get(baseline, {}).get("answered")]
+    if not pairs:
+        return None
+    only = sum(a > b for a, b in pairs)
+    only_baseline = sum(b > a for a, b in pairs)
+    n = only + only_baseline
+    tail = sum(math.comb(n, i) for i in range(min(only, only_baseline) + 1)) / 2 ** n
+    return only, only_baseline, min(1.0, 2 * tail)
+
+
 def aggregate(rows, settings=None) -> dict:
     """Metrics of a group of per-example rows (``evaluate(...)["examples"]`` or a subset):
-    ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, sampled_vs_text, tokens, n}}``. ``kl`` and ``top1``
-    are token-weighted (sums over the rows divided by their target tokens), ``exact`` per example, ``accuracy``
-    over the rows with an answer (None without any), ``sampled_accuracy`` over their samples (None without any;
-    rows stored without sample counts have none), ``sampled_vs_text`` the setting's sampled answer share minus
-    text concatenation's per example, ``[mean, standard error]`` (:func:`sampled_difference`; None for text
-    concatenation itself and without samples). ``settings``: default, those of the first row."""
+    ``{setting: {kl, top1, exact, accuracy, answers_vs_text, sampled_accuracy, sampled_vs_text, tokens, n}}``.
+    ``kl`` and ``top1`` are token-weighted (sums over the rows divided by their target tokens), ``exact`` per
+    example, ``accuracy`` over the rows with an answer (None without any), ``answers_vs_text`` the greedy answers
+    paired with text concatenation's, ``[only this setting, only text, McNemar p]`` (:func:`answer_discordance`),
+    ``sampled_accuracy`` over their samples (None without any; rows stored without sample counts have none),
+    ``sampled_vs_text`` the setting's sampled answer share minus text concatenation's per example, ``[mean, standard
+    error]`` (:func:`sampled_difference`). Both comparisons are None for text concatenation itself and without the
+    rows they pair. ``settings``: default, those of the first row."""
     rows = list(rows)
     if settings is None:
         settings = list(rows[0]["scores"]) if rows else []
@@ -218,6 +238,7 @@ def aggregate(rows, settings=None) -> dict:
         out[s] = {"kl": a["kl"] / max(a["tokens"], 1), "top1": a["agree"] / max(a["tokens"], 1),
                   "exact": a["exact"] / max(n, 1),
                   "accuracy": a["correct"] / a["answered"] if a["answered"] else None,
+                  "answers_vs_text": None if s == "text_concat" else _listed(answer_discordance(rows, s)),
                   "sampled_accuracy": a["sampled_correct"] / a["samples"] if a["samples"] else None,
                   "sampled_vs_text": None if s == "text_concat" else _listed(sampled_difference(rows, s)),
                   "tokens": a["tokens"], "n": n}
