@@ -59,6 +59,15 @@ def test_cli_info_runs_as_console_script():
     assert "available_backends" in out.stdout
 
 
+def test_output_into_a_closed_pipe_ends_quietly():
+    """``pskernels ... | head`` stops reading early: the command ends with the SIGPIPE status, no traceback."""
+    p = subprocess.Popen([sys.executable, "-m", "pskernels.apps.cli", "info"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before the command writes
+    err = p.stderr.read().decode()
+    assert p.wait() == 141 and "Traceback" not in err, err
+
+
 @pytest.mark.hf
 def test_demo_mapper_argument_errors(tmp_path):
     """--mapper: a folder that is neither a mapper nor a training checkpoint, a mapper of another model, and the

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import platform
+import signal
 import sys
 
 from .argtypes import int_at_least, positive_seconds
@@ -144,7 +146,8 @@ def main(argv=None) -> int:
 def run(argv=None) -> int:
     """The ``pskernels`` command: :func:`main`, with a bad flag combination (a ValueError whose message names the
     flag, ``--...``) reported as ``pskernels: error: ...`` and exit status 2, as argparse reports its own, instead of
-    a traceback. Any other exception keeps its traceback."""
+    a traceback; output piped into a reader that stops early (``| head``) ends quietly, as other commands do. Any
+    other exception keeps its traceback."""
     try:
         return main(argv)
     except ValueError as e:
@@ -152,6 +155,10 @@ def run(argv=None) -> int:
             raise
         print(f"pskernels: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # what is left in stdout's buffer has no reader: point it at devnull so that flushing it at exit is silent
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
