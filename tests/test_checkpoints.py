@@ -90,6 +90,16 @@ def test_load_checkpoint_restores_the_runs_mapper_and_adapter(run, exported):
     assert not mapper.is_identity()
 
 
+def test_loading_a_checkpoint_shows_no_warning_of_peft_internals(exported):
+    """PEFT reads transformers' deprecated is_gradient_checkpointing while wrapping: not the user's to act on."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model, _ = checkpoints.load_checkpoint(tiny(), exported)
+    assert is_peft_model(model)
+
+
 @pytest.mark.parametrize("other, field", [
     (dict(hidden=128, layers=3, heads=4, kv_heads=2, vocab=259), "num_hidden_layers"),
     (dict(hidden=64, layers=2, heads=4, kv_heads=2, vocab=259), "hidden_size"),

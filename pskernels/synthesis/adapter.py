@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 TARGET_GROUPS = {"attn": DEFAULT_TARGETS, "mlp": ("gate_proj", "up_proj", "down_proj")}
@@ -33,6 +34,15 @@ def _peft():
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ModuleNotFoundError(f"the synthesizer adapter needs the package 'peft': run `{PEFT_PIP}`") from e
     return peft
+
+
+@contextlib.contextmanager
+def _wrapping():
+    """PEFT reads transformers' deprecated ``is_gradient_checkpointing`` when it wraps a model: a FutureWarning on
+    every load that the caller can do nothing about. Only that warning is silenced, only while wrapping."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def is_peft_model(model) -> bool:
@@ -60,7 +70,8 @@ def add_synthesizer_adapter(model, r: int = 8, alpha: int = 16, target_modules=D
     target_modules = resolve_targets(model, target_modules)
     cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
                           bias="none", task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, cfg, adapter_name=adapter_name)
+    with _wrapping():
+        return peft.get_peft_model(model, cfg, adapter_name=adapter_name)
 
 
 def resolve_targets(model, targets) -> tuple:
@@ -136,4 +147,5 @@ def load_adapter_weights(model, path: str | os.PathLike) -> None:
 def load_synthesizer_adapter(model, path: str | os.PathLike, is_trainable: bool = False):
     """Wrap a plain HF ``model`` with an adapter saved by :func:`save_adapter`."""
     peft = _peft()
-    return peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
+    with _wrapping():
+        return peft.PeftModel.from_pretrained(model, str(path), is_trainable=is_trainable)
