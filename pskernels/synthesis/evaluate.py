@@ -96,8 +96,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     ``answer_samples``: continuations (``gen_tokens`` tokens at most) sampled at ``temperature`` per setting and
     example with an answer, decoded as one batch per setting, the generator seeded from ``sample_seed`` and the
     example's index (0: none).
-    Returns ``{setting: {kl, top1, exact, accuracy, sampled_accuracy, sampled_vs_text, tokens, n}, "examples":
-    [...]}`` (:func:`aggregate`).
+    Returns ``{setting: {kl, top1, exact, accuracy, answers_vs_text, sampled_accuracy, sampled_vs_text, tokens, n},
+    "examples": [...]}`` (:func:`aggregate`).
     """
     settings = [s for s in settings if s != "trained" or trained]
     if isinstance(answer_samples, bool) or not isinstance(answer_samples, int) or answer_samples < 0:
@@ -245,8 +245,8 @@ def aggregate(rows, settings=None) -> dict:
     return out
 
 
-def _listed(pair):
-    return None if pair is None else list(pair)  # as JSON stores it, so that a stored result reads the same
+def _listed(values):
+    return None if values is None else list(values)  # as JSON stores it, so that a stored result reads the same
 
 
 def by_family(result_or_rows, settings=None) -> dict:
