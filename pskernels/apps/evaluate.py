@@ -82,11 +82,12 @@ def format_table(r: dict, names: dict | None = None) -> str:
     rows = [s for s in evaluation.SETTINGS if s in r]
     sampled = _sampled(r[s] for s in rows)
     paired = any(r[s].get("answers_vs_text") for s in rows)
-    lines = [f"{'setting':<36}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"
+    w = max([36] + [len(names[s]) + 2 for s in rows])  # a long label (a recompute synthesizer's) widens the column
+    lines = [f"{'setting':<{w}}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"
              + (f"{'only it / only text (p)':>25}" if paired else "") + (SAMPLED_HEAD if sampled else "")]
     for s in rows:
         m = r[s]
-        lines.append(f"{names[s]:<36}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{_share(m['accuracy']):>10}"
+        lines.append(f"{names[s]:<{w}}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{_share(m['accuracy']):>10}"
                      + (f"{_discordance(m.get('answers_vs_text')):>25}" if paired else "")
                      + (_sampled_cells(m) if sampled else ""))
     any_s = next(v for k, v in r.items() if k != "examples")
