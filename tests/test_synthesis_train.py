@@ -782,11 +782,17 @@ def test_cli_eval_results_pools_stored_results(tmp_path, capsys):
     line = next(x for x in pooled.splitlines() if x.startswith("(ii) parallel"))
     assert line.split()[3] == f"{kl:.4f}"
     assert f"({len(examples)} held-out examples" in pooled
-    bad = json.loads(stored[1].read_text())
-    bad["checkpoint"] = "/elsewhere/other-synthesizer"
-    (tmp_path / "bad.json").write_text(json.dumps(bad))
-    for argv, message in [([stored[0], stored[0]], "is also in"), ([stored[0], tmp_path / "bad.json"],
-                                                                      "expected the checkpoint of"),
+    second = json.loads(stored[1].read_text())
+    variants = {"unlabelled": {k: v for k, v in second.items() if k != "names"},  # stored before labels were
+                "relabelled": {**second, "names": {**second["names"], "parallel": "another reading"}},
+                "elsewhere": {**second, "checkpoint": "/elsewhere/other-synthesizer"}}
+    for name, r in variants.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+    assert ev.main(["--results", str(stored[0]), str(tmp_path / "unlabelled.json")]) == 0
+    assert line in capsys.readouterr().out
+    for argv, message in [([stored[0], stored[0]], "is also in"),
+                          ([stored[0], tmp_path / "relabelled.json"], "expected the row labels of"),
+                          ([stored[0], tmp_path / "elsewhere.json"], "expected the checkpoint of"),
                           ([tmp_path / "d0.jsonl"], "expected a file written by `pskernels eval --json`")]:
         with pytest.raises(SystemExit, match=message):
             ev.main(["--results", *map(str, argv)])

@@ -361,7 +361,7 @@ def load_results(paths) -> tuple[dict, dict]:
     """The :func:`pskernels.synthesis.evaluate.evaluate` results stored in ``paths`` (``--json`` files) as one,
     their examples pooled and aggregated again, and the row labels stored with them. Refuses, naming the file,
     files whose settings, row labels or checkpoint (its folder's name) differ from the first's and an example (its
-    ``id``) stored twice."""
+    ``id``) stored twice. A file stored without row labels (before ``eval`` wrote them) pools with any."""
     rows, first, seen = [], None, {}
     for path in paths:
         try:
@@ -376,7 +376,9 @@ def load_results(paths) -> tuple[dict, dict]:
             raise SystemExit(f"--results {path}: expected a file written by `pskernels eval --json` ({e!r})") from None
         first = first or what
         for k, v in what.items():
-            if v != first[k]:
+            if k == "row labels" and None in (v, first[k]):  # stored before eval wrote its labels
+                first[k] = first[k] or v
+            elif v != first[k]:
                 raise SystemExit(f"--results {path}: expected the {k} of {paths[0]}, {first[k]}, got {v}")
         for key in filter(None, (r.get("id") for r in examples)):
             if key in seen:
