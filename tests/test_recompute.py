@@ -297,6 +297,7 @@ def test_a_peft_synthesizer_passes_the_cache_by_the_name_its_model_takes(togethe
     model's recomputation."""
     import warnings
 
+    pytest.importorskip("peft")
     from pskernels.synthesis.adapter import add_synthesizer_adapter, base_model
 
     model = small_llama()
