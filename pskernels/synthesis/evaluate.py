@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import statistics
 
 import torch
 
@@ -192,10 +193,7 @@ def sampled_difference(rows, setting: str, baseline: str = "text_concat"):
             d.append(a["sampled_correct"] / a["samples"] - b["sampled_correct"] / b["samples"])
     if not d:
         return None
-    mean = sum(d) / len(d)
-    if len(d) == 1:
-        return mean, None
-    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    return statistics.fmean(d), statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else None
 
 
 def answer_discordance(rows, setting: str, baseline: str = "text_concat"):
