@@ -363,23 +363,26 @@ def load_results(paths) -> tuple[dict, dict]:
     files whose settings, row labels or checkpoint (its folder's name) differ from the first's and an example (its
     ``id``) stored twice. A file stored without row labels (before ``eval`` wrote them) pools with any."""
     rows, first, seen = [], None, {}
+    labels, labelled = None, None  # the first stored row labels and their file
     for path in paths:
         try:
             with open(path) as f:
                 stored = json.load(f)
             examples = stored["examples"]
             what = {"settings": list(examples[0]["scores"]) if examples else [],
-                    "row labels": stored.get("names"),
                     "checkpoint": os.path.basename(os.path.normpath(stored["checkpoint"]))
                     if stored.get("checkpoint") else None}
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise SystemExit(f"--results {path}: expected a file written by `pskernels eval --json` ({e!r})") from None
         first = first or what
         for k, v in what.items():
-            if k == "row labels" and None in (v, first[k]):  # stored before eval wrote its labels
-                first[k] = first[k] or v
-            elif v != first[k]:
+            if v != first[k]:
                 raise SystemExit(f"--results {path}: expected the {k} of {paths[0]}, {first[k]}, got {v}")
+        if stored.get("names"):  # files stored before eval wrote its labels have none
+            if labels is not None and stored["names"] != labels:
+                raise SystemExit(f"--results {path}: expected the row labels of {labelled}, {labels}, got "
+                                 f"{stored['names']}")
+            labels, labelled = stored["names"], labelled or path
         for key in filter(None, (r.get("id") for r in examples)):
             if key in seen:
                 raise SystemExit(f"--results {path}: example {key!r} is also in {seen[key]}; pool each example once")
@@ -387,7 +390,7 @@ def load_results(paths) -> tuple[dict, dict]:
         rows.extend(examples)
     out = evaluation.aggregate(rows, first["settings"])
     out["examples"] = rows
-    return out, first["row labels"] or {}
+    return out, labels or {}
 
 
 def print_results(args) -> int:
