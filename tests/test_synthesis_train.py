@@ -743,6 +743,30 @@ def test_sampled_difference_is_paired_per_example():
         is None
 
 
+def test_ratio_of_sums_errors_take_the_examples_as_units():
+    from pskernels.synthesis.evaluate import aggregate, kl_vs_untrained, ratio_of_sums
+
+    ratio, se = ratio_of_sums([(3, 4), (5, 6), (2, 10)])  # R = 10 / 20; residuals 1, 2, -3; mean x = 20 / 3
+    assert ratio == pytest.approx(0.5) and se == pytest.approx((14 / 6) ** 0.5 / (20 / 3))
+    assert ratio_of_sums([(2, 4), (6, 12)]) == (0.5, 0.0)  # every example at the ratio: no spread
+    assert ratio_of_sums([(3, 4)]) == (0.75, None) and ratio_of_sums([(1, 0), (2, 0)]) is None
+
+    def row(agree, tokens, kl, kl_untrained):
+        return {"scores": {"trained": {"agree": agree, "tokens": tokens, "kl": kl},
+                           "parallel": {"agree": 0, "tokens": tokens, "kl": kl_untrained}}}
+
+    rows = [row(3, 4, 1.0, 4.0), row(5, 6, 3.0, 2.0), row(2, 10, 0.5, 6.0)]
+    m = aggregate(rows)["trained"]
+    assert m["top1"] == pytest.approx(0.5) and m["top1_se"] == pytest.approx(se)
+    assert m["kl"] == pytest.approx(4.5 / 20) and m["kl_se"] == pytest.approx(ratio_of_sums(
+        [(1.0, 4), (3.0, 6), (0.5, 10)])[1])
+    expected = ratio_of_sums([(1.0, 4.0), (3.0, 2.0), (0.5, 6.0)])
+    assert m["kl_vs_untrained"] == pytest.approx(list(expected)) and expected[0] == pytest.approx(4.5 / 12)
+    assert aggregate(rows)["parallel"]["kl_vs_untrained"] is None
+    assert kl_vs_untrained(rows, "trained", untrained="ape") is None  # no such setting in the rows
+    assert aggregate(rows[:1])["trained"]["top1_se"] is None
+
+
 def test_answer_discordance_pairs_the_greedy_answers():
     from pskernels.synthesis.evaluate import aggregate, answer_discordance
 

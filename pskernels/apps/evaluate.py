@@ -67,6 +67,27 @@ def _sampled_cells(m) -> str:
     return f"{_share(m.get('sampled_accuracy')):>9}{diff:>19}"
 
 
+def _with_error(value: str, error, fmt: str) -> str:
+    return value if error is None else f"{value} ({error:{fmt}})"
+
+
+def _ratio_cell(m) -> str:
+    """The KL as a ratio to the untrained setting's, its standard error in brackets."""
+    d = m.get("kl_vs_untrained")
+    return "-" if d is None else _with_error(f"{d[0]:.2f}x", d[1], ".2f")
+
+
+def _top1_cell(m) -> str:
+    return _with_error(f"{m['top1']:.3f}", m.get("top1_se"), ".3f")
+
+
+FIDELITY_HEAD = f"{'KL nats/tok':>12}{'vs untrained (se)':>19}{'top-1 (se)':>16}"
+
+
+def _fidelity_cells(m) -> str:
+    return f"{m['kl']:>12.4f}{_ratio_cell(m):>19}{_top1_cell(m):>16}"
+
+
 def _discordance(d) -> str:
     return "-" if d is None else f"{d[0]} / {d[1]} ({d[2]:.3f})"
 
@@ -77,17 +98,18 @@ def format_table(r: dict, names: dict | None = None) -> str:
     only text (p)``: the examples only the setting's greedy answer states it in, those only text concatenation's
     does, and the exact McNemar p-value of that split; where answers were sampled, a ``sampled``
     column (answer accuracy over sampled continuations) and ``vs text``: per example, the setting's share minus text
-    concatenation's, averaged, in points (its standard error in brackets)."""
+    concatenation's, averaged, in points (its standard error in brackets). ``vs untrained``: the KL as a ratio to
+    the untrained setting's over the same examples; standard errors take the examples as the sampled units."""
     names = {**SETTING_NAMES, **(names or {})}
     rows = [s for s in evaluation.SETTINGS if s in r]
     sampled = _sampled(r[s] for s in rows)
     paired = any(r[s].get("answers_vs_text") for s in rows)
     w = max([36] + [len(names[s]) + 2 for s in rows])  # a long label (a recompute synthesizer's) widens the column
-    lines = [f"{'setting':<{w}}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}{'accuracy':>10}"
+    lines = [f"{'setting':<{w}}{FIDELITY_HEAD}{'exact':>8}{'accuracy':>10}"
              + (f"{'only it / only text (p)':>25}" if paired else "") + (SAMPLED_HEAD if sampled else "")]
     for s in rows:
         m = r[s]
-        lines.append(f"{names[s]:<{w}}{m['kl']:>12.4f}{m['top1']:>8.3f}{m['exact']:>8.3f}{_share(m['accuracy']):>10}"
+        lines.append(f"{names[s]:<{w}}{_fidelity_cells(m)}{m['exact']:>8.3f}{_share(m['accuracy']):>10}"
                      + (f"{_discordance(m.get('answers_vs_text')):>25}" if paired else "")
                      + (_sampled_cells(m) if sampled else ""))
     any_s = next(v for k, v in r.items() if k != "examples")
@@ -106,8 +128,8 @@ def format_family_table(bf: dict, settings=None) -> str:
 
     settings = [s for s in (settings or evaluation.SETTINGS) if s in bf["all"]]
     sampled = _sampled(bf["all"][s] for s in settings)
-    head = (f"{'family':<22}{'split':<10}{'n':>4}  {'setting':<13}{'KL nats/tok':>12}{'top-1':>8}{'exact':>8}"
-            f"{'accuracy':>10}" + (SAMPLED_HEAD if sampled else ""))
+    head = (f"{'family':<22}{'split':<10}{'n':>4}  {'setting':<13}{FIDELITY_HEAD}{'exact':>8}{'accuracy':>10}"
+            + (SAMPLED_HEAD if sampled else ""))
     lines = [head, "-" * len(head)]
 
     def block(label, split, m):
@@ -115,8 +137,7 @@ def format_family_table(bf: dict, settings=None) -> str:
             x = m[s]
             left = f"{label:<22}{split:<10}{x['n']:>4}" if i == 0 else " " * 36
             extra = _sampled_cells(x) if sampled else ""
-            lines.append(f"{left}  {s:<13}{x['kl']:>12.4f}{x['top1']:>8.3f}{x['exact']:>8.3f}"
-                         f"{_share(x['accuracy']):>10}{extra}")
+            lines.append(f"{left}  {s:<13}{_fidelity_cells(x)}{x['exact']:>8.3f}{_share(x['accuracy']):>10}{extra}")
 
     def split_of_kind(kind):
         fam = FAMILIES.get(_family_name(kind))

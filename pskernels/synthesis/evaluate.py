@@ -180,6 +180,25 @@ def _zero() -> dict:
     return {k: 0.0 if k == "kl" else 0 for k in SCORE_KEYS}  # KL sums are floats, the rest counts
 
 
+def ratio_of_sums(pairs):
+    """``sum(y) / sum(x)`` over per-example pairs ``(y, x)``, with its standard error.
+
+    The examples are the sampled units: the tokens of one target depend on one another, so a per-token error would
+    understate the spread. The error is the ratio estimator's first-order one, ``sqrt(sum((y - R x)^2) / (n (n -
+    1))) / mean(x)`` for ``R`` the ratio over ``n`` examples. Returns ``(ratio, standard error)``, the error None for
+    one example; None when ``sum(x)`` is 0 (no tokens, or a baseline KL of 0)."""
+    pairs = list(pairs)
+    total = math.fsum(x for _, x in pairs)
+    if not total:
+        return None
+    ratio = math.fsum(y for y, _ in pairs) / total
+    n = len(pairs)
+    if n < 2:
+        return ratio, None
+    spread = math.fsum((y - ratio * x) ** 2 for y, x in pairs) / (n * (n - 1))
+    return ratio, math.sqrt(spread) / (total / n)
+
+
 def sampled_difference(rows, setting: str, baseline: str = "text_concat"):
     """How much more often ``setting`` states the answer than ``baseline`` does, paired per example.
 
@@ -215,10 +234,14 @@ def answer_discordance(rows, setting: str, baseline: str = "text_concat"):
 
 def aggregate(rows, settings=None) -> dict:
     """Metrics of a group of per-example rows (``evaluate(...)["examples"]`` or a subset):
-    ``{setting: {kl, top1, exact, accuracy, answers_vs_text, sampled_accuracy, sampled_vs_text, tokens, n}}``.
-    ``kl`` and ``top1`` are token-weighted (sums over the rows divided by their target tokens), ``exact`` per
-    example, ``accuracy`` over the rows with an answer (None without any), ``answers_vs_text`` the greedy answers
-    paired with text concatenation's, ``[only this setting, only text, McNemar p]`` (:func:`answer_discordance`),
+    ``{setting: {kl, kl_se, kl_vs_untrained, top1, top1_se, exact, accuracy, answers_vs_text, sampled_accuracy,
+    sampled_vs_text, tokens, n}}``.
+    ``kl`` and ``top1`` are token-weighted (sums over the rows divided by their target tokens), ``kl_se`` and
+    ``top1_se`` their standard errors over the rows (:func:`ratio_of_sums`; None for one row), ``kl_vs_untrained``
+    the setting's KL summed over the rows divided by the untrained setting's (``parallel``), ``[ratio, standard
+    error]`` (:func:`kl_vs_untrained`), ``exact`` per example, ``accuracy`` over the rows with an answer (None
+    without any), ``answers_vs_text`` the greedy answers paired with text concatenation's, ``[only this setting,
+    only text, McNemar p]`` (:func:`answer_discordance`),
     ``sampled_accuracy`` over their samples (None without any; rows stored without sample counts have none),
     ``sampled_vs_text`` the setting's sampled answer share minus text concatenation's per example, ``[mean, standard
     error]`` (:func:`sampled_difference`). Both comparisons are None for text concatenation itself and without the
@@ -233,7 +256,11 @@ def aggregate(rows, settings=None) -> dict:
             for k in SCORE_KEYS:
                 a[k] += r["scores"][s].get(k, 0)
         n = len(rows)
-        out[s] = {"kl": a["kl"] / max(a["tokens"], 1), "top1": a["agree"] / max(a["tokens"], 1),
+        kl_se, top1_se = (_error(ratio_of_sums((r["scores"][s].get(k, 0), r["scores"][s].get("tokens", 0))
+                                               for r in rows)) for k in ("kl", "agree"))
+        out[s] = {"kl": a["kl"] / max(a["tokens"], 1), "kl_se": kl_se,
+                  "kl_vs_untrained": _listed(kl_vs_untrained(rows, s)),
+                  "top1": a["agree"] / max(a["tokens"], 1), "top1_se": top1_se,
                   "exact": a["exact"] / max(n, 1),
                   "accuracy": a["correct"] / a["answered"] if a["answered"] else None,
                   "answers_vs_text": None if s == "text_concat" else _listed(answer_discordance(rows, s)),
@@ -241,6 +268,19 @@ def aggregate(rows, settings=None) -> dict:
                   "sampled_vs_text": None if s == "text_concat" else _listed(sampled_difference(rows, s)),
                   "tokens": a["tokens"], "n": n}
     return out
+
+
+def kl_vs_untrained(rows, setting: str, untrained: str = "parallel"):
+    """``setting``'s KL to the teacher as a ratio to ``untrained``'s over the same rows, ``(ratio, standard error)``
+    (:func:`ratio_of_sums`, paired per example); None for ``untrained`` itself, or where a row lacks it or its KL
+    sums to 0."""
+    if setting == untrained or any(untrained not in r["scores"] for r in rows):
+        return None
+    return ratio_of_sums((r["scores"][setting].get("kl", 0.0), r["scores"][untrained].get("kl", 0.0)) for r in rows)
+
+
+def _error(ratio_and_error):
+    return None if ratio_and_error is None else ratio_and_error[1]
 
 
 def _listed(values):
