@@ -820,6 +820,13 @@ def test_cli_eval_results_pools_stored_results(tmp_path, capsys):
                           ([tmp_path / "d0.jsonl"], "expected a file written by `pskernels eval --json`")]:
         with pytest.raises(SystemExit, match=message):
             ev.main(["--results", *map(str, argv)])
+    vote = {**second, "examples": [{**second["examples"][0], "kind": "workflow:vote", "split": "train"}]}
+    (tmp_path / "vote.json").write_text(json.dumps(vote))
+    assert ev.main(["--results", str(stored[0]), str(tmp_path / "vote.json"), "--families", "vote"]) == 0
+    only_vote = capsys.readouterr().out
+    assert "(1 held-out examples" in only_vote and f"{second['parallel']['kl']:.4f}" in only_vote
+    with pytest.raises(SystemExit, match="--families: no example of 'rank'"):
+        ev.main(["--results", str(tmp_path / "vote.json"), "--families", "rank"])
 
 
 def test_cli_eval_answer_samples(tmp_path, capsys):

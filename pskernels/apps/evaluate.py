@@ -20,7 +20,7 @@ Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
   :func:`pskernels.synthesis.calibration.calibrate_ape` picks on the first ``--calibrate-n`` examples of FILE
   (without FILE: training-family workflows built by the model, seed 1);
 * ``--results A.json B.json ...`` prints the tables of results stored with ``--json`` again, their examples pooled
-  (:func:`load_results`), without loading a model.
+  (:func:`load_results`; ``--families`` keeps only some), without loading a model.
 
 Also ``python -m pskernels.apps.evaluate ...`` (the same flags).
 """
@@ -276,7 +276,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None,
                    help="(builder) seed; default: the training seed + 1. (--make-suite) default 0")
     p.add_argument("--families", default=None, help="'all', 'train', 'held_out' or comma-separated family "
-                   "names: (--make-suite) the families to build, default all; (--suite, --data) keep only those")
+                   "names: (--make-suite) the families to build, default all; (--suite, --data, --results) keep only "
+                   "those")
     p.add_argument("--by-family", action="store_true", help="(--data, --builder) also print the per-kind table")
     p.add_argument("--per-family", type=int_at_least(1), default=4, help="(--make-suite) examples per family")
     p.add_argument("--jobs", type=int_at_least(1), default=1, help="(--make-suite) processes building the examples "
@@ -378,9 +379,10 @@ def _resolve_suite(suite: str) -> str:
     raise SystemExit(f"--suite: no such file {suite}")
 
 
-def load_results(paths) -> tuple[dict, dict]:
+def load_results(paths, families: str | None = None) -> tuple[dict, dict]:
     """The :func:`pskernels.synthesis.evaluate.evaluate` results stored in ``paths`` (``--json`` files) as one,
-    their examples pooled and aggregated again, and the row labels stored with them. Refuses, naming the file,
+    their examples pooled (``families``: only those of these families, as ``--families`` selects) and aggregated
+    again, and the row labels stored with them. Refuses, naming the file,
     files whose settings, row labels or checkpoint (its folder's name) differ from the first's and an example (its
     ``id``) stored twice. A file stored without row labels (before ``eval`` wrote them) pools with any."""
     rows, first, seen = [], None, {}
@@ -409,13 +411,15 @@ def load_results(paths) -> tuple[dict, dict]:
                 raise SystemExit(f"--results {path}: example {key!r} is also in {seen[key]}; pool each example once")
             seen[key] = path
         rows.extend(examples)
+    if families and families != "all":
+        rows = _select(rows, families)
     out = evaluation.aggregate(rows, first["settings"])
     out["examples"] = rows
     return out, labels or {}
 
 
 def print_results(args) -> int:
-    r, names = load_results(args.results)
+    r, names = load_results(args.results, getattr(args, "families", None))
     print(f"{len(args.results)} stored result(s): {', '.join(args.results)}")
     print(format_table(r, names))
     print()
