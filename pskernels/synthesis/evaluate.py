@@ -256,11 +256,9 @@ def aggregate(rows, settings=None) -> dict:
             for k in SCORE_KEYS:
                 a[k] += r["scores"][s].get(k, 0)
         n = len(rows)
-        kl_se, top1_se = (_error(ratio_of_sums((r["scores"][s].get(k, 0), r["scores"][s].get("tokens", 0))
-                                               for r in rows)) for k in ("kl", "agree"))
-        out[s] = {"kl": a["kl"] / max(a["tokens"], 1), "kl_se": kl_se,
+        out[s] = {"kl": a["kl"] / max(a["tokens"], 1), "kl_se": _per_token_error(rows, s, "kl"),
                   "kl_vs_untrained": _listed(kl_vs_untrained(rows, s)),
-                  "top1": a["agree"] / max(a["tokens"], 1), "top1_se": top1_se,
+                  "top1": a["agree"] / max(a["tokens"], 1), "top1_se": _per_token_error(rows, s, "agree"),
                   "exact": a["exact"] / max(n, 1),
                   "accuracy": a["correct"] / a["answered"] if a["answered"] else None,
                   "answers_vs_text": None if s == "text_concat" else _listed(answer_discordance(rows, s)),
@@ -279,8 +277,10 @@ def kl_vs_untrained(rows, setting: str, untrained: str = "parallel"):
     return ratio_of_sums((r["scores"][setting].get("kl", 0.0), r["scores"][untrained].get("kl", 0.0)) for r in rows)
 
 
-def _error(ratio_and_error):
-    return None if ratio_and_error is None else ratio_and_error[1]
+def _per_token_error(rows, setting: str, key: str):
+    """The standard error of ``key`` summed over the rows per target token (:func:`ratio_of_sums`)."""
+    ratio = ratio_of_sums((r["scores"][setting].get(key, 0), r["scores"][setting].get("tokens", 0)) for r in rows)
+    return None if ratio is None else ratio[1]
 
 
 def _listed(values):
