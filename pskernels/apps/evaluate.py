@@ -157,7 +157,10 @@ def format_family_table(bf: dict, settings=None) -> str:
 
 def _select(examples, spec):
     """Keep the examples of the families in ``spec``: a comma-separated list of 'all', 'train', 'held_out' and
-    names (a name matches ``workflow:NAME`` or the kind itself). A term no example matches is an error."""
+    names (a name matches ``workflow:NAME`` or the kind itself). A term no example matches is an error; no
+    ``spec`` or 'all' keeps every example."""
+    if not spec or spec == "all":
+        return examples
     from ..synthesis.workflows import split_of
 
     terms = [x.strip() for x in spec.split(",") if x.strip()]
@@ -411,8 +414,7 @@ def load_results(paths, families: str | None = None) -> tuple[dict, dict]:
                 raise SystemExit(f"--results {path}: example {key!r} is also in {seen[key]}; pool each example once")
             seen[key] = path
         rows.extend(examples)
-    if families and families != "all":
-        rows = _select(rows, families)
+    rows = _select(rows, families)
     out = evaluation.aggregate(rows, first["settings"])
     out["examples"] = rows
     return out, labels or {}
@@ -460,9 +462,7 @@ def run_eval(args) -> int:
     else:
         seed = args.seed if args.seed is not None else cfg.get("seed", 0) + 1
         examples = build(args.builder, args.n_examples, seed=seed)
-    families = getattr(args, "families", None)
-    if families and families != "all":
-        examples = _select(examples, families)
+    examples = _select(examples, getattr(args, "families", None))
     scheme = args.scheme or cfg.get("scheme", "sequential")
     ape, names, calibration = None, {}, None
     cal_source = getattr(args, "calibrate_ape", None)
