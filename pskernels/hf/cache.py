@@ -241,7 +241,7 @@ class ParallelCache(Cache):
             if (first < 0).any():
                 raise ValueError(f"branch_starts: expected non-negative positions, got {first.tolist()}")
         self.branch_first = first  # [N, B] virtual position of each branch's first real token
-        self.deltas = first - P if N else lens  # [N, B] re-indexing shift of each branch
+        self.deltas = first - P  # [N, B] re-indexing shift of each branch
         if query_start is None and not N:
             qs = torch.full((B,), P, dtype=torch.int64)
         elif query_start is None:
