@@ -784,6 +784,24 @@ def test_answer_discordance_pairs_the_greedy_answers():
     assert answer_discordance([row(1, 0, answered=0)], "trained") is None
 
 
+def test_paired_comparison_matches_the_examples_by_id():
+    from pskernels.synthesis.evaluate import paired_comparison, ratio_of_sums
+
+    def row(key, agree, kl, correct, tokens=4):
+        return {"id": key, "scores": {"trained": {"agree": agree, "tokens": tokens, "kl": kl, "correct": correct,
+                                                  "answered": 1}}}
+
+    new = [row("a", 4, 1.0, 1), row("b", 3, 2.0, 1), row("c", 2, 0.5, 0), row("only-new", 0, 9.0, 0)]
+    old = [row("c", 1, 1.5, 1), row("a", 3, 1.0, 0), row("b", 3, 4.0, 0), row("only-old", 4, 0.0, 1)]
+    c = paired_comparison(new, old)
+    assert c["n"] == 3 and c["top1"] == pytest.approx(9 / 12) and c["baseline_top1"] == pytest.approx(7 / 12)
+    assert c["top1_difference"] == pytest.approx(list(ratio_of_sums([(1, 4), (0, 4), (1, 4)])))
+    assert c["kl_ratio"] == pytest.approx(list(ratio_of_sums([(1.0, 1.0), (2.0, 4.0), (0.5, 1.5)])))
+    assert c["kl_ratio"][0] == pytest.approx(3.5 / 6.5)
+    assert c["answers"][:2] == [2, 1]  # a and b only the new rows answer, c only the baseline
+    assert paired_comparison(new, old, "parallel") is None and paired_comparison(new[3:], old) is None
+
+
 def test_cli_eval_results_pools_stored_results(tmp_path, capsys):
     from pskernels.apps import evaluate as ev
 
@@ -827,6 +845,14 @@ def test_cli_eval_results_pools_stored_results(tmp_path, capsys):
     assert "(1 held-out examples" in only_vote and f"{second['parallel']['kl']:.4f}" in only_vote
     with pytest.raises(SystemExit, match="--families: no example of 'rank'"):
         ev.main(["--results", str(tmp_path / "vote.json"), "--families", "rank"])
+    assert ev.main(["--results", *map(str, stored), "--against", *map(str, reversed(stored))]) == 0
+    all_row = capsys.readouterr().out.split("paired against ")[1].splitlines()[-1].split()
+    assert all_row[:3] == ["all", "parallel", str(len(examples))]  # the same readings, pooled in another order:
+    assert all_row[3] == all_row[4] and all_row[5:9] == ["+0.0000", "(0.0000)", "1.00x", "(0.00)"]  # no difference
+    with pytest.raises(SystemExit, match="--against: no example of"):
+        ev.main(["--results", str(stored[0]), "--against", str(stored[1])])
+    with pytest.raises(SystemExit, match="--against: compares stored results"):
+        ev.main(["--model", "tiny", "--against", str(stored[0])])
 
 
 def test_cli_eval_answer_samples(tmp_path, capsys):

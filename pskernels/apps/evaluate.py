@@ -20,7 +20,8 @@ Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
   :func:`pskernels.synthesis.calibration.calibrate_ape` picks on the first ``--calibrate-n`` examples of FILE
   (without FILE: training-family workflows built by the model, seed 1);
 * ``--results A.json B.json ...`` prints the tables of results stored with ``--json`` again, their examples pooled
-  (:func:`load_results`; ``--families`` keeps only some), without loading a model.
+  (:func:`load_results`; ``--families`` keeps only some), without loading a model; ``--against C.json ...``
+  compares them with other stored results on the same examples, paired (:func:`format_paired_table`).
 
 Also ``python -m pskernels.apps.evaluate ...`` (the same flags).
 """
@@ -273,6 +274,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--results", nargs="+", metavar="JSON", help="print the tables of results stored with --json "
                      "instead of evaluating (several files: their examples pooled, e.g. the suites of one "
                      "synthesizer; each with the same settings, no example twice)")
+    p.add_argument("--against", nargs="+", metavar="JSON", help="(--results) also compare each setting with the same "
+                   "setting of these stored results, paired per example (e.g. two checkpoints on the same suites): "
+                   "top-1 difference and KL ratio with standard errors, greedy answers only one of them states")
     src.add_argument("--make-suite", metavar="OUT", help="write a workflow suite (the model plays the workers) to "
                      "OUT (JSONL) and exit without evaluating")
     p.add_argument("--n-examples", type=int_at_least(1), default=32, help="(builder) held-out examples")
@@ -420,12 +424,45 @@ def load_results(paths, families: str | None = None) -> tuple[dict, dict]:
     return out, labels or {}
 
 
+def format_paired_table(rows, baseline_rows, settings) -> str:
+    """Each setting of ``rows`` against the same setting of ``baseline_rows``, paired per example
+    (:func:`pskernels.synthesis.evaluate.paired_comparison`): the training families, the held-out ones and all."""
+    from ..synthesis.workflows import split_of
+
+    lines = [f"{'rows':<20}{'setting':<13}{'n':>5}{'top-1':>8}{'baseline':>10}{'difference (se)':>19}"
+             f"{'KL ratio (se)':>15}  only it / only baseline (p)"]
+    groups = [("training families", "train"), ("held-out families", "held_out"), ("all", None)]
+    for label, split in groups:
+        chosen = [r for r in rows if split is None or split_of(r) == split]
+        for s in settings:
+            c = evaluation.paired_comparison(chosen, baseline_rows, s)
+            if c is None:
+                continue
+            d, k = c["top1_difference"], c["kl_ratio"]
+            lines.append(f"{label:<20}{s:<13}{c['n']:>5}{c['top1']:>8.3f}{c['baseline_top1']:>10.3f}"
+                         f"{_with_error(f'{d[0]:+.4f}', d[1], '.4f'):>19}"
+                         f"{'-' if k is None else _with_error(f'{k[0]:.2f}x', k[1], '.2f'):>15}"
+                         f"  {_discordance(c['answers'])}")
+    return "\n".join(lines)
+
+
 def print_results(args) -> int:
     r, names = load_results(args.results, getattr(args, "families", None))
     print(f"{len(args.results)} stored result(s): {', '.join(args.results)}")
     print(format_table(r, names))
     print()
     print(format_family_table(evaluation.by_family(r)))
+    against = getattr(args, "against", None)
+    if against:
+        base, _ = load_results(against, getattr(args, "families", None))
+        settings = [s for s in r if s not in ("examples", "text_concat") and s in base]
+        table = format_paired_table(r["examples"], base["examples"], settings)
+        if len(table.splitlines()) == 1:
+            raise SystemExit(f"--against: no example of {', '.join(args.results)} is in {', '.join(against)} "
+                             "with the same setting")
+        print()
+        print(f"paired against {len(against)} stored result(s): {', '.join(against)} (the same examples, by id)")
+        print(table)
     return 0
 
 
@@ -434,6 +471,8 @@ def run_eval(args) -> int:
         return make_suite(args)
     if getattr(args, "results", None):
         return print_results(args)
+    if getattr(args, "against", None):
+        raise SystemExit("--against: compares stored results; give the results to compare with --results")
     suite = getattr(args, "suite", None)
     if suite:
         suite = _resolve_suite(suite)

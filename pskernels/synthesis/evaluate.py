@@ -232,6 +232,29 @@ def answer_discordance(rows, setting: str, baseline: str = "text_concat"):
     return only, only_baseline, min(1.0, 2 * tail)
 
 
+def paired_comparison(rows, baseline_rows, setting: str = "trained") -> dict | None:
+    """``setting`` in ``rows`` against the same setting in ``baseline_rows``, paired per example ``id``: e.g. two
+    checkpoints' results on the same workflows.
+
+    Returns ``{n, top1, baseline_top1, top1_difference, kl_ratio, answers}`` over the examples both hold:
+    ``top1_difference`` is the top-1 agreement's difference per target token and ``kl_ratio`` the KL to the
+    teacher summed over the examples divided by the baseline's, each ``[value, standard error]`` with the examples as
+    the sampled units (:func:`ratio_of_sums`; None where undefined), ``answers`` the greedy answers, ``[only rows,
+    only baseline, McNemar p]`` (:func:`answer_discordance`). None without an example both hold with ``setting``."""
+    base = {r["id"]: r["scores"][setting] for r in baseline_rows if r.get("id") and setting in r["scores"]}
+    pairs = [(r["scores"][setting], base[r["id"]]) for r in rows if r.get("id") in base and setting in r["scores"]]
+    if not pairs:
+        return None
+    tokens = sum(a["tokens"] for a, _ in pairs)
+    return {"n": len(pairs),
+            "top1": sum(a["agree"] for a, _ in pairs) / max(tokens, 1),
+            "baseline_top1": sum(b["agree"] for _, b in pairs) / max(sum(b["tokens"] for _, b in pairs), 1),
+            "top1_difference": _listed(ratio_of_sums((a["agree"] - b["agree"], a["tokens"]) for a, b in pairs)),
+            "kl_ratio": _listed(ratio_of_sums((a["kl"], b["kl"]) for a, b in pairs)),
+            "answers": _listed(answer_discordance([{"scores": {"rows": a, "baseline": b}} for a, b in pairs],
+                                                  "rows", "baseline"))}
+
+
 def aggregate(rows, settings=None) -> dict:
     """Metrics of a group of per-example rows (``evaluate(...)["examples"]`` or a subset):
     ``{setting: {kl, kl_se, kl_vs_untrained, top1, top1_se, exact, accuracy, answers_vs_text, sampled_accuracy,
