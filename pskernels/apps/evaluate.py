@@ -424,9 +424,10 @@ def load_results(paths, families: str | None = None) -> tuple[dict, dict]:
     return out, labels or {}
 
 
-def format_paired_table(rows, baseline_rows, settings) -> str:
+def format_paired_table(rows, baseline_rows, settings) -> str | None:
     """Each setting of ``rows`` against the same setting of ``baseline_rows``, paired per example
-    (:func:`pskernels.synthesis.evaluate.paired_comparison`): the training families, the held-out ones and all."""
+    (:func:`pskernels.synthesis.evaluate.paired_comparison`): the training families, the held-out ones and all.
+    None when no example of ``rows`` is in ``baseline_rows`` with one of ``settings``."""
     from ..synthesis.workflows import split_of
 
     lines = [f"{'rows':<20}{'setting':<13}{'n':>5}{'top-1':>8}{'baseline':>10}{'difference (se)':>19}"
@@ -443,7 +444,7 @@ def format_paired_table(rows, baseline_rows, settings) -> str:
                          f"{_with_error(f'{d[0]:+.4f}', d[1], '.4f'):>19}"
                          f"{'-' if k is None else _with_error(f'{k[0]:.2f}x', k[1], '.2f'):>15}"
                          f"  {_discordance(c['answers'])}")
-    return "\n".join(lines)
+    return "\n".join(lines) if len(lines) > 1 else None
 
 
 def print_results(args) -> int:
@@ -457,7 +458,7 @@ def print_results(args) -> int:
         base, _ = load_results(against, getattr(args, "families", None))
         settings = [s for s in r if s not in ("examples", "text_concat") and s in base]
         table = format_paired_table(r["examples"], base["examples"], settings)
-        if len(table.splitlines()) == 1:
+        if table is None:
             raise SystemExit(f"--against: no example of {', '.join(args.results)} is in {', '.join(against)} "
                              "with the same setting")
         print()
