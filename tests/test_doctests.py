@@ -13,6 +13,7 @@ MODULES = [
     "pskernels.ops.map_kv_caches",
     "pskernels.hf.cache",
     "pskernels.synthesis.answers",
+    "pskernels.synthesis.families",
     "pskernels.synthesis.mapper",
     "pskernels.synthesis.recompute",
     "pskernels.synthesis.synthesize",

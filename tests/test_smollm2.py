@@ -147,7 +147,7 @@ def test_shipped_checkpoint_loads_and_beats_the_untrained_synthesizer_on_held_ou
     from pskernels.synthesis import checkpoints
     from pskernels.synthesis.data import load_jsonl
     from pskernels.synthesis.evaluate import evaluate
-    from pskernels.synthesis.workflows import HELD_OUT_FAMILIES
+    from pskernels.synthesis.families import HELD_OUT_FAMILIES
 
     path = checkpoints.shipped_checkpoint("smollm2", recompute=recompute)
     assert path is not None, "no checkpoint shipped under pskernels/checkpoints/"

@@ -6,7 +6,8 @@ without it, the checkpoint shipped for ``--model`` (:func:`pskernels.synthesis.c
 if any; ``--untrained``: no 'trained' row. A checkpoint of another model is refused
 (:func:`pskernels.synthesis.checkpoints.load_checkpoint`).
 
-Workflow suites (:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
+Workflow suites (tasks drawn from :mod:`pskernels.synthesis.families`, played by the model in
+:mod:`pskernels.synthesis.workflows`, docs/FIDELITY.md):
 
 * ``--make-suite OUT.jsonl`` writes workflow examples (the model plays the workers) and exits:
   ``--per-family N --seed S --families all|train|held_out|NAME,... --worker-tokens K --workers LO,HI``
@@ -125,7 +126,7 @@ def _family_name(kind: str) -> str:
 def format_family_table(bf: dict, settings=None) -> str:
     """:func:`pskernels.synthesis.evaluate.by_family` as a table: one block per family (training families,
     then held-out families, then other kinds), then the training-family, held-out-family and overall rows."""
-    from ..synthesis.workflows import FAMILIES
+    from ..synthesis.families import FAMILIES
 
     settings = [s for s in (settings or evaluation.SETTINGS) if s in bf["all"]]
     sampled = _sampled(bf["all"][s] for s in settings)
@@ -223,7 +224,7 @@ def make_suite(args) -> int:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    from ..synthesis.workflows import draw_workflows
+    from ..synthesis.families import draw_workflows
 
     seed = 0 if args.seed is None else args.seed
     kwargs = dict(families=args.families or "all", n_per_family=args.per_family, seed=seed,

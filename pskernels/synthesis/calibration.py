@@ -62,7 +62,8 @@ def _check_grid(grid) -> list:
 def calibration_examples(model, tokenizer, n: int | None = 8, *, seed: int = 1, worker_tokens: int = 48) -> list:
     """The first ``n`` (None: one per family) training-family workflows of ``seed``, the model playing the
     workers (:func:`pskernels.synthesis.workflows.build_workflows`, round-robin over the families)."""
-    from .workflows import TRAIN_FAMILIES, build_workflows
+    from .families import TRAIN_FAMILIES
+    from .workflows import build_workflows
 
     n = len(TRAIN_FAMILIES) if n is None else n
     return build_workflows(model, tokenizer, "train", -(-n // len(TRAIN_FAMILIES)), seed=seed,
