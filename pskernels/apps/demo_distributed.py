@@ -161,6 +161,52 @@ def _recompute_synthesizer(cfg: DemoConfig, base, device):
 
 
 @torch.no_grad()
+def _run_worker(rank: int, cfg: DemoConfig, model, base, instruction_ids, eos, pad, device) -> dict:
+    """A worker rank: answers its instruction on the broadcast prefix, sends its branch cache to rank 0, then the
+    branch's token ids (announced on the store first, so rank 0 never waits on a dead rank)."""
+    import torch.distributed as dist
+
+    from .. import distributed as psd
+
+    prefix = psd.broadcast_prefix(None, 0, model=base, timeout=cfg.timeout)
+    if rank in cfg.dead:
+        return {"rank": rank, "dead": True}
+    w, branch_ids, _ = generate_branch(model, prefix, instruction_ids, max_new_tokens=cfg.worker_tokens, eos=eos,
+                                       pad=pad)
+    t0 = time.perf_counter()
+    sent = psd.send_branch(w, 0, model=base, length=len(branch_ids), timeout=cfg.timeout)
+    send_ms = _elapsed_ms(t0)
+    if rank in cfg.dead_after_branch:
+        return {"rank": rank, "dead": True}
+    store = _store()
+    store.set(f"{NS}/ids/{rank}", str(len(branch_ids)))
+    dist.send(branch_ids.to(device), 0)  # the same branch as text: its token ids
+    store.add(f"{NS}/done", 1)
+    return {"rank": rank, "sent_bytes": sent, "send_ms": send_ms, "branch_tokens": len(branch_ids)}
+
+
+def _receive_token_ids(store, ranks: list, got: dict, missing: list, deadline: float, cfg: DemoConfig,
+                       device) -> dict:
+    """Rank 0: ``{rank: token ids}`` of the branches already received as caches, each once its worker announced
+    it on the store (by ``deadline``). A worker that died after its cache is removed from ``ranks`` and listed in
+    ``missing``: both paths drop it, so the answers compare like for like. Records ``got[rank]["ids_ms"]``."""
+    import torch.distributed as dist
+
+    ids = {}
+    for s in list(ranks):
+        t0 = time.perf_counter()
+        if not _announced(store, f"{NS}/ids/{s}", max(1.0, deadline - time.perf_counter())):
+            missing.append({"rank": s, "why": f"token ids not announced within --timeout {cfg.timeout:g} s"})
+            ranks.remove(s)
+            continue
+        buf = torch.empty(int(store.get(f"{NS}/ids/{s}")), dtype=torch.long, device=device)
+        dist.recv(buf, s)
+        store.delete_key(f"{NS}/ids/{s}")
+        got[s]["ids_ms"] = _elapsed_ms(t0)
+        ids[s] = buf.cpu()
+    return ids
+
+
 def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     """One rank of the demo (the process group is initialised). Rank 0 returns the report dict; a worker returns
     ``{"rank", "sent_bytes", "send_ms", "branch_tokens"}`` (or ``{"rank", "dead": True}``)."""
@@ -177,22 +223,9 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     prefix_ids, worker_ids, query_ids, eos, pad = agent_prompts(tokenizer, task, subtasks, device)
     store = _store()
     t_bcast = time.perf_counter()  # monotonic, and the clock of branch.received_at
-    if rank != 0:  # ------------------------------------------------------------------------------ a worker
-        prefix = psd.broadcast_prefix(None, 0, model=base, timeout=cfg.timeout)
-        if rank in cfg.dead:
-            return {"rank": rank, "dead": True}
-        i = subtasks.index(worker_subtask(rank, subtasks))
-        w, branch_ids, _ = generate_branch(model, prefix, worker_ids[i], max_new_tokens=cfg.worker_tokens, eos=eos,
-                                           pad=pad)
-        t0 = time.perf_counter()
-        sent = psd.send_branch(w, 0, model=base, length=len(branch_ids), timeout=cfg.timeout)
-        send_ms = _elapsed_ms(t0)
-        if rank in cfg.dead_after_branch:
-            return {"rank": rank, "dead": True}
-        store.set(f"{NS}/ids/{rank}", str(len(branch_ids)))  # announced, so rank 0 never waits on a dead rank
-        dist.send(branch_ids.to(device), 0)  # the same branch as text: its token ids
-        store.add(f"{NS}/done", 1)
-        return {"rank": rank, "sent_bytes": sent, "send_ms": send_ms, "branch_tokens": len(branch_ids)}
+    if rank != 0:
+        return _run_worker(rank, cfg, model, base, worker_ids[subtasks.index(worker_subtask(rank, subtasks))], eos,
+                           pad, device)
 
     # ------------------------------------------------------------------------------------------- rank 0
     from ..synthesis.synthesize import Synthesizer
@@ -240,19 +273,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
 
     first_parallel()
     parallel_after_last = _elapsed_ms(t_last_branch)  # last branch received -> first token of (b)
-    ids = {}
-    for s in list(ranks):  # the token ids of the same branches (the workers sent them after their cache)
-        t0 = time.perf_counter()
-        if not _announced(store, f"{NS}/ids/{s}", max(1.0, deadline - time.perf_counter())):
-            # a worker that died after its cache: both paths drop it, so the answers compare like for like
-            missing.append({"rank": s, "why": f"token ids not announced within --timeout {cfg.timeout:g} s"})
-            ranks.remove(s)
-            continue
-        buf = torch.empty(int(store.get(f"{NS}/ids/{s}")), dtype=torch.long, device=device)
-        dist.recv(buf, s)
-        store.delete_key(f"{NS}/ids/{s}")
-        got[s]["ids_ms"] = _elapsed_ms(t0)
-        ids[s] = buf.cpu()
+    ids = _receive_token_ids(store, ranks, got, missing, deadline, cfg, device)
     t_last_ids = time.perf_counter()
     if len(ranks) < len(branches):
         branches = [got[s]["branch"] for s in ranks]
