@@ -160,7 +160,6 @@ def _recompute_synthesizer(cfg: DemoConfig, base, device):
     return synth, mapper, how, share if cfg.head_share is None else cfg.head_share, path
 
 
-@torch.no_grad()
 def _run_worker(rank: int, cfg: DemoConfig, model, base, instruction_ids, eos, pad, device) -> dict:
     """A worker rank: answers its instruction on the broadcast prefix, sends its branch cache to rank 0, then the
     branch's token ids (announced on the store first, so rank 0 never waits on a dead rank)."""
@@ -207,6 +206,7 @@ def _receive_token_ids(store, ranks: list, got: dict, missing: list, deadline: f
     return ids
 
 
+@torch.no_grad()
 def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     """One rank of the demo (the process group is initialised). Rank 0 returns the report dict; a worker returns
     ``{"rank", "sent_bytes", "send_ms", "branch_tokens"}`` (or ``{"rank", "dead": True}``)."""
