@@ -63,9 +63,15 @@ class DemoConfig:
     subtasks: list = field(default_factory=list)
 
 
+def worker_index(rank: int, subtasks) -> int:
+    """Worker ``rank`` (1..N-1) answers ``subtasks[(rank - 1) % len(subtasks)]``: that index (also of its
+    instruction's token ids)."""
+    return (rank - 1) % len(subtasks)
+
+
 def worker_subtask(rank: int, subtasks) -> str:
-    """Worker ``rank`` (1..N-1) answers ``subtasks[(rank - 1) % len(subtasks)]``."""
-    return subtasks[(rank - 1) % len(subtasks)]
+    """The sub-task worker ``rank`` answers (:func:`worker_index`)."""
+    return subtasks[worker_index(rank, subtasks)]
 
 
 def _elapsed_ms(t0: float) -> float:
@@ -224,8 +230,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     store = _store()
     t_bcast = time.perf_counter()  # monotonic, and the clock of branch.received_at
     if rank != 0:
-        return _run_worker(rank, cfg, model, base, worker_ids[subtasks.index(worker_subtask(rank, subtasks))], eos,
-                           pad, device)
+        return _run_worker(rank, cfg, model, base, worker_ids[worker_index(rank, subtasks)], eos, pad, device)
 
     # ------------------------------------------------------------------------------------------- rank 0
     from ..synthesis.synthesize import Synthesizer
@@ -284,7 +289,7 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     branch_ids = [ids[s] for s in ranks]
     first_text(branch_ids)
     text_after_last = _elapsed_ms(t_last_ids)  # last token ids received -> first token of (a)
-    turns = [len(worker_ids[subtasks.index(worker_subtask(s, subtasks))]) for s in ranks]
+    turns = [len(worker_ids[worker_index(s, subtasks)]) for s in ranks]
 
     def recomputed_logits(brs, **generate):
         """(c): ``brs`` read with some of their tokens recomputed by the base model, then (c)'s synthesizer on the
@@ -318,11 +323,11 @@ def run_rank(rank: int, world: int, cfg: DemoConfig, device=None):
     dec = lambda t: decode_text(tokenizer, t)  # noqa: E731
     workers = []
     for s in ranks:
-        st = worker_subtask(s, subtasks)
-        instr = len(worker_ids[subtasks.index(st)])
+        instr = len(worker_ids[worker_index(s, subtasks)])
         br = got[s]["branch"]
         workers.append({
-            "rank": s, "subtask": st, "answer": dec(ids[s][instr:]), "branch_tokens": len(ids[s]),
+            "rank": s, "subtask": worker_subtask(s, subtasks), "answer": dec(ids[s][instr:]),
+            "branch_tokens": len(ids[s]),
             "bytes": br.payload_bytes, "transfer_ms": round(br.recv_seconds * 1e3, 3),
             "MB_per_s": round(br.payload_bytes / max(br.recv_seconds, 1e-9) / 1e6, 1),
             "ids_bytes": ids[s].numel() * ids[s].element_size(), "ids_ms": round(got[s]["ids_ms"], 3),
@@ -366,9 +371,8 @@ def _check_exact(model, tokenizer, prefix, worker_ids, subtasks, query_ids, rank
     local, same_ids = [], True
     with base_model(model):
         for s in ranks:
-            i = subtasks.index(worker_subtask(s, subtasks))
-            w, b_ids, _ = generate_branch(model, prefix, worker_ids[i], max_new_tokens=cfg.worker_tokens, eos=eos,
-                                          pad=pad)
+            w, b_ids, _ = generate_branch(model, prefix, worker_ids[worker_index(s, subtasks)],
+                                          max_new_tokens=cfg.worker_tokens, eos=eos, pad=pad)
             same_ids &= torch.equal(b_ids, ids[s])
             local.append(w)
     a = model(query_ids, **{kw: synthesizer_cache(model, prefix, local, mapper)}).logits
