@@ -1,6 +1,7 @@
 """Workflow data built by the model (pskernels.synthesis.workflows), per-family evaluation and the APE calibration,
 on the tiny model."""
 import copy
+import json
 import math
 
 import pytest
@@ -327,6 +328,44 @@ def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):
                     "2", "--settings", "parallel", "--families", "sum,held_out"]) == 0  # a split and a name together
     table = capsys.readouterr().out
     assert "\nsum " in table and "\nconflict " in table and "(2 held-out examples" in table
+
+
+def test_cli_eval_in_bfloat16_decodes_its_own_teacher_and_pairs_with_float32(tmp_path, capsys):
+    from pskernels.apps import evaluate as ev
+
+    suite, tampered = tmp_path / "suite.jsonl", tmp_path / "tampered.jsonl"
+    assert ev.main(["--make-suite", str(suite), "--families", "retrieve,conflict", "--per-family", "1", "--model",
+                    "tiny", "--threads", "1", "--worker-tokens", "2", "--workers", "2,2"]) == 0
+    made = load_jsonl(suite)
+    save_jsonl([{**ex, "teacher": {**ex["teacher"], "ids": [(i + 1) % 512 for i in ex["teacher"]["ids"]]}}
+                for ex in made], tampered)
+    common = ["--model", "tiny", "--threads", "1", "--gen-tokens", "2", "--target-tokens", "3", "--untrained",
+              "--settings", "text_concat,parallel"]
+    with pytest.raises(ValueError, match="stored 'teacher' ids are not this model's greedy continuation"):
+        ev.main([*common, "--suite", str(tampered)])  # float32 reads the stored teachers, and checks them
+    capsys.readouterr()
+    bf16, fp32 = tmp_path / "bf16.json", tmp_path / "fp32.json"
+    assert ev.main([*common, "--suite", str(tampered), "--dtype", "bfloat16", "--json", str(bf16)]) == 0
+    text = capsys.readouterr().out
+    assert "--dtype bfloat16: 2 stored teacher continuation(s) not used" in text and "model tiny (bfloat16)" in text
+    assert ev.main([*common, "--suite", str(suite), "--json", str(fp32)]) == 0
+    low, full = json.loads(bf16.read_text()), json.loads(fp32.read_text())
+    assert (low["dtype"], full["dtype"]) == ("bfloat16", "float32")
+    assert low["parallel"]["kl"] > 0 and low["parallel"]["kl"] != pytest.approx(full["parallel"]["kl"], rel=1e-4)
+    capsys.readouterr()
+    assert ev.main(["--results", str(bf16), "--against", str(fp32)]) == 0
+    text = capsys.readouterr().out
+    assert "1 stored result(s), bfloat16:" in text and "paired against 1 stored result(s), float32:" in text
+    assert "text_concat" in text.split("paired against")[1]  # another dtype's teacher: compared too
+    assert ev.main(["--results", str(fp32), "--against", str(fp32)]) == 0
+    assert "text_concat" not in capsys.readouterr().out.split("paired against")[1]  # the same teacher: not
+    with pytest.raises(SystemExit, match=r"expected the dtype of .*bf16.json, bfloat16, got float32"):
+        ev.main(["--results", str(bf16), str(fp32)])
+    with pytest.raises(SystemExit, match="--dtype bfloat16: applies to evaluation; --make-suite builds in float32"):
+        ev.main(["--make-suite", str(tmp_path / "x.jsonl"), "--model", "tiny", "--dtype", "bfloat16"])
+    with pytest.raises(SystemExit):  # argparse: not one of the choices
+        ev.main([*common, "--suite", str(suite), "--dtype", "float64"])
+    assert "argument --dtype: invalid choice: 'float64'" in capsys.readouterr().err
 
 
 # ---- the teacher's continuation stored with the examples --------------------------------------------

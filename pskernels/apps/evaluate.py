@@ -23,7 +23,11 @@ Workflow suites (tasks drawn from :mod:`pskernels.synthesis.families`, played by
 * ``--results A.json B.json ...`` prints the tables of results stored with ``--json`` again, their examples pooled
   (:func:`load_results`; ``--families`` keeps only some), without loading a model; ``--against C.json ...``
   compares them with other stored results on the same examples, paired
-  (:func:`pskernels.apps.eval_tables.format_paired_table`).
+  (:func:`pskernels.apps.eval_tables.format_paired_table`), e.g. the same suite evaluated at two dtypes (``--dtype``).
+
+``--dtype bfloat16`` (or ``float16``) evaluates with the base model, teacher included, in that dtype, as it runs on
+a GPU. The teacher continuations a suite stores were decoded in float32, so they are not used then
+(:func:`without_stored_teachers`).
 
 Also ``python -m pskernels.apps.evaluate ...`` (the same flags).
 """
@@ -141,6 +145,9 @@ def make_suite(args) -> int:
     return 0
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     settings = evaluation.SETTINGS
     p.add_argument("--model", default="smollm2", help="'smollm2', 'tiny' or an HF folder (the base model)")
@@ -218,8 +225,18 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sample-seed", type=int, default=0, help="(--answer-samples) seed of the samples")
     p.add_argument("--target-tokens", type=int_at_least(1), default=16)
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="(evaluation) the base model's dtype, teacher included, e.g. bfloat16 as it runs on a GPU; "
+                   "a trained synthesizer's modules keep theirs (peft and the mapper cast). Not float32: the teachers "
+                   "a suite stores (built in float32) are not used, the teacher decodes its own")
     p.add_argument("--threads", type=int, default=None)
     return p
+
+
+def without_stored_teachers(examples) -> tuple[list, int]:
+    """``examples`` without their stored ``teacher`` continuations (a suite stores float32's), and how many had one."""
+    stripped = [{k: v for k, v in ex.items() if k != "teacher"} for ex in examples]
+    return stripped, sum("teacher" in ex for ex in examples)
 
 
 def _share_label(share: float) -> str:
@@ -278,9 +295,9 @@ def _resolve_suite(suite: str) -> str:
 def load_results(paths, families: str | None = None) -> tuple[dict, dict]:
     """The :func:`pskernels.synthesis.evaluate.evaluate` results stored in ``paths`` (``--json`` files) as one,
     their examples pooled (``families``: only those of these families, as ``--families`` selects) and aggregated
-    again, and the row labels stored with them. Refuses, naming the file,
-    files whose settings, row labels or checkpoint (its folder's name) differ from the first's and an example (its
-    ``id``) stored twice. A file stored without row labels (before ``eval`` wrote them) pools with any."""
+    again (with their ``dtype``), and the row labels stored with them. Refuses, naming the file,
+    files whose settings, row labels, checkpoint (its folder's name) or dtype differ from the first's and an example
+    (its ``id``) stored twice. A file stored without row labels (before ``eval`` wrote them) pools with any."""
     rows, first, seen = [], None, {}
     labels, labelled = None, None  # the first stored row labels and their file
     for path in paths:
@@ -290,7 +307,8 @@ def load_results(paths, families: str | None = None) -> tuple[dict, dict]:
             examples = stored["examples"]
             what = {"settings": list(examples[0]["scores"]) if examples else [],
                     "checkpoint": os.path.basename(os.path.normpath(stored["checkpoint"]))
-                    if stored.get("checkpoint") else None}
+                    if stored.get("checkpoint") else None,
+                    "dtype": stored.get("dtype", "float32")}  # files stored before --dtype were float32's
         except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
             raise SystemExit(f"--results {path}: expected a file written by `pskernels eval --json` ({e!r})") from None
         first = first or what
@@ -310,31 +328,38 @@ def load_results(paths, families: str | None = None) -> tuple[dict, dict]:
     rows = _select(rows, families)
     out = evaluation.aggregate(rows, first["settings"])
     out["examples"] = rows
+    out["dtype"] = first["dtype"]
     return out, labels or {}
 
 
 def print_results(args) -> int:
     r, names = load_results(args.results, getattr(args, "families", None))
-    print(f"{len(args.results)} stored result(s): {', '.join(args.results)}")
+    print(f"{len(args.results)} stored result(s), {r['dtype']}: {', '.join(args.results)}")
     print(format_table(r, names))
     print()
     print(format_family_table(evaluation.by_family(r)))
     against = getattr(args, "against", None)
     if against:
         base, _ = load_results(against, getattr(args, "families", None))
-        settings = [s for s in r if s not in ("examples", "text_concat") and s in base]
+        # text concatenation is its own teacher: compared only with another dtype's, e.g. its greedy answers
+        same_teacher = r["dtype"] == base["dtype"]
+        settings = [s for s in evaluation.SETTINGS
+                    if s in r and s in base and not (s == "text_concat" and same_teacher)]
         table = format_paired_table(r["examples"], base["examples"], settings)
         if table is None:
             raise SystemExit(f"--against: no example of {', '.join(args.results)} is in {', '.join(against)} "
                              "with the same setting")
         print()
-        print(f"paired against {len(against)} stored result(s): {', '.join(against)} (the same examples, by id)")
+        print(f"paired against {len(against)} stored result(s), {base['dtype']}: {', '.join(against)} (the same "
+              "examples, by id)")
         print(table)
     return 0
 
 
 def run_eval(args) -> int:
     if getattr(args, "make_suite", None):
+        if args.dtype != "float32":
+            raise SystemExit(f"--dtype {args.dtype}: applies to evaluation; --make-suite builds in float32")
         return make_suite(args)
     if getattr(args, "results", None):
         return print_results(args)
@@ -357,7 +382,7 @@ def run_eval(args) -> int:
         cfg = checkpoints.checkpoint_train_config(checkpoint) if checkpoint else {}
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     if checkpoint:  # refuse a checkpoint of another model before any evaluation work
         try:
             checkpoints.check_checkpoint(model, checkpoint)
@@ -369,6 +394,11 @@ def run_eval(args) -> int:
         seed = args.seed if args.seed is not None else cfg.get("seed", 0) + 1
         examples = build(args.builder, args.n_examples, seed=seed)
     examples = _select(examples, getattr(args, "families", None))
+    if args.dtype != "float32":
+        examples, dropped = without_stored_teachers(examples)
+        if dropped:
+            print(f"--dtype {args.dtype}: {dropped} stored teacher continuation(s) not used (stored in float32); "
+                  "the teacher decodes its own")
     scheme = args.scheme or cfg.get("scheme", "sequential")
     ape, names, calibration = None, {}, None
     cal_source = getattr(args, "calibrate_ape", None)
@@ -377,6 +407,8 @@ def run_eval(args) -> int:
 
         if cal_source:
             cal = load_jsonl(cal_source)[: args.calibrate_n]
+            if args.dtype != "float32":
+                cal, _ = without_stored_teachers(cal)
         else:  # built by the model itself, training families, seed 1 (the evaluated suites use other seeds)
             from ..synthesis.calibration import calibration_examples
 
@@ -415,7 +447,7 @@ def run_eval(args) -> int:
                             temperature=args.temperature, sample_seed=args.sample_seed)
     names["recompute"] = RECOMPUTE_NAME.format(*recompute) + _share_label(args.head_share or 0.0) + \
         (" (1 fwd)" if args.recompute_together else "")
-    print(f"model {args.model}, scheme {scheme}")
+    print(f"model {args.model} ({args.dtype}), scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:
         print(f"APE calibrated on {calibration['examples']} examples of {cal_source} "
@@ -431,6 +463,7 @@ def run_eval(args) -> int:
         r["by_family"] = bf
     if args.json:
         r["checkpoint"] = checkpoint
+        r["dtype"] = args.dtype
         r["head_share"] = {"recompute": args.head_share or 0.0, "trained": trained_share}
         r["names"] = {s: names.get(s, SETTING_NAMES[s]) for s in evaluation.SETTINGS if s in r}
         with open(args.json, "w") as f:
