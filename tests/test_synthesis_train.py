@@ -800,6 +800,11 @@ def test_paired_comparison_matches_the_examples_by_id():
     assert c["kl_ratio"][0] == pytest.approx(3.5 / 6.5)
     assert c["answers"][:2] == [2, 1]  # a and b only the new rows answer, c only the baseline
     assert paired_comparison(new, old, "parallel") is None and paired_comparison(new[3:], old) is None
+    other_teacher = [row("a", 6, 0.0, 1, tokens=6), row("b", 2, 0.0, 1, tokens=2)]  # targets of other lengths
+    d = paired_comparison([row("a", 4, 0.0, 1), row("b", 4, 0.0, 1)], other_teacher)["top1_difference"]
+    assert d[0] == 0.0  # agreeing with its own teacher everywhere, as the baseline does with its own
+    d = paired_comparison([row("a", 2, 0.0, 1), row("b", 4, 0.0, 1)], other_teacher)["top1_difference"]
+    assert d[0] == pytest.approx(-2 / 8)
 
 
 def test_cli_eval_results_pools_stored_results(tmp_path, capsys):

@@ -237,10 +237,12 @@ def paired_comparison(rows, baseline_rows, setting: str = "trained") -> dict | N
     checkpoints' results on the same workflows.
 
     Returns ``{n, top1, baseline_top1, top1_difference, kl_ratio, answers}`` over the examples both hold:
-    ``top1_difference`` is the top-1 agreement's difference per target token and ``kl_ratio`` the KL to the
-    teacher summed over the examples divided by the baseline's, each ``[value, standard error]`` with the examples as
-    the sampled units (:func:`ratio_of_sums`; None where undefined), ``answers`` the greedy answers, ``[only rows,
-    only baseline, McNemar p]`` (:func:`answer_discordance`). None without an example both hold with ``setting``."""
+    ``top1_difference`` is the top-1 agreement's difference per target token (the baseline's at its rate on each
+    example, where another teacher, e.g. at another dtype, gave it targets of another length) and ``kl_ratio`` the KL
+    to the teacher summed over the examples divided by the baseline's, each ``[value, standard error]`` with the
+    examples as the sampled units (:func:`ratio_of_sums`; None where undefined), ``answers`` the greedy answers,
+    ``[only rows, only baseline, McNemar p]`` (:func:`answer_discordance`). None without an example both hold with
+    ``setting``."""
     base = {r["id"]: r["scores"][setting] for r in baseline_rows if r.get("id") and setting in r["scores"]}
     pairs = [(r["scores"][setting], base[r["id"]]) for r in rows if r.get("id") in base and setting in r["scores"]]
     if not pairs:
@@ -249,7 +251,8 @@ def paired_comparison(rows, baseline_rows, setting: str = "trained") -> dict | N
     return {"n": len(pairs),
             "top1": sum(a["agree"] for a, _ in pairs) / max(tokens, 1),
             "baseline_top1": sum(b["agree"] for _, b in pairs) / max(sum(b["tokens"] for _, b in pairs), 1),
-            "top1_difference": _listed(ratio_of_sums((a["agree"] - b["agree"], a["tokens"]) for a, b in pairs)),
+            "top1_difference": _listed(ratio_of_sums((a["agree"] - b["agree"] * a["tokens"] / max(b["tokens"], 1),
+                                                      a["tokens"]) for a, b in pairs)),
             "kl_ratio": _listed(ratio_of_sums((a["kl"], b["kl"]) for a, b in pairs)),
             "answers": _listed(answer_discordance([{"scores": {"rows": a, "baseline": b}} for a, b in pairs],
                                                   "rows", "baseline"))}
