@@ -337,6 +337,7 @@ def test_cli_eval_in_bfloat16_decodes_its_own_teacher_and_pairs_with_float32(tmp
     assert ev.main(["--make-suite", str(suite), "--families", "retrieve,conflict", "--per-family", "1", "--model",
                     "tiny", "--threads", "1", "--worker-tokens", "2", "--workers", "2,2"]) == 0
     made = load_jsonl(suite)
+    assert {ex["teacher"]["dtype"] for ex in made} == {"float32"}
     save_jsonl([{**ex, "teacher": {**ex["teacher"], "ids": [(i + 1) % 512 for i in ex["teacher"]["ids"]]}}
                 for ex in made], tampered)
     common = ["--model", "tiny", "--threads", "1", "--gen-tokens", "2", "--target-tokens", "3", "--untrained",
@@ -347,7 +348,8 @@ def test_cli_eval_in_bfloat16_decodes_its_own_teacher_and_pairs_with_float32(tmp
     bf16, fp32 = tmp_path / "bf16.json", tmp_path / "fp32.json"
     assert ev.main([*common, "--suite", str(tampered), "--dtype", "bfloat16", "--json", str(bf16)]) == 0
     text = capsys.readouterr().out
-    assert "--dtype bfloat16: 2 stored teacher continuation(s) not used" in text and "model tiny (bfloat16)" in text
+    assert "--dtype bfloat16: 2 stored teacher continuation(s) not used (decoded in another dtype)" in text
+    assert "model tiny (bfloat16)" in text
     assert ev.main([*common, "--suite", str(suite), "--json", str(fp32)]) == 0
     low, full = json.loads(bf16.read_text()), json.loads(fp32.read_text())
     assert (low["dtype"], full["dtype"]) == ("bfloat16", "float32")
@@ -357,12 +359,29 @@ def test_cli_eval_in_bfloat16_decodes_its_own_teacher_and_pairs_with_float32(tmp
     text = capsys.readouterr().out
     assert "1 stored result(s), bfloat16:" in text and "paired against 1 stored result(s), float32:" in text
     assert "text_concat" in text.split("paired against")[1]  # another dtype's teacher: compared too
+    assert "KL and top-1 of each against its own dtype's teacher" in text
     assert ev.main(["--results", str(fp32), "--against", str(fp32)]) == 0
-    assert "text_concat" not in capsys.readouterr().out.split("paired against")[1]  # the same teacher: not
+    text = capsys.readouterr().out
+    assert "text_concat" not in text.split("paired against")[1] and "own dtype's teacher" not in text  # the same
     with pytest.raises(SystemExit, match=r"expected the dtype of .*bf16.json, bfloat16, got float32"):
         ev.main(["--results", str(bf16), str(fp32)])
-    with pytest.raises(SystemExit, match="--dtype bfloat16: applies to evaluation; --make-suite builds in float32"):
-        ev.main(["--make-suite", str(tmp_path / "x.jsonl"), "--model", "tiny", "--dtype", "bfloat16"])
+    # a suite built in bfloat16 stores bfloat16 teachers: bfloat16 uses them (the same figures as decoding them),
+    # float32 decodes its own
+    low_suite, low_plain = tmp_path / "bf16-suite.jsonl", tmp_path / "bf16-plain.jsonl"
+    assert ev.main(["--make-suite", str(low_suite), "--families", "retrieve,conflict", "--per-family", "1", "--model",
+                    "tiny", "--threads", "1", "--worker-tokens", "2", "--workers", "2,2", "--dtype", "bfloat16"]) == 0
+    assert "model tiny (bfloat16)" in capsys.readouterr().out
+    low_made = load_jsonl(low_suite)
+    assert {ex["teacher"]["dtype"] for ex in low_made} == {"bfloat16"}
+    save_jsonl([{k: v for k, v in ex.items() if k != "teacher"} for ex in low_made], low_plain)
+    stored, decoded = tmp_path / "stored.json", tmp_path / "decoded.json"
+    assert ev.main([*common, "--suite", str(low_suite), "--dtype", "bfloat16", "--json", str(stored)]) == 0
+    assert "not used" not in capsys.readouterr().out
+    assert ev.main([*common, "--suite", str(low_plain), "--dtype", "bfloat16", "--json", str(decoded)]) == 0
+    assert json.loads(stored.read_text())["examples"] == json.loads(decoded.read_text())["examples"]
+    capsys.readouterr()
+    assert ev.main([*common, "--suite", str(low_suite)]) == 0
+    assert "--dtype float32: 2 stored teacher continuation(s) not used" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # argparse: not one of the choices
         ev.main([*common, "--suite", str(suite), "--dtype", "float64"])
     assert "argument --dtype: invalid choice: 'float64'" in capsys.readouterr().err
@@ -400,8 +419,8 @@ def test_stored_teacher_is_the_online_continuation_and_is_used_without_decoding(
 
 
 def test_stored_teacher_cut_rules():
-    def ex(ids, tokens):
-        return TokenizedExample(None, [], None, None, example={"teacher": {"ids": ids, "tokens": tokens}})
+    def ex(ids, tokens, **dtype):
+        return TokenizedExample(None, [], None, None, example={"teacher": {"ids": ids, "tokens": tokens, **dtype}})
 
     assert stored_teacher_ids(ex([5, 6, 7, 8], 4), 2).tolist() == [5, 6]
     assert stored_teacher_ids(ex([5, 6, 7, 8], 4), 4).tolist() == [5, 6, 7, 8]
@@ -410,6 +429,10 @@ def test_stored_teacher_cut_rules():
     assert stored_teacher_ids(ex([5, 2], 4), 1, eos=2).tolist() == [5]
     assert stored_teacher_ids(ex([5, 6, 2], 4), 6, eos=[9, 2]).tolist() == [5, 6, 2]
     assert stored_teacher_ids(TokenizedExample(None, [], None, None, example={}), 4) is None
+    # a greedy continuation is its dtype's own; a file without the field was decoded in float32
+    assert stored_teacher_ids(ex([5, 6], 2, dtype="bfloat16"), 2) is None
+    assert stored_teacher_ids(ex([5, 6], 2, dtype="bfloat16"), 2, dtype=torch.bfloat16).tolist() == [5, 6]
+    assert stored_teacher_ids(ex([5, 6], 2), 2, dtype=torch.bfloat16) is None
 
 
 def test_stored_teacher_of_another_model_is_refused(tiny):
@@ -430,7 +453,8 @@ def test_stored_teacher_of_another_model_is_refused(tiny):
 @pytest.mark.parametrize("teacher,match", [
     ({"ids": [1, 2]}, "must be"), ({"ids": [1, "a"], "tokens": 2}, "must be"), ({"ids": [-1], "tokens": 2}, "must be"),
     ([1, 2], "must be"), ({"ids": [], "tokens": 2}, "must hold 1 to"),
-    ({"ids": [1, 2, 3], "tokens": 2}, "must hold 1 to"),
+    ({"ids": [1, 2, 3], "tokens": 2}, "must hold 1 to"), ({"ids": [1], "tokens": 2, "dtype": 16}, "must be"),
+    ({"ids": [1], "tokens": 2, "model": "x"}, "must be"),
 ])
 def test_malformed_teacher_field_is_refused(teacher, match):
     ex = {"prefix": "p", "branches": ["b"], "prompt": "q", "teacher": teacher, "id": "x"}

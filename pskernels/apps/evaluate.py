@@ -26,8 +26,9 @@ Workflow suites (tasks drawn from :mod:`pskernels.synthesis.families`, played by
   (:func:`pskernels.apps.eval_tables.format_paired_table`), e.g. the same suite evaluated at two dtypes (``--dtype``).
 
 ``--dtype bfloat16`` (or ``float16``) evaluates with the base model, teacher included, in that dtype, as it runs on
-a GPU. The teacher continuations a suite stores were decoded in float32, so they are not used then
-(:func:`without_stored_teachers`).
+a GPU; ``--make-suite --dtype`` builds in it. A suite's stored teacher continuations are used by a teacher of the
+dtype they were decoded in (:func:`pskernels.synthesis.distill.stored_teacher_ids`; the packaged suites': float32);
+at another dtype the teacher decodes its own.
 
 Also ``python -m pskernels.apps.evaluate ...`` (the same flags).
 """
@@ -44,6 +45,7 @@ import torch
 from ..synthesis import checkpoints
 from ..synthesis import evaluate as evaluation
 from ..synthesis.data import build, load_jsonl, save_jsonl
+from ..synthesis.distill import stored_teacher_dtype
 from ..synthesis.models import load_model
 from .argtypes import int_at_least, positive_number
 from .eval_tables import RECOMPUTE_NAME, SETTING_NAMES, format_family_table, format_paired_table, format_table
@@ -92,13 +94,13 @@ def _grid(text: str):
         raise SystemExit(f"--ape-grid: expected T,T,.../S,S,... (e.g. 0.8,0.9,1/0.8,0.9,1), got {text!r}") from None
 
 
-def _build_shard(model_name: str, threads: int | None, shard: tuple, kwargs: dict) -> list:
-    """One ``--jobs`` process: load the model, build every ``shard[1]``-th example from ``shard[0]``."""
+def _build_shard(model_name: str, dtype: str, threads: int | None, shard: tuple, kwargs: dict) -> list:
+    """One ``--jobs`` process: load the model in ``dtype``, build every ``shard[1]``-th example from ``shard[0]``."""
     from ..synthesis.workflows import build_workflows
 
     if threads:
         torch.set_num_threads(threads)
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, dtype=getattr(torch, dtype))
     k, n = shard
     t0 = time.perf_counter()
 
@@ -130,18 +132,18 @@ def make_suite(args) -> int:
     t0 = time.perf_counter()
     try:
         if jobs == 1:
-            examples = _build_shard(args.model, args.threads, (0, 1), kwargs)
+            examples = _build_shard(args.model, args.dtype, args.threads, (0, 1), kwargs)
         else:
             with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
-                parts = list(pool.map(_build_shard, [args.model] * jobs, [args.threads] * jobs,
+                parts = list(pool.map(_build_shard, [args.model] * jobs, [args.dtype] * jobs, [args.threads] * jobs,
                                       [(k, jobs) for k in range(jobs)], [kwargs] * jobs))
             examples = [parts[i % jobs][i // jobs] for i in range(n_examples)]
     except ValueError as e:
         raise SystemExit(f"--make-suite: {e}") from None
     save_jsonl(examples, args.make_suite)
-    print(f"wrote {len(examples)} workflow examples ({args.per_family} per family, seed {seed}, model {args.model}, "
-          f"{args.worker_tokens} worker tokens, {jobs} job{'s' if jobs > 1 else ''}) to {args.make_suite} in "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(f"wrote {len(examples)} workflow examples ({args.per_family} per family, seed {seed}, model {args.model} "
+          f"({args.dtype}), {args.worker_tokens} worker tokens, {jobs} job{'s' if jobs > 1 else ''}) to "
+          f"{args.make_suite} in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
@@ -226,17 +228,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--target-tokens", type=int_at_least(1), default=16)
     p.add_argument("--json", default=None, help="also write the results (with per-example outputs) to this file")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="(evaluation) the base model's dtype, teacher included, e.g. bfloat16 as it runs on a GPU; "
-                   "a trained synthesizer's modules keep theirs (peft and the mapper cast). Not float32: the teachers "
-                   "a suite stores (built in float32) are not used, the teacher decodes its own")
+                   help="the base model's dtype, teacher included, e.g. bfloat16 as it runs on a GPU (--make-suite: "
+                   "the model that builds the suite); a trained synthesizer's modules keep theirs (peft and the mapper "
+                   "cast). A suite's stored teachers (the packaged suites': float32) are used in the dtype they were "
+                   "decoded in; in another, the teacher decodes its own")
     p.add_argument("--threads", type=int, default=None)
     return p
-
-
-def without_stored_teachers(examples) -> tuple[list, int]:
-    """``examples`` without their stored ``teacher`` continuations (a suite stores float32's), and how many had one."""
-    stripped = [{k: v for k, v in ex.items() if k != "teacher"} for ex in examples]
-    return stripped, sum("teacher" in ex for ex in examples)
 
 
 def _share_label(share: float) -> str:
@@ -351,15 +348,14 @@ def print_results(args) -> int:
                              "with the same setting")
         print()
         print(f"paired against {len(against)} stored result(s), {base['dtype']}: {', '.join(against)} (the same "
-              "examples, by id)")
+              "examples, by id" + ("" if same_teacher else "; KL and top-1 of each against its own dtype's teacher")
+              + ")")
         print(table)
     return 0
 
 
 def run_eval(args) -> int:
     if getattr(args, "make_suite", None):
-        if args.dtype != "float32":
-            raise SystemExit(f"--dtype {args.dtype}: applies to evaluation; --make-suite builds in float32")
         return make_suite(args)
     if getattr(args, "results", None):
         return print_results(args)
@@ -394,11 +390,10 @@ def run_eval(args) -> int:
         seed = args.seed if args.seed is not None else cfg.get("seed", 0) + 1
         examples = build(args.builder, args.n_examples, seed=seed)
     examples = _select(examples, getattr(args, "families", None))
-    if args.dtype != "float32":
-        examples, dropped = without_stored_teachers(examples)
-        if dropped:
-            print(f"--dtype {args.dtype}: {dropped} stored teacher continuation(s) not used (stored in float32); "
-                  "the teacher decodes its own")
+    other_dtype = sum(stored_teacher_dtype(ex) not in (None, args.dtype) for ex in examples)
+    if other_dtype:
+        print(f"--dtype {args.dtype}: {other_dtype} stored teacher continuation(s) not used (decoded in another "
+              "dtype); the teacher decodes its own")
     scheme = args.scheme or cfg.get("scheme", "sequential")
     ape, names, calibration = None, {}, None
     cal_source = getattr(args, "calibrate_ape", None)
@@ -407,8 +402,6 @@ def run_eval(args) -> int:
 
         if cal_source:
             cal = load_jsonl(cal_source)[: args.calibrate_n]
-            if args.dtype != "float32":
-                cal, _ = without_stored_teachers(cal)
         else:  # built by the model itself, training families, seed 1 (the evaluated suites use other seeds)
             from ..synthesis.calibration import calibration_examples
 

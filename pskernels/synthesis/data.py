@@ -11,11 +11,12 @@ JSONL format (one example per line)::
      "kind":     str,        # optional: "exposure" | "sum" | "compare" | "which" | "distill:..." |
                              #   "workflow:<family>" (pskernels.synthesis.workflows) | ...
      "split":    str,        # optional: "train" | "held_out" (the family's split; workflow examples)
-     "teacher":  {"ids": [int, ...], "tokens": int},
+     "teacher":  {"ids": [int, ...], "tokens": int, "dtype": str},
                              # optional, without "target": the teacher's greedy continuation, stored when the
                              #   file was built (``build_workflows(teacher_tokens=...)``): ``tokens`` asked for,
-                             #   ``ids`` what came (fewer when it ended with end-of-sequence); used in place of
-                             #   the online continuation and checked against the teacher's own logits
+                             #   ``ids`` what came (fewer when it ended with end-of-sequence), ``dtype`` the
+                             #   model's when it was decoded (absent: "float32"); used in place of the online
+                             #   continuation by a model of that dtype and checked against its own logits
      "id":       str}        # optional
 
 Text pieces are tokenized separately and concatenated as *ids*, so the teacher (text concatenation:
@@ -73,12 +74,13 @@ def validate_example(ex: dict, where: str = "example") -> dict:
 
 
 def _validate_teacher(t, where: str) -> None:
-    ok = (isinstance(t, dict) and set(t) == {"ids", "tokens"} and isinstance(t["tokens"], int)
-          and not isinstance(t["tokens"], bool) and isinstance(t["ids"], list)
-          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in t["ids"]))
+    ok = (isinstance(t, dict) and {"ids", "tokens"} <= set(t) <= {"ids", "tokens", "dtype"}
+          and isinstance(t["tokens"], int) and not isinstance(t["tokens"], bool) and isinstance(t["ids"], list)
+          and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in t["ids"])
+          and isinstance(t.get("dtype", ""), str))
     if not ok:
-        raise ValueError(f"{where}: field 'teacher' must be {{'ids': [non-negative int, ...], 'tokens': int}}, "
-                         f"got {t!r}")
+        raise ValueError(f"{where}: field 'teacher' must be {{'ids': [non-negative int, ...], 'tokens': int, "
+                         f"'dtype'?: str}}, got {t!r}")
     if not 1 <= len(t["ids"]) <= t["tokens"]:
         raise ValueError(f"{where}: field 'teacher' must hold 1 to tokens = {t['tokens']} ids, got {len(t['ids'])}")
 

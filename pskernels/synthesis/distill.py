@@ -264,12 +264,26 @@ def _eos_set(eos) -> set:
     return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
 
 
-def stored_teacher_ids(ex: TokenizedExample, n: int, eos=None) -> torch.Tensor | None:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``, as a stored teacher records it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def stored_teacher_dtype(example) -> str | None:
+    """The dtype the teacher continuation stored with ``example`` (a dict) was decoded in: its ``teacher`` field's
+    ``dtype``, ``"float32"`` in files that predate the field; None without a stored teacher."""
+    t = example.get("teacher") if isinstance(example, dict) else None
+    return t.get("dtype", "float32") if t else None
+
+
+def stored_teacher_ids(ex: TokenizedExample, n: int, eos=None, dtype: torch.dtype = torch.float32
+                       ) -> torch.Tensor | None:
     """The teacher's greedy continuation stored with ``ex`` (its ``teacher`` field), cut to ``n`` tokens and
-    after the first ``eos``; None when absent or too short for ``n`` (stored with fewer tokens asked for)."""
-    t = ex.example.get("teacher") if isinstance(ex.example, dict) else None
-    if not t:
+    after the first ``eos``; None when absent, decoded in another dtype than ``dtype`` (the teacher's: a greedy
+    continuation is that dtype's own) or too short for ``n`` (stored with fewer tokens asked for)."""
+    if stored_teacher_dtype(ex.example) != dtype_name(dtype):
         return None
+    t = ex.example["teacher"]
     ids, stop = t["ids"], _eos_set(eos)
     end = next((i + 1 for i, tok in enumerate(ids) if tok in stop), None)
     if end is not None and end <= n:  # greedy ended there, whatever the budget
@@ -281,7 +295,8 @@ def stored_teacher_ids(ex: TokenizedExample, n: int, eos=None) -> torch.Tensor |
 
 class TargetCache:
     """Target ids per example: the example's own, or the teacher's greedy continuation (computed once per key,
-    or read from the example's ``teacher`` field when it was stored there; :func:`teacher_pass` checks it).
+    or read from the example's ``teacher`` field when it was stored there by a model of the teacher's dtype;
+    :func:`teacher_pass` checks it).
 
     Parameters
     ----------
@@ -298,7 +313,7 @@ class TargetCache:
         if ex.target_ids is not None and ex.target_ids.numel():
             return ex.target_ids
         if key not in self.cache:
-            ids = stored_teacher_ids(ex, self.n, self.eos)
+            ids = stored_teacher_ids(ex, self.n, self.eos, next(model.parameters()).dtype)
             if ids is not None:
                 self.stored.add(key)
             else:

@@ -106,7 +106,7 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     if answer_samples:
         check_temperature(temperature)
     check_head_share(head_share), check_head_share(trained_head_share)  # refused before any example runs
-    dev = next(model.parameters()).device
+    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
     exs = tokenize_examples(tokenizer, examples, dev)
     eos = eos_ids(tokenizer)
     targets = TargetCache(target_tokens, eos)
@@ -125,8 +125,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
             prefix, branches, tgt, t_logits = teacher_pass(model, ex, targets, j)
             lens = [ids.numel() for ids in ex.branch_ids]  # what a growing head is a share of
             # the stored continuation's first target_tokens were just checked against the teacher's logits
-            t_gen = stored_teacher_ids(ex, gen_tokens, eos) if j in targets.stored and gen_tokens <= target_tokens \
-                else None
+            stored = j in targets.stored and gen_tokens <= target_tokens
+            t_gen = stored_teacher_ids(ex, gen_tokens, eos, dtype) if stored else None
             t_gen = teacher_greedy(model, ex, prefix, gen_tokens, eos) if t_gen is None else t_gen
             row = {"id": ex.example.get("id"), "answer": ex.answer, "kind": ex.kind or "",
                    "split": split_of(ex.example), "scores": {}}

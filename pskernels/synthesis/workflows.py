@@ -27,7 +27,7 @@ import torch
 
 from .adapter import base_model
 from .data import encode, tokenize_example, validate_example
-from .distill import eos_ids, patched, teacher_greedy
+from .distill import dtype_name, eos_ids, patched, teacher_greedy
 from .families import FAMILIES, draw_workflows
 from .workflow import output_cache, run_workers
 
@@ -191,8 +191,9 @@ def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, s
         Roles from the tokenizer's chat template (None: when it has one) or plain lines (:data:`PLAIN`).
     teacher_tokens : int
         When > 0, also store the teacher's greedy continuation (this many tokens at most, the text
-        concatenation read by the base model) as the example's ``teacher`` field: training and evaluation
-        then take it instead of decoding it again, and check it against the teacher's logits.
+        concatenation read by the base model, with the model's dtype) as the example's ``teacher`` field:
+        training and evaluation in that dtype then take it instead of decoding it again, and check it against
+        the teacher's logits.
     progress : callable or None
         Called as ``progress(i, n, example)`` after each example.
     shard : (int, int) or None
@@ -237,7 +238,8 @@ def build_workflows(model, tokenizer, families=None, n_per_family: int = 1, *, s
             if sp.task.answer is not None:
                 ex["answer"] = sp.task.answer
             if teacher_tokens:
-                ex["teacher"] = {"ids": _teacher_ids(model, tokenizer, ex, teacher_tokens), "tokens": teacher_tokens}
+                ex["teacher"] = {"ids": _teacher_ids(model, tokenizer, ex, teacher_tokens), "tokens": teacher_tokens,
+                                 "dtype": dtype_name(next(model.parameters()).dtype)}
             out.append(validate_example(ex, sp.id))
             if progress is not None:
                 progress(i, len(specs), ex)
