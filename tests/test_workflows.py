@@ -166,6 +166,16 @@ def test_per_family_aggregation_math():
     assert evaluation.aggregate([], ["parallel"])["parallel"]["n"] == 0
 
 
+def test_family_table_labels_each_family_with_the_split_its_rows_are_grouped_in():
+    from pskernels.apps.eval_tables import format_family_table
+
+    rows = [_row("exposure", None, 1.0, 3, 4, 1, 0, 0), _row("workflow:sum", "train", 1.0, 3, 4, 1, 1, 0),
+            _row("distill:workflow:conflict", "held_out", 1.0, 3, 4, 1, 1, 1)]
+    table = format_family_table(evaluation.by_family({"parallel": {}, "examples": rows}), ["parallel"])
+    assert [line.split()[:2] for line in table.splitlines()[2:5]] == [
+        ["sum", "train"], ["distill:workflow:conflict", "held_out"], ["exposure", "-"]]
+
+
 def test_evaluate_rows_carry_the_family_and_sum_to_the_overall(tiny, suite):
     model, tok = tiny
     exs = [suite[0], suite[1], suite[-1]]  # two training families, one held-out family

@@ -88,26 +88,26 @@ def _family_name(kind: str) -> str:
 def format_family_table(bf: dict, settings=None) -> str:
     """:func:`pskernels.synthesis.evaluate.by_family` as a table: one block per family (training families,
     then held-out families, then other kinds), then the training-family, held-out-family and overall rows."""
-    from ..synthesis.families import FAMILIES
+    from ..synthesis.workflows import split_of
 
     settings = [s for s in (settings or evaluation.SETTINGS) if s in bf["all"]]
     sampled = _sampled(bf["all"][s] for s in settings)
-    head = (f"{'family':<22}{'split':<10}{'n':>4}  {'setting':<13}{FIDELITY_HEAD}{'exact':>8}{'accuracy':>10}"
+    fams = bf["families"]
+    width = max([22] + [len(_family_name(k)) + 2 for k in fams])  # a kind such as distill:workflow:<family>
+    head = (f"{'family':<{width}}{'split':<10}{'n':>4}  {'setting':<13}{FIDELITY_HEAD}{'exact':>8}{'accuracy':>10}"
             + (SAMPLED_HEAD if sampled else ""))
     lines = [head, "-" * len(head)]
 
     def block(label, split, m):
         for i, s in enumerate(settings):
             x = m[s]
-            left = f"{label:<22}{split:<10}{x['n']:>4}" if i == 0 else " " * 36
+            left = f"{label:<{width}}{split:<10}{x['n']:>4}" if i == 0 else " " * (width + 14)
             extra = _sampled_cells(x) if sampled else ""
             lines.append(f"{left}  {s:<13}{_fidelity_cells(x)}{x['exact']:>8.3f}{_share(x['accuracy']):>10}{extra}")
 
-    def split_of_kind(kind):
-        fam = FAMILIES.get(_family_name(kind))
-        return fam.split if fam is not None and kind.startswith("workflow:") else "-"
+    def split_of_kind(kind):  # as the split rows below group the examples
+        return split_of({"kind": kind}) or "-"
 
-    fams = bf["families"]
     order = sorted(fams, key=lambda k: {"train": 0, "held_out": 1}.get(split_of_kind(k), 2))
     for k in order:
         block(_family_name(k), split_of_kind(k), fams[k])
