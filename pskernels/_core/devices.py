@@ -1,4 +1,4 @@
-"""Device checks shared by every op's argument checks."""
+"""Device checks shared by every op's argument checks, and the name of a dtype as reports and files write it."""
 from __future__ import annotations
 
 import torch
@@ -25,3 +25,8 @@ def host_to_device(t: torch.Tensor, device: torch.device, what: str) -> torch.Te
     # a fresh dense buffer: pin_memory() keeps an expanded tensor's stride-0 layout, which it cannot write into
     pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return pinned.copy_(t).to(device, non_blocking=True)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``: the name stored teachers, ``--json`` reports and ``--dtype`` use."""
+    return str(dtype).removeprefix("torch.")

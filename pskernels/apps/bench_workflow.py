@@ -44,6 +44,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from .._core.devices import dtype_name
 from ..hf import ParallelCache, patch_model
 from ..ops import resolve_backend
 from ..synthesis.models import load_model
@@ -357,7 +358,7 @@ def summarize(model, inp: WorkflowInputs, runs: dict, backend: str = "auto") -> 
         "answer_tokens": {name: runs[name][-1].answer_tokens for name in paths},
         "backend": resolve_backend("multi_branch_attention", backend, param.device),
         "device": str(param.device),
-        "dtype": str(param.dtype).replace("torch.", ""),
+        "dtype": dtype_name(param.dtype),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

@@ -33,6 +33,7 @@ import time
 
 import torch
 
+from .._core.devices import dtype_name
 from ..hf import ParallelCache, patch_model
 from ..ops import resolve_backend
 from ..synthesis.models import load_model
@@ -182,7 +183,7 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
         "branch_cache_mib": round(kv_bytes / 2**20, 2),
         "backend": resolve_backend("multi_branch_attention", backend, device),
         "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
+        "dtype": dtype_name(dtype),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

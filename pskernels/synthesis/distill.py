@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .._core.devices import dtype_name
 from ..hf import ParallelCache, patch_model
 from .adapter import base_model, unwrap
 from .data import TokenizedExample, tokenize_example
@@ -262,11 +263,6 @@ class Tally:
 
 def _eos_set(eos) -> set:
     return set() if eos is None else ({eos} if isinstance(eos, int) else set(eos))
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``, as a stored teacher records it."""
-    return str(dtype).removeprefix("torch.")
 
 
 def stored_teacher_dtype(example) -> str | None:

@@ -106,7 +106,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     if answer_samples:
         check_temperature(temperature)
     check_head_share(head_share), check_head_share(trained_head_share)  # refused before any example runs
-    dev, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    weight = next(model.parameters())
+    dev, dtype = weight.device, weight.dtype
     exs = tokenize_examples(tokenizer, examples, dev)
     eos = eos_ids(tokenizer)
     targets = TargetCache(target_tokens, eos)

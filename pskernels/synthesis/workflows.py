@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .._core.devices import dtype_name
 from .adapter import base_model
 from .data import encode, tokenize_example, validate_example
-from .distill import dtype_name, eos_ids, patched, teacher_greedy
+from .distill import eos_ids, patched, teacher_greedy
 from .families import FAMILIES, draw_workflows
 from .workflow import output_cache, run_workers
 
