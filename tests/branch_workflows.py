@@ -15,11 +15,11 @@ def small_llama(kv_heads=2, seed=0):
                                         num_attention_heads=4, num_key_value_heads=kv_heads)).eval()
 
 
-def zero_copy_workflow(model, lens, seed=1):
+def zero_copy_workflow(model, lens, seed=1, vocab=V):
     """``(prefix cache, worker caches, ids)``: ``ids[0]`` the prefix's ids, ``ids[1:]`` each worker's, of
     ``lens``; each worker ran on ``ParallelCache(prefix, [])``. The model is patched on return."""
     g = torch.Generator().manual_seed(seed)
-    ids = [torch.randint(0, V, (n,), generator=g) for n in lens]
+    ids = [torch.randint(0, vocab, (n,), generator=g) for n in lens]
     pskernels.patch_model(model)
     with torch.no_grad():
         prefix = model(ids[0][None], use_cache=True).past_key_values

@@ -422,7 +422,7 @@ def test_eval_recompute_setting(tmp_path, capsys):
     assert full["recompute"]["kl"] < 1e-6 and full["recompute"]["top1"] == 1  # all recomputed: the text
     one, text = _eval(["--untrained", "--settings", "recompute", "--recompute", "2", "--recompute-together"],
                       tmp_path, capsys)
-    assert "(v) recomputed head 2, tail 0 (1 fwd)" in text and one["recompute"]["n"] == 2
+    assert "(v) recomputed head 2, tail 0 (over workers' K/V)" in text and one["recompute"]["n"] == 2
 
     from pskernels.apps import evaluate as ev
 

@@ -8,7 +8,10 @@ from branch_workflows import V, small_llama, zero_copy_workflow
 from transformers import DynamicCache
 
 import pskernels
+from pskernels.synthesis import recompute
 from pskernels.synthesis.recompute import grown_heads, recompute_branches, recomputed_segments
+
+from tiny_models import VOCAB, make_model
 
 
 def _stock_reference(model, prefix, workers, branch_ids, heads, tails, query):
@@ -312,3 +315,38 @@ def test_a_peft_synthesizer_passes_the_cache_by_the_name_its_model_takes(togethe
             cache = recompute_branches(peft_model, prefix, workers, ids, head=2, tail=1, together=together)
         got = model(query, past_key_values=cache).logits
     assert torch.equal(got, want)
+
+
+def _in_order(monkeypatch):
+    """Make recompute_branches(together=False) run one forward per part, as it does where a sliding window bites."""
+    monkeypatch.setattr(recompute, "_no_window_bites", lambda model, text_len: False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama3_rope", "llama_yarn", "qwen2", "qwen3", "phi3_partial", "gemma"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_exact_recomputation_is_the_one_forward_per_part_order(arch, dtype, monkeypatch):
+    model = make_model(arch, dtype=dtype)
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 7, 3, 9, 1, 4), vocab=VOCAB)
+    query = torch.randint(0, VOCAB, (1, 4))
+    kw = dict(head=[2, 0, 5, 1, 3], tail=(1, 3, 0, 0, 2))
+    with torch.no_grad():
+        packed = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, **kw)).logits
+        _in_order(monkeypatch)
+        in_order = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, **kw)).logits
+    tol = dict(atol=2e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=6e-2, rtol=2e-2)
+    torch.testing.assert_close(packed, in_order, **tol)
+
+
+@pytest.mark.parametrize("arch", ["mistral_sliding", "gemma2", "gemma3"])
+def test_a_sliding_window_that_bites_recomputes_one_part_at_a_time(arch, monkeypatch):
+    model = make_model(arch)
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (3, 4, 5, 2), vocab=VOCAB)  # windows of 6 tokens
+
+    def packed(*args):
+        raise AssertionError("packed recomputation under a sliding window")
+
+    monkeypatch.setattr(recompute, "_recompute_packed", packed)
+    query = torch.randint(0, VOCAB, (1, 3))
+    with torch.no_grad():
+        out = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1)).logits
+    assert torch.isfinite(out).all()

@@ -96,7 +96,8 @@ def main(argv=None) -> int:
                    help="also time Parallel-Synthesis with the first HEAD tokens of each branch recomputed in text "
                    "order (the training-free fidelity knob, docs/FIDELITY.md)")
     t.add_argument("--recompute-together", action="store_true",
-                   help="(--recompute) all branches' heads in one forward")
+                   help="(--recompute) each head reads the workers' own K/V before it, not the earlier heads' "
+                   "recomputation (the approximation run H48 was trained with)")
     t.add_argument("--json", metavar="FILE", help="write the results as JSON")
     t.add_argument("--plot", metavar="PNG", help="also sweep branches 1,2,4,8 and draw TTFT curves")
     from .bench_workflow import add_workflow_args

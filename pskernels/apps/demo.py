@@ -204,7 +204,7 @@ def load_default_synthesizer(model, model_name: str, untrained: bool = False):
     return model, mapper, str(path)
 
 
-RECOMPUTE_TURNS = ("prompt", 0, True)  # (c) with the base model: each worker's instruction, in one forward
+RECOMPUTE_TURNS = ("prompt", 0, True)  # (c) with the base model: each worker's instruction, over the workers' K/V
 
 
 def load_recompute_synthesizer(model, model_name: str, untrained: bool = False):
@@ -238,7 +238,7 @@ def run_agent_demo(model, tokenizer, task=DEFAULT_TASK, subtasks=DEFAULT_SUBTASK
     base model, :func:`pskernels.synthesis.recompute.recompute_branches`. Its synthesizer is
     ``recompute_synthesizer = (model, mapper, (head, tail, together))``, one trained on branches recomputed so
     (:func:`pskernels.synthesis.checkpoints.shipped_checkpoint` with ``recompute=True``), which reads them as it
-    was trained; None: the base model, reading each worker's instruction recomputed, all in one forward).
+    was trained; None: the base model, reading each worker's instruction recomputed, each over the workers' K/V).
 
     ``model`` may be a PeftModel holding a synthesizer adapter (:func:`load_synthesizer`): only the
     Parallel-Synthesis answer runs with it, through ``mapper``; everything else runs the base model.
@@ -392,10 +392,10 @@ def print_agent_report(r: dict, model_name: str) -> None:
         who = r.get("recompute_synthesizer", "base model")
         if r.get("recompute_path"):
             who += f", {r['recompute_path']}"
-        together = r["recompute"][2]
+        over = ", each over the workers' K/V" if r["recompute"][2] else ""
         print(f"\n(c) Parallel-Synthesis with {describe_recompute(r['recompute'], r.get('head_share', 0.0))} "
               "recomputed in text order "
-              f"({r['recompute_tokens']} tokens{' in one forward' if together else ''} by the base model; "
+              f"({r['recompute_tokens']} tokens{over} by the base model; "
               f"synthesizer: {who}): "
               f"TTFT {r['recompute_ttft_ms']} ms, {r['recompute_speedup']:.1f}x faster than (a)")
         print(textwrap.indent(textwrap.fill(r["recompute_answer"], 100), "    "))
@@ -409,10 +409,10 @@ def print_agent_report(r: dict, model_name: str) -> None:
             source = (" from the shipped checkpoint " if r.get("shipped") else " from ") + r["mapper_path"]
         print(f"synthesizer (b): {r['synthesizer']}{source}; workers and (a): the base model.")
         if r.get("synthesizer_recompute"):
-            together = r["synthesizer_recompute"][2]
+            over = ", each part over the workers' K/V" if r["synthesizer_recompute"][2] else ""
             how = describe_recompute(r["synthesizer_recompute"], r.get("synthesizer_head_share", 0.0))
             print(f"It was trained to read the branches with {how} "
-                  f"recomputed in text order (base model{', one forward' if together else ''}); (b)'s TTFT includes "
+                  f"recomputed in text order (base model{over}); (b)'s TTFT includes "
                   "that recomputation.")
         if r.get("shipped"):
             print("(`--untrained`: (b) runs the base model too.)")

@@ -215,8 +215,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "tokens)); 0: the head as given / as trained; default: the checkpoint's own (0.4 for the shipped "
                    "recompute synthesizer), 0 for the recompute setting")
     p.add_argument("--recompute-together", action="store_true",
-                   help="(setting recompute) all recomputed parts in one forward, each reading the workers' own "
-                   "K/V before it (not the exact text-order recomputation)")
+                   help="(setting recompute) each recomputed part reads the workers' own K/V before it, not the "
+                   "earlier parts' recomputation (the approximation run H48 was trained with; the exact text-order "
+                   "recomputation is one forward too)")
     p.add_argument("--gen-tokens", type=int_at_least(1), default=12)
     p.add_argument("--answer-samples", type=int_at_least(0), default=0, metavar="N",
                    help="also sample N continuations per setting and example with an answer (the same seeds for "
@@ -439,7 +440,7 @@ def run_eval(args) -> int:
                             trained_head_share=trained_share, answer_samples=args.answer_samples,
                             temperature=args.temperature, sample_seed=args.sample_seed)
     names["recompute"] = RECOMPUTE_NAME.format(*recompute) + _share_label(args.head_share or 0.0) + \
-        (" (1 fwd)" if args.recompute_together else "")
+        (" (over workers' K/V)" if args.recompute_together else "")
     print(f"model {args.model} ({args.dtype}), scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:

@@ -94,7 +94,8 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    "model recomputed in text order; HEAD 'prompt': each worker's own turn (nothing for examples "
                    "without one); the checkpoint records it and `pskernels eval` applies it to the trained row")
     p.add_argument("--recompute-together", action="store_true",
-                   help="(--recompute) all recomputed parts in one forward, each reading the workers' own K/V")
+                   help="(--recompute) each recomputed part reads the workers' own K/V before it, not the earlier "
+                   "parts' recomputation (run H48's approximation; without it: exact text order)")
     p.add_argument("--head-share", type=float, default=0.0, metavar="F",
                    help="(--recompute) each branch's head grows to at least the share F (0..1) of it, for long worker "
                    "outputs; recorded in the checkpoint, which eval and demo then read with it")

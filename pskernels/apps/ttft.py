@@ -81,7 +81,7 @@ def ttft_benchmark(model, *, branches: int, branch_len: int, prefix_len: int, qu
         Kernel backend of the ParallelCache attention.
     recompute_head : int
         > 0: also time the ``recompute`` path with this many tokens recomputed at the start of each branch
-        (``recompute_together``: all in one forward).
+        (``recompute_together``: each head over the workers' K/V, not the earlier heads' recomputation).
 
     Returns
     -------

@@ -87,7 +87,8 @@ def evaluate(model, tokenizer, examples, *, mapper=None, trained=True, scheme: s
     ``model``: the base model, or the PeftModel holding the trained adapter (the other settings run it with
     the adapter disabled). ``mapper``: the trained mapper (None: none). ``trained=False`` drops the
     ``trained`` setting. ``recompute``: (head, tail) tokens per branch the ``recompute`` setting recomputes
-    (head ``"prompt"``: each worker's turn, for workflow examples), in one forward with ``recompute_together``.
+    (head ``"prompt"``: each worker's turn, for workflow examples), each part over the workers' K/V with
+    ``recompute_together``.
     ``trained_recompute``: ``(head, tail, together)`` the trained synthesizer was trained with (its checkpoint's
     ``recompute``; :func:`pskernels.synthesis.workflows.recompute_counts`), applied to its setting.
     ``head_share`` / ``trained_head_share``: the ``recompute`` setting / the trained synthesizer reading recomputed

@@ -11,8 +11,10 @@ synthesizer; the middle stays the worker's, read in place. ``head`` and ``tail``
 text concatenation itself (up to float rounding); 0 and 0 give plain Parallel-Synthesis.
 
 Which end matters was measured (docs/FIDELITY.md): on the reference suite's held-out families, the head
-(where a worker's input sits) carries most of the gap, the tail little. Cost: ``2 N`` forwards at most of
-``head`` / ``tail`` tokens, against re-prefilling every branch token for text concatenation.
+(where a worker's input sits) carries most of the gap, the tail little. Cost: one forward of the ``head`` and
+``tail`` tokens of every branch, packed at their text positions over the prefix and the workers' tokens between
+them, against re-prefilling every branch token for text concatenation (a model whose sliding window is shorter
+than the text runs ``2 N`` forwards at most instead, one per part).
 """
 from __future__ import annotations
 
@@ -20,11 +22,12 @@ import math
 from typing import NamedTuple
 
 import torch
+from transformers import DynamicCache
 
 from ..hf import CacheRow, ParallelCache
 from ..hf.cache import worker_cache
 from ..ops.rotate_keys import rotate_keys
-from ..rope import RopeSpec
+from ..rope import RopeSpec, find_decoder
 from .workflow import cache_kwarg
 
 
@@ -125,10 +128,11 @@ def recompute_branches(model, prefix, branches, branch_ids, *, head=0, tail=0, t
         recomputed whole); 0 and 0 recompute nothing (the ``sequential`` scheme). Per branch, e.g. ``head`` =
         each worker's prompt length: its input recomputed, its output read in place.
     together : bool
-        False (exact): one forward per recomputed part, in text order, each reading the parts recomputed before
-        it. True: one forward for all parts (a batch row each), each reading the prefix and the tokens before
-        it as their workers computed them (no part sees another's recomputation): the model's weights are read
-        once instead of once per part, which is what a small forward costs on a CPU.
+        False (exact): every part reads the parts recomputed before it in text order; all parts run in one
+        forward, packed in text order and masked by text position (one forward per part where a sliding window
+        shorter than the text bites). True: one forward for all parts (a batch row each), each reading the prefix
+        and the tokens before it as their workers computed them (no part sees another's recomputation): the
+        approximation run H48 was trained with, kept for it.
     mapper : pskernels.synthesis.CacheMapper, optional
         The synthesizer's trained mapper, applied by the returned cache to every segment (not used while
         recomputing).
@@ -192,15 +196,18 @@ def recomputed_segments(model, prefix, branches, branch_ids, *, head=0, tail=0, 
         cuts.append((h, min(t, n - h)))
     parts = [(i, a, r) for i, (n, (h, t)) in enumerate(zip(lens, cuts)) for a, r in ((0, h), (n - t, t)) if r]
     ropes = [RopeSpec.from_model(model, li) for li in range(len(prefix.layers))]
+    done = None  # every part's segment, computed in one forward (None: one forward per part, in text order)
     if together and parts:
         done = iter(_recompute_together(model, prefix, branches, branch_ids, lens, text_starts, parts, ropes,
                                         backend))
+    elif parts and _no_window_bites(model, text_starts[-1] + lens[-1]):
+        done = iter(_recompute_packed(model, prefix, branches, branch_ids, lens, text_starts, cuts, parts, ropes))
     view = RecomputedBranches(prefix, [], [], [], [], backend)
     segments, starts, skips, seg_lens = view.segments, view.starts, view.skips, view.lengths
 
     def recomputed(ids, at):
         """``ids`` at text position ``at`` as a segment of their new K/V (run here over the segments so far)."""
-        if together:
+        if done is not None:
             segments.append(next(done))
         else:
             own = view.cache(query_start=at)
@@ -262,3 +269,57 @@ def _recompute_together(model, prefix, branches, branch_ids, lens, text_starts, 
     # forward's FLOPs on SmolLM2)
     model(ids.to(dev), attention_mask=mask.to(dev), use_cache=True, logits_to_keep=1, **{cache_kwarg(model): own})
     return [worker_cache(prefix, _own_kv(own, row, L - r, P - at[row], ropes)) for row, (_, _, r) in enumerate(parts)]
+
+
+def _no_window_bites(model, text_len: int) -> bool:
+    """No attention layer of ``model`` has a sliding window shorter than ``text_len`` tokens (its own
+    ``sliding_window``, else the config's): a window that bites is applied per layer by the in-order forwards."""
+    decoder = find_decoder(model)
+    cfg = decoder.config.get_text_config(decoder=True) if hasattr(decoder.config, "get_text_config") else decoder.config
+    for layer in decoder.layers:
+        attn = getattr(layer, "self_attn", None)
+        window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
+        if window is not None and window < text_len:
+            return False
+    return True
+
+
+def _recompute_packed(model, prefix, branches, branch_ids, lens, text_starts, cuts, parts, ropes) -> list:
+    """Every part ``(branch i, first token a, tokens r)`` recomputed exactly in one forward: the parts packed in text
+    order as one sequence at their text positions, over an ordinary cache of the prefix and the workers' tokens
+    between the parts (keys re-rotated at their text positions), with a mask by text position. A part's token sees
+    the prefix, every worker token before it in the text and the packed tokens before it (the earlier parts, as
+    recomputed in this forward): layer by layer, what the one-forward-per-part recomputation reads."""
+    P = text_starts[0]
+    dev = next(model.parameters()).device
+    middle_pos = []  # text positions of the workers' tokens kept, in text order
+    cache = DynamicCache()
+    for l, layer in enumerate(prefix.layers):
+        keys, values = [layer.keys], [layer.values]
+        for c, n, (h, t), start in zip(branches, lens, cuts, text_starts):
+            if n - h - t:
+                cache_, row = (c.cache, c.row) if isinstance(c, CacheRow) else (c, 0)
+                pad = int(cache_._own_pad[row]) if cache_._own_pad is not None else 0
+                own = cache_.layers[l]
+                keys.append(rotate_keys(own.keys[row:row + 1, :, pad + h:pad + n - t], start - P, ropes[l]))
+                values.append(own.values[row:row + 1, :, pad + h:pad + n - t])
+                if l == 0:
+                    middle_pos.append(torch.arange(start + h, start + n - t))
+        cache.update(torch.cat(keys, 2), torch.cat(values, 2), l)
+    ids = torch.cat([branch_ids[i][a:a + r] for i, a, r in parts]).to(dev)
+    pos = torch.cat([torch.arange(text_starts[i] + a, text_starts[i] + a + r) for i, a, r in parts])
+    kept = torch.cat(middle_pos) if middle_pos else torch.zeros(0, dtype=torch.long)
+    Q, M = pos.numel(), kept.numel()
+    visible = torch.cat([torch.ones(Q, P, dtype=torch.bool), kept[None, :] < pos[:, None],
+                         torch.ones(Q, Q, dtype=torch.bool).tril()], 1)  # [Q, P + M + Q]
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(visible.shape, dtype=dtype).masked_fill_(~visible, torch.finfo(dtype).min)
+    model(ids[None], position_ids=pos[None].to(dev), attention_mask=mask[None, None].to(dev), use_cache=True,
+          logits_to_keep=1, **{cache_kwarg(model): cache})
+    out, at = [], P + M
+    for i, a, r in parts:
+        shift = P - (text_starts[i] + a)  # from its text positions to a worker's right after the prefix
+        out.append(worker_cache(prefix, [(rotate_keys(layer.keys[:, :, at:at + r], shift, rope),
+                                          layer.values[:, :, at:at + r]) for layer, rope in zip(cache.layers, ropes)]))
+        at += r
+    return out

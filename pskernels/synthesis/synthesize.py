@@ -178,8 +178,8 @@ class Synthesizer:
         return self.model.generate(input_ids, **{cache_kwarg(self.model): cache}, **generate_kwargs)
 
     def _how(self) -> str:
-        one = " in one forward" if self.recompute[2] else ""
-        return f"{describe_recompute(self.recompute, self.head_share)} recomputed{one}"
+        over = " over the workers' K/V" if self.recompute[2] else ""
+        return f"{describe_recompute(self.recompute, self.head_share)} recomputed{over}"
 
     def __repr__(self) -> str:
         src = f"checkpoint {str(self.path)!r}" if self.path is not None else "base model"
