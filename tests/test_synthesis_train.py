@@ -454,9 +454,28 @@ def test_cli_train_and_eval(tmp_path, capsys):
     assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "1", "--steps", "1", "--out", str(rec),
                     "--recompute", "2,1", "--recompute-together"]) == 0
     assert json.loads((rec / "train_config.json").read_text())["recompute"] == [2, 1, True]
-    assert ev.main(["--model", "tiny", "--checkpoint", str(rec), "--data", str(data), "--gen-tokens", "1",
-                    "--target-tokens", "2", "--settings", "trained"]) == 0
+    together, three = tmp_path / "together.json", tmp_path / "three.jsonl"
+    save_jsonl(aggregation_examples(2, seed=1, n_branches=(3, 3)), three)  # a third branch reads recomputed ones
+    assert ev.main(["--model", "tiny", "--checkpoint", str(rec), "--data", str(three), "--gen-tokens", "1",
+                    "--target-tokens", "2", "--settings", "trained", "--json", str(together)]) == 0
     assert "(iv) trained + recomputed 2,1" in capsys.readouterr().out
+    exact = tmp_path / "exact.json"
+    assert ev.main(["--model", "tiny", "--checkpoint", str(rec), "--data", str(three), "--gen-tokens", "1",
+                    "--target-tokens", "2", "--settings", "trained", "--exact-recompute", "--json", str(exact)]) == 0
+    assert "(iv) trained + recomputed 2,1 in exact text order" in capsys.readouterr().out
+    from pskernels.synthesis import checkpoints
+    from pskernels.synthesis.models import load_model
+
+    model, tok = load_model("tiny")
+    model, mapper = checkpoints.load_checkpoint(model, rec)
+    for path, how in ((together, (2, 1, True)), (exact, (2, 1, False))):  # as evaluate() reads it with that order
+        want = evaluate(model, tok, load_jsonl(three), mapper=mapper, gen_tokens=1, target_tokens=2,
+                        settings=("text_concat", "trained"), trained_recompute=how)
+        assert json.loads(path.read_text())["trained"]["kl"] == want["trained"]["kl"]
+    with pytest.raises(SystemExit, match=r"--exact-recompute: expected a trained setting whose synthesizer recomputes "
+                                         r"each part over the workers' K/V \(--recompute-together\), got checkpoint "
+                                         r".* trained with recompute None"):
+        ev.main(["--model", "tiny", "--checkpoint", str(out), "--data", str(data), "--exact-recompute"])
     with pytest.raises(SystemExit, match="--recompute: expected HEAD or HEAD,TAIL"):
         tr.main(["--model", "tiny", "--data", str(data), "--steps", "1", "--out", str(rec), "--recompute", "0"])
     grown = tmp_path / "grown"  # --init: a run trained so goes on with the same recompute, its heads growing now

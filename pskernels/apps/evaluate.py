@@ -218,6 +218,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="(setting recompute) each recomputed part reads the workers' own K/V before it, not the "
                    "earlier parts' recomputation (the approximation run H48 was trained with; the exact text-order "
                    "recomputation is one forward too)")
+    p.add_argument("--exact-recompute", action="store_true",
+                   help="a synthesizer trained with --recompute-together (run H48) reads its recomputed parts in "
+                   "exact text order instead, each over the parts recomputed before it (one forward all the same)")
     p.add_argument("--gen-tokens", type=int_at_least(1), default=12)
     p.add_argument("--answer-samples", type=int_at_least(0), default=0, metavar="N",
                    help="also sample N continuations per setting and example with an answer (the same seeds for "
@@ -379,6 +382,13 @@ def run_eval(args) -> int:
         cfg = checkpoints.checkpoint_train_config(checkpoint) if checkpoint else {}
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    trained_recompute = checkpoints.trained_recompute(checkpoint)
+    if args.exact_recompute:
+        if not (trained_recompute and trained_recompute[2] and "trained" in settings):
+            raise SystemExit(f"--exact-recompute: expected a trained setting whose synthesizer recomputes each part "
+                             f"over the workers' K/V (--recompute-together), got checkpoint {checkpoint} trained "
+                             f"with recompute {trained_recompute} and settings {','.join(settings)}")
+        trained_recompute = (*trained_recompute[:2], False)
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     if checkpoint:  # refuse a checkpoint of another model before any evaluation work
         try:
@@ -418,11 +428,11 @@ def run_eval(args) -> int:
                                          max_examples=None)
         names["ape"] = f"(iii) APE calibrated (T={calibration['temperature']:g}, S={calibration['lse_scale']:g})"
     mapper, checkpoint_loaded = None, False
-    trained_recompute = checkpoints.trained_recompute(checkpoint)
     trained_share = 0.0
     if trained_recompute:  # the synthesizer was trained to read its branches so
         trained_share = checkpoints.trained_head_share(checkpoint) if args.head_share is None else args.head_share
-        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute) + _share_label(trained_share)
+        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute) + _share_label(trained_share) \
+            + (" in exact text order" if args.exact_recompute else "")
     if args.head_share and "recompute" not in settings and not (trained_recompute and "trained" in settings):
         raise SystemExit(f"--head-share {args.head_share:g}: nothing recomputes here; it applies to the recompute "
                          "setting (--settings ...,recompute) and to a synthesizer trained on recomputed branches "
