@@ -319,13 +319,14 @@ def test_a_peft_synthesizer_passes_the_cache_by_the_name_its_model_takes(togethe
 
 def _in_order(monkeypatch):
     """Make recompute_branches(together=False) run one forward per part, as it does where a sliding window bites."""
-    monkeypatch.setattr(recompute, "_no_window_bites", lambda model, text_len: False)
+    monkeypatch.setattr(recompute, "_packs_exactly", lambda model, text_len: False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "llama3_rope", "llama_yarn", "qwen2", "qwen3", "phi3_partial", "gemma"])
+@pytest.mark.parametrize("arch, attn", [(a, "eager") for a in ("llama", "llama3_rope", "llama_yarn", "qwen2", "qwen3",
+                                                                 "phi3_partial", "gemma")] + [("llama", "sdpa")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_exact_recomputation_is_the_one_forward_per_part_order(arch, dtype, monkeypatch):
-    model = make_model(arch, dtype=dtype)
+def test_packed_exact_recomputation_is_the_one_forward_per_part_order(arch, attn, dtype, monkeypatch):
+    model = make_model(arch, attn_implementation=attn, dtype=dtype)
     prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 7, 3, 9, 1, 4), vocab=VOCAB)
     query = torch.randint(0, VOCAB, (1, 4))
     kw = dict(head=[2, 0, 5, 1, 3], tail=(1, 3, 0, 0, 2))
@@ -337,9 +338,11 @@ def test_packed_exact_recomputation_is_the_one_forward_per_part_order(arch, dtyp
     torch.testing.assert_close(packed, in_order, **tol)
 
 
-@pytest.mark.parametrize("arch", ["mistral_sliding", "gemma2", "gemma3"])
-def test_a_sliding_window_that_bites_recomputes_one_part_at_a_time(arch, monkeypatch):
-    model = make_model(arch)
+@pytest.mark.parametrize("arch, attn", [("mistral_sliding", "eager"), ("gemma2", "eager"), ("gemma3", "eager"),
+                                        ("llama", "flex_attention")])
+def test_a_sliding_window_or_a_maskless_attention_recomputes_one_part_at_a_time(arch, attn, monkeypatch):
+    """A window that bites, or an attention that takes no additive 4D mask, keeps the in-order forwards."""
+    model = make_model(arch, attn_implementation=attn)
     prefix, workers, (_, *ids) = zero_copy_workflow(model, (3, 4, 5, 2), vocab=VOCAB)  # windows of 6 tokens
 
     def packed(*args):

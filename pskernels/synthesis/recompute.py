@@ -25,6 +25,8 @@ import torch
 from transformers import DynamicCache
 
 from ..hf import CacheRow, ParallelCache
+from ..hf.attention import NAME as PATCHED_ATTENTION
+from ..hf.attention import original_impl
 from ..hf.cache import worker_cache
 from ..ops.rotate_keys import rotate_keys
 from ..rope import RopeSpec, find_decoder
@@ -200,7 +202,7 @@ def recomputed_segments(model, prefix, branches, branch_ids, *, head=0, tail=0, 
     if together and parts:
         done = iter(_recompute_together(model, prefix, branches, branch_ids, lens, text_starts, parts, ropes,
                                         backend))
-    elif parts and _no_window_bites(model, text_starts[-1] + lens[-1]):
+    elif parts and _packs_exactly(model, text_starts[-1] + lens[-1]):
         done = iter(_recompute_packed(model, prefix, branches, branch_ids, lens, text_starts, cuts, parts, ropes))
     view = RecomputedBranches(prefix, [], [], [], [], backend)
     segments, starts, skips, seg_lens = view.segments, view.starts, view.skips, view.lengths
@@ -271,13 +273,19 @@ def _recompute_together(model, prefix, branches, branch_ids, lens, text_starts, 
     return [worker_cache(prefix, _own_kv(own, row, L - r, P - at[row], ropes)) for row, (_, _, r) in enumerate(parts)]
 
 
-def _no_window_bites(model, text_len: int) -> bool:
-    """No attention layer of ``model`` has a sliding window shorter than ``text_len`` tokens (its own
-    ``sliding_window``, else the config's): a window that bites is applied per layer by the in-order forwards."""
+def _packs_exactly(model, text_len: int) -> bool:
+    """The packed forward reads what the in-order forwards read: every attention layer of ``model`` takes an additive
+    4D mask (eager or SDPA as ``patch_model`` found it; flash attention takes none) and has no sliding window
+    shorter than ``text_len`` tokens (its own ``sliding_window``, else the config's), which the in-order forwards
+    apply per layer."""
     decoder = find_decoder(model)
     cfg = decoder.config.get_text_config(decoder=True) if hasattr(decoder.config, "get_text_config") else decoder.config
     for layer in decoder.layers:
         attn = getattr(layer, "self_attn", None)
+        own = getattr(attn, "config", cfg)
+        impl = own._attn_implementation
+        if (original_impl(own) if impl == PATCHED_ATTENTION else impl) not in ("eager", "sdpa"):
+            return False
         window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(cfg, "sliding_window", None)
         if window is not None and window < text_len:
             return False
