@@ -240,10 +240,15 @@ def _own_kv(cache: ParallelCache, row: int, pad: int, shift: int, ropes) -> list
             for layer, rope in zip(cache.layers, ropes)]
 
 
+def _worker_row(branch) -> tuple:
+    """``(cache, row, pad)``: where a worker cache or a ``CacheRow`` of one keeps the branch's tokens."""
+    cache, row = (branch.cache, branch.row) if isinstance(branch, CacheRow) else (branch, 0)
+    return cache, row, int(cache._own_pad[row]) if cache._own_pad is not None else 0
+
+
 def _broadcast_worker(prefix, branch, rows: int) -> ParallelCache:
     """A branch as a zero-copy worker cache of ``rows`` rows, each the same view of its K/V (no copy)."""
-    cache, row = (branch.cache, branch.row) if isinstance(branch, CacheRow) else (branch, 0)
-    pad = int(cache._own_pad[row]) if cache._own_pad is not None else 0
+    cache, row, pad = _worker_row(branch)
     kv = [(layer.keys[row:row + 1].expand(rows, -1, -1, -1), layer.values[row:row + 1].expand(rows, -1, -1, -1))
           for layer in cache.layers]
     return worker_cache(prefix, kv, pad=[pad] * rows)
@@ -300,19 +305,19 @@ def _recompute_packed(model, prefix, branches, branch_ids, lens, text_starts, cu
     recomputed in this forward): layer by layer, what the one-forward-per-part recomputation reads."""
     P = text_starts[0]
     dev = next(model.parameters()).device
-    middle_pos = []  # text positions of the workers' tokens kept, in text order
+    middles, middle_pos = [], []  # per branch with a middle: (cache, row, slots, shift); its text positions
+    for c, n, (h, t), start in zip(branches, lens, cuts, text_starts):
+        if n - h - t:
+            worker, row, pad = _worker_row(c)
+            middles.append((worker, row, pad + h, pad + n - t, start - P))
+            middle_pos.append(torch.arange(start + h, start + n - t))
     cache = DynamicCache()
     for l, layer in enumerate(prefix.layers):
         keys, values = [layer.keys], [layer.values]
-        for c, n, (h, t), start in zip(branches, lens, cuts, text_starts):
-            if n - h - t:
-                cache_, row = (c.cache, c.row) if isinstance(c, CacheRow) else (c, 0)
-                pad = int(cache_._own_pad[row]) if cache_._own_pad is not None else 0
-                own = cache_.layers[l]
-                keys.append(rotate_keys(own.keys[row:row + 1, :, pad + h:pad + n - t], start - P, ropes[l]))
-                values.append(own.values[row:row + 1, :, pad + h:pad + n - t])
-                if l == 0:
-                    middle_pos.append(torch.arange(start + h, start + n - t))
+        for worker, row, a, b, shift in middles:
+            own = worker.layers[l]
+            keys.append(rotate_keys(own.keys[row:row + 1, :, a:b], shift, ropes[l]))
+            values.append(own.values[row:row + 1, :, a:b])
         cache.update(torch.cat(keys, 2), torch.cat(values, 2), l)
     ids = torch.cat([branch_ids[i][a:a + r] for i, a, r in parts]).to(dev)
     pos = torch.cat([torch.arange(text_starts[i] + a, text_starts[i] + a + r) for i, a, r in parts])
