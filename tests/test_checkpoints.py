@@ -423,6 +423,8 @@ def test_eval_recompute_setting(tmp_path, capsys):
     one, text = _eval(["--untrained", "--settings", "recompute", "--recompute", "2", "--recompute-together"],
                       tmp_path, capsys)
     assert "(v) recomputed head 2, tail 0 (over workers' K/V)" in text and one["recompute"]["n"] == 2
+    assert one["recomputation"] == {"recompute": [2, 0, True], "trained": None}
+    assert r["recomputation"] == {"recompute": [2, 0, False], "trained": None}
 
     from pskernels.apps import evaluate as ev
 

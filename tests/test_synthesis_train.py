@@ -471,7 +471,9 @@ def test_cli_train_and_eval(tmp_path, capsys):
     for path, how in ((together, (2, 1, True)), (exact, (2, 1, False))):  # as evaluate() reads it with that order
         want = evaluate(model, tok, load_jsonl(three), mapper=mapper, gen_tokens=1, target_tokens=2,
                         settings=("text_concat", "trained"), trained_recompute=how)
-        assert json.loads(path.read_text())["trained"]["kl"] == want["trained"]["kl"]
+        saved = json.loads(path.read_text())
+        assert saved["trained"]["kl"] == want["trained"]["kl"]
+        assert saved["recomputation"] == {"recompute": None, "trained": list(how)}
     with pytest.raises(SystemExit, match=r"--exact-recompute: expected a trained setting whose synthesizer recomputes "
                                          r"each part over the workers' K/V \(--recompute-together\), got checkpoint "
                                          r".* trained with recompute None"):

@@ -3,6 +3,11 @@ on the tiny model."""
 import copy
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -301,6 +306,60 @@ def test_cli_make_suite_jobs_write_the_file_of_one_process(tmp_path, capsys):
     assert e.value.code == 2 and "argument --jobs: expected an int >= 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="unknown family 'nope'"):
         ev.main(["--make-suite", str(two), "--jobs", "2", *args[:6], "--families", "nope"])
+
+
+def _children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (Linux /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rsplit(")", 1)[-1].split()  # after the command name, which may hold spaces
+        if entry.isdigit() and int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(entry))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads the process tree from Linux /proc")
+def test_cli_make_suite_jobs_workers_exit_with_a_killed_parent(tmp_path):
+    """SIGTERM to a ``--make-suite --jobs 2`` parent (no chance to stop its pool): its spawned workers notice and
+    exit instead of generating on."""
+    argv = [sys.executable, "-m", "pskernels.apps.cli", "eval", "--model", "tiny", "--threads", "1", "--jobs", "2",
+            "--make-suite", str(tmp_path / "never.jsonl"), "--families", "all", "--per-family", "400",
+            "--worker-tokens", "32"]
+    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    workers = []
+    try:
+        deadline = time.monotonic() + 120
+        while "[job " not in p.stderr.readline():  # a worker has built an example: both are running
+            assert p.poll() is None and time.monotonic() < deadline, "no worker reported progress"
+        workers = _children(p.pid)
+        assert len(workers) >= 2
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == -signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [w for w in workers if _alive(w)], "workers outlived their parent"
+        assert not (tmp_path / "never.jsonl").exists()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stderr.close()
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
 
 
 def test_cli_make_suite_and_evaluate_it(tmp_path, capsys):

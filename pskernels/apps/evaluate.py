@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -94,10 +95,22 @@ def _grid(text: str):
         raise SystemExit(f"--ape-grid: expected T,T,.../S,S,... (e.g. 0.8,0.9,1/0.8,0.9,1), got {text!r}") from None
 
 
-def _build_shard(model_name: str, dtype: str, threads: int | None, shard: tuple, kwargs: dict) -> list:
-    """One ``--jobs`` process: load the model in ``dtype``, build every ``shard[1]``-th example from ``shard[0]``."""
+def _exit_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Exit this process once ``parent_pid`` is gone: a ``--jobs`` parent killed by a signal cannot stop its
+    spawned workers, and they would otherwise generate on for minutes, holding the cores."""
+    while os.getppid() == parent_pid:
+        time.sleep(poll_s)
+    os._exit(1)
+
+
+def _build_shard(model_name: str, dtype: str, threads: int | None, shard: tuple, kwargs: dict,
+                 parent_pid: int | None = None) -> list:
+    """One ``--jobs`` process: load the model in ``dtype``, build every ``shard[1]``-th example from ``shard[0]``
+    (``parent_pid``: a spawned worker, which exits when that process does)."""
     from ..synthesis.workflows import build_workflows
 
+    if parent_pid is not None:
+        threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
     if threads:
         torch.set_num_threads(threads)
     model, tok = load_model(model_name, dtype=getattr(torch, dtype))
@@ -136,7 +149,7 @@ def make_suite(args) -> int:
         else:
             with ProcessPoolExecutor(jobs, mp_context=get_context("spawn")) as pool:
                 parts = list(pool.map(_build_shard, [args.model] * jobs, [args.dtype] * jobs, [args.threads] * jobs,
-                                      [(k, jobs) for k in range(jobs)], [kwargs] * jobs))
+                                      [(k, jobs) for k in range(jobs)], [kwargs] * jobs, [os.getpid()] * jobs))
             examples = [parts[i % jobs][i // jobs] for i in range(n_examples)]
     except ValueError as e:
         raise SystemExit(f"--make-suite: {e}") from None
@@ -469,6 +482,9 @@ def run_eval(args) -> int:
         r["checkpoint"] = checkpoint
         r["dtype"] = args.dtype
         r["head_share"] = {"recompute": args.head_share or 0.0, "trained": trained_share}
+        r["recomputation"] = {  # [head, tail, together]: together = over the workers' K/V, else exact text order
+            "recompute": [*recompute, bool(args.recompute_together)] if "recompute" in settings else None,
+            "trained": list(trained_recompute) if trained_recompute and "trained" in settings else None}
         r["names"] = {s: names.get(s, SETTING_NAMES[s]) for s in evaluation.SETTINGS if s in r}
         with open(args.json, "w") as f:
             json.dump(r, f, indent=2)
