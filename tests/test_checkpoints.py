@@ -265,7 +265,7 @@ def test_eval_recompute_synthesizer_is_the_shipped_one_trained_on_recomputed_tur
     monkeypatch.setitem(checkpoints.SHIPPED_RECOMPUTE, "tiny", recomputing.name)
     r, text = _eval(["--settings", "trained", "--recompute-synthesizer"], tmp_path, capsys)
     assert r["checkpoint"] == str(recomputing) and f"{recomputing} (--recompute-synthesizer)" in text
-    assert "(iv) trained + recomputed 2,1" in text
+    assert "(iv) trained + recomputed 2,1" in text and "over workers' K/V" not in text  # trained in exact order
     plain, _ = _eval(["--settings", "trained", "--checkpoint", str(shipped_tiny)], tmp_path, capsys)
     assert r["trained"]["kl"] != pytest.approx(plain["trained"]["kl"], rel=1e-5)  # the same weights, read recomputed
     with pytest.raises(SystemExit):  # argparse: not allowed with --untrained

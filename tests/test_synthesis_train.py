@@ -458,7 +458,7 @@ def test_cli_train_and_eval(tmp_path, capsys):
     save_jsonl(aggregation_examples(2, seed=1, n_branches=(3, 3)), three)  # a third branch reads recomputed ones
     assert ev.main(["--model", "tiny", "--checkpoint", str(rec), "--data", str(three), "--gen-tokens", "1",
                     "--target-tokens", "2", "--settings", "trained", "--json", str(together)]) == 0
-    assert "(iv) trained + recomputed 2,1" in capsys.readouterr().out
+    assert "(iv) trained + recomputed 2,1 (over workers' K/V)" in capsys.readouterr().out
     exact = tmp_path / "exact.json"
     assert ev.main(["--model", "tiny", "--checkpoint", str(rec), "--data", str(three), "--gen-tokens", "1",
                     "--target-tokens", "2", "--settings", "trained", "--exact-recompute", "--json", str(exact)]) == 0

@@ -444,7 +444,8 @@ def run_eval(args) -> int:
     trained_share = 0.0
     if trained_recompute:  # the synthesizer was trained to read its branches so
         trained_share = checkpoints.trained_head_share(checkpoint) if args.head_share is None else args.head_share
-        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute) + _share_label(trained_share) \
+        names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute[:2]) \
+            + _share_label(trained_share) + (" (over workers' K/V)" if trained_recompute[2] else "") \
             + (" in exact text order" if args.exact_recompute else "")
     if args.head_share and "recompute" not in settings and not (trained_recompute and "trained" in settings):
         raise SystemExit(f"--head-share {args.head_share:g}: nothing recomputes here; it applies to the recompute "
