@@ -257,6 +257,11 @@ def _share_label(share: float) -> str:
     return f", head share {share:g}" if share else ""
 
 
+def _order_label(together: bool) -> str:
+    """How a row's recomputed parts read the branches before them: nothing said for the exact text order."""
+    return " (over workers' K/V)" if together else ""
+
+
 def parse_recompute(text: str) -> tuple:
     """``--recompute HEAD[,TAIL]`` as ``(head, tail)`` (head ``'prompt'`` or tokens)."""
     parts = text.split(",")
@@ -445,7 +450,7 @@ def run_eval(args) -> int:
     if trained_recompute:  # the synthesizer was trained to read its branches so
         trained_share = checkpoints.trained_head_share(checkpoint) if args.head_share is None else args.head_share
         names["trained"] = "(iv) trained + recomputed {},{}".format(*trained_recompute[:2]) \
-            + _share_label(trained_share) + (" (over workers' K/V)" if trained_recompute[2] else "") \
+            + _share_label(trained_share) + _order_label(trained_recompute[2]) \
             + (" in exact text order" if args.exact_recompute else "")
     if args.head_share and "recompute" not in settings and not (trained_recompute and "trained" in settings):
         raise SystemExit(f"--head-share {args.head_share:g}: nothing recomputes here; it applies to the recompute "
@@ -464,7 +469,7 @@ def run_eval(args) -> int:
                             trained_head_share=trained_share, answer_samples=args.answer_samples,
                             temperature=args.temperature, sample_seed=args.sample_seed)
     names["recompute"] = RECOMPUTE_NAME.format(*recompute) + _share_label(args.head_share or 0.0) + \
-        (" (over workers' K/V)" if args.recompute_together else "")
+        _order_label(args.recompute_together)
     print(f"model {args.model} ({args.dtype}), scheme {scheme}")
     print(f"trained row: checkpoint {checkpoint_how}")
     if calibration is not None:
