@@ -353,3 +353,94 @@ def test_a_sliding_window_or_a_maskless_attention_recomputes_one_part_at_a_time(
     with torch.no_grad():
         out = model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=2, tail=1)).logits
     assert torch.isfinite(out).all()
+
+
+def _mapper(model, exact_recomputed, calibrate=True):
+    """A mapper that has learned something: K/V residuals and, with ``calibrate``, knobs away from identity."""
+    from pskernels.synthesis import CacheMapper
+
+    torch.manual_seed(3)
+    mapper = CacheMapper.for_model(model, rank=4, calibrate=calibrate, init_temperature=0.5, init_lse_scale=0.7,
+                                   exact_recomputed=exact_recomputed)
+    with torch.no_grad():
+        mapper.k_up.normal_(0, 0.2)
+        mapper.v_up.normal_(0, 0.2)
+    return mapper
+
+
+def test_a_mapper_that_steps_aside_reads_every_recomputed_token_as_the_text_has_it():
+    """exact_recomputed: with every token recomputed the synthesizer reads the text concatenation whatever its mapper
+    learned; a mapper that maps every segment does not."""
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 4, 6, 2))
+    query = torch.randint(0, V, (1, 3))
+    with torch.no_grad():
+        def logits(mapper):
+            return model(query, past_key_values=recompute_branches(model, prefix, workers, ids, head=100,
+                                                                   mapper=mapper)).logits[0]
+
+        aside, everywhere = logits(_mapper(model, True)), logits(_mapper(model, False))
+        pskernels.unpatch_model(model)
+        text = model(torch.cat([*ids, query[0]])[None], past_key_values=copy.deepcopy(prefix)).logits[0, -3:]
+    torch.testing.assert_close(aside, text, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(everywhere, text, atol=1e-3)
+
+
+def test_a_mapper_that_steps_aside_maps_the_workers_middles_only():
+    """Heads recomputed, middles the workers': the mapper's K/V residual reaches the middles alone. Reference: the
+    middles mapped by hand (map_kv_caches at their text positions, keys rotated back to the worker's slots) in a
+    cache without a mapper."""
+    from pskernels.hf.cache import worker_cache
+
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 4, 6, 2, 7))
+    query = torch.randint(0, V, (1, 3))
+    mapper = _mapper(model, True, calibrate=False)
+    rope = pskernels.RopeSpec.from_model(model, 0)
+    P = prefix.get_seq_length()
+    with torch.no_grad():
+        view = recomputed_segments(model, prefix, workers, ids, head=2, tail=1)
+        assert view.recomputed == [0, 2, 3, 5, 6, 7, 9]  # head, middle, tail of 4, 6 and 7 tokens; of 2: the head
+        cache = view.cache(mapper=mapper)
+        assert cache.exact_branches == frozenset(view.recomputed)
+        got = model(query, past_key_values=cache).logits
+        by_hand = list(view.segments)
+        for i, (seg, start) in enumerate(zip(view.segments, view.starts)):
+            if i in view.recomputed:
+                continue
+            keys = [[layer.keys] for layer in seg.layers]
+            values = [[layer.values] for layer in seg.layers]
+            at = torch.full((len(keys), 1, 1), P)
+            mk, mv = mapper.map(keys, values, at, at + start - P, rope)
+            by_hand[i] = worker_cache(prefix, [(pskernels.rotate_keys(k[0], P - start, rope), v[0])
+                                               for k, v in zip(mk, mv)])
+        want = model(query, past_key_values=view._replace(segments=by_hand).cache()).logits
+        plain = model(query, past_key_values=view.cache()).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)
+
+
+def test_a_calibrating_mapper_that_steps_aside_calibrates_the_middles_only():
+    """The knobs weigh the mapped middles against the prefix, the recomputed parts and the own tokens: the result is
+    neither the plain cache's nor the one where every segment is calibrated, and branches that are all exact (or a
+    cache of no middle) are read as without a mapper."""
+    model = small_llama()
+    prefix, workers, (_, *ids) = zero_copy_workflow(model, (5, 4, 6, 7))
+    query = torch.randint(0, V, (1, 3))
+    aside, everywhere = _mapper(model, True), _mapper(model, False)
+    with torch.no_grad():
+        view = recomputed_segments(model, prefix, workers, ids, head=2)
+        got, plain, mapped = (model(query, past_key_values=view.cache(mapper=m)).logits
+                              for m in (aside, None, everywhere))
+        heads_only = recomputed_segments(model, prefix, workers, [t[:2] for t in ids], head=2)
+        exact, unmapped = (model(query, past_key_values=heads_only.cache(mapper=m)).logits for m in (aside, None))
+    assert not torch.allclose(got, plain, atol=1e-3) and not torch.allclose(got, mapped, atol=1e-3)
+    assert torch.equal(exact, unmapped)
+
+
+def test_exact_branches_are_branch_indices():
+    model = small_llama()
+    prefix, workers, _ = zero_copy_workflow(model, (5, 4, 6))
+    for bad in ([2], [-1], [True], ["0"], [0.0]):
+        with pytest.raises(ValueError, match=r"exact_branches: expected branch indices in \[0, 2\), got"):
+            pskernels.ParallelCache(prefix, workers, exact_branches=bad)

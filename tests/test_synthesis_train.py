@@ -311,6 +311,34 @@ def test_training_grows_the_heads_of_long_branches(monkeypatch, tmp_path):
         train(_model(), TOK, ex, TrainConfig(steps=1, recompute=(2, 0, True), head_share=1.5))
 
 
+def test_training_a_mapper_that_steps_aside_on_the_recomputed_tokens(tmp_path):
+    """exact_recomputed: the fresh mapper is made so (kept in its config, which the checkpoint loads), the run
+    records it, resuming without it is refused, and it needs a fresh mapper reading recomputed branches."""
+    from pskernels.apps import train as tr
+    from pskernels.synthesis import checkpoints
+    from pskernels.synthesis.models import load_model
+
+    data = tmp_path / "d.jsonl"
+    save_jsonl(aggregation_examples(3, seed=0, n_branches=(2, 3)), data)
+    out = tmp_path / "run"
+    assert tr.main(["--model", "tiny", "--data", str(data), "--eval-examples", "1", "--steps", "2", "--out", str(out),
+                    "--recompute", "2", "--exact-recomputed"]) == 0
+    assert json.loads((out / "train_config.json").read_text())["exact_recomputed"] is True
+    model, _ = load_model("tiny")
+    assert checkpoints.load_checkpoint(model, out)[1].config.exact_recomputed
+    ex = _small_examples(2, seed=4)
+    run = dict(checkpoint_dir=str(tmp_path / "api"), log_every=0)
+    r = train(_model(), TOK, ex, TrainConfig(steps=1, recompute=(2, 0, False), exact_recomputed=True, **run))
+    assert r["config"]["exact_recomputed"] and r["mapper"].config.exact_recomputed
+    with pytest.raises(ValueError, match=r"exact_recomputed: the run in .* was trained with exact_recomputed True, "
+                                         r"resumed with False"):
+        train(_model(), TOK, ex, TrainConfig(steps=2, resume=True, recompute=(2, 0, False), **run))
+    for bad in (dict(), dict(recompute=(2, 0, False), mapper=False), dict(recompute=(2, 0, False), init=str(out))):
+        with pytest.raises(ValueError, match=r"exact_recomputed: a fresh mapper \(mapper=None, no init\) reading "
+                                             r"recomputed branches"):
+            train(_model(), TOK, ex, TrainConfig(steps=1, exact_recomputed=True, **bad))
+
+
 def test_training_starts_from_a_checkpoint(tmp_path):
     """init: the mapper and the adapter start as the checkpoint's (its LoRA rank, not lora_r), the optimizer and the
     schedule fresh; a run at lr 0 saves them unchanged. A folder without either, or new link tokens, are refused."""

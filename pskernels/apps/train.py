@@ -99,6 +99,9 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--head-share", type=float, default=0.0, metavar="F",
                    help="(--recompute) each branch's head grows to at least the share F (0..1) of it, for long worker "
                    "outputs; recorded in the checkpoint, which eval and demo then read with it")
+    p.add_argument("--exact-recomputed", action="store_true",
+                   help="(--recompute) the mapper steps aside on the recomputed tokens, whose K/V are the text's "
+                   "already: it maps and calibrates the workers' own tokens only (kept in the mapper's config)")
     p.add_argument("--init", metavar="CHECKPOINT", help="start from this checkpoint's mapper and adapter (a folder "
                    "written by train --out or export_checkpoint, e.g. a shipped one under pskernels/checkpoints/) "
                    "instead of fresh ones; fresh optimizer and lr schedule; it must have been trained for --model "
@@ -146,7 +149,8 @@ def run_train(args) -> int:
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, mapper_rank=args.mapper_rank,
         grad_accum=args.grad_accum, target_tokens=args.target_tokens, log_every=args.log_every,
         cache_teacher=not args.no_cache_teacher,
-        recompute=recompute, head_share=args.head_share, init=args.init, link_tokens=args.link_tokens,
+        recompute=recompute, head_share=args.head_share, exact_recomputed=args.exact_recomputed, init=args.init,
+        link_tokens=args.link_tokens,
         log=lambda s: print(s, flush=True),
         config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,
                       "n_examples": args.n_examples, "mix": args.mix, "eval_data": args.eval_data,

@@ -59,7 +59,7 @@ class _SourceRows:
     skip: torch.Tensor  # leading real tokens not read, after the padding
     slot0: torch.Tensor  # original position of the segment's slot 0
     delta: torch.Tensor  # re-indexing shift
-    is_branch: torch.Tensor  # [S, 1] bool
+    mappable: torch.Tensor  # [S, 1] bool: a branch that a mapper maps (not one of ``exact_branches``)
 
 
 def _cum_len(cache: Cache) -> int:
@@ -116,6 +116,9 @@ class ParallelCache(Cache):
         Learned calibration of the branch caches: on the first forward every (layer, branch) cache is
         mapped in one :func:`pskernels.map_kv_caches` call (keys re-rotated at their virtual positions),
         and the mapper's per-layer knobs calibrate the branches against the prefix and own tokens.
+    exact_branches : sequence of int, optional
+        Indices of branches the mapper leaves alone: not mapped, and attended with the prefix and own tokens
+        (uncalibrated), e.g. branch parts recomputed in text order, whose K/V are already the text's.
     reserve : int, optional
         Own-token slots (per row) to allocate at the first forward, e.g. a worker's prompt +
         ``max_new_tokens - 1``: no regrowth copy and no spare slots. The own tokens of every layer live in
@@ -147,7 +150,7 @@ class ParallelCache(Cache):
 
     def __init__(self, prefix: Cache | None = None, branches=(), scheme: str = "parallel", branch_starts=None,
                  query_start=None, branch_lengths=None, branch_skip=None, backend: str = "auto", mapper=None,
-                 reserve: int | None = None):
+                 reserve: int | None = None, exact_branches=None):
         if scheme not in SCHEMES:
             raise ValueError(f"scheme: expected one of {SCHEMES}, got {scheme!r}")
         if reserve is not None and (isinstance(reserve, bool) or not isinstance(reserve, int) or reserve < 0):
@@ -187,7 +190,7 @@ class ParallelCache(Cache):
         self.batch = B
         self.backend = backend
         self.mapper = mapper
-        self._mapped = None  # [layer][branch] -> (k, v) once the mapper ran
+        self._mapped = None  # [layer] -> {branch: (k, v)} once the mapper ran (exact branches are not mapped)
         self.prefix = prefix
         self.prefix_len = P = _cum_len(prefix) if prefix is not None else 0
         self.scheme = scheme
@@ -212,6 +215,10 @@ class ParallelCache(Cache):
                 z = torch.zeros(B, dtype=torch.int64)
                 self.branches.append(_Branch(c, False, tokens, z, z + tokens, rows[i]))
         N = len(self.branches)
+        exact = list(exact_branches) if exact_branches is not None else []
+        if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < N for i in exact):
+            raise ValueError(f"exact_branches: expected branch indices in [0, {N}), got {exact_branches!r}")
+        self.exact_branches = frozenset(exact)
         if branch_lengths is not None:
             lens = _rows("branch_lengths", branch_lengths, N, B)
             for i, br in enumerate(self.branches):
@@ -362,10 +369,12 @@ class ParallelCache(Cache):
             skip.append(br.skip if br.skip is not None else torch.zeros(B, dtype=torch.int64))
         pad_t = torch.stack(pad) if pad else torch.zeros(0, B, dtype=torch.int64)
         is_branch = torch.arange(len(sources))[:, None] >= first
+        mappable = is_branch.clone()
+        mappable[[first + i for i in self.exact_branches]] = False
         rows = _SourceRows(pad=pad_t, length=torch.stack(length) if length else pad_t,
                            skip=torch.stack(skip) if skip else pad_t,
                            slot0=torch.where(is_branch, P - pad_t, 0), delta=torch.cat([*delta, self.deltas]),
-                           is_branch=is_branch)
+                           mappable=mappable)
         self._sources, self._source_rows = sources, rows
         # every source but a zero-copy branch stored with the synthesizer's batch needs a view per layer
         self._reshaped = [i for i, src in enumerate(sources)
@@ -408,26 +417,31 @@ class ParallelCache(Cache):
         return keys, values, offs, stored
 
     def _map_branches(self, rope_of) -> None:
-        """Run the mapper once over all (layer, branch) caches; one map_kv_caches call per distinct RoPE."""
+        """Run the mapper once over all (layer, branch) caches but the exact branches; one map_kv_caches call per
+        distinct RoPE."""
         NL = len(self.layers)
         first = len(self._sources) - len(self.branches)
         rows = self._source_rows
+        mapped = [i for i in range(len(self.branches)) if i not in self.exact_branches]
+        at = [first + i for i in mapped]
+        self._mapped = [{} for _ in range(NL)]
+        if not mapped:
+            return
         by_rope = {}
         for l in range(NL):
             spec = rope_of(l)
             key = (spec.style, spec.rotary_dim, tuple(spec.inv_freq.tolist()))
             by_rope.setdefault(key, (spec, []))[1].append(l)
-        self._mapped = [None] * NL
         for spec, layers in by_rope.values():
             views = [self._views(l) for l in layers]
-            keys = [ks[first:] for ks, _, _, _ in views]
-            values = [vs[first:] for _, vs, _, _ in views]
-            # [nl, N, B] original and new position of each branch's slot 0
-            orig = torch.stack([rows.slot0[first:] + torch.tensor(offs[first:])[:, None] for _, _, offs, _ in views])
-            new = orig + rows.delta[first:]
+            keys = [[ks[s] for s in at] for ks, _, _, _ in views]
+            values = [[vs[s] for s in at] for _, vs, _, _ in views]
+            # [nl, n, B] original and new position of each mapped branch's slot 0
+            orig = torch.stack([rows.slot0[at] + torch.tensor(offs)[at][:, None] for _, _, offs, _ in views])
+            new = orig + rows.delta[at]
             ko, vo = self.mapper.map(keys, values, orig, new, spec, layers=layers)
             for j, l in enumerate(layers):
-                self._mapped[l] = list(zip(ko[j], vo[j]))
+                self._mapped[l] = dict(zip(mapped, zip(ko[j], vo[j])))
 
     def segments(self, layer_idx: int, own_k: torch.Tensor, own_v: torch.Tensor, sliding_window: int | None,
                  rope_of=None):
@@ -440,7 +454,7 @@ class ParallelCache(Cache):
         if self.mapper is not None and self.branches:
             if self._mapped is None:
                 self._map_branches(rope_of)
-            for i, (k, v) in enumerate(self._mapped[layer_idx]):
+            for i, (k, v) in self._mapped[layer_idx].items():
                 keys[first + i], values[first + i] = k, v
         sig = (tuple(stored), tuple(offs), own_k.shape[2], sliding_window)
         meta = st["meta"].get(sig)
@@ -451,8 +465,8 @@ class ParallelCache(Cache):
         values.append(own_v)
         if self.mapper is not None:
             knobs = self.mapper.knobs(layer_idx, own_k.device)
-            if knobs and self.branches:
-                groups = [0] * first + [1] * len(self.branches) + [0]
+            if knobs and len(self.exact_branches) < len(self.branches):
+                groups = [0] * first + [int(i not in self.exact_branches) for i in range(len(self.branches))] + [0]
                 # the knobs differ per layer, the layout does not: one plan, calibrated per run
                 return keys, values, dict(meta, segment_groups=groups, **knobs), (sig, "calibrated")
         return keys, values, meta, sig
@@ -466,7 +480,7 @@ class ParallelCache(Cache):
         end = (rows.pad + rows.length - off).clamp(min=0).minimum(L)
         pads = (rows.pad + rows.skip - off).clamp(min=0).minimum(end)
         pos0 = rows.slot0 + off + rows.delta
-        mapped = rows.is_branch if self._mapped is not None else torch.zeros_like(rows.is_branch)
+        mapped = rows.mappable if self._mapped is not None else torch.zeros_like(rows.mappable)
         shifts = torch.where(mapped, 0, rows.delta)  # mapped keys were already re-rotated at their new positions
         if window is not None and any(offs):
             qmin = self._active["vpos_cpu"].amin(1)  # [B]

@@ -6,6 +6,10 @@ calibration knobs (temperature ``T``, LSE scale ``S``, log-weight ``b``) rescale
 weigh against the prefix and the synthesizer's own tokens. Identity at init: ``up`` projections are
 zero and the knobs are ``T = S = 1, b = 0``.
 
+With ``exact_recomputed``, the mapper steps aside where branch tokens were recomputed in text order
+(:mod:`pskernels.synthesis.recompute`): their K/V are the text's already, so it neither maps nor calibrates them
+and acts on the workers' own tokens only.
+
 Optionally (``link_tokens > 0``) it also holds trained input embeddings of ``link_tokens`` tokens that the
 synthesizer runs after every branch, with the branches before it in view (KVLink's link tokens,
 :mod:`pskernels.synthesis.links`); a mapper with link tokens is read through
@@ -41,6 +45,7 @@ class CacheMapperConfig:
     init_lse_scale: float = 1.0
     link_tokens: int = 0
     hidden_size: int | None = None
+    exact_recomputed: bool = False
 
 
 class CacheMapper(nn.Module):

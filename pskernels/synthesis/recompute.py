@@ -99,12 +99,15 @@ class RecomputedBranches(NamedTuple):
     skips: list
     lengths: list
     backend: str
+    recomputed: list  # indices of the recomputed segments
 
     def cache(self, mapper=None, query_start=None) -> ParallelCache:
-        """A fresh ``ParallelCache`` (scheme ``custom``) over the segments, read through ``mapper``."""
+        """A fresh ``ParallelCache`` (scheme ``custom``) over the segments, read through ``mapper`` (one with
+        ``exact_recomputed`` leaves the recomputed segments as they are)."""
+        exact = self.recomputed if mapper is not None and mapper.config.exact_recomputed else None
         return ParallelCache(self.prefix, self.segments, scheme="custom", branch_starts=self.starts,
                              branch_skip=self.skips, branch_lengths=self.lengths, query_start=query_start,
-                             backend=self.backend, mapper=mapper)
+                             backend=self.backend, mapper=mapper, exact_branches=exact)
 
 
 @torch.no_grad()
@@ -204,11 +207,12 @@ def recomputed_segments(model, prefix, branches, branch_ids, *, head=0, tail=0, 
                                         backend))
     elif parts and _packs_exactly(model, text_starts[-1] + lens[-1]):
         done = iter(_recompute_packed(model, prefix, branches, branch_ids, lens, text_starts, cuts, parts, ropes))
-    view = RecomputedBranches(prefix, [], [], [], [], backend)
+    view = RecomputedBranches(prefix, [], [], [], [], backend, [])
     segments, starts, skips, seg_lens = view.segments, view.starts, view.skips, view.lengths
 
     def recomputed(ids, at):
         """``ids`` at text position ``at`` as a segment of their new K/V (run here over the segments so far)."""
+        view.recomputed.append(len(segments))
         if done is not None:
             segments.append(next(done))
         else:

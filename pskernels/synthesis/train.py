@@ -117,6 +117,9 @@ class TrainConfig:
     head_share
         With ``recompute``: each branch's head grows to at least that share of it
         (:func:`pskernels.synthesis.recompute.grown_heads`), for long branches; recorded as ``head_share``.
+    exact_recomputed
+        With ``recompute``: a fresh mapper steps aside on the recomputed tokens (neither maps nor calibrates them,
+        :class:`pskernels.synthesis.CacheMapperConfig`), whose K/V are already the text's.
     init
         A checkpoint folder (``mapper/`` and/or ``adapter/``, e.g. a shipped synthesizer) to start from instead of
         a fresh mapper and adapter; the optimizer and the lr schedule start fresh. ``model`` must be plain; check
@@ -157,6 +160,7 @@ class TrainConfig:
     warmup_steps: int = 0
     recompute: tuple | None = None
     head_share: float = 0.0
+    exact_recomputed: bool = False
     init: str | None = None
     link_tokens: int = 0
     config_extra: dict | None = None
@@ -259,6 +263,10 @@ def _check(examples, config: TrainConfig) -> None:
     if check_head_share(config.head_share) and config.recompute is None:
         raise ValueError(f"head_share: a head grows only where branches are recomputed (recompute=None), got "
                          f"{config.head_share}")
+    if config.exact_recomputed and (config.recompute is None or config.mapper is not None or config.init):
+        raise ValueError(f"exact_recomputed: a fresh mapper (mapper=None, no init) reading recomputed branches "
+                         f"(recompute set) steps aside on them, got recompute {config.recompute!r}, mapper "
+                         f"{config.mapper!r}, init {config.init!r}")
     if config.init is not None:
         if not os.path.isdir(os.path.join(config.init, MAPPER_DIR)) and \
                 not os.path.isdir(os.path.join(config.init, ADAPTER_DIR)):
@@ -315,7 +323,8 @@ def _initial_mapper(model, config: TrainConfig, resuming: bool):
         elif not resuming and init_dir and os.path.isdir(init_dir):
             mapper = CacheMapper.from_pretrained(init_dir)
         else:
-            mapper = CacheMapper.for_model(unwrap(model), rank=config.mapper_rank, link_tokens=config.link_tokens)
+            mapper = CacheMapper.for_model(unwrap(model), rank=config.mapper_rank, link_tokens=config.link_tokens,
+                                           exact_recomputed=config.exact_recomputed)
     return mapper or None
 
 
@@ -377,6 +386,7 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                     "train_examples": len(train_ex), "lr_schedule": cfg.lr_schedule,
                     "warmup_steps": cfg.warmup_steps,
                     "recompute": list(cfg.recompute) if cfg.recompute else None, "head_share": cfg.head_share,
+                    "exact_recomputed": bool(mapper is not None and mapper.config.exact_recomputed),
                     "init": cfg.init, "link_tokens": cfg.link_tokens, **(cfg.config_extra or {})}
     history, evals, step = [], [], 0
     if resuming:
@@ -389,6 +399,10 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
         if grown != cfg.head_share:
             raise ValueError(f"head_share: the run in {cfg.checkpoint_dir} was trained with head_share {grown}, "
                              f"resumed with {cfg.head_share}")
+        stepped_aside = before.get("exact_recomputed", False)
+        if stepped_aside != cfg.exact_recomputed:
+            raise ValueError(f"exact_recomputed: the run in {cfg.checkpoint_dir} was trained with exact_recomputed "
+                             f"{stepped_aside}, resumed with {cfg.exact_recomputed}")
         weighed = before.get("answer_weight", 1.0)
         if weighed != cfg.answer_weight:
             raise ValueError(f"answer_weight: the run in {cfg.checkpoint_dir} was trained with answer_weight "
