@@ -179,4 +179,5 @@ def test_the_shipped_smollm2_synthesizers_load_by_name():
     faithful = Synthesizer.load(models.load_model("smollm2")[0], "smollm2", recompute=True)
     assert faithful.recompute == (48, 0, False) and faithful.head_share == 0.4
     assert "the first 48 tokens of each branch (at least 40% of it) recomputed" in repr(faithful)
-    assert "over the workers' K/V" not in repr(faithful)  # run H48E: in exact text order
+    assert "over the workers' K/V" not in repr(faithful)  # run H48S: in exact text order
+    assert faithful.mapper.config.exact_recomputed  # its mapper steps aside on the recomputed tokens
