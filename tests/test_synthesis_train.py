@@ -311,6 +311,41 @@ def test_training_grows_the_heads_of_long_branches(monkeypatch, tmp_path):
         train(_model(), TOK, ex, TrainConfig(steps=1, recompute=(2, 0, True), head_share=1.5))
 
 
+def test_training_draws_a_head_share_per_example(monkeypatch, tmp_path):
+    """head_share_max: each training example's view grows its heads to its own share in [head_share,
+    head_share_max], drawn once from the seed and its index (the same on a second run and for every step reading
+    it); the held-out evaluation reads at head_share; the run records it and resuming with another is refused."""
+    import pskernels.synthesis.distill as distill
+    from pskernels.apps import train as tr
+    from pskernels.synthesis.train import example_head_share
+
+    ex = _small_examples(4, seed=4)
+    shares = []
+    real = distill.recomputed_segments
+    monkeypatch.setattr(distill, "recomputed_segments", lambda *a, **k: shares.append(k["head_share"]) or real(*a, **k))
+    run = dict(checkpoint_dir=str(tmp_path / "run"), log_every=0, eval_examples=ex[:1], eval_every=6,
+               recompute=(2, 0, False), head_share=0.25, head_share_max=1.0)
+    r = train(_model(), TOK, ex, TrainConfig(steps=6, **run))
+    assert r["config"]["head_share_max"] == 1.0
+    cfg = TrainConfig(**run)
+    drawn = [example_head_share(cfg, ("train", i)) for i in range(len(ex))]
+    assert all(0.25 <= d < 1.0 for d in drawn) and len(set(drawn)) == len(ex)
+    assert shares[0] == 0.25  # the held-out example's view (kept for the evaluation after training)
+    assert sorted(shares[1:]) == sorted(drawn)  # one view per training example, each at its own share
+    assert example_head_share(TrainConfig(**{**run, "seed": 1}), ("train", 0)) != drawn[0]
+    assert example_head_share(TrainConfig(recompute=(2, 0, False), head_share=0.25), ("train", 0)) == 0.25
+    with pytest.raises(ValueError, match=r"head_share_max: the run in .* was trained with head_share_max 1.0, "
+                                         r"resumed with 0.5"):
+        train(_model(), TOK, ex, TrainConfig(steps=7, resume=True, **{**run, "head_share_max": 0.5}))
+    for bad in (dict(head_share_max=0.5), dict(recompute=(2, 0, False), head_share=0.5, head_share_max=0.25),
+                dict(recompute=(2, 0, False), head_share_max=1.5)):
+        with pytest.raises(ValueError, match=r"head_share"):
+            train(_model(), TOK, ex, TrainConfig(steps=1, **bad))
+    with pytest.raises(ValueError, match=r"--head-share-max: heads grow only where branches are recomputed"):
+        tr.main(["--model", "tiny", "--builder", "aggregation", "--steps", "1", "--out", str(tmp_path / "cli"),
+                 "--head-share-max", "1.0"])
+
+
 def test_training_a_mapper_that_steps_aside_on_the_recomputed_tokens(tmp_path):
     """exact_recomputed: the fresh mapper is made so (kept in its config, which the checkpoint loads), the run
     records it, resuming without it is refused, and it needs a fresh mapper reading recomputed branches."""

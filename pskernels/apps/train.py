@@ -99,6 +99,10 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--head-share", type=float, default=0.0, metavar="F",
                    help="(--recompute) each branch's head grows to at least the share F (0..1) of it, for long worker "
                    "outputs; recorded in the checkpoint, which eval and demo then read with it")
+    p.add_argument("--head-share-max", type=float, default=None, metavar="F",
+                   help="(--recompute) each training example's head grows to its own share, drawn once per example "
+                   "uniformly between --head-share and F (up to 1: the branch recomputed whole), so that the modules "
+                   "also learn where the cache needs no repair; recorded in the checkpoint's training configuration")
     p.add_argument("--exact-recomputed", action="store_true",
                    help="(--recompute) the mapper steps aside on the recomputed tokens, whose K/V are the text's "
                    "already: it maps and calibrates the workers' own tokens only (kept in the mapper's config)")
@@ -131,6 +135,9 @@ def run_train(args) -> int:
     if check_head_share(args.head_share) and recompute is None:
         raise ValueError(f"--head-share: a head grows only where branches are recomputed (give --recompute), got "
                          f"{args.head_share}")
+    if args.head_share_max is not None and recompute is None:
+        raise ValueError(f"--head-share-max: heads grow only where branches are recomputed (give --recompute), got "
+                         f"{args.head_share_max}")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
@@ -149,7 +156,8 @@ def run_train(args) -> int:
         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets, mapper_rank=args.mapper_rank,
         grad_accum=args.grad_accum, target_tokens=args.target_tokens, log_every=args.log_every,
         cache_teacher=not args.no_cache_teacher,
-        recompute=recompute, head_share=args.head_share, exact_recomputed=args.exact_recomputed, init=args.init,
+        recompute=recompute, head_share=args.head_share, head_share_max=args.head_share_max,
+        exact_recomputed=args.exact_recomputed, init=args.init,
         link_tokens=args.link_tokens,
         log=lambda s: print(s, flush=True),
         config_extra={"model": args.model, "data": args.data, "builder": None if args.data else args.builder,

@@ -219,6 +219,7 @@ class ParallelCache(Cache):
         if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < N for i in exact):
             raise ValueError(f"exact_branches: expected branch indices in [0, {N}), got {exact_branches!r}")
         self.exact_branches = frozenset(exact)
+        self._mapped_branches = [i for i in range(N) if i not in self.exact_branches]  # what a mapper maps
         if branch_lengths is not None:
             lens = _rows("branch_lengths", branch_lengths, N, B)
             for i, br in enumerate(self.branches):
@@ -422,7 +423,7 @@ class ParallelCache(Cache):
         NL = len(self.layers)
         first = len(self._sources) - len(self.branches)
         rows = self._source_rows
-        mapped = [i for i in range(len(self.branches)) if i not in self.exact_branches]
+        mapped = self._mapped_branches
         at = [first + i for i in mapped]
         self._mapped = [{} for _ in range(NL)]
         if not mapped:
@@ -465,7 +466,7 @@ class ParallelCache(Cache):
         values.append(own_v)
         if self.mapper is not None:
             knobs = self.mapper.knobs(layer_idx, own_k.device)
-            if knobs and len(self.exact_branches) < len(self.branches):
+            if knobs and self._mapped_branches:
                 groups = [0] * first + [int(i not in self.exact_branches) for i in range(len(self.branches))] + [0]
                 # the knobs differ per layer, the layout does not: one plan, calibrated per run
                 return keys, values, dict(meta, segment_groups=groups, **knobs), (sig, "calibrated")

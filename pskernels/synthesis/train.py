@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -117,6 +118,11 @@ class TrainConfig:
     head_share
         With ``recompute``: each branch's head grows to at least that share of it
         (:func:`pskernels.synthesis.recompute.grown_heads`), for long branches; recorded as ``head_share``.
+    head_share_max
+        With ``recompute``: each training example's head grows to its own share, drawn once from ``seed`` and the
+        example's index, uniformly in ``[head_share, head_share_max]`` (the held-out evaluations read at
+        ``head_share``), so that the modules also learn on branches recomputed up to whole, where the cache needs
+        no repair; recorded as ``head_share_max`` (None: every example at ``head_share``).
     exact_recomputed
         With ``recompute``: a fresh mapper steps aside on the recomputed tokens (neither maps nor calibrates them,
         :class:`pskernels.synthesis.CacheMapperConfig`), whose K/V are already the text's.
@@ -160,6 +166,7 @@ class TrainConfig:
     warmup_steps: int = 0
     recompute: tuple | None = None
     head_share: float = 0.0
+    head_share_max: float | None = None
     exact_recomputed: bool = False
     init: str | None = None
     link_tokens: int = 0
@@ -263,6 +270,10 @@ def _check(examples, config: TrainConfig) -> None:
     if check_head_share(config.head_share) and config.recompute is None:
         raise ValueError(f"head_share: a head grows only where branches are recomputed (recompute=None), got "
                          f"{config.head_share}")
+    if config.head_share_max is not None and (check_head_share(config.head_share_max) < config.head_share
+                                              or config.recompute is None):
+        raise ValueError(f"head_share_max: expected a share in [head_share, 1] ({config.head_share}) with recompute "
+                         f"set, got {config.head_share_max!r}, recompute {config.recompute!r}")
     if config.exact_recomputed and (config.recompute is None or config.mapper is not None or config.init):
         raise ValueError(f"exact_recomputed: a fresh mapper (mapper=None, no init) reading recomputed branches "
                          f"(recompute set) steps aside on them, got recompute {config.recompute!r}, mapper "
@@ -285,6 +296,16 @@ def _check(examples, config: TrainConfig) -> None:
             raise ValueError(f"link_tokens: link tokens follow the branches in text order, read as they were cached "
                              f"(scheme 'sequential', no recompute), got scheme {config.scheme!r}, recompute "
                              f"{config.recompute!r}")
+
+
+def example_head_share(config: TrainConfig, key) -> float:
+    """The head share example ``key`` (``("train", index)`` or ``("eval", index)``) is read at: ``head_share``,
+    or for a training example with ``head_share_max`` its own draw in ``[head_share, head_share_max]``, the same
+    in every epoch and on resume."""
+    if config.head_share_max is None or key[0] != "train":
+        return config.head_share
+    draw = random.Random(f"head share {config.seed} {key[1]}").random()
+    return config.head_share + draw * (config.head_share_max - config.head_share)
 
 
 def _count(x) -> bool:
@@ -386,6 +407,7 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
                     "train_examples": len(train_ex), "lr_schedule": cfg.lr_schedule,
                     "warmup_steps": cfg.warmup_steps,
                     "recompute": list(cfg.recompute) if cfg.recompute else None, "head_share": cfg.head_share,
+                    "head_share_max": cfg.head_share_max,
                     "exact_recomputed": bool(mapper is not None and mapper.config.exact_recomputed),
                     "init": cfg.init, "link_tokens": cfg.link_tokens, **(cfg.config_extra or {})}
     history, evals, step = [], [], 0
@@ -399,6 +421,10 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
         if grown != cfg.head_share:
             raise ValueError(f"head_share: the run in {cfg.checkpoint_dir} was trained with head_share {grown}, "
                              f"resumed with {cfg.head_share}")
+        drawn_up_to = before.get("head_share_max")
+        if drawn_up_to != cfg.head_share_max:
+            raise ValueError(f"head_share_max: the run in {cfg.checkpoint_dir} was trained with head_share_max "
+                             f"{drawn_up_to}, resumed with {cfg.head_share_max}")
         stepped_aside = before.get("exact_recomputed", False)
         if stepped_aside != cfg.exact_recomputed:
             raise ValueError(f"exact_recomputed: the run in {cfg.checkpoint_dir} was trained with exact_recomputed "
@@ -434,7 +460,7 @@ def train(model, tokenizer, examples, config: TrainConfig | None = None) -> dict
         if key in views:
             return views[key]
         v = recomputed_view(model, ex, prefix, branches, recompute_counts(tokenizer, ex.example, cfg.recompute),
-                            head_share=cfg.head_share)
+                            head_share=example_head_share(cfg, key))
         if store is not None:
             views[key] = v
         return v
