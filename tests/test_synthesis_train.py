@@ -338,8 +338,8 @@ def test_training_draws_a_head_share_per_example(monkeypatch, tmp_path):
                                          r"resumed with 0.5"):
         train(_model(), TOK, ex, TrainConfig(steps=7, resume=True, **{**run, "head_share_max": 0.5}))
     for bad in (dict(head_share_max=0.5), dict(recompute=(2, 0, False), head_share=0.5, head_share_max=0.25),
-                dict(recompute=(2, 0, False), head_share_max=1.5)):
-        with pytest.raises(ValueError, match=r"head_share"):
+                dict(recompute=(2, 0, False), head_share_max=1.5), dict(recompute=(2, 0, False), head_share_max="1")):
+        with pytest.raises(ValueError, match=r"head_share_max: expected a share in \[head_share, 1\]"):
             train(_model(), TOK, ex, TrainConfig(steps=1, **bad))
     with pytest.raises(ValueError, match=r"--head-share-max: heads grow only where branches are recomputed"):
         tr.main(["--model", "tiny", "--builder", "aggregation", "--steps", "1", "--out", str(tmp_path / "cli"),

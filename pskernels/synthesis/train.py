@@ -270,8 +270,9 @@ def _check(examples, config: TrainConfig) -> None:
     if check_head_share(config.head_share) and config.recompute is None:
         raise ValueError(f"head_share: a head grows only where branches are recomputed (recompute=None), got "
                          f"{config.head_share}")
-    if config.head_share_max is not None and (check_head_share(config.head_share_max) < config.head_share
-                                              or config.recompute is None):
+    m = config.head_share_max
+    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not config.head_share <= m <= 1
+                          or config.recompute is None):
         raise ValueError(f"head_share_max: expected a share in [head_share, 1] ({config.head_share}) with recompute "
                          f"set, got {config.head_share_max!r}, recompute {config.recompute!r}")
     if config.exact_recomputed and (config.recompute is None or config.mapper is not None or config.init):
