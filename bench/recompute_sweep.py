@@ -5,7 +5,7 @@ teacher's side is computed once per example. Reported per split (training / held
     python bench/recompute_sweep.py --heads 0,8,16,32,48 --tails 0 --json sweep.json
     python bench/recompute_sweep.py --heads 0,prompt --tails 0     # prompt: each worker's own prompt (its input)
 
-Figures: docs/FIDELITY.md ("Recomputing the branches' first tokens").
+Figures: docs/FIDELITY-LOG.md ("Recomputing the branches' first tokens").
 """
 from __future__ import annotations
 

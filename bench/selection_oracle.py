@@ -21,7 +21,7 @@ earlier branch whole in view, not recomputed over the workers' stale neighbours 
     python bench/selection_oracle.py --budgets 48,1000 --strategies head --layers all,0:15,15:30   # which layers
     python bench/selection_oracle.py --budgets 48,1000 --strategies head --start-layer 8   # from a worker's state
 
-Figures: docs/FIDELITY.md ("Which tokens, which layers").
+Figures: docs/FIDELITY-LOG.md ("Which tokens, which layers").
 """
 from __future__ import annotations
 

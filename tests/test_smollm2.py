@@ -160,7 +160,7 @@ def test_shipped_checkpoint_loads_and_beats_the_untrained_synthesizer_on_held_ou
     firsts = [next(ex for ex in suite if ex["kind"] == f"workflow:{f}") for f in HELD_OUT_FAMILIES]
     r = evaluate(synth, tok, firsts, mapper=mapper, settings=("text_concat", "parallel", "trained"), gen_tokens=1,
                  trained_recompute=checkpoints.trained_recompute(path))
-    # suite evaluation (docs/FIDELITY.md): on all 24 held-out examples 0.75x with run D (0.81x on these four with
+    # suite evaluation (docs/FIDELITY-LOG.md): on all 24 held-out examples 0.75x with run D (0.81x on these four with
     # run B), 0.34x with runs H48 and H48L (the first 48 tokens of each branch recomputed over the workers' K/V),
     # 0.27x with run H48E (the same, recomputed in exact text order), 0.22x with run H48S (its mapper stepping aside
     # on the recomputed tokens)

@@ -219,7 +219,7 @@ def test_packaged_long_suite_is_the_documented_draw_with_long_worker_outputs():
     suite = load_jsonl(LONG_SUITE)
     for ex in suite:
         validate_example(ex)
-    # docs/FIDELITY.md "Long worker outputs": seed 7100, 3 per held-out family, 2 per family the shipped
+    # docs/FIDELITY-LOG.md "Long worker outputs": seed 7100, 3 per held-out family, 2 per family the shipped
     # synthesizers trained on, 192 generated tokens per worker
     trained_on = "sum,rank,retrieve,vote,merge_lists,summary,plan,freeform,attribution,timeline"
     want = {s.id: s for s in draw_workflows("held_out", 3, seed=7100) + draw_workflows(trained_on, 2, seed=7100)}
@@ -237,7 +237,7 @@ def test_packaged_held_out_suite_is_the_documented_draw_of_the_held_out_families
     suite = load_jsonl(HELD_OUT_SUITE)
     for ex in suite:
         validate_example(ex)
-    # docs/FIDELITY.md "A larger held-out sample": seed 9000, 12 per held-out family, 48 generated tokens per worker
+    # docs/FIDELITY-LOG.md "A larger held-out sample": seed 9000, 12 per held-out family, 48 generated tokens per worker
     want = {s.id: s for s in draw_workflows("held_out", 12, seed=9000)}
     assert [ex["id"] for ex in suite] == list(want)
     for ex in suite:

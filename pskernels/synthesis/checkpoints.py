@@ -47,7 +47,7 @@ LONG_SUITE = DEFAULT_SUITE.with_name("workflows-long-smollm2.jsonl")
 """The packaged suite of long worker outputs, 192 generated tokens per worker (``pskernels eval --suite long``)."""
 HELD_OUT_SUITE = DEFAULT_SUITE.with_name("workflows-held-out-smollm2.jsonl")
 """The packaged suite of the held-out families alone, 12 workflows each (``pskernels eval --suite held-out``): built
-after every shipped synthesizer, chosen on nothing (docs/FIDELITY.md, "A larger held-out sample")."""
+after every shipped synthesizer, chosen on nothing (docs/FIDELITY-LOG.md, "A larger held-out sample")."""
 NAMED_SUITES = {"long": LONG_SUITE, "held-out": HELD_OUT_SUITE}
 """``pskernels eval --suite NAME`` -> a packaged suite (a file of that name in the working directory wins)."""
 MANIFEST_NAME = "checkpoint.json"

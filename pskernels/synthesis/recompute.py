@@ -10,11 +10,11 @@ positions the text gives them (the ``sequential`` scheme), and their new K/V rep
 synthesizer; the middle stays the worker's, read in place. ``head`` and ``tail`` covering every branch give the
 text concatenation itself (up to float rounding); 0 and 0 give plain Parallel-Synthesis.
 
-Which end matters was measured (docs/FIDELITY.md): on the reference suite's held-out families, the head
-(where a worker's input sits) carries most of the gap, the tail little. Cost: one forward of the ``head`` and
-``tail`` tokens of every branch, packed at their text positions over the prefix and the workers' tokens between
-them, against re-prefilling every branch token for text concatenation (a model whose sliding window is shorter
-than the text runs ``2 N`` forwards at most instead, one per part).
+Which end matters was measured (docs/FIDELITY-LOG.md, "Recomputing the branches' first tokens"): on the
+reference suite's held-out families, the head (where a worker's input sits) carries most of the gap, the tail
+little. Cost: one forward of the ``head`` and ``tail`` tokens of every branch, packed at their text positions over
+the prefix and the workers' tokens between them, against re-prefilling every branch token for text concatenation
+(a model whose sliding window is shorter than the text runs ``2 N`` forwards at most instead, one per part).
 """
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def grown_heads(head, lengths, share: float = 0.0) -> list[int]:
     branch of ``n`` (at most ``n``). ``head``: an int or one per branch; ``share`` in [0, 1] (0: ``head`` as is).
 
     A fixed head recomputes most of a short branch and little of a long one; a share keeps the recomputed part
-    of long worker outputs in proportion (docs/FIDELITY.md, "Long worker outputs").
+    of long worker outputs in proportion (docs/FIDELITY-LOG.md, "Long worker outputs").
 
     >>> grown_heads(48, [80, 120, 220], share=0.4)
     [48, 48, 88]
