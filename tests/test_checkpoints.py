@@ -274,6 +274,14 @@ def test_eval_recompute_synthesizer_is_the_shipped_one_trained_on_recomputed_tur
     assert "(iv) trained + recomputed 2,1, head share 1" in text  # every branch token recomputed, then mapped
     assert grown["trained"]["kl"] != pytest.approx(r["trained"]["kl"], rel=1e-5)
     assert grown["head_share"] == {"recompute": 1.0, "trained": 1.0} and r["head_share"]["trained"] == 0.0
+    tailed, text = _eval(["--settings", "trained", "--recompute-synthesizer", "--trained-tail", "3"], tmp_path, capsys)
+    assert "(iv) trained + recomputed 2,3" in text and tailed["recomputation"]["trained"] == [2, 3, False]
+    assert tailed["trained"]["kl"] != pytest.approx(r["trained"]["kl"], rel=1e-5)  # more of each branch recomputed
+    with pytest.raises(SystemExit, match=r"--trained-tail 3: expected a trained setting whose synthesizer recomputes "
+                                         r"its branches .* got checkpoint None trained with recompute None"):
+        ev.main([*EVAL, "--untrained", "--trained-tail", "3"])
+    with pytest.raises(SystemExit, match="recompute None and settings parallel"):
+        ev.main([*EVAL, "--settings", "parallel", "--checkpoint", str(shipped_tiny), "--trained-tail", "3"])
     manifest = json.loads((recomputing / checkpoints.MANIFEST_NAME).read_text())
     (recomputing / checkpoints.MANIFEST_NAME).write_text(json.dumps({**manifest, "head_share": 1.0}))
     own, text = _eval(["--settings", "trained", "--recompute-synthesizer"], tmp_path, capsys)

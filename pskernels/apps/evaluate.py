@@ -234,6 +234,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--exact-recompute", action="store_true",
                    help="a synthesizer trained with --recompute-together (run H48) reads its recomputed parts in "
                    "exact text order instead, each over the parts recomputed before it (one forward all the same)")
+    p.add_argument("--trained-tail", type=int_at_least(0), default=None, metavar="N",
+                   help="a synthesizer trained on recomputed branches also recomputes the last N tokens of each branch "
+                   "(in the order it recomputes its heads; default: the tail it was trained with, 0 for the shipped "
+                   "recompute synthesizer)")
     p.add_argument("--gen-tokens", type=int_at_least(1), default=12)
     p.add_argument("--answer-samples", type=int_at_least(0), default=0, metavar="N",
                    help="also sample N continuations per setting and example with an answer (the same seeds for "
@@ -407,6 +411,13 @@ def run_eval(args) -> int:
                              f"over the workers' K/V (--recompute-together), got checkpoint {checkpoint} trained "
                              f"with recompute {trained_recompute} and settings {','.join(settings)}")
         trained_recompute = (*trained_recompute[:2], False)
+    if args.trained_tail is not None:
+        if not (trained_recompute and "trained" in settings):
+            raise SystemExit(f"--trained-tail {args.trained_tail}: expected a trained setting whose synthesizer "
+                             "recomputes its branches (--recompute-synthesizer or such a --checkpoint), got "
+                             f"checkpoint {checkpoint} trained with recompute {trained_recompute} and settings "
+                             f"{','.join(settings)}")
+        trained_recompute = (trained_recompute[0], args.trained_tail, trained_recompute[2])
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype))
     if checkpoint:  # refuse a checkpoint of another model before any evaluation work
         try:
