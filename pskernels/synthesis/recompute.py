@@ -56,9 +56,14 @@ def _per_branch(name: str, n, count: int) -> list[int]:
     raise ValueError(f"{name}: expected an int >= 0 or one per branch ({count}), got {n!r}")
 
 
+def is_share(x) -> bool:
+    """Whether ``x`` is a number (not a bool) in [0, 1]."""
+    return not isinstance(x, bool) and isinstance(x, (int, float)) and 0.0 <= x <= 1.0
+
+
 def check_head_share(share) -> float:
     """``share`` as a float, or a ValueError naming ``head_share`` unless it is a number in [0, 1]."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+    if not is_share(share):
         raise ValueError(f"head_share: expected a number in [0, 1], got {share!r}")
     return float(share)
 

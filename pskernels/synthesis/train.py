@@ -58,7 +58,7 @@ from .distill import (
     tokenize_examples,
 )
 from .mapper import CacheMapper
-from .recompute import check_head_share
+from .recompute import check_head_share, is_share
 from .workflows import recompute_counts
 
 STATE_NAME = "trainer_state.pt"
@@ -271,8 +271,7 @@ def _check(examples, config: TrainConfig) -> None:
         raise ValueError(f"head_share: a head grows only where branches are recomputed (recompute=None), got "
                          f"{config.head_share}")
     m = config.head_share_max
-    if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not config.head_share <= m <= 1
-                          or config.recompute is None):
+    if m is not None and (not is_share(m) or m < config.head_share or config.recompute is None):
         raise ValueError(f"head_share_max: expected a share in [head_share, 1] ({config.head_share}) with recompute "
                          f"set, got {config.head_share_max!r}, recompute {config.recompute!r}")
     if config.exact_recomputed and (config.recompute is None or config.mapper is not None or config.init):
